@@ -1,0 +1,41 @@
+# Two commands set everything up on a new machine: `make train` and `make test`.
+# Both create the virtual environment (.venv, `pip install -e .[dev,cpu]`) the first time.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+FAISS ?= cpu
+PY := $(VENV)/bin/python
+DATASET ?= synthetic
+METHOD ?= baseline
+DEVICES ?= 1
+ARGS ?=
+CONFIGS := experiments/trainer.yaml experiments/data/$(DATASET).yaml experiments/method/$(METHOD).yaml
+
+.PHONY: train test bench-eval venv clean help
+
+help:
+	@echo "make train [DATASET=synthetic] [METHOD=baseline] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
+	@echo "make test"
+	@echo "data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' ')"
+	@echo "methods:   $$(ls experiments/method | sed 's/.yaml//' | tr '\n' ' ')"
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev,$(FAISS)]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+train: $(VENV)/.installed
+	@for f in $(CONFIGS); do test -f $$f || { echo "No config $$f. Data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' '); methods: $$(ls experiments/method | sed 's/.yaml//' | tr '\n' ' ')" >&2; exit 2; }; done
+	$(PY) -m dml fit $(addprefix --config ,$(CONFIGS)) --trainer.devices $(DEVICES) $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench-eval: $(VENV)/.installed
+	$(PY) benchmarks/eval_speed.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,3 @@
+from dml.cli import main
+
+main()

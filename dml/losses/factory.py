@@ -1,0 +1,78 @@
+"""Metric losses and miners chosen by name from pytorch-metric-learning.
+
+Proxy- and classifier-based losses (ProxyAnchor, ProxyNCA, SoftTriple, normalized softmax) own
+learnable parameters; ``loss_has_parameters`` tells the module to give them their own optimizer
+group and learning rate.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from pytorch_metric_learning import distances, losses, miners
+from torch import nn
+
+from dml.models.pooling import check_params
+
+# name -> (PML class, needs num_classes/embedding_size)
+LOSSES: Dict[str, tuple] = {
+    "contrastive": (losses.ContrastiveLoss, False),
+    "multi_similarity": (losses.MultiSimilarityLoss, False),
+    "triplet": (losses.TripletMarginLoss, False),
+    "proxy_anchor": (losses.ProxyAnchorLoss, True),
+    "proxy_nca": (losses.ProxyNCALoss, True),
+    "soft_triple": (losses.SoftTripleLoss, True),
+    "normalized_softmax": (losses.NormalizedSoftmaxLoss, True),
+}
+
+MINERS: Dict[str, type] = {
+    "multi_similarity": miners.MultiSimilarityMiner,
+    "triplet_margin": miners.TripletMarginMiner,
+    "batch_hard": miners.BatchHardMiner,
+    "pair_margin": miners.PairMarginMiner,
+}
+
+
+def build_loss(name: str, num_classes: int, embedding_dim: int,
+               params: Optional[Dict[str, Any]] = None) -> nn.Module:
+    params = dict(params or {})
+    if "distance" in params:
+        params["distance"] = build_distance(params["distance"])
+    if name not in LOSSES:
+        raise ValueError(f"model.loss.name: unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+    cls, needs_classes = LOSSES[name]
+    skip = ("self", "num_classes", "embedding_size", "kwargs")
+    check_params(cls, {k: v for k, v in params.items() if k != "distance"}, "model.loss.params",
+                 skip=skip)
+    if needs_classes:
+        if num_classes is None or num_classes < 2:
+            raise ValueError(f"model.loss: {name} needs the number of training classes "
+                             f"(got {num_classes})")
+        return cls(num_classes=num_classes, embedding_size=embedding_dim, **params)
+    return cls(**params)
+
+
+DISTANCES = {"cosine": distances.CosineSimilarity, "euclidean": distances.LpDistance,
+             "dot": distances.DotProductSimilarity}
+
+
+def build_distance(name: str):
+    """``model.loss.params.distance`` as a name: cosine, euclidean or dot."""
+    if name not in DISTANCES:
+        raise ValueError(f"model.loss.params.distance: unknown distance {name!r}; expected one "
+                         f"of {sorted(DISTANCES)}")
+    return DISTANCES[name]()
+
+
+def build_miner(name: Optional[str], params: Optional[Dict[str, Any]] = None):
+    if name is None:
+        return None
+    params = dict(params or {})
+    if name not in MINERS:
+        raise ValueError(f"model.loss.miner: unknown miner {name!r}; expected one of "
+                         f"{sorted(MINERS)} or null")
+    check_params(MINERS[name], params, "model.loss.miner_params", skip=("self", "kwargs"))
+    return MINERS[name](**params)
+
+
+def loss_has_parameters(loss: nn.Module) -> bool:
+    return any(p.requires_grad for p in loss.parameters())

@@ -1,0 +1,76 @@
+"""Global pooling of a feature map (B, C, H, W) into one vector per image (B, C).
+
+- GAP: f = (1/n) sum_i x_i, n = H * W.
+- GMP: f = max_i x_i (per channel).
+- GeM: f = ((1/n) sum_i x_i^p)^(1/p), learnable p (Radenovic et al., 2018).
+
+Every pooling module returns a ``PoolingOutput`` so that learnable poolings (GSP) can hand their
+per-location weights and per-image attributes to losses and dashboards without re-running.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PoolingOutput:
+    """pooled: (B, C). weights: (B, H*W) per-location weights or None. attributes: (B, m) or None."""
+
+    pooled: torch.Tensor
+    weights: Optional[torch.Tensor] = None
+    attributes: Optional[torch.Tensor] = None
+
+
+class GAP(nn.Module):
+    def __init__(self, in_channels: int):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> PoolingOutput:
+        return PoolingOutput(x.mean(dim=(2, 3)))
+
+
+class GMP(nn.Module):
+    def __init__(self, in_channels: int):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> PoolingOutput:
+        return PoolingOutput(x.amax(dim=(2, 3)))
+
+
+class GeM(nn.Module):
+    def __init__(self, in_channels: int, p: float = 3.0, learn_p: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learn_p)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> PoolingOutput:
+        pooled = x.clamp_min(self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+        return PoolingOutput(pooled)
+
+
+POOLINGS: Dict[str, type] = {"gap": GAP, "gmp": GMP, "gem": GeM}
+
+
+def check_params(cls, params: Dict[str, Any], key: str, skip=("self",)) -> None:
+    """Raise a ValueError naming ``key`` if ``params`` holds a name ``cls`` does not take."""
+    accepted = [n for n in inspect.signature(cls).parameters if n not in skip]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"{key}: unknown parameter(s) {unknown} for {cls.__name__}; "
+                         f"accepted: {accepted}")
+
+
+def build_pooling(name: str, in_channels: int, params: Optional[Dict[str, Any]] = None) -> nn.Module:
+    params = dict(params or {})
+    if name not in POOLINGS:
+        raise ValueError(f"model.pooling.name: unknown pooling {name!r}; expected one of "
+                         f"{sorted(POOLINGS)}")
+    cls = POOLINGS[name]
+    check_params(cls, params, "model.pooling.params", skip=("self", "in_channels"))
+    return cls(in_channels, **params)

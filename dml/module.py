@@ -1,0 +1,224 @@
+"""The LightningModule: backbone -> pooling -> embedding head -> metric loss, with the
+validation hook that scores the evaluation split exactly (``dml.evaluation``).
+
+Configuration groups are dataclasses so that LightningCLI validates every key of the YAML files
+(an unknown key is an error naming it).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from dml.evaluation import EmbeddingBuffer, gather_by_index, score
+from dml.losses import build_loss, build_miner
+from dml.models import Backbone, EmbeddingHead, build_pooling
+
+
+@dataclass
+class BackboneConfig:
+    """name: resnet50 | resnet18 | bn_inception | small_cnn; frozen_bn freezes every BatchNorm."""
+    name: str = "resnet50"
+    pretrained: bool = True
+    frozen_bn: bool = False
+    width: int = 32  # small_cnn only
+
+
+@dataclass
+class PoolingConfig:
+    """name: gap | gmp | gem; params go to the pooling class (e.g. {p: 3.0} for GeM)."""
+    name: str = "gap"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """A pytorch-metric-learning loss by name, its parameters, and an optional miner."""
+    name: str = "multi_similarity"
+    params: Dict[str, Any] = field(default_factory=dict)
+    miner: Optional[str] = None
+    miner_params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    """lr for pooling and head, lr * backbone_lr_mult for the backbone, loss_lr (default: lr)
+    for loss parameters (proxies). scheduler: none | step (milestones, gamma) | cosine."""
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 1.0
+    loss_lr: Optional[float] = None
+    scheduler: str = "none"
+    milestones: List[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    """nmi: also cluster the embeddings (costly at SOP scale). backend: auto | faiss | torch."""
+    nmi: bool = True
+    nmi_seed: int = 0
+    backend: str = "auto"
+
+
+def _as(cls, value):
+    """A config group as its dataclass (checkpoints and some callers hand over plain dicts)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        try:
+            return cls(**value)
+        except TypeError as error:
+            raise ValueError(f"{cls.__name__}: {error}") from error
+    raise TypeError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
+
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+              "radam": torch.optim.RAdam}
+
+
+class DMLModule(pl.LightningModule):
+    def __init__(self, backbone: BackboneConfig = BackboneConfig(),
+                 pooling: PoolingConfig = PoolingConfig(), embedding_dim: int = 512,
+                 loss: LossConfig = LossConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
+                 evaluation: EvalConfig = EvalConfig(), num_classes: Optional[int] = None,
+                 recall_ks: Optional[List[int]] = None):
+        super().__init__()
+        backbone, pooling = _as(BackboneConfig, backbone), _as(PoolingConfig, pooling)
+        loss = _as(LossConfig, loss)
+        optimizer, evaluation = _as(OptimizerConfig, optimizer), _as(EvalConfig, evaluation)
+        # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters({
+            "backbone": asdict(backbone), "pooling": asdict(pooling),
+            "embedding_dim": embedding_dim, "loss": asdict(loss),
+            "optimizer": asdict(optimizer), "evaluation": asdict(evaluation),
+            "num_classes": num_classes, "recall_ks": recall_ks})
+        self.optimizer_cfg, self.eval_cfg = optimizer, evaluation
+        self.backbone = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn,
+                                 backbone.width)
+        self.pooling = build_pooling(pooling.name, self.backbone.out_channels, pooling.params)
+        self.head = EmbeddingHead(self.backbone.out_channels, embedding_dim)
+        self.loss_fn = build_loss(loss.name, num_classes, embedding_dim, loss.params)
+        self.miner = build_miner(loss.miner, loss.miner_params)
+        if optimizer.name not in OPTIMIZERS:
+            raise ValueError(f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
+                             f"expected one of {sorted(OPTIMIZERS)}")
+        if optimizer.scheduler not in ("none", "step", "cosine"):
+            raise ValueError(f"model.optimizer.scheduler: unknown scheduler "
+                             f"{optimizer.scheduler!r}; expected none, step or cosine")
+        self.recall_ks = recall_ks
+        self._eval_buffer = EmbeddingBuffer()
+        self.last_metrics: Dict[str, float] = {}
+        self.initial_metrics: Dict[str, float] = {}
+
+    # --- forward ----------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> Dict[str, Any]:
+        """Everything the losses and dashboards need: embeddings and the pooling's outputs."""
+        features = self.backbone(images)
+        pooled = self.pooling(features)
+        return {"embeddings": self.head(pooled.pooled), "pooling": pooled}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings (B, D): what retrieval uses."""
+        return self.embed(images)["embeddings"]
+
+    # --- training ---------------------------------------------------------------------
+    def compute_losses(self, out: Dict[str, Any], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Named loss components; their sum is optimised. Methods add components here."""
+        z = out["embeddings"]
+        pairs = self.miner(z, labels) if self.miner is not None else None
+        return {"metric": self.loss_fn(z, labels, pairs)}
+
+    def training_step(self, batch, batch_idx):
+        images, labels, _ = batch
+        parts = self.compute_losses(self.embed(images), labels)
+        total = sum(parts.values())
+        batch_size = len(labels)
+        for name, value in parts.items():
+            self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        return total
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_cfg
+        groups = [
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad],
+             "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"},
+            {"params": [p for m in (self.pooling, self.head) for p in m.parameters()
+                        if p.requires_grad], "lr": cfg.lr, "name": "head"},
+            {"params": [p for p in self.loss_fn.parameters() if p.requires_grad],
+             "lr": cfg.loss_lr if cfg.loss_lr is not None else cfg.lr, "name": "loss"},
+        ]
+        groups = [g for g in groups if g["params"]]
+        kwargs = {"weight_decay": cfg.weight_decay}
+        if cfg.name == "sgd":
+            kwargs["momentum"] = 0.9
+        optimizer = OPTIMIZERS[cfg.name](groups, lr=cfg.lr, **kwargs)
+        if cfg.scheduler == "none":
+            return optimizer
+        if cfg.scheduler == "step":
+            sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(1, self.trainer.max_epochs or 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # --- evaluation -------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._eval_buffer.clear()
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        images, labels, indices = batch
+        with torch.autocast(self.device.type, enabled=False):  # evaluation is float32
+            z = self(images.float())
+        self._eval_buffer.add(dataloader_idx, z.float(), labels, indices)
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_buffer.clear()
+
+    def _evaluate(self, prefix: str) -> Dict[str, float]:
+        dm = self.trainer.datamodule
+        protocol = dm.eval_protocol
+        names = ["test"] if protocol == "test" else ["query", "gallery"]
+        sets = {}
+        for i, name in enumerate(names):
+            emb, lab, idx = self._eval_buffer.concatenated(i)
+            sets[name] = gather_by_index(emb, lab, idx, self.all_gather, self.trainer.world_size)
+        metrics: Dict[str, float] = {}
+        cfg = self.eval_cfg
+        if self.trainer.is_global_zero:
+            ks = self.recall_ks or dm.recall_ks
+            metrics = score(protocol, sets, ks, cfg.nmi, cfg.nmi_seed, cfg.backend)
+        metrics = self.trainer.strategy.broadcast(metrics, src=0)
+        self._eval_buffer.clear()
+        if not self.trainer.sanity_checking:
+            for name, value in metrics.items():
+                self.log(f"{prefix}/{name}", float(value), prog_bar=name == "R@1")
+        return metrics
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._eval_buffer.parts:
+            return
+        metrics = self._evaluate("val")
+        if self.trainer.sanity_checking:
+            self.initial_metrics = metrics
+            rank_zero_info("untrained model | " + format_metrics(metrics))
+        else:
+            self.last_metrics = metrics
+            rank_zero_info(f"epoch {self.current_epoch:3d} | " + format_metrics(metrics))
+
+    def on_test_epoch_end(self) -> None:
+        if self._eval_buffer.parts:
+            self.last_metrics = self._evaluate("test")
+            rank_zero_info("test | " + format_metrics(self.last_metrics))
+
+
+def format_metrics(metrics: Dict[str, float]) -> str:
+    return "  ".join(f"{k} {100 * v:5.1f}" for k, v in metrics.items())

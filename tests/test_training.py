@@ -1,0 +1,112 @@
+"""The training loop end to end on the embedded data, the CLI's config checking, checkpoints."""
+import pytorch_lightning as pl
+import pytest
+import torch
+
+from dml.cli import DMLCLI
+from dml.cli import main as cli_main
+from dml.data import DMLDataModule, SyntheticDataModule
+from dml.evaluation import gather_by_index
+from dml.module import BackboneConfig, DMLModule, LossConfig, OptimizerConfig
+
+CONFIGS = ["--config", "experiments/trainer.yaml", "--config", "experiments/data/synthetic.yaml",
+           "--config", "experiments/method/baseline.yaml"]
+
+
+def small_module(**kw):
+    kw.setdefault("optimizer", OptimizerConfig(lr=3e-3))
+    return DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
+                     embedding_dim=32, num_classes=24, **kw)
+
+
+def small_data():
+    return SyntheticDataModule(train_classes=24, test_classes=24, images_per_class=20,
+                               classes_per_batch=8, samples_per_class=4)
+
+
+def trainer(tmp_path, epochs, **kw):
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                      default_root_dir=tmp_path, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=-1,
+                      use_distributed_sampler=False, **kw)
+
+
+def test_gather_by_index_drops_padding_and_restores_order():
+    # A DistributedSampler over 5 items on 2 ranks: rank 0 {0, 2, 4}, rank 1 {1, 3, 0 (pad)}.
+    emb = torch.arange(6, dtype=torch.float32)[:, None].repeat(1, 2)
+    idx = torch.tensor([0, 2, 4, 1, 3, 0])
+    lab = idx * 10
+    e, l, i = gather_by_index(emb, lab, idx)
+    assert i.tolist() == [0, 1, 2, 3, 4]
+    assert l.tolist() == [0, 10, 20, 30, 40]
+    assert e[:, 0].tolist() == [0, 3, 1, 4, 2]
+
+
+def test_training_raises_recall_well_above_untrained(tmp_path):
+    pl.seed_everything(0)
+    module, data = small_module(), small_data()
+    trainer(tmp_path, 4, enable_checkpointing=False).fit(module, data)
+    before, after = module.initial_metrics, module.last_metrics
+    assert before["R@1"] < 0.35
+    assert after["R@1"] > before["R@1"] + 0.15
+    assert after["MAP@R"] > 2 * before["MAP@R"]
+    assert set(after) == {"R@1", "R@2", "R@4", "R@8", "MAP@R", "R-Precision", "NMI"}
+
+
+def test_proxy_loss_parameters_get_their_own_group_and_lr(tmp_path):
+    module = small_module(loss=LossConfig(name="proxy_anchor"),
+                          optimizer=OptimizerConfig(lr=1e-3, loss_lr=1e-1))
+    opt = module.configure_optimizers()
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["loss"]["lr"] == 1e-1 and groups["head"]["lr"] == 1e-3
+    proxies = list(module.loss_fn.parameters())
+    assert proxies and all(any(p is q for q in groups["loss"]["params"]) for p in proxies)
+
+
+def test_checkpoint_round_trip_gives_identical_embeddings(tmp_path):
+    pl.seed_everything(0)
+    module, data = small_module(loss=LossConfig(name="proxy_anchor")), small_data()
+    t = trainer(tmp_path, 1, enable_checkpointing=False, limit_val_batches=0)
+    t.fit(module, data)
+    path = tmp_path / "m.ckpt"
+    t.save_checkpoint(path)
+    restored = DMLModule.load_from_checkpoint(path)
+    x = data.eval_datasets["test"].images[:8]
+    module.eval(), restored.eval()
+    with torch.no_grad():
+        assert torch.equal(module(x), restored(x))
+    assert torch.equal(module.loss_fn.proxies, restored.loss_fn.proxies)
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit"] + CONFIGS + args)
+    assert exc.value.code != 0
+    return capsys.readouterr().err
+
+
+def test_cli_unknown_key_is_an_error_naming_it(capsys):
+    err = run_cli(["--model.backbone.depth", "3"], capsys)
+    assert "depth" in err
+
+
+def test_cli_unknown_key_in_a_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  embeding_dim: 64\n")
+    err = run_cli(["--config", str(bad)], capsys)
+    assert "embeding_dim" in err
+
+
+def test_cli_bad_value_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  loss:\n    name: arcface2\n")
+    with pytest.raises(ValueError, match="model.loss.name"):
+        cli_main(["fit"] + CONFIGS + ["--config", str(bad), "--trainer.max_epochs", "0"])
+
+
+def test_cli_composes_data_and_method_parts():
+    cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
+                 args=CONFIGS[:] + ["--trainer.logger", "false"])
+    assert cli.model.backbone.out_channels == 128  # small_cnn from data/synthetic.yaml
+    assert type(cli.model.loss_fn).__name__ == "MultiSimilarityLoss"  # from method/baseline
+    assert cli.model.hparams.num_classes == 48  # linked from the data module
