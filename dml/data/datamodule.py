@@ -1,0 +1,122 @@
+"""The DataModule contract every data set follows.
+
+Subclasses implement ``build_train()`` and ``build_eval()``; the base class supplies the
+class-balanced training loader and fixed-order evaluation loaders.
+
+Data set items are ``(image, label, index)``: the index lets distributed evaluation gather
+embeddings with their data-set positions and drop the padding duplicates.
+
+``build_eval()`` returns either ``{"test": ds}`` (query set = reference set, each query excluded
+from its own search) or ``{"query": q, "gallery": g}`` (In-Shop: queries search the gallery only).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from dml.data.sampler import ClassBalancedBatchSampler
+
+
+class DMLDataModule(pl.LightningDataModule):
+    """Base class. Args:
+        classes_per_batch, samples_per_class: the P x M batch composition.
+        eval_batch_size: batch size of the evaluation loaders.
+        num_workers: DataLoader worker processes (persistent when > 0).
+        recall_ks: the Ks reported as R@K; None takes the data set's standard ones.
+        batches_per_epoch: fixed number of training batches per epoch (default: data / batch).
+        seed: seed of the sampler's schedule.
+    """
+
+    standard_recall_ks: Sequence[int] = (1, 2, 4, 8)
+
+    def __init__(self, classes_per_batch: int = 8, samples_per_class: int = 4,
+                 eval_batch_size: int = 256, num_workers: int = 0,
+                 recall_ks: Optional[List[int]] = None, batches_per_epoch: Optional[int] = None,
+                 seed: int = 0):
+        super().__init__()
+        self.classes_per_batch = classes_per_batch
+        self.samples_per_class = samples_per_class
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.recall_ks = list(recall_ks or self.standard_recall_ks)
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self._train: Optional[Dataset] = None
+        self._eval: Optional[Dict[str, Dataset]] = None
+
+    # --- to implement -------------------------------------------------------------------
+    def build_train(self) -> Dataset:
+        raise NotImplementedError
+
+    def build_eval(self) -> Dict[str, Dataset]:
+        raise NotImplementedError
+
+    def train_labels(self) -> Sequence[int]:
+        """Labels of the training set in item order (the sampler needs them without images)."""
+        return self.train_dataset.labels
+
+    @property
+    def num_train_classes(self) -> int:
+        return len(set(int(y) for y in self.train_labels()))
+
+    # --- provided -----------------------------------------------------------------------
+    @property
+    def train_dataset(self) -> Dataset:
+        if self._train is None:
+            self._train = self.build_train()
+        return self._train
+
+    @property
+    def eval_datasets(self) -> Dict[str, Dataset]:
+        if self._eval is None:
+            self._eval = self.build_eval()
+            if set(self._eval) not in ({"test"}, {"query", "gallery"}):
+                raise ValueError(f"{type(self).__name__}.build_eval must return keys "
+                                 f"{{'test'}} or {{'query', 'gallery'}}, got {sorted(self._eval)}")
+        return self._eval
+
+    @property
+    def eval_protocol(self) -> str:
+        """'test' (query = reference) or 'query_gallery'."""
+        return "test" if "test" in self.eval_datasets else "query_gallery"
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit"):
+            _ = self.train_dataset
+        _ = self.eval_datasets
+
+    def _world(self):
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _loader_kwargs(self):
+        return dict(num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                    persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        sampler = ClassBalancedBatchSampler(
+            self.train_labels(), self.classes_per_batch, self.samples_per_class, seed=self.seed,
+            num_replicas=world, rank=rank, batches_per_epoch=self.batches_per_epoch)
+        return DataLoader(self.train_dataset, batch_sampler=sampler, **self._loader_kwargs())
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        world, rank = self._world()
+        sampler = None
+        if world > 1:  # pads to equal shards; evaluation drops the duplicates by index
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
+                          sampler=sampler, **self._loader_kwargs())
+
+    def val_dataloader(self) -> List[DataLoader]:
+        order = ["test"] if self.eval_protocol == "test" else ["query", "gallery"]
+        return [self._eval_loader(self.eval_datasets[name]) for name in order]
+
+    def test_dataloader(self) -> List[DataLoader]:
+        return self.val_dataloader()
