@@ -50,17 +50,20 @@ def gather_by_index(embeddings: torch.Tensor, labels: torch.Tensor, indices: tor
 
 
 def score(protocol: str, sets: Dict[str, tuple], ks: Sequence[int], with_nmi: bool = True,
-          nmi_seed: int = 0, backend: str = "auto") -> Dict[str, float]:
-    """Recall@K, MAP@R, R-Precision (and NMI) for the 'test' or 'query_gallery' protocol."""
+          nmi_seed: int = 0, backend: str = "auto", device=None) -> Dict[str, float]:
+    """Recall@K, MAP@R, R-Precision (and NMI) for the 'test' or 'query_gallery' protocol.
+
+    ``device``: where the retrieval metrics compute (the model's GPU during training)."""
     if protocol == "test":
         emb, lab = sets["test"][:2]
-        out = retrieval_metrics(emb, lab, ks, backend=backend)
+        out = retrieval_metrics(emb, lab, ks, backend=backend, device=device)
         if with_nmi:
             out["NMI"] = nmi(emb, lab, seed=nmi_seed, backend="auto")
         return out
     q, ql = sets["query"][:2]
     g, gl = sets["gallery"][:2]
-    out = retrieval_metrics(q, ql, ks, gallery_embeddings=g, gallery_labels=gl, backend=backend)
+    out = retrieval_metrics(q, ql, ks, gallery_embeddings=g, gallery_labels=gl, backend=backend,
+                            device=device)
     if with_nmi:  # clustering quality of the whole test split (query and gallery together)
         out["NMI"] = nmi(torch.cat([q, g]), torch.cat([ql, gl]), seed=nmi_seed)
     return out

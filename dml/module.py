@@ -59,7 +59,8 @@ class OptimizerConfig:
 
 @dataclass
 class EvalConfig:
-    """nmi: also cluster the embeddings (costly at SOP scale). backend: auto | faiss | torch."""
+    """nmi: also cluster the embeddings (costly at SOP scale). backend: auto | rank | faiss |
+    torch (``dml.metrics.retrieval_metrics``)."""
     nmi: bool = True
     nmi_seed: int = 0
     backend: str = "auto"
@@ -185,17 +186,17 @@ class DMLModule(pl.LightningModule):
 
     def _evaluate(self, prefix: str) -> Dict[str, float]:
         dm = self.trainer.datamodule
-        protocol = dm.eval_protocol
-        names = ["test"] if protocol == "test" else ["query", "gallery"]
+        datasets = dm.eval_sets(prefix)
+        protocol = dm.protocol(datasets)
         sets = {}
-        for i, name in enumerate(names):
+        for i, name in enumerate(dm.loader_names(datasets)):
             emb, lab, idx = self._eval_buffer.concatenated(i)
             sets[name] = gather_by_index(emb, lab, idx, self.all_gather, self.trainer.world_size)
         metrics: Dict[str, float] = {}
         cfg = self.eval_cfg
         if self.trainer.is_global_zero:
             ks = self.recall_ks or dm.recall_ks
-            metrics = score(protocol, sets, ks, cfg.nmi, cfg.nmi_seed, cfg.backend)
+            metrics = score(protocol, sets, ks, cfg.nmi, cfg.nmi_seed, cfg.backend, self.device)
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
         self._eval_buffer.clear()
         if not self.trainer.sanity_checking:

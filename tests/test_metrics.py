@@ -8,7 +8,8 @@ from sklearn.metrics import normalized_mutual_info_score
 from dml.metrics import faiss_available, kmeans_assign, knn, nmi, normalized_mutual_info
 from dml.metrics import retrieval_metrics
 
-BACKENDS = ["torch"] + (["faiss"] if faiss_available() else [])
+KNN_BACKENDS = ["torch"] + (["faiss"] if faiss_available() else [])
+BACKENDS = ["rank"] + KNN_BACKENDS
 
 
 def clustered_data(seed, n_classes=30, dim=16, max_per_class=9, duplicates=20, spread=0.9):
@@ -106,21 +107,24 @@ def test_map_at_r_hand_computed():
 def test_self_is_excluded_by_index_with_duplicates():
     # Three identical points of one class plus a far point: the first column is not always self.
     x = np.array([[0.0, 0.0]] * 3 + [[5.0, 5.0]], np.float32)
-    for backend in BACKENDS:
+    for backend in KNN_BACKENDS:
         _, idx = knn(torch.from_numpy(x), k=2, backend=backend)
         for i in range(3):
             assert i not in idx[i].tolist()
             assert set(idx[i].tolist()) == {0, 1, 2} - {i}
 
 
-def test_backends_agree():
-    if not faiss_available():
-        pytest.skip("faiss not installed")
+@pytest.mark.parametrize("gallery", [False, True])
+def test_backends_agree(gallery):
     x, y = clustered_data(5, n_classes=60, dim=32)
-    ks = [1, 2, 4, 8]
-    a = retrieval_metrics(x, y, ks, backend="torch", chunk_size=37)
-    b = retrieval_metrics(x, y, ks, backend="faiss")
-    assert a == pytest.approx(b, abs=1e-12)
+    ks = [1, 2, 4, 8, 100, 10_000]  # K beyond the reference count is capped
+    kw = {}
+    if gallery:
+        x, y, kw = x[::2], y[::2], {"gallery_embeddings": x[1::2], "gallery_labels": y[1::2]}
+    results = [retrieval_metrics(x, y, ks, backend=b, chunk_size=37, **kw) for b in BACKENDS]
+    for other in results[1:]:
+        assert other == pytest.approx(results[0], abs=1e-12)
+    assert results[0]["R@10000"] == 1.0
 
 
 def test_torch_and_numpy_inputs_agree():
