@@ -11,11 +11,15 @@ DEVICES ?= 1
 ARGS ?=
 CONFIGS := experiments/trainer.yaml experiments/data/$(DATASET).yaml experiments/method/$(METHOD).yaml
 
-.PHONY: train test bench-eval venv clean help
+DATA_ROOT ?= data/$(DATASET)
+
+.PHONY: train test data data-check bench-eval venv clean help
 
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
 	@echo "make test"
+	@echo "make data DATASET=cub|sop|omniglot [DATA_ROOT=data/<name>]   download and verify"
+	@echo "make data-check DATASET=<name> DATA_ROOT=<path>              parse, print split sizes"
 	@echo "data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' ')"
 	@echo "methods:   $$(ls experiments/method | sed 's/.yaml//' | tr '\n' ' ')"
 
@@ -33,6 +37,12 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+data: $(VENV)/.installed
+	$(PY) -m dml.data.download $(DATASET) $(DATA_ROOT)
+
+data-check: $(VENV)/.installed
+	$(PY) -m dml.data.check $(DATASET) $(DATA_ROOT)
 
 bench-eval: $(VENV)/.installed
 	$(PY) benchmarks/eval_speed.py

@@ -1,12 +1,14 @@
 """The DataModule contract every data set follows.
 
-Subclasses implement ``build_train()`` and ``build_eval()``; the base class supplies the
-class-balanced training loader and fixed-order evaluation loaders.
+Subclasses implement ``build_train()`` and ``build_eval()`` (the test split), and may override
+``build_val()`` (default: the test split, the usual DML practice; the MLRC protocol validates on
+a held-out fold of the training classes instead). The base class supplies the class-balanced
+training loader and fixed-order evaluation loaders.
 
 Data set items are ``(image, label, index)``: the index lets distributed evaluation gather
 embeddings with their data-set positions and drop the padding duplicates.
 
-``build_eval()`` returns either ``{"test": ds}`` (query set = reference set, each query excluded
+``build_eval()`` and ``build_val()`` return either ``{"test": ds}`` (query set = reference set, each query excluded
 from its own search) or ``{"query": q, "gallery": g}`` (In-Shop: queries search the gallery only).
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ class DMLDataModule(pl.LightningDataModule):
     """
 
     standard_recall_ks: Sequence[int] = (1, 2, 4, 8)
+    collate_fn = None  # DataLoader's default
 
     def __init__(self, classes_per_batch: int = 8, samples_per_class: int = 4,
                  eval_batch_size: int = 256, num_workers: int = 0,
@@ -47,6 +50,7 @@ class DMLDataModule(pl.LightningDataModule):
         self.seed = seed
         self._train: Optional[Dataset] = None
         self._eval: Optional[Dict[str, Dataset]] = None
+        self._val: Optional[Dict[str, Dataset]] = None
 
     # --- to implement -------------------------------------------------------------------
     def build_train(self) -> Dataset:
@@ -54,6 +58,9 @@ class DMLDataModule(pl.LightningDataModule):
 
     def build_eval(self) -> Dict[str, Dataset]:
         raise NotImplementedError
+
+    def build_val(self) -> Dict[str, Dataset]:
+        return self.eval_datasets
 
     def train_labels(self) -> Sequence[int]:
         """Labels of the training set in item order (the sampler needs them without images)."""
@@ -70,24 +77,47 @@ class DMLDataModule(pl.LightningDataModule):
             self._train = self.build_train()
         return self._train
 
+    @staticmethod
+    def _checked(sets: Dict[str, Dataset], where: str) -> Dict[str, Dataset]:
+        if set(sets) not in ({"test"}, {"query", "gallery"}):
+            raise ValueError(f"{where} must return keys {{'test'}} or {{'query', 'gallery'}}, "
+                             f"got {sorted(sets)}")
+        return sets
+
     @property
     def eval_datasets(self) -> Dict[str, Dataset]:
+        """The test split."""
         if self._eval is None:
-            self._eval = self.build_eval()
-            if set(self._eval) not in ({"test"}, {"query", "gallery"}):
-                raise ValueError(f"{type(self).__name__}.build_eval must return keys "
-                                 f"{{'test'}} or {{'query', 'gallery'}}, got {sorted(self._eval)}")
+            self._eval = self._checked(self.build_eval(), f"{type(self).__name__}.build_eval")
         return self._eval
 
     @property
-    def eval_protocol(self) -> str:
+    def val_datasets(self) -> Dict[str, Dataset]:
+        """The split validated on during training (the test split unless a protocol says)."""
+        if self._val is None:
+            self._val = self._checked(self.build_val(), f"{type(self).__name__}.build_val")
+        return self._val
+
+    def eval_sets(self, stage: str) -> Dict[str, Dataset]:
+        """'val' or 'test' -> its data sets."""
+        return self.val_datasets if stage == "val" else self.eval_datasets
+
+    @staticmethod
+    def loader_names(sets: Dict[str, Dataset]) -> List[str]:
+        """Data sets in DataLoader order: ['test'] or ['query', 'gallery']."""
+        return ["test"] if "test" in sets else ["query", "gallery"]
+
+    @staticmethod
+    def protocol(sets: Dict[str, Dataset]) -> str:
         """'test' (query = reference) or 'query_gallery'."""
-        return "test" if "test" in self.eval_datasets else "query_gallery"
+        return "test" if "test" in sets else "query_gallery"
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):
             _ = self.train_dataset
-        _ = self.eval_datasets
+            _ = self.val_datasets
+        if stage in (None, "test", "validate"):
+            _ = self.eval_datasets if stage != "validate" else self.val_datasets
 
     def _world(self):
         trainer = getattr(self, "trainer", None)
@@ -104,7 +134,8 @@ class DMLDataModule(pl.LightningDataModule):
         sampler = ClassBalancedBatchSampler(
             self.train_labels(), self.classes_per_batch, self.samples_per_class, seed=self.seed,
             num_replicas=world, rank=rank, batches_per_epoch=self.batches_per_epoch)
-        return DataLoader(self.train_dataset, batch_sampler=sampler, **self._loader_kwargs())
+        return DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                          **self._loader_kwargs())
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         world, rank = self._world()
@@ -112,11 +143,12 @@ class DMLDataModule(pl.LightningDataModule):
         if world > 1:  # pads to equal shards; evaluation drops the duplicates by index
             sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
-                          sampler=sampler, **self._loader_kwargs())
+                          sampler=sampler, collate_fn=self.collate_fn, **self._loader_kwargs())
 
     def val_dataloader(self) -> List[DataLoader]:
-        order = ["test"] if self.eval_protocol == "test" else ["query", "gallery"]
-        return [self._eval_loader(self.eval_datasets[name]) for name in order]
+        sets = self.val_datasets
+        return [self._eval_loader(sets[name]) for name in self.loader_names(sets)]
 
     def test_dataloader(self) -> List[DataLoader]:
-        return self.val_dataloader()
+        sets = self.eval_datasets
+        return [self._eval_loader(sets[name]) for name in self.loader_names(sets)]

@@ -1,0 +1,102 @@
+"""A data set of image files (or zip members) with integer labels; items are
+(image, label, index).
+
+An unreadable image raises ``UnreadableImageError`` naming the file. With ``skip_unreadable``
+the item is dropped from its batch instead (``collate_skipping``), and ``skipped`` counts them
+across DataLoader workers so that the run can report the total at the end.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import zipfile
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+
+class UnreadableImageError(RuntimeError):
+    pass
+
+
+@dataclass
+class ImageList:
+    """Paths (files, or members of ``archive``) and their original class ids."""
+
+    paths: List[str]
+    labels: np.ndarray
+    archive: Optional[str] = None
+
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.paths) != len(self.labels):
+            raise ValueError("ImageList: one label per path is required")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def subset(self, mask: np.ndarray) -> "ImageList":
+        idx = np.flatnonzero(mask)
+        return ImageList([self.paths[i] for i in idx], self.labels[idx], self.archive)
+
+    @property
+    def num_classes(self) -> int:
+        return len(np.unique(self.labels))
+
+
+class ImageListDataset(Dataset):
+    """Images of an ``ImageList`` with labels remapped to 0..C-1 (sorted original ids)."""
+
+    def __init__(self, images: ImageList, transform: Optional[Callable] = None,
+                 skip_unreadable: bool = False):
+        self.images = images
+        self.paths = images.paths
+        classes, self.labels = np.unique(images.labels, return_inverse=True)
+        self.original_classes = classes
+        self.transform = transform
+        self.skip_unreadable = skip_unreadable
+        self.skipped = mp.Value("i", 0)
+        self._zip: Optional[zipfile.ZipFile] = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _open(self, path: str) -> Image.Image:
+        if self.images.archive is None:
+            with Image.open(path) as img:
+                img.load()
+                return img
+        if self._zip is None:  # one handle per worker process, opened lazily
+            self._zip = zipfile.ZipFile(self.images.archive)
+        with self._zip.open(path) as f, Image.open(f) as img:
+            img.load()
+            return img
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            img = self._open(path)
+        except Exception as error:  # truncated JPEG, not an image, missing file...
+            where = f"{self.images.archive}:{path}" if self.images.archive else path
+            if self.skip_unreadable:
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                return None
+            raise UnreadableImageError(
+                f"cannot read image {where}: {error}. Replace the file, or set "
+                f"data.init_args.skip_unreadable: true to skip unreadable images") from error
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[index]), index
+
+    def __getstate__(self):  # zip handles do not cross process boundaries
+        state = self.__dict__.copy()
+        state["_zip"] = None
+        return state
+
+
+def collate_skipping(batch: Sequence):
+    """default_collate without the items an image list skipped (None)."""
+    return default_collate([item for item in batch if item is not None])

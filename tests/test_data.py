@@ -1,0 +1,306 @@
+"""DataModules on small trees written in the official formats, and on the real Omniglot subsets."""
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dml.data import (CarsDataModule, CUBDataModule, DatasetNotFound, IncompleteDataset,
+                      InShopDataModule, MetadataError, OmniglotDataModule, SOPDataModule,
+                      UnreadableImageError, mlrc_fold_mask)
+from dml.data import check as data_check
+from dml.data import download as data_download
+
+OMNIGLOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "omniglot")
+needs_omniglot = pytest.mark.skipif(not os.path.isdir(OMNIGLOT),
+                                    reason="../shared/data/omniglot is absent")
+
+
+def jpeg(path, seed=0, size=(50, 40)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def small(cls, root, **kw):
+    kw.setdefault("verify", False)
+    return cls(root=str(root), num_workers=0, crop=32, resize=36, **kw)
+
+
+# --- CUB ----------------------------------------------------------------------------------
+def make_cub(root, classes=(1, 2, 3, 101, 102, 103), per_class=3):
+    base = root / "CUB_200_2011"
+    images, labels, names = [], [], []
+    image_id = 0
+    for c in classes:
+        folder = f"{c:03d}.Bird_{c}"
+        names.append(f"{c} {folder}")
+        for j in range(per_class):
+            image_id += 1
+            rel = f"{folder}/Bird_{c}_{j:04d}.jpg"
+            jpeg(str(base / "images" / rel), seed=image_id)
+            images.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {c}")
+    (base / "images.txt").write_text("\n".join(images) + "\n")
+    (base / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (base / "classes.txt").write_text("\n".join(names) + "\n")
+    return base
+
+
+def test_cub_splits_labels_and_items(tmp_path):
+    make_cub(tmp_path)
+    dm = small(CUBDataModule, tmp_path)
+    assert dm.split_sizes() == {"dataset": "cub", "train_images": 9, "train_classes": 3,
+                                "test_images": 9, "test_classes": 3}
+    assert set(dm.splits["train"].labels) == {1, 2, 3}
+    assert set(dm.splits["test"].labels) == {101, 102, 103}
+    train = dm.train_dataset
+    assert sorted(set(train.labels.tolist())) == [0, 1, 2]  # contiguous ids
+    image, label, index = train[4]
+    assert image.shape == (3, 32, 32) and label == 1 and index == 4
+    test = dm.eval_datasets["test"]
+    assert sorted(set(test.labels.tolist())) == [0, 1, 2]
+    assert test.paths[0].endswith("101.Bird_101/Bird_101_0000.jpg")
+    assert dm.recall_ks == [1, 2, 4, 8]
+
+
+def test_cub_incomplete_archive_is_reported(tmp_path):
+    make_cub(tmp_path)
+    with pytest.raises(IncompleteDataset, match="5864 images in 100 classes, found 9 in 3"):
+        small(CUBDataModule, tmp_path, verify=True).splits
+
+
+def test_missing_image_file_is_reported(tmp_path, monkeypatch):
+    base = make_cub(tmp_path)
+    os.remove(base / "images" / "002.Bird_2" / "Bird_2_0001.jpg")
+    monkeypatch.setattr(CUBDataModule, "expected", {"train": (9, 3), "test": (9, 3)})
+    with pytest.raises(IncompleteDataset, match="Bird_2_0001.jpg"):
+        small(CUBDataModule, tmp_path, verify=True).splits
+
+
+def test_malformed_metadata_line_names_file_and_line(tmp_path):
+    base = make_cub(tmp_path)
+    lines = (base / "image_class_labels.txt").read_text().splitlines()
+    lines[4] = "5 two"
+    (base / "image_class_labels.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(MetadataError, match=r"image_class_labels.txt, line 5: class_id"):
+        small(CUBDataModule, tmp_path).splits
+    lines[4] = "5"
+    (base / "image_class_labels.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(MetadataError, match=r"image_class_labels.txt, line 5: expected 2"):
+        small(CUBDataModule, tmp_path).splits
+
+
+def test_missing_folder_says_where_to_get_the_data(tmp_path):
+    with pytest.raises(DatasetNotFound, match="make data DATASET=cub"):
+        small(CUBDataModule, tmp_path / "nowhere").splits
+    with pytest.raises(DatasetNotFound, match="cars_annos.mat"):
+        small(CarsDataModule, tmp_path).splits
+
+
+def test_unreadable_image_names_the_file_or_is_skipped(tmp_path):
+    base = make_cub(tmp_path)
+    bad = base / "images" / "001.Bird_1" / "Bird_1_0001.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    dm = small(CUBDataModule, tmp_path)
+    with pytest.raises(UnreadableImageError, match="Bird_1_0001.jpg"):
+        dm.train_dataset[1]
+    dm = small(CUBDataModule, tmp_path, skip_unreadable=True)
+    dm.setup("fit")
+    images, labels, _ = next(iter(dm._eval_loader(dm.train_dataset)))
+    assert len(labels) == 8 and dm.train_dataset.skipped.value == 1
+
+
+# --- Cars196 ------------------------------------------------------------------------------
+def make_cars(root, classes=(1, 2, 99, 100), per_class=3):
+    from scipy.io import savemat
+    fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+    records = np.zeros((1, len(classes) * per_class), dtype=[(f, "O") for f in fields])
+    i = 0
+    for c in classes:
+        for j in range(per_class):
+            rel = f"car_ims/{i + 1:06d}.jpg"
+            jpeg(str(root / rel), seed=i)
+            # the .mat's own train/test flag disagrees with the DML class split on purpose
+            records[0, i] = (np.array([rel]), np.array([[1]]), np.array([[2]]),
+                             np.array([[30]]), np.array([[20]]), np.array([[c]], np.uint8),
+                             np.array([[j % 2]], np.uint8))
+            i += 1
+    savemat(str(root / "cars_annos.mat"), {"annotations": records})
+
+
+def test_cars_reads_the_mat_file_and_splits_by_class(tmp_path):
+    make_cars(tmp_path)
+    dm = small(CarsDataModule, tmp_path)
+    assert set(dm.splits["train"].labels) == {1, 2}
+    assert set(dm.splits["test"].labels) == {99, 100}
+    assert dm.splits["train"].paths[0].endswith("car_ims/000001.jpg")
+    assert dm.train_dataset[0][0].shape == (3, 32, 32)
+
+
+def test_cars_unreadable_mat_is_a_clear_error(tmp_path):
+    (tmp_path / "cars_annos.mat").write_bytes(b"garbage")
+    with pytest.raises(MetadataError, match="cars_annos.mat"):
+        small(CarsDataModule, tmp_path).splits
+
+
+# --- SOP ----------------------------------------------------------------------------------
+def make_sop(root):
+    base = root / "Stanford_Online_Products"
+    header = "image_id class_id super_class_id path"
+    for name, classes in (("Ebay_train.txt", (1, 2, 3)), ("Ebay_test.txt", (11319, 11320))):
+        rows, image_id = [header], 0
+        for c in classes:
+            for j in range(2 + c % 2):
+                image_id += 1
+                rel = f"bicycle_final/{c}_{j}.JPG"
+                jpeg(str(base / rel), seed=image_id)
+                rows.append(f"{image_id} {c} 1 {rel}")
+        (base / name).write_text("\n".join(rows) + "\n")
+    return base
+
+
+def test_sop_parses_both_files(tmp_path):
+    make_sop(tmp_path)
+    dm = small(SOPDataModule, tmp_path)
+    sizes = dm.split_sizes()
+    assert (sizes["train_classes"], sizes["test_classes"]) == (3, 2)
+    assert sizes["train_images"] == 3 + 2 + 3 and sizes["test_images"] == 3 + 2
+    assert dm.recall_ks == [1, 10, 100, 1000]
+
+
+def test_sop_bad_header_is_reported(tmp_path):
+    base = make_sop(tmp_path)
+    text = (base / "Ebay_test.txt").read_text().replace("super_class_id", "superclass")
+    (base / "Ebay_test.txt").write_text(text)
+    with pytest.raises(MetadataError, match="Ebay_test.txt, line 1"):
+        small(SOPDataModule, tmp_path).splits
+
+
+# --- In-Shop ------------------------------------------------------------------------------
+def make_inshop(root):
+    rows = []
+    for item, status, n in ((1, "train", 3), (2, "train", 2), (7, "query", 2), (7, "gallery", 2),
+                            (8, "query", 1), (8, "gallery", 3)):
+        for j in range(n):
+            rel = f"img/WOMEN/Dresses/id_{item:08d}/{status}_{j}_front.jpg"
+            jpeg(str(root / rel), seed=len(rows))
+            rows.append(f"{rel} id_{item:08d} {status}")
+    (root / "Eval").mkdir()
+    text = f"{len(rows)}\nimage_name item_id evaluation_status\n" + "\n".join(rows) + "\n"
+    (root / "Eval" / "list_eval_partition.txt").write_text(text)
+
+
+def test_inshop_query_gallery_membership(tmp_path):
+    make_inshop(tmp_path)
+    dm = small(InShopDataModule, tmp_path)
+    assert dm.split_sizes() == {"dataset": "inshop", "train_images": 5, "train_classes": 2,
+                                "test_images": 8, "test_classes": 2, "query_images": 3,
+                                "gallery_images": 5}
+    sets = dm.eval_datasets
+    assert set(sets) == {"query", "gallery"} and dm.protocol(sets) == "query_gallery"
+    assert all("query" in p for p in sets["query"].paths)
+    assert all("gallery" in p for p in sets["gallery"].paths)
+    # query and gallery share one label space (item 7 -> same id in both)
+    q_item7 = sets["query"].labels[[("id_00000007" in p) for p in sets["query"].paths]]
+    g_item7 = sets["gallery"].labels[[("id_00000007" in p) for p in sets["gallery"].paths]]
+    assert len(set(q_item7)) == 1 and set(q_item7) == set(g_item7)
+    assert dm.recall_ks == [1, 10, 20, 30, 40]
+    assert len(dm.val_dataloader()) == 2
+
+
+def test_inshop_count_line_must_match(tmp_path):
+    make_inshop(tmp_path)
+    path = tmp_path / "Eval" / "list_eval_partition.txt"
+    path.write_text("99\n" + path.read_text().split("\n", 1)[1])
+    with pytest.raises(MetadataError, match="line 1: announces 99 images"):
+        small(InShopDataModule, tmp_path).splits
+
+
+# --- MLRC folds ---------------------------------------------------------------------------
+def test_mlrc_folds_are_class_disjoint_and_cover_the_training_classes():
+    labels = np.repeat(np.arange(1, 11), 3)
+    masks = [mlrc_fold_mask(labels, f) for f in range(4)]
+    assert np.array_equal(np.sum(masks, axis=0), np.ones(len(labels)))
+    fold_classes = [set(labels[m]) for m in masks]
+    assert all(len(fold_classes[a] & fold_classes[b]) == 0 for a in range(4) for b in range(a))
+    with pytest.raises(ValueError, match="mlrc_fold"):
+        mlrc_fold_mask(labels, 4)
+
+
+def test_mlrc_fold_trains_on_three_folds_validates_on_one_tests_untouched(tmp_path):
+    make_cub(tmp_path, classes=(1, 2, 3, 4, 5, 6, 7, 8, 101, 102), per_class=2)
+    dm = small(CUBDataModule, tmp_path, mlrc_fold=1)
+    train_files = set(dm.train_dataset.paths)
+    val_files = set(dm.val_datasets["test"].paths)
+    assert not train_files & val_files
+    assert len(train_files) + len(val_files) == 16
+    assert dm.num_train_classes == 6
+    assert set(dm.eval_datasets["test"].paths) == set(dm.splits["test"].paths)
+
+
+# --- the check and download commands -------------------------------------------------------
+def test_data_check_prints_one_json_line(tmp_path, capsys):
+    make_inshop(tmp_path)
+    assert data_check.main(["inshop", str(tmp_path), "--no-verify"]) == 0
+    out = json.loads(capsys.readouterr().out.strip())
+    assert out["query_images"] == 3 and out["gallery_images"] == 5
+    assert data_check.main(["inshop", str(tmp_path)]) == 1  # published counts do not hold
+    assert "25882" in capsys.readouterr().err
+
+
+def test_download_verifies_the_checksum_and_unpacks(tmp_path, monkeypatch):
+    import hashlib
+    import tarfile
+
+    payload = tmp_path / "payload.tgz"
+    make_cub(tmp_path / "src")
+    with tarfile.open(payload, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "CUB_200_2011", arcname="CUB_200_2011")
+    md5 = hashlib.md5(payload.read_bytes()).hexdigest()
+
+    def fake_download(url, root, filename, md5_expected):
+        data = payload.read_bytes()
+        if hashlib.md5(data).hexdigest() != md5_expected:
+            raise RuntimeError("File not found or corrupted.")
+        (tmp_path / "out" / filename).write_bytes(data)
+
+    import torchvision.datasets.utils as tvu
+    monkeypatch.setattr(tvu, "download_url", fake_download)
+    monkeypatch.setitem(data_download.DOWNLOADS, "cub", [("https://x/CUB.tgz", "CUB.tgz", md5)])
+    assert data_download.main(["cub", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "CUB_200_2011" / "images.txt").is_file()
+    monkeypatch.setitem(data_download.DOWNLOADS, "cub", [("https://x/CUB.tgz", "C2.tgz", "0" * 32)])
+    assert data_download.main(["cub", str(tmp_path / "out")]) == 1
+
+
+def test_datasets_without_public_download_print_guidance(capsys):
+    assert data_download.main(["cars"]) == 2
+    assert "cars_annos.mat" in capsys.readouterr().out
+
+
+# --- Omniglot (real data) -----------------------------------------------------------------
+@needs_omniglot
+def test_omniglot_small_subsets_published_split():
+    dm = OmniglotDataModule(root=OMNIGLOT, subset="small", verify=True)
+    assert dm.split_sizes() == {"dataset": "omniglot-small", "train_images": 2720,
+                                "train_classes": 136, "test_images": 2120, "test_classes": 106}
+    test_alphabets = {p.split("/")[1] for p in dm.splits["test"].paths}
+    assert test_alphabets == {"Japanese_(katakana)", "Sanskrit", "Tagalog"}
+    image, label, index = dm.train_dataset[0]
+    assert image.shape == (3, 64, 64) and label == 0
+    # one-bit strokes on white: after RGB conversion and normalisation, two grey levels
+    assert torch.unique(dm.eval_datasets["test"][0][0][0].round(decimals=3)).numel() > 1
+
+
+@needs_omniglot
+def test_omniglot_zip_with_bad_layout(tmp_path):
+    with zipfile.ZipFile(tmp_path / "images_background.zip", "w") as z:
+        z.writestr("images_background/Latin/a.png", b"")
+    with zipfile.ZipFile(tmp_path / "images_evaluation.zip", "w") as z:
+        z.writestr("images_evaluation/x/character01/1_01.png", b"")
+    with pytest.raises(MetadataError, match="Latin/a.png"):
+        OmniglotDataModule(root=str(tmp_path), verify=False).splits
