@@ -304,3 +304,27 @@ def test_omniglot_zip_with_bad_layout(tmp_path):
         z.writestr("images_evaluation/x/character01/1_01.png", b"")
     with pytest.raises(MetadataError, match="Latin/a.png"):
         OmniglotDataModule(root=str(tmp_path), verify=False).splits
+
+
+@needs_omniglot
+def test_short_training_on_omniglot_small1_generalises_to_unseen_alphabets(tmp_path):
+    import pytorch_lightning as pl
+
+    from dml.module import BackboneConfig, DMLModule, OptimizerConfig
+
+    pl.seed_everything(0)
+    dm = OmniglotDataModule(root=OMNIGLOT, subset="small", crop=32, resize=32,
+                            classes_per_batch=16, samples_per_class=4, eval_batch_size=512)
+    module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
+                       embedding_dim=64, optimizer=OptimizerConfig(lr=2e-3),
+                       num_classes=dm.num_train_classes)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False,
+                         default_root_dir=tmp_path, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=-1, use_distributed_sampler=False)
+    trainer.fit(module, dm)
+    before, after = module.initial_metrics, module.last_metrics
+    print(f"omniglot small1 -> unseen alphabets: R@1 {before['R@1']:.3f} -> {after['R@1']:.3f}, "
+          f"MAP@R {before['MAP@R']:.3f} -> {after['MAP@R']:.3f}")
+    assert after["R@1"] > before["R@1"] + 0.2
+    assert after["MAP@R"] > 2 * before["MAP@R"]
