@@ -2,11 +2,15 @@
 any DMLDataModule. Configs compose: a trainer part, a data set part and a method part."""
 from __future__ import annotations
 
+import os
 import sys
 
 from pytorch_lightning.cli import LightningCLI
 
-from dml.data import DMLDataModule
+from dml.data import (DatasetNotFound, DMLDataModule, IncompleteDataset, MetadataError,
+                      UnreadableImageError)
+from dml.errors import ConfigError
+from dml.models import PretrainedWeightsUnavailable
 from dml.module import DMLModule
 
 
@@ -16,10 +20,21 @@ class DMLCLI(LightningCLI):
         parser.link_arguments("data.num_train_classes", "model.num_classes", apply_on="instantiate")
 
 
+# Errors with a message the user can act on: printed as one line, not as a traceback.
+USER_ERRORS = (ConfigError, DatasetNotFound, IncompleteDataset, MetadataError,
+               UnreadableImageError, PretrainedWeightsUnavailable)
+
+
 def main(args=None) -> DMLCLI:
-    return DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True,
-                  save_config_kwargs={"overwrite": True}, seed_everything_default=0,
-                  args=args, auto_configure_optimizers=False)
+    try:
+        return DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True,
+                      save_config_kwargs={"overwrite": True}, seed_everything_default=0,
+                      args=args, auto_configure_optimizers=False)
+    except USER_ERRORS as error:
+        if os.environ.get("DML_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from dml.errors import ConfigError
 from dml.evaluation import EmbeddingBuffer, gather_by_index, score
 from dml.losses import build_loss, build_miner
 from dml.models import Backbone, EmbeddingHead, build_pooling
@@ -74,7 +75,7 @@ def _as(cls, value):
         try:
             return cls(**value)
         except TypeError as error:
-            raise ValueError(f"{cls.__name__}: {error}") from error
+            raise ConfigError(f"{cls.__name__}: {error}") from error
     raise TypeError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
 
 
@@ -106,10 +107,10 @@ class DMLModule(pl.LightningModule):
         self.loss_fn = build_loss(loss.name, num_classes, embedding_dim, loss.params)
         self.miner = build_miner(loss.miner, loss.miner_params)
         if optimizer.name not in OPTIMIZERS:
-            raise ValueError(f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
+            raise ConfigError(f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
                              f"expected one of {sorted(OPTIMIZERS)}")
         if optimizer.scheduler not in ("none", "step", "cosine"):
-            raise ValueError(f"model.optimizer.scheduler: unknown scheduler "
+            raise ConfigError(f"model.optimizer.scheduler: unknown scheduler "
                              f"{optimizer.scheduler!r}; expected none, step or cosine")
         self.recall_ks = recall_ks
         self._eval_buffer = EmbeddingBuffer()

@@ -97,11 +97,17 @@ def test_cli_unknown_key_in_a_config_file(tmp_path, capsys):
     assert "embeding_dim" in err
 
 
-def test_cli_bad_value_names_the_key(tmp_path):
+def test_cli_bad_value_names_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  loss:\n    name: arcface2\n")
-    with pytest.raises(ValueError, match="model.loss.name"):
-        cli_main(["fit"] + CONFIGS + ["--config", str(bad), "--trainer.max_epochs", "0"])
+    err = run_cli(["--config", str(bad), "--trainer.max_epochs", "0"], capsys)
+    assert "error: model.loss.name: unknown loss 'arcface2'" in err and "Traceback" not in err
+
+
+def test_cli_missing_data_set_gives_guidance(tmp_path, capsys):
+    err = run_cli(["--config", "experiments/data/cub.yaml", "--data.init_args.root",
+                   str(tmp_path / "nowhere")], capsys)
+    assert "make data DATASET=cub" in err and "Traceback" not in err
 
 
 def test_cli_composes_data_and_method_parts():

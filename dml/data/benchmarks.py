@@ -15,6 +15,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from dml.data.image_list import ImageList
+from dml.errors import ConfigError
 
 
 class MetadataError(ValueError):
@@ -211,4 +212,4 @@ def parse_omniglot(root: str, subset: str = "full") -> Dict[str, ImageList]:
         seen = set(_alphabet_of(train))
         test = small2.subset(~np.isin(_alphabet_of(small2), list(seen)))
         return {"train": train, "test": test}
-    raise ValueError(f"data.init_args.subset: expected 'full' or 'small', got {subset!r}")
+    raise ConfigError(f"data.init_args.subset: expected 'full' or 'small', got {subset!r}")

@@ -17,6 +17,7 @@ from dml.data.benchmarks import (DatasetNotFound, IncompleteDataset, parse_cars,
 from dml.data.datamodule import DMLDataModule
 from dml.data.image_list import ImageList, ImageListDataset, collate_skipping
 from dml.data.transforms import eval_transform, train_transform
+from dml.errors import ConfigError
 
 MLRC_FOLDS = 4
 
@@ -28,7 +29,7 @@ def mlrc_fold_mask(labels: np.ndarray, fold: int, num_folds: int = MLRC_FOLDS) -
     fold f is chunk f. Deterministic and class-disjoint.
     """
     if not 0 <= fold < num_folds:
-        raise ValueError(f"data.init_args.mlrc_fold: expected 0..{num_folds - 1} or null, "
+        raise ConfigError(f"data.init_args.mlrc_fold: expected 0..{num_folds - 1} or null, "
                          f"got {fold}")
     classes = np.unique(labels)
     chunks = np.array_split(classes, num_folds)
@@ -240,7 +241,7 @@ class OmniglotDataModule(ImageDataModule):
                  resize: int = 64, hflip: bool = False,
                  crop_scale: Sequence[float] = (0.7, 1.0), **kwargs):
         if subset not in self.EXPECTED:
-            raise ValueError(f"data.init_args.subset: expected 'full' or 'small', got {subset!r}")
+            raise ConfigError(f"data.init_args.subset: expected 'full' or 'small', got {subset!r}")
         self.subset = subset
         self.expected = self.EXPECTED[subset]
         kwargs.setdefault("num_workers", 0)

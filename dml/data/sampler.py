@@ -14,6 +14,8 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from dml.errors import ConfigError
+
 
 class ClassBalancedBatchSampler(Sampler[List[int]]):
     def __init__(self, labels: Sequence[int], classes_per_batch: int, samples_per_class: int,
@@ -21,7 +23,7 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
                  batches_per_epoch: Optional[int] = None):
         labels = np.asarray(labels).reshape(-1)
         if classes_per_batch < 1 or samples_per_class < 1:
-            raise ValueError("data.classes_per_batch and data.samples_per_class must be >= 1")
+            raise ConfigError("data.init_args.classes_per_batch and samples_per_class must be >= 1")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"sampler rank {rank} is outside [0, {num_replicas})")
         classes, inverse = np.unique(labels, return_inverse=True)
@@ -32,7 +34,7 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
         self.pools = [p for p in pools if len(p) >= min_size]
         needed = classes_per_batch * num_replicas
         if len(self.pools) < needed:
-            raise ValueError(
+            raise ConfigError(
                 f"class-balanced sampler: {classes_per_batch} classes per batch x {num_replicas} "
                 f"process(es) needs {needed} classes with >= {min_size} images; the data set has "
                 f"{len(self.pools)}")

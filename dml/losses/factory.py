@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 from pytorch_metric_learning import distances, losses, miners
 from torch import nn
 
+from dml.errors import ConfigError
 from dml.models.pooling import check_params
 
 # name -> (PML class, needs num_classes/embedding_size)
@@ -38,14 +39,14 @@ def build_loss(name: str, num_classes: int, embedding_dim: int,
     if "distance" in params:
         params["distance"] = build_distance(params["distance"])
     if name not in LOSSES:
-        raise ValueError(f"model.loss.name: unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+        raise ConfigError(f"model.loss.name: unknown loss {name!r}; expected one of {sorted(LOSSES)}")
     cls, needs_classes = LOSSES[name]
     skip = ("self", "num_classes", "embedding_size", "kwargs")
     check_params(cls, {k: v for k, v in params.items() if k != "distance"}, "model.loss.params",
                  skip=skip)
     if needs_classes:
         if num_classes is None or num_classes < 2:
-            raise ValueError(f"model.loss: {name} needs the number of training classes "
+            raise ConfigError(f"model.loss: {name} needs the number of training classes "
                              f"(got {num_classes})")
         return cls(num_classes=num_classes, embedding_size=embedding_dim, **params)
     return cls(**params)
@@ -58,7 +59,7 @@ DISTANCES = {"cosine": distances.CosineSimilarity, "euclidean": distances.LpDist
 def build_distance(name: str):
     """``model.loss.params.distance`` as a name: cosine, euclidean or dot."""
     if name not in DISTANCES:
-        raise ValueError(f"model.loss.params.distance: unknown distance {name!r}; expected one "
+        raise ConfigError(f"model.loss.params.distance: unknown distance {name!r}; expected one "
                          f"of {sorted(DISTANCES)}")
     return DISTANCES[name]()
 
@@ -68,7 +69,7 @@ def build_miner(name: Optional[str], params: Optional[Dict[str, Any]] = None):
         return None
     params = dict(params or {})
     if name not in MINERS:
-        raise ValueError(f"model.loss.miner: unknown miner {name!r}; expected one of "
+        raise ConfigError(f"model.loss.miner: unknown miner {name!r}; expected one of "
                          f"{sorted(MINERS)} or null")
     check_params(MINERS[name], params, "model.loss.miner_params", skip=("self", "kwargs"))
     return MINERS[name](**params)

@@ -16,6 +16,8 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
+from dml.errors import ConfigError
+
 PRETRAINED_HELP = (
     "Could not load the ImageNet weights of backbone {name!r} ({error}). The machine may be "
     "offline: download them once with internet (they are cached in $TORCH_HOME, by default "
@@ -127,10 +129,10 @@ class Backbone(nn.Module):
                  width: int = 32):
         super().__init__()
         if name not in BACKBONES:
-            raise ValueError(f"model.backbone.name: unknown backbone {name!r}; expected one of "
+            raise ConfigError(f"model.backbone.name: unknown backbone {name!r}; expected one of "
                              f"{sorted(BACKBONES)}")
         if name == "small_cnn" and pretrained:
-            raise ValueError("model.backbone.pretrained: small_cnn has no pretrained weights; "
+            raise ConfigError("model.backbone.pretrained: small_cnn has no pretrained weights; "
                              "set pretrained: false")
         kwargs = {"width": width} if name == "small_cnn" else {}
         self.net = BACKBONES[name](pretrained=pretrained, **kwargs)

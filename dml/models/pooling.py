@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dml.errors import ConfigError
+
 
 @dataclass
 class PoolingOutput:
@@ -62,14 +64,14 @@ def check_params(cls, params: Dict[str, Any], key: str, skip=("self",)) -> None:
     accepted = [n for n in inspect.signature(cls).parameters if n not in skip]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ValueError(f"{key}: unknown parameter(s) {unknown} for {cls.__name__}; "
+        raise ConfigError(f"{key}: unknown parameter(s) {unknown} for {cls.__name__}; "
                          f"accepted: {accepted}")
 
 
 def build_pooling(name: str, in_channels: int, params: Optional[Dict[str, Any]] = None) -> nn.Module:
     params = dict(params or {})
     if name not in POOLINGS:
-        raise ValueError(f"model.pooling.name: unknown pooling {name!r}; expected one of "
+        raise ConfigError(f"model.pooling.name: unknown pooling {name!r}; expected one of "
                          f"{sorted(POOLINGS)}")
     cls = POOLINGS[name]
     check_params(cls, params, "model.pooling.params", skip=("self", "in_channels"))
