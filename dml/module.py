@@ -15,8 +15,8 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from dml.errors import ConfigError
 from dml.evaluation import EmbeddingBuffer, gather_by_index, score
-from dml.losses import build_loss, build_miner
-from dml.models import Backbone, EmbeddingHead, build_pooling
+from dml.losses import ZeroShotPrototypeLoss, build_loss, build_miner, proxy_rows
+from dml.models import GSP, Backbone, EmbeddingHead, build_pooling
 
 
 @dataclass
@@ -30,7 +30,8 @@ class BackboneConfig:
 
 @dataclass
 class PoolingConfig:
-    """name: gap | gmp | gem; params go to the pooling class (e.g. {p: 3.0} for GeM)."""
+    """name: gap | gmp | gem | gsp; params go to the pooling class ({p: 3.0} for GeM;
+    {num_prototypes, mu, gamma, iters, tol, reduction, init, init_batches} for GSP)."""
     name: str = "gap"
     params: Dict[str, Any] = field(default_factory=dict)
 
@@ -42,6 +43,16 @@ class LossConfig:
     params: Dict[str, Any] = field(default_factory=dict)
     miner: Optional[str] = None
     miner_params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ZeroShotConfig:
+    """GSP's zero-shot prototype loss: total = metric_weight * metric + weight * zero-shot
+    (0.9 / 0.1 in the MLRC configs). Needs a pooling with attributes (gsp)."""
+    weight: float = 0.0
+    metric_weight: float = 1.0
+    lam: float = 0.05
+    scale: float = 9.5
 
 
 @dataclass
@@ -87,25 +98,38 @@ class DMLModule(pl.LightningModule):
     def __init__(self, backbone: BackboneConfig = BackboneConfig(),
                  pooling: PoolingConfig = PoolingConfig(), embedding_dim: int = 512,
                  loss: LossConfig = LossConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
-                 evaluation: EvalConfig = EvalConfig(), num_classes: Optional[int] = None,
-                 recall_ks: Optional[List[int]] = None):
+                 evaluation: EvalConfig = EvalConfig(), zero_shot: ZeroShotConfig = ZeroShotConfig(),
+                 num_classes: Optional[int] = None, recall_ks: Optional[List[int]] = None):
         super().__init__()
         backbone, pooling = _as(BackboneConfig, backbone), _as(PoolingConfig, pooling)
         loss = _as(LossConfig, loss)
         optimizer, evaluation = _as(OptimizerConfig, optimizer), _as(EvalConfig, evaluation)
+        zero_shot = _as(ZeroShotConfig, zero_shot)
         # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({
             "backbone": asdict(backbone), "pooling": asdict(pooling),
             "embedding_dim": embedding_dim, "loss": asdict(loss),
             "optimizer": asdict(optimizer), "evaluation": asdict(evaluation),
+            "zero_shot": asdict(zero_shot),
             "num_classes": num_classes, "recall_ks": recall_ks})
         self.optimizer_cfg, self.eval_cfg = optimizer, evaluation
         self.backbone = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn,
                                  backbone.width)
-        self.pooling = build_pooling(pooling.name, self.backbone.out_channels, pooling.params)
+        self.pooling = build_pooling(pooling.name, self.backbone.out_channels, pooling.params,
+                                     embedding_dim)
         self.head = EmbeddingHead(self.backbone.out_channels, embedding_dim)
         self.loss_fn = build_loss(loss.name, num_classes, embedding_dim, loss.params)
         self.miner = build_miner(loss.miner, loss.miner_params)
+        self.zero_shot_cfg = zero_shot
+        self.zero_shot_loss = None
+        if zero_shot.weight > 0:
+            if not isinstance(self.pooling, GSP):
+                raise ConfigError("model.zero_shot.weight > 0 needs attribute vectors: set "
+                                  "model.pooling.name: gsp")
+            if num_classes is None:
+                raise ConfigError("model.zero_shot needs the number of training classes")
+            self.zero_shot_loss = ZeroShotPrototypeLoss(num_classes, embedding_dim,
+                                                        zero_shot.lam, zero_shot.scale)
         if optimizer.name not in OPTIMIZERS:
             raise ConfigError(f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
                              f"expected one of {sorted(OPTIMIZERS)}")
@@ -121,7 +145,7 @@ class DMLModule(pl.LightningModule):
     def embed(self, images: torch.Tensor) -> Dict[str, Any]:
         """Everything the losses and dashboards need: embeddings and the pooling's outputs."""
         features = self.backbone(images)
-        pooled = self.pooling(features)
+        pooled = self.pooling(features, projection=self.head.linear)
         return {"embeddings": self.head(pooled.pooled), "pooling": pooled}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -133,7 +157,46 @@ class DMLModule(pl.LightningModule):
         """Named loss components; their sum is optimised. Methods add components here."""
         z = out["embeddings"]
         pairs = self.miner(z, labels) if self.miner is not None else None
-        return {"metric": self.loss_fn(z, labels, pairs)}
+        parts = {"metric": self.zero_shot_cfg.metric_weight * self.loss_fn(z, labels, pairs)}
+        if self.zero_shot_loss is not None:
+            parts["zero_shot"] = self.zero_shot_cfg.weight * self.zero_shot_loss(
+                out["pooling"].attributes, labels)
+        return parts
+
+    # --- GSP prototypes ---------------------------------------------------------------
+    def on_train_start(self) -> None:
+        if isinstance(self.pooling, GSP) and not bool(self.pooling.initialized):
+            candidates = self.gsp_candidates()
+            if self.trainer.is_global_zero:
+                self.pooling.initialize_prototypes(candidates)
+            # every rank starts from rank 0's prototypes
+            prototypes = self.trainer.strategy.broadcast(self.pooling.prototypes.data, src=0)
+            self.pooling.prototypes.data.copy_(prototypes)
+            self.pooling.initialized.fill_(True)
+
+    @torch.no_grad()
+    def gsp_candidates(self) -> torch.Tensor:
+        """Candidate prototypes: the loss's proxy rows, or GAP embeddings of training batches."""
+        gsp: GSP = self.pooling
+        rows = proxy_rows(self.loss_fn)
+        use_proxies = gsp.init == "proxies" or (
+            gsp.init == "auto" and rows is not None and len(rows) >= len(gsp.prototypes))
+        if use_proxies:
+            if rows is None:
+                raise ConfigError("model.pooling.params.init: proxies, but the loss "
+                                  f"{type(self.loss_fn).__name__} has no proxies")
+            return rows
+        was_training = self.training
+        self.eval()
+        loader = self.trainer.datamodule.train_dataloader()
+        embeddings = []
+        for i, (images, _, _) in enumerate(loader):
+            if i >= gsp.init_batches:
+                break
+            features = self.backbone(images.to(self.device))
+            embeddings.append(self.head.linear(features.mean(dim=(2, 3))))
+        self.train(was_training)
+        return torch.cat(embeddings)
 
     def training_step(self, batch, batch_idx):
         images, labels, _ = batch

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from pytorch_metric_learning import distances, losses, miners
+import torch
 from torch import nn
 
 from dml.errors import ConfigError
@@ -77,3 +78,13 @@ def build_miner(name: Optional[str], params: Optional[Dict[str, Any]] = None):
 
 def loss_has_parameters(loss: nn.Module) -> bool:
     return any(p.requires_grad for p in loss.parameters())
+
+
+def proxy_rows(loss: nn.Module):
+    """The loss's class representatives as rows (C', D), or None: ProxyAnchor / ProxyNCA
+    proxies, SoftTriple centres, normalized-softmax classifier weights."""
+    for name in ("proxies", "W", "fc"):
+        weight = getattr(loss, name, None)
+        if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            return weight.detach() if name == "proxies" else weight.detach().T
+    return None

@@ -1,7 +1,9 @@
-"""Networks: backbones (feature maps), pooling, embedding heads; later GSP and message passing."""
+"""Networks: backbones (feature maps), pooling (GAP, GMP, GeM, GSP), embedding heads."""
 from dml.models.backbones import Backbone, PretrainedWeightsUnavailable, freeze_batchnorm
 from dml.models.heads import EmbeddingHead
-from dml.models.pooling import POOLINGS, PoolingOutput, build_pooling
+from dml.models.gsp import GSP, lipschitz_normalize, partial_transport
+from dml.models.pooling import POOLING_NAMES, PoolingOutput, build_pooling
 
 __all__ = ["Backbone", "PretrainedWeightsUnavailable", "freeze_batchnorm", "EmbeddingHead",
-           "POOLINGS", "PoolingOutput", "build_pooling"]
+           "POOLING_NAMES", "PoolingOutput", "build_pooling", "GSP", "partial_transport",
+           "lipschitz_normalize"]
