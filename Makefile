@@ -9,7 +9,9 @@ DATASET ?= synthetic
 METHOD ?= baseline
 DEVICES ?= 1
 ARGS ?=
-CONFIGS := experiments/trainer.yaml experiments/data/$(DATASET).yaml experiments/method/$(METHOD).yaml
+# A method may add settings for one data set in experiments/method/<METHOD>/<DATASET>.yaml.
+CONFIGS := experiments/trainer.yaml experiments/data/$(DATASET).yaml experiments/method/$(METHOD).yaml \
+           $(wildcard experiments/method/$(METHOD)/$(DATASET).yaml)
 
 DATA_ROOT ?= data/$(DATASET)
 
@@ -21,7 +23,7 @@ help:
 	@echo "make data DATASET=cub|sop|omniglot [DATA_ROOT=data/<name>]   download and verify"
 	@echo "make data-check DATASET=<name> DATA_ROOT=<path>              parse, print split sizes"
 	@echo "data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' ')"
-	@echo "methods:   $$(ls experiments/method | sed 's/.yaml//' | tr '\n' ' ')"
+	@echo "methods:   $$(ls experiments/method/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +34,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 train: $(VENV)/.installed
-	@for f in $(CONFIGS); do test -f $$f || { echo "No config $$f. Data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' '); methods: $$(ls experiments/method | sed 's/.yaml//' | tr '\n' ' ')" >&2; exit 2; }; done
+	@for f in $(CONFIGS); do test -f $$f || { echo "No config $$f. Data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' '); methods: $$(ls experiments/method/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')" >&2; exit 2; }; done
 	$(PY) -m dml fit $(addprefix --config ,$(CONFIGS)) --trainer.devices $(DEVICES) $(ARGS)
 
 test: $(VENV)/.installed
