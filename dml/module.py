@@ -1,94 +1,22 @@
-"""The LightningModule: backbone -> pooling -> embedding head -> metric loss, with the
-validation hook that scores the evaluation split exactly (``dml.evaluation``).
-
-Configuration groups are dataclasses so that LightningCLI validates every key of the YAML files
-(an unknown key is an error naming it).
+"""The LightningModule: backbone -> pooling -> embedding head -> metric loss (+ GSP's zero-shot
+loss), with the validation hook that scores the evaluation split exactly (``dml.evaluation``).
+Its configuration groups are the dataclasses of ``dml.config``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from dml.config import (BackboneConfig, EvalConfig, LossConfig, OptimizerConfig,  # noqa: F401
+                        PoolingConfig, ZeroShotConfig, as_config)
 from dml.errors import ConfigError
 from dml.evaluation import EmbeddingBuffer, gather_by_index, score
 from dml.losses import ZeroShotPrototypeLoss, build_loss, build_miner, proxy_rows
 from dml.models import GSP, Backbone, EmbeddingHead, build_pooling
-
-
-@dataclass
-class BackboneConfig:
-    """name: resnet50 | resnet18 | bn_inception | small_cnn; frozen_bn freezes every BatchNorm."""
-    name: str = "resnet50"
-    pretrained: bool = True
-    frozen_bn: bool = False
-    width: int = 32  # small_cnn only
-
-
-@dataclass
-class PoolingConfig:
-    """name: gap | gmp | gem | gsp; params go to the pooling class ({p: 3.0} for GeM;
-    {num_prototypes, mu, gamma, iters, tol, reduction, init, init_batches} for GSP)."""
-    name: str = "gap"
-    params: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class LossConfig:
-    """A pytorch-metric-learning loss by name, its parameters, and an optional miner."""
-    name: str = "multi_similarity"
-    params: Dict[str, Any] = field(default_factory=dict)
-    miner: Optional[str] = None
-    miner_params: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ZeroShotConfig:
-    """GSP's zero-shot prototype loss: total = metric_weight * metric + weight * zero-shot
-    (0.9 / 0.1 in the MLRC configs). Needs a pooling with attributes (gsp)."""
-    weight: float = 0.0
-    metric_weight: float = 1.0
-    lam: float = 0.05
-    scale: float = 9.5
-
-
-@dataclass
-class OptimizerConfig:
-    """lr for pooling and head, lr * backbone_lr_mult for the backbone, loss_lr (default: lr)
-    for loss parameters (proxies). scheduler: none | step (milestones, gamma) | cosine."""
-    name: str = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    backbone_lr_mult: float = 1.0
-    loss_lr: Optional[float] = None
-    scheduler: str = "none"
-    milestones: List[int] = field(default_factory=list)
-    gamma: float = 0.1
-
-
-@dataclass
-class EvalConfig:
-    """nmi: also cluster the embeddings (costly at SOP scale). backend: auto | rank | faiss |
-    torch (``dml.metrics.retrieval_metrics``)."""
-    nmi: bool = True
-    nmi_seed: int = 0
-    backend: str = "auto"
-
-
-def _as(cls, value):
-    """A config group as its dataclass (checkpoints and some callers hand over plain dicts)."""
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        try:
-            return cls(**value)
-        except TypeError as error:
-            raise ConfigError(f"{cls.__name__}: {error}") from error
-    raise TypeError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
-
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "radam": torch.optim.RAdam}
@@ -98,13 +26,14 @@ class DMLModule(pl.LightningModule):
     def __init__(self, backbone: BackboneConfig = BackboneConfig(),
                  pooling: PoolingConfig = PoolingConfig(), embedding_dim: int = 512,
                  loss: LossConfig = LossConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
-                 evaluation: EvalConfig = EvalConfig(), zero_shot: ZeroShotConfig = ZeroShotConfig(),
+                 evaluation: EvalConfig = EvalConfig(),
+                 zero_shot: ZeroShotConfig = ZeroShotConfig(),
                  num_classes: Optional[int] = None, recall_ks: Optional[List[int]] = None):
         super().__init__()
-        backbone, pooling = _as(BackboneConfig, backbone), _as(PoolingConfig, pooling)
-        loss = _as(LossConfig, loss)
-        optimizer, evaluation = _as(OptimizerConfig, optimizer), _as(EvalConfig, evaluation)
-        zero_shot = _as(ZeroShotConfig, zero_shot)
+        backbone, pooling = as_config(BackboneConfig, backbone), as_config(PoolingConfig, pooling)
+        loss = as_config(LossConfig, loss)
+        optimizer, evaluation = as_config(OptimizerConfig, optimizer), as_config(EvalConfig, evaluation)
+        zero_shot = as_config(ZeroShotConfig, zero_shot)
         # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({
             "backbone": asdict(backbone), "pooling": asdict(pooling),
@@ -132,10 +61,10 @@ class DMLModule(pl.LightningModule):
                                                         zero_shot.lam, zero_shot.scale)
         if optimizer.name not in OPTIMIZERS:
             raise ConfigError(f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
-                             f"expected one of {sorted(OPTIMIZERS)}")
+                              f"expected one of {sorted(OPTIMIZERS)}")
         if optimizer.scheduler not in ("none", "step", "cosine"):
             raise ConfigError(f"model.optimizer.scheduler: unknown scheduler "
-                             f"{optimizer.scheduler!r}; expected none, step or cosine")
+                              f"{optimizer.scheduler!r}; expected none, step or cosine")
         self.recall_ks = recall_ks
         self._eval_buffer = EmbeddingBuffer()
         self.last_metrics: Dict[str, float] = {}

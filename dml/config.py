@@ -1,0 +1,79 @@
+"""Configuration groups of the model, as dataclasses: LightningCLI validates every YAML key
+against them (an unknown key is an error naming it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from dml.errors import ConfigError
+
+
+@dataclass
+class BackboneConfig:
+    """name: resnet50 | resnet18 | bn_inception | small_cnn; frozen_bn freezes every BatchNorm."""
+    name: str = "resnet50"
+    pretrained: bool = True
+    frozen_bn: bool = False
+    width: int = 32  # small_cnn only
+
+
+@dataclass
+class PoolingConfig:
+    """name: gap | gmp | gem | gsp; params go to the pooling class ({p: 3.0} for GeM;
+    {num_prototypes, mu, gamma, iters, tol, reduction, init, init_batches} for GSP)."""
+    name: str = "gap"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """A pytorch-metric-learning loss by name, its parameters, and an optional miner."""
+    name: str = "multi_similarity"
+    params: Dict[str, Any] = field(default_factory=dict)
+    miner: Optional[str] = None
+    miner_params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ZeroShotConfig:
+    """GSP's zero-shot prototype loss: total = metric_weight * metric + weight * zero-shot
+    (0.9 / 0.1 in the MLRC configs). Needs a pooling with attributes (gsp)."""
+    weight: float = 0.0
+    metric_weight: float = 1.0
+    lam: float = 0.05
+    scale: float = 9.5
+
+
+@dataclass
+class OptimizerConfig:
+    """lr for pooling and head, lr * backbone_lr_mult for the backbone, loss_lr (default: lr)
+    for loss parameters (proxies). scheduler: none | step (milestones, gamma) | cosine."""
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 1.0
+    loss_lr: Optional[float] = None
+    scheduler: str = "none"
+    milestones: List[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    """nmi: also cluster the embeddings (costly at SOP scale). backend: auto | rank | faiss |
+    torch (``dml.metrics.retrieval_metrics``)."""
+    nmi: bool = True
+    nmi_seed: int = 0
+    backend: str = "auto"
+
+
+def as_config(cls, value):
+    """A config group as its dataclass (checkpoints and some callers hand over plain dicts)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        try:
+            return cls(**value)
+        except TypeError as error:
+            raise ConfigError(f"{cls.__name__}: {error}") from error
+    raise TypeError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
