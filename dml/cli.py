@@ -7,6 +7,7 @@ import sys
 
 from pytorch_lightning.cli import LightningCLI
 
+from dml.callbacks import CrossBatchMemory
 from dml.data import (DatasetNotFound, DMLDataModule, IncompleteDataset, MetadataError,
                       UnreadableImageError)
 from dml.errors import ConfigError
@@ -18,6 +19,8 @@ class DMLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data set decides the number of classes (proxy losses) and the standard Recall@Ks.
         parser.link_arguments("data.num_train_classes", "model.num_classes", apply_on="instantiate")
+        # Method callbacks: a top-level YAML group each, appended to the trainer's callbacks.
+        parser.add_lightning_class_args(CrossBatchMemory, "memory")
 
 
 # Errors with a message the user can act on: printed as one line, not as a traceback.

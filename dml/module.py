@@ -67,6 +67,8 @@ class DMLModule(pl.LightningModule):
                               f"{optimizer.scheduler!r}; expected none, step or cosine")
         self.recall_ks = recall_ks
         self._eval_buffer = EmbeddingBuffer()
+        # Callbacks that add loss terms register here (name -> object with .losses()).
+        self.loss_contributors: Dict[str, Any] = {}
         self.last_metrics: Dict[str, float] = {}
         self.initial_metrics: Dict[str, float] = {}
 
@@ -75,7 +77,8 @@ class DMLModule(pl.LightningModule):
         """Everything the losses and dashboards need: embeddings and the pooling's outputs."""
         features = self.backbone(images)
         pooled = self.pooling(features, projection=self.head.linear)
-        return {"embeddings": self.head(pooled.pooled), "pooling": pooled}
+        raw, embeddings = self.head(pooled.pooled)
+        return {"embeddings": embeddings, "raw_embeddings": raw, "pooling": pooled}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings (B, D): what retrieval uses."""
@@ -90,6 +93,8 @@ class DMLModule(pl.LightningModule):
         if self.zero_shot_loss is not None:
             parts["zero_shot"] = self.zero_shot_cfg.weight * self.zero_shot_loss(
                 out["pooling"].attributes, labels)
+        for contributor in self.loss_contributors.values():  # e.g. the cross-batch memory
+            parts.update(contributor.losses(self, out, labels))
         return parts
 
     # --- GSP prototypes ---------------------------------------------------------------

@@ -29,8 +29,12 @@ def test_unknown_pooling_and_params_name_the_key():
 
 
 def test_head_is_l2_normalised():
-    z = EmbeddingHead(16, 8)(torch.randn(5, 16))
+    head = EmbeddingHead(16, 8)
+    x = torch.randn(5, 16)
+    raw, z = head(x)
+    assert torch.allclose(raw, head.linear(x))
     assert torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-6)
+    assert torch.allclose(z * raw.norm(dim=1, keepdim=True), raw, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "bn_inception", "small_cnn"])
