@@ -4,7 +4,8 @@ Each variant is a method config plus optional overrides; each runs for every see
 same epochs and batches, and the last validation metrics are collected. Prints one JSON line a
 run and a Markdown table of mean +- std.
 
-    python benchmarks/omniglot_compare.py --epochs 4 --seeds 0 1 2
+    python benchmarks/omniglot_compare.py --suite pooling --epochs 4 --seeds 0 1 2
+    python benchmarks/omniglot_compare.py --suite memory --epochs 4 --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -13,11 +14,19 @@ import json
 import os
 import statistics
 
-VARIANTS = {
-    "GAP (contrastive)": ("contrastive", []),
-    "GSP (contrastive)": ("gsp_contrastive", ["--model.zero_shot.weight", "0",
-                                              "--model.zero_shot.metric_weight", "1"]),
-    "GSP + zero-shot (contrastive)": ("gsp_contrastive", []),
+SUITES = {
+    "pooling": {
+        "GAP (contrastive)": ("contrastive", []),
+        "GSP (contrastive)": ("gsp_contrastive", ["--model.zero_shot.weight", "0",
+                                                  "--model.zero_shot.metric_weight", "1"]),
+        "GSP + zero-shot (contrastive)": ("gsp_contrastive", []),
+    },
+    "memory": {  # batches of 4 classes x 4 (method/<name>/omniglot_small.yaml)
+        "no memory": ("none_memory", []),
+        "XBM": ("xbm", []),
+        "XBN": ("xbn", []),
+        "adaptive XBN": ("adaptive_xbn", []),
+    },
 }
 
 
@@ -46,16 +55,15 @@ def main():
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dataset", default="omniglot_small")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--suite", choices=sorted(SUITES), default="pooling")
     args = parser.parse_args()
     results = {}
-    for name in args.variants:
-        method, extra = VARIANTS[name]
+    for name, (method, extra) in SUITES[args.suite].items():
         for seed in args.seeds:
             metrics = run(method, extra, seed, args.epochs, args.dataset)
             results.setdefault(name, []).append(metrics)
             print(json.dumps({"variant": name, "seed": seed, **metrics}), flush=True)
-    keys = ["R@1", "MAP@R", "NMI"]
+    keys = ["R@1", "MAP@R", "R-Precision", "NMI"]
     print(f"\n| variant ({args.dataset}, {args.epochs} epochs, seeds {args.seeds}) | "
           + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))

@@ -19,6 +19,15 @@ def test_moment_match_gives_the_batch_moments():
     assert torch.allclose(out.std(0, unbiased=False), batch.std(0, unbiased=False), atol=1e-5)
 
 
+def test_in_place_moment_match_equals_the_functional_form():
+    from dml.memory.moments import batch_moments, moment_match_
+    g = torch.Generator().manual_seed(4)
+    memory = torch.randn(300, 8, generator=g, dtype=torch.float64) * 2 + 1
+    batch = torch.randn(20, 8, generator=g, dtype=torch.float64)
+    expected = moment_match(memory, batch)
+    assert torch.allclose(moment_match_(memory, batch_moments(batch)), expected, atol=1e-12)
+
+
 def test_moment_match_is_identity_when_moments_agree():
     g = torch.Generator().manual_seed(1)
     memory = torch.randn(200, 8, generator=g, dtype=torch.float64)
@@ -101,7 +110,7 @@ def trainer(tmp_path, epochs, callbacks):
 @pytest.mark.parametrize("mode", ["xbm", "xbn", "adaptive_xbn"])
 def test_warm_up_then_memory_loss(tmp_path, mode):
     pl.seed_everything(0)
-    memory = CrossBatchMemory(mode=mode, size=40, start_iteration=3)
+    memory = CrossBatchMemory(mode=mode, size=40, start_iteration=3, recount_every=1000)
     rec = Record()
     m = module()
     trainer(tmp_path, 1, [memory, rec]).fit(m, data())  # 6 steps of 16
@@ -111,23 +120,29 @@ def test_warm_up_then_memory_loss(tmp_path, mode):
     assert len(memory.state.memory) == 40 and int(memory.state.memory.pointer) == 8
     if mode == "adaptive_xbn":
         assert int(memory.state.kalman.mean.steps) == 3
+    # the running sums kept through enqueues, wrap-around and transforms equal a recount
+    stored = memory.state.memory.embeddings.double()
+    assert torch.allclose(memory.state.sum, stored.sum(0), atol=1e-4)
+    assert torch.allclose(memory.state.sumsq, (stored * stored).sum(0), atol=1e-4)
 
 
-def test_xbn_memory_matches_the_batch_moments_before_renormalisation(tmp_path):
+def test_xbn_memory_matches_the_batch_moments(tmp_path):
     pl.seed_everything(0)
-    memory = CrossBatchMemory(mode="xbn", size=64, start_iteration=0, renormalize=False)
+    memory = CrossBatchMemory(mode="xbn", size=64, start_iteration=0, recount_every=1000)
     m = module()
     trainer(tmp_path, 1, [memory]).fit(m, data())
-    # replay one step by hand: the stored memory is matched to a new batch's moments
+    # one more step by hand: the stored memory, in place, takes a new batch's moments
     batch = torch.randn(16, 16)
-    stored = memory.state.memory.embeddings.clone()
-    matched = memory.transform(stored, (batch.mean(0), batch.var(0, unbiased=False)))
-    assert torch.allclose(matched.mean(0), batch.mean(0), atol=1e-5)
-    assert torch.allclose(matched.std(0, unbiased=False), batch.std(0, unbiased=False), atol=1e-5)
+    stored = memory.state.memory.embeddings
+    out = memory.transform(stored, (batch.mean(0), batch.var(0, unbiased=False)))
+    assert out.data_ptr() == stored.data_ptr()  # in place
+    assert torch.allclose(stored.mean(0), batch.mean(0), atol=1e-5)
+    assert torch.allclose(stored.std(0, unbiased=False), batch.std(0, unbiased=False), atol=1e-5)
+    assert torch.allclose(memory.state.sum, stored.double().sum(0), atol=1e-4)
 
 
 def test_per_batch_matching_matches_every_enqueued_batch():
-    cb = CrossBatchMemory(mode="xbn", size=12, per_batch=True)
+    cb = CrossBatchMemory(mode="xbn", size=12, per_batch=True, renormalize=False)
     from dml.callbacks.cross_batch_memory import CrossBatchMemoryState
     cb.state = CrossBatchMemoryState(12, 3, 0.0, 0.0)
     g = torch.Generator().manual_seed(0)

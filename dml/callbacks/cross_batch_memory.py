@@ -13,11 +13,21 @@ Choices exposed as options, with the natural defaults:
 - ``moments``: "normalized" (the L2-normalised embeddings are stored and matched: what the loss
   compares) or "raw" (the head's output before normalisation is stored and matched, and
   normalised after the transform).
-- ``renormalize``: L2-normalise the matched normalized-space memory again (default true: cosine
-  losses expect unit vectors; the moments then hold up to that projection).
+- ``renormalize``: L2-normalise the matched memory again (default false: the pair losses
+  compare by cosine or normalised L2 distance, pytorch-metric-learning's distances normalise
+  their inputs, and the stored memory keeps exactly the matched moments. True stores unit
+  vectors, the moments then hold up to that projection, at the price of recounting the
+  memory's moments every step).
 - ``per_batch``: match each enqueued batch's moments separately instead of the whole memory's.
 
-The memory, the filter state and the iteration counter are saved in checkpoints.
+The memory's per-dimension sums (S1 = sum z, S2 = sum z^2, float64) are kept up to date
+exactly, so that matching costs one fused pass over the memory and no reduction: an enqueue
+adds the new rows and removes the overwritten ones, and the transform z' = a z + c maps them to
+S1' = a S1 + M c and S2' = a^2 S2 + 2 a c S1 + M c^2. They are recounted from the memory every
+``recount_every`` steps (bounding float drift) and after every step with ``renormalize`` or
+``per_batch``.
+
+The memory, its sums, the filter state and the iteration counter are saved in checkpoints.
 """
 from __future__ import annotations
 
@@ -43,6 +53,8 @@ class CrossBatchMemoryState(nn.Module):
         super().__init__()
         self.memory = EmbeddingRingBuffer(size, dim)
         self.register_buffer("batch_ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("sum", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("sumsq", torch.zeros(dim, dtype=torch.float64))
         self.kalman = MomentKalmanFilter(dim, process_noise_mean, process_noise_var)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
@@ -57,12 +69,13 @@ class CrossBatchMemory(pl.Callback):
         renormalize: L2-normalise after the transform.
         per_batch: moments per enqueued batch instead of the whole memory.
         process_noise_mean, process_noise_var: random-walk variances of the adaptive filter.
+        recount_every: steps between exact recounts of the memory's running sums.
     """
 
     def __init__(self, mode: str = "none", size: int = 55000, start_iteration: int = 1000,
-                 weight: float = 1.0, moments: str = "normalized", renormalize: bool = True,
+                 weight: float = 1.0, moments: str = "normalized", renormalize: bool = False,
                  per_batch: bool = False, process_noise_mean: float = 1e-5,
-                 process_noise_var: float = 1e-6):
+                 process_noise_var: float = 1e-6, recount_every: int = 100):
         if mode not in MODES:
             raise ConfigError(f"memory.mode: expected one of {MODES}, got {mode!r}")
         if moments not in ("normalized", "raw"):
@@ -72,6 +85,7 @@ class CrossBatchMemory(pl.Callback):
         self.mode, self.size, self.start_iteration, self.weight = mode, size, start_iteration, weight
         self.moments, self.renormalize, self.per_batch = moments, renormalize, per_batch
         self.q_mean, self.q_var = process_noise_mean, process_noise_var
+        self.recount_every = recount_every
         self.state: Optional[CrossBatchMemoryState] = None
 
     @property
@@ -104,16 +118,46 @@ class CrossBatchMemory(pl.Callback):
             self.state.load_state_dict(state_dict["state"])
 
     # --- the step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def recount(self) -> None:
+        """The running sums recomputed from the stored embeddings."""
+        n = len(self.state.memory)
+        stored = self.state.memory.embeddings[:n].double()
+        self.state.sum.copy_(stored.sum(0))
+        self.state.sumsq.copy_((stored * stored).sum(0))
+
+    @torch.no_grad()
+    def memory_moments(self):
+        n = len(self.state.memory)
+        mean = self.state.sum / n
+        return mean, (self.state.sumsq / n - mean * mean).clamp_min(0)
+
+    @torch.no_grad()
     def transform(self, stored: torch.Tensor, target) -> torch.Tensor:
-        """XBN: the stored embeddings moment-matched to ``target`` = (mean, variance)."""
-        if not self.per_batch:
-            return moment_match(stored, target=target)
-        out = stored.clone()
-        ids = self.state.batch_ids[:len(stored)]
-        for batch_id in torch.unique(ids):
-            rows = ids == batch_id
-            out[rows] = moment_match(stored[rows], target=target)
-        return out
+        """XBN, in place: the stored embeddings (the first M slots) moment-matched to
+        ``target`` = (mean, variance), then renormalised if asked."""
+        state = self.state
+        if self.per_batch:
+            ids = state.batch_ids[:len(stored)]
+            for batch_id in torch.unique(ids):
+                rows = ids == batch_id
+                stored[rows] = moment_match(stored[rows], target=target)
+        else:
+            mean_m, var_m = self.memory_moments()
+            mu_b, var_b = (t.double() for t in target)
+            a = (var_b.clamp_min(0) + 1e-12).sqrt() / (var_m + 1e-12).sqrt()
+            c = mu_b - mean_m * a
+            stored.mul_(a.to(stored.dtype)).add_(c.to(stored.dtype))
+            m = len(stored)
+            s1 = state.sum.clone()
+            state.sum.copy_(a * s1 + m * c)
+            state.sumsq.copy_(a * a * state.sumsq + 2 * a * c * s1 + m * c * c)
+        if self.moments == "normalized" and self.renormalize:
+            stored.div_(torch.linalg.vector_norm(stored, dim=1, keepdim=True).clamp_min(1e-12))
+        if self.renormalize or self.per_batch or \
+                int(state.iteration) % max(self.recount_every, 1) == 0:
+            self.recount()
+        return stored
 
     def losses(self, module, out: Dict[str, Any], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The memory term of the loss; enqueues the batch. Called by DMLModule.compute_losses."""
@@ -134,12 +178,7 @@ class CrossBatchMemory(pl.Callback):
             n = len(memory)
             stored = memory.embeddings[:n]  # slot order; the loss does not care
             if self.mode in ("xbn", "adaptive_xbn"):
-                with torch.no_grad():
-                    matched = self.transform(stored, target)
-                    if self.moments == "normalized" and self.renormalize:
-                        matched = F.normalize(matched, dim=1)
-                    memory.embeddings[:n] = matched
-                    stored = memory.embeddings[:n]
+                self.transform(stored, target)  # a view of the buffer: changed in place
             reference = F.normalize(stored, dim=1) if self.moments == "raw" else stored
             ref_labels = memory.labels[:n]
             pairs = None
@@ -156,8 +195,16 @@ class CrossBatchMemory(pl.Callback):
         if world > 1:  # every rank enqueues the global batch, in rank order
             embeddings = module.all_gather(embeddings).reshape(-1, embeddings.shape[-1])
             labels = module.all_gather(labels).reshape(-1)
-        memory = self.state.memory
+        state = self.state
+        memory = state.memory
+        if len(labels) > memory.size:
+            embeddings, labels = embeddings[-memory.size:], labels[-memory.size:]
         start = int(memory.pointer)
-        memory.enqueue(embeddings, labels)
         slots = (start + torch.arange(len(labels), device=labels.device)) % memory.size
-        self.state.batch_ids[slots] = self.state.iteration.to(labels.device)
+        full = slots < int(memory.count)  # slots whose old entry is overwritten
+        old = memory.embeddings[slots[full]].double()
+        new = embeddings.double()
+        state.sum.add_(new.sum(0) - old.sum(0))
+        state.sumsq.add_((new * new).sum(0) - (old * old).sum(0))
+        memory.enqueue(embeddings, labels)
+        state.batch_ids[slots] = state.iteration.to(labels.device)

@@ -27,14 +27,29 @@ def batch_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return mean, (x - mean).pow(2).mean(0)
 
 
+def _affine(memory: torch.Tensor, target, eps: float):
+    """Per-dimension (scale, shift) with scale * memory + shift having the target moments."""
+    mu_b, var_b = target
+    var_m, mu_m = torch.var_mean(memory, dim=0, unbiased=False)
+    scale = (var_b.clamp_min(0) + eps).sqrt() / (var_m + eps).sqrt()
+    return scale, mu_b - mu_m * scale
+
+
 def moment_match(memory: torch.Tensor, batch: torch.Tensor = None, eps: float = 1e-12,
                  target: Tuple[torch.Tensor, torch.Tensor] = None) -> torch.Tensor:
     """memory (M, D) transformed so that its per-dimension mean and standard deviation equal
     those of ``batch`` (N, D), or the given ``target`` (mean, variance)."""
-    mu_b, var_b = batch_moments(batch) if target is None else target
-    mu_m, var_m = batch_moments(memory)
-    scale = (var_b.clamp_min(0) + eps).sqrt() / (var_m + eps).sqrt()
-    return (memory - mu_m) * scale + mu_b
+    scale, shift = _affine(memory, batch_moments(batch) if target is None else target, eps)
+    return torch.addcmul(shift, memory, scale)
+
+
+@torch.no_grad()
+def moment_match_(memory: torch.Tensor, target: Tuple[torch.Tensor, torch.Tensor],
+                  eps: float = 1e-12) -> torch.Tensor:
+    """In-place ``moment_match`` of a stored memory: one statistics pass and one fused
+    multiply-add, no temporary of the memory's size."""
+    scale, shift = _affine(memory, target, eps)
+    return memory.mul_(scale).add_(shift)
 
 
 class ScalarKalman(nn.Module):

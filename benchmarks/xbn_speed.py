@@ -1,0 +1,87 @@
+"""Step overhead of the cross-batch memory, in one process: no memory vs XBM vs XBN vs adaptive
+XBN, with a full memory of 55,000 x 512 embeddings and batches of 64 (16 classes x 4).
+
+The step is what the memory adds to: a linear embedding layer on precomputed 2048-d features
+(so a backbone's cost does not hide the overhead), the contrastive loss on cosine similarity
+(margin 0.5) on the batch, plus, with a memory, the same loss against the memory, backward and
+an optimizer step. XBN also moment-matches the memory in place at every step.
+
+    python benchmarks/xbn_speed.py [--memory 55000] [--dim 512] [--batch 64] [--steps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import distances, losses
+
+
+def make_step(mode, args, device):
+    from dml.callbacks import CrossBatchMemory
+    from dml.callbacks.cross_batch_memory import CrossBatchMemoryState
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(2048, args.dim).to(device)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-4)
+    loss_fn = losses.ContrastiveLoss(pos_margin=1.0, neg_margin=0.5,
+                                     distance=distances.CosineSimilarity())
+    module = SimpleNamespace(loss_fn=loss_fn, miner=None, _trainer=None)
+    callback = None
+    if mode != "none":
+        callback = CrossBatchMemory(mode=mode, size=args.memory, start_iteration=0)
+        callback.state = CrossBatchMemoryState(args.memory, args.dim, 1e-5, 1e-6).to(device)
+        # a full memory of normalised embeddings from SOP-like labels
+        fill = F.normalize(torch.randn(args.memory, args.dim, device=device), dim=1)
+        callback.state.memory.enqueue(fill, torch.randint(0, 11318, (args.memory,),
+                                                          device=device))
+    feats = torch.randn(args.batch, 2048, device=device)
+    labels = torch.arange(args.batch // 4, device=device).repeat_interleave(4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        raw = head(feats)
+        z = F.normalize(raw, dim=1)
+        loss = loss_fn(z, labels)
+        if callback is not None:
+            parts = callback.losses(module, {"embeddings": z, "raw_embeddings": raw}, labels)
+            loss = loss + sum(parts.values())
+        loss.backward()
+        opt.step()
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--memory", type=int, default=55000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, memory {args.memory} x "
+          f"{args.dim}, batch {args.batch}", flush=True)
+    times = {}
+    for mode in ("none", "xbm", "xbn", "adaptive_xbn"):
+        step = make_step(mode, args, device)
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times[mode] = (time.perf_counter() - t0) / args.steps
+        print(f"{mode:>13}: {1000 * times[mode]:8.1f} ms/step", flush=True)
+    print(f"XBM / none = {times['xbm'] / times['none']:.2f}; "
+          f"XBN / XBM = {times['xbn'] / times['xbm']:.3f} (target <= 1.10); "
+          f"adaptive XBN / XBM = {times['adaptive_xbn'] / times['xbm']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
