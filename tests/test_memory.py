@@ -183,3 +183,20 @@ def test_bad_mode_is_a_config_error():
     from dml.errors import ConfigError
     with pytest.raises(ConfigError, match="memory.mode"):
         CrossBatchMemory(mode="xbnn")
+
+
+def test_gsp_zero_shot_and_xbn_compose(tmp_path):
+    from dml.module import PoolingConfig, ZeroShotConfig
+    pl.seed_everything(0)
+    m = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+                  pooling=PoolingConfig("gsp", {"num_prototypes": 4}), embedding_dim=16,
+                  loss=LossConfig("contrastive", {"pos_margin": 1.0, "neg_margin": 0.5,
+                                                  "distance": "cosine"}),
+                  zero_shot=ZeroShotConfig(weight=0.1, metric_weight=0.9),
+                  optimizer=OptimizerConfig(lr=1e-3), num_classes=12)
+    rec = Record()
+    memory = CrossBatchMemory(mode="adaptive_xbn", size=32, start_iteration=2)
+    trainer(tmp_path, 1, [memory, rec]).fit(m, data())
+    assert {"train/loss_metric", "train/loss_zero_shot", "train/loss_memory"} <= rec.parts[-1]
+    assert all(torch.isfinite(torch.tensor(rec.losses)))
+    assert bool(m.pooling.initialized)
