@@ -13,10 +13,9 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from torch import nn
+from timing import seconds_per_call
 
 
 class SavedBytes:
@@ -37,11 +36,6 @@ class SavedBytes:
         self.ctx.__exit__(*exc)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def train_step_cost(pooling_name, args, device):
     from dml.module import BackboneConfig, DMLModule, LossConfig, PoolingConfig
 
@@ -55,26 +49,21 @@ def train_step_cost(pooling_name, args, device):
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     labels = torch.arange(args.batch // 4, device=device).repeat_interleave(4)
 
-    def step(measure=False):
+    saved_bytes = []
+
+    def step():
         opt.zero_grad(set_to_none=True)
         with SavedBytes() as saved:
             loss = sum(model.compute_losses(model.embed(images), labels).values())
         loss.backward()
         opt.step()
-        return saved.total
+        saved_bytes.append(saved.total)
 
-    for _ in range(2):  # warm-up
-        step()
-    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        saved = step()
-    sync(device)
-    seconds = (time.perf_counter() - t0) / args.steps
+    seconds = seconds_per_call(step, args.steps, device)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return seconds, saved, peak
+    return seconds, saved_bytes[-1], peak
 
 
 def unrolled_transport(costs, mu, gamma, iters):
@@ -106,13 +95,11 @@ def solver_cost(iters, device, b=32, m=64, n=49, repeats=20):
             plan = fn(c)
         (plan * weights).sum().backward()
         grad = c.grad.clone()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            c = costs.clone().requires_grad_()
-            (fn(c) * weights).sum().backward()
-        sync(device)
-        out[name] = ((time.perf_counter() - t0) / repeats, saved.total, grad)
+
+        def forward_backward(fn=fn):
+            (fn(costs.clone().requires_grad_()) * weights).sum().backward()
+
+        out[name] = (seconds_per_call(forward_backward, repeats, device), saved.total, grad)
     diff = (out["analytic"][2] - out["unrolled"][2]).abs().max().item()
     return out, diff
 
@@ -144,13 +131,11 @@ def main():
     from dml.models.gsp import partial_transport
     g = torch.Generator().manual_seed(0)
     costs = (2 * torch.rand(32, 64, 49, generator=g)).to(device)
-    t0 = time.perf_counter()
-    for _ in range(20):
-        c = costs.clone().requires_grad_()
-        partial_transport(c, 0.3, 5.0).sum().backward()
-    sync(device)
-    print(f"default (tol 1e-6, stops when converged): analytic "
-          f"{1000 * (time.perf_counter() - t0) / 20:.2f} ms forward + backward")
+    seconds = seconds_per_call(
+        lambda: partial_transport(costs.clone().requires_grad_(), 0.3, 5.0).sum().backward(),
+        20, device)
+    print(f"default (tol 1e-6, stops when converged): analytic {1000 * seconds:.2f} ms "
+          f"forward + backward")
     for iters in (20, 100):
         out, diff = solver_cost(iters, device)
         (ta, sa, _), (tu, su, _) = out["analytic"], out["unrolled"]

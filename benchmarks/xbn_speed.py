@@ -11,12 +11,12 @@ an optimizer step. XBN also moment-matches the memory in place at every step.
 from __future__ import annotations
 
 import argparse
-import time
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses
+from timing import seconds_per_call
 
 
 def make_step(mode, args, device):
@@ -66,17 +66,8 @@ def main():
           f"{args.dim}, batch {args.batch}", flush=True)
     times = {}
     for mode in ("none", "xbm", "xbn", "adaptive_xbn"):
-        step = make_step(mode, args, device)
-        for _ in range(3):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times[mode] = (time.perf_counter() - t0) / args.steps
+        times[mode] = seconds_per_call(make_step(mode, args, device), args.steps, device,
+                                       warmup=3)
         print(f"{mode:>13}: {1000 * times[mode]:8.1f} ms/step", flush=True)
     print(f"XBM / none = {times['xbm'] / times['none']:.2f}; "
           f"XBN / XBM = {times['xbn'] / times['xbm']:.3f} (target <= 1.10); "

@@ -2,6 +2,7 @@
 against them (an unknown key is an error naming it)."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -77,3 +78,12 @@ def as_config(cls, value):
         except TypeError as error:
             raise ConfigError(f"{cls.__name__}: {error}") from error
     raise TypeError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
+
+
+def check_params(cls, params: Dict[str, Any], key: str, skip=("self",)) -> None:
+    """Raise a ConfigError naming ``key`` if ``params`` holds a name ``cls`` does not take."""
+    accepted = [n for n in inspect.signature(cls).parameters if n not in skip]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ConfigError(f"{key}: unknown parameter(s) {unknown} for {cls.__name__}; "
+                          f"accepted: {accepted}")

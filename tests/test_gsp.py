@@ -1,5 +1,4 @@
 """GSP against independent references: GAP at mu = 1, POT's Sinkhorn, finite differences."""
-import itertools
 
 import numpy as np
 import pytest

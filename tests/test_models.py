@@ -5,7 +5,6 @@ from torch import nn
 
 from dml.losses import build_loss, build_miner, loss_has_parameters
 from dml.models import Backbone, EmbeddingHead, PretrainedWeightsUnavailable, build_pooling
-from dml.models.pooling import GAP
 
 
 def test_pooling_definitions():

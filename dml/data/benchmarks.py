@@ -190,9 +190,7 @@ def _omniglot_zip(path: str) -> ImageList:
         key = f"{parts[1]}/{parts[2]}"
         labels.append(classes.setdefault(key, len(classes)))
         paths.append(name)
-    images = ImageList(paths, np.array(labels), archive=path)
-    images.class_names = list(classes)
-    return images
+    return ImageList(paths, np.array(labels), archive=path)
 
 
 def _alphabet_of(images: ImageList) -> np.ndarray:

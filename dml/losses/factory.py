@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from pytorch_metric_learning import distances, losses, miners
 import torch
+from pytorch_metric_learning import distances, losses, miners
 from torch import nn
 
+from dml.config import check_params
 from dml.errors import ConfigError
-from dml.models.pooling import check_params
 
 # name -> (PML class, needs num_classes/embedding_size)
 LOSSES: Dict[str, tuple] = {

@@ -43,15 +43,6 @@ def moment_match(memory: torch.Tensor, batch: torch.Tensor = None, eps: float = 
     return torch.addcmul(shift, memory, scale)
 
 
-@torch.no_grad()
-def moment_match_(memory: torch.Tensor, target: Tuple[torch.Tensor, torch.Tensor],
-                  eps: float = 1e-12) -> torch.Tensor:
-    """In-place ``moment_match`` of a stored memory: one statistics pass and one fused
-    multiply-add, no temporary of the memory's size."""
-    scale, shift = _affine(memory, target, eps)
-    return memory.mul_(scale).add_(shift)
-
-
 class ScalarKalman(nn.Module):
     """Independent scalar Kalman filters, one per dimension, for a random-walk state.
 

@@ -26,7 +26,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dml.errors import ConfigError

@@ -11,14 +11,13 @@ dashboards without re-running.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dml.config import check_params
 from dml.errors import ConfigError
 
 
@@ -64,15 +63,6 @@ def _poolings() -> Dict[str, type]:
 
 
 POOLING_NAMES = ("gap", "gmp", "gem", "gsp")
-
-
-def check_params(cls, params: Dict[str, Any], key: str, skip=("self",)) -> None:
-    """Raise a ValueError naming ``key`` if ``params`` holds a name ``cls`` does not take."""
-    accepted = [n for n in inspect.signature(cls).parameters if n not in skip]
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise ConfigError(f"{key}: unknown parameter(s) {unknown} for {cls.__name__}; "
-                         f"accepted: {accepted}")
 
 
 def build_pooling(name: str, in_channels: int, params: Optional[Dict[str, Any]] = None,
