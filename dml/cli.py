@@ -7,7 +7,7 @@ import sys
 
 from pytorch_lightning.cli import LightningCLI
 
-from dml.callbacks import CrossBatchMemory
+from dml.callbacks import ChanceConstraintProjection, CrossBatchMemory
 from dml.data import (DatasetNotFound, DMLDataModule, IncompleteDataset, MetadataError,
                       UnreadableImageError)
 from dml.errors import ConfigError
@@ -21,6 +21,7 @@ class DMLCLI(LightningCLI):
         parser.link_arguments("data.num_train_classes", "model.num_classes", apply_on="instantiate")
         # Method callbacks: a top-level YAML group each, appended to the trainer's callbacks.
         parser.add_lightning_class_args(CrossBatchMemory, "memory")
+        parser.add_lightning_class_args(ChanceConstraintProjection, "ccp")
 
 
 # Errors with a message the user can act on: printed as one line, not as a traceback.

@@ -28,11 +28,20 @@ class PoolingConfig:
 
 @dataclass
 class LossConfig:
-    """A pytorch-metric-learning loss by name, its parameters, and an optional miner."""
+    """A pytorch-metric-learning loss by name, its parameters, and an optional miner.
+
+    proxies_per_class K > 0 turns a pair loss into CCP's multi-proxy loss
+    (``dml.losses.ccp.MultiProxyLoss``): proxy_weight * l(z, proxies) + pair_weight * l(z, z),
+    on embeddings and proxies normalised by ``normalize`` (lipschitz: v / max(1, ||v||); l2).
+    """
     name: str = "multi_similarity"
     params: Dict[str, Any] = field(default_factory=dict)
     miner: Optional[str] = None
     miner_params: Dict[str, Any] = field(default_factory=dict)
+    proxies_per_class: int = 0
+    proxy_weight: float = 1.0
+    pair_weight: float = 0.1
+    normalize: str = "lipschitz"
 
 
 @dataclass

@@ -15,7 +15,8 @@ from dml.config import (BackboneConfig, EvalConfig, LossConfig, OptimizerConfig,
                         PoolingConfig, ZeroShotConfig, as_config)
 from dml.errors import ConfigError
 from dml.evaluation import EmbeddingBuffer, gather_by_index, score
-from dml.losses import ZeroShotPrototypeLoss, build_loss, build_miner, proxy_rows
+from dml.losses import (LOSSES, MultiProxyLoss, ZeroShotPrototypeLoss, build_loss, build_miner,
+                        proxy_rows)
 from dml.models import GSP, Backbone, EmbeddingHead, build_pooling
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
@@ -48,6 +49,14 @@ class DMLModule(pl.LightningModule):
                                      embedding_dim)
         self.head = EmbeddingHead(self.backbone.out_channels, embedding_dim)
         self.loss_fn = build_loss(loss.name, num_classes, embedding_dim, loss.params)
+        if loss.proxies_per_class > 0:
+            if LOSSES[loss.name][1]:
+                raise ConfigError(f"model.loss.proxies_per_class: {loss.name} already has its "
+                                  f"own proxies; multi-proxy CCP needs a pair loss (c1, c2, "
+                                  f"multi_similarity, triplet, contrastive)")
+            self.loss_fn = MultiProxyLoss(self.loss_fn, num_classes, loss.proxies_per_class,
+                                          embedding_dim, loss.proxy_weight, loss.pair_weight,
+                                          loss.normalize)
         self.miner = build_miner(loss.miner, loss.miner_params)
         self.zero_shot_cfg = zero_shot
         self.zero_shot_loss = None
@@ -89,7 +98,12 @@ class DMLModule(pl.LightningModule):
         """Named loss components; their sum is optimised. Methods add components here."""
         z = out["embeddings"]
         pairs = self.miner(z, labels) if self.miner is not None else None
-        parts = {"metric": self.zero_shot_cfg.metric_weight * self.loss_fn(z, labels, pairs)}
+        weight = self.zero_shot_cfg.metric_weight
+        if isinstance(self.loss_fn, MultiProxyLoss):  # proxy and in-batch terms, raw inputs
+            parts = {name: weight * value for name, value in
+                     self.loss_fn.parts(out["raw_embeddings"], labels, pairs).items()}
+        else:
+            parts = {"metric": weight * self.loss_fn(z, labels, pairs)}
         if self.zero_shot_loss is not None:
             parts["zero_shot"] = self.zero_shot_cfg.weight * self.zero_shot_loss(
                 out["pooling"].attributes, labels)

@@ -14,10 +14,14 @@ from torch import nn
 
 from dml.config import check_params
 from dml.errors import ConfigError
+from dml.losses.ccp import c1_contrastive, c2_contrastive
 
-# name -> (PML class, needs num_classes/embedding_size)
+# name -> (PML class or builder, needs num_classes/embedding_size). c1 / c2: CCP's two
+# contrastive forms (dml.losses.ccp).
 LOSSES: Dict[str, tuple] = {
     "contrastive": (losses.ContrastiveLoss, False),
+    "c1": (c1_contrastive, False),
+    "c2": (c2_contrastive, False),
     "multi_similarity": (losses.MultiSimilarityLoss, False),
     "triplet": (losses.TripletMarginLoss, False),
     "proxy_anchor": (losses.ProxyAnchorLoss, True),
