@@ -6,6 +6,10 @@ run and a Markdown table of mean +- std.
 
     python benchmarks/omniglot_compare.py --suite pooling --epochs 4 --seeds 0 1 2
     python benchmarks/omniglot_compare.py --suite memory --epochs 4 --seeds 0 1 2
+    python benchmarks/omniglot_compare.py --suite ccp --epochs 8 --seeds 0 1 2
+
+The ccp suite validates after every epoch (CCP's rounds end on a validation plateau), with and
+without CCP alike, and reports the rounds and the seconds each proxy re-pick took.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 
 SUITES = {
     "pooling": {
@@ -28,9 +33,19 @@ SUITES = {
         "adaptive XBN": ("adaptive_xbn", []),
     },
 }
+# Without CCP: the same pair loss on the batch alone (the paper's baselines).
+NO_CCP = ["--model.loss.proxies_per_class", "0", "--ccp.enabled", "false"]
+# CCP on a CPU budget: a round ends after one validation without gain.
+CCP = ["--ccp.patience", "1"]
+for label, method in [("C1", "ccp_c1"), ("C2", "ccp_c2"), ("MS", "ccp_ms"),
+                      ("triplet", "ccp_triplet")]:
+    SUITES.setdefault("ccp", {})[label] = (method, NO_CCP)
+    SUITES["ccp"][f"{label}-CCP"] = (method, CCP)
+VALIDATE_EVERY_EPOCH = {"ccp"}
 
 
-def run(method, extra, seed, epochs, dataset):
+def run(method, extra, seed, epochs, dataset, val_every=None, size=None):
+    from dml.callbacks import ChanceConstraintProjection
     from dml.cli import DMLCLI
     from dml.data import DMLDataModule
     from dml.module import DMLModule
@@ -44,10 +59,17 @@ def run(method, extra, seed, epochs, dataset):
         "--trainer.max_epochs", str(epochs), "--trainer.logger", "false",
         "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.check_val_every_n_epoch", str(epochs)]
+        "--trainer.check_val_every_n_epoch", str(val_every or epochs)]
+    if size:  # a smaller image size to fit a CPU budget
+        args += ["--data.init_args.crop", str(size), "--data.init_args.resize", str(size)]
     cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, args=args,
                  save_config_callback=None)
-    return cli.model.last_metrics
+    ccp = [c for c in cli.trainer.callbacks if isinstance(c, ChanceConstraintProjection)]
+    extra_info = {}
+    if ccp and ccp[0].enabled:
+        extra_info = {"ccp_rounds": ccp[0].round,
+                      "reinit_seconds": [round(h["seconds"], 2) for h in ccp[0].history]}
+    return cli.model.last_metrics, extra_info
 
 
 def main():
@@ -56,15 +78,21 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dataset", default="omniglot_small")
     parser.add_argument("--suite", choices=sorted(SUITES), default="pooling")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image size (default: the data config's, 64 px)")
     args = parser.parse_args()
     results = {}
     for name, (method, extra) in SUITES[args.suite].items():
         for seed in args.seeds:
-            metrics = run(method, extra, seed, args.epochs, args.dataset)
+            start = time.perf_counter()
+            metrics, info = run(method, extra, seed, args.epochs, args.dataset,
+                                1 if args.suite in VALIDATE_EVERY_EPOCH else None, args.size)
             results.setdefault(name, []).append(metrics)
-            print(json.dumps({"variant": name, "seed": seed, **metrics}), flush=True)
+            print(json.dumps({"variant": name, "seed": seed, **metrics, **info,
+                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
     keys = ["R@1", "MAP@R", "R-Precision", "NMI"]
-    print(f"\n| variant ({args.dataset}, {args.epochs} epochs, seeds {args.seeds}) | "
+    size = f", {args.size} px" if args.size else ""
+    print(f"\n| variant ({args.dataset}{size}, {args.epochs} epochs, seeds {args.seeds}) | "
           + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for name, runs in results.items():

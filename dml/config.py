@@ -28,7 +28,8 @@ class PoolingConfig:
 
 @dataclass
 class LossConfig:
-    """A pytorch-metric-learning loss by name, its parameters, and an optional miner.
+    """A pytorch-metric-learning loss by name (or none: no metric loss, e.g. IBC's
+    cross-entropy alone), its parameters, and an optional miner.
 
     proxies_per_class K > 0 turns a pair loss into CCP's multi-proxy loss
     (``dml.losses.ccp.MultiProxyLoss``): proxy_weight * l(z, proxies) + pair_weight * l(z, z),
@@ -52,6 +53,29 @@ class ZeroShotConfig:
     metric_weight: float = 1.0
     lam: float = 0.05
     scale: float = 9.5
+
+
+@dataclass
+class IBCConfig:
+    """IBC's message passing over the batch (``dml.models.ibc``): L layers of H heads (outputs
+    concatenated with ``concat``), label-smoothed cross-entropy at temperature tau on the
+    backbone embedding and on the MPN output. ``gather``: under DDP, pass messages over the
+    global batch (default: each process's local batch). ``pseudo_test``: evaluate on each
+    sample's MPN output over its ``pseudo_test_k``-reciprocal neighbours instead of the
+    backbone embedding. ``mpn_weight`` 0 keeps only the backbone's cross-entropy (the ablation
+    without message passing)."""
+    enabled: bool = False
+    layers: int = 1
+    heads: int = 2
+    dropout: float = 0.1
+    ff_hidden: int = 2048
+    concat: bool = False
+    tau: float = 0.2
+    label_smoothing: float = 0.1
+    mpn_weight: float = 1.0
+    gather: bool = False
+    pseudo_test: bool = False
+    pseudo_test_k: int = 4
 
 
 @dataclass

@@ -11,13 +11,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from dml.config import (BackboneConfig, EvalConfig, LossConfig, OptimizerConfig,  # noqa: F401
-                        PoolingConfig, ZeroShotConfig, as_config)
+from dml.config import (BackboneConfig, EvalConfig, IBCConfig, LossConfig,  # noqa: F401
+                        OptimizerConfig, PoolingConfig, ZeroShotConfig, as_config)
 from dml.errors import ConfigError
 from dml.evaluation import EmbeddingBuffer, gather_by_index, score
 from dml.losses import (LOSSES, MultiProxyLoss, ZeroShotPrototypeLoss, build_loss, build_miner,
                         proxy_rows)
-from dml.models import GSP, Backbone, EmbeddingHead, build_pooling
+from dml.metrics import k_reciprocal_neighbors
+from dml.models import GSP, Backbone, EmbeddingHead, IntraBatchConnections, build_pooling
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "radam": torch.optim.RAdam}
@@ -28,19 +29,19 @@ class DMLModule(pl.LightningModule):
                  pooling: PoolingConfig = PoolingConfig(), embedding_dim: int = 512,
                  loss: LossConfig = LossConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
                  evaluation: EvalConfig = EvalConfig(),
-                 zero_shot: ZeroShotConfig = ZeroShotConfig(),
+                 zero_shot: ZeroShotConfig = ZeroShotConfig(), ibc: IBCConfig = IBCConfig(),
                  num_classes: Optional[int] = None, recall_ks: Optional[List[int]] = None):
         super().__init__()
         backbone, pooling = as_config(BackboneConfig, backbone), as_config(PoolingConfig, pooling)
         loss = as_config(LossConfig, loss)
         optimizer, evaluation = as_config(OptimizerConfig, optimizer), as_config(EvalConfig, evaluation)
-        zero_shot = as_config(ZeroShotConfig, zero_shot)
+        zero_shot, ibc = as_config(ZeroShotConfig, zero_shot), as_config(IBCConfig, ibc)
         # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({
             "backbone": asdict(backbone), "pooling": asdict(pooling),
             "embedding_dim": embedding_dim, "loss": asdict(loss),
             "optimizer": asdict(optimizer), "evaluation": asdict(evaluation),
-            "zero_shot": asdict(zero_shot),
+            "zero_shot": asdict(zero_shot), "ibc": asdict(ibc),
             "num_classes": num_classes, "recall_ks": recall_ks})
         self.optimizer_cfg, self.eval_cfg = optimizer, evaluation
         self.backbone = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn,
@@ -50,7 +51,7 @@ class DMLModule(pl.LightningModule):
         self.head = EmbeddingHead(self.backbone.out_channels, embedding_dim)
         self.loss_fn = build_loss(loss.name, num_classes, embedding_dim, loss.params)
         if loss.proxies_per_class > 0:
-            if LOSSES[loss.name][1]:
+            if self.loss_fn is None or LOSSES[loss.name][1]:
                 raise ConfigError(f"model.loss.proxies_per_class: {loss.name} already has its "
                                   f"own proxies; multi-proxy CCP needs a pair loss (c1, c2, "
                                   f"multi_similarity, triplet, contrastive)")
@@ -68,6 +69,17 @@ class DMLModule(pl.LightningModule):
                 raise ConfigError("model.zero_shot needs the number of training classes")
             self.zero_shot_loss = ZeroShotPrototypeLoss(num_classes, embedding_dim,
                                                         zero_shot.lam, zero_shot.scale)
+        self.ibc_cfg = ibc
+        self.ibc = None
+        if ibc.enabled:
+            if num_classes is None or num_classes < 2:
+                raise ConfigError("model.ibc needs the number of training classes")
+            self.ibc = IntraBatchConnections(embedding_dim, num_classes, ibc.layers, ibc.heads,
+                                             ibc.dropout, ibc.ff_hidden, ibc.concat, ibc.tau,
+                                             ibc.label_smoothing, ibc.mpn_weight)
+        if self.loss_fn is None and self.ibc is None and zero_shot.weight == 0:
+            raise ConfigError("model.loss.name: none leaves nothing to train; enable model.ibc "
+                              "or model.zero_shot, or name a loss")
         if optimizer.name not in OPTIMIZERS:
             raise ConfigError(f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
                               f"expected one of {sorted(OPTIMIZERS)}")
@@ -99,17 +111,33 @@ class DMLModule(pl.LightningModule):
         z = out["embeddings"]
         pairs = self.miner(z, labels) if self.miner is not None else None
         weight = self.zero_shot_cfg.metric_weight
+        parts: Dict[str, torch.Tensor] = {}
         if isinstance(self.loss_fn, MultiProxyLoss):  # proxy and in-batch terms, raw inputs
             parts = {name: weight * value for name, value in
                      self.loss_fn.parts(out["raw_embeddings"], labels, pairs).items()}
-        else:
+        elif self.loss_fn is not None:
             parts = {"metric": weight * self.loss_fn(z, labels, pairs)}
+        if self.ibc is not None:
+            parts.update(self.ibc_losses(out, labels))
         if self.zero_shot_loss is not None:
             parts["zero_shot"] = self.zero_shot_cfg.weight * self.zero_shot_loss(
                 out["pooling"].attributes, labels)
         for contributor in self.loss_contributors.values():  # e.g. the cross-batch memory
             parts.update(contributor.losses(self, out, labels))
         return parts
+
+    def ibc_losses(self, out: Dict[str, Any], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """IBC's two cross-entropies. Messages pass over the local batch, or with
+        ``model.ibc.gather`` over the global one (gradients flow back to every process)."""
+        z = out["embeddings"]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if not (self.ibc_cfg.gather and world > 1):
+            return self.ibc(out["raw_embeddings"], z, labels)
+        rank = self.trainer.global_rank
+        z_all = self.all_gather(z, sync_grads=True).reshape(-1, z.shape[-1])
+        labels_all = self.all_gather(labels).reshape(-1)
+        local = slice(rank * len(z), (rank + 1) * len(z))
+        return self.ibc(out["raw_embeddings"], z_all, labels_all, local)
 
     # --- GSP prototypes ---------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -161,9 +189,10 @@ class DMLModule(pl.LightningModule):
         groups = [
             {"params": [p for p in self.backbone.parameters() if p.requires_grad],
              "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"},
-            {"params": [p for m in (self.pooling, self.head) for p in m.parameters()
-                        if p.requires_grad], "lr": cfg.lr, "name": "head"},
-            {"params": [p for p in self.loss_fn.parameters() if p.requires_grad],
+            {"params": [p for m in (self.pooling, self.head, self.ibc) if m is not None
+                        for p in m.parameters() if p.requires_grad], "lr": cfg.lr, "name": "head"},
+            {"params": [p for p in (self.loss_fn.parameters() if self.loss_fn is not None else [])
+                        if p.requires_grad],
              "lr": cfg.loss_lr if cfg.loss_lr is not None else cfg.lr, "name": "loss"},
         ]
         groups = [g for g in groups if g["params"]]
@@ -207,6 +236,8 @@ class DMLModule(pl.LightningModule):
         metrics: Dict[str, float] = {}
         cfg = self.eval_cfg
         if self.trainer.is_global_zero:
+            if self.ibc is not None and self.ibc_cfg.pseudo_test:
+                sets = self.pseudo_test_embeddings(sets)
             ks = self.recall_ks or dm.recall_ks
             metrics = score(protocol, sets, ks, cfg.nmi, cfg.nmi_seed, cfg.backend, self.device)
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
@@ -215,6 +246,26 @@ class DMLModule(pl.LightningModule):
             for name, value in metrics.items():
                 self.log(f"{prefix}/{name}", float(value), prog_bar=name == "R@1")
         return metrics
+
+    def pseudo_test_embeddings(self, sets: Dict[str, tuple]) -> Dict[str, tuple]:
+        """IBC's pseudo-test mode: every embedding replaced by its MPN output over itself and its
+        k-reciprocal neighbours (queries' neighbours taken from the gallery)."""
+        k, backend = self.ibc_cfg.pseudo_test_k, "torch" if self.device.type != "cpu" else "auto"
+        was_training = self.ibc.training
+        self.ibc.eval()
+        refined = {}
+        reference = sets["test" if "test" in sets else "gallery"][0].to(self.device)
+        for name, (emb, *rest) in sets.items():
+            emb = emb.to(self.device)
+            if name in ("test", "gallery"):
+                idx, mask = k_reciprocal_neighbors(emb, k, backend=backend)
+                new = self.ibc.refine(emb, idx.to(self.device), mask.to(self.device))
+            else:
+                idx, mask = k_reciprocal_neighbors(emb, k, reference, backend=backend)
+                new = self.ibc.refine(emb, idx.to(self.device), mask.to(self.device), reference)
+            refined[name] = (new, *rest)
+        self.ibc.train(was_training)
+        return refined
 
     def on_validation_epoch_end(self) -> None:
         if not self._eval_buffer.parts:

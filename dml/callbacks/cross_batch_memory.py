@@ -100,6 +100,9 @@ class CrossBatchMemory(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if not self.enabled:
             return
+        if pl_module.loss_fn is None:
+            raise ConfigError(f"memory.mode {self.mode} needs a pair loss to compare the batch "
+                              f"with the memory; model.loss.name is none")
         if self.state is None:
             self.state = CrossBatchMemoryState(self.size, pl_module.hparams.embedding_dim,
                                                self.q_mean, self.q_var)

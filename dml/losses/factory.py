@@ -39,12 +39,18 @@ MINERS: Dict[str, type] = {
 
 
 def build_loss(name: str, num_classes: int, embedding_dim: int,
-               params: Optional[Dict[str, Any]] = None) -> nn.Module:
+               params: Optional[Dict[str, Any]] = None) -> Optional[nn.Module]:
+    """The loss ``name`` (None for "none")."""
     params = dict(params or {})
+    if name == "none":
+        if params:
+            raise ConfigError(f"model.loss.params: loss none takes no parameters, got {params}")
+        return None
     if "distance" in params:
         params["distance"] = build_distance(params["distance"])
     if name not in LOSSES:
-        raise ConfigError(f"model.loss.name: unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+        raise ConfigError(f"model.loss.name: unknown loss {name!r}; expected one of "
+                          f"{sorted(LOSSES) + ['none']}")
     cls, needs_classes = LOSSES[name]
     skip = ("self", "num_classes", "embedding_size", "kwargs")
     check_params(cls, {k: v for k, v in params.items() if k != "distance"}, "model.loss.params",

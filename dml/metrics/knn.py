@@ -110,3 +110,22 @@ def _drop_self(distances: torch.Tensor, indices: torch.Tensor):
     keep = torch.ones_like(drop)
     keep[torch.arange(n), first] = False
     return distances[keep].view(n, k1 - 1), indices[keep].view(n, k1 - 1)
+
+
+def k_reciprocal_neighbors(query, k: int, reference=None, backend: str = "auto"):
+    """k-reciprocal neighbours: j in N(i, k) and i in N(j, k).
+
+    N(x, k) is x's k nearest neighbours by Euclidean distance, x itself excluded. With
+    ``reference=None`` the queries are the reference set; otherwise reference j's N(j, k) is
+    taken over the other references plus the query (so i in N(j, k) iff d(i, j) is at most
+    j's k-th neighbour distance among the references). Returns ``(indices, mask)``, both
+    (n_q, k): the k nearest references of each query and True where the pair is reciprocal.
+    """
+    distances, indices = knn(query, reference, k, backend=backend)
+    if reference is None:
+        kth = distances[:, -1]
+    else:
+        kth = knn(reference, None, k, backend=backend)[0][:, -1]
+    bound = kth[indices]
+    mask = distances <= bound + 1e-6 * bound.abs().clamp_min(1.0)
+    return indices, mask
