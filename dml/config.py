@@ -34,11 +34,17 @@ class LossConfig:
     proxies_per_class K > 0 turns a pair loss into CCP's multi-proxy loss
     (``dml.losses.ccp.MultiProxyLoss``): proxy_weight * l(z, proxies) + pair_weight * l(z, z),
     on embeddings and proxies normalised by ``normalize`` (lipschitz: v / max(1, ||v||); l2).
+
+    gather: under DDP, the loss sees the global batch: embeddings and labels are gathered from
+    every process (gradients flow back to their owners) and every process computes the same
+    loss, so the averaged gradient equals one process's on the whole batch. Default: each
+    process's loss covers its local batch (P x M of its own classes).
     """
     name: str = "multi_similarity"
     params: Dict[str, Any] = field(default_factory=dict)
     miner: Optional[str] = None
     miner_params: Dict[str, Any] = field(default_factory=dict)
+    gather: bool = False
     proxies_per_class: int = 0
     proxy_weight: float = 1.0
     pair_weight: float = 0.1

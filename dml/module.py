@@ -43,7 +43,7 @@ class DMLModule(pl.LightningModule):
             "optimizer": asdict(optimizer), "evaluation": asdict(evaluation),
             "zero_shot": asdict(zero_shot), "ibc": asdict(ibc),
             "num_classes": num_classes, "recall_ks": recall_ks})
-        self.optimizer_cfg, self.eval_cfg = optimizer, evaluation
+        self.optimizer_cfg, self.eval_cfg, self.loss_cfg = optimizer, evaluation, loss
         self.backbone = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn,
                                  backbone.width)
         self.pooling = build_pooling(pooling.name, self.backbone.out_channels, pooling.params,
@@ -108,36 +108,45 @@ class DMLModule(pl.LightningModule):
     # --- training ---------------------------------------------------------------------
     def compute_losses(self, out: Dict[str, Any], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Named loss components; their sum is optimised. Methods add components here."""
-        z = out["embeddings"]
+        z, raw, local_labels = out["embeddings"], out["raw_embeddings"], labels
+        if self.loss_cfg.gather and self.world_size > 1:  # the global batch, see LossConfig
+            z, raw, labels = self.gather_batch(z, raw, labels)
         pairs = self.miner(z, labels) if self.miner is not None else None
         weight = self.zero_shot_cfg.metric_weight
         parts: Dict[str, torch.Tensor] = {}
         if isinstance(self.loss_fn, MultiProxyLoss):  # proxy and in-batch terms, raw inputs
             parts = {name: weight * value for name, value in
-                     self.loss_fn.parts(out["raw_embeddings"], labels, pairs).items()}
+                     self.loss_fn.parts(raw, labels, pairs).items()}
         elif self.loss_fn is not None:
             parts = {"metric": weight * self.loss_fn(z, labels, pairs)}
         if self.ibc is not None:
-            parts.update(self.ibc_losses(out, labels))
+            parts.update(self.ibc_losses(out, local_labels))
         if self.zero_shot_loss is not None:
             parts["zero_shot"] = self.zero_shot_cfg.weight * self.zero_shot_loss(
-                out["pooling"].attributes, labels)
+                out["pooling"].attributes, local_labels)
         for contributor in self.loss_contributors.values():  # e.g. the cross-batch memory
-            parts.update(contributor.losses(self, out, labels))
+            parts.update(contributor.losses(self, out, local_labels))
         return parts
 
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def gather_batch(self, *tensors: torch.Tensor):
+        """The global batch in rank order; gradients of the gathered rows flow back to the
+        process that computed them (their sum over processes)."""
+        return tuple(self.all_gather(t, sync_grads=t.requires_grad).reshape(-1, *t.shape[1:])
+                     for t in tensors)
+
     def ibc_losses(self, out: Dict[str, Any], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """IBC's two cross-entropies. Messages pass over the local batch, or with
-        ``model.ibc.gather`` over the global one (gradients flow back to every process)."""
-        z = out["embeddings"]
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if not (self.ibc_cfg.gather and world > 1):
-            return self.ibc(out["raw_embeddings"], z, labels)
-        rank = self.trainer.global_rank
-        z_all = self.all_gather(z, sync_grads=True).reshape(-1, z.shape[-1])
-        labels_all = self.all_gather(labels).reshape(-1)
-        local = slice(rank * len(z), (rank + 1) * len(z))
-        return self.ibc(out["raw_embeddings"], z_all, labels_all, local)
+        """IBC's two cross-entropies. Under DDP messages pass over the local batch, or with
+        ``model.ibc.gather`` over the global one: then every process computes the same MPN loss
+        on the whole batch, so the averaged gradient equals one process's."""
+        z, raw = out["embeddings"], out["raw_embeddings"]
+        if not (self.ibc_cfg.gather and self.world_size > 1):
+            return self.ibc(raw, z, labels)
+        z_all, labels_all = self.gather_batch(z, labels)
+        return self.ibc(raw, z_all, labels_all, labels)
 
     # --- GSP prototypes ---------------------------------------------------------------
     def on_train_start(self) -> None:

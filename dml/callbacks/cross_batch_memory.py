@@ -6,8 +6,10 @@ At every training step, from ``start_iteration`` on (METHODS.md, "XBM" and "XBN"
    Kalman-filtered estimate of the current moments (``MomentKalmanFilter``);
 2. the model's pair loss is computed between the batch and the memory,
    loss = L(batch, batch) + weight * L(batch, memory);
-3. the batch (gathered from every process under DDP, so every rank holds the same memory) is
-   enqueued. The batch is not yet in the memory at step 2, so no self-pair can occur.
+3. the batch is enqueued.
+Under DDP the batch of steps 1 and 3 is the global one (gathered from every process, in rank
+order), so every rank holds the same memory; the loss of step 2 covers the local batch. The
+batch is not yet in the memory at step 2, so no self-pair can occur.
 
 Choices exposed as options, with the natural defaults:
 - ``moments``: "normalized" (the L2-normalised embeddings are stored and matched: what the loss
@@ -170,13 +172,15 @@ class CrossBatchMemory(pl.Callback):
             return {}
         z = out["embeddings"]
         stored_space = out["raw_embeddings"] if self.moments == "raw" else z
+        # the global batch under DDP: every rank matches to and enqueues the same embeddings
+        batch, batch_labels = self.gather(module, stored_space.detach().float(), labels)
         parts = {}
         memory = state.memory
         target = None
         if self.mode == "xbn":
-            target = batch_moments(stored_space.detach().float())
+            target = batch_moments(batch)
         elif self.mode == "adaptive_xbn":  # the filter sees every batch after the warm-up
-            target = state.kalman.update(stored_space.detach().float())
+            target = state.kalman.update(batch)
         if len(memory) > 0:
             n = len(memory)
             stored = memory.embeddings[:n]  # slot order; the loss does not care
@@ -189,15 +193,21 @@ class CrossBatchMemory(pl.Callback):
                 pairs = module.miner(z, labels, reference, ref_labels)
             parts["memory"] = self.weight * module.loss_fn(z, labels, pairs, reference,
                                                            ref_labels)
-        self.enqueue(module, stored_space.detach().float(), labels)
+        self.enqueue(batch, batch_labels)
         return parts
 
+    @staticmethod
     @torch.no_grad()
-    def enqueue(self, module, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    def gather(module, embeddings: torch.Tensor, labels: torch.Tensor):
+        """The global batch in rank order (the local one on a single process)."""
         world = module.trainer.world_size if module._trainer is not None else 1
-        if world > 1:  # every rank enqueues the global batch, in rank order
-            embeddings = module.all_gather(embeddings).reshape(-1, embeddings.shape[-1])
-            labels = module.all_gather(labels).reshape(-1)
+        if world == 1:
+            return embeddings, labels
+        return (module.all_gather(embeddings).reshape(-1, embeddings.shape[-1]),
+                module.all_gather(labels).reshape(-1))
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         state = self.state
         memory = state.memory
         if len(labels) > memory.size:

@@ -36,19 +36,17 @@ class IntraBatchConnections(nn.Module):
         return F.cross_entropy(logits / self.tau, labels, label_smoothing=self.label_smoothing)
 
     def forward(self, raw: torch.Tensor, normalized: torch.Tensor, labels: torch.Tensor,
-               local: Optional[slice] = None) -> Dict[str, torch.Tensor]:
+                raw_labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """{"ibc_backbone": CE on W_b x, "ibc_mpn": mpn_weight * CE on the MPN branch}.
 
-        ``normalized`` and ``labels`` may be the global batch under DDP, with ``local`` the
-        rows of this process: the MPN passes messages over all rows, the loss covers the
-        local ones. ``raw`` is always the local batch."""
-        local_labels = labels if local is None else labels[local]
-        parts = {"ibc_backbone": self.ce(self.backbone_classifier(raw), local_labels)}
+        Under DDP with a gathered batch, ``normalized`` and ``labels`` are the global batch
+        (the MPN passes messages over all of it) and ``raw`` with ``raw_labels`` this
+        process's rows."""
+        raw_labels = labels if raw_labels is None else raw_labels
+        parts = {"ibc_backbone": self.ce(self.backbone_classifier(raw), raw_labels)}
         if self.mpn_weight:
             logits = self.classifier(self.neck(self.mpn(normalized)))
-            if local is not None:
-                logits = logits[local]
-            parts["ibc_mpn"] = self.mpn_weight * self.ce(logits, local_labels)
+            parts["ibc_mpn"] = self.mpn_weight * self.ce(logits, labels)
         return parts
 
     @torch.no_grad()
