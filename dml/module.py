@@ -253,7 +253,8 @@ class DMLModule(pl.LightningModule):
         self._eval_buffer.clear()
         if not self.trainer.sanity_checking:
             for name, value in metrics.items():
-                self.log(f"{prefix}/{name}", float(value), prog_bar=name == "R@1")
+                # identical on every rank (broadcast): sync_dist averages equal values
+                self.log(f"{prefix}/{name}", float(value), prog_bar=name == "R@1", sync_dist=True)
         return metrics
 
     def pseudo_test_embeddings(self, sets: Dict[str, tuple]) -> Dict[str, tuple]:
