@@ -15,11 +15,12 @@ CONFIGS := experiments/trainer.yaml experiments/data/$(DATASET).yaml experiments
 
 DATA_ROOT ?= data/$(DATASET)
 
-.PHONY: train test data data-check bench-eval venv clean help
+.PHONY: train test table data data-check bench-eval venv clean help
 
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
 	@echo "make test"
+	@echo "make table [DATASET=omniglot_small] [SEEDS='0 1 2'] [DEVICES=1]   methods-vs-baselines grid -> experiments/results/"
 	@echo "make data DATASET=cub|sop|omniglot [DATA_ROOT=data/<name>]   download and verify"
 	@echo "make data-check DATASET=<name> DATA_ROOT=<path>              parse, print split sizes"
 	@echo "data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' ')"
@@ -39,6 +40,12 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The grid of dml/reproduce.py; omniglot_small (CPU budget) unless DATASET is given.
+table: DATASET = omniglot_small
+SEEDS ?= 0 1 2
+table: $(VENV)/.installed
+	$(PY) -m dml.reproduce --dataset $(DATASET) --seeds $(SEEDS) --devices $(DEVICES) $(ARGS)
 
 data: $(VENV)/.installed
 	$(PY) -m dml.data.download $(DATASET) $(DATA_ROOT)

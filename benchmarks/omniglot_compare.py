@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -46,30 +45,15 @@ VALIDATE_EVERY_EPOCH = {"ccp"}
 
 def run(method, extra, seed, epochs, dataset, val_every=None, size=None):
     from dml.callbacks import ChanceConstraintProjection
-    from dml.cli import DMLCLI
-    from dml.data import DMLDataModule
-    from dml.module import DMLModule
+    from dml.reproduce import run_args, run_once
 
-    files = ["experiments/trainer.yaml", f"experiments/data/{dataset}.yaml",
-             f"experiments/method/{method}.yaml"]
-    override = f"experiments/method/{method}/{dataset}.yaml"
-    files += [override] if os.path.exists(override) else []
-    args = ["fit"] + [a for f in files for a in ("--config", f)] + extra + [
-        "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
-        "--trainer.max_epochs", str(epochs), "--trainer.logger", "false",
-        "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
-        "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.check_val_every_n_epoch", str(val_every or epochs)]
-    if size:  # a smaller image size to fit a CPU budget
-        args += ["--data.init_args.crop", str(size), "--data.init_args.resize", str(size)]
-    cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, args=args,
-                 save_config_callback=None)
-    ccp = [c for c in cli.trainer.callbacks if isinstance(c, ChanceConstraintProjection)]
+    metrics, trainer = run_once(run_args(dataset, method, extra, seed, epochs, size, val_every))
+    ccp = [c for c in trainer.callbacks if isinstance(c, ChanceConstraintProjection)]
     extra_info = {}
     if ccp and ccp[0].enabled:
         extra_info = {"ccp_rounds": ccp[0].round,
                       "reinit_seconds": [round(h["seconds"], 2) for h in ccp[0].history]}
-    return cli.model.last_metrics, extra_info
+    return metrics, extra_info
 
 
 def main():
@@ -80,9 +64,20 @@ def main():
     parser.add_argument("--suite", choices=sorted(SUITES), default="pooling")
     parser.add_argument("--size", type=int, default=None,
                         help="image size (default: the data config's, 64 px)")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="run only these variants of the suite")
+    parser.add_argument("--merge", default=None,
+                        help="a log of earlier JSON lines (same settings) to table with")
     args = parser.parse_args()
     results = {}
+    if args.merge:
+        for line in open(args.merge):
+            if line.startswith("{"):
+                row = json.loads(line)
+                results.setdefault(row["variant"], []).append(row)
     for name, (method, extra) in SUITES[args.suite].items():
+        if args.variants and name not in args.variants:
+            continue
         for seed in args.seeds:
             start = time.perf_counter()
             metrics, info = run(method, extra, seed, args.epochs, args.dataset,

@@ -91,6 +91,8 @@ class DMLModule(pl.LightningModule):
         # Callbacks that add loss terms register here (name -> object with .losses()).
         self.loss_contributors: Dict[str, Any] = {}
         self.last_metrics: Dict[str, float] = {}
+        self.keep_eval_sets = False  # rank 0 keeps the last scored (embeddings, labels, indices)
+        self.last_eval_sets: Dict[str, tuple] = {}
         self.initial_metrics: Dict[str, float] = {}
 
     # --- forward ----------------------------------------------------------------------
@@ -247,6 +249,8 @@ class DMLModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             if self.ibc is not None and self.ibc_cfg.pseudo_test:
                 sets = self.pseudo_test_embeddings(sets)
+            if self.keep_eval_sets:  # for dashboards (DashboardFigures) and notebooks
+                self.last_eval_sets = {k: tuple(t.cpu() for t in v) for k, v in sets.items()}
             ks = self.recall_ks or dm.recall_ks
             metrics = score(protocol, sets, ks, cfg.nmi, cfg.nmi_seed, cfg.backend, self.device)
         metrics = self.trainer.strategy.broadcast(metrics, src=0)

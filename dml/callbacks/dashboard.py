@@ -1,0 +1,126 @@
+"""Dashboard figures after validation: ``dashboard: {enabled: true, every_n_epochs: 5}``.
+
+Rank 0 draws, from the embeddings the validation just scored:
+- ``retrieval``: a few seeded queries with their top-k neighbours, framed green (same class)
+  or red;
+- ``pooling``: the pooling's per-location weights overlaid on images (GSP; skipped for poolings
+  without weights);
+- ``projection``: a 2-D projection (PCA or t-SNE) of the embeddings coloured by class.
+Each figure is a PNG in ``<run folder>/figures/<name>_epoch<E>.png`` (for users without W&B)
+and, when a W&B logger is attached, an image under ``figures/<name>`` at the current step.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+
+from dml.errors import ConfigError
+
+
+class DashboardFigures(pl.Callback):
+    """Args:
+        enabled: draw figures.
+        every_n_epochs: draw after every n-th validation (and after the last epoch's).
+        num_queries, top_k: rows and neighbours of the retrieval grid.
+        num_heatmaps: images with pooling weights.
+        projection: pca | tsne; max_points: subsample for the projection.
+        seed: which queries and points are drawn.
+    """
+
+    def __init__(self, enabled: bool = True, every_n_epochs: int = 5, num_queries: int = 6,
+                 top_k: int = 5, num_heatmaps: int = 6, projection: str = "pca",
+                 max_points: int = 2000, seed: int = 0):
+        if projection not in ("pca", "tsne"):
+            raise ConfigError(f"dashboard.projection: expected pca or tsne, got {projection!r}")
+        if every_n_epochs < 1:
+            raise ConfigError("dashboard.every_n_epochs must be >= 1")
+        self.enabled, self.every_n_epochs = enabled, every_n_epochs
+        self.num_queries, self.top_k, self.num_heatmaps = num_queries, top_k, num_heatmaps
+        self.projection, self.max_points, self.seed = projection, max_points, seed
+        self.last_paths: Dict[str, str] = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.enabled:
+            pl_module.keep_eval_sets = True
+
+    @staticmethod
+    def figures_dir(trainer) -> str:
+        return os.path.join(trainer.log_dir or trainer.default_root_dir, "figures")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self.enabled or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        if (epoch + 1) % self.every_n_epochs and not last:
+            return
+        self.draw(trainer, pl_module, f"epoch{epoch:03d}")
+
+    def draw(self, trainer, pl_module, tag: str) -> Dict[str, str]:
+        from dml.visualization import (embedding_projection, retrieval_grid, save_png,
+                                       top_k_neighbours)
+
+        sets = pl_module.last_eval_sets
+        if not sets:
+            return {}
+        datasets = trainer.datamodule.eval_sets("val")
+        query_name = "test" if "test" in sets else "query"
+        ref_name = "test" if "test" in sets else "gallery"
+        q_emb, q_lab, q_idx = sets[query_name][:3]
+        r_emb, r_lab, r_idx = sets[ref_name][:3]
+        rng = np.random.default_rng(self.seed)
+        rows = rng.choice(len(q_emb), size=min(self.num_queries, len(q_emb)), replace=False)
+        same = query_name == ref_name
+        k = min(self.top_k, len(r_emb) - (1 if same else 0))
+        if same:  # itself excluded
+            neighbours = top_k_neighbours(q_emb, None, k)[torch.as_tensor(rows)]
+        else:
+            neighbours = top_k_neighbours(q_emb[rows], r_emb, k)
+        q_data, r_data = datasets[query_name], datasets[ref_name]
+        queries = [q_data[int(q_idx[i])][0] for i in rows]
+        shown = [[r_data[int(r_idx[j])][0] for j in row] for row in neighbours.tolist()]
+        correct = [[bool(r_lab[j] == q_lab[i]) for j in row]
+                   for i, row in zip(rows, neighbours.tolist())]
+        out_dir = self.figures_dir(trainer)
+        paths = {"retrieval": save_png(
+            retrieval_grid(queries, shown, correct, title=f"top-{k} neighbours, {tag}"),
+            os.path.join(out_dir, f"retrieval_{tag}.png"))}
+        heatmap = self.pooling_figure(pl_module, queries[: self.num_heatmaps], tag)
+        if heatmap is not None:
+            paths["pooling"] = save_png(heatmap, os.path.join(out_dir, f"pooling_{tag}.png"))
+        paths["projection"] = save_png(
+            embedding_projection(r_emb, r_lab, self.projection, self.max_points, self.seed,
+                                 title=f"{self.projection.upper()} of the {ref_name} "
+                                       f"embeddings, {tag}"),
+            os.path.join(out_dir, f"projection_{tag}.png"))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                for name, path in paths.items():
+                    logger.log_image(key=f"figures/{name}", images=[path],
+                                     step=trainer.global_step)
+        self.last_paths = paths
+        return paths
+
+    @staticmethod
+    @torch.no_grad()
+    def pooling_figure(pl_module, images, tag: str):
+        from dml.visualization import pooling_heatmaps
+
+        if not images:
+            return None
+        batch = torch.stack(images).to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        features = pl_module.backbone(batch)
+        pooled = pl_module.pooling(features, projection=pl_module.head.linear)
+        pl_module.train(was_training)
+        if pooled.weights is None:
+            return None
+        return pooling_heatmaps(batch.cpu(), pooled.weights.cpu(), features.shape[-2:],
+                                title=f"pooling weights, {tag}")
+

@@ -1,0 +1,178 @@
+"""``make table``: the method-vs-baseline grid, several seeds, one Markdown table.
+
+    python -m dml.reproduce --dataset omniglot_small --seeds 0 1 2
+    python -m dml.reproduce --dataset cub --seeds 0 1 2 --devices 4      # on GPUs
+
+Every (variant, seed) run is the CLI's ``fit`` on the shipped configs (trainer + data set +
+method + the method's per-data-set file) plus the variant's switches, with the seed, the
+budget and no loggers or checkpoints. Each finished run appends one JSON line (variant, seed,
+arguments, final validation metrics, seconds) to ``<out>/<dataset>/runs.jsonl``; a run already
+there is not repeated, so an interrupted grid resumes. The table (mean +- standard deviation
+over seeds, in %) goes to ``<out>/<dataset>/table.md`` with the command that made it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+# row -> (method config, extra CLI arguments). Rows come in baseline / method pairs.
+GRID: Dict[str, tuple] = {
+    "GAP (contrastive)": ("contrastive", []),
+    "GSP + zero-shot (contrastive)": ("gsp_contrastive", []),
+    "no memory (contrastive, 4 x 4 batches)": ("none_memory", []),
+    "XBM": ("xbm", []),
+    "XBN": ("xbn", []),
+    "C2, no CCP": ("ccp_c2", ["--model.loss.proxies_per_class", "0", "--ccp.enabled", "false"]),
+    "C2-CCP": ("ccp_c2", []),
+    "IBC, no message passing": ("ibc", ["--model.ibc.mpn_weight", "0"]),
+    "IBC": ("ibc", []),
+}
+# Budgets that fit a 2-core CPU: epochs and image size per data set (None: the config's).
+BUDGETS = {"omniglot_small": {"epochs": 4, "size": 32}, "synthetic": {"epochs": 3, "size": None}}
+METRICS = ("R@1", "MAP@R", "NMI")
+
+
+def config_files(dataset: str, method: str) -> List[str]:
+    files = ["experiments/trainer.yaml", f"experiments/data/{dataset}.yaml",
+             f"experiments/method/{method}.yaml"]
+    override = f"experiments/method/{method}/{dataset}.yaml"
+    return files + ([override] if os.path.exists(override) else [])
+
+
+def run_args(dataset: str, method: str, extra: Sequence[str], seed: int,
+             epochs: Optional[int] = None, size: Optional[int] = None,
+             val_every: Optional[int] = None, devices: int = 1) -> List[str]:
+    """The CLI arguments of one run: configs, switches, seed and budget, no loggers."""
+    args = ["fit"] + [a for f in config_files(dataset, method) for a in ("--config", f)]
+    args += list(extra) + [
+        "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
+        "--trainer.logger", "false", "--trainer.callbacks", "[]",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.num_sanity_val_steps", "0", "--dashboard.enabled", "false",
+        "--trainer.devices", str(devices)]
+    if epochs:
+        args += ["--trainer.max_epochs", str(epochs),
+                 "--trainer.check_val_every_n_epoch", str(val_every or epochs)]
+    if size:
+        args += ["--data.init_args.crop", str(size), "--data.init_args.resize", str(size)]
+    return args
+
+
+def run_once(args: List[str]):
+    """Runs the CLI in this process; returns (final validation metrics, the trainer)."""
+    from dml.cli import DMLCLI
+    from dml.data import DMLDataModule
+    from dml.module import DMLModule
+
+    cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, args=args,
+                 save_config_callback=None, auto_configure_optimizers=False)
+    return cli.model.last_metrics, cli.trainer
+
+
+def load_runs(path: str) -> List[dict]:
+    """The JSON lines of a runs file; a line that is not valid JSON is an error naming it."""
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not a JSON line ({error})") from None
+            if "variant" not in row or "seed" not in row or "metrics" not in row:
+                raise ValueError(f"{path}:{number}: expected keys variant, seed, metrics")
+            rows.append(row)
+    return rows
+
+
+def aggregate(rows: List[dict], order: Sequence[str]) -> Dict[str, Dict[str, tuple]]:
+    """variant -> metric -> (mean, standard deviation, number of seeds), in % (the last run of
+    a repeated (variant, seed) counts). Variants outside ``order`` follow in file order."""
+    latest: Dict[tuple, dict] = {}
+    for row in rows:
+        latest[(row["variant"], row["seed"])] = row
+    names = [v for v in order if any(k[0] == v for k in latest)]
+    names += [v for v in dict.fromkeys(k[0] for k in latest) if v not in names]
+    table = {}
+    for name in names:
+        runs = [r for (v, _), r in latest.items() if v == name]
+        table[name] = {}
+        for metric in METRICS:
+            values = [100 * r["metrics"][metric] for r in runs if metric in r["metrics"]]
+            if values:
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                table[name][metric] = (statistics.mean(values), spread, len(values))
+    return table
+
+
+def markdown(table: Dict[str, Dict[str, tuple]], title: str, command: str) -> str:
+    lines = [f"# {title}", "", f"Made by: `{command}`", "",
+             "| variant | " + " | ".join(METRICS) + " | seeds |",
+             "|---|" + "---|" * (len(METRICS) + 1)]
+    for name, cells in table.items():
+        seeds = max((c[2] for c in cells.values()), default=0)
+        row = [f"{cells[m][0]:.1f} +- {cells[m][1]:.1f}" if m in cells else "-" for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(row) + f" | {seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="omniglot_small")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="default: the CPU budget for omniglot_small / synthetic, else the "
+                             "configs' epochs")
+    parser.add_argument("--size", type=int, default=None, help="image size override")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(GRID))
+    parser.add_argument("--out", default="experiments/results")
+    args = parser.parse_args(argv)
+    if not os.path.exists(f"experiments/data/{args.dataset}.yaml"):
+        parser.error(f"no experiments/data/{args.dataset}.yaml")
+    budget = BUDGETS.get(args.dataset, {})
+    epochs = args.epochs or budget.get("epochs")
+    size = args.size or budget.get("size")
+    folder = os.path.join(args.out, args.dataset)
+    os.makedirs(folder, exist_ok=True)
+    runs_path = os.path.join(folder, "runs.jsonl")
+    done = {(r["variant"], r["seed"]) for r in load_runs(runs_path)}
+    for name, (method, extra) in GRID.items():
+        if args.variants and name not in args.variants:
+            continue
+        for seed in args.seeds:
+            if (name, seed) in done:
+                continue
+            cli_args = run_args(args.dataset, method, extra, seed, epochs, size,
+                                devices=args.devices)
+            start = time.perf_counter()
+            metrics, _ = run_once(cli_args)
+            row = {"variant": name, "seed": seed, "metrics": metrics,
+                   "seconds": round(time.perf_counter() - start, 1), "args": cli_args}
+            with open(runs_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row[k] for k in ("variant", "seed", "metrics", "seconds")}),
+                  flush=True)
+    budget_text = f"{epochs} epochs" if epochs else "the configs' epochs"
+    budget_text += f", {size} px" if size else ""
+    command = "python -m dml.reproduce " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    title = f"{args.dataset}: methods vs baselines ({budget_text}, seeds {args.seeds})"
+    text = markdown(aggregate(load_runs(runs_path), list(GRID)), title, command)
+    with open(os.path.join(folder, "table.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,116 @@
+"""Figure builders. Inputs are tensors as the data sets return them (C, H, W), normalised or
+not: ``display_image`` rescales each image to [0, 1] for display."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)  # no display needed; notebooks keep their inline backend
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dml.metrics import knn  # noqa: E402
+
+
+def display_image(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) tensor -> (H, W, 3) array in [0, 1] (per-image min-max; grey to RGB)."""
+    x = image.detach().float().cpu()
+    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+    if x.shape[0] == 1:
+        x = x.repeat(3, 1, 1)
+    return x.permute(1, 2, 0).numpy()
+
+
+def top_k_neighbours(query: torch.Tensor, reference: Optional[torch.Tensor], k: int):
+    """Indices (n_q, k) of each query's k nearest references (itself excluded when
+    ``reference`` is None)."""
+    return knn(query, reference, k, backend="torch")[1]
+
+
+def retrieval_grid(query_images: Sequence[torch.Tensor], neighbour_images, correct,
+                   title: str = "") -> plt.Figure:
+    """One row per query: the query, then its top-k neighbours framed green (same class) or
+    red (other class). ``neighbour_images[i][j]``, ``correct[i][j]``."""
+    rows, k = len(query_images), len(neighbour_images[0])
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.6 * (k + 1), 1.6 * rows), squeeze=False)
+    for i in range(rows):
+        axes[i, 0].imshow(display_image(query_images[i]))
+        axes[i, 0].set_title("query" if i == 0 else "", fontsize=8)
+        for j in range(k):
+            ax = axes[i, j + 1]
+            ax.imshow(display_image(neighbour_images[i][j]))
+            colour = "#1a9641" if correct[i][j] else "#d7191c"
+            for side in ax.spines.values():
+                side.set_edgecolor(colour)
+                side.set_linewidth(4)
+            if i == 0:
+                ax.set_title(f"#{j + 1}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].spines[:].set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def pooling_heatmaps(images: torch.Tensor, weights: torch.Tensor, grid: Sequence[int],
+                     title: str = "") -> plt.Figure:
+    """Each image with its per-location pooling weights (B, h*w) upsampled and overlaid."""
+    h, w = grid
+    maps = weights.detach().float().cpu().view(-1, 1, h, w)
+    maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 3.8), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(display_image(images[i]))
+        axes[1, i].imshow(display_image(images[i]))
+        m = maps[i, 0].numpy()
+        axes[1, i].imshow(m / max(m.max(), 1e-12), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].set_ylabel("image", fontsize=8)
+    axes[1, 0].set_ylabel("pooling weights", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def embedding_projection(embeddings: torch.Tensor, labels: torch.Tensor, method: str = "pca",
+                         max_points: int = 2000, seed: int = 0, title: str = "") -> plt.Figure:
+    """A 2-D projection (PCA, or t-SNE from scikit-learn) of at most ``max_points`` embeddings
+    (a seeded subsample), coloured by class."""
+    x, y = embeddings.detach().float().cpu(), labels.detach().cpu()
+    if len(x) > max_points:
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_points]
+        x, y = x[keep], y[keep]
+    if method == "pca":
+        centred = x - x.mean(0)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        points = (centred @ v[:2].T).numpy()
+    elif method == "tsne":
+        from sklearn.manifold import TSNE
+        points = TSNE(2, init="pca", random_state=seed,
+                      perplexity=min(30.0, max(2.0, (len(x) - 1) / 3))).fit_transform(x.numpy())
+    else:
+        raise ValueError(f"embedding_projection: method must be pca or tsne, got {method!r}")
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    _, codes = np.unique(y.numpy(), return_inverse=True)
+    ax.scatter(points[:, 0], points[:, 1], c=codes, cmap="tab20", s=6, alpha=0.8)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(title or f"{method.upper()} of {len(x)} embeddings, "
+                          f"{len(np.unique(codes))} classes", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def save_png(fig: plt.Figure, path: str, dpi: int = 100) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -1,0 +1,93 @@
+"""Dashboard figures and W&B offline logging from a tiny CLI run; the figure builders."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from dml.cli import git_state
+from dml.cli import main as cli_main
+from dml.visualization import embedding_projection, retrieval_grid, save_png
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    old = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        cli_main(["fit", "--config", "experiments/trainer.yaml",
+                  "--config", "experiments/data/synthetic.yaml",
+                  "--config", "experiments/method/gsp_contrastive.yaml",
+                  "--config", "experiments/method/gsp_contrastive/synthetic.yaml",
+                  "--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
+                  "--data.init_args.images_per_class", "10", "--model.backbone.width", "8",
+                  "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
+                  "--trainer.logger", json.dumps([
+                      {"class_path": "pytorch_lightning.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(root), "name": "csv"}},
+                      {"class_path": "dml.loggers.WandbLogger",
+                       "init_args": {"project": "dml", "save_dir": str(root)}}]),
+                  "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", "--dashboard.every_n_epochs", "1",
+                  "--dashboard.num_queries", "4", "--dashboard.top_k", "3"])
+    finally:
+        if old is None:
+            os.environ.pop("WANDB_MODE")
+        else:
+            os.environ["WANDB_MODE"] = old
+    return root
+
+
+def png_size(path):
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        return image.format, image.size
+
+
+def test_figures_are_saved_as_pngs_of_the_expected_size(tiny_run):
+    figures = sorted(glob.glob(str(tiny_run / "csv" / "version_*" / "figures" / "*.png")))
+    names = {os.path.basename(p) for p in figures}
+    assert names == {"retrieval_epoch000.png", "pooling_epoch000.png", "projection_epoch000.png"}
+    by_name = {os.path.basename(p).split("_")[0]: p for p in figures}
+    assert png_size(by_name["retrieval"]) == ("PNG", (160 * 4, 160 * 4))  # 4 queries, top-3
+    assert png_size(by_name["projection"]) == ("PNG", (550, 550))
+    fmt, (w, h) = png_size(by_name["pooling"])
+    assert fmt == "PNG" and (w, h) == (180 * 4, 380)  # 4 images (the queries) x 2 rows
+
+
+def test_wandb_offline_run_holds_config_git_metrics_and_figures(tiny_run):
+    runs = glob.glob(str(tiny_run / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    media = glob.glob(os.path.join(runs[0], "files", "media", "images", "figures", "*.png"))
+    assert {os.path.basename(m).split("_")[0] for m in media} == {"retrieval", "pooling",
+                                                                 "projection"}
+    # The offline run's log (what `wandb sync` uploads) holds the records as JSON values.
+    log = open(glob.glob(os.path.join(runs[0], "*.wandb"))[0], "rb").read()
+    commit = git_state()["commit"].encode()
+    assert b'"commit":"' + commit in log
+    assert b'"pooling":{"name":"gsp"' in log  # the whole CLI config
+    for key in (b"val/MAP@R", b"val/R@1", b"val/NMI", b"train/loss_metric",
+                b"train/loss_zero_shot", b"lr-AdamW", b"figures/retrieval", b"figures/pooling",
+                b"figures/projection"):
+        assert key in log, key
+
+
+def test_retrieval_grid_frames_right_and_wrong_neighbours(tmp_path):
+    q = [torch.zeros(3, 8, 8)]
+    fig = retrieval_grid(q, [[torch.ones(3, 8, 8), torch.ones(3, 8, 8)]], [[True, False]])
+    colours = [ax.spines["top"].get_edgecolor() for ax in fig.axes[1:]]
+    assert colours[0][:3] == pytest.approx((0x1a / 255, 0x96 / 255, 0x41 / 255))
+    assert colours[1][:3] == pytest.approx((0xd7 / 255, 0x19 / 255, 0x1c / 255))
+    save_png(fig, str(tmp_path / "g.png"))
+    assert png_size(tmp_path / "g.png")[0] == "PNG"
+
+
+def test_projection_subsamples_and_is_seeded(tmp_path):
+    x, y = torch.randn(300, 8, generator=torch.Generator().manual_seed(0)), torch.arange(300) % 5
+    a = embedding_projection(x, y, max_points=100, seed=1)
+    b = embedding_projection(x, y, max_points=100, seed=1)
+    pa = a.axes[0].collections[0].get_offsets()
+    assert len(pa) == 100 and (pa == b.axes[0].collections[0].get_offsets()).all()

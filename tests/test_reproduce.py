@@ -1,0 +1,74 @@
+"""make table (dml.reproduce): aggregation and Markdown on fake result files, resuming, and the
+grid's arguments parsing on the shipped configs."""
+import json
+
+import pytest
+
+from dml import reproduce
+from dml.data import DMLDataModule
+from dml.module import DMLModule
+from test_configs import ParseOnlyCLI
+
+
+def write_runs(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def fake(variant, seed, r1, mapr=0.2, nmi=0.5):
+    return {"variant": variant, "seed": seed, "metrics": {"R@1": r1, "MAP@R": mapr, "NMI": nmi}}
+
+
+def test_aggregate_gives_mean_and_sample_std_in_percent_last_repeat_wins(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    write_runs(path, [fake("B", 0, 0.5), fake("A", 0, 0.60), fake("A", 1, 0.70),
+                      fake("A", 2, 0.99), fake("A", 2, 0.80)])  # seed 2 redone: 0.80 counts
+    table = reproduce.aggregate(reproduce.load_runs(str(path)), order=["A", "B"])
+    assert list(table) == ["A", "B"]
+    mean, std, n = table["A"]["R@1"]
+    assert (mean, n) == (pytest.approx(70.0), 3) and std == pytest.approx(10.0)
+    assert table["B"]["R@1"] == (pytest.approx(50.0), 0.0, 1)
+    text = reproduce.markdown(table, "t", "python -m dml.reproduce --seeds 0 1 2")
+    assert "| A | 70.0 +- 10.0 | 20.0 +- 0.0 | 50.0 +- 0.0 | 3 |" in text
+    assert "Made by: `python -m dml.reproduce --seeds 0 1 2`" in text
+
+
+def test_a_broken_results_line_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(fake("A", 0, 0.5)) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"runs.jsonl:2"):
+        reproduce.load_runs(str(path))
+    path.write_text('{"variant": "A"}\n')
+    with pytest.raises(ValueError, match="expected keys"):
+        reproduce.load_runs(str(path))
+
+
+def test_main_writes_runs_and_table_and_resumes(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(args):
+        calls.append(args)
+        seed = int(args[args.index("--seed_everything") + 1])
+        return {"R@1": 0.5 + 0.1 * seed, "MAP@R": 0.2, "NMI": 0.6}, None
+
+    monkeypatch.setattr(reproduce, "run_once", fake_run)
+    argv = ["--dataset", "synthetic", "--seeds", "0", "1", "--out", str(tmp_path),
+            "--variants", "GAP (contrastive)", "IBC"]
+    text = reproduce.main(argv)
+    assert len(calls) == 4
+    assert "| GAP (contrastive) | 55.0 +- 7.1 |" in text and "| IBC | 55.0 +- 7.1 |" in text
+    assert (tmp_path / "synthetic" / "table.md").read_text() == text
+    assert "--variants" in text  # the command that made it
+    reproduce.main(argv)  # everything done: nothing reruns
+    assert len(calls) == 4
+    ibc_args = [a for a in calls if "experiments/method/ibc.yaml" in a][0]
+    assert "experiments/method/ibc/synthetic.yaml" in ibc_args  # the per-data-set file
+    assert ibc_args[ibc_args.index("--trainer.max_epochs") + 1] == "3"  # the CPU budget
+
+
+@pytest.mark.parametrize("variant", list(reproduce.GRID))
+def test_grid_arguments_parse_on_omniglot(variant):
+    method, extra = reproduce.GRID[variant]
+    args = reproduce.run_args("omniglot_small", method, extra, seed=1, epochs=2, size=32)
+    cli = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
+                       args=args[1:])
+    assert cli.config.trainer.max_epochs == 2 and cli.config.seed_everything == 1
