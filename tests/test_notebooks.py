@@ -1,0 +1,31 @@
+"""The notebooks execute top to bottom on the small data (a fresh kernel, the repo's Python)."""
+import glob
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted(glob.glob("notebooks/*.ipynb"))
+
+
+def test_there_is_a_notebook():
+    assert NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS)
+def test_notebook_executes(path, tmp_path):
+    nb = nbformat.read(path, as_version=4)
+    env_before = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "disabled"
+    try:
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    finally:
+        if env_before is None:
+            os.environ.pop("WANDB_MODE")
+        else:
+            os.environ["WANDB_MODE"] = env_before
+    images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) >= 4  # heatmaps, usage histograms, neighbours, the mu sweep
