@@ -40,6 +40,10 @@ for label, method in [("C1", "ccp_c1"), ("C2", "ccp_c2"), ("MS", "ccp_ms"),
                       ("triplet", "ccp_triplet")]:
     SUITES.setdefault("ccp", {})[label] = (method, NO_CCP)
     SUITES["ccp"][f"{label}-CCP"] = (method, CCP)
+    # Rounds on a schedule (a gain below min_delta does not count): one every 2 validations,
+    # so that re-picks and the proximal term act within a short budget.
+    SUITES["ccp"][f"{label}-CCP, a round every 2 epochs"] = (method, CCP + ["--ccp.min_delta",
+                                                                             "1.0"])
 VALIDATE_EVERY_EPOCH = {"ccp"}
 
 

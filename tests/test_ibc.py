@@ -179,3 +179,20 @@ def test_pseudo_test_embedding_is_the_mpn_output_over_the_reciprocal_neighbourho
         with torch.no_grad():
             direct = F.normalize(module.ibc.mpn(group)[0], dim=0)
         torch.testing.assert_close(refined[i], direct, atol=1e-5, rtol=1e-5)
+
+
+def test_ibc_composes_with_gsp_and_a_metric_loss(tmp_path):
+    pl.seed_everything(0)
+    module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+                       pooling={"name": "gsp", "params": {"num_prototypes": 4}},
+                       embedding_dim=16, num_classes=24,
+                       loss=LossConfig(name="contrastive"),
+                       ibc=IBCConfig(enabled=True, heads=2, ff_hidden=32))
+    data = small_data()
+    trainer(tmp_path, 1, enable_checkpointing=False, limit_train_batches=2,
+            limit_val_batches=0).fit(module, data)
+    images, labels, _ = next(iter(data.train_dataloader()))
+    parts = module.compute_losses(module.embed(images), labels)
+    assert set(parts) == {"metric", "ibc_backbone", "ibc_mpn"}
+    assert all(torch.isfinite(v) for v in parts.values())
+    assert bool(module.pooling.initialized)
