@@ -65,10 +65,11 @@ def test_main_writes_runs_and_table_and_resumes(tmp_path, monkeypatch):
     assert ibc_args[ibc_args.index("--trainer.max_epochs") + 1] == "3"  # the CPU budget
 
 
+@pytest.mark.parametrize("dataset", ["omniglot_small", "cub"])
 @pytest.mark.parametrize("variant", list(reproduce.GRID))
-def test_grid_arguments_parse_on_omniglot(variant):
+def test_grid_arguments_parse(variant, dataset):
     method, extra = reproduce.GRID[variant]
-    args = reproduce.run_args("omniglot_small", method, extra, seed=1, epochs=2, size=32)
+    args = reproduce.run_args(dataset, method, extra, seed=1, epochs=2, size=32)
     cli = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
                        args=args[1:])
     assert cli.config.trainer.max_epochs == 2 and cli.config.seed_everything == 1
