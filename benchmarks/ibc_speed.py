@@ -78,7 +78,6 @@ def main():
     parser.add_argument("--resnet", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(torch.get_num_threads())
     without = step_seconds(0.0, args, device)
     with_mpn = step_seconds(1.0, args, device)
     print(f"training step ({args.backbone}, {args.size} px, batch {args.batch}, {args.dim}-d, "

@@ -226,3 +226,11 @@ def test_ccp_without_proxies_is_a_config_error(tmp_path):
     t = trainer(tmp_path, 1, callbacks=[ChanceConstraintProjection(enabled=True)])
     with pytest.raises(ConfigError, match="proxies_per_class"):
         t.fit(module, small_data())
+
+
+def test_theta_prev_of_another_network_is_a_clear_error():
+    module = ccp_module()
+    callback = ChanceConstraintProjection(enabled=True)
+    callback.lam, callback.theta_prev = 1e-3, {"backbone.other": torch.zeros(1)}
+    with pytest.raises(ConfigError, match="theta_prev has no weights"):
+        callback.losses(module, None, None)

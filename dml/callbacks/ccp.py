@@ -124,6 +124,10 @@ class ChanceConstraintProjection(pl.Callback):
         if self.lam <= 0 or not self.theta_prev:
             return {}
         params = network_parameters(module)
+        missing = sorted(set(params) - set(self.theta_prev))
+        if missing:
+            raise ConfigError(f"ccp: the checkpoint's theta_prev has no weights for {missing[:5]}"
+                              f"; resume CCP with the model configuration it was trained with")
         for name, p in params.items():  # moved once, after a round end or a resume
             if self.theta_prev[name].device != p.device:
                 self.theta_prev[name] = self.theta_prev[name].to(p.device)

@@ -5,15 +5,12 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt  # without a display matplotlib falls back to Agg by itself
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg", force=False)  # no display needed; notebooks keep their inline backend
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from dml.metrics import knn  # noqa: E402
+from dml.metrics import knn
 
 
 def display_image(image: torch.Tensor) -> np.ndarray:
