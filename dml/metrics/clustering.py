@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dml.metrics.knn import faiss, faiss_available
+from dml.metrics.retrieval import check_finite
 
 
 def _as_numpy(x, dtype) -> np.ndarray:
@@ -63,8 +64,17 @@ def normalized_mutual_info(labels, clusters) -> float:
 
 
 def nmi(embeddings, labels, seed: int = 0, nredo: int = 1, backend: str = "auto") -> float:
-    """NMI of k-means (k = number of classes, fixed seed) against ``labels``."""
+    """NMI of k-means (k = number of classes, fixed seed) against ``labels``.
+
+    Non-finite embeddings and a single class (NMI is 0 / 0 there) are errors, not scores."""
     labels = _as_numpy(labels, np.int64).reshape(-1)
+    x = torch.as_tensor(_as_numpy(embeddings, np.float32))
+    if x.ndim != 2 or len(x) != len(labels):
+        raise ValueError(f"nmi: expected (n, d) embeddings and n labels, got {tuple(x.shape)} "
+                         f"and {len(labels)}")
+    check_finite(x, "embeddings", "nmi")
     num_classes = len(np.unique(labels))
-    clusters = kmeans_assign(embeddings, num_classes, seed=seed, nredo=nredo, backend=backend)
+    if num_classes < 2:
+        raise ValueError("nmi: the labels hold a single class; NMI is undefined (0 / 0)")
+    clusters = kmeans_assign(x.numpy(), num_classes, seed=seed, nredo=nredo, backend=backend)
     return normalized_mutual_info(labels, clusters)

@@ -1,16 +1,23 @@
-"""Exact k-nearest-neighbour search in squared Euclidean distance.
+"""Exact k-nearest-neighbour search in squared Euclidean distance, under the tie rule.
 
-One function, two back ends that return the same neighbours: faiss (``IndexFlatL2``, on the GPU
-when faiss sees one) when it is installed, a chunked torch matmul + ``topk`` otherwise. Both are
-brute force: nothing here is approximate.
+Neighbours are ordered by (distance, reference index): what a stable sort of the distance row
+gives (``dml.metrics.ordering``). Two back ends return the same lists:
+- ``torch``: a chunked distance matmul, then ``topk`` over order keys, which is exact for ties.
+- ``faiss`` (``IndexFlatL2``, on the GPU when faiss sees one): faiss orders equal distances as
+  its heaps happen to, so each list is asked for a few extra neighbours and re-sorted by
+  (distance, index). Where the distance at the k-th place still equals the last one returned
+  (a tie that may go on past the list), the row is recomputed by the torch back end. faiss'
+  lists are thus never used where they could differ from the rule.
 
-Self-exclusion (query set = reference set) is done by index, never by dropping the first column:
+Self-exclusion (query set = reference set) is by index, never by dropping the first column:
 with duplicate embeddings the query itself need not come first.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from dml.metrics.ordering import key_index, key_value, order_keys, squared_distances
 
 try:  # faiss is an optional extra: `pip install dml[cpu]` or `dml[gpu]`
     import faiss
@@ -19,6 +26,8 @@ except ImportError:  # pragma: no cover - exercised only where faiss is absent
 
 # faiss' GPU k-selection handles k up to this value; beyond it we search on the CPU.
 _FAISS_GPU_MAX_K = 2048
+# Extra neighbours asked of faiss, so that a tie at the k-th place is seen to end in the list.
+_FAISS_PAD = 8
 
 
 def faiss_available() -> bool:
@@ -37,34 +46,56 @@ def _as_float32_tensor(x) -> torch.Tensor:
     return x.detach().float()
 
 
-def _faiss_search(query: np.ndarray, reference: np.ndarray, k: int):
-    index = faiss.IndexFlatL2(reference.shape[1])
-    if k <= _FAISS_GPU_MAX_K and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(reference)
-    distances, indices = index.search(query, k)
-    return torch.from_numpy(distances), torch.from_numpy(indices)
-
-
-def _torch_search(query: torch.Tensor, reference: torch.Tensor, k: int, chunk_size: int):
+def _torch_search(query: torch.Tensor, reference: torch.Tensor, k: int, chunk_size: int,
+                  self_index=None):
+    """The k nearest under the tie rule; ``self_index[i]``: a reference to exclude for query
+    i (its own index when query = reference)."""
     reference = reference.to(query.device)
     ref_sq = (reference * reference).sum(1)
+    q_sq = (query * query).sum(1)
+    ref_index = torch.arange(len(reference), device=query.device)
     all_d, all_i = [], []
     for start in range(0, query.shape[0], chunk_size):
-        q = query[start:start + chunk_size]
-        # ||q - r||^2 = ||q||^2 - 2 q.r + ||r||^2, the same expansion faiss uses.
-        d = (q * q).sum(1, keepdim=True) - 2.0 * (q @ reference.T) + ref_sq[None]
-        dist, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
-        all_d.append(dist.clamp_min_(0).cpu())
-        all_i.append(idx.cpu())
+        d = squared_distances(query[start:start + chunk_size], reference,
+                              q_sq[start:start + chunk_size], ref_sq)
+        if self_index is not None:
+            rows = torch.arange(len(d), device=d.device)
+            d[rows, self_index[start:start + chunk_size].to(d.device)] = float("inf")
+        keys = torch.topk(order_keys(d, ref_index), k, dim=1, largest=False, sorted=True).values
+        all_d.append(key_value(keys).clamp_min_(0).cpu())
+        all_i.append(key_index(keys).cpu())
     return torch.cat(all_d), torch.cat(all_i)
 
 
+def _faiss_search(query: np.ndarray, reference: np.ndarray, k: int, same_source: bool):
+    """faiss' lists of the k nearest (k + 1 with self, dropped after), made to follow the tie
+    rule; rows it cannot settle come back in ``unsettled``."""
+    n_ref = len(reference)
+    search_k = min(k + int(same_source) + _FAISS_PAD, n_ref)
+    index = faiss.IndexFlatL2(reference.shape[1])
+    if search_k <= _FAISS_GPU_MAX_K and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(reference)
+    distances, indices = index.search(query, search_k)
+    distances, indices = torch.from_numpy(distances), torch.from_numpy(indices).long()
+    keys = torch.sort(order_keys(distances, indices), dim=1).values
+    distances, indices = key_value(keys), key_index(keys)
+    if same_source:
+        distances, indices = _drop_self(distances, indices)
+    # the k-th distance equal to the last returned: the tie may continue past the list
+    unsettled = (distances[:, k - 1] == distances[:, -1]) if search_k - int(same_source) > k \
+        else torch.zeros(len(query), dtype=torch.bool)
+    if search_k == n_ref:  # every reference was returned: nothing lies past the list
+        unsettled[:] = False
+    return distances[:, :k].clamp_min(0), indices[:, :k], unsettled
+
+
 def knn(query, reference=None, k: int = 1, backend: str = "auto", chunk_size: int = 4096):
-    """The k nearest references of each query: ``(squared distances, indices)``, each (n_q, k).
+    """The k nearest references of each query: ``(squared distances, indices)``, each (n_q, k),
+    ordered by (distance, reference index).
 
     With ``reference=None`` the queries search among themselves and each query's own index is
-    removed from its list (the usual DML protocol for CUB, Cars and SOP).
+    left out (the usual DML protocol for CUB, Cars and SOP).
 
     backend: "auto" (faiss when installed), "faiss" or "torch".
     """
@@ -73,36 +104,33 @@ def knn(query, reference=None, k: int = 1, backend: str = "auto", chunk_size: in
     max_k = n_ref - 1 if same_source else n_ref
     if k < 1 or k > max_k:
         raise ValueError(f"knn: k={k} must be in [1, {max_k}] for {n_ref} reference embeddings")
-    search_k = k + 1 if same_source else k
-
     if backend == "auto":
         backend = "faiss" if faiss_available() else "torch"
-    if backend == "faiss":
-        if not faiss_available():
-            raise RuntimeError("knn: backend='faiss' but faiss is not installed "
-                               "(pip install faiss-cpu, or dml[cpu])")
-        q = _as_float32_numpy(query)
-        r = q if same_source else _as_float32_numpy(reference)
-        distances, indices = _faiss_search(q, r, search_k)
-    elif backend == "torch":
-        q = _as_float32_tensor(query)
-        r = q if same_source else _as_float32_tensor(reference)
-        distances, indices = _torch_search(q, r, search_k, chunk_size)
-    else:
+    if backend not in ("faiss", "torch"):
         raise ValueError(f"knn: unknown backend {backend!r}; expected 'auto', 'faiss' or 'torch'")
-
-    indices = indices.long()
-    if same_source:
-        distances, indices = _drop_self(distances, indices)
+    q = _as_float32_tensor(query)
+    r = q if same_source else _as_float32_tensor(reference)
+    self_index = torch.arange(len(q)) if same_source else None
+    if backend == "torch":
+        return _torch_search(q, r, k, chunk_size, self_index)
+    if not faiss_available():
+        raise RuntimeError("knn: backend='faiss' but faiss is not installed "
+                           "(pip install faiss-cpu, or dml[cpu])")
+    qn = _as_float32_numpy(q)
+    distances, indices, unsettled = _faiss_search(qn, qn if same_source else _as_float32_numpy(r),
+                                                  k, same_source)
+    if bool(unsettled.any()):
+        rows = unsettled.nonzero()[:, 0]
+        distances[rows], indices[rows] = _torch_search(
+            q[rows], r, k, chunk_size, self_index[rows] if same_source else None)
     return distances, indices
 
 
 def _drop_self(distances: torch.Tensor, indices: torch.Tensor):
     """Remove each row's own index from a (n, k+1) neighbour list, leaving (n, k).
 
-    If the query is not among its k+1 neighbours (more than k exact duplicates), the farthest
-    column is dropped instead.
-    """
+    If the query is not in its list (more than k references precede it), the farthest column
+    is dropped instead."""
     n, k1 = indices.shape
     drop = indices == torch.arange(n)[:, None]
     # Keep exactly one dropped entry per row: the first self hit, or the last column.

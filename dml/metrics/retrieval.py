@@ -1,25 +1,22 @@
-"""Recall@K, MAP@R and R-Precision, exact, from one pass over the query-reference distances.
+"""Recall@K, MAP@R and R-Precision, exact, under one tie rule.
 
 Definitions (METHODS.md, "Common ground"):
 - Recall@K is the DML hit rate: 1 if any of the K nearest references shares the query's class.
 - For a query with R relevant references, MAP@R = (1/R) sum_{i<=R} P(i) rel(i) and
   R-Precision = (relevant among the R nearest) / R (Musgrave et al., 2020).
 
-Two exact back ends give the same numbers:
-- ``rank`` (default): per chunk of queries, the squared distances to every reference (one
-  matmul, on the embeddings' device), then
-  Recall@K = [rank of the first relevant reference < K], the rank being the number of references
-  strictly closer than it, and MAP@R / R-Precision from the R nearest (a top-k of the largest R
-  in the chunk). No sorted list of K = 1000 neighbours is ever built; this is what makes the
-  evaluator cost about one bare distance pass (benchmarks/README.md).
+Tie rule: a query's references are ordered by (squared distance, reference index), exactly what
+a stable sort of its distance row gives. A reference at the same distance as a relevant one
+counts before it if its index is smaller, whatever its class. Every back end follows it:
+- ``rank`` (default): the blocked pass of ``dml.metrics.ranking``: per query the rank of the
+  first relevant reference and its R nearest, from one pass over the distance blocks (half of
+  them when query = reference). No sorted list of K = 1000 neighbours is ever built.
 - ``faiss`` / ``torch``: one k-NN search with k = max(max K, largest R) (``dml.metrics.knn``),
   then the metrics from the neighbour lists.
 
 Queries are excluded from their own search by index. Queries with no relevant reference (a
 class seen once) are left out of every metric, as pytorch-metric-learning's AccuracyCalculator
-does; the standard benchmarks have none. References at exactly the query's distance to a
-relevant one are ordered arbitrarily by any k-NN search; the rank back end counts such ties in
-the query's favour.
+does; the standard benchmarks have none. Non-finite embeddings are an error, never a score.
 """
 from __future__ import annotations
 
@@ -29,6 +26,7 @@ import numpy as np
 import torch
 
 from dml.metrics.knn import knn
+from dml.metrics.ranking import precision_from_hits, query_stats
 
 
 def _as_tensor(x, dtype=None) -> torch.Tensor:
@@ -36,6 +34,21 @@ def _as_tensor(x, dtype=None) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(x))
     x = torch.as_tensor(x).detach()
     return x if dtype is None else x.to(dtype)
+
+
+def check_finite(embeddings: torch.Tensor, what: str, caller: str) -> None:
+    """A clear error when rows hold NaN or inf, or are too large for float32 distances."""
+    bad = ~torch.isfinite(embeddings).all(1)
+    if bool(bad.any()):
+        rows = bad.nonzero()[:, 0]
+        raise ValueError(
+            f"{caller}: {len(rows)} of {len(embeddings)} {what} are not finite (NaN or inf; first "
+            f"rows {rows[:5].tolist()}). The model diverged or the checkpoint is broken; a "
+            f"metric of these would mean nothing.")
+    norms = (embeddings.double() ** 2).sum(1)
+    if bool((norms > 1e37).any()):
+        raise ValueError(f"{caller}: {what} have squared norms up to {float(norms.max()):.3g}, "
+                         f"beyond float32 distances; normalise them first")
 
 
 def relevant_counts(query_labels: torch.Tensor, reference_labels: torch.Tensor,
@@ -47,59 +60,26 @@ def relevant_counts(query_labels: torch.Tensor, reference_labels: torch.Tensor,
     return counts - 1 if same_source else counts
 
 
-def precision_metrics(hits: torch.Tensor, num_relevant: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Per-query MAP@R and R-Precision from (n, k) relevance flags of the k >= R nearest."""
-    k = hits.shape[1]
-    rank = torch.arange(1, k + 1, device=hits.device)
-    rel = hits & (rank[None] <= num_relevant[:, None])
-    precision_at_i = rel.cumsum(1, dtype=torch.float64) / rank[None]
-    r = num_relevant.double()
-    return {"MAP@R": (precision_at_i * rel).sum(1) / r,
-            "R-Precision": rel.sum(1, dtype=torch.float64) / r}
-
-
-def _rank_chunk(q, q_lab, q_index, reference, ref_sq, r_labels, sorted_order, class_start,
-                num_relevant, ks, same_source):
-    """Per-query metrics of one chunk of queries by the rank back end."""
-    n = len(q)
-    # ||q - r||^2 minus the per-query constant ||q||^2: the same order, one fused op.
-    scores = torch.addmm(ref_sq[None], q, reference.T, beta=1.0, alpha=-2.0)
-    rows = torch.arange(n, device=q.device)
-    if same_source:
-        scores[rows, q_index] = float("inf")
-    # Distances to this query's relevant references, gathered by index (R is small).
-    width = int(num_relevant.max()) + int(same_source)
-    offsets = torch.arange(width, device=q.device)
-    slots = class_start[:, None] + offsets[None]
-    valid = offsets[None] < (num_relevant + int(same_source))[:, None]
-    rel_idx = sorted_order[slots.clamp_max(len(sorted_order) - 1)]
-    rel_d = scores.gather(1, rel_idx).masked_fill(~valid, float("inf"))
-    first = rel_d.min(1).values
-    rank_first = (scores < first[:, None]).sum(1)  # relevant neighbour's 0-based rank
-    out = {f"R@{K}": (rank_first < K).double() for K in ks}
-    nearest = torch.topk(scores, int(num_relevant.max()), dim=1, largest=False, sorted=True)[1]
-    out.update(precision_metrics(r_labels[nearest] == q_lab[:, None], num_relevant))
-    return out
-
-
-def _knn_hits(query, reference, q_labels, r_labels, k, backend, chunk_size, same_source):
-    _, indices = knn(query, None if same_source else reference, k=k, backend=backend,
-                     chunk_size=chunk_size)
-    return r_labels.cpu()[indices] == q_labels.cpu()[:, None]
+def default_block_size(device: torch.device) -> int:
+    """Rows and columns of one distance block: in cache on a CPU, large on a GPU."""
+    return 4096 if device.type == "cuda" else 1024
 
 
 def retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=None,
-                      gallery_labels=None, backend: str = "auto", chunk_size: int = 2048,
+                      gallery_labels=None, backend: str = "auto",
+                      chunk_size: Optional[int] = None,
                       device: Optional[torch.device] = None) -> Dict[str, float]:
     """Recall@K for each K in ``ks``, MAP@R and R-Precision, exact, in float32.
 
     Without a gallery the queries are the references and each query is excluded by index; with
     one (In-Shop), queries search the gallery only. Torch tensors or numpy arrays in; floats in
-    [0, 1] out, keyed ``R@<k>``, ``MAP@R``, ``R-Precision``.
+    [0, 1] out, keyed ``R@<k>``, ``MAP@R``, ``R-Precision``. Neighbours are ordered by
+    (distance, reference index) in every back end (module docstring). NaN or inf in the
+    embeddings raises ValueError.
 
-    backend: "auto" = "rank" (one chunked distance pass, see the module docstring), or "faiss"
-    / "torch" (a k-NN search with k = max(max K, largest R)). device: where the rank back end
-    computes (default: the embeddings' device).
+    backend: "auto" = "rank" (one blocked distance pass), or "faiss" / "torch" (a k-NN search
+    with k = max(max K, largest R)). chunk_size: the rank back end's block size (default 1024 on
+    a CPU, 4096 on a GPU). device: where the rank back end computes (default: the embeddings').
     """
     if (gallery_embeddings is None) != (gallery_labels is None):
         raise ValueError("retrieval_metrics: give both gallery_embeddings and gallery_labels, "
@@ -114,52 +94,39 @@ def retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=No
     device = torch.device(device) if device is not None else query.device
     same_source = gallery_embeddings is None
     reference = query if same_source else _as_tensor(gallery_embeddings, torch.float32)
-    q_labels = _as_tensor(labels, torch.long).reshape(-1).to(device)
+    q_labels = _as_tensor(labels, torch.long).reshape(-1)
     r_labels = q_labels if same_source else _as_tensor(gallery_labels, torch.long).reshape(-1)
-    r_labels = r_labels.to(device)
     if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
         raise ValueError(f"retrieval_metrics: embeddings must be 2-D with equal widths, got "
                          f"{tuple(query.shape)} and {tuple(reference.shape)}")
     if len(q_labels) != len(query) or len(r_labels) != len(reference):
         raise ValueError("retrieval_metrics: one label per embedding is required")
+    check_finite(query, "embeddings", "retrieval_metrics")
+    if not same_source:
+        check_finite(reference, "gallery embeddings", "retrieval_metrics")
 
-    num_relevant = relevant_counts(q_labels, r_labels, same_source)
+    num_relevant = relevant_counts(q_labels.cpu(), r_labels.cpu(), same_source)
     keep = (num_relevant > 0).nonzero().reshape(-1)
     if len(keep) == 0:
         raise ValueError("retrieval_metrics: no query has a relevant reference")
     max_k = len(reference) - int(same_source)
     ks_eff = [min(K, max_k) for K in ks]
 
-    totals: Dict[str, float] = {}
-
-    def accumulate(part: Dict[str, torch.Tensor]):
-        for name, value in part.items():
-            totals[name] = totals.get(name, 0.0) + float(value.sum())
-
     if backend in ("auto", "rank"):
-        query, reference = query.to(device), reference.to(device)
-        ref_sq = (reference * reference).sum(1)
-        sorted_order = torch.argsort(r_labels, stable=True)
-        sorted_labels = r_labels[sorted_order]
-        for start in range(0, len(keep), chunk_size):
-            rows = keep[start:start + chunk_size].to(device)
-            class_start = torch.searchsorted(sorted_labels, q_labels[rows])
-            part = _rank_chunk(query[rows], q_labels[rows], rows, reference, ref_sq, r_labels,
-                               sorted_order, class_start, num_relevant[rows], ks_eff,
-                               same_source)
-            accumulate(part)
+        query, q_labels = query.to(device), q_labels.to(device)
+        reference = query if same_source else reference.to(device)
+        r_labels = q_labels if same_source else r_labels.to(device)
+        first, ap, rp = query_stats(query, q_labels, reference, r_labels, same_source,
+                                    max(ks_eff), chunk_size or default_block_size(device))
     else:
         k = min(max(ks[-1], int(num_relevant.max())), max_k)
-        hits_all = _knn_hits(query, reference, q_labels, r_labels, k, backend, chunk_size,
-                             same_source)
-        keep_cpu, nrel = keep.cpu(), num_relevant.cpu()
-        for start in range(0, len(keep_cpu), chunk_size):
-            rows = keep_cpu[start:start + chunk_size]
-            hits = hits_all[rows]
-            part = {f"R@{K}": hits[:, :K].any(1).double() for K in ks_eff}
-            part.update(precision_metrics(hits, nrel[rows]))
-            accumulate(part)
-    out = {f"R@{K}": totals[f"R@{Ke}"] / len(keep) for K, Ke in zip(ks, ks_eff)}
-    out["MAP@R"] = totals["MAP@R"] / len(keep)
-    out["R-Precision"] = totals["R-Precision"] / len(keep)
+        _, indices = knn(query, None if same_source else reference, k=k, backend=backend,
+                         chunk_size=chunk_size or 4096)
+        hits = (r_labels.cpu()[indices] == q_labels.cpu()[:, None])[keep]
+        first = torch.where(hits.any(1), hits.int().argmax(1), torch.full_like(keep, k))
+        ap, rp = precision_from_hits(hits, num_relevant[keep])
+    n = len(keep)
+    out = {f"R@{K}": float((first < Ke).sum()) / n for K, Ke in zip(ks, ks_eff)}
+    out["MAP@R"] = float(ap.sum()) / n
+    out["R-Precision"] = float(rp.sum()) / n
     return out

@@ -1,0 +1,291 @@
+"""Per-query ranking statistics, exact under the tie rule of ``dml.metrics.ordering``.
+
+For every query with R >= 1 relevant references, three numbers are all the retrieval metrics
+need (METHODS.md, "Common ground"):
+- ``first_rank``: the 0-based position of the first relevant reference (Recall@K = [first_rank
+  < K]);
+- ``ap``: MAP@R's per-query term (1/R) sum_{i<=R} P(i) rel(i);
+- ``rp``: R-Precision's, (relevant among the R nearest) / R.
+
+Two computations give them:
+- ``exact_query_stats``: per chunk of queries, the whole distance row as order keys, the first
+  relevant key, a count of the keys below it, and the R smallest keys. Simple and exact; the
+  block pass falls back to it for rows it cannot settle.
+- ``BlockRanks``: the fast pass. Queries and references are sorted by label so that each query's
+  relevant references sit in a few "band" blocks near the diagonal. A first pass over the band
+  blocks gives each query the distance f of its nearest relevant reference and a provisional
+  list of its R nearest (so tau, its R-th distance, is an upper bound). The main pass then
+  visits every block once (with query = reference only the blocks on and above the diagonal:
+  each serves its rows and, transposed, its columns) and per query adds two counts, of distances
+  < f and <= f, and merges the few references with distance <= tau into its list (tau
+  shrinks as it goes). The first relevant reference is then read from the list when it is among
+  the R nearest, else its rank is the count below f. Rows the pass cannot settle exactly (a
+  non-relevant reference at exactly f whose order decides a Recall@K, or a band block whose
+  distances differ between the two passes) are recomputed by ``exact_query_stats``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from dml.metrics.ordering import (INT64_MAX, key_index, key_value, order_keys, squared_distances,
+                                  stable_smallest)
+
+Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # first_rank, ap, rp
+
+
+def precision_from_hits(hits: torch.Tensor, num_relevant: torch.Tensor):
+    """Per-query MAP@R and R-Precision terms from (n, L) relevance flags of the L >= R nearest,
+    in order."""
+    k = hits.shape[1]
+    rank = torch.arange(1, k + 1, device=hits.device)
+    rel = hits & (rank[None] <= num_relevant[:, None])
+    precision_at_i = rel.cumsum(1, dtype=torch.float64) / rank[None]
+    r = num_relevant.double()
+    return (precision_at_i * rel).sum(1) / r, rel.sum(1, dtype=torch.float64) / r
+
+
+def exact_query_stats(query: torch.Tensor, q_labels: torch.Tensor, reference: torch.Tensor,
+                      r_labels: torch.Tensor, num_relevant: torch.Tensor,
+                      self_index: Optional[torch.Tensor] = None,
+                      max_elements: int = 1 << 24) -> Stats:
+    """first_rank, ap, rp of each query (all with num_relevant >= 1) from its whole distance row.
+
+    self_index: each query's own index in ``reference`` (excluded), or None."""
+    device = query.device
+    n_q, n_r = len(query), len(reference)
+    ref_sq = (reference * reference).sum(1)
+    q_sq = (query * query).sum(1)
+    ref_index = torch.arange(n_r, device=device)
+    first = torch.empty(n_q, dtype=torch.long, device=device)
+    ap = torch.empty(n_q, dtype=torch.float64, device=device)
+    rp = torch.empty(n_q, dtype=torch.float64, device=device)
+    step = max(1, max_elements // max(n_r, 1))
+    for s in range(0, n_q, step):
+        sl = slice(s, s + step)
+        d = squared_distances(query[sl], reference, q_sq[sl], ref_sq)
+        relevant = r_labels[None, :] == q_labels[sl, None]
+        if self_index is not None:
+            rows = torch.arange(len(d), device=device)
+            d[rows, self_index[sl]] = float("inf")
+            relevant[rows, self_index[sl]] = False
+        keys = order_keys(d, ref_index)
+        first_key = keys.masked_fill(~relevant, INT64_MAX).min(1).values
+        first[sl] = (keys < first_key[:, None]).sum(1)
+        top = keys.topk(int(num_relevant[sl].max()), dim=1, largest=False, sorted=True).values
+        hits = r_labels[key_index(top)] == q_labels[sl, None]
+        ap[sl], rp[sl] = precision_from_hits(hits, num_relevant[sl])
+    return first, ap, rp
+
+
+class BlockRanks:
+    """The blocked exact pass (module docstring). ``run(max_k)`` returns (first_rank, ap, rp)
+    for the queries with R >= 1, in their original order, and how many rows fell back to the
+    exact row computation (``fallback_rows``)."""
+
+    def __init__(self, query: torch.Tensor, q_labels: torch.Tensor, reference: torch.Tensor,
+                 r_labels: torch.Tensor, same_source: bool, block_size: int = 1024):
+        self.device = query.device
+        self.same, self.T = same_source, int(block_size)
+        self.query, self.q_labels_orig = query, q_labels
+        self.reference, self.r_labels_orig = reference, r_labels
+        q_order = torch.argsort(q_labels, stable=True)
+        r_order = q_order if same_source else torch.argsort(r_labels, stable=True)
+        self.q_order, self.r_orig = q_order, r_order
+        self.Q, self.ql = query[q_order], q_labels[q_order]
+        self.X = self.Q if same_source else reference[r_order]
+        rl = self.ql if same_source else r_labels[r_order]
+        self.q_sq = (self.Q * self.Q).sum(1)
+        self.x_sq = self.q_sq if same_source else (self.X * self.X).sum(1)
+        # each query's relevant references: permuted columns [cs, ce), itself excluded
+        self.cs = torch.searchsorted(rl, self.ql)
+        self.ce = torch.searchsorted(rl, self.ql, right=True)
+        self.R = self.ce - self.cs - int(same_source)
+        self.active = self.R > 0
+        n_q = len(self.Q)
+        self.L = max(int(self.R.max()), 1) if n_q else 1
+        self.W = max(int((self.ce - self.cs).max()), 1) if n_q else 1
+        self.slots = torch.arange(self.W, device=self.device)
+        self.rel_vals = torch.full((n_q, self.W), float("inf"), device=self.device)
+        self.top = torch.full((n_q, self.L), INT64_MAX, dtype=torch.long, device=self.device)
+        self.s_lt = torch.zeros(n_q, dtype=torch.long, device=self.device)
+        self.s_le = torch.zeros(n_q, dtype=torch.long, device=self.device)
+        self.flag = torch.zeros(n_q, dtype=torch.bool, device=self.device)
+        self.f = torch.full((n_q,), -float("inf"), device=self.device)
+        self.tau = torch.full((n_q,), -float("inf"), device=self.device)
+        self.near = torch.full((n_q, self.L), float("inf"), device=self.device)
+        self.fallback_rows = 0
+        self._mask = torch.empty(self.T * self.T, dtype=torch.bool, device=self.device)
+
+    # --- blocks ---------------------------------------------------------------------------
+    def _rows(self, i: int):
+        return i * self.T, min((i + 1) * self.T, len(self.Q))
+
+    def _cols(self, j: int):
+        return j * self.T, min((j + 1) * self.T, len(self.X))
+
+    def _block(self, i: int, j: int) -> torch.Tensor:
+        a, b = self._rows(i)
+        c, d = self._cols(j)
+        B = squared_distances(self.Q[a:b], self.X[c:d], self.q_sq[a:b], self.x_sq[c:d])
+        if self.same and i == j:
+            B.diagonal().fill_(float("inf"))
+        return B
+
+    def _blocks(self):
+        """(i, j) of every block visited: all of them, or those on and above the diagonal."""
+        n_i = -(-len(self.Q) // self.T)
+        n_j = -(-len(self.X) // self.T)
+        for i in range(n_i):
+            for j in range(i if self.same else 0, n_j):
+                yield i, j
+
+    def _band(self):
+        """The blocks holding relevant pairs (the class ranges of each row block)."""
+        band = set()
+        for i in range(-(-len(self.Q) // self.T)):
+            a, b = self._rows(i)
+            act = self.active[a:b]
+            if not bool(act.any()):
+                continue
+            lo = int(self.cs[a:b][act].min())
+            hi = int(self.ce[a:b][act].max())
+            first_j = lo // self.T
+            for j in range(max(first_j, i) if self.same else first_j, (hi - 1) // self.T + 1):
+                band.add((i, j))
+        return band
+
+    def _sides(self, i: int, j: int, B: torch.Tensor):
+        """(block, transposed, query rows, reference columns) served by block (i, j): rows i x
+        columns j, and with query = reference, transposed, rows j x columns i."""
+        yield B, False, self._rows(i), self._cols(j)
+        if self.same and i != j:
+            yield B, True, self._rows(j), self._cols(i)
+
+    # --- per side ---------------------------------------------------------------------------
+    def _relevant(self, M, rows, cols):
+        """Where each query's relevant references fall in this side, and their distances."""
+        (a, b), (c, d) = rows, cols
+        col = self.cs[a:b, None] + self.slots[None, :]
+        valid = (col < self.ce[a:b, None]) & (col >= c) & (col < d)
+        if self.same:
+            valid &= col != torch.arange(a, b, device=self.device)[:, None]
+        return valid, M.gather(1, (col - c).clamp(0, d - c - 1))
+
+    def _merge(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        merged = torch.cat([self.top[rows], keys], 1)
+        self.top[rows] = merged.topk(self.L, dim=1, largest=False, sorted=True).values
+
+    def _update_tau(self, rows: torch.Tensor) -> None:
+        kth = self.top[rows].gather(1, (self.R[rows] - 1).clamp_min(0)[:, None])[:, 0]
+        tau = key_value(kth)
+        keep = self.active[rows] & (self.f[rows] <= tau)
+        self.tau[rows] = torch.where(keep, tau, torch.full_like(tau, -float("inf")))
+
+    def _count(self, B, transposed: bool, thresholds: torch.Tensor, op) -> torch.Tensor:
+        """Per query of this side: entries ``op`` (le / lt) its threshold, as int32."""
+        mask = self._mask[:B.numel()].view(B.shape)
+        if transposed:  # queries are B's columns
+            op(B, thresholds[None, :], out=mask)
+            return mask.view(torch.uint8).sum(0, dtype=torch.int32)
+        op(B, thresholds[:, None], out=mask)
+        return mask.view(torch.uint8).sum(1, dtype=torch.int32)
+
+    def _first_side(self, B, transposed, rows, cols) -> None:
+        """Band block: the relevant distances, and the block's smallest distances of each row
+        into ``near`` (any R of them bound the R-th nearest from above)."""
+        (a, b), (c, d) = rows, cols
+        M = B.T if transposed else B
+        valid, vals = self._relevant(M, rows, cols)
+        self.rel_vals[a:b] = torch.where(valid, vals, self.rel_vals[a:b])
+        smallest = torch.topk(M, min(self.L, d - c), dim=1, largest=False, sorted=False).values
+        merged = torch.cat([self.near[a:b], smallest], 1)
+        self.near[a:b] = merged.topk(self.L, dim=1, largest=False, sorted=True).values
+
+    def _main_side(self, B, transposed, rows, cols, band: bool) -> None:
+        (a, b), (c, d) = rows, cols
+        self.s_le[a:b] += self._count(B, transposed, self.f[a:b], torch.le)
+        self.s_lt[a:b] += self._count(B, transposed, self.f[a:b], torch.lt)
+        M = B.T if transposed else B
+        if band:  # the same distances as in the first pass, or the row is recomputed
+            valid, vals = self._relevant(M, rows, cols)
+            self.flag[a:b] |= (valid & (vals != self.rel_vals[a:b])).any(1)
+        count = self._count(B, transposed, self.tau[a:b], torch.le)
+        hit = (count > 0).nonzero()[:, 0]
+        if len(hit) == 0:
+            return
+        mask = self._mask[:B.numel()].view(B.shape)  # still holds B <= tau
+        mask = mask.T if transposed else mask
+        self._merge(a + hit, self._candidates(M, mask, hit, count[hit], self.r_orig[c:d]))
+        self._update_tau(a + hit)
+
+    def _candidates(self, M, mask, hit, count, index) -> torch.Tensor:
+        """Keys of every entry <= tau in rows ``hit`` of this side, one padded row each (or,
+        where a row has many, its exact L smallest)."""
+        width = int(count.max())
+        if width > 4 * self.L + 16:
+            return stable_smallest(M[hit], self.L, index)
+        pos = mask[hit].nonzero()
+        row, col = pos[:, 0], pos[:, 1]
+        keys = order_keys(M[hit[row], col], index[col])
+        start = torch.cumsum(count, 0) - count
+        slot = torch.arange(len(row), device=self.device) - start[row]
+        out = torch.full((len(hit), width), INT64_MAX, dtype=torch.long, device=self.device)
+        out[row, slot] = keys
+        return out
+
+    # --- the passes -------------------------------------------------------------------------
+    def run(self, max_k: int) -> Stats:
+        band = self._band()
+        for i, j in sorted(band):
+            B = self._block(i, j)
+            for side in self._sides(i, j, B):
+                self._first_side(*side)
+        f = self.rel_vals.min(1).values
+        self.f = torch.where(self.active, f, torch.full_like(f, -float("inf")))
+        e = (self.rel_vals == self.f[:, None]).sum(1)
+        tau = self.near.gather(1, (self.R - 1).clamp_min(0)[:, None])[:, 0]
+        self.tau = torch.where(self.active & (self.f <= tau), tau, torch.full_like(tau, -float("inf")))
+        del self.near
+        for i, j in self._blocks():
+            B = self._block(i, j)
+            for side in self._sides(i, j, B):
+                self._main_side(*side, (i, j) in band)
+        return self._finish(e, max_k)
+
+    def _finish(self, e: torch.Tensor, max_k: int) -> Stats:
+        pos = torch.arange(self.L, device=self.device)
+        in_list = (pos[None] < self.R[:, None]) & (self.top != INT64_MAX)
+        idx = torch.where(in_list, key_index(self.top), torch.zeros_like(self.top))
+        hits = (self.r_labels_orig[idx] == self.ql[:, None]) & in_list
+        any_hit = hits.any(1)
+        first = torch.where(any_hit, hits.int().argmax(1), self.s_lt)
+        # a non-relevant reference at exactly f: its index decides its side of the first
+        # relevant one; recompute where that could change a Recall@K
+        ties = self.s_le - self.s_lt - e
+        undecided = ~any_hit & (ties != 0) & (self.s_lt < max_k)
+        redo = self.active & (self.flag | undecided)
+        ap, rp = precision_from_hits(hits, self.R.clamp_min(1))
+        if bool(redo.any()):
+            rows = redo.nonzero()[:, 0]
+            self.fallback_rows = len(rows)
+            orig = self.q_order[rows]
+            first[rows], ap[rows], rp[rows] = exact_query_stats(
+                self.query[orig], self.q_labels_orig[orig], self.reference, self.r_labels_orig,
+                self.R[rows], orig if self.same else None)
+        keep = self.active.nonzero()[:, 0]
+        order = torch.argsort(self.q_order[keep])  # back to the original query order
+        rows = keep[order]
+        return first[rows], ap[rows], rp[rows]
+
+
+def query_stats(query: torch.Tensor, q_labels: torch.Tensor, reference: torch.Tensor,
+                r_labels: torch.Tensor, same_source: bool, max_k: int,
+                block_size: int = 1024) -> Stats:
+    """(first_rank, ap, rp) of the queries with R >= 1, in query order, by the block pass."""
+    return BlockRanks(query, q_labels, reference, r_labels, same_source, block_size).run(max_k)
+
+
+__all__: Sequence[str] = ("precision_from_hits", "exact_query_stats", "BlockRanks",
+                          "query_stats")

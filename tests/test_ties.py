@@ -1,0 +1,145 @@
+"""The tie rule: every back end equals a brute-force stable sort of the distance rows.
+
+Data are small integers, so every squared distance is exact in float32 and float64 alike: the
+ties below are exact in every back end, and the reference (numpy, float64, ``kind="stable"``)
+sees the same ones. Non-finite embeddings are an error in every metric.
+"""
+import numpy as np
+import pytest
+import torch
+
+from dml.metrics import faiss_available, knn, nmi, retrieval_metrics
+from dml.metrics.ranking import BlockRanks
+
+BACKENDS = ["rank", "torch"] + (["faiss"] if faiss_available() else [])
+
+
+def reference_metrics(query, q_labels, ref, r_labels, ks, same_source):
+    """Brute force: the stable order of each query's float64 distance row."""
+    d = ((query[:, None, :].astype(np.float64) - ref[None].astype(np.float64)) ** 2).sum(-1)
+    out = {f"R@{k}": [] for k in ks}
+    out.update({"MAP@R": [], "R-Precision": []})
+    for i in range(len(query)):
+        cols = np.arange(len(ref))
+        if same_source:
+            cols = cols[cols != i]
+        order = cols[np.argsort(d[i, cols], kind="stable")]
+        rel = r_labels[order] == q_labels[i]
+        r = int(rel.sum())
+        if r == 0:
+            continue
+        for k in ks:
+            out[f"R@{k}"].append(float(rel[:k].any()))
+        top = rel[:r]
+        precision = np.cumsum(top) / np.arange(1, r + 1)
+        out["MAP@R"].append(float((precision * top).sum() / r))
+        out["R-Precision"].append(float(top.sum() / r))
+    return {name: float(np.mean(v)) for name, v in out.items()}
+
+
+def tied_data(seed, n=150, dim=4, classes=12, levels=3, shuffle=True):
+    """Integer vectors from a few levels: many exact duplicates within and across classes."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, levels, size=(n, dim)).astype(np.float32)
+    y = rng.integers(0, classes, size=n) if shuffle else np.sort(rng.integers(0, classes, size=n))
+    dup = rng.choice(n, size=n // 3)
+    x[rng.choice(n, size=n // 3)] = x[dup]  # more exact duplicates, any class
+    return x, y
+
+
+CASES = {
+    "tied": lambda: tied_data(0),
+    "tied_sorted_labels": lambda: tied_data(1, shuffle=False),
+    "tied_wide": lambda: tied_data(2, n=200, dim=8, classes=5, levels=2),
+    "one_repeated_vector": lambda: (np.ones((90, 3), np.float32),
+                                    np.arange(90) % 9),
+    "one_class": lambda: (tied_data(3, n=60)[0], np.zeros(60, np.int64)),
+    "duplicated_rows": lambda: (np.repeat(tied_data(4, n=40, levels=4)[0], 3, axis=0),
+                                np.repeat(np.arange(40) % 7, 3)),
+}
+
+
+# the rank back end with blocks smaller than the data (band, symmetric and fallback paths) and
+# with one block; the k-NN back ends once
+RUNS = [("rank", 7), ("rank", 32), ("rank", 1024)] + [(b, None) for b in BACKENDS[1:]]
+
+
+@pytest.mark.parametrize("backend,block", RUNS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_source_ties_equal_a_stable_sort(backend, block, case):
+    x, y = CASES[case]()
+    ks = [1, 2, 4, 8, 16]
+    ours = retrieval_metrics(x, y, ks, backend=backend, chunk_size=block)
+    assert ours == pytest.approx(reference_metrics(x, y, x, y, ks, True), abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block", [5, 64])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_query_gallery_ties_equal_a_stable_sort(backend, block, seed):
+    x, y = tied_data(seed, n=160, classes=10)
+    rng = np.random.default_rng(seed)
+    is_query = rng.random(len(y)) < 0.4
+    q, qy, g, gy = x[is_query], y[is_query], x[~is_query], y[~is_query]
+    ks = [1, 10, 20, 30]
+    ours = retrieval_metrics(q, qy, ks, gallery_embeddings=g, gallery_labels=gy,
+                             backend=backend, chunk_size=block)
+    assert ours == pytest.approx(reference_metrics(q, qy, g, gy, ks, False), abs=1e-12)
+
+
+def test_identical_embeddings_score_what_the_index_order_gives():
+    # 600 copies of one vector in 20 classes (label = i mod 20): every query's nearest
+    # reference is index 0 (index 1 for query 0), so R@1 is the share of class-0 queries
+    # other than query 0 itself: 29 / 600. Ties in the query's favour would give 1.0.
+    x = np.ones((600, 8), np.float32)
+    y = np.arange(600) % 20
+    for backend in BACKENDS:
+        out = retrieval_metrics(x, y, [1], backend=backend)
+        assert out["R@1"] == pytest.approx(29 / 600, abs=1e-15), backend
+        assert out["MAP@R"] < 0.06
+
+
+def test_block_pass_needs_no_fallback_without_ties():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(300, 16)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 25, size=300))
+    ranks = BlockRanks(x, y, x, y, same_source=True, block_size=64)
+    ranks.run(max_k=8)
+    assert ranks.fallback_rows == 0
+
+
+def test_knn_lists_follow_the_tie_rule():
+    x, _ = tied_data(5, n=80)
+    d = ((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    expected = np.argsort(d, axis=1, kind="stable")[:, :10]
+    for backend in ["torch"] + (["faiss"] if faiss_available() else []):
+        dist, idx = knn(torch.from_numpy(x), k=10, backend=backend)
+        assert idx.tolist() == expected.tolist(), backend
+        assert np.allclose(dist.numpy(), np.take_along_axis(d, expected, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings_are_an_error_naming_the_rows(backend, bad):
+    x, y = tied_data(6)
+    x[[3, 7]] = bad
+    with pytest.raises(ValueError, match="2 of 150 embeddings are not finite"):
+        retrieval_metrics(x, y, [1], backend=backend)
+    g = x.copy()
+    with pytest.raises(ValueError, match="gallery embeddings are not finite"):
+        retrieval_metrics(np.ones_like(x), y, [1], gallery_embeddings=g, gallery_labels=y,
+                          backend=backend)
+
+
+def test_all_nan_embeddings_are_an_error():
+    x = np.full((600, 8), np.nan, np.float32)
+    with pytest.raises(ValueError, match="600 of 600"):
+        retrieval_metrics(x, np.arange(600) % 20, [1])
+    with pytest.raises(ValueError, match="600 of 600"):
+        nmi(x, np.arange(600) % 20)
+
+
+def test_nmi_of_a_single_class_is_an_error():
+    with pytest.raises(ValueError, match="single class"):
+        nmi(np.random.default_rng(0).normal(size=(20, 4)), np.zeros(20))
