@@ -47,11 +47,12 @@ for label, method in [("C1", "ccp_c1"), ("C2", "ccp_c2"), ("MS", "ccp_ms"),
 VALIDATE_EVERY_EPOCH = {"ccp"}
 
 
-def run(method, extra, seed, epochs, dataset, val_every=None, size=None):
+def run(method, extra, seed, epochs, dataset, val_every=None, size=None, root=None):
     from dml.callbacks import ChanceConstraintProjection
     from dml.reproduce import run_args, run_once
 
-    metrics, trainer = run_once(run_args(dataset, method, extra, seed, epochs, size, val_every))
+    metrics, trainer = run_once(run_args(dataset, method, extra, seed, epochs, size, val_every,
+                                         root=root))
     ccp = [c for c in trainer.callbacks if isinstance(c, ChanceConstraintProjection)]
     extra_info = {}
     if ccp and ccp[0].enabled:
@@ -70,6 +71,8 @@ def main():
                         help="image size (default: the data config's, 64 px)")
     parser.add_argument("--variants", nargs="+", default=None,
                         help="run only these variants of the suite")
+    parser.add_argument("--root", default=None,
+                        help="the data set's folder (default: the config's, data/omniglot)")
     parser.add_argument("--merge", default=None,
                         help="a log of earlier JSON lines (same settings) to table with")
     args = parser.parse_args()
@@ -85,7 +88,8 @@ def main():
         for seed in args.seeds:
             start = time.perf_counter()
             metrics, info = run(method, extra, seed, args.epochs, args.dataset,
-                                1 if args.suite in VALIDATE_EVERY_EPOCH else None, args.size)
+                                1 if args.suite in VALIDATE_EVERY_EPOCH else None, args.size,
+                                args.root)
             results.setdefault(name, []).append(metrics)
             print(json.dumps({"variant": name, "seed": seed, **metrics, **info,
                               "seconds": round(time.perf_counter() - start, 1)}), flush=True)

@@ -47,7 +47,8 @@ def config_files(dataset: str, method: str) -> List[str]:
 
 def run_args(dataset: str, method: str, extra: Sequence[str], seed: int,
              epochs: Optional[int] = None, size: Optional[int] = None,
-             val_every: Optional[int] = None, devices: int = 1) -> List[str]:
+             val_every: Optional[int] = None, devices: int = 1,
+             root: Optional[str] = None) -> List[str]:
     """The CLI arguments of one run: configs, switches, seed and budget, no loggers."""
     args = ["fit"] + [a for f in config_files(dataset, method) for a in ("--config", f)]
     args += list(extra) + [
@@ -61,6 +62,8 @@ def run_args(dataset: str, method: str, extra: Sequence[str], seed: int,
                  "--trainer.check_val_every_n_epoch", str(val_every or epochs)]
     if size:
         args += ["--data.init_args.crop", str(size), "--data.init_args.resize", str(size)]
+    if root:
+        args += ["--data.init_args.root", root]
     return args
 
 
@@ -136,6 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=None, choices=list(GRID))
     parser.add_argument("--out", default="experiments/results")
+    parser.add_argument("--root", default=None,
+                        help="the data set's folder (default: the data config's root)")
     args = parser.parse_args(argv)
     if not os.path.exists(f"experiments/data/{args.dataset}.yaml"):
         parser.error(f"no experiments/data/{args.dataset}.yaml")
@@ -153,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             if (name, seed) in done:
                 continue
             cli_args = run_args(args.dataset, method, extra, seed, epochs, size,
-                                devices=args.devices)
+                                devices=args.devices, root=args.root)
             start = time.perf_counter()
             metrics, _ = run_once(cli_args)
             row = {"variant": name, "seed": seed, "metrics": metrics,

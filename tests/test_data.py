@@ -111,7 +111,10 @@ def test_unreadable_image_names_the_file_or_is_skipped(tmp_path):
     dm = small(CUBDataModule, tmp_path, skip_unreadable=True)
     dm.setup("fit")
     images, labels, _ = next(iter(dm._eval_loader(dm.train_dataset)))
-    assert len(labels) == 8 and dm.train_dataset.skipped.value == 1
+    assert len(labels) == 8
+    for _ in range(3):  # read again: still one file, named
+        dm.train_dataset[1]
+    assert dm.unreadable_files() == [str(bad)]
 
 
 # --- Cars196 ------------------------------------------------------------------------------
@@ -242,7 +245,51 @@ def test_mlrc_fold_trains_on_three_folds_validates_on_one_tests_untouched(tmp_pa
     assert set(dm.eval_datasets["test"].paths) == set(dm.splits["test"].paths)
 
 
+def test_unreadable_files_are_named_once_across_loader_workers(tmp_path):
+    base = make_cub(tmp_path, per_class=6)
+    bad = [base / "images" / "001.Bird_1" / "Bird_1_0002.jpg",
+           base / "images" / "102.Bird_102" / "Bird_102_0004.jpg"]
+    for path in bad:
+        path.write_bytes(b"\xff\xd8 truncated")
+    dm = CUBDataModule(root=str(tmp_path), verify=False, num_workers=2, crop=32, resize=36,
+                       skip_unreadable=True, classes_per_batch=3, samples_per_class=2)
+    dm.setup("fit")
+    for _ in range(2):  # two epochs: each file fails twice, in worker processes
+        for loader in [dm.train_dataloader(), *dm.val_dataloader()]:
+            for _ in loader:
+                pass
+    assert dm.unreadable_files() == sorted(str(p) for p in bad)
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image file\(s\): .*Bird_1_0002"):
+        dm.teardown("fit")
+
+
 # --- the check and download commands -------------------------------------------------------
+def test_data_check_decode_lists_the_unreadable_images(tmp_path, capsys):
+    base = make_cub(tmp_path)
+    assert data_check.main(["cub", str(tmp_path), "--no-verify", "--decode",
+                            "--workers", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["unreadable"] == 0
+    bad = base / "images" / "101.Bird_101" / "Bird_101_0001.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG: the parse alone passes it
+    assert data_check.main(["cub", str(tmp_path), "--no-verify"]) == 0
+    capsys.readouterr()
+    assert data_check.main(["cub", str(tmp_path), "--no-verify", "--decode",
+                            "--workers", "2"]) == 1
+    captured = capsys.readouterr()
+    assert f"1 unreadable image(s): {bad}" in captured.err
+    assert json.loads(captured.out)["unreadable"] == 1
+
+
+def test_omniglot_configs_default_to_where_make_data_puts_them():
+    # `make data DATASET=omniglot` downloads into data/omniglot (both subsets); the tests
+    # point at ../shared themselves
+    import yaml
+
+    for name in ("omniglot", "omniglot_small"):
+        with open(f"experiments/data/{name}.yaml") as f:
+            assert yaml.safe_load(f)["data"]["init_args"]["root"] == "data/omniglot", name
+
+
 def test_data_check_prints_one_json_line(tmp_path, capsys):
     make_inshop(tmp_path)
     assert data_check.main(["inshop", str(tmp_path), "--no-verify"]) == 0

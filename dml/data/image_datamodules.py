@@ -161,11 +161,17 @@ class ImageDataModule(DMLDataModule):
             out.update(test_images=len(s["test"]), test_classes=s["test"].num_classes)
         return out
 
+    def unreadable_files(self) -> List[str]:
+        """The files skipped as unreadable so far (``skip_unreadable``), each once."""
+        return sorted({f for ds in self._all_datasets() for f in ds.unreadable_files()})
+
     def teardown(self, stage: Optional[str] = None) -> None:
-        skipped = sum(ds.skipped.value for ds in self._all_datasets())
-        if skipped:
+        bad = self.unreadable_files()
+        if bad:
             from pytorch_lightning.utilities import rank_zero_warn
-            rank_zero_warn(f"{self.name}: skipped {skipped} unreadable image(s)")
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            rank_zero_warn(f"{self.name}: skipped {len(bad)} unreadable image file(s): "
+                           f"{', '.join(bad[:5])}{more}")
 
     def _all_datasets(self):
         sets = [self._train] + list((self._eval or {}).values()) + list((self._val or {}).values())

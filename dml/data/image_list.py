@@ -2,8 +2,9 @@
 (image, label, index).
 
 An unreadable image raises ``UnreadableImageError`` naming the file. With ``skip_unreadable``
-the item is dropped from its batch instead (``collate_skipping``), and ``skipped`` counts them
-across DataLoader workers so that the run can report the total at the end.
+the item is dropped from its batch instead (``collate_skipping``) and flagged in ``unreadable``,
+one byte per image shared with the DataLoader workers, so that the run reports each bad file
+once, by name, however often it was read.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ class ImageListDataset(Dataset):
         self.original_classes = classes
         self.transform = transform
         self.skip_unreadable = skip_unreadable
-        self.skipped = mp.Value("i", 0)
+        # shared memory, inherited by forked loader workers
+        self.unreadable = mp.RawArray("b", max(len(self.paths), 1))
         self._zip: Optional[zipfile.ZipFile] = None
 
     def __len__(self) -> int:
@@ -75,14 +77,12 @@ class ImageListDataset(Dataset):
             return img
 
     def __getitem__(self, index: int):
-        path = self.paths[index]
         try:
-            img = self._open(path)
+            img = self._open(self.paths[index])
         except Exception as error:  # truncated JPEG, not an image, missing file...
-            where = f"{self.images.archive}:{path}" if self.images.archive else path
+            where = self.where(index)
             if self.skip_unreadable:
-                with self.skipped.get_lock():
-                    self.skipped.value += 1
+                self.unreadable[index] = 1
                 return None
             raise UnreadableImageError(
                 f"cannot read image {where}: {error}. Replace the file, or set "
@@ -90,6 +90,15 @@ class ImageListDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[index]), index
+
+    def where(self, index: int) -> str:
+        path = self.paths[index]
+        return f"{self.images.archive}:{path}" if self.images.archive else path
+
+    def unreadable_files(self) -> List[str]:
+        """Every file found unreadable so far (each once), in data-set order."""
+        flags = np.frombuffer(self.unreadable, dtype=np.int8)[:len(self.paths)]
+        return [self.where(i) for i in np.flatnonzero(flags)]
 
     def __getstate__(self):  # zip handles do not cross process boundaries
         state = self.__dict__.copy()
