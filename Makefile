@@ -15,14 +15,15 @@ CONFIGS := experiments/trainer.yaml experiments/data/$(DATASET).yaml experiments
 
 DATA_ROOT ?= data/$(DATASET)
 
-.PHONY: train test table data data-check bench-eval venv clean help
+.PHONY: train resume test table data data-check bench-eval venv clean help
 
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
+	@echo "make resume RUN=runs/<run folder> [ARGS='--trainer.max_epochs 60']   continue from its last.ckpt"
 	@echo "make test"
 	@echo "make table [DATASET=omniglot_small] [SEEDS='0 1 2'] [DEVICES=1]   methods-vs-baselines grid -> experiments/results/"
 	@echo "make data DATASET=cub|sop|omniglot [DATA_ROOT=data/<name>]   download and verify"
-	@echo "make data-check DATASET=<name> DATA_ROOT=<path>              parse, print split sizes"
+	@echo "make data-check DATASET=<name> DATA_ROOT=<path> [DECODE=1]   parse, print split sizes (DECODE: open every image)"
 	@echo "data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' ')"
 	@echo "methods:   $$(ls experiments/method/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"
 
@@ -36,7 +37,13 @@ venv: $(VENV)/.installed
 
 train: $(VENV)/.installed
 	@for f in $(CONFIGS); do test -f $$f || { echo "No config $$f. Data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' '); methods: $$(ls experiments/method/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')" >&2; exit 2; }; done
-	$(PY) -m dml fit $(addprefix --config ,$(CONFIGS)) --trainer.devices $(DEVICES) $(ARGS)
+	$(PY) -m dml fit $(addprefix --config ,$(CONFIGS)) --trainer.devices $(DEVICES) --run_name $(DATASET)-$(METHOD) $(ARGS)
+
+# Continue a run in its own folder from its last.ckpt (the config is checked against it).
+resume: $(VENV)/.installed
+	@test -n "$(RUN)" || { echo "usage: make resume RUN=runs/<run folder> [ARGS=...]" >&2; exit 2; }
+	@test -f "$(RUN)/checkpoints/last.ckpt" || { echo "no $(RUN)/checkpoints/last.ckpt" >&2; exit 2; }
+	$(PY) -m dml fit --config $(RUN)/config.yaml --ckpt_path $(RUN)/checkpoints/last.ckpt $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -51,7 +58,7 @@ data: $(VENV)/.installed
 	$(PY) -m dml.data.download $(DATASET) $(DATA_ROOT)
 
 data-check: $(VENV)/.installed
-	$(PY) -m dml.data.check $(DATASET) $(DATA_ROOT)
+	$(PY) -m dml.data.check $(DATASET) $(DATA_ROOT) $(if $(DECODE),--decode)
 
 bench-eval: $(VENV)/.installed
 	$(PY) benchmarks/eval_speed.py

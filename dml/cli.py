@@ -1,23 +1,38 @@
 """Command line: ``python -m dml fit --config experiments/...``, LightningCLI over DMLModule and
-any DMLDataModule. Configs compose: a trainer part, a data set part and a method part."""
+any DMLDataModule. Configs compose: a trainer part, a data set part and a method part.
+
+Each run writes into a folder of its own (``dml.runs``); ``--ckpt_path <run>/checkpoints/
+last.ckpt`` resumes it there, after checking that the configuration matches the checkpoint's.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+from typing import Optional
 
+import torch
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
+from dml import runs
 from dml.callbacks import ChanceConstraintProjection, CrossBatchMemory, DashboardFigures
+from dml.console import say
 from dml.data import (DatasetNotFound, DMLDataModule, IncompleteDataset, MetadataError,
                       UnreadableImageError)
-from dml.errors import ConfigError
+from dml.errors import (ConfigError, NonFiniteEmbeddingsError, NonFiniteLossError,
+                        NonFiniteStateError)
 from dml.models import PretrainedWeightsUnavailable
 from dml.module import DMLModule
 
+CONFIG_KEY = "dml_config"  # the composed configuration, saved in every checkpoint
+
 
 class DMLCLI(LightningCLI):
+    run_dir: Optional[str] = None
+
     def add_arguments_to_parser(self, parser) -> None:
         # The data set decides the number of classes (proxy losses) and the standard Recall@Ks.
         parser.link_arguments("data.num_train_classes", "model.num_classes", apply_on="instantiate")
@@ -25,6 +40,99 @@ class DMLCLI(LightningCLI):
         parser.add_lightning_class_args(CrossBatchMemory, "memory")
         parser.add_lightning_class_args(ChanceConstraintProjection, "ccp")
         parser.add_lightning_class_args(DashboardFigures, "dashboard")
+        parser.add_argument("--run_name", type=Optional[str], default=None,
+                            help="A name in the run folder's name (runs/<time>-<name>-<random>).")
+        parser.add_argument("--resume_changes", type=Optional[str], default=None,
+                            help="Config keys allowed to differ from the checkpoint's when "
+                                 "resuming with --ckpt_path: comma-separated fnmatch patterns, "
+                                 "e.g. 'model.optimizer.lr' or 'model.optimizer.*,memory.*'.")
+
+    # --- run folder and resume ----------------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would overwrite the model's config with the checkpoint's hyperparameters
+        here, silently dropping command-line changes (``--model.optimizer.lr``) while callbacks
+        follow the new config. The model is built from the config given instead, and
+        ``before_instantiate_classes`` checks it against the checkpoint's (``dml.runs``)."""
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:  # run=False: classes only, nothing is written
+            return
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        resuming = self.subcommand == "fit" and bool(ckpt_path)
+        shared = runs.shared_run_dir()
+        if shared:
+            os.makedirs(shared, exist_ok=True)
+            run_dir = shared
+        elif resuming and runs.run_folder_of_checkpoint(ckpt_path):
+            run_dir = runs.run_folder_of_checkpoint(ckpt_path)
+        else:
+            run_dir = runs.create_run_dir(runs.runs_root(config.trainer.default_root_dir),
+                                          config.get("run_name"))
+        self.run_dir = run_dir
+        if not shared:
+            runs.export_run_dir(run_dir)  # the DDP processes Lightning starts share it
+        point_outputs_to(config, run_dir)
+        if resuming:
+            allowed = [p.strip() for p in (config.get("resume_changes") or "").split(",")
+                       if p.strip()]
+            runs.check_resume(saved_config(ckpt_path), self._config_dict(config), ckpt_path,
+                              allowed)
+        if launching_process():
+            runs.write_run_file(run_dir, git_state(), ckpt_path if resuming else None)
+            say(f"run folder: {run_dir}")
+
+    def _config_dict(self, config) -> dict:
+        return json.loads(self._parser(self.subcommand).dump(config, skip_none=False,
+                                                              format="json"))
+
+
+def launching_process() -> bool:
+    """Rank 0 of a run (the process the user started, or global rank 0 of a cluster job)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+
+
+def point_outputs_to(config, run_dir: str) -> None:
+    """Loggers, checkpoints and the trainer's root all write inside the run folder."""
+    config.trainer.default_root_dir = run_dir
+    loggers = config.trainer.logger
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not hasattr(logger, "class_path"):
+            continue
+        args = logger.init_args
+        if logger.class_path.endswith("CSVLogger"):
+            args.save_dir, args.name, args.version = run_dir, "", ""
+        elif logger.class_path.endswith("WandbLogger"):
+            args.save_dir = run_dir
+            args.name = args.name or os.path.basename(run_dir)
+            wandb_id = read_run_file(run_dir).get("wandb_id")
+            if wandb_id and not args.id:  # a resumed run continues its W&B run
+                args.id, args.resume = wandb_id, args.resume or "allow"
+        elif "save_dir" in args:
+            args.save_dir = run_dir
+    for callback in config.trainer.callbacks or []:
+        if hasattr(callback, "class_path") and callback.class_path.endswith("Checkpoint") and \
+                "dirpath" in callback.init_args and callback.init_args.dirpath is None:
+            callback.init_args.dirpath = os.path.join(run_dir, "checkpoints")
+
+
+def read_run_file(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, runs.RUN_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def saved_config(ckpt_path: str) -> Optional[dict]:
+    """The configuration a checkpoint was trained with (None for checkpoints without one)."""
+    if not os.path.isfile(ckpt_path):
+        raise ConfigError(f"ckpt_path: no checkpoint at {ckpt_path}")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ConfigError(f"ckpt_path: {ckpt_path} is not a readable checkpoint ({error})")
+    return checkpoint.get(CONFIG_KEY)
 
 
 def git_state() -> dict:
@@ -42,32 +150,119 @@ def git_state() -> dict:
 
 
 class LoggedConfig(SaveConfigCallback):
-    """Saves config.yaml in the run folder (Lightning's behaviour) and hands the whole
-    configuration and the git commit to every logger (W&B's run config, CSV's hparams.yaml)."""
+    """Saves config.yaml in the run folder (an earlier one, on resume, is kept as
+    config.<k>.yaml), hands the whole configuration and the git commit to every logger (W&B's
+    run config, CSV's hparams.yaml), and stores the configuration in every checkpoint so that
+    a resume can be checked against it."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved and self.config.get("ckpt_path") and trainer.is_global_zero:
+            runs.keep_previous_config(trainer.default_root_dir, self.config_filename)
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False, format="json")
+        config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
         for logger in trainer.loggers:
-            logger.log_hyperparams({"config": json.loads(config), "git": git_state()})
+            logger.log_hyperparams({"config": config, "git": git_state()})
+            if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+                record_wandb_id(trainer.default_root_dir, logger.version)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint[CONFIG_KEY] = json.loads(
+            self.parser.dump(self.config, skip_none=False, format="json"))
+
+
+def record_wandb_id(run_dir: str, wandb_id) -> None:
+    record = read_run_file(run_dir)
+    if wandb_id and record and record.get("wandb_id") != wandb_id:
+        record["wandb_id"] = wandb_id
+        tmp = os.path.join(run_dir, f"{runs.RUN_FILE}.{os.getpid()}.partial")
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, os.path.join(run_dir, runs.RUN_FILE))
 
 
 # Errors with a message the user can act on: printed as one line, not as a traceback.
 USER_ERRORS = (ConfigError, DatasetNotFound, IncompleteDataset, MetadataError,
-               UnreadableImageError, PretrainedWeightsUnavailable)
+               UnreadableImageError, PretrainedWeightsUnavailable, NonFiniteLossError,
+               NonFiniteEmbeddingsError, NonFiniteStateError)
+
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(args=None) -> DMLCLI:
+    argv = list(sys.argv[1:] if args is None else args)
+    cli = None
     try:
         cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True,
                      save_config_callback=LoggedConfig, save_config_kwargs={"overwrite": True},
-                     seed_everything_default=0, args=args, auto_configure_optimizers=False)
-    except USER_ERRORS as error:
+                     seed_everything_default=0, args=args, auto_configure_optimizers=False,
+                     parser_kwargs={"exit_on_error": False,
+                                    **{name: {"exit_on_error": False} for name in SUBCOMMANDS}})
+    except (argparse.ArgumentError, *USER_ERRORS) as error:
         if os.environ.get("DML_TRACEBACK"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        discard_unused_run_dir()
+        message = with_config_file(str(error), config_sources(argv))
+        if isinstance(error, argparse.ArgumentError):
+            message += ". `python -m dml fit --help` lists every key"
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
-    finish_wandb()
+    finally:
+        runs.release_run_dir()
+        finish_wandb()
     return cli
+
+
+def config_sources(argv) -> dict:
+    """Dotted key -> the last ``--config`` file that sets it (or a parent of it)."""
+    import yaml
+
+    sources = {}
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg in ("--config", "-c") and i + 1 < len(argv) else \
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if not path or not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                content = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        stack = [("", content)]
+        while stack:
+            prefix, node = stack.pop()
+            if not isinstance(node, dict):
+                continue
+            for key, value in node.items():
+                name = f"{prefix}{key}"
+                sources[name] = path
+                stack.append((name + ".", value))
+    return sources
+
+
+def with_config_file(message: str, sources: dict) -> str:
+    """Name the config file that holds the key an error is about, when one does."""
+    match = re.search(r"option '([\w.]+)'", message) or re.match(r"([a-z_]+(?:\.[\w]+)+)",
+                                                                   message)
+    if not match:
+        return message
+    key = match.group(1)
+    for candidate in [key] + [key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)]:
+        path = sources.get(candidate) or sources.get(candidate.replace("data.", "data.init_args.", 1))
+        if path:
+            return f"{path}: {message}"
+    return message
+
+
+def discard_unused_run_dir() -> None:
+    """A run that failed before writing anything but run.json leaves no folder behind."""
+    path = os.environ.get(runs.ENV_DIR)
+    if path and os.environ.get(runs.ENV_OWNER) == str(os.getpid()) and os.path.isdir(path) \
+            and os.listdir(path) == [runs.RUN_FILE]:
+        os.remove(os.path.join(path, runs.RUN_FILE))
+        os.rmdir(path)
 
 
 def finish_wandb() -> None:

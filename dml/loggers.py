@@ -1,10 +1,36 @@
-"""Loggers: W&B that goes offline by itself when no login exists (sync later with `wandb sync`)."""
+"""Loggers: a CSV logger that appends to the run's metrics.csv (a resumed run keeps its history),
+and W&B that goes offline by itself when no login exists (sync later with `wandb sync`)."""
 from __future__ import annotations
 
+import csv
 import os
 from typing import Optional
 
+from pytorch_lightning.loggers import CSVLogger as _LightningCSVLogger
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.utilities import rank_zero_only
+
+
+class AppendingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv when its folder is not empty; this
+    one keeps it and appends (new columns rewrite the header, keeping every row)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = list(next(csv.reader(f), []))
+
+
+class CSVLogger(_LightningCSVLogger):
+    """``metrics.csv`` and ``hparams.yaml`` in the run folder, appended to on resume."""
+
+    @property
+    def experiment(self) -> AppendingExperimentWriter:
+        if self._experiment is None and rank_zero_only.rank == 0:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
+        return super().experiment
 
 
 def wandb_logged_in() -> bool:

@@ -9,11 +9,11 @@ from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_warn
 
 from dml.config import (BackboneConfig, EvalConfig, IBCConfig, LossConfig,  # noqa: F401
                         OptimizerConfig, PoolingConfig, ZeroShotConfig, as_config)
-from dml.errors import ConfigError
+from dml.errors import ConfigError, NonFiniteEmbeddingsError, NonFiniteLossError
 from dml.evaluation import EmbeddingBuffer, gather_by_index, score
 from dml.losses import (LOSSES, MultiProxyLoss, ZeroShotPrototypeLoss, build_loss, build_miner,
                         proxy_rows)
@@ -30,8 +30,17 @@ class DMLModule(pl.LightningModule):
                  loss: LossConfig = LossConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
                  evaluation: EvalConfig = EvalConfig(),
                  zero_shot: ZeroShotConfig = ZeroShotConfig(), ibc: IBCConfig = IBCConfig(),
-                 num_classes: Optional[int] = None, recall_ks: Optional[List[int]] = None):
+                 num_classes: Optional[int] = None, recall_ks: Optional[List[int]] = None,
+                 nonfinite_loss: str = "stop"):
+        """nonfinite_loss: what a NaN or infinite loss does: ``stop`` the run with an error
+        naming the step, the loss parts and the learning rates (the default), or ``skip`` the
+        step (no backward, no optimizer step) and go on."""
         super().__init__()
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ConfigError(f"model.nonfinite_loss: expected stop or skip, got "
+                              f"{nonfinite_loss!r}")
+        self.nonfinite_loss = nonfinite_loss
+        self.skipped_steps = 0
         backbone, pooling = as_config(BackboneConfig, backbone), as_config(PoolingConfig, pooling)
         loss = as_config(LossConfig, loss)
         optimizer, evaluation = as_config(OptimizerConfig, optimizer), as_config(EvalConfig, evaluation)
@@ -42,7 +51,7 @@ class DMLModule(pl.LightningModule):
             "embedding_dim": embedding_dim, "loss": asdict(loss),
             "optimizer": asdict(optimizer), "evaluation": asdict(evaluation),
             "zero_shot": asdict(zero_shot), "ibc": asdict(ibc),
-            "num_classes": num_classes, "recall_ks": recall_ks})
+            "num_classes": num_classes, "recall_ks": recall_ks, "nonfinite_loss": nonfinite_loss})
         self.optimizer_cfg, self.eval_cfg, self.loss_cfg = optimizer, evaluation, loss
         self.backbone = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn,
                                  backbone.width)
@@ -152,6 +161,8 @@ class DMLModule(pl.LightningModule):
 
     # --- GSP prototypes ---------------------------------------------------------------
     def on_train_start(self) -> None:
+        if self._trainer is not None and self.trainer.ckpt_path:
+            self.apply_changed_optimizer_settings()
         if isinstance(self.pooling, GSP) and not bool(self.pooling.initialized):
             candidates = self.gsp_candidates()
             if self.trainer.is_global_zero:
@@ -190,21 +201,86 @@ class DMLModule(pl.LightningModule):
         parts = self.compute_losses(self.embed(images), labels)
         total = sum(parts.values())
         batch_size = len(labels)
+        if not self.loss_is_finite(total):
+            return self.on_nonfinite_loss(parts, batch_idx)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         return total
 
+    def loss_is_finite(self, total: torch.Tensor) -> bool:
+        """Whether every process's loss is finite (one agreement under DDP, so that all stop or
+        skip together)."""
+        finite = bool(torch.isfinite(total.detach()).all())
+        if self.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
+
+    def on_nonfinite_loss(self, parts: Dict[str, torch.Tensor], batch_idx: int):
+        """Stop with one line naming the step, epoch, the non-finite parts and the learning
+        rates; or, with ``nonfinite_loss: skip``, skip the step (returning None)."""
+        bad = {name: float(value.detach()) for name, value in parts.items()
+               if not bool(torch.isfinite(value.detach()).all())}
+        where = (f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})")
+        if self.nonfinite_loss == "skip":
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+            rank_zero_warn(f"non-finite loss at {where}: {bad or 'on another process'}; step "
+                           f"skipped ({self.skipped_steps} so far)")
+            return None
+        lrs = describe_learning_rates(self.trainer)
+        parts_text = ", ".join(f"loss_{k} = {v}" for k, v in bad.items()) or \
+            "on another process"
+        raise NonFiniteLossError(
+            f"non-finite loss at {where}: {parts_text}; learning rates: {lrs}. Training "
+            f"stopped; the checkpoints written so far are untouched. Lower the learning rate, "
+            f"or set model.nonfinite_loss: skip to drop such steps.")
+
+    def configured_learning_rates(self) -> Dict[str, float]:
+        """The initial learning rate of each parameter group, from ``model.optimizer``."""
+        cfg = self.optimizer_cfg
+        return {"backbone": cfg.lr * cfg.backbone_lr_mult, "head": cfg.lr,
+                "loss": cfg.loss_lr if cfg.loss_lr is not None else cfg.lr}
+
+    def apply_changed_optimizer_settings(self) -> None:
+        """On resume, learning rates and weight decay come back from the checkpoint. Where the
+        config now asks for others (allowed with --resume_changes), apply them: each group's
+        schedule goes on from where it was, scaled to the new initial rate."""
+        wanted = self.configured_learning_rates()
+        changes = []
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                name = group.get("name")
+                initial = group.get("initial_lr", group["lr"])
+                if name in wanted and wanted[name] != initial:
+                    group["lr"] = group["lr"] * wanted[name] / initial if initial else wanted[name]
+                    if "initial_lr" in group:
+                        group["initial_lr"] = wanted[name]
+                    changes.append(f"{name} lr {initial:g} -> {wanted[name]:g}")
+                if group.get("weight_decay") != self.optimizer_cfg.weight_decay:
+                    changes.append(f"{name} weight decay {group.get('weight_decay'):g} -> "
+                                   f"{self.optimizer_cfg.weight_decay:g}")
+                    group["weight_decay"] = self.optimizer_cfg.weight_decay
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [g.get("initial_lr", g["lr"])
+                                      for g in scheduler.optimizer.param_groups]
+        if changes:
+            self.print("resume: optimizer settings from the config, not the checkpoint: "
+                       + "; ".join(changes))
+
     def configure_optimizers(self):
         cfg = self.optimizer_cfg
+        lrs = self.configured_learning_rates()
         groups = [
             {"params": [p for p in self.backbone.parameters() if p.requires_grad],
-             "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"},
+             "lr": lrs["backbone"], "name": "backbone"},
             {"params": [p for m in (self.pooling, self.head, self.ibc) if m is not None
-                        for p in m.parameters() if p.requires_grad], "lr": cfg.lr, "name": "head"},
+                        for p in m.parameters() if p.requires_grad], "lr": lrs["head"],
+             "name": "head"},
             {"params": [p for p in (self.loss_fn.parameters() if self.loss_fn is not None else [])
-                        if p.requires_grad],
-             "lr": cfg.loss_lr if cfg.loss_lr is not None else cfg.lr, "name": "loss"},
+                        if p.requires_grad], "lr": lrs["loss"], "name": "loss"},
         ]
         groups = [g for g in groups if g["params"]]
         kwargs = {"weight_decay": cfg.weight_decay}
@@ -244,22 +320,45 @@ class DMLModule(pl.LightningModule):
         for i, name in enumerate(dm.loader_names(datasets)):
             emb, lab, idx = self._eval_buffer.concatenated(i)
             sets[name] = gather_by_index(emb, lab, idx, self.all_gather, self.trainer.world_size)
+        # every rank holds the same gathered sets, so every rank raises the same error
+        self.check_finite_embeddings(sets, prefix)
         metrics: Dict[str, float] = {}
+        error = None
         cfg = self.eval_cfg
         if self.trainer.is_global_zero:
-            if self.ibc is not None and self.ibc_cfg.pseudo_test:
-                sets = self.pseudo_test_embeddings(sets)
-            if self.keep_eval_sets:  # for dashboards (DashboardFigures) and notebooks
-                self.last_eval_sets = {k: tuple(t.cpu() for t in v) for k, v in sets.items()}
-            ks = self.recall_ks or dm.recall_ks
-            metrics = score(protocol, sets, ks, cfg.nmi, cfg.nmi_seed, cfg.backend, self.device)
-        metrics = self.trainer.strategy.broadcast(metrics, src=0)
+            try:
+                if self.ibc is not None and self.ibc_cfg.pseudo_test:
+                    sets = self.pseudo_test_embeddings(sets)
+                if self.keep_eval_sets:  # for dashboards (DashboardFigures) and notebooks
+                    self.last_eval_sets = {k: tuple(t.cpu() for t in v) for k, v in sets.items()}
+                ks = self.recall_ks or dm.recall_ks
+                metrics = score(protocol, sets, ks, cfg.nmi, cfg.nmi_seed, cfg.backend,
+                                self.device)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                if self.trainer.world_size == 1:
+                    raise
+                error = f"{type(exc).__name__}: {exc}"
+        if self.trainer.world_size > 1:  # scoring ran on rank 0: all ranks learn its outcome
+            metrics, error = self.trainer.strategy.broadcast((metrics, error), src=0)
+        if error is not None:
+            raise RuntimeError(f"{prefix} evaluation failed on rank 0: {error}")
         self._eval_buffer.clear()
         if not self.trainer.sanity_checking:
             for name, value in metrics.items():
                 # identical on every rank (broadcast): sync_dist averages equal values
                 self.log(f"{prefix}/{name}", float(value), prog_bar=name == "R@1", sync_dist=True)
         return metrics
+
+    def check_finite_embeddings(self, sets: Dict[str, tuple], prefix: str) -> None:
+        """A NonFiniteEmbeddingsError naming the split, epoch and number of bad rows."""
+        for name, (emb, *_) in sets.items():
+            bad = int((~torch.isfinite(emb).all(1)).sum())
+            if bad:
+                when = "before training" if self.trainer.sanity_checking else \
+                    f"after epoch {self.current_epoch} (step {self.global_step})"
+                raise NonFiniteEmbeddingsError(
+                    f"{prefix} evaluation {when}: {bad} of {len(emb)} {name} embeddings are "
+                    f"not finite (NaN or inf); the model has diverged, no metric is reported")
 
     def pseudo_test_embeddings(self, sets: Dict[str, tuple]) -> Dict[str, tuple]:
         """IBC's pseudo-test mode: every embedding replaced by its MPN output over itself and its
@@ -287,15 +386,22 @@ class DMLModule(pl.LightningModule):
         metrics = self._evaluate("val")
         if self.trainer.sanity_checking:
             self.initial_metrics = metrics
-            rank_zero_info("untrained model | " + format_metrics(metrics))
+            label = "resumed model" if self.trainer.ckpt_path else "untrained model"
+            self.print(f"{label} | " + format_metrics(metrics))
         else:
             self.last_metrics = metrics
-            rank_zero_info(f"epoch {self.current_epoch:3d} | " + format_metrics(metrics))
+            self.print(f"epoch {self.current_epoch:3d} | " + format_metrics(metrics))
 
     def on_test_epoch_end(self) -> None:
         if self._eval_buffer.parts:
             self.last_metrics = self._evaluate("test")
-            rank_zero_info("test | " + format_metrics(self.last_metrics))
+            self.print("test | " + format_metrics(self.last_metrics))
+
+
+def describe_learning_rates(trainer) -> str:
+    """``backbone 0.001, head 0.001``: each parameter group's current learning rate."""
+    return ", ".join(f"{g.get('name', i)} {g['lr']:g}" for opt in trainer.optimizers
+                     for i, g in enumerate(opt.param_groups))
 
 
 def format_metrics(metrics: Dict[str, float]) -> str:

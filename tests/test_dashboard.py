@@ -1,6 +1,5 @@
 """Dashboard figures and W&B offline logging from a tiny CLI run; the figure builders."""
 import glob
-import json
 import os
 
 import pytest
@@ -25,19 +24,16 @@ def tiny_run(tmp_path_factory):
                   "--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
                   "--data.init_args.images_per_class", "10", "--model.backbone.width", "8",
                   "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
-                  "--trainer.logger", json.dumps([
-                      {"class_path": "pytorch_lightning.loggers.CSVLogger",
-                       "init_args": {"save_dir": str(root), "name": "csv"}},
-                      {"class_path": "dml.loggers.WandbLogger",
-                       "init_args": {"project": "dml", "save_dir": str(root)}}]),
-                  "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", "--dashboard.every_n_epochs", "1",
-                  "--dashboard.num_queries", "4", "--dashboard.top_k", "3"])
+                  "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+                  "--dashboard.every_n_epochs", "1", "--dashboard.num_queries", "4",
+                  "--dashboard.top_k", "3"])
     finally:
         if old is None:
             os.environ.pop("WANDB_MODE")
         else:
             os.environ["WANDB_MODE"] = old
-    return root
+    (run,) = [p.parent for p in root.glob("*/run.json")]  # the run's own folder
+    return run
 
 
 def png_size(path):
@@ -48,7 +44,7 @@ def png_size(path):
 
 
 def test_figures_are_saved_as_pngs_of_the_expected_size(tiny_run):
-    figures = sorted(glob.glob(str(tiny_run / "csv" / "version_*" / "figures" / "*.png")))
+    figures = sorted(glob.glob(str(tiny_run / "figures" / "*.png")))
     names = {os.path.basename(p) for p in figures}
     assert names == {"retrieval_epoch000.png", "pooling_epoch000.png", "projection_epoch000.png"}
     by_name = {os.path.basename(p).split("_")[0]: p for p in figures}

@@ -101,7 +101,8 @@ def test_cli_bad_value_names_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  loss:\n    name: arcface2\n")
     err = run_cli(["--config", str(bad), "--trainer.max_epochs", "0"], capsys)
-    assert "error: model.loss.name: unknown loss 'arcface2'" in err and "Traceback" not in err
+    assert f"error: {bad}: model.loss.name: unknown loss 'arcface2'" in err  # file and key
+    assert "Traceback" not in err
 
 
 def test_cli_missing_data_set_gives_guidance(tmp_path, capsys):

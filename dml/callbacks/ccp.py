@@ -106,6 +106,8 @@ class ChanceConstraintProjection(pl.Callback):
         pl_module.loss_contributors["ccp"] = self
 
     def state_dict(self) -> Dict[str, Any]:
+        if not self.enabled:
+            return {}
         return {"round": self.round, "lam": self.lam, "best_score": self.best_score,
                 "checks_in_round": self.checks_in_round,
                 "checks_without_gain": self.checks_without_gain,

@@ -174,6 +174,10 @@ class CrossBatchMemory(pl.Callback):
         stored_space = out["raw_embeddings"] if self.moments == "raw" else z
         # the global batch under DDP: every rank matches to and enqueues the same embeddings
         batch, batch_labels = self.gather(module, stored_space.detach().float(), labels)
+        if not bool(torch.isfinite(batch).all()):
+            # a diverged batch: its loss is non-finite too (the module stops or skips the
+            # step); matching to it or storing it would poison the memory for good
+            return {}
         parts = {}
         memory = state.memory
         target = None

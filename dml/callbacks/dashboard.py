@@ -6,8 +6,10 @@ Rank 0 draws, from the embeddings the validation just scored:
 - ``pooling``: the pooling's per-location weights overlaid on images (GSP; skipped for poolings
   without weights);
 - ``projection``: a 2-D projection (PCA or t-SNE) of the embeddings coloured by class.
-Each figure is a PNG in ``<run folder>/figures/<name>_epoch<E>.png`` (for users without W&B)
-and, when a W&B logger is attached, an image under ``figures/<name>`` at the current step.
+Each figure is a PNG in ``<run folder>/figures/<name>_epoch<E>.png`` (for users without W&B,
+written atomically) and, when a W&B logger is attached, an image under ``figures/<name>`` at the
+current step. A figure that fails to draw is a warning naming it; training goes on. Only rank 0
+draws, and nothing it calls is a collective (the folder is resolved in ``setup`` on every rank).
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_warn
 
 from dml.errors import ConfigError
+from dml.visualization.figures import save_png
 
 
 class DashboardFigures(pl.Callback):
@@ -43,16 +47,16 @@ class DashboardFigures(pl.Callback):
         self.num_queries, self.top_k, self.num_heatmaps = num_queries, top_k, num_heatmaps
         self.projection, self.max_points, self.seed = projection, max_points, seed
         self.last_paths: Dict[str, str] = {}
+        self.out_dir = "figures"  # set to <run folder>/figures in setup
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        # every rank calls setup: trainer.log_dir (a broadcast under DDP) is safe only here
+        self.out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "figures")
         if self.enabled:
             pl_module.keep_eval_sets = True
 
-    @staticmethod
-    def figures_dir(trainer) -> str:
-        return os.path.join(trainer.log_dir or trainer.default_root_dir, "figures")
-
     def on_validation_end(self, trainer, pl_module) -> None:
+        # rank 0 alone from here on: nothing below may call a collective
         if not self.enabled or trainer.sanity_checking or not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch
@@ -62,19 +66,49 @@ class DashboardFigures(pl.Callback):
         self.draw(trainer, pl_module, f"epoch{epoch:03d}")
 
     def draw(self, trainer, pl_module, tag: str) -> Dict[str, str]:
-        from dml.visualization import (embedding_projection, retrieval_grid, save_png,
-                                       top_k_neighbours)
-
+        """Draw every figure; one that fails is a warning naming it, never a stopped run."""
         sets = pl_module.last_eval_sets
         if not sets:
             return {}
-        datasets = trainer.datamodule.eval_sets("val")
+        paths: Dict[str, str] = {}
+        for name, build in (("retrieval", self.retrieval_figure),
+                            ("pooling", self.pooling_figure_of_queries),
+                            ("projection", self.projection_figure)):
+            try:
+                fig = build(trainer, pl_module, sets, tag)
+                if fig is not None:
+                    paths[name] = save_png(fig, os.path.join(self.out_dir, f"{name}_{tag}.png"))
+            except Exception as error:  # noqa: BLE001 - a figure must never stop training
+                rank_zero_warn(f"dashboard: the {name} figure of {tag} failed "
+                               f"({type(error).__name__}: {error}); training goes on")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                for name, path in paths.items():
+                    try:
+                        logger.log_image(key=f"figures/{name}", images=[path],
+                                         step=trainer.global_step)
+                    except Exception as error:  # noqa: BLE001
+                        rank_zero_warn(f"dashboard: sending the {name} figure to W&B failed "
+                                       f"({type(error).__name__}: {error})")
+        self.last_paths = paths
+        return paths
+
+    def _queries(self, trainer, sets):
+        """The seeded queries: (set names, rows, embeddings and labels, data sets)."""
         query_name = "test" if "test" in sets else "query"
         ref_name = "test" if "test" in sets else "gallery"
+        rng = np.random.default_rng(self.seed)
+        n = len(sets[query_name][0])
+        rows = rng.choice(n, size=min(self.num_queries, n), replace=False)
+        return query_name, ref_name, rows
+
+    def retrieval_figure(self, trainer, pl_module, sets, tag):
+        from dml.visualization import retrieval_grid, top_k_neighbours
+
+        datasets = trainer.datamodule.eval_sets("val")
+        query_name, ref_name, rows = self._queries(trainer, sets)
         q_emb, q_lab, q_idx = sets[query_name][:3]
         r_emb, r_lab, r_idx = sets[ref_name][:3]
-        rng = np.random.default_rng(self.seed)
-        rows = rng.choice(len(q_emb), size=min(self.num_queries, len(q_emb)), replace=False)
         same = query_name == ref_name
         k = min(self.top_k, len(r_emb) - (1 if same else 0))
         if same:  # itself excluded
@@ -86,25 +120,23 @@ class DashboardFigures(pl.Callback):
         shown = [[r_data[int(r_idx[j])][0] for j in row] for row in neighbours.tolist()]
         correct = [[bool(r_lab[j] == q_lab[i]) for j in row]
                    for i, row in zip(rows, neighbours.tolist())]
-        out_dir = self.figures_dir(trainer)
-        paths = {"retrieval": save_png(
-            retrieval_grid(queries, shown, correct, title=f"top-{k} neighbours, {tag}"),
-            os.path.join(out_dir, f"retrieval_{tag}.png"))}
-        heatmap = self.pooling_figure(pl_module, queries[: self.num_heatmaps], tag)
-        if heatmap is not None:
-            paths["pooling"] = save_png(heatmap, os.path.join(out_dir, f"pooling_{tag}.png"))
-        paths["projection"] = save_png(
-            embedding_projection(r_emb, r_lab, self.projection, self.max_points, self.seed,
-                                 title=f"{self.projection.upper()} of the {ref_name} "
-                                       f"embeddings, {tag}"),
-            os.path.join(out_dir, f"projection_{tag}.png"))
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                for name, path in paths.items():
-                    logger.log_image(key=f"figures/{name}", images=[path],
-                                     step=trainer.global_step)
-        self.last_paths = paths
-        return paths
+        return retrieval_grid(queries, shown, correct, title=f"top-{k} neighbours, {tag}")
+
+    def pooling_figure_of_queries(self, trainer, pl_module, sets, tag):
+        datasets = trainer.datamodule.eval_sets("val")
+        query_name, _, rows = self._queries(trainer, sets)
+        q_idx = sets[query_name][2]
+        images = [datasets[query_name][int(q_idx[i])][0] for i in rows[: self.num_heatmaps]]
+        return self.pooling_figure(pl_module, images, tag)
+
+    def projection_figure(self, trainer, pl_module, sets, tag):
+        from dml.visualization import embedding_projection
+
+        _, ref_name, _ = self._queries(trainer, sets)
+        r_emb, r_lab = sets[ref_name][:2]
+        return embedding_projection(r_emb, r_lab, self.projection, self.max_points, self.seed,
+                                    title=f"{self.projection.upper()} of the {ref_name} "
+                                          f"embeddings, {tag}")
 
     @staticmethod
     @torch.no_grad()

@@ -107,7 +107,14 @@ def embedding_projection(embeddings: torch.Tensor, labels: torch.Tensor, method:
 
 
 def save_png(fig: plt.Figure, path: str, dpi: int = 100) -> str:
+    """Write the figure to ``path`` atomically (a reader never sees half a PNG) and close it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path

@@ -1,0 +1,211 @@
+"""Checkpoints that hold the last state and are never left half written.
+
+``RunCheckpoint`` is Lightning's ``ModelCheckpoint`` (best by the monitored metric) with four
+guarantees a run needs to be resumable exactly:
+- ``last.ckpt`` is the state at the end of every epoch (and at a clean stop), whatever the
+  monitor did; Lightning refreshes it only when the monitored checkpoint is saved.
+- Every checkpoint file is written atomically: to a temporary file in the same folder, flushed
+  to disk, then renamed (``AtomicCheckpointIO``). A kill or a full disk leaves the previous
+  file or none, never a truncated one under a checkpoint name.
+- The random number generators of every process (Python, NumPy, torch, CUDA) are saved with
+  the checkpoint and restored when training resumes, so that a resumed run draws the same
+  augmentations, dropout masks and loader seeds as one that never stopped.
+- A model state holding NaN or inf (weights, or buffers such as BatchNorm's running variance,
+  which can blow up while the loss stays finite) is never saved: the run stops with
+  ``NonFiniteStateError`` naming the tensors and the step, and the checkpoints already written
+  stay as they were.
+
+On resume it prints one line: where training resumes and which state the checkpoint restores.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
+
+from dml.console import say
+from dml.errors import NonFiniteStateError
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save to ``path`` through a temporary file in the same folder and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, writing local files atomically (``atomic_torch_save``);
+    remote paths keep fsspec's transactions."""
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options=None) -> None:
+        path = str(path)
+        if "://" in path and not path.startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options for "
+                            "local files")
+        atomic_torch_save(checkpoint, path[len("file://"):] if path.startswith("file://")
+                          else path)
+
+
+def collect_rng_states() -> Dict[str, Any]:
+    """This process's generators, as tensors and plain values (loadable with
+    ``torch.load(weights_only=True)``, as Lightning loads checkpoints)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "cached_gaussian": cached},
+            "python": {"version": version, "internal": list(internal), "gauss": gauss}}
+
+
+def set_rng_states(states: Dict[str, Any]) -> None:
+    """Restore what ``collect_rng_states`` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def _gather_objects(trainer, obj) -> List[Any]:
+    """``obj`` of every process, in rank order (a collective: every rank must call it)."""
+    if trainer.world_size == 1 or not torch.distributed.is_available() or \
+            not torch.distributed.is_initialized():
+        return [obj]
+    out: List[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint (same arguments) whose ``last.ckpt`` follows every epoch, whose files are
+    written atomically, and which saves and restores every process's RNG states."""
+
+    RNG_KEY = "rng_states"
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_last", True)
+        super().__init__(*args, **kwargs)
+        self._last_saved_at: Optional[int] = None
+        self._rng_to_restore: Optional[List[Dict[str, Any]]] = None
+
+    # --- atomic files ------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        io = trainer.strategy.checkpoint_io
+        if type(io) is TorchCheckpointIO:  # the default; a custom plugin is left alone
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        check_finite_state(trainer, trainer.lightning_module)
+        super()._save_checkpoint(trainer, filepath)
+
+    # --- last.ckpt at every epoch end ----------------------------------------------------------
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_saved_at = trainer.global_step
+
+    def _refresh_last(self, trainer) -> None:
+        if not self.save_last or self._last_saved_at == trainer.global_step:
+            return
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or \
+                bool(trainer.fast_dev_run):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):  # Lightning saves here, not below
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._refresh_last(trainer)  # epochs without validation
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._refresh_last(trainer)  # a clean stop inside an epoch (max_steps, should_stop)
+
+    # --- RNG states ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[self.RNG_KEY] = _gather_objects(trainer, collect_rng_states())
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get(self.RNG_KEY)
+        if trainer.state.fn == TrainerFn.FITTING:
+            say(resume_summary(checkpoint, trainer.ckpt_path))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        states, self._rng_to_restore = self._rng_to_restore, None
+        if not states:
+            return
+        if len(states) != trainer.world_size:
+            rank_zero_warn(f"resume: the checkpoint holds the RNG states of {len(states)} "
+                           f"process(es), this run has {trainer.world_size}; random draws will "
+                           f"differ from a run that never stopped")
+            return
+        set_rng_states(states[trainer.global_rank])
+
+
+def check_finite_state(trainer, pl_module) -> None:
+    """NonFiniteStateError naming the weights and buffers that hold NaN or inf."""
+    bad = [name for name, t in pl_module.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        from dml.module import describe_learning_rates
+
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteStateError(
+            f"non-finite model state after step {trainer.global_step} (epoch "
+            f"{trainer.current_epoch}): {names} hold NaN or inf; learning rates: "
+            f"{describe_learning_rates(trainer)}. Training stopped before writing a checkpoint; "
+            f"those written so far are untouched. Lower the learning rate.")
+
+
+def resume_summary(checkpoint: Dict[str, Any], path) -> str:
+    """One line: where a resumed run goes on and what the checkpoint restores."""
+    epoch, step = checkpoint.get("epoch", 0), checkpoint.get("global_step", 0)
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    done = loops.get("epoch_progress", {}).get("current", {}).get("processed", epoch + 1)
+    parts = ["weights"]
+    optimizers = checkpoint.get("optimizer_states") or []
+    if optimizers:
+        groups = sum(len(o.get("param_groups", [])) for o in optimizers)
+        parts.append(f"optimizer ({groups} parameter groups)")
+    if checkpoint.get("lr_schedulers"):
+        parts.append("lr scheduler")
+    names = sorted({key.split("{")[0] for key, state in checkpoint.get("callbacks", {}).items()
+                    if state})
+    names = [n for n in names if not n.endswith("Checkpoint")]
+    if names:
+        parts.append("callback state of " + ", ".join(names))
+    if checkpoint.get(RunCheckpoint.RNG_KEY):
+        parts.append("RNG states")
+    return (f"resumed at epoch {done}, step {step} from {path}: restores "
+            + ", ".join(parts))

@@ -1,0 +1,194 @@
+"""Run folders and resume checks for the command line.
+
+Every run gets a folder of its own under the runs root (``trainer.default_root_dir``, ``runs``):
+``runs/<YYYYmmdd-HHMMSS>-<name>-<random>``, created with an exclusive ``mkdir``, so that no
+concurrent run can take it. It holds everything the run writes:
+
+    config.yaml          the composed configuration (earlier ones kept as config.<k>.yaml on resume)
+    run.json             command line, host, process id, git commit, start time, resumes
+    metrics.csv          every logged value (CSV logger)
+    checkpoints/         best-epoch=NNN.ckpt (by val/MAP@R) and last.ckpt (every epoch)
+    figures/             dashboard PNGs
+    wandb/               the W&B run files
+
+Processes of one DDP run share the folder: the launching process exports it (``DML_RUN_DIR``)
+to the processes Lightning starts. A cluster launcher that starts every process itself
+(torchrun, SLURM) should set ``DML_RUN_DIR`` for all of them.
+
+Resuming (``--ckpt_path <run>/checkpoints/last.ckpt``) continues in the checkpoint's run folder.
+The configuration saved in the checkpoint is compared with the one given: a difference in the
+model, the data, a method's callback (``memory``, ``ccp``) or the seed is an error naming the
+keys, unless ``--resume_changes`` lists them; trainer and dashboard settings may change freely
+(the number of epochs, devices, loggers).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import secrets
+import socket
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Optional
+
+from dml.errors import ConfigError
+
+RUN_FILE = "run.json"
+ENV_DIR, ENV_OWNER = "DML_RUN_DIR", "DML_RUN_DIR_OWNER"
+
+# Settings a resumed run must share with its checkpoint, unless --resume_changes names them.
+PROTECTED = ("model.", "data.", "memory.", "ccp.", "seed_everything")
+# Inside those, settings that do not change what is trained.
+HARMLESS = ("data.init_args.root", "data.init_args.num_workers", "data.init_args.verify",
+            "data.init_args.eval_batch_size", "model.evaluation.backend")
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, RUN_FILE))
+
+
+def runs_root(default_root_dir: Optional[str]) -> str:
+    """The folder that holds run folders; a run folder given as root means its parent."""
+    root = default_root_dir or "runs"
+    return os.path.dirname(os.path.abspath(root)) if is_run_dir(root) else root
+
+
+def run_folder_of_checkpoint(ckpt_path: Optional[str]) -> Optional[str]:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/x.ckpt``), or None."""
+    if not ckpt_path or "://" in str(ckpt_path):
+        return None
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+    return folder if is_run_dir(folder) else None
+
+
+def _safe_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+    return keep.strip("-.")[:60]
+
+
+def create_run_dir(root: str, name: Optional[str] = None) -> str:
+    """A new folder ``root/<time>-<name>-<random>``; ``mkdir`` fails if it exists, so two runs
+    started in the same second still get two folders."""
+    os.makedirs(root, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tag = f"-{_safe_name(name)}" if name and _safe_name(name) else ""
+    for _ in range(100):
+        path = os.path.join(root, f"{stamp}{tag}-{secrets.token_hex(3)}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder under {root}")
+
+
+def shared_run_dir() -> Optional[str]:
+    """The folder exported to this process by the process that launched it (DDP), or set by
+    the user for every process."""
+    path = os.environ.get(ENV_DIR)
+    if not path:
+        return None
+    owner = os.environ.get(ENV_OWNER)
+    if owner is None or owner == str(os.getppid()):  # set by the user, or by our launcher
+        return path
+    return None
+
+
+def export_run_dir(path: str) -> None:
+    """Hand the folder to the processes Lightning will launch (they inherit the environment)."""
+    os.environ[ENV_DIR] = path
+    os.environ[ENV_OWNER] = str(os.getpid())
+
+
+def release_run_dir() -> None:
+    """Forget an exported folder once this process's run is over (the next run in the same
+    process gets its own)."""
+    if os.environ.get(ENV_OWNER) == str(os.getpid()):
+        os.environ.pop(ENV_DIR, None)
+        os.environ.pop(ENV_OWNER, None)
+
+
+def write_run_file(path: str, git: Dict[str, Any], resumed_from: Optional[str] = None) -> None:
+    """run.json: how the run was started; each resume is appended."""
+    file = os.path.join(path, RUN_FILE)
+    entry = {"command": [sys.executable] + sys.argv, "host": socket.gethostname(),
+             "pid": os.getpid(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git}
+    if os.path.isfile(file):
+        with open(file) as f:
+            record = json.load(f)
+    else:
+        record = {"run": os.path.basename(os.path.abspath(path)), "started": entry,
+                  "resumes": []}
+    if resumed_from:
+        record.setdefault("resumes", []).append(dict(entry, checkpoint=resumed_from))
+    tmp = f"{file}.{os.getpid()}.partial"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, file)
+
+
+def keep_previous_config(path: str, filename: str = "config.yaml") -> None:
+    """Before a resumed run writes its config.yaml, the earlier one becomes config.<k>.yaml."""
+    current = os.path.join(path, filename)
+    if not os.path.isfile(current):
+        return
+    stem, ext = os.path.splitext(filename)
+    k = 1
+    while os.path.exists(os.path.join(path, f"{stem}.{k}{ext}")):
+        k += 1
+    os.replace(current, os.path.join(path, f"{stem}.{k}{ext}"))
+
+
+# --- resume: compare configurations ----------------------------------------------------------
+def flatten(config: Any, prefix: str = "") -> Dict[str, Any]:
+    """Nested dicts to dotted keys; lists and scalars are values."""
+    if isinstance(config, dict):
+        out: Dict[str, Any] = {}
+        for key, value in config.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: config}
+
+
+def protected_differences(saved: Dict[str, Any], current: Dict[str, Any],
+                          allowed: Iterable[str] = ()) -> List[str]:
+    """Keys under PROTECTED whose values differ (or exist on one side only), minus HARMLESS
+    ones and those matching an ``allowed`` pattern (fnmatch: ``model.optimizer.*``)."""
+    allowed = list(allowed)
+    a, b = flatten(saved), flatten(current)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if not key.startswith(PROTECTED) or key in HARMLESS:
+            continue
+        if a.get(key, "<absent>") == b.get(key, "<absent>"):
+            continue
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed):
+            continue
+        out.append(key)
+    return out
+
+
+def describe_differences(saved: Dict[str, Any], current: Dict[str, Any],
+                         keys: List[str], details: int = 6) -> str:
+    """``k1, k2, k3 (k1: 1 in the checkpoint, 2 now; ...)``."""
+    a, b = flatten(saved), flatten(current)
+    shown = "; ".join(f"{k}: {a.get(k, '<absent>')!r} in the checkpoint, "
+                      f"{b.get(k, '<absent>')!r} now" for k in keys[:details])
+    more = f"; ..." if len(keys) > details else ""
+    return f"{', '.join(keys)} ({shown}{more})"
+
+
+def check_resume(saved: Optional[Dict[str, Any]], current: Dict[str, Any], ckpt_path: str,
+                 allowed: Iterable[str]) -> None:
+    """ConfigError naming the protected keys that differ from the checkpoint's config."""
+    if saved is None:
+        return
+    keys = protected_differences(saved, current, allowed)
+    if keys:
+        raise ConfigError(
+            f"resume from {ckpt_path}: the config differs from the checkpoint's in "
+            f"{describe_differences(saved, current, keys)}. Resuming with it would drop or "
+            f"misread the saved state. Resume with the run's own config (make resume RUN=...), "
+            f"or allow intended changes with --resume_changes {','.join(keys[:3])}"
+            f"{',...' if len(keys) > 3 else ''}")

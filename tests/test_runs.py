@@ -1,0 +1,318 @@
+"""Runs that cannot be lost: NaN stops naming the step, last.ckpt follows every epoch, files are
+written atomically, a kill -9 resumes to the same next losses, runs get their own folders,
+resume checks its config, figures never stop training, the DDP CLI exits cleanly."""
+import csv
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dml.callbacks import checkpoint as checkpoint_module
+from dml.cli import main as cli_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ["--config", "experiments/trainer.yaml", "--config", "experiments/data/synthetic.yaml"]
+TINY = ["--data.init_args.train_classes", "16", "--data.init_args.test_classes", "8",
+        "--data.init_args.images_per_class", "12", "--model.backbone.width", "8",
+        "--trainer.enable_progress_bar", "false", "--model.evaluation.nmi", "false",
+        "--trainer.log_every_n_steps", "1"]
+
+
+def method(name, dataset="synthetic"):
+    files = ["--config", f"experiments/method/{name}.yaml"]
+    extra = f"experiments/method/{name}/{dataset}.yaml"
+    return files + (["--config", extra] if os.path.exists(os.path.join(REPO, extra)) else [])
+
+
+def dml(*args, timeout=300):
+    """``python -m dml`` in a fresh process (the tests' helpers importable), W&B off."""
+    env = dict(os.environ, WANDB_MODE="disabled",
+               PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), REPO]))
+    return subprocess.run([sys.executable, "-m", "dml", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_folders(root):
+    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(str(root), "*", "run.json")))
+
+
+def step_losses(run_dir):
+    """train/loss per global step from metrics.csv (the last row of a step wins)."""
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f)
+                if row.get("train/loss")}
+
+
+def epoch_of(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+
+
+# --- NaN ---------------------------------------------------------------------------------
+def test_a_nan_run_exits_non_zero_naming_the_step(tmp_path):
+    # the SOP/In-Shop settings (no NMI) and no dashboard: nothing else would notice the NaN
+    out = dml("fit", *BASE, *method("baseline"), *TINY, "--model.optimizer.lr", "1e6",
+              "--dashboard.enabled", "false", "--trainer.default_root_dir", str(tmp_path))
+    assert out.returncode == 2, out.stderr[-2000:]
+    error = out.stderr.strip().splitlines()[-1]
+    # lr 1e6 first sends BatchNorm's running variances to inf (the loss is still finite),
+    # then the loss to NaN: whichever comes first stops the run, naming the step
+    assert re.match(r"error: non-finite (loss at step \d+ \(epoch \d+, batch \d+\): "
+                    r"loss_metric = nan|model state after step \d+ \(epoch \d+\): \S+)", error)
+    assert "learning rates: backbone 1e+06, head 1e+06" in error
+    assert "Traceback" not in out.stderr
+    (run,) = run_folders(tmp_path)
+    for path in glob.glob(os.path.join(run, "checkpoints", "*.ckpt")):  # only finite states
+        weights = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(w).all() for w in weights.values()), path
+
+
+def test_a_non_finite_buffer_is_never_checkpointed(tmp_path, capsys):
+    # run_helpers.BlowUpAt: a BatchNorm running variance goes to inf at the end of epoch 1
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "3",
+                  "--dashboard.enabled", "false", "--trainer.default_root_dir", str(tmp_path),
+                  "--trainer.logger", "false", "--trainer.callbacks+=run_helpers.BlowUpAt"])
+    err = capsys.readouterr().err
+    assert "non-finite model state after step 12 (epoch 1): backbone." in err
+    (run,) = run_folders(tmp_path)
+    assert epoch_of(os.path.join(run, "checkpoints", "last.ckpt")) == 0
+
+
+def test_nan_stops_the_run_and_leaves_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from dml.module import DMLModule
+
+    compute = DMLModule.compute_losses
+
+    def poisoned(self, out, labels):  # finite until epoch 1, step 2 of it
+        parts = compute(self, out, labels)
+        if self.global_step >= 8:
+            parts["metric"] = parts["metric"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(DMLModule, "compute_losses", poisoned)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", *BASE, *method("baseline"), *TINY, "--dashboard.enabled", "false",
+                  "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
+    assert exc.value.code == 2
+    assert "non-finite loss at step 8 (epoch 1, batch 2)" in capsys.readouterr().err
+    (run,) = run_folders(tmp_path)
+    last = os.path.join(run, "checkpoints", "last.ckpt")
+    assert epoch_of(last) == 0  # epoch 0's state, loadable
+    assert not [f for f in os.listdir(os.path.join(run, "checkpoints")) if "partial" in f]
+
+
+def test_skip_instead_of_stop_is_an_option(tmp_path, monkeypatch):
+    from dml.module import DMLModule
+
+    compute = DMLModule.compute_losses
+    hits = []
+
+    def one_bad_step(self, out, labels):
+        parts = compute(self, out, labels)
+        if self.global_step == 3 and not hits:
+            hits.append(self.global_step)
+            parts["metric"] = parts["metric"] * float("inf")
+        return parts
+
+    monkeypatch.setattr(DMLModule, "compute_losses", one_bad_step)
+    with pytest.warns(UserWarning, match="non-finite loss at step 3.*step skipped"):
+        cli = cli_main(["fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "1",
+                        "--dashboard.enabled", "false", "--model.nonfinite_loss", "skip",
+                        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger",
+                        "false"])
+    assert cli.model.skipped_steps == 1 and cli.trainer.current_epoch == 1
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+def test_last_ckpt_is_the_last_epoch_whatever_the_monitor_did(tmp_path):
+    import pytorch_lightning as pl
+
+    from dml.callbacks import RunCheckpoint
+    from dml.data import SyntheticDataModule
+    from dml.module import BackboneConfig, DMLModule, EvalConfig
+
+    pl.seed_everything(0)
+    module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+                       embedding_dim=16, num_classes=16, evaluation=EvalConfig(nmi=False))
+    data = SyntheticDataModule(train_classes=16, test_classes=8, images_per_class=12)
+    # mode min: MAP@R rises with training, so the "best" is epoch 0 and the monitored
+    # checkpoint is never saved again, the case where Lightning leaves last.ckpt behind
+    ckpt = RunCheckpoint(dirpath=str(tmp_path), monitor="val/MAP@R", mode="min",
+                         filename="best-{epoch:03d}")
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, callbacks=[ckpt],
+                         enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    assert sorted(os.listdir(tmp_path)) == ["best-epoch=000.ckpt", "last.ckpt"]
+    assert epoch_of(tmp_path / "last.ckpt") == 2
+    assert isinstance(trainer.strategy.checkpoint_io, checkpoint_module.AtomicCheckpointIO)
+
+
+def test_a_failed_write_leaves_no_file_under_the_checkpoint_name(tmp_path, monkeypatch):
+    target = tmp_path / "best-epoch=000.ckpt"
+    target.write_bytes(b"the previous, complete checkpoint")
+
+    def disk_full(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint_module.AtomicCheckpointIO().save_checkpoint({"x": 1}, str(target))
+    assert os.listdir(tmp_path) == ["best-epoch=000.ckpt"]  # no partial file left either
+    assert target.read_bytes() == b"the previous, complete checkpoint"
+
+
+# --- kill -9 and resume -----------------------------------------------------------------------
+def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    # CCP (a round ends at every validation: rounds, lambda, theta_prev, proxies change) with
+    # an XBN memory: every piece of state a resume must bring back. 6 steps an epoch.
+    args = ["fit", *BASE, *method("ccp_c2"), *TINY, "--memory.mode", "xbn", "--memory.size",
+            "128", "--memory.start_iteration", "3", "--ccp.patience", "1", "--ccp.min_delta",
+            "1.0", "--trainer.max_epochs", "3", "--dashboard.enabled", "false"]
+    full = dml(*args, "--trainer.default_root_dir", str(tmp_path / "a"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    marker = tmp_path / "killed"
+    killed = dml(*args, "--trainer.default_root_dir", str(tmp_path / "b"),
+                 "--trainer.callbacks+={\"class_path\": \"run_helpers.KillAt\", "
+                 f"\"init_args\": {{\"step\": 15, \"marker\": \"{marker}\"}}}}")
+    assert killed.returncode == -9 and marker.exists()
+    (run,) = run_folders(tmp_path / "b")
+    assert epoch_of(os.path.join(run, "checkpoints", "last.ckpt")) == 1  # epoch 2 unfinished
+    # `make resume`, with this interpreter and without (re)building the environment
+    resumed = subprocess.run(["make", "-s", "-o", ".venv/.installed", "resume", f"RUN={run}",
+                              f"PY={sys.executable}"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, env=dict(os.environ, WANDB_MODE="disabled",
+                                                   PYTHONPATH=os.path.join(REPO, "tests")))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    lines = [x for x in resumed.stdout.splitlines() if x.strip()]
+    first = [x for x in lines if "resumed" in x or "untrained" in x][0]
+    assert first.startswith("resumed at epoch 2, step 12 from ")
+    for state in ("optimizer", "ChanceConstraintProjection", "CrossBatchMemory", "RNG states"):
+        assert state in first
+    (reference,) = run_folders(tmp_path / "a")
+    expected, got = step_losses(reference), step_losses(run)
+    assert sorted(expected) == sorted(got) and len(expected) >= 18
+    for step in range(12, 18):  # epoch 2, after the resume
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    assert os.path.exists(os.path.join(run, "config.1.yaml"))  # the first config kept
+
+
+def test_two_runs_started_at_once_get_their_own_folders(tmp_path):
+    args = ["fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "2",
+            "--trainer.default_root_dir", str(tmp_path), "--run_name", "same"]
+    env = dict(os.environ, WANDB_MODE="disabled")
+    procs = [subprocess.Popen([sys.executable, "-m", "dml", *args], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    folders = run_folders(tmp_path)
+    assert len(folders) == 2
+    for folder in folders:
+        assert sorted(os.listdir(os.path.join(folder, "checkpoints"))) == [
+            "best-epoch=001.ckpt", "last.ckpt"]
+        assert epoch_of(os.path.join(folder, "checkpoints", "last.ckpt")) == 1
+        assert {"config.yaml", "metrics.csv", "run.json", "figures"} <= set(os.listdir(folder))
+        assert sorted(step_losses(folder)) == list(range(12))  # one run's, not interleaved
+
+
+def test_resume_with_a_changed_method_is_an_error_naming_the_keys(tmp_path, capsys):
+    cli_main(["fit", *BASE, *method("xbn"), *TINY, "--trainer.max_epochs", "1",
+              "--dashboard.enabled", "false", "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger", "false"])
+    (run,) = run_folders(tmp_path)
+    last = os.path.join(run, "checkpoints", "last.ckpt")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", os.path.join(run, "config.yaml"), *method("ccp_c2"),
+                  "--ckpt_path", last])
+    err = capsys.readouterr().err
+    assert "the config differs from the checkpoint's in ccp.enabled, " in err
+    assert "model.loss.name" in err and "model.loss.proxies_per_class" in err
+    with pytest.raises(SystemExit):  # the memory switched off: its saved state would be lost
+        cli_main(["fit", "--config", os.path.join(run, "config.yaml"), "--ckpt_path", last,
+                  "--memory.mode", "none"])
+    assert "differs from the checkpoint's in memory.mode (memory.mode: 'xbn' in the " \
+           "checkpoint, 'none' now)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", os.path.join(run, "config.yaml"), "--ckpt_path", last,
+                  "--model.optimizer.lr", "0.1"])
+    assert "model.optimizer.lr: 0.003 in the checkpoint, 0.1 now" in capsys.readouterr().err
+    # allowed on purpose: the new learning rate is used, not the checkpoint's
+    cli = cli_main(["fit", "--config", os.path.join(run, "config.yaml"), "--ckpt_path", last,
+                    "--model.optimizer.lr", "0.1", "--resume_changes", "model.optimizer.lr",
+                    "--trainer.max_epochs", "2"])
+    assert {g["lr"] for g in cli.trainer.optimizers[0].param_groups} == {0.1}
+    assert run_folders(tmp_path) == [run] and cli.trainer.current_epoch == 2
+
+
+# --- figures, console ----------------------------------------------------------------------------
+def test_a_figure_that_raises_does_not_stop_training(tmp_path, monkeypatch):
+    import dml.visualization as vis
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(vis, "retrieval_grid", broken)
+    with pytest.warns(UserWarning, match="the retrieval figure of epoch001 failed"):
+        cli = cli_main(["fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "2",
+                        "--dashboard.every_n_epochs", "2", "--trainer.default_root_dir",
+                        str(tmp_path), "--trainer.logger", "false"])
+    assert cli.trainer.current_epoch == 2
+    (run,) = run_folders(tmp_path)
+    assert sorted(os.listdir(os.path.join(run, "figures"))) == ["projection_epoch001.png"]
+
+
+def test_the_epoch_line_is_whole_under_the_progress_bar(tmp_path, capfd):
+    cli_main(["fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "1",
+              "--trainer.enable_progress_bar", "true", "--dashboard.enabled", "false",
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
+    # a terminal redraws the bars around the line (\r and cursor moves); what is left must be
+    # the whole line
+    out = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capfd.readouterr().out).replace("\r", "\n")
+    lines = [x.strip() for x in out.split("\n")]
+    epoch = [x for x in lines if "| R@1" in x]
+    assert epoch and all(x.startswith(("untrained model |", "epoch   0 |")) for x in epoch)
+    assert any(x.startswith("epoch   0 | R@1") and x.endswith(tuple("0123456789"))
+               for x in epoch)
+
+
+def test_a_key_misspelled_in_a_config_file_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "method.yaml"
+    bad.write_text("model:\n  optimizer:\n    lrr: 0.1\n")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *BASE, "--config", str(bad)])
+    err = capsys.readouterr().err
+    assert f"error: {bad}: " in err and "model.optimizer.lrr" in err
+    bad.write_text("memory:\n  mode: xbnn\n")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *BASE, "--config", str(bad), "--trainer.default_root_dir",
+                  str(tmp_path / "runs")])
+    assert f"error: {bad}: memory.mode: expected one of" in capsys.readouterr().err
+    assert run_folders(tmp_path / "runs") == []  # a run that never started leaves no folder
+
+
+# --- several processes -------------------------------------------------------------------------
+def test_ddp_cli_with_the_default_trainer_config_draws_and_resumes(tmp_path):
+    """`make train DEVICES=2`: 2 gloo processes, dashboard on (drawn at the last epoch), then a
+    resume on 2 processes; both must exit, within the time limit."""
+    args = ["fit", *BASE, *method("baseline"), *TINY, "--trainer.devices", "2",
+            "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2",
+            "--trainer.default_root_dir", str(tmp_path)]
+    first = dml(*args, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = run_folders(tmp_path)
+    assert sorted(os.listdir(os.path.join(run, "figures"))) == [
+        "projection_epoch001.png", "retrieval_epoch001.png"]
+    again = dml("fit", "--config", os.path.join(run, "config.yaml"), "--ckpt_path",
+                os.path.join(run, "checkpoints", "last.ckpt"), "--trainer.max_epochs", "3",
+                timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed at epoch 2, step " in again.stdout + again.stderr
+    assert epoch_of(os.path.join(run, "checkpoints", "last.ckpt")) == 2
+    assert run_folders(tmp_path) == [run]
