@@ -80,7 +80,8 @@ class DMLCLI(LightningCLI):
                               allowed)
         if launching_process():
             runs.write_run_file(run_dir, git_state(), ckpt_path if resuming else None)
-            say(f"run folder: {run_dir}")
+            if not resuming:  # a resume names its checkpoint, in the folder, first
+                say(f"run folder: {run_dir}")
 
     def _config_dict(self, config) -> dict:
         return json.loads(self._parser(self.subcommand).dump(config, skip_none=False,
@@ -250,7 +251,8 @@ def with_config_file(message: str, sources: dict) -> str:
         return message
     key = match.group(1)
     for candidate in [key] + [key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)]:
-        path = sources.get(candidate) or sources.get(candidate.replace("data.", "data.init_args.", 1))
+        path = sources.get(candidate) or \
+            sources.get(candidate.replace("data.", "data.init_args.", 1))
         if path:
             return f"{path}: {message}"
     return message

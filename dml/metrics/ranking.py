@@ -13,19 +13,20 @@ Two computations give them:
   block pass falls back to it for rows it cannot settle.
 - ``BlockRanks``: the fast pass. Queries and references are sorted by label so that each query's
   relevant references sit in a few "band" blocks near the diagonal. A first pass over the band
-  blocks gives each query the distance f of its nearest relevant reference and a provisional
-  list of its R nearest (so tau, its R-th distance, is an upper bound). The main pass then
-  visits every block once (with query = reference only the blocks on and above the diagonal:
-  each serves its rows and, transposed, its columns) and per query adds two counts, of distances
-  < f and <= f, and merges the few references with distance <= tau into its list (tau
-  shrinks as it goes). The first relevant reference is then read from the list when it is among
-  the R nearest, else its rank is the count below f. Rows the pass cannot settle exactly (a
-  non-relevant reference at exactly f whose order decides a Recall@K, or a band block whose
-  distances differ between the two passes) are recomputed by ``exact_query_stats``.
+  blocks gives each query the distance f of its nearest relevant reference and tau, the R-th
+  smallest distance it saw there (any R distances bound the R-th nearest from above). The main
+  pass then visits every block once (with query = reference only the blocks on and above the
+  diagonal: each serves its rows and, transposed, its columns) and per query adds two counts,
+  of distances < f and <= f, and merges the few references with distance <= tau into its list
+  of the R nearest under the tie rule (tau shrinks as the list fills). The first relevant
+  reference is then read from the list when it is among the R nearest, else its rank is the
+  count below f. Rows the pass cannot settle exactly (a non-relevant reference at exactly f
+  whose order decides a Recall@K, or a band block whose distances differ between the two passes)
+  are recomputed by ``exact_query_stats``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -225,7 +226,7 @@ class BlockRanks:
         where a row has many, its exact L smallest)."""
         width = int(count.max())
         if width > 4 * self.L + 16:
-            return stable_smallest(M[hit], self.L, index)
+            return stable_smallest(M[hit], min(self.L, M.shape[1]), index)
         pos = mask[hit].nonzero()
         row, col = pos[:, 0], pos[:, 1]
         keys = order_keys(M[hit[row], col], index[col])
@@ -246,7 +247,8 @@ class BlockRanks:
         self.f = torch.where(self.active, f, torch.full_like(f, -float("inf")))
         e = (self.rel_vals == self.f[:, None]).sum(1)
         tau = self.near.gather(1, (self.R - 1).clamp_min(0)[:, None])[:, 0]
-        self.tau = torch.where(self.active & (self.f <= tau), tau, torch.full_like(tau, -float("inf")))
+        self.tau = torch.where(self.active & (self.f <= tau), tau,
+                               torch.full_like(tau, -float("inf")))
         del self.near
         for i, j in self._blocks():
             B = self._block(i, j)
@@ -286,6 +288,3 @@ def query_stats(query: torch.Tensor, q_labels: torch.Tensor, reference: torch.Te
     """(first_rank, ap, rp) of the queries with R >= 1, in query order, by the block pass."""
     return BlockRanks(query, q_labels, reference, r_labels, same_source, block_size).run(max_k)
 
-
-__all__: Sequence[str] = ("precision_from_hits", "exact_query_stats", "BlockRanks",
-                          "query_stats")

@@ -109,7 +109,8 @@ def embedding_projection(embeddings: torch.Tensor, labels: torch.Tensor, method:
 def save_png(fig: plt.Figure, path: str, dpi: int = 100) -> str:
     """Write the figure to ``path`` atomically (a reader never sees half a PNG) and close it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.partial")
+    folder = os.path.dirname(path) or "."
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
     try:
         fig.savefig(tmp, dpi=dpi, format="png")
         os.replace(tmp, path)
