@@ -87,7 +87,8 @@ class IBCConfig:
 @dataclass
 class OptimizerConfig:
     """lr for pooling and head, lr * backbone_lr_mult for the backbone, loss_lr (default: lr)
-    for loss parameters (proxies). scheduler: none | step (milestones, gamma) | cosine."""
+    for loss parameters (proxies, GSP's zero-shot class embeddings). scheduler: none | step
+    (milestones, gamma) | cosine."""
     name: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-4

@@ -279,8 +279,10 @@ class DMLModule(pl.LightningModule):
             {"params": [p for m in (self.pooling, self.head, self.ibc) if m is not None
                         for p in m.parameters() if p.requires_grad], "lr": lrs["head"],
              "name": "head"},
-            {"params": [p for p in (self.loss_fn.parameters() if self.loss_fn is not None else [])
-                        if p.requires_grad], "lr": lrs["loss"], "name": "loss"},
+            # every loss term's own parameters: proxies, GSP's zero-shot class embeddings
+            {"params": [p for m in (self.loss_fn, self.zero_shot_loss) if m is not None
+                        for p in m.parameters() if p.requires_grad], "lr": lrs["loss"],
+             "name": "loss"},
         ]
         groups = [g for g in groups if g["params"]]
         kwargs = {"weight_decay": cfg.weight_decay}

@@ -3,6 +3,7 @@ import glob
 import os
 
 import pytest
+import torch
 
 from dml.cli import DMLCLI
 from dml.data import DMLDataModule
@@ -46,3 +47,37 @@ def test_gsp_methods_build_on_the_embedded_data(method):
     assert type(cli.model.pooling).__name__ == "GSP"
     assert len(cli.model.pooling.prototypes) == 8  # from gsp_*/synthetic.yaml
     assert cli.model.zero_shot_loss is not None
+
+
+TINY_RUN = ["--data.init_args.train_classes", "16", "--data.init_args.test_classes", "8",
+            "--data.init_args.images_per_class", "8", "--model.backbone.width", "8",
+            "--trainer.logger", "false", "--trainer.callbacks", "[]",
+            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+            "--dashboard.enabled", "false", "--memory.start_iteration", "0"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_trainable_parameter_is_in_one_group_and_trains(method):
+    """Every parameter that needs a gradient is in exactly one optimizer group and changes
+    after two steps, for every method config (a loss term whose parameters no group lists
+    would silently never train)."""
+    cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
+                 save_config_callback=None, args=config_args("synthetic", method) + TINY_RUN)
+    module = cli.model
+    trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    owners = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owners.setdefault(id(p), []).append(group.get("name"))
+    for name, p in trainable.items():
+        assert len(owners.get(id(p), [])) == 1, (name, owners.get(id(p)))
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    cli.trainer.fit(module, cli.datamodule)
+    assert cli.trainer.global_step == 2
+    unchanged = [name for name, p in module.named_parameters()
+                 if name in before and torch.equal(p.detach(), before[name])]
+    assert not unchanged, unchanged
