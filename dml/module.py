@@ -68,6 +68,9 @@ class DMLModule(pl.LightningModule):
                                           embedding_dim, loss.proxy_weight, loss.pair_weight,
                                           loss.normalize)
         self.miner = build_miner(loss.miner, loss.miner_params)
+        if self.miner is not None and loss.name == "xbm_contrastive":
+            raise ConfigError("model.loss.miner: xbm_contrastive sums over all pairs; it takes "
+                              "no miner (set model.loss.miner: null)")
         self.zero_shot_cfg = zero_shot
         self.zero_shot_loss = None
         if zero_shot.weight > 0:

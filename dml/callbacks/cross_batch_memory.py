@@ -4,12 +4,14 @@ At every training step, from ``start_iteration`` on (METHODS.md, "XBM" and "XBN"
 1. XBN only: the stored embeddings are transformed in place so that their per-dimension mean
    and standard deviation match the current batch's (``moment_match``), or, adaptive, the
    Kalman-filtered estimate of the current moments (``MomentKalmanFilter``);
-2. the model's pair loss is computed between the batch and the memory,
-   loss = L(batch, batch) + weight * L(batch, memory);
-3. the batch is enqueued.
-Under DDP the batch of steps 1 and 3 is the global one (gathered from every process, in rank
-order), so every rank holds the same memory; the loss of step 2 covers the local batch. The
-batch is not yet in the memory at step 2, so no self-pair can occur.
+2. with ``enqueue: before`` (the default, the released XBM trainer's order) the batch is
+   enqueued, then the model's pair loss is computed between the batch and the memory,
+   loss = L(batch, batch) + weight * L(batch, memory), so that the memory term also sees the
+   batch's own detached rows (self-pairs drop out of XBM's loss through its s < 1 - eps
+   filter); with ``enqueue: after`` the memory term sees the earlier batches only and the
+   batch is enqueued after it.
+Under DDP the batch of steps 1 and 2 is the global one (gathered from every process, in rank
+order), so every rank holds the same memory; the loss covers the local batch.
 
 Choices exposed as options, with the natural defaults:
 - ``moments``: "normalized" (the L2-normalised embeddings are stored and matched: what the loss
@@ -72,22 +74,27 @@ class CrossBatchMemory(pl.Callback):
         per_batch: moments per enqueued batch instead of the whole memory.
         process_noise_mean, process_noise_var: random-walk variances of the adaptive filter.
         recount_every: steps between exact recounts of the memory's running sums.
+        enqueue: before (the released XBM trainer) or after the memory term.
     """
 
     def __init__(self, mode: str = "none", size: int = 55000, start_iteration: int = 1000,
                  weight: float = 1.0, moments: str = "normalized", renormalize: bool = False,
                  per_batch: bool = False, process_noise_mean: float = 1e-5,
-                 process_noise_var: float = 1e-6, recount_every: int = 100):
+                 process_noise_var: float = 1e-6, recount_every: int = 100,
+                 enqueue: str = "before"):
         if mode not in MODES:
             raise ConfigError(f"memory.mode: expected one of {MODES}, got {mode!r}")
         if moments not in ("normalized", "raw"):
             raise ConfigError(f"memory.moments: expected normalized or raw, got {moments!r}")
+        if enqueue not in ("before", "after"):
+            raise ConfigError(f"memory.enqueue: expected before or after, got {enqueue!r}")
         if size < 1 or start_iteration < 0:
             raise ConfigError("memory.size must be >= 1 and memory.start_iteration >= 0")
         self.mode, self.size, self.start_iteration, self.weight = mode, size, start_iteration, weight
         self.moments, self.renormalize, self.per_batch = moments, renormalize, per_batch
         self.q_mean, self.q_var = process_noise_mean, process_noise_var
         self.recount_every = recount_every
+        self.enqueue_first = enqueue == "before"
         self.state: Optional[CrossBatchMemoryState] = None
 
     @property
@@ -185,11 +192,14 @@ class CrossBatchMemory(pl.Callback):
             target = batch_moments(batch)
         elif self.mode == "adaptive_xbn":  # the filter sees every batch after the warm-up
             target = state.kalman.update(batch)
+        if len(memory) > 0 and self.mode in ("xbn", "adaptive_xbn"):
+            # the stored rows (earlier batches), in place: a view of the buffer
+            self.transform(memory.embeddings[:len(memory)], target)
+        if self.enqueue_first:
+            self.enqueue(batch, batch_labels)
         if len(memory) > 0:
             n = len(memory)
             stored = memory.embeddings[:n]  # slot order; the loss does not care
-            if self.mode in ("xbn", "adaptive_xbn"):
-                self.transform(stored, target)  # a view of the buffer: changed in place
             reference = F.normalize(stored, dim=1) if self.moments == "raw" else stored
             ref_labels = memory.labels[:n]
             pairs = None
@@ -197,7 +207,8 @@ class CrossBatchMemory(pl.Callback):
                 pairs = module.miner(z, labels, reference, ref_labels)
             parts["memory"] = self.weight * module.loss_fn(z, labels, pairs, reference,
                                                            ref_labels)
-        self.enqueue(batch, batch_labels)
+        if not self.enqueue_first:
+            self.enqueue(batch, batch_labels)
         return parts
 
     @staticmethod

@@ -15,11 +15,13 @@ from torch import nn
 from dml.config import check_params
 from dml.errors import ConfigError
 from dml.losses.ccp import c1_contrastive, c2_contrastive
+from dml.losses.xbm import XBMContrastiveLoss
 
 # name -> (PML class or builder, needs num_classes/embedding_size). c1 / c2: CCP's two
-# contrastive forms (dml.losses.ccp).
+# contrastive forms (dml.losses.ccp); xbm_contrastive: the XBM paper's (dml.losses.xbm).
 LOSSES: Dict[str, tuple] = {
     "contrastive": (losses.ContrastiveLoss, False),
+    "xbm_contrastive": (XBMContrastiveLoss, False),
     "c1": (c1_contrastive, False),
     "c2": (c2_contrastive, False),
     "multi_similarity": (losses.MultiSimilarityLoss, False),
