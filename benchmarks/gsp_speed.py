@@ -54,7 +54,7 @@ def train_step_cost(pooling_name, args, device):
     def step():
         opt.zero_grad(set_to_none=True)
         with SavedBytes() as saved:
-            loss = sum(model.compute_losses(model.embed(images), labels).values())
+            loss = sum(model.objective(model.embed(images), labels).values())
         loss.backward()
         opt.step()
         saved_bytes.append(saved.total)

@@ -36,17 +36,19 @@ def step_seconds(mpn_weight, args, device):
 
     def step():
         opt.zero_grad()
-        sum(module.compute_losses(module.embed(images), labels).values()).backward()
+        sum(module.objective(module.embed(images), labels).values()).backward()
         opt.step()
 
     return seconds_per_call(step, args.steps, device)
 
 
 def mpn_seconds(batch, layers, heads, concat, device, steps):
-    from dml.models import IntraBatchConnections
+    from dml.losses import IntraBatchConnections
+    from dml.models import MessagePassingNetwork
 
     torch.manual_seed(0)
-    ibc = IntraBatchConnections(512, 100, layers, heads, concat=concat, mpn_weight=1).to(device)
+    mpn = MessagePassingNetwork(512, layers, heads, concat=concat)
+    ibc = IntraBatchConnections(mpn, 512, 100, mpn_weight=1).to(device)
     raw = torch.randn(batch, 512, device=device, requires_grad=True)
     labels = torch.arange(batch, device=device) % 100
 

@@ -2,41 +2,42 @@
 XBN, with a full memory of 55,000 x 512 embeddings and batches of 64 (16 classes x 4).
 
 The step is what the memory adds to: a linear embedding layer on precomputed 2048-d features
-(so a backbone's cost does not hide the overhead), the contrastive loss on cosine similarity
-(margin 0.5) on the batch, plus, with a memory, the same loss against the memory, backward and
-an optimizer step. XBN also moment-matches the memory in place at every step.
+(so a backbone's cost does not hide the overhead), XBM's contrastive loss (margin 0.5) on the
+batch, plus, with a memory (``dml.losses.CrossBatchMemoryLoss``, the batch enqueued before its
+term), the same loss against the memory, backward and an optimizer step. XBN
+(``dml.callbacks.CrossBatchNormalization``, through the memory's hook) also moment-matches the
+memory in place at every step.
 
     python benchmarks/xbn_speed.py [--memory 55000] [--dim 512] [--batch 64] [--steps 20]
 """
 from __future__ import annotations
 
 import argparse
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning import distances, losses
 from timing import seconds_per_call
 
 
 def make_step(mode, args, device):
-    from dml.callbacks import CrossBatchMemory
-    from dml.callbacks.cross_batch_memory import CrossBatchMemoryState
+    from dml.callbacks import CrossBatchNormalization
+    from dml.losses import CrossBatchMemoryLoss, XBMContrastiveLoss
 
     torch.manual_seed(0)
     head = torch.nn.Linear(2048, args.dim).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=1e-4)
-    loss_fn = losses.ContrastiveLoss(pos_margin=1.0, neg_margin=0.5,
-                                     distance=distances.CosineSimilarity())
-    module = SimpleNamespace(loss_fn=loss_fn, miner=None, _trainer=None)
-    callback = None
+    loss_fn = XBMContrastiveLoss()
+    memory = None
     if mode != "none":
-        callback = CrossBatchMemory(mode=mode, size=args.memory, start_iteration=0)
-        callback.state = CrossBatchMemoryState(args.memory, args.dim, 1e-5, 1e-6).to(device)
+        memory = CrossBatchMemoryLoss(args.dim, size=args.memory, start_iteration=0).to(device)
         # a full memory of normalised embeddings from SOP-like labels
         fill = F.normalize(torch.randn(args.memory, args.dim, device=device), dim=1)
-        callback.state.memory.enqueue(fill, torch.randint(0, 11318, (args.memory,),
-                                                          device=device))
+        memory.enqueue(fill, torch.randint(0, 11318, (args.memory,), device=device))
+        if mode != "xbm":
+            xbn = CrossBatchNormalization(enabled=True, adaptive=mode == "adaptive_xbn")
+            if xbn.adaptive:
+                from dml.memory import MomentKalmanFilter
+                xbn.kalman = MomentKalmanFilter(args.dim).to(device)
+            memory.set_transform(xbn.match)
     feats = torch.randn(args.batch, 2048, device=device)
     labels = torch.arange(args.batch // 4, device=device).repeat_interleave(4)
 
@@ -45,9 +46,8 @@ def make_step(mode, args, device):
         raw = head(feats)
         z = F.normalize(raw, dim=1)
         loss = loss_fn(z, labels)
-        if callback is not None:
-            parts = callback.losses(module, {"embeddings": z, "raw_embeddings": raw}, labels)
-            loss = loss + sum(parts.values())
+        if memory is not None:
+            loss = loss + sum(memory(loss_fn, None, z, raw, labels).values())
         loss.backward()
         opt.step()
     return step

@@ -18,7 +18,8 @@ import torch
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from dml import runs
-from dml.callbacks import ChanceConstraintProjection, CrossBatchMemory, DashboardFigures
+from dml.callbacks import (ChanceConstraintProjection, CrossBatchNormalization,
+                           DashboardFigures, EarlyStopping)
 from dml.console import say
 from dml.data import (DatasetNotFound, DMLDataModule, IncompleteDataset, MetadataError,
                       UnreadableImageError)
@@ -36,16 +37,18 @@ class DMLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data set decides the number of classes (proxy losses) and the standard Recall@Ks.
         parser.link_arguments("data.num_train_classes", "model.num_classes", apply_on="instantiate")
-        # Method callbacks: a top-level YAML group each, appended to the trainer's callbacks.
-        parser.add_lightning_class_args(CrossBatchMemory, "memory")
+        # Method schedules and run keeping: a top-level YAML group each, appended to the
+        # trainer's callbacks (so that a method's settings never replace the callback list).
+        parser.add_lightning_class_args(CrossBatchNormalization, "xbn")
         parser.add_lightning_class_args(ChanceConstraintProjection, "ccp")
         parser.add_lightning_class_args(DashboardFigures, "dashboard")
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_argument("--run_name", type=Optional[str], default=None,
                             help="A name in the run folder's name (runs/<time>-<name>-<random>).")
         parser.add_argument("--resume_changes", type=Optional[str], default=None,
                             help="Config keys allowed to differ from the checkpoint's when "
                                  "resuming with --ckpt_path: comma-separated fnmatch patterns, "
-                                 "e.g. 'model.optimizer.lr' or 'model.optimizer.*,memory.*'.")
+                                 "e.g. 'model.optimizer.lr' or 'model.optimizer.*,model.memory.*'.")
 
     # --- run folder and resume ----------------------------------------------------------
     def _parse_ckpt_path(self) -> None:

@@ -63,7 +63,7 @@ class ZeroShotConfig:
 
 @dataclass
 class IBCConfig:
-    """IBC's message passing over the batch (``dml.models.ibc``): L layers of H heads (outputs
+    """IBC's message passing over the batch (``dml.losses.ibc``): L layers of H heads (outputs
     concatenated with ``concat``), label-smoothed cross-entropy at temperature tau on the
     backbone embedding and on the MPN output. ``gather``: under DDP, pass messages over the
     global batch (default: each process's local batch). ``pseudo_test``: evaluate on each
@@ -82,6 +82,21 @@ class IBCConfig:
     gather: bool = False
     pseudo_test: bool = False
     pseudo_test_k: int = 4
+
+
+@dataclass
+class MemoryConfig:
+    """XBM's cross-batch memory (``dml.losses.memory``): with ``enabled``, from
+    ``start_iteration`` on the loss adds weight * L(batch, memory) over the last ``size``
+    embeddings; ``enqueue``: the batch is stored before (the released XBM trainer) or after its
+    memory term; ``store``: normalized or raw embeddings. XBN's moment matching of the stored
+    embeddings is the ``xbn:`` callback (``dml.callbacks.CrossBatchNormalization``)."""
+    enabled: bool = False
+    size: int = 55000
+    start_iteration: int = 1000
+    weight: float = 1.0
+    enqueue: str = "before"
+    store: str = "normalized"
 
 
 @dataclass

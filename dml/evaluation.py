@@ -1,12 +1,21 @@
-"""The validation hook's arithmetic: collect embeddings, gather them across processes, score them.
+"""Evaluation during training and testing: accumulate -> gather -> (refine) -> score.
 
-Embeddings arrive per batch with their data-set indices. Under DDP each rank holds a shard
-(``DistributedSampler`` pads shards to equal length by repeating items); ``gather_by_index``
-all-gathers, drops the repeated indices and restores data-set order, so every rank ends with the
-exact single-process arrays.
+``Evaluator`` collects each evaluation batch's embeddings with their labels and data-set
+indices; ``collect`` gathers every process's shard (``gather_by_index``: the
+``DistributedSampler``'s padding duplicates dropped, data-set order restored) into an
+``EvalSets``; ``score`` computes Recall@K, MAP@R, R-Precision (and NMI) exactly
+(``dml.metrics``). An optional ``refine`` step maps the sets to new ones before scoring (IBC's
+pseudo-test). The last scored sets stay in ``last_sets`` (on the CPU) for dashboards and
+notebooks.
+
+``EvalSets`` is the one description of what is searched: a query set and a reference set, the
+same set (CUB, Cars, SOP: each query excluded from its own search) or two (In-Shop's query and
+gallery). ``EvalSets.from_named`` is the only place that reads the data modules' names
+("test", or "query" and "gallery").
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -14,23 +23,51 @@ import torch
 from dml.metrics import nmi, retrieval_metrics
 
 
-class EmbeddingBuffer:
-    """Per-loader lists of (embeddings, labels, indices) for one evaluation pass."""
+@dataclass
+class EvalSet:
+    """One evaluation set: its data-set name, embeddings (n, D), labels (n,), indices (n,)."""
+    name: str
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
 
-    def __init__(self):
-        self.parts: Dict[int, List[tuple]] = {}
+    def to(self, device) -> "EvalSet":
+        return replace(self, embeddings=self.embeddings.to(device),
+                       labels=self.labels.to(device), indices=self.indices.to(device))
 
-    def add(self, loader_idx: int, embeddings: torch.Tensor, labels: torch.Tensor,
-            indices: torch.Tensor) -> None:
-        self.parts.setdefault(loader_idx, []).append(
-            (embeddings.detach().float(), labels.detach(), indices.detach()))
 
-    def concatenated(self, loader_idx: int):
-        emb, lab, idx = zip(*self.parts[loader_idx])
-        return torch.cat(emb), torch.cat(lab), torch.cat(idx)
+@dataclass
+class EvalSets:
+    """What is searched: ``query`` against ``reference``; ``same`` when they are one set."""
+    query: EvalSet
+    reference: EvalSet
 
-    def clear(self) -> None:
-        self.parts = {}
+    @property
+    def same(self) -> bool:
+        return self.query is self.reference
+
+    @property
+    def sets(self) -> List[EvalSet]:
+        """The distinct sets (one or two)."""
+        return [self.query] if self.same else [self.query, self.reference]
+
+    @classmethod
+    def from_named(cls, named: Dict[str, EvalSet]) -> "EvalSets":
+        if set(named) == {"test"}:
+            return cls(named["test"], named["test"])
+        if set(named) == {"query", "gallery"}:
+            return cls(named["query"], named["gallery"])
+        raise ValueError(f"evaluation sets must be named test, or query and gallery; got "
+                         f"{sorted(named)}")
+
+    def map(self, fn: Callable[[EvalSet], EvalSet]) -> "EvalSets":
+        if self.same:
+            new = fn(self.query)
+            return EvalSets(new, new)
+        return EvalSets(fn(self.query), fn(self.reference))
+
+    def cpu(self) -> "EvalSets":
+        return self.map(lambda s: s.to("cpu"))
 
 
 def gather_by_index(embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
@@ -49,21 +86,53 @@ def gather_by_index(embeddings: torch.Tensor, labels: torch.Tensor, indices: tor
     return embeddings.cpu()[keep], labels.cpu()[keep], indices[keep]
 
 
-def score(protocol: str, sets: Dict[str, tuple], ks: Sequence[int], with_nmi: bool = True,
-          nmi_seed: int = 0, backend: str = "auto", device=None) -> Dict[str, float]:
-    """Recall@K, MAP@R, R-Precision (and NMI) for the 'test' or 'query_gallery' protocol.
+class Evaluator:
+    """Args:
+        nmi: also cluster the embeddings (k-means, k = classes; costly at SOP scale).
+        nmi_seed: k-means seed.
+        backend: the retrieval back end (``dml.metrics.retrieval_metrics``).
+        refine: an optional ``EvalSets -> EvalSets`` step before scoring.
+    """
 
-    ``device``: where the retrieval metrics compute (the model's GPU during training)."""
-    if protocol == "test":
-        emb, lab = sets["test"][:2]
-        out = retrieval_metrics(emb, lab, ks, backend=backend, device=device)
-        if with_nmi:
-            out["NMI"] = nmi(emb, lab, seed=nmi_seed, backend="auto")
+    def __init__(self, nmi: bool = True, nmi_seed: int = 0, backend: str = "auto",
+                 refine: Optional[Callable[[EvalSets], EvalSets]] = None):
+        self.with_nmi, self.nmi_seed, self.backend, self.refine = nmi, nmi_seed, backend, refine
+        self.parts: Dict[int, List[tuple]] = {}
+        self.last_sets: Optional[EvalSets] = None
+
+    def reset(self) -> None:
+        self.parts = {}
+
+    def add(self, loader_idx: int, embeddings: torch.Tensor, labels: torch.Tensor,
+            indices: torch.Tensor) -> None:
+        self.parts.setdefault(loader_idx, []).append(
+            (embeddings.detach().float(), labels.detach(), indices.detach()))
+
+    def collect(self, names: Sequence[str], all_gather: Optional[Callable] = None,
+                world_size: int = 1) -> EvalSets:
+        """Every process's shards of the loaders (in loader order, named ``names``)."""
+        named = {}
+        for i, name in enumerate(names):
+            emb, lab, idx = (torch.cat(t) for t in zip(*self.parts[i]))
+            named[name] = EvalSet(name, *gather_by_index(emb, lab, idx, all_gather, world_size))
+        return EvalSets.from_named(named)
+
+    def score(self, sets: EvalSets, ks: Sequence[int], device=None) -> Dict[str, float]:
+        """Refine (if set), then Recall@K, MAP@R, R-Precision and NMI; keeps ``last_sets``."""
+        if self.refine is not None:
+            sets = self.refine(sets)
+        self.last_sets = sets.cpu()
+        q, r = sets.query, sets.reference
+        if sets.same:
+            out = retrieval_metrics(q.embeddings, q.labels, ks, backend=self.backend,
+                                    device=device)
+        else:
+            out = retrieval_metrics(q.embeddings, q.labels, ks,
+                                    gallery_embeddings=r.embeddings,
+                                    gallery_labels=r.labels, backend=self.backend,
+                                    device=device)
+        if self.with_nmi:  # clustering quality of the whole split (query and gallery together)
+            emb = torch.cat([s.embeddings for s in sets.sets])
+            lab = torch.cat([s.labels for s in sets.sets])
+            out["NMI"] = nmi(emb, lab, seed=self.nmi_seed)
         return out
-    q, ql = sets["query"][:2]
-    g, gl = sets["gallery"][:2]
-    out = retrieval_metrics(q, ql, ks, gallery_embeddings=g, gallery_labels=gl, backend=backend,
-                            device=device)
-    if with_nmi:  # clustering quality of the whole test split (query and gallery together)
-        out["NMI"] = nmi(torch.cat([q, g]), torch.cat([ql, gl]), seed=nmi_seed)
-    return out

@@ -1,24 +1,29 @@
-"""The LightningModule: backbone -> pooling -> embedding head -> metric loss (+ GSP's zero-shot
-loss), with the validation hook that scores the evaluation split exactly (``dml.evaluation``).
+"""The LightningModule: image -> backbone -> pooling -> head -> objective, and the evaluator.
+
+The module is handed its parts by ``dml.builder`` (every check that spans parts is there) and
+does three things with them:
+- training step: embed -> objective (every loss term, ``dml.objective``) -> log -> the sum;
+  a non-finite loss stops the run naming the step (or, with ``nonfinite_loss: skip``, skips it);
+- optimizer: one parameter group per part role (backbone, head, and the objective's own:
+  "loss" for proxies and class embeddings), each trainable parameter in exactly one;
+- evaluation: embeddings to the ``Evaluator`` (``dml.evaluation``), scored exactly on rank 0.
 Its configuration groups are the dataclasses of ``dml.config``.
 """
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
+from dml.builder import build_parts
 from dml.config import (BackboneConfig, EvalConfig, IBCConfig, LossConfig,  # noqa: F401
-                        OptimizerConfig, PoolingConfig, ZeroShotConfig, as_config)
+                        MemoryConfig, OptimizerConfig, PoolingConfig, ZeroShotConfig, as_config)
 from dml.errors import ConfigError, NonFiniteEmbeddingsError, NonFiniteLossError
-from dml.evaluation import EmbeddingBuffer, gather_by_index, score
-from dml.losses import (LOSSES, MultiProxyLoss, ZeroShotPrototypeLoss, build_loss, build_miner,
-                        proxy_rows)
-from dml.metrics import k_reciprocal_neighbors
-from dml.models import GSP, Backbone, EmbeddingHead, IntraBatchConnections, build_pooling
+from dml.evaluation import EvalSets, Evaluator
+from dml.losses.ibc import pseudo_test_refiner
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "radam": torch.optim.RAdam}
@@ -30,86 +35,54 @@ class DMLModule(pl.LightningModule):
                  loss: LossConfig = LossConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
                  evaluation: EvalConfig = EvalConfig(),
                  zero_shot: ZeroShotConfig = ZeroShotConfig(), ibc: IBCConfig = IBCConfig(),
-                 num_classes: Optional[int] = None, recall_ks: Optional[List[int]] = None,
-                 nonfinite_loss: str = "stop"):
+                 memory: MemoryConfig = MemoryConfig(), num_classes: Optional[int] = None,
+                 recall_ks: Optional[List[int]] = None, nonfinite_loss: str = "stop"):
         """nonfinite_loss: what a NaN or infinite loss does: ``stop`` the run with an error
         naming the step, the loss parts and the learning rates (the default), or ``skip`` the
         step (no backward, no optimizer step) and go on."""
         super().__init__()
+        backbone, pooling = as_config(BackboneConfig, backbone), as_config(PoolingConfig, pooling)
+        loss, memory = as_config(LossConfig, loss), as_config(MemoryConfig, memory)
+        optimizer = as_config(OptimizerConfig, optimizer)
+        evaluation = as_config(EvalConfig, evaluation)
+        zero_shot, ibc = as_config(ZeroShotConfig, zero_shot), as_config(IBCConfig, ibc)
         if nonfinite_loss not in ("stop", "skip"):
             raise ConfigError(f"model.nonfinite_loss: expected stop or skip, got "
                               f"{nonfinite_loss!r}")
-        self.nonfinite_loss = nonfinite_loss
-        self.skipped_steps = 0
-        backbone, pooling = as_config(BackboneConfig, backbone), as_config(PoolingConfig, pooling)
-        loss = as_config(LossConfig, loss)
-        optimizer, evaluation = as_config(OptimizerConfig, optimizer), as_config(EvalConfig, evaluation)
-        zero_shot, ibc = as_config(ZeroShotConfig, zero_shot), as_config(IBCConfig, ibc)
-        # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters({
-            "backbone": asdict(backbone), "pooling": asdict(pooling),
-            "embedding_dim": embedding_dim, "loss": asdict(loss),
-            "optimizer": asdict(optimizer), "evaluation": asdict(evaluation),
-            "zero_shot": asdict(zero_shot), "ibc": asdict(ibc),
-            "num_classes": num_classes, "recall_ks": recall_ks, "nonfinite_loss": nonfinite_loss})
-        self.optimizer_cfg, self.eval_cfg, self.loss_cfg = optimizer, evaluation, loss
-        self.backbone = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn,
-                                 backbone.width)
-        self.pooling = build_pooling(pooling.name, self.backbone.out_channels, pooling.params,
-                                     embedding_dim)
-        self.head = EmbeddingHead(self.backbone.out_channels, embedding_dim)
-        self.loss_fn = build_loss(loss.name, num_classes, embedding_dim, loss.params)
-        if loss.proxies_per_class > 0:
-            if self.loss_fn is None or LOSSES[loss.name][1]:
-                raise ConfigError(f"model.loss.proxies_per_class: {loss.name} already has its "
-                                  f"own proxies; multi-proxy CCP needs a pair loss (c1, c2, "
-                                  f"multi_similarity, triplet, contrastive)")
-            self.loss_fn = MultiProxyLoss(self.loss_fn, num_classes, loss.proxies_per_class,
-                                          embedding_dim, loss.proxy_weight, loss.pair_weight,
-                                          loss.normalize)
-        self.miner = build_miner(loss.miner, loss.miner_params)
-        if self.miner is not None and loss.name == "xbm_contrastive":
-            raise ConfigError("model.loss.miner: xbm_contrastive sums over all pairs; it takes "
-                              "no miner (set model.loss.miner: null)")
-        self.zero_shot_cfg = zero_shot
-        self.zero_shot_loss = None
-        if zero_shot.weight > 0:
-            if not isinstance(self.pooling, GSP):
-                raise ConfigError("model.zero_shot.weight > 0 needs attribute vectors: set "
-                                  "model.pooling.name: gsp")
-            if num_classes is None:
-                raise ConfigError("model.zero_shot needs the number of training classes")
-            self.zero_shot_loss = ZeroShotPrototypeLoss(num_classes, embedding_dim,
-                                                        zero_shot.lam, zero_shot.scale)
-        self.ibc_cfg = ibc
-        self.ibc = None
-        if ibc.enabled:
-            if num_classes is None or num_classes < 2:
-                raise ConfigError("model.ibc needs the number of training classes")
-            self.ibc = IntraBatchConnections(embedding_dim, num_classes, ibc.layers, ibc.heads,
-                                             ibc.dropout, ibc.ff_hidden, ibc.concat, ibc.tau,
-                                             ibc.label_smoothing, ibc.mpn_weight)
-        if self.loss_fn is None and self.ibc is None and zero_shot.weight == 0:
-            raise ConfigError("model.loss.name: none leaves nothing to train; enable model.ibc "
-                              "or model.zero_shot, or name a loss")
         if optimizer.name not in OPTIMIZERS:
             raise ConfigError(f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
                               f"expected one of {sorted(OPTIMIZERS)}")
         if optimizer.scheduler not in ("none", "step", "cosine"):
             raise ConfigError(f"model.optimizer.scheduler: unknown scheduler "
                               f"{optimizer.scheduler!r}; expected none, step or cosine")
-        self.recall_ks = recall_ks
-        self._eval_buffer = EmbeddingBuffer()
-        # Callbacks that add loss terms register here (name -> object with .losses()).
-        self.loss_contributors: Dict[str, Any] = {}
+        # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters({
+            "backbone": asdict(backbone), "pooling": asdict(pooling),
+            "embedding_dim": embedding_dim, "loss": asdict(loss),
+            "optimizer": asdict(optimizer), "evaluation": asdict(evaluation),
+            "zero_shot": asdict(zero_shot), "ibc": asdict(ibc), "memory": asdict(memory),
+            "num_classes": num_classes, "recall_ks": recall_ks, "nonfinite_loss": nonfinite_loss})
+        self.optimizer_cfg, self.recall_ks = optimizer, recall_ks
+        self.nonfinite_loss, self.skipped_steps = nonfinite_loss, 0
+
+        parts = build_parts(backbone, pooling, embedding_dim, loss, zero_shot, ibc, memory,
+                            num_classes)
+        self.backbone, self.pooling, self.head = parts.backbone, parts.pooling, parts.head
+        self.objective = parts.objective
+        if self.objective.proximal is not None:
+            self.objective.proximal.attach(self.network_parameters)
+        refine = None
+        if self.objective.ibc is not None and ibc.pseudo_test:
+            refine = pseudo_test_refiner(self.objective.ibc, ibc.pseudo_test_k)
+        self.evaluator = Evaluator(evaluation.nmi, evaluation.nmi_seed, evaluation.backend,
+                                   refine)
         self.last_metrics: Dict[str, float] = {}
-        self.keep_eval_sets = False  # rank 0 keeps the last scored (embeddings, labels, indices)
-        self.last_eval_sets: Dict[str, tuple] = {}
         self.initial_metrics: Dict[str, float] = {}
 
     # --- forward ----------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> Dict[str, Any]:
-        """Everything the losses and dashboards need: embeddings and the pooling's outputs."""
+        """Everything the objective and dashboards need: "embeddings" (L2-normalised),
+        "raw_embeddings" (the head's output) and "pooling" (``PoolingOutput``)."""
         features = self.backbone(images)
         pooled = self.pooling(features, projection=self.head.linear)
         raw, embeddings = self.head(pooled.pooled)
@@ -119,97 +92,28 @@ class DMLModule(pl.LightningModule):
         """L2-normalised embeddings (B, D): what retrieval uses."""
         return self.embed(images)["embeddings"]
 
+    def network_parameters(self) -> Iterator[Tuple[str, torch.nn.Parameter]]:
+        """The network's trainable weights: every trainable parameter outside the objective
+        (backbone, pooling, head, and any part added later)."""
+        return ((name, p) for name, p in self.named_parameters()
+                if p.requires_grad and not name.startswith("objective."))
+
     # --- training ---------------------------------------------------------------------
-    def compute_losses(self, out: Dict[str, Any], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Named loss components; their sum is optimised. Methods add components here."""
-        z, raw, local_labels = out["embeddings"], out["raw_embeddings"], labels
-        if self.loss_cfg.gather and self.world_size > 1:  # the global batch, see LossConfig
-            z, raw, labels = self.gather_batch(z, raw, labels)
-        pairs = self.miner(z, labels) if self.miner is not None else None
-        weight = self.zero_shot_cfg.metric_weight
-        parts: Dict[str, torch.Tensor] = {}
-        if isinstance(self.loss_fn, MultiProxyLoss):  # proxy and in-batch terms, raw inputs
-            parts = {name: weight * value for name, value in
-                     self.loss_fn.parts(raw, labels, pairs).items()}
-        elif self.loss_fn is not None:
-            parts = {"metric": weight * self.loss_fn(z, labels, pairs)}
-        if self.ibc is not None:
-            parts.update(self.ibc_losses(out, local_labels))
-        if self.zero_shot_loss is not None:
-            parts["zero_shot"] = self.zero_shot_cfg.weight * self.zero_shot_loss(
-                out["pooling"].attributes, local_labels)
-        for contributor in self.loss_contributors.values():  # e.g. the cross-batch memory
-            parts.update(contributor.losses(self, out, local_labels))
-        return parts
+    def training_step(self, batch, batch_idx):
+        images, labels, _ = batch
+        terms = self.objective(self.embed(images), labels)
+        total = sum(terms.values())
+        if not self.loss_is_finite(total):
+            return self.on_nonfinite_loss(terms, batch_idx)
+        batch_size = len(labels)
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        return total
 
     @property
     def world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
-
-    def gather_batch(self, *tensors: torch.Tensor):
-        """The global batch in rank order; gradients of the gathered rows flow back to the
-        process that computed them (their sum over processes)."""
-        return tuple(self.all_gather(t, sync_grads=t.requires_grad).reshape(-1, *t.shape[1:])
-                     for t in tensors)
-
-    def ibc_losses(self, out: Dict[str, Any], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """IBC's two cross-entropies. Under DDP messages pass over the local batch, or with
-        ``model.ibc.gather`` over the global one: then every process computes the same MPN loss
-        on the whole batch, so the averaged gradient equals one process's."""
-        z, raw = out["embeddings"], out["raw_embeddings"]
-        if not (self.ibc_cfg.gather and self.world_size > 1):
-            return self.ibc(raw, z, labels)
-        z_all, labels_all = self.gather_batch(z, labels)
-        return self.ibc(raw, z_all, labels_all, labels)
-
-    # --- GSP prototypes ---------------------------------------------------------------
-    def on_train_start(self) -> None:
-        if self._trainer is not None and self.trainer.ckpt_path:
-            self.apply_changed_optimizer_settings()
-        if isinstance(self.pooling, GSP) and not bool(self.pooling.initialized):
-            candidates = self.gsp_candidates()
-            if self.trainer.is_global_zero:
-                self.pooling.initialize_prototypes(candidates)
-            # every rank starts from rank 0's prototypes
-            prototypes = self.trainer.strategy.broadcast(self.pooling.prototypes.data, src=0)
-            self.pooling.prototypes.data.copy_(prototypes)
-            self.pooling.initialized.fill_(True)
-
-    @torch.no_grad()
-    def gsp_candidates(self) -> torch.Tensor:
-        """Candidate prototypes: the loss's proxy rows, or GAP embeddings of training batches."""
-        gsp: GSP = self.pooling
-        rows = proxy_rows(self.loss_fn)
-        use_proxies = gsp.init == "proxies" or (
-            gsp.init == "auto" and rows is not None and len(rows) >= len(gsp.prototypes))
-        if use_proxies:
-            if rows is None:
-                raise ConfigError("model.pooling.params.init: proxies, but the loss "
-                                  f"{type(self.loss_fn).__name__} has no proxies")
-            return rows
-        was_training = self.training
-        self.eval()
-        loader = self.trainer.datamodule.train_dataloader()
-        embeddings = []
-        for i, (images, _, _) in enumerate(loader):
-            if i >= gsp.init_batches:
-                break
-            features = self.backbone(images.to(self.device))
-            embeddings.append(self.head.linear(features.mean(dim=(2, 3))))
-        self.train(was_training)
-        return torch.cat(embeddings)
-
-    def training_step(self, batch, batch_idx):
-        images, labels, _ = batch
-        parts = self.compute_losses(self.embed(images), labels)
-        total = sum(parts.values())
-        batch_size = len(labels)
-        if not self.loss_is_finite(total):
-            return self.on_nonfinite_loss(parts, batch_idx)
-        for name, value in parts.items():
-            self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
-        return total
 
     def loss_is_finite(self, total: torch.Tensor) -> bool:
         """Whether every process's loss is finite (one agreement under DDP, so that all stop or
@@ -219,31 +123,113 @@ class DMLModule(pl.LightningModule):
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         return finite
 
-    def on_nonfinite_loss(self, parts: Dict[str, torch.Tensor], batch_idx: int):
-        """Stop with one line naming the step, epoch, the non-finite parts and the learning
+    def on_nonfinite_loss(self, terms: Dict[str, torch.Tensor], batch_idx: int):
+        """Stop with one line naming the step, epoch, the non-finite terms and the learning
         rates; or, with ``nonfinite_loss: skip``, skip the step (returning None)."""
-        bad = {name: float(value.detach()) for name, value in parts.items()
+        bad = {name: float(value.detach()) for name, value in terms.items()
                if not bool(torch.isfinite(value.detach()).all())}
-        where = (f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})")
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         if self.nonfinite_loss == "skip":
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
             rank_zero_warn(f"non-finite loss at {where}: {bad or 'on another process'}; step "
                            f"skipped ({self.skipped_steps} so far)")
             return None
-        lrs = describe_learning_rates(self.trainer)
-        parts_text = ", ".join(f"loss_{k} = {v}" for k, v in bad.items()) or \
+        terms_text = ", ".join(f"loss_{k} = {v}" for k, v in bad.items()) or \
             "on another process"
         raise NonFiniteLossError(
-            f"non-finite loss at {where}: {parts_text}; learning rates: {lrs}. Training "
-            f"stopped; the checkpoints written so far are untouched. Lower the learning rate, "
-            f"or set model.nonfinite_loss: skip to drop such steps.")
+            f"non-finite loss at {where}: {terms_text}; learning rates: "
+            f"{describe_learning_rates(self.trainer)}. Training stopped; the checkpoints "
+            f"written so far are untouched. Lower the learning rate, or set "
+            f"model.nonfinite_loss: skip to drop such steps.")
 
+    # --- pooling initialisation (first training step) ------------------------------------
+    def on_train_start(self) -> None:
+        if self._trainer is not None and self.trainer.ckpt_path:
+            self.apply_changed_optimizer_settings()
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self.pooling.wants_initialization():
+            self.initialize_pooling()
+
+    def initialize_pooling(self) -> None:
+        """A pooling that asks for it (GSP's prototypes) is initialised on rank 0 from the
+        candidates it wants, and its state broadcast. Runs at the first training step, after
+        every ``on_train_start`` hook (CCP's proxies are picked by then)."""
+        rows = self.objective.class_representatives()
+        source = self.pooling.candidate_source(None if rows is None else len(rows))
+        candidates = rows if source == "class_rows" else \
+            self.gap_embeddings(self.pooling.init_batches)
+        if self.trainer.is_global_zero:
+            self.pooling.initialize(candidates)
+        for tensor in self.pooling.state_dict().values():  # every rank: rank 0's state
+            tensor.copy_(self.trainer.strategy.broadcast(tensor, src=0))
+
+    @torch.no_grad()
+    def gap_embeddings(self, batches: int) -> torch.Tensor:
+        """The head's projection of GAP features of ``batches`` training batches (eval mode)."""
+        was_training = self.training
+        self.eval()
+        embeddings = []
+        for i, (images, _, _) in enumerate(self.trainer.datamodule.train_dataloader()):
+            if i >= batches:
+                break
+            features = self.backbone(images.to(self.device))
+            embeddings.append(self.head.linear(features.mean(dim=(2, 3))))
+        self.train(was_training)
+        return torch.cat(embeddings)
+
+    # --- optimizer ----------------------------------------------------------------------
     def configured_learning_rates(self) -> Dict[str, float]:
         """The initial learning rate of each parameter group, from ``model.optimizer``."""
         cfg = self.optimizer_cfg
         return {"backbone": cfg.lr * cfg.backbone_lr_mult, "head": cfg.lr,
                 "loss": cfg.loss_lr if cfg.loss_lr is not None else cfg.lr}
+
+    def parameter_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
+        """Trainable parameters by group: the backbone's, the other network parts' ("head"), and
+        the objective's terms' own (``Objective.parameter_groups``). Every trainable parameter
+        is in exactly one, or this is an error naming the ones that are not."""
+        groups: Dict[str, List[torch.nn.Parameter]] = {}
+        for name, part in self.named_children():
+            if name == "objective":
+                for group, params in self.objective.parameter_groups().items():
+                    groups.setdefault(group, []).extend(params)
+                continue
+            params = [p for p in part.parameters() if p.requires_grad]
+            if params:
+                groups.setdefault("backbone" if name == "backbone" else "head", []).extend(params)
+        owners: Dict[int, int] = {}
+        for params in groups.values():
+            for p in params:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        wrong = [n for n, p in self.named_parameters() if p.requires_grad and owners.get(id(p)) != 1]
+        if wrong:
+            raise RuntimeError(f"parameters in no optimizer group or in several: {wrong[:10]}")
+        return groups
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_cfg
+        lrs = self.configured_learning_rates()
+        groups = self.parameter_groups()
+        unknown = sorted(set(groups) - set(lrs))
+        if unknown:
+            raise RuntimeError(f"parameter group(s) {unknown} have no learning rate; the groups "
+                               f"are {sorted(lrs)}")
+        groups = [{"params": params, "lr": lrs[name], "name": name}
+                  for name, params in groups.items()]
+        kwargs = {"weight_decay": cfg.weight_decay}
+        if cfg.name == "sgd":
+            kwargs["momentum"] = 0.9
+        optimizer = OPTIMIZERS[cfg.name](groups, lr=cfg.lr, **kwargs)
+        if cfg.scheduler == "none":
+            return optimizer
+        if cfg.scheduler == "step":
+            sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(1, self.trainer.max_epochs or 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def apply_changed_optimizer_settings(self) -> None:
         """On resume, learning rates and weight decay come back from the checkpoint. Where the
@@ -273,72 +259,33 @@ class DMLModule(pl.LightningModule):
             self.print("resume: optimizer settings from the config, not the checkpoint: "
                        + "; ".join(changes))
 
-    def configure_optimizers(self):
-        cfg = self.optimizer_cfg
-        lrs = self.configured_learning_rates()
-        groups = [
-            {"params": [p for p in self.backbone.parameters() if p.requires_grad],
-             "lr": lrs["backbone"], "name": "backbone"},
-            {"params": [p for m in (self.pooling, self.head, self.ibc) if m is not None
-                        for p in m.parameters() if p.requires_grad], "lr": lrs["head"],
-             "name": "head"},
-            # every loss term's own parameters: proxies, GSP's zero-shot class embeddings
-            {"params": [p for m in (self.loss_fn, self.zero_shot_loss) if m is not None
-                        for p in m.parameters() if p.requires_grad], "lr": lrs["loss"],
-             "name": "loss"},
-        ]
-        groups = [g for g in groups if g["params"]]
-        kwargs = {"weight_decay": cfg.weight_decay}
-        if cfg.name == "sgd":
-            kwargs["momentum"] = 0.9
-        optimizer = OPTIMIZERS[cfg.name](groups, lr=cfg.lr, **kwargs)
-        if cfg.scheduler == "none":
-            return optimizer
-        if cfg.scheduler == "step":
-            sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
-        else:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=max(1, self.trainer.max_epochs or 1))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
     # --- evaluation -------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._eval_buffer.clear()
+        self.evaluator.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluator.reset()
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         images, labels, indices = batch
         with torch.autocast(self.device.type, enabled=False):  # evaluation is float32
             z = self(images.float())
-        self._eval_buffer.add(dataloader_idx, z.float(), labels, indices)
+        self.evaluator.add(dataloader_idx, z.float(), labels, indices)
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         self.validation_step(batch, batch_idx, dataloader_idx)
 
-    def on_test_epoch_start(self) -> None:
-        self._eval_buffer.clear()
-
-    def _evaluate(self, prefix: str) -> Dict[str, float]:
+    def _evaluate(self, stage: str) -> Dict[str, float]:
         dm = self.trainer.datamodule
-        datasets = dm.eval_sets(prefix)
-        protocol = dm.protocol(datasets)
-        sets = {}
-        for i, name in enumerate(dm.loader_names(datasets)):
-            emb, lab, idx = self._eval_buffer.concatenated(i)
-            sets[name] = gather_by_index(emb, lab, idx, self.all_gather, self.trainer.world_size)
+        names = dm.loader_names(dm.eval_sets(stage))
+        sets = self.evaluator.collect(names, self.all_gather, self.trainer.world_size)
         # every rank holds the same gathered sets, so every rank raises the same error
-        self.check_finite_embeddings(sets, prefix)
+        self.check_finite_embeddings(sets, stage)
         metrics: Dict[str, float] = {}
         error = None
-        cfg = self.eval_cfg
         if self.trainer.is_global_zero:
             try:
-                if self.ibc is not None and self.ibc_cfg.pseudo_test:
-                    sets = self.pseudo_test_embeddings(sets)
-                if self.keep_eval_sets:  # for dashboards (DashboardFigures) and notebooks
-                    self.last_eval_sets = {k: tuple(t.cpu() for t in v) for k, v in sets.items()}
-                ks = self.recall_ks or dm.recall_ks
-                metrics = score(protocol, sets, ks, cfg.nmi, cfg.nmi_seed, cfg.backend,
-                                self.device)
+                metrics = self.evaluator.score(sets, self.recall_ks or dm.recall_ks, self.device)
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 if self.trainer.world_size == 1:
                     raise
@@ -346,47 +293,28 @@ class DMLModule(pl.LightningModule):
         if self.trainer.world_size > 1:  # scoring ran on rank 0: all ranks learn its outcome
             metrics, error = self.trainer.strategy.broadcast((metrics, error), src=0)
         if error is not None:
-            raise RuntimeError(f"{prefix} evaluation failed on rank 0: {error}")
-        self._eval_buffer.clear()
+            raise RuntimeError(f"{stage} evaluation failed on rank 0: {error}")
+        self.evaluator.reset()
         if not self.trainer.sanity_checking:
             for name, value in metrics.items():
                 # identical on every rank (broadcast): sync_dist averages equal values
-                self.log(f"{prefix}/{name}", float(value), prog_bar=name == "R@1", sync_dist=True)
+                self.log(f"{stage}/{name}", float(value), prog_bar=name == "R@1", sync_dist=True)
         return metrics
 
-    def check_finite_embeddings(self, sets: Dict[str, tuple], prefix: str) -> None:
+    def check_finite_embeddings(self, sets: EvalSets, stage: str) -> None:
         """A NonFiniteEmbeddingsError naming the split, epoch and number of bad rows."""
-        for name, (emb, *_) in sets.items():
-            bad = int((~torch.isfinite(emb).all(1)).sum())
+        for s in sets.sets:
+            bad = int((~torch.isfinite(s.embeddings).all(1)).sum())
             if bad:
                 when = "before training" if self.trainer.sanity_checking else \
                     f"after epoch {self.current_epoch} (step {self.global_step})"
                 raise NonFiniteEmbeddingsError(
-                    f"{prefix} evaluation {when}: {bad} of {len(emb)} {name} embeddings are "
-                    f"not finite (NaN or inf); the model has diverged, no metric is reported")
-
-    def pseudo_test_embeddings(self, sets: Dict[str, tuple]) -> Dict[str, tuple]:
-        """IBC's pseudo-test mode: every embedding replaced by its MPN output over itself and its
-        k-reciprocal neighbours (queries' neighbours taken from the gallery)."""
-        k, backend = self.ibc_cfg.pseudo_test_k, "torch" if self.device.type != "cpu" else "auto"
-        was_training = self.ibc.training
-        self.ibc.eval()
-        refined = {}
-        reference = sets["test" if "test" in sets else "gallery"][0].to(self.device)
-        for name, (emb, *rest) in sets.items():
-            emb = emb.to(self.device)
-            if name in ("test", "gallery"):
-                idx, mask = k_reciprocal_neighbors(emb, k, backend=backend)
-                new = self.ibc.refine(emb, idx.to(self.device), mask.to(self.device))
-            else:
-                idx, mask = k_reciprocal_neighbors(emb, k, reference, backend=backend)
-                new = self.ibc.refine(emb, idx.to(self.device), mask.to(self.device), reference)
-            refined[name] = (new, *rest)
-        self.ibc.train(was_training)
-        return refined
+                    f"{stage} evaluation {when}: {bad} of {len(s.embeddings)} {s.name} "
+                    f"embeddings are not finite (NaN or inf); the model has diverged, no metric "
+                    f"is reported")
 
     def on_validation_epoch_end(self) -> None:
-        if not self._eval_buffer.parts:
+        if not self.evaluator.parts:
             return
         metrics = self._evaluate("val")
         if self.trainer.sanity_checking:
@@ -398,9 +326,40 @@ class DMLModule(pl.LightningModule):
             self.print(f"epoch {self.current_epoch:3d} | " + format_metrics(metrics))
 
     def on_test_epoch_end(self) -> None:
-        if self._eval_buffer.parts:
+        if self.evaluator.parts:
             self.last_metrics = self._evaluate("test")
             self.print("test | " + format_metrics(self.last_metrics))
+
+    # --- checkpoints of the earlier layout -----------------------------------------------
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if migrate_checkpoint(checkpoint):
+            state = checkpoint["state_dict"]
+            fresh = [k for k in self.state_dict() if k not in state and
+                     k.startswith(("objective.proximal.", "objective.memory."))]
+            for key in fresh:  # state the earlier layout kept in callbacks: starts afresh
+                state[key] = self.state_dict()[key]
+            rank_zero_warn("checkpoint of the layout before the objective: weights renamed "
+                           "(loss_fn -> objective.metric, ...)" +
+                           (f"; {len(fresh)} memory / proximal buffers start afresh"
+                            if fresh else ""))
+
+
+# Parameter names before the objective (loss terms as module attributes) -> now.
+LEGACY_PREFIXES = {"loss_fn.": "objective.metric.", "zero_shot_loss.": "objective.zero_shot.",
+                   "ibc.": "objective.ibc."}
+
+
+def migrate_checkpoint(checkpoint: Dict[str, Any]) -> bool:
+    """Checkpoints written before the objective existed: their weights are renamed in place, so
+    that they load; the XBM/XBN memory and CCP's theta_prev, then callback state, are not
+    carried over, and resuming training from them is refused by the CLI's config check.
+    Returns whether anything was renamed."""
+    state = checkpoint.get("state_dict", {})
+    legacy = [k for k in state if k.startswith(tuple(LEGACY_PREFIXES))]
+    for key in legacy:
+        prefix = next(p for p in LEGACY_PREFIXES if key.startswith(p))
+        state[LEGACY_PREFIXES[prefix] + key[len(prefix):]] = state.pop(key)
+    return bool(legacy)
 
 
 def describe_learning_rates(trainer) -> str:

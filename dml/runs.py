@@ -17,7 +17,7 @@ to the processes Lightning starts. A cluster launcher that starts every process 
 
 Resuming (``--ckpt_path <run>/checkpoints/last.ckpt``) continues in the checkpoint's run folder.
 The configuration saved in the checkpoint is compared with the one given: a difference in the
-model, the data, a method's callback (``memory``, ``ccp``) or the seed is an error naming the
+model, the data, a method's callback (``xbn``, ``ccp``) or the seed is an error naming the
 keys, unless ``--resume_changes`` lists them; trainer and dashboard settings may change freely
 (the number of epochs, devices, loggers).
 """
@@ -38,7 +38,7 @@ RUN_FILE = "run.json"
 ENV_DIR, ENV_OWNER = "DML_RUN_DIR", "DML_RUN_DIR_OWNER"
 
 # Settings a resumed run must share with its checkpoint, unless --resume_changes names them.
-PROTECTED = ("model.", "data.", "memory.", "ccp.", "seed_everything")
+PROTECTED = ("model.", "data.", "xbn.", "ccp.", "seed_everything")
 # Inside those, settings that do not change what is trained.
 HARMLESS = ("data.init_args.root", "data.init_args.num_workers", "data.init_args.verify",
             "data.init_args.eval_batch_size", "model.evaluation.backend")

@@ -6,9 +6,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dml.callbacks import ChanceConstraintProjection, CrossBatchMemory
+from dml.callbacks import ChanceConstraintProjection, CrossBatchNormalization
 from dml.data import SyntheticDataModule
-from dml.module import BackboneConfig, DMLModule, IBCConfig, LossConfig, OptimizerConfig
+from dml.module import (BackboneConfig, DMLModule, IBCConfig, LossConfig, MemoryConfig,
+                        OptimizerConfig)
 
 BATCH = 16  # the global batch of the gradient checks: 4 classes x 4
 
@@ -96,13 +97,15 @@ def scenario_ibc_grad(make_trainer, rank, world, out_dir):
 
 
 def scenario_xbn(make_trainer, rank, world, out_dir):
-    memory = CrossBatchMemory(mode="adaptive_xbn", size=40, start_iteration=2)
-    module = make_module(loss=LossConfig(name="contrastive"))
-    make_trainer(callbacks=[memory], limit_train_batches=6, limit_val_batches=0).fit(
+    xbn = CrossBatchNormalization(enabled=True, adaptive=True)
+    module = make_module(loss=LossConfig(name="xbm_contrastive"),
+                         memory=MemoryConfig(enabled=True, size=40, start_iteration=2))
+    make_trainer(callbacks=[xbn], limit_train_batches=6, limit_val_batches=0).fit(
         module, make_data())
-    state = memory.state
-    return {"embeddings": state.memory.embeddings.clone(), "labels": state.memory.labels.clone(),
-            "sum": state.sum.clone(), "iteration": int(state.iteration)}
+    memory = module.objective.memory
+    return {"embeddings": memory.buffer.embeddings.clone(),
+            "labels": memory.buffer.labels.clone(), "sum": memory.sum.clone(),
+            "iteration": int(memory.iteration), "kalman": xbn.kalman.mean.x.clone()}
 
 
 def scenario_ccp(make_trainer, rank, world, out_dir):
@@ -113,8 +116,8 @@ def scenario_ccp(make_trainer, rank, world, out_dir):
     trainer = make_trainer(callbacks=[ccp], max_epochs=2, limit_train_batches=3)
     trainer.fit(module, make_data())
     trainer.save_checkpoint(os.path.join(out_dir, f"ccp_world{world}.ckpt"))
-    return {"proxies": module.loss_fn.proxies.detach().clone(), "round": ccp.round,
-            "theta_prev": {k: v.cpu() for k, v in ccp.theta_prev.items()}}
+    return {"proxies": module.objective.proxies().detach().clone(), "round": ccp.round,
+            "theta_prev": module.objective.proximal.theta_prev.detach().cpu().clone()}
 
 
 SCENARIOS = {"eval": scenario_eval, "grad": scenario_grad, "ibc_grad": scenario_ibc_grad,

@@ -46,7 +46,7 @@ def test_gsp_methods_build_on_the_embedded_data(method):
                  args=config_args("synthetic", method) + ["--trainer.logger", "false"])
     assert type(cli.model.pooling).__name__ == "GSP"
     assert len(cli.model.pooling.prototypes) == 8  # from gsp_*/synthetic.yaml
-    assert cli.model.zero_shot_loss is not None
+    assert cli.model.objective.zero_shot is not None
 
 
 TINY_RUN = ["--data.init_args.train_classes", "16", "--data.init_args.test_classes", "8",
@@ -55,7 +55,7 @@ TINY_RUN = ["--data.init_args.train_classes", "16", "--data.init_args.test_class
             "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.max_steps", "2",
             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-            "--dashboard.enabled", "false", "--memory.start_iteration", "0"]
+            "--dashboard.enabled", "false", "--model.memory.start_iteration", "0"]
 
 
 @pytest.mark.parametrize("method", METHODS)

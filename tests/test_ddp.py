@@ -76,7 +76,7 @@ def test_local_batch_gradient_differs_from_the_gathered_one(tmp_path):
     for batch in (whole, half):
         module.zero_grad()
         out = module.embed(batch.images)
-        module.compute_losses(out, batch.labels)["metric"].backward()
+        module.objective(out, batch.labels)["metric"].backward()
         g.append(module.head.linear.weight.grad.clone())
     assert not torch.allclose(g[0], g[1], atol=1e-5)
 
@@ -85,7 +85,7 @@ def test_cross_batch_memory_is_identical_on_every_rank(ddp):
     _, ranks = ddp
     a, b = ranks[0]["xbn"], ranks[1]["xbn"]
     assert a["iteration"] == 6 and int((a["labels"] >= 0).sum()) == 40  # full, wrapped around
-    for key in ("embeddings", "labels", "sum"):
+    for key in ("embeddings", "labels", "sum", "kalman"):
         assert torch.equal(a[key], b[key]), key
 
 
@@ -94,15 +94,14 @@ def test_ccp_proxies_identical_after_a_round_and_resume_on_one_process(ddp, tmp_
     a, b = ranks[0]["ccp"], ranks[1]["ccp"]
     assert a["round"] == b["round"] == 1
     assert torch.equal(a["proxies"], b["proxies"])
-    for name in a["theta_prev"]:
-        assert torch.equal(a["theta_prev"][name], b["theta_prev"][name])
+    assert a["theta_prev"].numel() > 0 and torch.equal(a["theta_prev"], b["theta_prev"])
     # the checkpoint the 2 processes wrote resumes on one
     path = out / f"ccp_world{WORLD}.ckpt"
     callback = ChanceConstraintProjection(enabled=True, patience=1, min_delta=10.0,
                                           pool_passes=3, lam=1e-3)
     module = DMLModule.load_from_checkpoint(path)
-    assert torch.equal(module.loss_fn.proxies, a["proxies"])
+    assert torch.equal(module.objective.proxies(), a["proxies"])
     ddp_trainer(str(tmp_path), 1, callbacks=[callback], max_epochs=3, limit_train_batches=2,
                 limit_val_batches=0).fit(module, make_data(), ckpt_path=path)
     assert callback.round == 1 and callback.lam == pytest.approx(1e-3)
-    assert not torch.equal(module.loss_fn.proxies, a["proxies"])  # and it trained on
+    assert not torch.equal(module.objective.proxies(), a["proxies"])  # and it trained on

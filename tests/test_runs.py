@@ -83,17 +83,19 @@ def test_a_non_finite_buffer_is_never_checkpointed(tmp_path, capsys):
 
 
 def test_nan_stops_the_run_and_leaves_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    from dml.module import DMLModule
+    from dml.objective import Objective
 
-    compute = DMLModule.compute_losses
+    compute = Objective.forward
+    steps = []
 
-    def poisoned(self, out, labels):  # finite until epoch 1, step 2 of it
-        parts = compute(self, out, labels)
-        if self.global_step >= 8:
-            parts["metric"] = parts["metric"] * float("nan")
-        return parts
+    def poisoned(self, embedded, labels):  # finite until step 8 (epoch 1, batch 2)
+        terms = compute(self, embedded, labels)
+        steps.append(len(steps))
+        if len(steps) > 8:
+            terms["metric"] = terms["metric"] * float("nan")
+        return terms
 
-    monkeypatch.setattr(DMLModule, "compute_losses", poisoned)
+    monkeypatch.setattr(Objective, "forward", poisoned)
     with pytest.raises(SystemExit) as exc:
         cli_main(["fit", *BASE, *method("baseline"), *TINY, "--dashboard.enabled", "false",
                   "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
@@ -106,19 +108,19 @@ def test_nan_stops_the_run_and_leaves_the_last_good_checkpoint(tmp_path, monkeyp
 
 
 def test_skip_instead_of_stop_is_an_option(tmp_path, monkeypatch):
-    from dml.module import DMLModule
+    from dml.objective import Objective
 
-    compute = DMLModule.compute_losses
-    hits = []
+    compute = Objective.forward
+    calls = []
 
-    def one_bad_step(self, out, labels):
-        parts = compute(self, out, labels)
-        if self.global_step == 3 and not hits:
-            hits.append(self.global_step)
-            parts["metric"] = parts["metric"] * float("inf")
-        return parts
+    def one_bad_step(self, embedded, labels):
+        terms = compute(self, embedded, labels)
+        calls.append(1)
+        if len(calls) == 4:  # the step at global step 3
+            terms["metric"] = terms["metric"] * float("inf")
+        return terms
 
-    monkeypatch.setattr(DMLModule, "compute_losses", one_bad_step)
+    monkeypatch.setattr(Objective, "forward", one_bad_step)
     with pytest.warns(UserWarning, match="non-finite loss at step 3.*step skipped"):
         cli = cli_main(["fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "1",
                         "--dashboard.enabled", "false", "--model.nonfinite_loss", "skip",
@@ -171,10 +173,13 @@ def test_a_failed_write_leaves_no_file_under_the_checkpoint_name(tmp_path, monke
 # --- kill -9 and resume -----------------------------------------------------------------------
 def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_losses(tmp_path):
     # CCP (a round ends at every validation: rounds, lambda, theta_prev, proxies change) with
-    # an XBN memory: every piece of state a resume must bring back. 6 steps an epoch.
-    args = ["fit", *BASE, *method("ccp_c2"), *TINY, "--memory.mode", "xbn", "--memory.size",
-            "128", "--memory.start_iteration", "3", "--ccp.patience", "1", "--ccp.min_delta",
-            "1.0", "--trainer.max_epochs", "3", "--dashboard.enabled", "false"]
+    # an adaptive XBN memory (the memory in the model, the Kalman filter in the callback):
+    # every piece of state a resume must bring back. 6 steps an epoch.
+    args = ["fit", *BASE, *method("ccp_c2"), *TINY, "--model.memory.enabled", "true",
+            "--model.memory.size", "128", "--model.memory.start_iteration", "3",
+            "--xbn.enabled", "true", "--xbn.adaptive", "true", "--ccp.patience", "1",
+            "--ccp.min_delta", "1.0", "--trainer.max_epochs", "3", "--dashboard.enabled",
+            "false"]
     full = dml(*args, "--trainer.default_root_dir", str(tmp_path / "a"))
     assert full.returncode == 0, full.stderr[-3000:]
     marker = tmp_path / "killed"
@@ -193,7 +198,8 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_losses(tmp_path):
     lines = [x for x in resumed.stdout.splitlines() if x.strip()]
     first = [x for x in lines if "resumed" in x or "untrained" in x][0]
     assert first.startswith("resumed at epoch 2, step 12 from ")
-    for state in ("optimizer", "ChanceConstraintProjection", "CrossBatchMemory", "RNG states"):
+    for state in ("optimizer", "ChanceConstraintProjection", "CrossBatchNormalization",
+                  "RNG states"):
         assert state in first
     (reference,) = run_folders(tmp_path / "a")
     expected, got = step_losses(reference), step_losses(run)
@@ -236,9 +242,9 @@ def test_resume_with_a_changed_method_is_an_error_naming_the_keys(tmp_path, caps
     assert "model.loss.name" in err and "model.loss.proxies_per_class" in err
     with pytest.raises(SystemExit):  # the memory switched off: its saved state would be lost
         cli_main(["fit", "--config", os.path.join(run, "config.yaml"), "--ckpt_path", last,
-                  "--memory.mode", "none"])
-    assert "differs from the checkpoint's in memory.mode (memory.mode: 'xbn' in the " \
-           "checkpoint, 'none' now)" in capsys.readouterr().err
+                  "--model.memory.enabled", "false"])
+    assert "differs from the checkpoint's in model.memory.enabled (model.memory.enabled: " \
+           "True in the checkpoint, False now)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", os.path.join(run, "config.yaml"), "--ckpt_path", last,
                   "--model.optimizer.lr", "0.1"])
@@ -289,11 +295,11 @@ def test_a_key_misspelled_in_a_config_file_names_the_file(tmp_path, capsys):
         cli_main(["fit", *BASE, "--config", str(bad)])
     err = capsys.readouterr().err
     assert f"error: {bad}: " in err and "model.optimizer.lrr" in err
-    bad.write_text("memory:\n  mode: xbnn\n")
+    bad.write_text("xbn:\n  recount_every: 0\n")
     with pytest.raises(SystemExit):
         cli_main(["fit", *BASE, "--config", str(bad), "--trainer.default_root_dir",
                   str(tmp_path / "runs")])
-    assert f"error: {bad}: memory.mode: expected one of" in capsys.readouterr().err
+    assert f"error: {bad}: xbn.recount_every must be >= 1" in capsys.readouterr().err
     assert run_folders(tmp_path / "runs") == []  # a run that never started leaves no folder
 
 

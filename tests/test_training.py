@@ -5,41 +5,12 @@ import torch
 
 from dml.cli import DMLCLI
 from dml.cli import main as cli_main
-from dml.data import DMLDataModule, SyntheticDataModule
-from dml.evaluation import gather_by_index
-from dml.module import BackboneConfig, DMLModule, LossConfig, OptimizerConfig
+from dml.data import DMLDataModule
+from dml.module import DMLModule, LossConfig, OptimizerConfig
+from helpers import small_data, small_module, trainer
 
 CONFIGS = ["--config", "experiments/trainer.yaml", "--config", "experiments/data/synthetic.yaml",
            "--config", "experiments/method/baseline.yaml"]
-
-
-def small_module(**kw):
-    kw.setdefault("optimizer", OptimizerConfig(lr=3e-3))
-    return DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
-                     embedding_dim=32, num_classes=24, **kw)
-
-
-def small_data():
-    return SyntheticDataModule(train_classes=24, test_classes=24, images_per_class=20,
-                               classes_per_batch=8, samples_per_class=4)
-
-
-def trainer(tmp_path, epochs, **kw):
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-                      default_root_dir=tmp_path, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=-1,
-                      use_distributed_sampler=False, **kw)
-
-
-def test_gather_by_index_drops_padding_and_restores_order():
-    # A DistributedSampler over 5 items on 2 ranks: rank 0 {0, 2, 4}, rank 1 {1, 3, 0 (pad)}.
-    emb = torch.arange(6, dtype=torch.float32)[:, None].repeat(1, 2)
-    idx = torch.tensor([0, 2, 4, 1, 3, 0])
-    lab = idx * 10
-    e, l, i = gather_by_index(emb, lab, idx)
-    assert i.tolist() == [0, 1, 2, 3, 4]
-    assert l.tolist() == [0, 10, 20, 30, 40]
-    assert e[:, 0].tolist() == [0, 3, 1, 4, 2]
 
 
 def test_training_raises_recall_well_above_untrained(tmp_path):
@@ -59,7 +30,7 @@ def test_proxy_loss_parameters_get_their_own_group_and_lr(tmp_path):
     opt = module.configure_optimizers()
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["loss"]["lr"] == 1e-1 and groups["head"]["lr"] == 1e-3
-    proxies = list(module.loss_fn.parameters())
+    proxies = list(module.objective.metric.parameters())
     assert proxies and all(any(p is q for q in groups["loss"]["params"]) for p in proxies)
 
 
@@ -75,7 +46,7 @@ def test_checkpoint_round_trip_gives_identical_embeddings(tmp_path):
     module.eval(), restored.eval()
     with torch.no_grad():
         assert torch.equal(module(x), restored(x))
-    assert torch.equal(module.loss_fn.proxies, restored.loss_fn.proxies)
+    assert torch.equal(module.objective.metric.proxies, restored.objective.metric.proxies)
 
 
 def run_cli(args, capsys):
@@ -115,5 +86,5 @@ def test_cli_composes_data_and_method_parts():
     cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
                  args=CONFIGS[:] + ["--trainer.logger", "false"])
     assert cli.model.backbone.out_channels == 128  # small_cnn from data/synthetic.yaml
-    assert type(cli.model.loss_fn).__name__ == "MultiSimilarityLoss"  # from method/baseline
+    assert type(cli.model.objective.metric).__name__ == "MultiSimilarityLoss"  # method/baseline
     assert cli.model.hparams.num_classes == 48  # linked from the data module

@@ -1,10 +1,13 @@
-"""Lightning callbacks: the methods' state across steps (the cross-batch memory of XBM / XBN,
-CCP's projection rounds), the dashboard figures, and checkpoints that hold the last state."""
+"""Lightning callbacks. Method schedules: CCP's projection rounds and XBN's moment matching of the
+cross-batch memory (both act on the objective through its public methods); observers: the
+dashboard figures; run keeping: checkpoints that hold the last state, early stopping, the
+learning-rate log."""
 from dml.callbacks.ccp import ChanceConstraintProjection
 from dml.callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint
-from dml.callbacks.cross_batch_memory import CrossBatchMemory
 from dml.callbacks.dashboard import DashboardFigures
+from dml.callbacks.early_stopping import EarlyStopping
 from dml.callbacks.learning_rates import LearningRateMonitor
+from dml.callbacks.xbn import CrossBatchNormalization
 
-__all__ = ["AtomicCheckpointIO", "ChanceConstraintProjection", "CrossBatchMemory",
-           "DashboardFigures", "LearningRateMonitor", "RunCheckpoint"]
+__all__ = ["AtomicCheckpointIO", "ChanceConstraintProjection", "CrossBatchNormalization",
+           "DashboardFigures", "EarlyStopping", "LearningRateMonitor", "RunCheckpoint"]

@@ -1,26 +1,31 @@
 """CCP's projection rounds as a Lightning callback: ``ccp: {enabled: true}`` (METHODS.md, "CCP").
 
 Training alternates between optimising the network and proxies (a round) and projecting the
-proxies back onto sample embeddings. At every validation the callback tracks the round's best
-score (``monitor``, validation MAP@R) and snapshots the network weights and proxies at that
-best. A round ends when the score has not improved for ``patience`` validations and the round
-has lasted at least ``min_epochs``. Then:
+proxies back onto sample embeddings. The proxies and the proximal term are the objective's
+(``model.loss.proxies_per_class``; ``dml.objective``); this callback decides when a round ends
+and acts only through the objective's public methods. At every validation it tracks the
+round's best score (``monitor``, validation MAP@R) and snapshots the network weights
+(``DMLModule.network_parameters``: every trainable weight outside the objective) and the
+proxies at that best. A round ends when the score has not improved for ``patience``
+validations and the round has lasted at least ``min_epochs``. Then:
 
-1. theta_prev <- the round's best network weights: from now on the loss carries the proximal
-   term (lambda / 2) * ||theta - theta_prev||^2 over the network's trainable weights (not the
-   proxies), lambda = ``lam`` * ``lam_decay`` ** (round - 1) from round 1 on (0 in round 0);
-2. a candidate pool per class: ``pool_passes`` (b) passes over the classes, one random training
-   image per class per pass, training augmentation, network in eval mode (b * K passes when
-   b < K, as in the released code);
+1. theta_prev <- the round's best network weights and lambda = ``lam`` * ``lam_decay`` ** r
+   after r rounds, as the released callback sets it (``Objective.anchor_proximal``; lambda 0
+   during round 0);
+2. a candidate pool per class: ``pool_passes`` (b) passes over the classes, one training image
+   per class per pass, drawn without replacement from a shuffled list of the class's images
+   (reshuffled when it runs out), training augmentation, network in eval mode (b * K passes
+   when b < K, as in the released code);
 3. the K proxies of each class are replaced by K greedy k-center picks from its pool, seeded
-   with the class's proxies at the round's best (``dml.losses.ccp.greedy_k_center``).
+   with the class's proxies at the round's best (``Objective.pick_proxies`` / ``set_proxies``).
 
 Before the first round the same selection runs seeded with the origin (the released code's zero
 initial proxies), unless the proxies were already picked (a resumed run).
 
 Under DDP the decision is the same on every rank (the validation metrics are broadcast); rank 0
-builds the pool and picks, the new proxies are broadcast. The round counter, lambda, best score,
-theta_prev and the best snapshot are saved in checkpoints; the proxies are model parameters.
+builds the pool and picks, the new proxies are broadcast. The round counter, best score and the
+best snapshot are saved in checkpoints (callback state); theta_prev, lambda and the proxies are
+the model's.
 """
 from __future__ import annotations
 
@@ -34,23 +39,6 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Subset
 
 from dml.errors import ConfigError
-from dml.losses.ccp import MultiProxyLoss
-from dml.selection import greedy_k_center_batched
-
-
-def network_parameters(module) -> Dict[str, torch.nn.Parameter]:
-    """The network's trainable weights theta (backbone, pooling, head): what the proximal term
-    acts on. Loss parameters (the proxies) are left out."""
-    return {f"{prefix}.{name}": p
-            for prefix in ("backbone", "pooling", "head")
-            for name, p in getattr(module, prefix).named_parameters() if p.requires_grad}
-
-
-def proximal_term(params: Dict[str, torch.Tensor], anchor: Dict[str, torch.Tensor],
-                  lam: float) -> torch.Tensor:
-    """(lam / 2) * sum ||theta - theta_prev||^2; its gradient is lam * (theta - theta_prev)."""
-    total = sum(((p - anchor[name]) ** 2).sum() for name, p in params.items())
-    return 0.5 * lam * total
 
 
 class ChanceConstraintProjection(pl.Callback):
@@ -60,8 +48,8 @@ class ChanceConstraintProjection(pl.Callback):
         patience: validations without improvement that end a round (3).
         min_epochs: the shortest round, in validations (1).
         min_delta: improvement below this does not count (1e-5).
-        lam: lambda of the proximal term from round 1 on (2e-4).
-        lam_decay: lambda = lam * lam_decay ** (round - 1).
+        lam: lambda0 of the proximal term, which is 0 during round 0 (2e-4).
+        lam_decay: lambda = lam * lam_decay ** r after r rounds.
         pool_passes: b, candidate images per class (12 on CUB/Cars, 7 on SOP/In-Shop).
         init_from_samples: pick the first proxies from sample embeddings (true).
         batch_size: batch size of the pool's forward passes.
@@ -86,7 +74,6 @@ class ChanceConstraintProjection(pl.Callback):
         self.best_score = -float("inf")
         self.checks_in_round = 0
         self.checks_without_gain = 0
-        self.theta_prev: Dict[str, torch.Tensor] = {}
         self.best_weights: Dict[str, torch.Tensor] = {}
         self.best_proxies: Optional[torch.Tensor] = None
         self.history: list = []  # (round, epoch, global_step, best score, seconds)
@@ -98,12 +85,9 @@ class ChanceConstraintProjection(pl.Callback):
 
     # --- wiring ----------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if not self.enabled:
-            return
-        if not isinstance(pl_module.loss_fn, MultiProxyLoss):
+        if self.enabled and not pl_module.objective.has_multi_proxy():
             raise ConfigError("ccp.enabled needs proxies: set model.loss.proxies_per_class >= 1 "
                               "(8 on CUB/Cars, 4 on SOP/In-Shop)")
-        pl_module.loss_contributors["ccp"] = self
 
     def state_dict(self) -> Dict[str, Any]:
         if not self.enabled:
@@ -111,36 +95,21 @@ class ChanceConstraintProjection(pl.Callback):
         return {"round": self.round, "lam": self.lam, "best_score": self.best_score,
                 "checks_in_round": self.checks_in_round,
                 "checks_without_gain": self.checks_without_gain,
-                "theta_prev": {k: v.cpu() for k, v in self.theta_prev.items()},
                 "best_weights": self.best_weights, "best_proxies": self.best_proxies,
                 "history": self.history}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         for key in ("round", "lam", "best_score", "checks_in_round", "checks_without_gain",
-                    "theta_prev", "best_weights", "best_proxies", "history"):
+                    "best_weights", "best_proxies", "history"):
             if key in state_dict:
                 setattr(self, key, state_dict[key])
 
-    # --- the proximal term (DMLModule.compute_losses) --------------------------------------
-    def losses(self, module, out, labels) -> Dict[str, torch.Tensor]:
-        if self.lam <= 0 or not self.theta_prev:
-            return {}
-        params = network_parameters(module)
-        missing = sorted(set(params) - set(self.theta_prev))
-        if missing:
-            raise ConfigError(f"ccp: the checkpoint's theta_prev has no weights for {missing[:5]}"
-                              f"; resume CCP with the model configuration it was trained with")
-        for name, p in params.items():  # moved once, after a round end or a resume
-            if self.theta_prev[name].device != p.device:
-                self.theta_prev[name] = self.theta_prev[name].to(p.device)
-        return {"proximal": proximal_term(params, self.theta_prev, self.lam)}
-
     # --- rounds ----------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
-        """Initial proxies from sample embeddings (runs before GSP's prototype init, which may
-        read the proxies)."""
-        loss = pl_module.loss_fn
-        if not self.enabled or bool(loss.initialized) or not self.init_from_samples:
+        """Initial proxies from sample embeddings (a pooling that starts from the proxies, GSP,
+        is initialised at the first training step, after this)."""
+        objective = pl_module.objective
+        if not self.enabled or objective.proxies_initialized() or not self.init_from_samples:
             return
         seconds = self.reinitialize(trainer, pl_module, seeds=None)
         rank_zero_info(f"ccp: proxies picked from sample embeddings ({seconds:.1f} s)")
@@ -167,16 +136,15 @@ class ChanceConstraintProjection(pl.Callback):
     def snapshot(self, pl_module) -> None:
         """The round's best so far: network weights and proxies (on the CPU)."""
         self.best_weights = {k: p.detach().to("cpu", copy=True)
-                             for k, p in network_parameters(pl_module).items()}
-        self.best_proxies = pl_module.loss_fn.proxies.detach().to("cpu", copy=True)
+                             for k, p in pl_module.network_parameters()}
+        self.best_proxies = pl_module.objective.proxies().detach().to("cpu", copy=True)
 
     def end_round(self, trainer, pl_module) -> None:
-        device = pl_module.device
-        self.theta_prev = {k: v.to(device) for k, v in self.best_weights.items()}
         self.round += 1
-        self.lam = self.lam0 * self.lam_decay ** (self.round - 1)
+        self.lam = self.lam0 * self.lam_decay ** self.round
+        pl_module.objective.anchor_proximal(self.best_weights, self.lam)
         seeds = (self.best_proxies if self.best_proxies is not None
-                 else pl_module.loss_fn.proxies.detach().cpu())
+                 else pl_module.objective.proxies().detach().cpu())
         seconds = self.reinitialize(trainer, pl_module, seeds=seeds)
         self.history.append({"round": self.round, "epoch": trainer.current_epoch,
                              "step": trainer.global_step, "best": self.best_score,
@@ -196,42 +164,41 @@ class ChanceConstraintProjection(pl.Callback):
         """Replace every class's K proxies by greedy k-center picks from its candidate pool,
         seeded with ``seeds`` (C*K, D) or the origin. Returns the seconds it took."""
         start = time.perf_counter()
-        loss: MultiProxyLoss = pl_module.loss_fn
-        proxies = loss.proxies
+        objective = pl_module.objective
+        proxies = objective.proxies()
         if trainer.is_global_zero:
             pool = self.candidate_pool(trainer, pl_module)  # (C, P, D)
-            if seeds is None:
-                seed_rows = torch.zeros(loss.num_classes, 1, proxies.shape[1])
-            else:
-                seed_rows = seeds.view(loss.num_classes, loss.per_class, -1)
-            picks = greedy_k_center_batched(pool, loss.per_class, seed_rows.to(pool.device))
-            new = pool.gather(1, picks.unsqueeze(-1).expand(-1, -1, pool.shape[-1]))
-            new = new.reshape(-1, pool.shape[-1]).to(proxies.device, proxies.dtype)
+            new = objective.pick_proxies(pool, None if seeds is None else seeds.to(pool.device))
+            new = new.to(proxies.device, proxies.dtype)
         else:
             new = torch.empty_like(proxies.data)
-        new = trainer.strategy.broadcast(new, src=0)
-        with torch.no_grad():
-            proxies.data.copy_(new)
-            loss.initialized.fill_(True)
+        objective.set_proxies(trainer.strategy.broadcast(new, src=0))
         self.last_reinit_seconds = time.perf_counter() - start
         return self.last_reinit_seconds
 
     def candidate_draws(self, labels: np.ndarray, num_classes: int, passes: int) -> np.ndarray:
-        """(passes, C) training indices: in each pass one random image of every class."""
+        """(passes, C) training indices: in each pass one image of every class, drawn without
+        replacement from a shuffled list of the class's images (a fresh shuffle when a class
+        runs out), as the released sampler does."""
         rng = np.random.default_rng(self.seed + self.round)
         by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
         missing = [c for c, idx in enumerate(by_class) if len(idx) == 0]
         if missing:
             raise ConfigError(f"ccp: training classes {missing[:10]} have no image; labels must "
                               f"be 0..{num_classes - 1}")
-        return np.array([[idx[rng.integers(len(idx))] for idx in by_class]
-                         for _ in range(passes)])
+        columns = []
+        for idx in by_class:
+            order = []
+            while len(order) < passes:
+                order.extend(rng.permutation(idx).tolist())
+            columns.append(order[:passes])
+        return np.array(columns).T
 
     @torch.no_grad()
     def candidate_pool(self, trainer, pl_module) -> torch.Tensor:
         """(C, P, D) raw embeddings of P training images per class, training augmentation,
         network in eval mode."""
-        loss: MultiProxyLoss = pl_module.loss_fn
+        loss = pl_module.objective.metric  # the multi-proxy loss: its classes and K
         dm = trainer.datamodule
         passes = self.pool_passes if self.pool_passes >= loss.per_class \
             else self.pool_passes * loss.per_class

@@ -52,8 +52,6 @@ class DashboardFigures(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         # every rank calls setup: trainer.log_dir (a broadcast under DDP) is safe only here
         self.out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "figures")
-        if self.enabled:
-            pl_module.keep_eval_sets = True
 
     def on_validation_end(self, trainer, pl_module) -> None:
         # rank 0 alone from here on: nothing below may call a collective
@@ -67,8 +65,8 @@ class DashboardFigures(pl.Callback):
 
     def draw(self, trainer, pl_module, tag: str) -> Dict[str, str]:
         """Draw every figure; one that fails is a warning naming it, never a stopped run."""
-        sets = pl_module.last_eval_sets
-        if not sets:
+        sets = pl_module.evaluator.last_sets  # what the validation just scored (rank 0)
+        if sets is None:
             return {}
         paths: Dict[str, str] = {}
         for name, build in (("retrieval", self.retrieval_figure),
@@ -93,50 +91,44 @@ class DashboardFigures(pl.Callback):
         self.last_paths = paths
         return paths
 
-    def _queries(self, trainer, sets):
-        """The seeded queries: (set names, rows, embeddings and labels, data sets)."""
-        query_name = "test" if "test" in sets else "query"
-        ref_name = "test" if "test" in sets else "gallery"
+    def _rows(self, sets):
+        """The seeded query rows drawn."""
         rng = np.random.default_rng(self.seed)
-        n = len(sets[query_name][0])
-        rows = rng.choice(n, size=min(self.num_queries, n), replace=False)
-        return query_name, ref_name, rows
+        n = len(sets.query.embeddings)
+        return rng.choice(n, size=min(self.num_queries, n), replace=False)
 
     def retrieval_figure(self, trainer, pl_module, sets, tag):
         from dml.visualization import retrieval_grid, top_k_neighbours
 
         datasets = trainer.datamodule.eval_sets("val")
-        query_name, ref_name, rows = self._queries(trainer, sets)
-        q_emb, q_lab, q_idx = sets[query_name][:3]
-        r_emb, r_lab, r_idx = sets[ref_name][:3]
-        same = query_name == ref_name
-        k = min(self.top_k, len(r_emb) - (1 if same else 0))
-        if same:  # itself excluded
-            neighbours = top_k_neighbours(q_emb, None, k)[torch.as_tensor(rows)]
+        rows = self._rows(sets)
+        q, r = sets.query, sets.reference
+        k = min(self.top_k, len(r.embeddings) - (1 if sets.same else 0))
+        if sets.same:  # itself excluded
+            neighbours = top_k_neighbours(q.embeddings, None, k)[torch.as_tensor(rows)]
         else:
-            neighbours = top_k_neighbours(q_emb[rows], r_emb, k)
-        q_data, r_data = datasets[query_name], datasets[ref_name]
-        queries = [q_data[int(q_idx[i])][0] for i in rows]
-        shown = [[r_data[int(r_idx[j])][0] for j in row] for row in neighbours.tolist()]
-        correct = [[bool(r_lab[j] == q_lab[i]) for j in row]
+            neighbours = top_k_neighbours(q.embeddings[rows], r.embeddings, k)
+        q_data, r_data = datasets[q.name], datasets[r.name]
+        queries = [q_data[int(q.indices[i])][0] for i in rows]
+        shown = [[r_data[int(r.indices[j])][0] for j in row] for row in neighbours.tolist()]
+        correct = [[bool(r.labels[j] == q.labels[i]) for j in row]
                    for i, row in zip(rows, neighbours.tolist())]
         return retrieval_grid(queries, shown, correct, title=f"top-{k} neighbours, {tag}")
 
     def pooling_figure_of_queries(self, trainer, pl_module, sets, tag):
         datasets = trainer.datamodule.eval_sets("val")
-        query_name, _, rows = self._queries(trainer, sets)
-        q_idx = sets[query_name][2]
-        images = [datasets[query_name][int(q_idx[i])][0] for i in rows[: self.num_heatmaps]]
+        q = sets.query
+        images = [datasets[q.name][int(q.indices[i])][0]
+                  for i in self._rows(sets)[: self.num_heatmaps]]
         return self.pooling_figure(pl_module, images, tag)
 
     def projection_figure(self, trainer, pl_module, sets, tag):
         from dml.visualization import embedding_projection
 
-        _, ref_name, _ = self._queries(trainer, sets)
-        r_emb, r_lab = sets[ref_name][:2]
-        return embedding_projection(r_emb, r_lab, self.projection, self.max_points, self.seed,
-                                    title=f"{self.projection.upper()} of the {ref_name} "
-                                          f"embeddings, {tag}")
+        r = sets.reference
+        return embedding_projection(r.embeddings, r.labels, self.projection, self.max_points,
+                                    self.seed, title=f"{self.projection.upper()} of the "
+                                                     f"{r.name} embeddings, {tag}")
 
     @staticmethod
     @torch.no_grad()

@@ -21,24 +21,27 @@ The base losses, by name (``BASE_LOSSES``):
 - ``multi_similarity`` (alpha, beta, lambda = ``base``) and ``triplet`` (margin): as in
   pytorch-metric-learning.
 
-The proximal term and the projection rounds that re-initialise the proxies are in
-``dml.callbacks.ccp``; ``greedy_k_center`` (the proxy selection) is re-exported here.
+``ProximalTerm`` is the objective's (lambda / 2) ||theta - theta_prev||^2. The projection rounds
+(``dml.callbacks.ccp``) decide when a round ends; they move theta_prev and lambda through
+``ProximalTerm.anchor`` and replace the proxies through ``MultiProxyLoss.pick`` / ``set_proxies``.
+``greedy_k_center`` (the proxy selection) is re-exported here.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from pytorch_metric_learning import distances, losses, reducers
 from torch import nn
 
 from dml.errors import ConfigError
-from dml.models.gsp import lipschitz_normalize
+from dml.functional import lipschitz_normalize
 from dml.selection import greedy_k_center, greedy_k_center_batched
 
-__all__ = ["MultiProxyLoss", "PerAnchorSumReducer", "c1_contrastive", "c2_contrastive",
-           "greedy_k_center", "greedy_k_center_batched", "lipschitz_normalize", "unnormalized"]
+__all__ = ["MultiProxyLoss", "PerAnchorSumReducer", "ProximalTerm", "c1_contrastive",
+           "c2_contrastive", "greedy_k_center", "greedy_k_center_batched", "lipschitz_normalize",
+           "unnormalized"]
 
 
 class PerAnchorSumReducer(reducers.BaseReducer):
@@ -122,6 +125,24 @@ class MultiProxyLoss(nn.Module):
         """The proxies as (C, K, D): class c's K proxies in row c."""
         return self.proxies.view(self.num_classes, self.per_class, -1)
 
+    @torch.no_grad()
+    def pick(self, pool: torch.Tensor, seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """New proxies (C*K, D): for each class, K greedy k-center picks among its candidate
+        embeddings ``pool`` (C, P, D), seeded with ``seeds`` (C*K, D; the origin if None)."""
+        if seeds is None:
+            seed_rows = torch.zeros(self.num_classes, 1, pool.shape[-1], device=pool.device)
+        else:
+            seed_rows = seeds.view(self.num_classes, self.per_class, -1).to(pool.device)
+        picks = greedy_k_center_batched(pool, self.per_class, seed_rows)
+        chosen = pool.gather(1, picks.unsqueeze(-1).expand(-1, -1, pool.shape[-1]))
+        return chosen.reshape(-1, pool.shape[-1])
+
+    @torch.no_grad()
+    def set_proxies(self, rows: torch.Tensor) -> None:
+        """Replace every proxy (C*K, D) and mark them picked (a resumed run keeps them)."""
+        self.proxies.copy_(rows.to(self.proxies))
+        self.initialized.fill_(True)
+
     def parts(self, embeddings: torch.Tensor, labels: torch.Tensor,
               indices_tuple=None) -> Dict[str, torch.Tensor]:
         """{"proxy": w_P * l(z, P), "pair": w_B * l(z, z)} (the pair term only if w_B > 0)."""
@@ -141,3 +162,60 @@ class MultiProxyLoss(nn.Module):
             return self.base(self.project(embeddings), labels, indices_tuple,
                              self.project(ref_emb), ref_labels)
         return sum(self.parts(embeddings, labels, indices_tuple).values())
+
+
+class ProximalTerm(nn.Module):
+    """(lambda / 2) * sum ||theta - theta_prev||^2 over the network's trainable weights (CCP's
+    proximal term; its gradient is lambda * (theta - theta_prev)).
+
+    ``attach(parameters)`` gives it the network's named trainable parameters (a callable: the
+    module's own, so that no part is left out); ``anchor(theta_prev, lam)`` moves the anchor
+    (the CCP callback at a round's end). theta_prev is one flat buffer in the network's
+    parameter order, empty until the first anchor; with lambda 0 the term is absent.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("theta_prev", torch.empty(0))
+        self.register_buffer("lam", torch.zeros((), dtype=torch.float64))
+        self._parameters_of: Optional[Callable[[], Iterator[Tuple[str, nn.Parameter]]]] = None
+
+    def attach(self, parameters: Callable[[], Iterator[Tuple[str, nn.Parameter]]]) -> None:
+        self._parameters_of = parameters
+
+    def _params(self):
+        if self._parameters_of is None:
+            raise RuntimeError("ProximalTerm: attach() the network's parameters first")
+        return list(self._parameters_of())
+
+    @torch.no_grad()
+    def anchor(self, theta: Dict[str, torch.Tensor], lam: float) -> None:
+        """theta_prev <- ``theta`` (name -> tensor, every trainable network weight), lambda."""
+        params = self._params()
+        missing = [name for name, _ in params if name not in theta]
+        if missing:
+            raise ConfigError(f"ccp: theta_prev has no weights for {missing[:5]}; the network "
+                              f"changed since it was taken")
+        flat = torch.cat([theta[name].reshape(-1).to(p) for name, p in params])
+        self.theta_prev = flat.to(self.lam.device)
+        self.lam.fill_(float(lam))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "theta_prev"
+        if key in state_dict:  # take the saved anchor's size (empty before the first round)
+            self.theta_prev = torch.empty_like(state_dict[key], device=self.lam.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self) -> Optional[torch.Tensor]:
+        if float(self.lam) <= 0 or self.theta_prev.numel() == 0:
+            return None
+        params = self._params()
+        sizes = [p.numel() for _, p in params]
+        if sum(sizes) != self.theta_prev.numel():
+            raise ConfigError(f"ccp: theta_prev holds {self.theta_prev.numel()} values, the "
+                              f"network's trainable weights {sum(sizes)}; resume CCP with the "
+                              f"model configuration it was trained with")
+        anchors = torch.split(self.theta_prev, sizes)
+        total = sum(((p - a.view_as(p).to(p.dtype)) ** 2).sum()
+                    for (_, p), a in zip(params, anchors))
+        return 0.5 * float(self.lam) * total

@@ -9,9 +9,10 @@ observations of the true moments and filters them over steps with scalar Kalman 
 (per dimension, random-walk process noise q):
     predict:  P <- P + q
     update:   K = P / (P + R),  x <- x + K (y - x),  P <- (1 - K) P
-with observation noise R = var / B for the mean and R = 2 var^2 / (B - 1) for the variance
-(the sampling variances of a mean and of a variance of B Gaussian samples), var being the
-filter's prior estimate.
+with observation noise R = var / B for the mean and R = 2 var^2 (B - 1) / B^2 for the
+variance (the sampling variances of the mean and of the population variance of B Gaussian
+samples), var being the filter's prior estimate. The variance is the population one, as in the
+plain match to a batch, so both modes target the same moments.
 """
 from __future__ import annotations
 
@@ -85,13 +86,14 @@ class MomentKalmanFilter(nn.Module):
 
     @torch.no_grad()
     def update(self, batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Filtered (mean, population variance): the same variance definition as plain XBN's
+        match to the batch, so that both modes target the same moments."""
         b = len(batch)
         mean, var = batch_moments(batch.detach().float())
-        var_unbiased = var * b / max(b - 1, 1)
         # Observation noise from the filter's prior variance, not from this batch: a noise
         # level computed from the observation itself would favour low-variance batches and
         # bias the estimate down.
-        prior_var = var_unbiased if int(self.var.steps) == 0 else self.var.x.clamp_min(1e-12)
+        prior_var = var if int(self.var.steps) == 0 else self.var.x.clamp_min(1e-12)
         mean_f = self.mean.update(mean, prior_var / b)
-        var_f = self.var.update(var_unbiased, 2 * prior_var.pow(2) / max(b - 1, 1))
+        var_f = self.var.update(var, 2 * prior_var.pow(2) * max(b - 1, 1) / b ** 2)
         return mean_f, var_f.clamp_min(0)

@@ -29,12 +29,9 @@ import torch
 from torch import nn
 
 from dml.errors import ConfigError
-from dml.models.pooling import PoolingOutput
-
-
-def lipschitz_normalize(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """n(v) = v if ||v|| <= 1 else v / ||v||: a 1-Lipschitz projection onto the unit ball."""
-    return v / v.norm(dim=dim, keepdim=True).clamp_min(1.0)
+from dml.functional import lipschitz_normalize
+from dml.models.pooling import Pooling, PoolingOutput
+from dml.selection import greedy_k_center
 
 
 def _solve_log_nu(log_s: torch.Tensor, mu: float, iters: int, tol: float) -> torch.Tensor:
@@ -121,7 +118,7 @@ def partial_transport(costs: torch.Tensor, mu: float, gamma: float, iters: int =
                                       float(tol))
 
 
-class GSP(nn.Module):
+class GSP(Pooling):
     """Generalized sum pooling, a drop-in for GAP (``pooling: {name: gsp}``).
 
     Args:
@@ -164,11 +161,28 @@ class GSP(nn.Module):
         # Set once the prototypes are picked by greedy k-center; saved in checkpoints.
         self.register_buffer("initialized", torch.tensor(False))
 
+    produces_attributes = True
+
+    def wants_initialization(self) -> bool:
+        return not bool(self.initialized)
+
+    def candidate_source(self, num_class_rows: Optional[int]) -> str:
+        """proxies: the loss's class rows; embeddings: GAP embeddings; auto: the class rows when
+        there are at least m of them."""
+        if self.init == "proxies" or (self.init == "auto" and num_class_rows is not None
+                                       and num_class_rows >= len(self.prototypes)):
+            if num_class_rows is None:
+                raise ConfigError("model.pooling.params.init: proxies, but the loss has no "
+                                  "proxies or class weights")
+            return "class_rows"
+        return "embeddings"
+
+    def initialize(self, candidates: torch.Tensor) -> None:
+        self.initialize_prototypes(candidates)
+
     @torch.no_grad()
     def initialize_prototypes(self, candidates: torch.Tensor) -> None:
         """Pick m prototypes among ``candidates`` (N, D) by greedy k-center, normalised."""
-        from dml.selection import greedy_k_center
-
         candidates = lipschitz_normalize(candidates.float())
         idx = greedy_k_center(candidates, len(self.prototypes))
         self.prototypes.copy_(candidates[idx].to(self.prototypes))

@@ -4,21 +4,19 @@
 - GMP: f = max_i x_i (per channel).
 - GeM: f = ((1/n) sum_i x_i^p)^(1/p), learnable p (Radenovic et al., 2018).
 
-Every pooling module is called as ``pooling(feature_map, projection=head_linear)`` and returns a
-``PoolingOutput``, so that learnable poolings (GSP, ``dml.models.gsp``) can compute their costs in
-the embedding space and hand their per-location weights and per-image attributes to losses and
-dashboards without re-running.
+Every pooling subclasses ``Pooling``: it is called as ``pooling(feature_map,
+projection=head_linear)`` and returns a ``PoolingOutput``, so that learnable poolings (GSP,
+``dml.models.gsp``) can compute their costs in the embedding space and hand their per-location
+weights and per-image attributes to losses and dashboards without re-running. Poolings are
+chosen by name in ``dml.builder.POOLINGS``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch
 from torch import nn
-
-from dml.config import check_params
-from dml.errors import ConfigError
 
 
 @dataclass
@@ -30,7 +28,37 @@ class PoolingOutput:
     attributes: Optional[torch.Tensor] = None
 
 
-class GAP(nn.Module):
+class Pooling(nn.Module):
+    """What every pooling offers the model (``dml.builder`` and ``DMLModule`` rely on nothing
+    else):
+
+    - ``forward(feature_map, projection=head_linear) -> PoolingOutput``;
+    - ``produces_attributes``: whether ``PoolingOutput.attributes`` holds a per-image
+      distribution over the pooling's parts (GSP's prototypes; the zero-shot loss needs it);
+    - ``wants_initialization()``: true while ``initialize(candidates)`` should run before the
+      next training step, on candidates from ``candidate_source(n_class_rows)``:
+      "class_rows" (the objective's class representatives, e.g. proxies) or "embeddings"
+      (GAP embeddings of ``init_batches`` training batches). The model calls it on the first
+      training step, on rank 0, and broadcasts the pooling's state.
+    """
+
+    produces_attributes = False
+    init_batches = 0
+
+    def forward(self, x: torch.Tensor, projection=None) -> PoolingOutput:
+        raise NotImplementedError
+
+    def wants_initialization(self) -> bool:
+        return False
+
+    def candidate_source(self, num_class_rows: Optional[int]) -> str:
+        return "embeddings"
+
+    def initialize(self, candidates: torch.Tensor) -> None:
+        pass
+
+
+class GAP(Pooling):
     def __init__(self, in_channels: int):
         super().__init__()
 
@@ -38,7 +66,7 @@ class GAP(nn.Module):
         return PoolingOutput(x.mean(dim=(2, 3)))
 
 
-class GMP(nn.Module):
+class GMP(Pooling):
     def __init__(self, in_channels: int):
         super().__init__()
 
@@ -46,7 +74,7 @@ class GMP(nn.Module):
         return PoolingOutput(x.amax(dim=(2, 3)))
 
 
-class GeM(nn.Module):
+class GeM(Pooling):
     def __init__(self, in_channels: int, p: float = 3.0, learn_p: bool = True, eps: float = 1e-6):
         super().__init__()
         self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learn_p)
@@ -55,26 +83,3 @@ class GeM(nn.Module):
     def forward(self, x: torch.Tensor, projection=None) -> PoolingOutput:
         pooled = x.clamp_min(self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
         return PoolingOutput(pooled)
-
-
-def _poolings() -> Dict[str, type]:
-    from dml.models.gsp import GSP
-    return {"gap": GAP, "gmp": GMP, "gem": GeM, "gsp": GSP}
-
-
-POOLING_NAMES = ("gap", "gmp", "gem", "gsp")
-
-
-def build_pooling(name: str, in_channels: int, params: Optional[Dict[str, Any]] = None,
-                  embedding_dim: Optional[int] = None) -> nn.Module:
-    params = dict(params or {})
-    poolings = _poolings()
-    if name not in poolings:
-        raise ConfigError(f"model.pooling.name: unknown pooling {name!r}; expected one of "
-                          f"{sorted(poolings)}")
-    cls = poolings[name]
-    check_params(cls, params, "model.pooling.params", skip=("self", "in_channels",
-                                                            "embedding_dim"))
-    if name == "gsp" and embedding_dim is not None:
-        params["embedding_dim"] = embedding_dim
-    return cls(in_channels, **params)

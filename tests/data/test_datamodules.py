@@ -14,7 +14,8 @@ from dml.data import (CarsDataModule, CUBDataModule, DatasetNotFound, Incomplete
 from dml.data import check as data_check
 from dml.data import download as data_download
 
-OMNIGLOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "omniglot")
+OMNIGLOT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
+                        "omniglot")
 needs_omniglot = pytest.mark.skipif(not os.path.isdir(OMNIGLOT),
                                     reason="../shared/data/omniglot is absent")
 

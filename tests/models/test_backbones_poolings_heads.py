@@ -1,10 +1,10 @@
-"""Backbones, pooling, head and loss factory."""
+"""Backbones, poolings (and the pooling contract), the embedding head."""
 import pytest
 import torch
 from torch import nn
 
-from dml.losses import build_loss, build_miner, loss_has_parameters
-from dml.models import Backbone, EmbeddingHead, PretrainedWeightsUnavailable, build_pooling
+from dml.builder import POOLINGS, build_pooling
+from dml.models import Backbone, EmbeddingHead, Pooling, PretrainedWeightsUnavailable
 
 
 def test_pooling_definitions():
@@ -80,26 +80,18 @@ def test_small_cnn_refuses_pretrained():
         Backbone("small_cnn", pretrained=True)
 
 
-@pytest.mark.parametrize("name", ["contrastive", "multi_similarity", "triplet", "proxy_anchor",
-                                  "proxy_nca", "soft_triple", "normalized_softmax"])
-def test_every_named_loss_runs_and_backpropagates(name):
-    torch.manual_seed(0)
-    loss = build_loss(name, num_classes=4, embedding_dim=8)
-    z = torch.nn.functional.normalize(torch.randn(16, 8), dim=1).requires_grad_()
-    y = torch.arange(4).repeat_interleave(4)
-    value = loss(z, y)
-    value.backward()
-    assert torch.isfinite(value) and z.grad is not None
-    assert loss_has_parameters(loss) == (name in ("proxy_anchor", "proxy_nca", "soft_triple",
-                                                  "normalized_softmax"))
-
-
-def test_loss_errors_name_the_key():
-    with pytest.raises(ValueError, match="model.loss.name"):
-        build_loss("arcface2", 4, 8)
-    with pytest.raises(ValueError, match=r"model.loss.params.*\['margin'\]"):
-        build_loss("multi_similarity", 4, 8, {"margin": 0.1})
-    with pytest.raises(ValueError, match="model.loss.params.distance"):
-        build_loss("contrastive", 4, 8, {"distance": "manhattan"})
-    with pytest.raises(ValueError, match="model.loss.miner"):
-        build_miner("hardest")
+def test_every_pooling_follows_the_contract():
+    x = torch.rand(2, 5, 4, 4)
+    head = nn.Linear(5, 6)
+    for name, cls in POOLINGS.items():
+        pooling = build_pooling(name, 5, {"num_prototypes": 3} if name == "gsp" else {}, 6)
+        assert isinstance(pooling, Pooling), name
+        out = pooling(x, projection=head)
+        assert out.pooled.shape == (2, 5)
+        assert (out.attributes is not None) == pooling.produces_attributes, name
+    gsp = build_pooling("gsp", 5, {"num_prototypes": 3}, 6)
+    assert gsp.wants_initialization() and gsp.candidate_source(None) == "embeddings"
+    assert gsp.candidate_source(10) == "class_rows" and gsp.candidate_source(2) == "embeddings"
+    gsp.initialize(torch.randn(10, 6))
+    assert not gsp.wants_initialization()
+    assert not build_pooling("gap", 5).wants_initialization()

@@ -1,17 +1,13 @@
-"""CCP: greedy k-center against brute force, the multi-proxy losses against direct formulas,
-the proximal term's gradient, and the projection-rounds callback (rounds, re-picks, checkpoint)."""
-import pytorch_lightning as pl
+"""CCP's losses: greedy k-center against brute force, the multi-proxy losses against direct
+formulas, the proxies' re-pick, and the proximal term's gradient."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dml.callbacks import ChanceConstraintProjection
-from dml.callbacks.ccp import network_parameters
 from dml.errors import ConfigError
 from dml.losses import build_loss
 from dml.losses.ccp import MultiProxyLoss, greedy_k_center, greedy_k_center_batched
 from dml.module import BackboneConfig, DMLModule, LossConfig, OptimizerConfig
-from test_training import small_data, trainer
 
 MARGINS = {"c1": {"margin": 0.5}, "c2": {"pos_margin": 0.1, "neg_margin": 0.6},
            "multi_similarity": {"alpha": 2.0, "beta": 40.0, "base": 0.5},
@@ -130,7 +126,22 @@ def test_proxies_on_a_proxy_loss_are_a_config_error():
                   loss=LossConfig(name="proxy_anchor", proxies_per_class=2))
 
 
-# --- the proximal term and the rounds ---------------------------------------------------------
+def test_pick_is_greedy_k_center_per_class_seeded_with_the_proxies():
+    loss = MultiProxyLoss(build_loss("c2", None, 4, MARGINS["c2"]), 3, 2, 4)
+    pool = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(4))
+    seeds = torch.randn(6, 4, generator=torch.Generator().manual_seed(5))
+    picks = greedy_k_center_batched(pool, 2, seeds.view(3, 2, 4))
+    expected = torch.stack([pool[c, picks[c]] for c in range(3)]).reshape(-1, 4)
+    assert torch.equal(loss.pick(pool, seeds), expected)
+    from_origin = greedy_k_center_batched(pool, 2, torch.zeros(3, 1, 4))
+    assert torch.equal(loss.pick(pool), torch.stack([pool[c, from_origin[c]]
+                                                      for c in range(3)]).reshape(-1, 4))
+    assert not bool(loss.initialized)
+    loss.set_proxies(expected)
+    assert torch.equal(loss.proxies.data, expected) and bool(loss.initialized)
+
+
+# --- the proximal term -----------------------------------------------------------------------
 def ccp_module(k=3, name="c2"):
     return DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
                      embedding_dim=32, num_classes=24, optimizer=OptimizerConfig(lr=3e-3),
@@ -140,97 +151,29 @@ def ccp_module(k=3, name="c2"):
 def test_proximal_gradient_is_lambda_times_the_distance_to_theta_prev():
     torch.manual_seed(0)
     module = ccp_module()
-    params = network_parameters(module)
+    params = dict(module.network_parameters())
+    assert {n.split(".")[0] for n in params} == {"backbone", "head"}  # every network part
     anchor = {n: p.detach() + 0.01 * torch.randn_like(p) for n, p in params.items()}
-    callback = ChanceConstraintProjection(enabled=True)
-    callback.theta_prev, callback.lam = anchor, 0.3
-    callback.losses(module, None, None)["proximal"].backward()
+    assert module.objective.proximal() is None  # lambda 0: no term
+    module.objective.anchor_proximal(anchor, 0.3)
+    module.objective.proximal().backward()
     for name, p in params.items():
         torch.testing.assert_close(p.grad, 0.3 * (p.detach() - anchor[name]))
-    assert module.loss_fn.proxies.grad is None  # the proxies are not in the term
-    callback.lam = 0.0
-    assert callback.losses(module, None, None) == {}
-
-
-
-
-def fit_ccp(tmp_path, epochs, **kw):
-    pl.seed_everything(0)
-    module, data = ccp_module(), small_data()
-    callback = ChanceConstraintProjection(enabled=True, patience=1, min_delta=10.0,
-                                          pool_passes=4, lam=1e-3)
-    t = trainer(tmp_path, epochs, callbacks=[callback], **kw)
-    t.fit(module, data)
-    return module, data, callback, t
-
-
-def test_rounds_end_on_plateau_and_replace_the_proxies(tmp_path, monkeypatch):
-    module, data, callback, t = fit_ccp(tmp_path, 4, enable_checkpointing=False)
-    # 4 validations, patience 1, min_delta that nothing beats: rounds end at checks 2 and 4
-    assert callback.round == 2 and [h["epoch"] for h in callback.history] == [1, 3]
-    assert callback.lam == pytest.approx(1e-3)
-    assert module.loss_fn.proxies.shape == (24 * 3, 32) and bool(module.loss_fn.initialized)
-    assert set(callback.theta_prev) == set(network_parameters(module))
-    # a round end, with a known pool: the new proxies are greedy k-center picks seeded with
-    # the round's best proxies
-    pool = torch.randn(24, 5, 32, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(callback, "candidate_pool", lambda trainer, module: pool)
-    seeds = torch.randn(24 * 3, 32)
-    callback.reinitialize(t, module, seeds)
-    picks = greedy_k_center_batched(pool, 3, seeds.view(24, 3, 32))
-    expected = torch.stack([pool[c, picks[c]] for c in range(24)]).reshape(-1, 32)
-    assert torch.equal(module.loss_fn.proxies.data, expected)
-
-
-def test_candidate_pool_draws_one_image_per_class_per_pass(tmp_path):
-    module, data, callback, t = fit_ccp(tmp_path, 1, enable_checkpointing=False)
-    import numpy as np
-    labels = np.asarray(data.train_labels())
-    draws = callback.candidate_draws(labels, 24, 5)
-    assert draws.shape == (5, 24) and (labels[draws] == np.arange(24)).all()
-    pool = callback.candidate_pool(t, module)
-    assert pool.shape == (24, 4, 32)  # pool_passes 4 >= K 3
-    module.eval()
-    with torch.no_grad():  # synthetic images are not augmented: the pool is reproducible
-        x = torch.stack([data.train_dataset[int(i)][0] for i in
-                         callback.candidate_draws(labels, 24, 4)[:, 7]])
-        torch.testing.assert_close(module.embed(x)["raw_embeddings"], pool[7])
-
-
-def test_ccp_state_survives_a_checkpoint_round_trip(tmp_path):
-    module, data, callback, t = fit_ccp(tmp_path, 4, enable_checkpointing=False)
-    path = tmp_path / "ccp.ckpt"
-    t.save_checkpoint(path)
-    state = torch.load(path, weights_only=False)["callbacks"]["ChanceConstraintProjection"]
-    assert state["round"] == 2 and state["lam"] == pytest.approx(1e-3)
-    restored_cb = ChanceConstraintProjection(enabled=True, patience=1, min_delta=10.0,
-                                             pool_passes=4, lam=1e-3)
-    restored = DMLModule.load_from_checkpoint(path)
-    t2 = trainer(tmp_path, 4, callbacks=[restored_cb], enable_checkpointing=False)
-    t2.fit(restored, small_data(), ckpt_path=path)  # max_epochs reached: restores only
-    assert restored_cb.round == 2 and restored_cb.lam == callback.lam
-    assert restored_cb.history == callback.history
-    assert restored_cb.best_score == callback.best_score
-    for name, value in callback.theta_prev.items():
-        assert torch.equal(restored_cb.theta_prev[name].cpu(), value.cpu())
-    assert torch.equal(restored.loss_fn.proxies, module.loss_fn.proxies)
-    assert bool(restored.loss_fn.initialized)
-    a = callback.losses(module, None, None)["proximal"]
-    b = restored_cb.losses(restored, None, None)["proximal"]
-    assert float(a) == pytest.approx(float(b))
-
-
-def test_ccp_without_proxies_is_a_config_error(tmp_path):
-    module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
-                       embedding_dim=8, num_classes=24, loss=LossConfig(name="c2"))
-    t = trainer(tmp_path, 1, callbacks=[ChanceConstraintProjection(enabled=True)])
-    with pytest.raises(ConfigError, match="proxies_per_class"):
-        t.fit(module, small_data())
+    assert module.objective.proxies().grad is None  # the proxies are not in the term
+    value = 0.15 * sum(((p.detach() - anchor[n]) ** 2).sum() for n, p in params.items())
+    assert float(module.objective.proximal()) == pytest.approx(float(value), rel=1e-6)
 
 
 def test_theta_prev_of_another_network_is_a_clear_error():
     module = ccp_module()
-    callback = ChanceConstraintProjection(enabled=True)
-    callback.lam, callback.theta_prev = 1e-3, {"backbone.other": torch.zeros(1)}
     with pytest.raises(ConfigError, match="theta_prev has no weights"):
-        callback.losses(module, None, None)
+        module.objective.anchor_proximal({"backbone.other": torch.zeros(1)}, 1e-3)
+    other = ccp_module(k=2)
+    other.objective.anchor_proximal(dict(other.network_parameters()), 1e-3)
+    state = {k: v for k, v in other.state_dict().items() if k.startswith("objective.proximal")}
+    smaller = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+                        embedding_dim=32, num_classes=24,
+                        loss=LossConfig(name="c2", params=MARGINS["c2"], proxies_per_class=3))
+    smaller.load_state_dict(state, strict=False)
+    with pytest.raises(ConfigError, match="theta_prev holds"):
+        smaller.objective.proximal()

@@ -16,15 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dml.models.message_passing import MessagePassingNetwork
-
 
 class IntraBatchConnections(nn.Module):
-    def __init__(self, embedding_dim: int, num_classes: int, layers: int = 1, heads: int = 2,
-                 dropout: float = 0.1, ff_hidden: int = 2048, concat: bool = False,
-                 tau: float = 0.2, label_smoothing: float = 0.1, mpn_weight: float = 1.0):
+    """IBC's objective term. ``mpn``: the message-passing network
+    (``dml.models.MessagePassingNetwork``, built by ``dml.builder``), with an ``out_dim``.
+    Its parameters train at the network's learning rate (optimizer group "head")."""
+
+    param_group = "head"
+
+    def __init__(self, mpn: nn.Module, embedding_dim: int, num_classes: int, tau: float = 0.2,
+                 label_smoothing: float = 0.1, mpn_weight: float = 1.0):
         super().__init__()
-        self.mpn = MessagePassingNetwork(embedding_dim, layers, heads, dropout, ff_hidden, concat)
+        self.mpn = mpn
         self.backbone_classifier = nn.Linear(embedding_dim, num_classes)
         self.neck = nn.BatchNorm1d(self.mpn.out_dim)
         self.neck.bias.requires_grad_(False)  # frozen at 0
@@ -63,3 +66,36 @@ class IntraBatchConnections(nn.Module):
             keys = torch.cat([torch.ones_like(mask[rows, :1]), mask[rows]], dim=1)
             out.append(self.mpn(group, keys)[:, 0])
         return F.normalize(torch.cat(out), dim=-1)
+
+
+def pseudo_test_refiner(ibc: IntraBatchConnections, k: int):
+    """IBC's pseudo-test as an evaluation refinement (``dml.evaluation.Evaluator(refine=...)``):
+    every embedding replaced by its MPN output over itself and its k-reciprocal neighbours
+    (the queries' neighbours taken from the reference set)."""
+    from dataclasses import replace
+
+    from dml.metrics import k_reciprocal_neighbors
+
+    def refine(sets):
+        device = next(ibc.parameters()).device
+        backend = "torch" if device.type != "cpu" else "auto"
+        reference = sets.reference.embeddings.to(device)
+        was_training = ibc.training
+        ibc.eval()
+
+        def one(s):
+            emb = s.embeddings.to(device)
+            if s is sets.reference:
+                idx, mask = k_reciprocal_neighbors(emb, k, backend=backend)
+                new = ibc.refine(emb, idx.to(device), mask.to(device))
+            else:
+                idx, mask = k_reciprocal_neighbors(emb, k, reference, backend=backend)
+                new = ibc.refine(emb, idx.to(device), mask.to(device), reference)
+            return replace(s, embeddings=new)
+
+        try:
+            return sets.map(one)
+        finally:
+            ibc.train(was_training)
+
+    return refine

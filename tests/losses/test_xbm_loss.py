@@ -6,12 +6,11 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses
 
-from dml.callbacks import CrossBatchMemory
 from dml.cli import DMLCLI
 from dml.data import DMLDataModule, SyntheticDataModule
 from dml.errors import ConfigError
 from dml.losses import XBMContrastiveLoss
-from dml.module import BackboneConfig, DMLModule, LossConfig, OptimizerConfig
+from dml.module import BackboneConfig, DMLModule, LossConfig, MemoryConfig, OptimizerConfig
 
 
 def written_out(z, y, ref, ref_y, margin=0.5, eps=1e-5):
@@ -91,8 +90,8 @@ def test_the_xbm_family_configs_use_this_loss(method):
     cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
                  save_config_callback=None,
                  args=[a for f in files for a in ("--config", f)] + ["--trainer.logger", "false"])
-    assert isinstance(cli.model.loss_fn, XBMContrastiveLoss)
-    assert cli.model.miner is None
+    assert isinstance(cli.model.objective.metric, XBMContrastiveLoss)
+    assert cli.model.objective.miner is None
 
 
 class LossParts(pl.Callback):
@@ -111,15 +110,16 @@ def test_enqueue_order(tmp_path, enqueue):
     pl.seed_everything(0)
     module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
                        embedding_dim=16, loss=LossConfig("xbm_contrastive", {"margin": 0.5}),
-                       optimizer=OptimizerConfig(lr=1e-3), num_classes=12)
+                       optimizer=OptimizerConfig(lr=1e-3), num_classes=12,
+                       memory=MemoryConfig(enabled=True, size=64, start_iteration=2,
+                                           enqueue=enqueue))
     data = SyntheticDataModule(train_classes=12, test_classes=12, images_per_class=8,
                                classes_per_batch=4, samples_per_class=4)
-    memory = CrossBatchMemory(mode="xbm", size=64, start_iteration=2, enqueue=enqueue)
     parts = LossParts()
     pl.Trainer(max_steps=4, accelerator="cpu", logger=False, default_root_dir=tmp_path,
                enable_progress_bar=False, enable_model_summary=False,
                enable_checkpointing=False, limit_val_batches=0, use_distributed_sampler=False,
-               callbacks=[memory, parts]).fit(module, data)
+               callbacks=[parts]).fit(module, data)
     third = parts.parts[2]  # the first step past start_iteration
     if enqueue == "before":
         assert third["train/loss_memory"] == pytest.approx(third["train/loss_metric"],
@@ -127,4 +127,4 @@ def test_enqueue_order(tmp_path, enqueue):
     else:
         assert "train/loss_memory" not in third
         assert "train/loss_memory" in parts.parts[3]
-    assert len(memory.state.memory) == 32  # two batches of 16 enqueued either way
+    assert len(module.objective.memory) == 32  # two batches of 16 enqueued either way

@@ -1,0 +1,106 @@
+"""Builds the model's parts from its config, and holds every check that spans parts.
+
+image -> backbone -> pooling -> head -> objective (all loss terms) -> optimizer
+
+``build_parts(...)`` returns the backbone, the pooling, the head and the objective
+(``dml.objective.Objective``); ``DMLModule`` is handed them. Poolings are chosen by name in
+``POOLINGS``; losses by name in ``dml.losses.factory.LOSSES``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from torch import nn
+
+from dml.config import (BackboneConfig, IBCConfig, LossConfig, MemoryConfig, PoolingConfig,
+                        ZeroShotConfig, check_params)
+from dml.errors import ConfigError
+from dml.losses import (LOSSES, CrossBatchMemoryLoss, IntraBatchConnections, MultiProxyLoss,
+                        ProximalTerm, ZeroShotPrototypeLoss, build_loss, build_miner)
+from dml.models import GAP, GMP, GSP, Backbone, EmbeddingHead, GeM, MessagePassingNetwork
+from dml.objective import Objective
+
+POOLINGS: Dict[str, type] = {"gap": GAP, "gmp": GMP, "gem": GeM, "gsp": GSP}
+
+
+@dataclass
+class ModelParts:
+    backbone: nn.Module
+    pooling: nn.Module
+    head: nn.Module
+    objective: Objective
+
+
+def build_pooling(name: str, in_channels: int, params: Optional[Dict[str, Any]] = None,
+                  embedding_dim: Optional[int] = None) -> nn.Module:
+    """A pooling by name; ``embedding_dim`` goes to poolings that take it (GSP)."""
+    params = dict(params or {})
+    if name not in POOLINGS:
+        raise ConfigError(f"model.pooling.name: unknown pooling {name!r}; expected one of "
+                          f"{sorted(POOLINGS)}")
+    cls = POOLINGS[name]
+    check_params(cls, params, "model.pooling.params", skip=("self", "in_channels",
+                                                            "embedding_dim"))
+    if embedding_dim is not None and "embedding_dim" in inspect.signature(cls).parameters:
+        params["embedding_dim"] = embedding_dim
+    return cls(in_channels, **params)
+
+
+def build_parts(backbone: BackboneConfig, pooling: PoolingConfig, embedding_dim: int,
+                loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
+                memory: MemoryConfig, num_classes: Optional[int]) -> ModelParts:
+    net = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn, backbone.width)
+    pool = build_pooling(pooling.name, net.out_channels, pooling.params, embedding_dim)
+    head = EmbeddingHead(net.out_channels, embedding_dim)
+    objective = build_objective(loss, zero_shot, ibc, memory, pool, embedding_dim, num_classes)
+    return ModelParts(net, pool, head, objective)
+
+
+def build_objective(loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
+                    memory: MemoryConfig, pooling: nn.Module, embedding_dim: int,
+                    num_classes: Optional[int]) -> Objective:
+    metric = build_loss(loss.name, num_classes, embedding_dim, loss.params)
+    miner = build_miner(loss.miner, loss.miner_params)
+    if miner is not None and loss.name == "xbm_contrastive":
+        raise ConfigError("model.loss.miner: xbm_contrastive sums over all pairs; it takes no "
+                          "miner (set model.loss.miner: null)")
+    proximal = None
+    if loss.proxies_per_class > 0:
+        if metric is None or LOSSES[loss.name][1]:
+            raise ConfigError(f"model.loss.proxies_per_class: {loss.name} already has its own "
+                              f"proxies; multi-proxy CCP needs a pair loss (c1, c2, "
+                              f"multi_similarity, triplet, contrastive)")
+        metric = MultiProxyLoss(metric, num_classes, loss.proxies_per_class, embedding_dim,
+                                loss.proxy_weight, loss.pair_weight, loss.normalize)
+        proximal = ProximalTerm()
+    zero_shot_loss = None
+    if zero_shot.weight > 0:
+        if not getattr(pooling, "produces_attributes", False):
+            raise ConfigError("model.zero_shot.weight > 0 needs attribute vectors: a pooling "
+                              "that produces them (model.pooling.name: gsp)")
+        if num_classes is None:
+            raise ConfigError("model.zero_shot needs the number of training classes")
+        zero_shot_loss = ZeroShotPrototypeLoss(num_classes, embedding_dim, zero_shot.lam,
+                                               zero_shot.scale)
+    ibc_term = None
+    if ibc.enabled:
+        if num_classes is None or num_classes < 2:
+            raise ConfigError("model.ibc needs the number of training classes")
+        mpn = MessagePassingNetwork(embedding_dim, ibc.layers, ibc.heads, ibc.dropout,
+                                    ibc.ff_hidden, ibc.concat)
+        ibc_term = IntraBatchConnections(mpn, embedding_dim, num_classes, ibc.tau,
+                                         ibc.label_smoothing, ibc.mpn_weight)
+    memory_loss = None
+    if memory.enabled:
+        if metric is None:
+            raise ConfigError("model.memory.enabled needs a pair loss to compare the batch "
+                              "with the memory; model.loss.name is none")
+        memory_loss = CrossBatchMemoryLoss(embedding_dim, memory.size, memory.start_iteration,
+                                           memory.weight, memory.enqueue, memory.store)
+    if metric is None and ibc_term is None and zero_shot_loss is None:
+        raise ConfigError("model.loss.name: none leaves nothing to train; enable model.ibc or "
+                          "model.zero_shot, or name a loss")
+    return Objective(metric, miner, zero_shot.metric_weight, loss.gather, memory_loss,
+                     ibc_term, ibc.gather, zero_shot_loss, zero_shot.weight, proximal)

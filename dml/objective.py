@@ -1,0 +1,128 @@
+"""The objective: every training loss term, and every parameter and buffer the terms need.
+
+    L = metric terms + memory + IBC's two cross-entropies + zero-shot + proximal
+
+``Objective.forward(embedded, labels)`` returns the named, weighted terms; ``DMLModule`` sums
+and logs them (``train/loss_<name>``). Every term is optional; ``dml.builder`` builds them from
+the config and checks that they fit together:
+
+- ``metric``: a pair or proxy loss by name (``dml.losses.factory``) with an optional miner,
+  weighted by ``metric_weight`` -> "metric"; or CCP's multi-proxy loss
+  (``dml.losses.MultiProxyLoss``, on the head's raw output) -> "proxy" and "pair". With
+  ``gather`` under DDP it is computed over the global batch (``dml.distributed``).
+- ``memory``: XBM's cross-batch memory around the metric loss (``dml.losses.memory``) ->
+  "memory". It owns its ring buffer and offers XBN's callback one transform hook.
+- ``ibc``: IBC's message passing and cross-entropies (``dml.losses.ibc``) -> "ibc_backbone",
+  "ibc_mpn"; over the global batch with ``ibc_gather``.
+- ``zero_shot``: GSP's zero-shot prototype loss on the pooling's attributes, weighted by
+  ``zero_shot_weight`` -> "zero_shot".
+- ``proximal``: CCP's (lambda / 2) ||theta - theta_prev||^2 -> "proximal" (absent while
+  lambda is 0).
+
+Optimizer groups come from the terms themselves (``parameter_groups``): a term's parameters go
+to its ``param_group`` ("loss" unless it says otherwise). The callbacks act only through the
+public methods below (``pick_proxies``, ``set_proxies``, ``proxies``, ``anchor_proximal``,
+``memory.set_transform``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from dml.distributed import gather_rows, world_size
+from dml.losses.factory import proxy_rows
+
+
+class Objective(nn.Module):
+    def __init__(self, metric: Optional[nn.Module] = None, miner: Optional[nn.Module] = None,
+                 metric_weight: float = 1.0, gather: bool = False,
+                 memory: Optional[nn.Module] = None, ibc: Optional[nn.Module] = None,
+                 ibc_gather: bool = False, zero_shot: Optional[nn.Module] = None,
+                 zero_shot_weight: float = 0.0, proximal: Optional[nn.Module] = None):
+        super().__init__()
+        self.metric, self.miner, self.memory = metric, miner, memory
+        self.ibc, self.zero_shot, self.proximal = ibc, zero_shot, proximal
+        self.metric_weight, self.gather = metric_weight, gather
+        self.ibc_gather, self.zero_shot_weight = ibc_gather, zero_shot_weight
+
+    # --- the terms ---------------------------------------------------------------------------
+    def forward(self, embedded: Dict[str, Any], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``embedded``: ``DMLModule.embed``'s output ("embeddings", "raw_embeddings",
+        "pooling"). Returns {term name: weighted value}."""
+        z, raw = embedded["embeddings"], embedded["raw_embeddings"]
+        terms: Dict[str, torch.Tensor] = {}
+        if self.metric is not None:
+            terms.update(self.metric_terms(z, raw, labels))
+        if self.memory is not None:
+            terms.update(self.memory(self.metric, self.miner, z, raw, labels))
+        if self.ibc is not None:
+            if self.ibc_gather and world_size() > 1:  # messages over the global batch
+                terms.update(self.ibc(raw, gather_rows(z, with_grad=True), gather_rows(labels),
+                                      labels))
+            else:
+                terms.update(self.ibc(raw, z, labels))
+        if self.zero_shot is not None:
+            terms["zero_shot"] = self.zero_shot_weight * self.zero_shot(
+                embedded["pooling"].attributes, labels)
+        if self.proximal is not None:
+            value = self.proximal()
+            if value is not None:
+                terms["proximal"] = value
+        return terms
+
+    def metric_terms(self, z, raw, labels) -> Dict[str, torch.Tensor]:
+        if self.gather and world_size() > 1:  # the global batch, gradients back to their rows
+            z, raw = gather_rows(z, with_grad=True), gather_rows(raw, with_grad=True)
+            labels = gather_rows(labels)
+        pairs = self.miner(z, labels) if self.miner is not None else None
+        if hasattr(self.metric, "parts"):  # several named terms, on the head's raw output
+            return {name: self.metric_weight * value
+                    for name, value in self.metric.parts(raw, labels, pairs).items()}
+        return {"metric": self.metric_weight * self.metric(z, labels, pairs)}
+
+    # --- parameters ------------------------------------------------------------------------------
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """Trainable parameters by optimizer group: each term's ``param_group`` ("loss" by
+        default: proxies, class embeddings; IBC's network says "head")."""
+        groups: Dict[str, List[nn.Parameter]] = {}
+        for term in self.children():
+            params = [p for p in term.parameters() if p.requires_grad]
+            if params:
+                groups.setdefault(getattr(term, "param_group", "loss"), []).extend(params)
+        return groups
+
+    # --- what callbacks and poolings use -----------------------------------------------------------
+    def class_representatives(self) -> Optional[torch.Tensor]:
+        """Rows that stand for the classes (proxies, classifier weights), or None."""
+        return None if self.metric is None else proxy_rows(self.metric)
+
+    def proxies(self) -> torch.Tensor:
+        """CCP's proxies (C*K, D)."""
+        return self._multi_proxy().proxies
+
+    def pick_proxies(self, pool: torch.Tensor, seeds: Optional[torch.Tensor] = None):
+        """CCP: new proxies picked by greedy k-center from per-class candidates (C, P, D)."""
+        return self._multi_proxy().pick(pool, seeds)
+
+    def set_proxies(self, rows: torch.Tensor) -> None:
+        self._multi_proxy().set_proxies(rows)
+
+    def proxies_initialized(self) -> bool:
+        return bool(self._multi_proxy().initialized)
+
+    def anchor_proximal(self, theta: Dict[str, torch.Tensor], lam: float) -> None:
+        """CCP: the proximal term's theta_prev and lambda."""
+        if self.proximal is None:
+            raise RuntimeError("this objective has no proximal term (model.loss.proxies_per_class)")
+        self.proximal.anchor(theta, lam)
+
+    def has_multi_proxy(self) -> bool:
+        return self.metric is not None and hasattr(self.metric, "pick")
+
+    def _multi_proxy(self):
+        if not self.has_multi_proxy():
+            raise RuntimeError("this objective has no multi-proxy loss "
+                               "(model.loss.proxies_per_class)")
+        return self.metric

@@ -1,0 +1,181 @@
+"""The objective and the builder: every loss term is the objective's, cross-part checks live in
+one place, optimizer groups come from the parts, poolings initialise through their contract,
+checkpoints of the earlier layout still load."""
+import pytorch_lightning as pl
+import pytest
+import torch
+
+from dml.errors import ConfigError
+from dml.functional import lipschitz_normalize
+from dml.module import (BackboneConfig, DMLModule, IBCConfig, LossConfig, MemoryConfig,
+                        OptimizerConfig, PoolingConfig, ZeroShotConfig)
+from dml.objective import Objective
+from dml.selection import greedy_k_center
+from helpers import small_data, small_module, trainer
+
+
+def test_terms_are_named_and_weighted():
+    torch.manual_seed(0)
+    module = small_module(pooling=PoolingConfig("gsp", {"num_prototypes": 4}),
+                          loss=LossConfig("xbm_contrastive"),
+                          zero_shot=ZeroShotConfig(weight=0.1, metric_weight=0.9),
+                          ibc=IBCConfig(enabled=True, heads=2, ff_hidden=16))
+    images = torch.rand(8, 3, 32, 32)
+    labels = torch.arange(4).repeat_interleave(2)
+    embedded = module.embed(images)
+    terms = module.objective(embedded, labels)
+    assert set(terms) == {"metric", "zero_shot", "ibc_backbone", "ibc_mpn"}
+    objective = module.objective
+    assert float(terms["metric"]) == pytest.approx(
+        0.9 * float(objective.metric(embedded["embeddings"], labels)), rel=1e-6)
+    assert float(terms["zero_shot"]) == pytest.approx(
+        0.1 * float(objective.zero_shot(embedded["pooling"].attributes, labels)), rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"zero_shot": ZeroShotConfig(weight=0.1)}, "a pooling that produces them"),
+    ({"loss": LossConfig("proxy_anchor", proxies_per_class=2)}, "already has its own proxies"),
+    ({"loss": LossConfig("xbm_contrastive", miner="multi_similarity")}, "takes no miner"),
+    ({"loss": LossConfig("none")}, "leaves nothing to train"),
+    ({"loss": LossConfig("none"), "ibc": IBCConfig(enabled=True),
+      "memory": MemoryConfig(enabled=True)}, "model.memory.enabled needs a pair loss"),
+])
+def test_parts_that_do_not_fit_together_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        small_module(**kwargs)
+
+
+def test_optimizer_groups_come_from_the_parts():
+    module = small_module(loss=LossConfig("proxy_anchor"),
+                          pooling=PoolingConfig("gsp", {"num_prototypes": 4}),
+                          zero_shot=ZeroShotConfig(weight=0.1),
+                          ibc=IBCConfig(enabled=True, heads=2, ff_hidden=16),
+                          optimizer=OptimizerConfig(lr=1e-3, loss_lr=1e-1,
+                                                    backbone_lr_mult=0.1))
+    groups = {g["name"]: g for g in module.configure_optimizers().param_groups}
+    assert set(groups) == {"backbone", "head", "loss"}
+    assert groups["backbone"]["lr"] == pytest.approx(1e-4) and groups["loss"]["lr"] == 0.1
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    assert {id(p) for p in module.objective.metric.parameters()} <= ids["loss"]  # proxies
+    assert id(module.objective.zero_shot.class_embeddings) in ids["loss"]
+    assert {id(p) for p in module.objective.ibc.parameters() if p.requires_grad} <= ids["head"]
+    assert id(module.pooling.prototypes) in ids["head"]
+
+
+def test_a_parameter_outside_the_groups_is_an_error_not_a_silent_omission():
+    module = small_module()
+    module.objective.extra = torch.nn.Linear(2, 2)
+    module.objective.extra.param_group = "nowhere"  # a group with no learning rate
+    with pytest.raises(RuntimeError, match=r"\['nowhere'\] have no learning rate"):
+        module.configure_optimizers()
+    del module.objective.extra
+    module.stray = torch.nn.Parameter(torch.zeros(3))  # a bare parameter: no part owns it
+    with pytest.raises(RuntimeError, match=r"in no optimizer group or in several: \['stray'\]"):
+        module.configure_optimizers()
+
+
+def gsp_module(**kw):
+    kw.setdefault("loss", LossConfig(name="proxy_anchor"))
+    return small_module(pooling=PoolingConfig("gsp", {"num_prototypes": 8, "mu": 0.3}), **kw)
+
+
+def fit(module, tmp_path, epochs=1, callbacks=()):
+    t = trainer(tmp_path, epochs, callbacks=list(callbacks), enable_checkpointing=False,
+                limit_val_batches=0)
+    t.fit(module, small_data(images_per_class=10))
+    return t
+
+
+def test_prototypes_start_as_k_center_picks_of_the_proxies(tmp_path):
+    pl.seed_everything(0)
+    module = gsp_module()  # proxy_anchor: 24 proxies >= 8 prototypes, so init "auto" = proxies
+    proxies = lipschitz_normalize(module.objective.metric.proxies.detach().clone())
+    seen = {}
+
+    class AtFirstStep(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.setdefault("flag", bool(pl_module.pooling.initialized))
+
+    class Before(pl.Callback):  # the module's own hook runs after callbacks' at a batch start
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault("before", bool(pl_module.pooling.initialized))
+
+    initial = {}
+    original = module.pooling.initialize_prototypes
+
+    def record(candidates):
+        original(candidates)
+        initial.setdefault("prototypes", module.pooling.prototypes.detach().clone())
+
+    module.pooling.initialize_prototypes = record
+    fit(module, tmp_path, callbacks=[Before(), AtFirstStep()])
+    picks = greedy_k_center(proxies, 8)
+    assert torch.allclose(initial["prototypes"], proxies[picks])
+    assert seen == {"before": False, "flag": True}
+
+
+def test_gsp_zero_shot_train_and_survive_a_checkpoint(tmp_path):
+    pl.seed_everything(0)
+    module = gsp_module(loss=LossConfig(name="multi_similarity"),
+                        zero_shot=ZeroShotConfig(weight=0.1, metric_weight=0.9))
+    before = module.objective.zero_shot.class_embeddings.detach().clone()
+    t = fit(module, tmp_path)
+    assert bool(module.pooling.initialized)  # picked from GAP embeddings (no proxies)
+    assert not torch.equal(before, module.objective.zero_shot.class_embeddings)  # trained
+    path = tmp_path / "gsp.ckpt"
+    t.save_checkpoint(path)
+    restored = DMLModule.load_from_checkpoint(path)
+    assert bool(restored.pooling.initialized) and not restored.pooling.wants_initialization()
+    assert torch.equal(restored.pooling.prototypes, module.pooling.prototypes)
+    assert torch.equal(restored.objective.zero_shot.class_embeddings,
+                       module.objective.zero_shot.class_embeddings)
+
+
+def test_a_checkpoint_of_the_earlier_layout_loads(tmp_path):
+    """Before the objective, loss terms were module attributes (loss_fn, zero_shot_loss, ibc):
+    those weights are renamed on load."""
+    pl.seed_everything(0)
+    module = gsp_module(zero_shot=ZeroShotConfig(weight=0.1, metric_weight=0.9),
+                        ibc=IBCConfig(enabled=True, heads=2, ff_hidden=16))
+    t = fit(module, tmp_path)
+    path = tmp_path / "new.ckpt"
+    t.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    renames = {"objective.metric.": "loss_fn.", "objective.zero_shot.": "zero_shot_loss.",
+               "objective.ibc.": "ibc."}
+    old_state = {}
+    for key, value in checkpoint["state_dict"].items():
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        old_state[renames[prefix] + key[len(prefix):] if prefix else key] = value
+    checkpoint["state_dict"] = old_state
+    checkpoint["hyper_parameters"].pop("memory")  # the earlier layout had no model.memory
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    restored = DMLModule.load_from_checkpoint(old)
+    for key, value in module.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+
+
+def test_objective_without_terms_is_empty():
+    assert Objective()(dict(embeddings=torch.zeros(2, 3), raw_embeddings=torch.zeros(2, 3),
+                            pooling=None), torch.zeros(2)) == {}
+
+
+def test_a_ccp_checkpoint_of_the_earlier_layout_loads_with_a_fresh_proximal_term(tmp_path):
+    pl.seed_everything(0)
+    module = small_module(loss=LossConfig("c2", proxies_per_class=2))
+    t = fit(module, tmp_path)
+    path = tmp_path / "ccp.ckpt"
+    t.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    state = {}
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith("objective.proximal."):
+            continue  # the earlier layout kept theta_prev in the CCP callback's state
+        state[key.replace("objective.metric.", "loss_fn.")] = value
+    checkpoint["state_dict"] = state
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="2 memory / proximal buffers start afresh"):
+        restored = DMLModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert torch.equal(restored.objective.proxies(), module.objective.proxies())
+    assert restored.objective.proximal() is None  # lambda 0 until a round ends
