@@ -9,9 +9,8 @@ DATASET ?= synthetic
 METHOD ?= baseline
 DEVICES ?= 1
 ARGS ?=
-# A method may add settings for one data set in experiments/method/<METHOD>/<DATASET>.yaml.
-CONFIGS := experiments/trainer.yaml experiments/data/$(DATASET).yaml experiments/method/$(METHOD).yaml \
-           $(wildcard experiments/method/$(METHOD)/$(DATASET).yaml)
+# The config files of a run: trainer + data + [protocol] + method + [family] + [method/data], the
+# rule of dml/compose.py (python -m dml.compose DATASET METHOD prints them).
 
 DATA_ROOT ?= data/$(DATASET)
 
@@ -36,8 +35,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 train: $(VENV)/.installed
-	@for f in $(CONFIGS); do test -f $$f || { echo "No config $$f. Data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' '); methods: $$(ls experiments/method/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')" >&2; exit 2; }; done
-	$(PY) -m dml fit $(addprefix --config ,$(CONFIGS)) --trainer.devices $(DEVICES) --run_name $(DATASET)-$(METHOD) $(ARGS)
+	@configs=$$($(PY) -m dml.compose $(DATASET) $(METHOD)) || exit 2; \
+	echo "$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $(DATASET)-$(METHOD) $(ARGS)"; \
+	$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $(DATASET)-$(METHOD) $(ARGS)
 
 # Continue a run in its own folder from its last.ckpt (the config is checked against it).
 resume: $(VENV)/.installed

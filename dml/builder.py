@@ -4,13 +4,15 @@ image -> backbone -> pooling -> head -> objective (all loss terms) -> optimizer
 
 ``build_parts(...)`` returns the backbone, the pooling, the head and the objective
 (``dml.objective.Objective``); ``DMLModule`` is handed them. Poolings are chosen by name in
-``POOLINGS``; losses by name in ``dml.losses.factory.LOSSES``.
+``POOLINGS`` or by class path (``model.pooling.name: mypackage.MyPooling``); losses by name in
+``dml.losses.factory.LOSSES``; extra objective terms by class path (``model.terms``).
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from torch import nn
 
@@ -37,10 +39,13 @@ def build_pooling(name: str, in_channels: int, params: Optional[Dict[str, Any]] 
                   embedding_dim: Optional[int] = None) -> nn.Module:
     """A pooling by name; ``embedding_dim`` goes to poolings that take it (GSP)."""
     params = dict(params or {})
-    if name not in POOLINGS:
+    if name in POOLINGS:
+        cls = POOLINGS[name]
+    elif "." in name:
+        cls = import_class(name, "model.pooling.name")
+    else:
         raise ConfigError(f"model.pooling.name: unknown pooling {name!r}; expected one of "
-                          f"{sorted(POOLINGS)}")
-    cls = POOLINGS[name]
+                          f"{sorted(POOLINGS)} or a class path (package.module.Class)")
     check_params(cls, params, "model.pooling.params", skip=("self", "in_channels",
                                                             "embedding_dim"))
     if embedding_dim is not None and "embedding_dim" in inspect.signature(cls).parameters:
@@ -48,19 +53,60 @@ def build_pooling(name: str, in_channels: int, params: Optional[Dict[str, Any]] 
     return cls(in_channels, **params)
 
 
+def import_class(path: str, key: str) -> type:
+    """``package.module.Class`` -> the class, or a ConfigError naming ``key``."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"{key}: cannot import {path!r} ({error})") from error
+
+
+def build_terms(specs: Optional[List[Dict[str, Any]]], embedding_dim: int,
+                num_classes: Optional[int]) -> Dict[str, nn.Module]:
+    """Extra objective terms, ``model.terms: [{class_path: ..., init_args: {...}, name: ...}]``.
+    A term is an ``nn.Module`` whose ``forward(embedded, labels, objective)`` returns named
+    loss values; ``embedding_dim`` and ``num_classes`` are passed when its ``__init__`` takes
+    them; its parameters train in its ``param_group`` ("loss" unless it says otherwise)."""
+    terms: Dict[str, nn.Module] = {}
+    for i, spec in enumerate(specs or []):
+        key = f"model.terms[{i}]"
+        if not isinstance(spec, dict) or "class_path" not in spec:
+            raise ConfigError(f"{key}: expected {{class_path: package.module.Class, "
+                              f"init_args: {{...}}}}, got {spec!r}")
+        unknown = sorted(set(spec) - {"class_path", "init_args", "name"})
+        if unknown:
+            raise ConfigError(f"{key}: unknown key(s) {unknown}")
+        cls = import_class(spec["class_path"], f"{key}.class_path")
+        args = dict(spec.get("init_args") or {})
+        accepted = inspect.signature(cls).parameters
+        for name, value in (("embedding_dim", embedding_dim), ("num_classes", num_classes)):
+            if name in accepted and name not in args:
+                args[name] = value
+        check_params(cls, args, f"{key}.init_args")
+        name = spec.get("name") or cls.__name__
+        if name in terms:
+            raise ConfigError(f"{key}.name: two terms are named {name!r}")
+        terms[name] = cls(**args)
+    return terms
+
+
 def build_parts(backbone: BackboneConfig, pooling: PoolingConfig, embedding_dim: int,
                 loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
-                memory: MemoryConfig, num_classes: Optional[int]) -> ModelParts:
+                memory: MemoryConfig, num_classes: Optional[int],
+                terms: Optional[List[Dict[str, Any]]] = None) -> ModelParts:
     net = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn, backbone.width)
     pool = build_pooling(pooling.name, net.out_channels, pooling.params, embedding_dim)
     head = EmbeddingHead(net.out_channels, embedding_dim)
-    objective = build_objective(loss, zero_shot, ibc, memory, pool, embedding_dim, num_classes)
+    objective = build_objective(loss, zero_shot, ibc, memory, pool, embedding_dim, num_classes,
+                                build_terms(terms, embedding_dim, num_classes))
     return ModelParts(net, pool, head, objective)
 
 
 def build_objective(loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
                     memory: MemoryConfig, pooling: nn.Module, embedding_dim: int,
-                    num_classes: Optional[int]) -> Objective:
+                    num_classes: Optional[int],
+                    extra: Optional[Dict[str, nn.Module]] = None) -> Objective:
     metric = build_loss(loss.name, num_classes, embedding_dim, loss.params)
     miner = build_miner(loss.miner, loss.miner_params)
     if miner is not None and loss.name == "xbm_contrastive":
@@ -99,8 +145,8 @@ def build_objective(loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
                               "with the memory; model.loss.name is none")
         memory_loss = CrossBatchMemoryLoss(embedding_dim, memory.size, memory.start_iteration,
                                            memory.weight, memory.enqueue, memory.store)
-    if metric is None and ibc_term is None and zero_shot_loss is None:
+    if metric is None and ibc_term is None and zero_shot_loss is None and not extra:
         raise ConfigError("model.loss.name: none leaves nothing to train; enable model.ibc or "
-                          "model.zero_shot, or name a loss")
+                          "model.zero_shot, add model.terms, or name a loss")
     return Objective(metric, miner, zero_shot.metric_weight, loss.gather, memory_loss,
-                     ibc_term, ibc.gather, zero_shot_loss, zero_shot.weight, proximal)
+                     ibc_term, ibc.gather, zero_shot_loss, zero_shot.weight, proximal, extra)

@@ -12,12 +12,14 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from typing import Optional
 
 import torch
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from dml import runs
+from dml.compose import merge_config_args
 from dml.callbacks import (ChanceConstraintProjection, CrossBatchNormalization,
                            DashboardFigures, EarlyStopping)
 from dml.console import say
@@ -32,7 +34,22 @@ CONFIG_KEY = "dml_config"  # the composed configuration, saved in every checkpoi
 
 
 class DMLCLI(LightningCLI):
+    """LightningCLI whose config files layer with dicts merged key by key
+    (``dml.compose.merge_config_args``), each run in its own folder, resumes checked."""
+
     run_dir: Optional[str] = None
+
+    def __init__(self, *args, **kwargs):
+        given = kwargs.get("args")
+        argv = list(sys.argv[1:] if given is None else given)
+        merged, merged_file = merge_config_args(argv, tempfile.gettempdir())
+        if merged_file is not None:
+            kwargs["args"] = merged
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if merged_file is not None and os.path.exists(merged_file):
+                os.remove(merged_file)
 
     def add_arguments_to_parser(self, parser) -> None:
         # The data set decides the number of classes (proxy losses) and the standard Recall@Ks.

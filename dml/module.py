@@ -36,10 +36,13 @@ class DMLModule(pl.LightningModule):
                  evaluation: EvalConfig = EvalConfig(),
                  zero_shot: ZeroShotConfig = ZeroShotConfig(), ibc: IBCConfig = IBCConfig(),
                  memory: MemoryConfig = MemoryConfig(), num_classes: Optional[int] = None,
-                 recall_ks: Optional[List[int]] = None, nonfinite_loss: str = "stop"):
+                 recall_ks: Optional[List[int]] = None, nonfinite_loss: str = "stop",
+                 terms: Optional[List[Dict[str, Any]]] = None):
         """nonfinite_loss: what a NaN or infinite loss does: ``stop`` the run with an error
         naming the step, the loss parts and the learning rates (the default), or ``skip`` the
-        step (no backward, no optimizer step) and go on."""
+        step (no backward, no optimizer step) and go on. terms: extra objective terms by class
+        path, ``[{class_path: package.module.Class, init_args: {...}}]``
+        (``dml.builder.build_terms``)."""
         super().__init__()
         backbone, pooling = as_config(BackboneConfig, backbone), as_config(PoolingConfig, pooling)
         loss, memory = as_config(LossConfig, loss), as_config(MemoryConfig, memory)
@@ -61,12 +64,13 @@ class DMLModule(pl.LightningModule):
             "embedding_dim": embedding_dim, "loss": asdict(loss),
             "optimizer": asdict(optimizer), "evaluation": asdict(evaluation),
             "zero_shot": asdict(zero_shot), "ibc": asdict(ibc), "memory": asdict(memory),
-            "num_classes": num_classes, "recall_ks": recall_ks, "nonfinite_loss": nonfinite_loss})
+            "num_classes": num_classes, "recall_ks": recall_ks, "nonfinite_loss": nonfinite_loss,
+            "terms": terms})
         self.optimizer_cfg, self.recall_ks = optimizer, recall_ks
         self.nonfinite_loss, self.skipped_steps = nonfinite_loss, 0
 
         parts = build_parts(backbone, pooling, embedding_dim, loss, zero_shot, ibc, memory,
-                            num_classes)
+                            num_classes, terms)
         self.backbone, self.pooling, self.head = parts.backbone, parts.pooling, parts.head
         self.objective = parts.objective
         if self.objective.proximal is not None:

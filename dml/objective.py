@@ -18,6 +18,8 @@ the config and checks that they fit together:
   ``zero_shot_weight`` -> "zero_shot".
 - ``proximal``: CCP's (lambda / 2) ||theta - theta_prev||^2 -> "proximal" (absent while
   lambda is 0).
+- ``extra``: terms given by class path (``model.terms``); each is called as
+  ``term(embedded, labels, objective)`` and returns its named values.
 
 Optimizer groups come from the terms themselves (``parameter_groups``): a term's parameters go
 to its ``param_group`` ("loss" unless it says otherwise). The callbacks act only through the
@@ -40,9 +42,11 @@ class Objective(nn.Module):
                  metric_weight: float = 1.0, gather: bool = False,
                  memory: Optional[nn.Module] = None, ibc: Optional[nn.Module] = None,
                  ibc_gather: bool = False, zero_shot: Optional[nn.Module] = None,
-                 zero_shot_weight: float = 0.0, proximal: Optional[nn.Module] = None):
+                 zero_shot_weight: float = 0.0, proximal: Optional[nn.Module] = None,
+                 extra: Optional[Dict[str, nn.Module]] = None):
         super().__init__()
         self.metric, self.miner, self.memory = metric, miner, memory
+        self.extra = nn.ModuleDict(extra or {})
         self.ibc, self.zero_shot, self.proximal = ibc, zero_shot, proximal
         self.metric_weight, self.gather = metric_weight, gather
         self.ibc_gather, self.zero_shot_weight = ibc_gather, zero_shot_weight
@@ -70,6 +74,8 @@ class Objective(nn.Module):
             value = self.proximal()
             if value is not None:
                 terms["proximal"] = value
+        for term in self.extra.values():
+            terms.update(term(embedded, labels, self))
         return terms
 
     def metric_terms(self, z, raw, labels) -> Dict[str, torch.Tensor]:
@@ -87,7 +93,8 @@ class Objective(nn.Module):
         """Trainable parameters by optimizer group: each term's ``param_group`` ("loss" by
         default: proxies, class embeddings; IBC's network says "head")."""
         groups: Dict[str, List[nn.Parameter]] = {}
-        for term in self.children():
+        parts = [t for t in self.children() if t is not self.extra] + list(self.extra.values())
+        for term in parts:
             params = [p for p in term.parameters() if p.requires_grad]
             if params:
                 groups.setdefault(getattr(term, "param_group", "loss"), []).extend(params)

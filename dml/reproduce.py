@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from dml.compose import config_args
+
 # row -> (method config, extra CLI arguments). Rows come in baseline / method pairs.
 GRID: Dict[str, tuple] = {
     "GAP (contrastive)": ("contrastive", []),
@@ -38,19 +40,12 @@ BUDGETS = {"omniglot_small": {"epochs": 4, "size": 32}, "synthetic": {"epochs": 
 METRICS = ("R@1", "MAP@R", "NMI")
 
 
-def config_files(dataset: str, method: str) -> List[str]:
-    files = ["experiments/trainer.yaml", f"experiments/data/{dataset}.yaml",
-             f"experiments/method/{method}.yaml"]
-    override = f"experiments/method/{method}/{dataset}.yaml"
-    return files + ([override] if os.path.exists(override) else [])
-
-
 def run_args(dataset: str, method: str, extra: Sequence[str], seed: int,
              epochs: Optional[int] = None, size: Optional[int] = None,
              val_every: Optional[int] = None, devices: int = 1,
              root: Optional[str] = None) -> List[str]:
     """The CLI arguments of one run: configs, switches, seed and budget, no loggers."""
-    args = ["fit"] + [a for f in config_files(dataset, method) for a in ("--config", f)]
+    args = ["fit"] + config_args(dataset, method)
     args += list(extra) + [
         "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
         "--trainer.logger", "false", "--trainer.callbacks", "[]",

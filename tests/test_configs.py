@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dml.cli import DMLCLI
+from dml.compose import config_args, config_files
 from dml.data import DMLDataModule
 from dml.module import DMLModule
 
@@ -18,15 +19,6 @@ class ParseOnlyCLI(DMLCLI):
         pass
 
 
-def config_args(dataset, method):
-    files = ["experiments/trainer.yaml", f"experiments/data/{dataset}.yaml",
-             f"experiments/method/{method}.yaml"]
-    override = f"experiments/method/{method}/{dataset}.yaml"
-    if os.path.exists(override):
-        files.append(override)
-    return [a for f in files for a in ("--config", f)]
-
-
 @pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("method", METHODS)
 def test_config_combination_parses(dataset, method):
@@ -35,9 +27,45 @@ def test_config_combination_parses(dataset, method):
     assert cli.config.model.embedding_dim > 0
 
 
-def test_overrides_name_existing_data_sets():
+def test_layer_files_name_existing_data_sets_groups_and_methods():
+    from dml.compose import FAMILIES, GROUPS
     for path in glob.glob("experiments/method/*/*.yaml"):
+        assert os.path.basename(os.path.dirname(path)) in METHODS, path
         assert os.path.basename(path)[:-5] in DATASETS, path
+    for path in glob.glob("experiments/family/*/*.yaml"):
+        assert os.path.basename(os.path.dirname(path)) in FAMILIES, path
+        assert os.path.basename(path)[:-5] in DATASETS + sorted(set(GROUPS.values())), path
+
+
+def test_every_layer_file_is_used_by_some_combination():
+    used = {f for d in DATASETS for m in METHODS for f in config_files(d, m)}
+    files = set(glob.glob("experiments/**/*.yaml", recursive=True)) - \
+        set(glob.glob("experiments/results/**", recursive=True))
+    assert files - used == set()
+
+
+def test_the_composition_order_and_shared_settings():
+    assert config_files("sop", "ccp_c2") == [
+        "experiments/trainer.yaml", "experiments/data/sop.yaml", "experiments/protocol/mlrc.yaml",
+        "experiments/method/ccp_c2.yaml", "experiments/family/ccp/large.yaml",
+        "experiments/method/ccp_c2/sop.yaml"]
+    assert config_files("synthetic", "baseline") == [
+        "experiments/trainer.yaml", "experiments/data/synthetic.yaml",
+        "experiments/method/baseline.yaml"]
+    with pytest.raises(ValueError, match="no config experiments/method/xbmm.yaml"):
+        config_files("cub", "xbmm")
+
+
+def test_a_later_layer_sets_one_key_of_a_dict_and_keeps_the_others():
+    """jsonargparse alone would replace model.pooling.params as a whole: the SOP file's
+    num_prototypes would drop gsp_proxy_anchor's gamma 0.5 (a default of 5 would train)."""
+    cli = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
+                       args=config_args("sop", "gsp_proxy_anchor"))
+    params = cli.config.model.pooling.params
+    assert params["num_prototypes"] == 128 and params["gamma"] == 0.5 and params["mu"] == 0.3
+    cli = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
+                       args=config_args("cub", "ccp_ms") + ["--model.loss.params.beta", "50"])
+    assert cli.config.model.loss.params == {"alpha": 2.0, "beta": 50, "base": 0.5}
 
 
 @pytest.mark.parametrize("method", ["gsp_contrastive", "gsp_proxy_anchor"])

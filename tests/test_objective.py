@@ -64,11 +64,11 @@ def test_optimizer_groups_come_from_the_parts():
 
 def test_a_parameter_outside_the_groups_is_an_error_not_a_silent_omission():
     module = small_module()
-    module.objective.extra = torch.nn.Linear(2, 2)
-    module.objective.extra.param_group = "nowhere"  # a group with no learning rate
+    module.objective.other_term = torch.nn.Linear(2, 2)
+    module.objective.other_term.param_group = "nowhere"  # a group with no learning rate
     with pytest.raises(RuntimeError, match=r"\['nowhere'\] have no learning rate"):
         module.configure_optimizers()
-    del module.objective.extra
+    del module.objective.other_term
     module.stray = torch.nn.Parameter(torch.zeros(3))  # a bare parameter: no part owns it
     with pytest.raises(RuntimeError, match=r"in no optimizer group or in several: \['stray'\]"):
         module.configure_optimizers()
@@ -179,3 +179,31 @@ def test_a_ccp_checkpoint_of_the_earlier_layout_loads_with_a_fresh_proximal_term
         restored = DMLModule.load_from_checkpoint(tmp_path / "old.ckpt")
     assert torch.equal(restored.objective.proxies(), module.objective.proxies())
     assert restored.objective.proximal() is None  # lambda 0 until a round ends
+
+
+def test_a_term_and_a_pooling_given_by_class_path_train_without_package_edits(tmp_path):
+    """The recipe of README's "Adding a method": a module file, a config, a test."""
+    pl.seed_everything(0)
+    module = small_module(pooling=PoolingConfig("helpers.CenterPool"),
+                          terms=[{"class_path": "helpers.CenterTerm",
+                                  "init_args": {"weight": 0.5}}])
+    assert type(module.pooling).__name__ == "CenterPool"
+    term = module.objective.extra["CenterTerm"]
+    assert term.centers.shape == (24, 32)  # num_classes and embedding_dim passed in
+    groups = {g["name"]: g for g in module.configure_optimizers().param_groups}
+    assert any(p is term.centers for p in groups["loss"]["params"])
+    seen = []
+
+    class Terms(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(set(trainer.callback_metrics))
+
+    before = term.centers.detach().clone()
+    trainer(tmp_path, 1, callbacks=[Terms()], enable_checkpointing=False, limit_val_batches=0,
+            limit_train_batches=2).fit(module, small_data())
+    assert "train/loss_center" in seen[-1] and "train/loss_metric" in seen[-1]
+    assert not torch.equal(before, term.centers)
+    with pytest.raises(ConfigError, match=r"model.terms\[0\].class_path: cannot import"):
+        small_module(terms=[{"class_path": "helpers.Nowhere"}])
+    with pytest.raises(ConfigError, match=r"model.terms\[0\].init_args: unknown parameter"):
+        small_module(terms=[{"class_path": "helpers.CenterTerm", "init_args": {"margin": 1}}])

@@ -52,16 +52,18 @@ def test_main_writes_runs_and_table_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reproduce, "run_once", fake_run)
     argv = ["--dataset", "synthetic", "--seeds", "0", "1", "--out", str(tmp_path),
-            "--variants", "GAP (contrastive)", "IBC"]
+            "--variants", "GAP (contrastive)", "IBC", "C2-CCP"]
     text = reproduce.main(argv)
-    assert len(calls) == 4
+    assert len(calls) == 6
     assert "| GAP (contrastive) | 55.0 +- 7.1 |" in text and "| IBC | 55.0 +- 7.1 |" in text
     assert (tmp_path / "synthetic" / "table.md").read_text() == text
     assert "--variants" in text  # the command that made it
     reproduce.main(argv)  # everything done: nothing reruns
-    assert len(calls) == 4
+    assert len(calls) == 6
     ibc_args = [a for a in calls if "experiments/method/ibc.yaml" in a][0]
     assert "experiments/method/ibc/synthetic.yaml" in ibc_args  # the per-data-set file
+    ccp_args = [a for a in calls if "experiments/method/ccp_c2.yaml" in a][0]
+    assert "experiments/family/ccp/synthetic.yaml" in ccp_args  # the family's
     assert ibc_args[ibc_args.index("--trainer.max_epochs") + 1] == "3"  # the CPU budget
 
 

@@ -13,6 +13,7 @@ import torch
 
 from dml.callbacks import checkpoint as checkpoint_module
 from dml.cli import main as cli_main
+from dml.compose import config_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--config", "experiments/trainer.yaml", "--config", "experiments/data/synthetic.yaml"]
@@ -23,9 +24,8 @@ TINY = ["--data.init_args.train_classes", "16", "--data.init_args.test_classes",
 
 
 def method(name, dataset="synthetic"):
-    files = ["--config", f"experiments/method/{name}.yaml"]
-    extra = f"experiments/method/{name}/{dataset}.yaml"
-    return files + (["--config", extra] if os.path.exists(os.path.join(REPO, extra)) else [])
+    """The method's layers on top of BASE (dml.compose's rule, less trainer and data)."""
+    return config_args(dataset, name)[4:]
 
 
 def dml(*args, timeout=300):

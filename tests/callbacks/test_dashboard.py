@@ -8,6 +8,7 @@ from PIL import Image
 
 from dml.cli import git_state
 from dml.cli import main as cli_main
+from dml.compose import config_args
 from dml.visualization import embedding_projection, retrieval_grid, save_png
 
 
@@ -17,10 +18,7 @@ def tiny_run(tmp_path_factory):
     old = os.environ.get("WANDB_MODE")
     os.environ["WANDB_MODE"] = "offline"
     try:
-        cli_main(["fit", "--config", "experiments/trainer.yaml",
-                  "--config", "experiments/data/synthetic.yaml",
-                  "--config", "experiments/method/gsp_contrastive.yaml",
-                  "--config", "experiments/method/gsp_contrastive/synthetic.yaml",
+        cli_main(["fit", *config_args("synthetic", "gsp_contrastive"),
                   "--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
                   "--data.init_args.images_per_class", "10", "--model.backbone.width", "8",
                   "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses
 
 from dml.cli import DMLCLI
+from dml.compose import config_args
 from dml.data import DMLDataModule, SyntheticDataModule
 from dml.errors import ConfigError
 from dml.losses import XBMContrastiveLoss
@@ -85,11 +86,9 @@ def test_a_miner_is_refused():
 @pytest.mark.parametrize("method", ["contrastive", "gsp_contrastive", "none_memory", "xbm",
                                     "xbn", "adaptive_xbn"])
 def test_the_xbm_family_configs_use_this_loss(method):
-    files = ["experiments/trainer.yaml", "experiments/data/synthetic.yaml",
-             f"experiments/method/{method}.yaml"]
     cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
                  save_config_callback=None,
-                 args=[a for f in files for a in ("--config", f)] + ["--trainer.logger", "false"])
+                 args=config_args("synthetic", method) + ["--trainer.logger", "false"])
     assert isinstance(cli.model.objective.metric, XBMContrastiveLoss)
     assert cli.model.objective.miner is None
 

@@ -1,0 +1,182 @@
+"""How a run's configuration is composed from the files under ``experiments/``: the one rule,
+used by ``make train``, ``dml.reproduce`` and the tests.
+
+For a data set D and a method M, in this order (later files override earlier ones; the ones in
+brackets only where they exist):
+
+    trainer.yaml                     epochs, loggers, checkpoints
+    data/D.yaml                      the DataModule, image size, a small default model
+    [protocol/P.yaml]                the evaluation protocol M's family follows on D (MLRC for
+                                     CCP and GSP on the four benchmarks: backbone, 128-d, Adam)
+    method/M.yaml                    the method's switches and defaults
+    [family/F/G.yaml]                settings M's family F shares on D's group G (small: CUB,
+                                     Cars; large: SOP, In-Shop; omniglot: both Omniglot sets)
+    [family/F/D.yaml]                F's settings for D alone
+    [method/M/D.yaml]                M's own settings for D (e.g. CCP's margins per data set)
+
+so that a setting shared by several methods or data sets is written once.
+
+    python -m dml.compose DATASET METHOD     # prints --config arguments (make train uses it)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+ROOT = "experiments"
+# Methods that share per-data-set settings.
+FAMILIES: Dict[str, Sequence[str]] = {
+    "ccp": ("ccp_c1", "ccp_c2", "ccp_ms", "ccp_triplet"),
+    "gsp": ("gsp_contrastive", "gsp_proxy_anchor"),
+    "memory": ("xbm", "xbn", "adaptive_xbn", "none_memory"),
+}
+# Data sets that share settings within a family.
+GROUPS: Dict[str, str] = {"cub": "small", "cars": "small", "sop": "large", "inshop": "large",
+                          "omniglot": "omniglot", "omniglot_small": "omniglot"}
+# The evaluation protocol a family follows on a group of data sets.
+PROTOCOLS: Dict[str, Dict[str, str]] = {"ccp": {"small": "mlrc", "large": "mlrc"},
+                                        "gsp": {"small": "mlrc", "large": "mlrc"}}
+
+
+def family_of(method: str) -> Optional[str]:
+    return next((f for f, members in FAMILIES.items() if method in members), None)
+
+
+def names(kind: str, root: str = ROOT) -> List[str]:
+    """The data sets ("data") or methods ("method") that have a config file."""
+    folder = os.path.join(root, kind)
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
+def config_files(dataset: str, method: str, root: str = ROOT) -> List[str]:
+    """The config files of (dataset, method), in composition order."""
+    for kind, name in (("data", dataset), ("method", method)):
+        if not os.path.isfile(os.path.join(root, kind, f"{name}.yaml")):
+            raise ValueError(f"no config {root}/{kind}/{name}.yaml. Data sets: "
+                             f"{' '.join(names('data', root))}; methods: "
+                             f"{' '.join(names('method', root))}")
+    family, group = family_of(method), GROUPS.get(dataset)
+    protocol = PROTOCOLS.get(family, {}).get(group) if family and group else None
+    candidates = [
+        ("trainer.yaml", True),
+        (f"data/{dataset}.yaml", True),
+        (f"protocol/{protocol}.yaml", protocol is not None),
+        (f"method/{method}.yaml", True),
+        (f"family/{family}/{group}.yaml", family is not None and group is not None),
+        (f"family/{family}/{dataset}.yaml", family is not None),
+        (f"method/{method}/{dataset}.yaml", True),
+    ]
+    files = []
+    for path, applies in candidates:
+        full = os.path.join(root, path)
+        if applies and os.path.isfile(full):
+            files.append(full)
+    return files
+
+
+def config_args(dataset: str, method: str, root: str = ROOT) -> List[str]:
+    """``--config FILE`` for each file, as the CLI takes them."""
+    return [a for f in config_files(dataset, method, root) for a in ("--config", f)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2:
+        print("usage: python -m dml.compose DATASET METHOD", file=sys.stderr)
+        return 2
+    try:
+        print(" ".join(config_args(*argv)))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# --- layering: dicts merge key by key ---------------------------------------------------------
+# jsonargparse replaces a dict-typed value as a whole when a later file (or a dotted command-line
+# key) sets part of it: a data-set file with ``pooling: {params: {num_prototypes: 128}}`` would
+# drop the method's gamma. The CLI therefore merges the config files itself, dicts key by key
+# (lists and scalars are replaced), and folds dotted overrides that reach into such a dict
+# (``--model.loss.params.margin 0.3``) into the merge.
+DICT_KEYS = ("model.pooling.params", "model.loss.params", "model.loss.miner_params")
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """``update`` merged into ``base`` in place: nested dicts merge, anything else replaces; a
+    dict naming another ``class_path`` replaces the old one (its init_args belong to the old
+    class), as jsonargparse does."""
+    for key, value in update.items():
+        old = base.get(key)
+        other_class = isinstance(value, dict) and isinstance(old, dict) and \
+            "class_path" in value and value.get("class_path") != old.get("class_path")
+        if isinstance(value, dict) and isinstance(old, dict) and not other_class:
+            deep_merge(old, value)
+        else:
+            base[key] = value
+    return base
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[last] = value
+
+
+def merge_config_args(argv: Sequence[str], folder: str):
+    """(new argv, merged file or None): the ``--config`` files of a subcommand's arguments
+    merged into one file in ``folder`` (placed where the first was), with the dotted overrides
+    into ``DICT_KEYS`` folded in. Arguments are left as they are when a config file comes after
+    another kind of argument (their order would matter) or when there is at most one file and
+    nothing to fold."""
+    import yaml
+
+    argv = list(argv)
+    configs, rest, folded, first_config = [], [], {}, None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, value = (arg.split("=", 1) + [None])[:2] if arg.startswith("--") else (arg, None)
+        takes_value = value is None and i + 1 < len(argv) and key.startswith("--")
+        if key in ("--config", "-c"):
+            path = value if value is not None else (argv[i + 1] if i + 1 < len(argv) else None)
+            if rest and any(r.startswith("--") for r in rest if r not in SUBCOMMAND_WORDS):
+                return argv, None  # a file after an override: keep jsonargparse's order
+            if first_config is None:
+                first_config = len(rest)
+            configs.append(path)
+            i += 1 if value is not None else 2
+            continue
+        dotted = key[2:] if key.startswith("--") else None
+        if dotted and any(dotted.startswith(k + ".") for k in DICT_KEYS):
+            raw = value if value is not None else (argv[i + 1] if takes_value else None)
+            folded[dotted] = yaml.safe_load(raw) if raw is not None else None
+            i += 1 if value is not None else 2
+            continue
+        rest.append(arg)
+        i += 1
+    if len(configs) + bool(folded) < 2 or any(c is None or not os.path.isfile(c)
+                                             for c in configs):
+        return argv, None
+    merged: dict = {}
+    for path in configs:
+        with open(path) as f:
+            deep_merge(merged, yaml.safe_load(f) or {})
+    for dotted, value in folded.items():
+        _set_dotted(merged, dotted, value)
+    os.makedirs(folder, exist_ok=True)
+    import tempfile
+
+    handle, path = tempfile.mkstemp(prefix="composed-", suffix=".yaml", dir=folder)
+    with os.fdopen(handle, "w") as f:
+        yaml.safe_dump(merged, f, sort_keys=False)
+    at = first_config if first_config is not None else len(rest)
+    return rest[:at] + ["--config", path] + rest[at:], path
+
+
+SUBCOMMAND_WORDS = ("fit", "validate", "test", "predict")
