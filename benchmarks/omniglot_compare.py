@@ -18,6 +18,7 @@ import json
 import statistics
 import time
 
+LATE_MEMORY = ["--model.memory.start_iteration", "340"]
 SUITES = {
     "pooling": {
         "GAP (contrastive)": ("contrastive", []),
@@ -25,11 +26,14 @@ SUITES = {
                                                   "--model.zero_shot.metric_weight", "1"]),
         "GSP + zero-shot (contrastive)": ("gsp_contrastive", []),
     },
-    "memory": {  # batches of 4 classes x 4 (method/<name>/omniglot_small.yaml)
+    "memory": {  # batches of 4 classes x 4, memory from step 50 (family/memory/omniglot.yaml)
         "no memory": ("none_memory", []),
         "XBM": ("xbm", []),
         "XBN": ("xbn", []),
         "adaptive XBN": ("adaptive_xbn", []),
+        # the memory switched on half-way (step 340 of 680), once the network has learned
+        "XBM, memory from step 340": ("xbm", LATE_MEMORY),
+        "XBN, memory from step 340": ("xbn", LATE_MEMORY),
     },
 }
 # Without CCP: the same pair loss on the batch alone (the paper's baselines).

@@ -1,5 +1,6 @@
 """Command line: ``python -m dml fit --config experiments/...``, LightningCLI over DMLModule and
-any DMLDataModule. Configs compose: a trainer part, a data set part and a method part.
+any DMLDataModule. Config files layer in order, dicts merged key by key (``dml.compose``, which
+also holds the rule that picks the files of a data set and a method).
 
 Each run writes into a folder of its own (``dml.runs``); ``--ckpt_path <run>/checkpoints/
 last.ckpt`` resumes it there, after checking that the configuration matches the checkpoint's.
