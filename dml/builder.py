@@ -143,6 +143,12 @@ def build_objective(loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
         if metric is None:
             raise ConfigError("model.memory.enabled needs a pair loss to compare the batch "
                               "with the memory; model.loss.name is none")
+        if LOSSES[loss.name][1] and loss.proxies_per_class == 0:
+            pair = sorted(n for n, (_, proxies) in LOSSES.items() if not proxies)
+            raise ConfigError(f"model.memory.enabled: {loss.name} compares embeddings with its "
+                              f"own proxies, not with stored embeddings; the memory needs a pair "
+                              f"loss as model.loss.name (one of {pair}), optionally with "
+                              f"model.loss.proxies_per_class > 0 (CCP)")
         memory_loss = CrossBatchMemoryLoss(embedding_dim, memory.size, memory.start_iteration,
                                            memory.weight, memory.enqueue, memory.store)
     if metric is None and ibc_term is None and zero_shot_loss is None and not extra:

@@ -7,6 +7,7 @@ import torch
 from dml.data import SyntheticDataModule
 from dml.errors import ConfigError
 from dml.losses import CrossBatchMemoryLoss, XBMContrastiveLoss
+from dml.losses.factory import LOSSES
 from dml.module import (BackboneConfig, DMLModule, LossConfig, MemoryConfig, OptimizerConfig,
                         PoolingConfig, ZeroShotConfig)
 
@@ -79,6 +80,25 @@ def test_bad_memory_settings_name_the_key():
         CrossBatchMemoryLoss(4, enqueue="later")
     with pytest.raises(ConfigError, match="model.memory.enabled needs a pair loss"):
         module(loss=LossConfig("none"), ibc={"enabled": True})
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, proxies) in LOSSES.items() if proxies))
+def test_a_proxy_loss_with_the_memory_is_a_config_error_not_a_crash_at_the_memory_step(name):
+    # PML's proxy losses refuse ref_emb; before this check the run died at start_iteration
+    with pytest.raises(ConfigError, match=f"model.memory.enabled: {name} compares embeddings "
+                                          f"with its own proxies"):
+        module(loss=LossConfig(name))
+
+
+@pytest.mark.parametrize("loss", [LossConfig(n) for n in sorted(LOSSES) if not LOSSES[n][1]]
+                         + [LossConfig("c2", proxies_per_class=2)], ids=lambda c: c.name
+                         + ("+ccp" if c.proxies_per_class else ""))
+def test_every_pair_loss_and_ccp_train_with_the_memory_term(tmp_path, loss):
+    pl.seed_everything(0)
+    rec, m = Record(), module(MemoryConfig(enabled=True, size=32, start_iteration=2), loss=loss)
+    trainer(tmp_path, 1, [rec]).fit(m, data())
+    assert "train/loss_memory" in rec.parts[-1] and int(m.objective.memory.iteration) == 6
+    assert all(torch.isfinite(torch.tensor(rec.losses)))
 
 
 def test_resume_gives_the_same_next_step_loss(tmp_path):
