@@ -76,9 +76,11 @@ class DMLCLI(LightningCLI):
         ``before_instantiate_classes`` checks it against the checkpoint's (``dml.runs``)."""
 
     def before_instantiate_classes(self) -> None:
+        config = self.config if self.subcommand is None else self.config[self.subcommand]
+        if config.trainer.get("precision") is None:
+            config.trainer.precision = default_precision(config.trainer.get("accelerator"))
         if self.subcommand is None:  # run=False: classes only, nothing is written
             return
-        config = self.config[self.subcommand]
         ckpt_path = config.get("ckpt_path")
         resuming = self.subcommand == "fit" and bool(ckpt_path)
         shared = runs.shared_run_dir()
@@ -107,6 +109,22 @@ class DMLCLI(LightningCLI):
     def _config_dict(self, config) -> dict:
         return json.loads(self._parser(self.subcommand).dump(config, skip_none=False,
                                                               format="json"))
+
+
+def default_precision(accelerator, cuda_available: Optional[bool] = None,
+                      bf16_supported: Optional[bool] = None) -> str:
+    """``trainer.precision`` when the config leaves it unset: ``bf16-mixed`` where the run
+    goes to a CUDA GPU that has bfloat16 (Ampere and later: the network in bfloat16, the
+    objective and evaluation in float32), ``32-true`` elsewhere (CPUs, older GPUs, where
+    float16 would need loss scaling)."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    name = str(accelerator or "auto").lower()
+    if not cuda_available or name not in ("auto", "gpu", "cuda"):
+        return "32-true"
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return "bf16-mixed" if bf16_supported else "32-true"
 
 
 def launching_process() -> bool:

@@ -11,11 +11,16 @@ from dml.errors import ConfigError
 
 @dataclass
 class BackboneConfig:
-    """name: resnet50 | resnet18 | bn_inception | small_cnn; frozen_bn freezes every BatchNorm."""
+    """name: resnet50 | resnet18 | bn_inception | small_cnn; frozen_bn freezes every BatchNorm.
+
+    channels_last: run a convolutional backbone and its inputs in the NHWC memory format (the
+    layout tensor cores and cuDNN's fastest convolutions want); None = on when training on
+    CUDA, off on a CPU (``model.compile`` is the module's option)."""
     name: str = "resnet50"
     pretrained: bool = True
     frozen_bn: bool = False
     width: int = 32  # small_cnn only
+    channels_last: Optional[bool] = None
 
 
 @dataclass

@@ -12,7 +12,7 @@ Its configuration groups are the dataclasses of ``dml.config``.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -37,12 +37,14 @@ class DMLModule(pl.LightningModule):
                  zero_shot: ZeroShotConfig = ZeroShotConfig(), ibc: IBCConfig = IBCConfig(),
                  memory: MemoryConfig = MemoryConfig(), num_classes: Optional[int] = None,
                  recall_ks: Optional[List[int]] = None, nonfinite_loss: str = "stop",
-                 terms: Optional[List[Dict[str, Any]]] = None):
+                 terms: Optional[List[Dict[str, Any]]] = None, compile: Union[bool, str] = False):
         """nonfinite_loss: what a NaN or infinite loss does: ``stop`` the run with an error
         naming the step, the loss parts and the learning rates (the default), or ``skip`` the
         step (no backward, no optimizer step) and go on. terms: extra objective terms by class
         path, ``[{class_path: package.module.Class, init_args: {...}}]``
-        (``dml.builder.build_terms``)."""
+        (``dml.builder.build_terms``). compile: ``torch.compile`` the backbone for training and
+        evaluation (``true``, or a mode: "default", "reduce-overhead", "max-autotune"); the
+        weights, their names and the checkpoints stay the plain module's."""
         super().__init__()
         backbone, pooling = as_config(BackboneConfig, backbone), as_config(PoolingConfig, pooling)
         loss, memory = as_config(LossConfig, loss), as_config(MemoryConfig, memory)
@@ -52,6 +54,10 @@ class DMLModule(pl.LightningModule):
         if nonfinite_loss not in ("stop", "skip"):
             raise ConfigError(f"model.nonfinite_loss: expected stop or skip, got "
                               f"{nonfinite_loss!r}")
+        if compile not in (False, True, "default", "reduce-overhead", "max-autotune",
+                           "max-autotune-no-cudagraphs"):
+            raise ConfigError(f"model.compile: expected true, false or a torch.compile mode "
+                              f"(default, reduce-overhead, max-autotune), got {compile!r}")
         if optimizer.name not in OPTIMIZERS:
             raise ConfigError(f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
                               f"expected one of {sorted(OPTIMIZERS)}")
@@ -65,13 +71,17 @@ class DMLModule(pl.LightningModule):
             "optimizer": asdict(optimizer), "evaluation": asdict(evaluation),
             "zero_shot": asdict(zero_shot), "ibc": asdict(ibc), "memory": asdict(memory),
             "num_classes": num_classes, "recall_ks": recall_ks, "nonfinite_loss": nonfinite_loss,
-            "terms": terms})
+            "terms": terms, "compile": compile})
         self.optimizer_cfg, self.recall_ks = optimizer, recall_ks
         self.nonfinite_loss, self.skipped_steps = nonfinite_loss, 0
 
         parts = build_parts(backbone, pooling, embedding_dim, loss, zero_shot, ibc, memory,
                             num_classes, terms)
         self.backbone, self.pooling, self.head = parts.backbone, parts.pooling, parts.head
+        self.channels_last_setting = backbone.channels_last
+        self.compile_setting = compile
+        # the compiled backbone is kept outside the module tree: its weights are the backbone's
+        self.__dict__["compiled_backbone"] = None
         self.objective = parts.objective
         if self.objective.proximal is not None:
             self.objective.proximal.attach(self.network_parameters)
@@ -87,7 +97,10 @@ class DMLModule(pl.LightningModule):
     def embed(self, images: torch.Tensor) -> Dict[str, Any]:
         """Everything the objective and dashboards need: "embeddings" (L2-normalised),
         "raw_embeddings" (the head's output) and "pooling" (``PoolingOutput``)."""
-        features = self.backbone(images)
+        if self.uses_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        backbone = self.backbone if self.compiled_backbone is None else self.compiled_backbone
+        features = backbone(images)
         pooled = self.pooling(features, projection=self.head.linear)
         raw, embeddings = self.head(pooled.pooled)
         return {"embeddings": embeddings, "raw_embeddings": raw, "pooling": pooled}
@@ -101,6 +114,29 @@ class DMLModule(pl.LightningModule):
         (backbone, pooling, head, and any part added later)."""
         return ((name, p) for name, p in self.named_parameters()
                 if p.requires_grad and not name.startswith("objective."))
+
+    # --- device-dependent settings: memory format and compilation --------------------------
+    @property
+    def uses_channels_last(self) -> bool:
+        return bool(getattr(self, "channels_last_active", False))
+
+    def setup(self, stage: str) -> None:
+        """The device the trainer runs on decides channels-last (``BackboneConfig``);
+        compilation follows ``model.compile``. Lightning calls this before it moves the module
+        to that device and wraps it for DDP (``.to(device)`` keeps the memory format)."""
+        self.apply_device_settings(self.trainer.strategy.root_device)
+
+    def apply_device_settings(self, device: torch.device) -> None:
+        wanted = self.channels_last_setting
+        if wanted is None:
+            wanted = device.type == "cuda"
+        convolutional = any(isinstance(m, torch.nn.Conv2d) for m in self.backbone.modules())
+        self.channels_last_active = bool(wanted) and convolutional
+        if self.channels_last_active:
+            self.backbone.to(memory_format=torch.channels_last)
+        if self.compile_setting and self.compiled_backbone is None:
+            mode = None if self.compile_setting is True else self.compile_setting
+            self.__dict__["compiled_backbone"] = torch.compile(self.backbone, mode=mode)
 
     # --- training ---------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

@@ -25,9 +25,18 @@ Optimizer groups come from the terms themselves (``parameter_groups``): a term's
 to its ``param_group`` ("loss" unless it says otherwise). The callbacks act only through the
 public methods below (``pick_proxies``, ``set_proxies``, ``proxies``, ``anchor_proximal``,
 ``memory.set_transform``).
+
+Precision: under mixed precision (``bf16-mixed``) the network runs in bfloat16 and the
+objective in float32: ``forward`` casts what it is handed to float32 and turns autocast off.
+Its cost, O(B^2 D) similarities and a small message-passing network, is small against the
+backbone's, and the terms need the digits: bfloat16 keeps 8 bits of mantissa, so a cosine
+similarity is off by up to 2^-9 ~ 0.002, which multi-similarity's exp(beta (s - lambda)) with
+beta = 50 turns into a 10 % error in a pair's weight, and GSP's entropic transport, XBN's moments
+and CCP's proximal term sum many small differences.
 """
 from __future__ import annotations
 
+from dataclasses import fields, is_dataclass, replace
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -35,6 +44,21 @@ from torch import nn
 
 from dml.distributed import gather_rows, world_size
 from dml.losses.factory import proxy_rows
+
+
+def as_float32(value: Any) -> Any:
+    """``value`` with every half-precision floating tensor in it (dicts, lists, dataclasses
+    such as ``PoolingOutput``) cast to float32; float32 and float64 tensors stay as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() and value.element_size() < 4 else value
+    if isinstance(value, dict):
+        return {k: as_float32(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(as_float32(v) for v in value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return replace(value, **{f.name: as_float32(getattr(value, f.name))
+                                 for f in fields(value) if f.init})
+    return value
 
 
 class Objective(nn.Module):
@@ -54,7 +78,12 @@ class Objective(nn.Module):
     # --- the terms ---------------------------------------------------------------------------
     def forward(self, embedded: Dict[str, Any], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``embedded``: ``DMLModule.embed``'s output ("embeddings", "raw_embeddings",
-        "pooling"). Returns {term name: weighted value}."""
+        "pooling"). Returns {term name: weighted value}, computed in float32 (module
+        docstring, "Precision")."""
+        with torch.autocast(labels.device.type, enabled=False):
+            return self.terms(as_float32(embedded), labels)
+
+    def terms(self, embedded: Dict[str, Any], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         z, raw = embedded["embeddings"], embedded["raw_embeddings"]
         terms: Dict[str, torch.Tensor] = {}
         if self.metric is not None:

@@ -205,7 +205,7 @@ class ChanceConstraintProjection(pl.Callback):
         draws = self.candidate_draws(np.asarray(dm.train_labels()), loss.num_classes, passes)
         loader = DataLoader(Subset(dm.train_dataset, draws.reshape(-1).tolist()),
                             batch_size=self.batch_size, shuffle=False, collate_fn=dm.collate_fn,
-                            num_workers=dm.num_workers)
+                            num_workers=dm.workers())
         was_training = pl_module.training
         pl_module.eval()
         rows = []

@@ -13,6 +13,8 @@ from its own search) or ``{"query": q, "gallery": g}`` (In-Shop: queries search 
 """
 from __future__ import annotations
 
+import os
+
 from typing import Dict, List, Optional, Sequence
 
 import pytorch_lightning as pl
@@ -27,7 +29,8 @@ class DMLDataModule(pl.LightningDataModule):
     """Base class. Args:
         classes_per_batch, samples_per_class: the P x M batch composition.
         eval_batch_size: batch size of the evaluation loaders.
-        num_workers: DataLoader worker processes (persistent when > 0).
+        num_workers: DataLoader worker processes (persistent when > 0); None: from the machine
+            (``default_num_workers``). Memory is pinned when CUDA is present.
         recall_ks: the Ks reported as R@K; None takes the data set's standard ones.
         batches_per_epoch: fixed number of training batches per epoch (default: data / batch).
         seed: seed of the sampler's schedule.
@@ -37,7 +40,7 @@ class DMLDataModule(pl.LightningDataModule):
     collate_fn = None  # DataLoader's default
 
     def __init__(self, classes_per_batch: int = 8, samples_per_class: int = 4,
-                 eval_batch_size: int = 256, num_workers: int = 0,
+                 eval_batch_size: int = 256, num_workers: Optional[int] = 0,
                  recall_ks: Optional[List[int]] = None, batches_per_epoch: Optional[int] = None,
                  seed: int = 0):
         super().__init__()
@@ -125,9 +128,17 @@ class DMLDataModule(pl.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
+    def workers(self) -> int:
+        """``num_workers``, or where it is None the machine's share for one process."""
+        if self.num_workers is not None:
+            return self.num_workers
+        trainer = getattr(self, "trainer", None)
+        return default_num_workers(getattr(trainer, "num_devices", 1) if trainer else 1)
+
     def _loader_kwargs(self):
-        return dict(num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                    persistent_workers=self.num_workers > 0)
+        workers = self.workers()
+        return dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
+                    persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
@@ -152,3 +163,14 @@ class DMLDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> List[DataLoader]:
         sets = self.eval_datasets
         return [self._eval_loader(sets[name]) for name in self.loader_names(sets)]
+
+
+def default_num_workers(processes_per_machine: int = 1, cap: int = 8) -> int:
+    """Loader workers per training process: the cores this process may use, shared by the
+    processes on the machine, one left to each process itself; at most ``cap`` (decoding and
+    augmenting 224 px JPEGs for one GPU rarely needs more)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(0, min(cap, cores // max(1, processes_per_machine) - 1))

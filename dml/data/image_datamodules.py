@@ -56,7 +56,8 @@ class ImageDataModule(DMLDataModule):
                  hflip: bool = True, crop_scale: Sequence[float] = (0.08, 1.0),
                  mlrc_fold: Optional[int] = None, verify: bool = True,
                  skip_unreadable: bool = False, classes_per_batch: int = 8,
-                 samples_per_class: int = 4, eval_batch_size: int = 128, num_workers: int = 4,
+                 samples_per_class: int = 4, eval_batch_size: int = 128,
+                 num_workers: Optional[int] = None,
                  recall_ks: Optional[List[int]] = None, batches_per_epoch: Optional[int] = None,
                  seed: int = 0):
         super().__init__(classes_per_batch, samples_per_class, eval_batch_size, num_workers,

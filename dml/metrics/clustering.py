@@ -68,7 +68,7 @@ def nmi(embeddings, labels, seed: int = 0, nredo: int = 1, backend: str = "auto"
 
     Non-finite embeddings and a single class (NMI is 0 / 0 there) are errors, not scores."""
     labels = _as_numpy(labels, np.int64).reshape(-1)
-    x = torch.as_tensor(_as_numpy(embeddings, np.float32))
+    x = torch.from_numpy(_as_numpy(embeddings, np.float32))  # k-means runs on the CPU
     if x.ndim != 2 or len(x) != len(labels):
         raise ValueError(f"nmi: expected (n, d) embeddings and n labels, got {tuple(x.shape)} "
                          f"and {len(labels)}")

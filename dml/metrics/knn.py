@@ -84,7 +84,7 @@ def _faiss_search(query: np.ndarray, reference: np.ndarray, k: int, same_source:
         distances, indices = _drop_self(distances, indices)
     # the k-th distance equal to the last returned: the tie may continue past the list
     unsettled = (distances[:, k - 1] == distances[:, -1]) if search_k - int(same_source) > k \
-        else torch.zeros(len(query), dtype=torch.bool)
+        else torch.zeros(len(query), dtype=torch.bool, device=distances.device)
     if search_k == n_ref:  # every reference was returned: nothing lies past the list
         unsettled[:] = False
     return distances[:, :k].clamp_min(0), indices[:, :k], unsettled
@@ -110,7 +110,7 @@ def knn(query, reference=None, k: int = 1, backend: str = "auto", chunk_size: in
         raise ValueError(f"knn: unknown backend {backend!r}; expected 'auto', 'faiss' or 'torch'")
     q = _as_float32_tensor(query)
     r = q if same_source else _as_float32_tensor(reference)
-    self_index = torch.arange(len(q)) if same_source else None
+    self_index = torch.arange(len(q), device=q.device) if same_source else None
     if backend == "torch":
         return _torch_search(q, r, k, chunk_size, self_index)
     if not faiss_available():
@@ -122,7 +122,8 @@ def knn(query, reference=None, k: int = 1, backend: str = "auto", chunk_size: in
     if bool(unsettled.any()):
         rows = unsettled.nonzero()[:, 0]
         distances[rows], indices[rows] = _torch_search(
-            q[rows], r, k, chunk_size, self_index[rows] if same_source else None)
+            q[rows.to(q.device)], r, k, chunk_size,
+            self_index[rows.to(q.device)] if same_source else None)
     return distances, indices
 
 
@@ -132,11 +133,13 @@ def _drop_self(distances: torch.Tensor, indices: torch.Tensor):
     If the query is not in its list (more than k references precede it), the farthest column
     is dropped instead."""
     n, k1 = indices.shape
-    drop = indices == torch.arange(n)[:, None]
+    rows = torch.arange(n, device=indices.device)
+    drop = indices == rows[:, None]
     # Keep exactly one dropped entry per row: the first self hit, or the last column.
-    first = torch.where(drop.any(1), drop.float().argmax(1), torch.full((n,), k1 - 1))
+    first = torch.where(drop.any(1), drop.float().argmax(1),
+                        torch.full((n,), k1 - 1, device=indices.device))
     keep = torch.ones_like(drop)
-    keep[torch.arange(n), first] = False
+    keep[rows, first] = False
     return distances[keep].view(n, k1 - 1), indices[keep].view(n, k1 - 1)
 
 

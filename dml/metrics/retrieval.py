@@ -32,7 +32,9 @@ from dml.metrics.ranking import precision_from_hits, query_stats
 def _as_tensor(x, dtype=None) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
-    x = torch.as_tensor(x).detach()
+    elif not isinstance(x, torch.Tensor):  # lists: on the CPU; tensors stay where they are
+        x = torch.as_tensor(x, device="cpu")
+    x = x.detach()
     return x if dtype is None else x.to(dtype)
 
 
@@ -61,8 +63,15 @@ def relevant_counts(query_labels: torch.Tensor, reference_labels: torch.Tensor,
 
 
 def default_block_size(device: torch.device) -> int:
-    """Rows and columns of one distance block: in cache on a CPU, large on a GPU."""
-    return 4096 if device.type == "cuda" else 1024
+    """Rows and columns of one distance block: 1024 on a CPU (4 MiB, in cache); on a GPU the
+    power of two whose block fits a quarter of the free memory at about 32 bytes per entry
+    (the float32 distances, their int64 order keys, masks and the transposed pass), between
+    1024 and 8192."""
+    if device.type != "cuda":
+        return 1024
+    free, _ = torch.cuda.mem_get_info(device)
+    side = int((free / 4 / 32) ** 0.5)
+    return max(1024, min(8192, 1 << (max(side, 1).bit_length() - 1)))
 
 
 def retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=None,

@@ -201,8 +201,11 @@ class GSP(Pooling):
             raise ValueError("GSP needs the embedding head's linear map (projection=...)")
         b, c, h, w = x.shape
         feats = x.flatten(2).transpose(1, 2)  # (B, n, C)
-        u = projection(feats.float() if feats.dtype != torch.float64 else feats)
-        plan = partial_transport(self.costs(u), self.mu, self.gamma, self.iters, self.tol)
+        # projection, costs and plan in float32 also under mixed precision: a cost off by
+        # bfloat16's 2^-9 relative error moves exp(-gamma c) by gamma times as much
+        with torch.autocast(x.device.type, enabled=False):
+            u = projection(feats.float() if feats.dtype != torch.float64 else feats)
+            plan = partial_transport(self.costs(u), self.mu, self.gamma, self.iters, self.tol)
         n = h * w
         rho, pi = plan[:, 0], plan[:, 1:]
         weights = (1.0 - n * rho) / self.mu  # (B, n), mean 1
