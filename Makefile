@@ -14,13 +14,14 @@ ARGS ?=
 
 DATA_ROOT ?= data/$(DATASET)
 
-.PHONY: train resume test table data data-check bench-eval venv clean help
+.PHONY: train resume test table data data-check bench-eval gpu-check venv clean help
 
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
 	@echo "make resume RUN=runs/<run folder> [ARGS='--trainer.max_epochs 60']   continue from its last.ckpt"
 	@echo "make test"
 	@echo "make table [DATASET=omniglot_small] [SEEDS='0 1 2'] [DEVICES=1]   methods-vs-baselines grid -> experiments/results/"
+	@echo "make gpu-check [ARGS='--methods xbn ccp_c2']   on a CUDA machine: every method in bf16, resume, GPU evaluation, DDP"
 	@echo "make data DATASET=cub|sop|omniglot [DATA_ROOT=data/<name>]   download and verify"
 	@echo "make data-check DATASET=<name> DATA_ROOT=<path> [DECODE=1]   parse, print split sizes (DECODE: open every image)"
 	@echo "data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' ')"
@@ -62,6 +63,10 @@ data-check: $(VENV)/.installed
 
 bench-eval: $(VENV)/.installed
 	$(PY) benchmarks/eval_speed.py
+
+# The GPU acceptance run (dml/gpu_check.py); says so and exits 0 on a machine without CUDA.
+gpu-check: $(VENV)/.installed
+	$(PY) -m dml.gpu_check $(ARGS)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

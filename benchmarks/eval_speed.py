@@ -10,27 +10,28 @@ isometrically into 512-d plus small isotropic noise; ``--regime`` sets how far a
   model; the hardest case for the candidate filter of the rank back end).
 
 Timed in one process, same data, same threads:
-- floor: the bare chunked float32 distance GEMM of the same sizes, ||q||^2 + ||r||^2 - 2 q.r
-  over all n x n pairs in 1024 x 1024 blocks and in 2048-row chunks (the faster is the floor);
-  nothing is compared or kept.
+- floor: the bare float32 distance GEMM of the same sizes, ||q||^2 + ||r||^2 - 2 q.r over all
+  n x n pairs in 1024 x 1024 blocks (4096 on a GPU); nothing is compared or kept.
 - ours: dml.metrics.retrieval_metrics, ks = 1, 10, 100, 1000 (R@K, MAP@R, R-Precision), exact
   under the (distance, index) tie rule.
 - baseline: pytorch-metric-learning's AccuracyCalculator (precision_at_1, MAP@R, R-Precision,
   k="max_bin_count", faiss k-NN) plus a faiss IndexFlatL2 search with k = 1001 and the hit-rate
   Recall@K computed from it: what a user needs to get the same numbers.
 
+The three are timed in alternating rounds (``timing.compare``), ratios per round.
+
 Usage: python benchmarks/eval_speed.py [--regime hard|separable|unstructured] [--n 60502]
-       [--skip-baseline]
+       [--skip-baseline] [--rounds 2] [--device cuda]
 Results are written down in benchmarks/README.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
+from timing import compare, format_ratio, ratio
 
 REGIMES = {"hard": 0.55, "separable": 0.3, "unstructured": None}
 
@@ -60,16 +61,14 @@ def sop_like(n: int, classes: int, dim: int, seed: int = 0, latent: int = 16,
     return x.astype(np.float32), labels.astype(np.int64)
 
 
-def bare_gemm(x: torch.Tensor, rows: int, cols: int) -> float:
-    """Seconds for every n x n squared distance, computed in rows x cols blocks."""
+def bare_gemm(x: torch.Tensor, rows: int, cols: int) -> None:
+    """Every n x n squared distance, computed in rows x cols blocks, nothing kept."""
     sq = (x * x).sum(1)
     n = len(x)
-    t0 = time.perf_counter()
     for i in range(0, n, rows):
         for j in range(0, n, cols):
             block = sq[i:i + rows, None] + sq[None, j:j + cols]
             block.addmm_(x[i:i + rows], x[j:j + cols].T, alpha=-2.0)
-    return time.perf_counter() - t0
 
 
 def baseline(x: np.ndarray, y: np.ndarray, ks):
@@ -102,6 +101,9 @@ def main():
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternating rounds of floor, ours and baseline")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     from dml.metrics import retrieval_metrics
@@ -113,30 +115,36 @@ def main():
           f"sizes {np.bincount(y).min()}-{np.bincount(y).max()}, torch threads "
           f"{torch.get_num_threads()}", flush=True)
 
-    xt = torch.from_numpy(x)
-    t_blocks = bare_gemm(xt, 1024, 1024)
-    t_rows = bare_gemm(xt, 2048, len(x))
-    t_floor = min(t_blocks, t_rows)
-    print(f"floor: bare distance GEMM {t_blocks:.1f} s in 1024 x 1024 blocks, {t_rows:.1f} s in "
-          f"2048-row chunks", flush=True)
+    device = torch.device(args.device)
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    block = 1024 if device.type == "cpu" else 4096
+    results = {}
 
-    t0 = time.perf_counter()
-    ours = retrieval_metrics(x, y, ks, backend=args.backend)
-    t_ours = time.perf_counter() - t0
-    print(f"ours ({args.backend}): {t_ours:.1f} s  {json.dumps(ours)}", flush=True)
-    print(f"ratio ours / bare GEMM = {t_ours / t_floor:.3f}", flush=True)
+    def ours():
+        results["ours"] = retrieval_metrics(xt, yt, ks, backend=args.backend, device=device)
+
+    def reference():
+        results["baseline"] = baseline(x, y, ks)
+
+    variants = {"floor": lambda: bare_gemm(xt, block, block), "ours": ours}
+    if not args.skip_baseline:
+        variants["baseline"] = reference
+    timings = compare(variants, device, rounds=args.rounds, warmup=int(device.type == "cuda"))
+    print(f"floor: bare distance GEMM in {block} x {block} blocks: {timings['floor']}",
+          flush=True)
+    print(f"ours ({args.backend}, {device}): {timings['ours']}  {json.dumps(results['ours'])}",
+          flush=True)
+    print(f"ratio ours / bare GEMM = {format_ratio(ratio(timings, 'ours', 'floor'))} "
+          f"(median [range] over {args.rounds} alternating rounds)", flush=True)
     if args.skip_baseline:
         return
-
-    t0 = time.perf_counter()
-    ref = baseline(x, y, ks)
-    t_ref = time.perf_counter() - t0
-    print(f"baseline (PML AccuracyCalculator + faiss k={max(ks) + 1}): {t_ref:.1f} s  "
+    ref = results["baseline"]
+    print(f"baseline (PML AccuracyCalculator + faiss k={max(ks) + 1}): {timings['baseline']}  "
           f"{json.dumps(ref)}", flush=True)
-    agree = all(abs(ours[k] - ref[k]) < 1e-6 for k in ["MAP@R", "R-Precision"] +
-                [f"R@{k}" for k in ks]) and abs(ours["R@1"] - ref["P@1"]) < 1e-6
-    print(f"ratio ours / baseline = {t_ours / t_ref:.3f}   metrics agree: {agree}")
-
+    agree = all(abs(results["ours"][k] - ref[k]) < 1e-6 for k in ["MAP@R", "R-Precision"] +
+                [f"R@{k}" for k in ks]) and abs(results["ours"]["R@1"] - ref["P@1"]) < 1e-6
+    print(f"ratio ours / baseline = {format_ratio(ratio(timings, 'ours', 'baseline'))}   "
+          f"metrics agree: {agree}")
 
 if __name__ == "__main__":
     main()

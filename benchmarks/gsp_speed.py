@@ -1,21 +1,23 @@
 """GSP cost, in one process:
 
 1. A training step (forward + backward + optimizer step) of ResNet-50 + pooling + 512-d head
-   with GSP vs GAP, same batch. Reports seconds per step and the activation memory saved for
-   backward (exact, from saved-tensor hooks; on CUDA also the peak allocated memory).
+   with GSP vs GAP, same batch, timed in alternating rounds (``timing.compare``: median and
+   range over rounds). Reports seconds per step and the activation memory saved for backward
+   (exact, from saved-tensor hooks; on CUDA also the peak allocated memory).
 2. The transport solver alone: the analytical backward (``dml.models.gsp.partial_transport``)
    vs autograd through the unrolled fixed-point iterations (nu <- mu / sum_i r_i s_i), at 20
    and 100 iterations forced (tol 0): time of forward + backward, saved bytes, and the
    gradient difference; and the analytic solver at its default tolerance.
 
     python benchmarks/gsp_speed.py [--batch 8] [--size 224] [--steps 5] [--device cpu]
+        [--precision fp32|bf16]
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
-from timing import seconds_per_call
+from timing import compare, format_ratio, ratio, seconds_per_call
 
 
 class SavedBytes:
@@ -36,7 +38,8 @@ class SavedBytes:
         self.ctx.__exit__(*exc)
 
 
-def train_step_cost(pooling_name, args, device):
+def train_step(pooling_name, args, device):
+    """A training step of the model with ``pooling_name``, and the bytes it saved last time."""
     from dml.module import BackboneConfig, DMLModule, LossConfig, PoolingConfig
 
     torch.manual_seed(0)
@@ -45,25 +48,33 @@ def train_step_cost(pooling_name, args, device):
                       pooling=PoolingConfig(pooling_name, params), embedding_dim=512,
                       loss=LossConfig("multi_similarity"), num_classes=100).to(device)
     model.train()
+    if args.channels_last:
+        model.apply_device_settings(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     labels = torch.arange(args.batch // 4, device=device).repeat_interleave(4)
-
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     saved_bytes = []
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with SavedBytes() as saved:
+        with SavedBytes() as saved, torch.autocast(device.type, dtype=dtype,
+                                                   enabled=args.precision == "bf16"):
             loss = sum(model.objective(model.embed(images), labels).values())
         loss.backward()
         opt.step()
         saved_bytes.append(saved.total)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = seconds_per_call(step, args.steps, device)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return seconds, saved_bytes[-1], peak
+    return step, saved_bytes
+
+
+def peak_memory(step, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
 
 
 def unrolled_transport(costs, mu, gamma, iters):
@@ -87,19 +98,23 @@ def solver_cost(iters, device, b=32, m=64, n=49, repeats=20):
     g = torch.Generator(device="cpu").manual_seed(0)
     costs = (2 * torch.rand(b, m, n, generator=g)).to(device)
     weights = torch.rand(b, m + 1, n, generator=g).to(device)
+    fns = {"analytic": lambda c: partial_transport(c, 0.3, 5.0, iters=iters, tol=0.0),
+           "unrolled": lambda c: unrolled_transport(c, 0.3, 5.0, iters)}
     out = {}
-    for name, fn in (("analytic", lambda c: partial_transport(c, 0.3, 5.0, iters=iters, tol=0.0)),
-                     ("unrolled", lambda c: unrolled_transport(c, 0.3, 5.0, iters))):
+    for name, fn in fns.items():
         c = costs.clone().requires_grad_()
         with SavedBytes() as saved:
             plan = fn(c)
         (plan * weights).sum().backward()
-        grad = c.grad.clone()
+        out[name] = [None, saved.total, c.grad.clone()]
 
-        def forward_backward(fn=fn):
-            (fn(costs.clone().requires_grad_()) * weights).sum().backward()
+    def forward_backward(fn):
+        return lambda: (fn(costs.clone().requires_grad_()) * weights).sum().backward()
 
-        out[name] = (seconds_per_call(forward_backward, repeats, device), saved.total, grad)
+    timings = compare({name: forward_backward(fn) for name, fn in fns.items()}, device,
+                      rounds=repeats)
+    for name in fns:
+        out[name][0] = timings[name].median
     diff = (out["analytic"][2] - out["unrolled"][2]).abs().max().item()
     return out, diff
 
@@ -110,22 +125,27 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="default: bf16 on CUDA, fp32 on a CPU (as training runs)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.channels_last = device.type == "cuda"
     print(f"device {device}, torch threads {torch.get_num_threads()}, ResNet-50 at "
-          f"{args.size} px, batch {args.batch}, 512-d head, multi-similarity loss", flush=True)
+          f"{args.size} px, batch {args.batch}, 512-d head, multi-similarity loss, "
+          f"{args.precision}{', channels-last' if args.channels_last else ''}", flush=True)
 
-    results = {}
-    for name in ("gap", "gsp"):
-        results[name] = train_step_cost(name, args, device)
-        sec, saved, peak = results[name]
-        extra = f", peak allocated {peak / 2**20:.0f} MiB" if peak is not None else ""
-        print(f"{name}: {sec:.3f} s/step, saved for backward {saved / 2**20:.1f} MiB{extra}",
-              flush=True)
-    ratio = results["gsp"][0] / results["gap"][0]
-    mem_ratio = results["gsp"][1] / results["gap"][1]
-    print(f"GSP / GAP step time = {ratio:.3f} (target <= 1.15); saved memory ratio "
-          f"{mem_ratio:.3f}", flush=True)
+    steps = {name: train_step(name, args, device) for name in ("gap", "gsp")}
+    peaks = {name: peak_memory(steps[name][0], device) for name in steps}
+    timings = compare({name: step for name, (step, _) in steps.items()}, device,
+                      rounds=args.steps)
+    for name, (_, saved) in steps.items():
+        extra = f", peak allocated {peaks[name] / 2**20:.0f} MiB" if peaks[name] else ""
+        print(f"{name}: {timings[name]} per step (median [range] of {args.steps} alternating "
+              f"rounds), saved for backward {saved[-1] / 2**20:.1f} MiB{extra}", flush=True)
+    mem_ratio = steps["gsp"][1][-1] / steps["gap"][1][-1]
+    print(f"GSP / GAP step time = {format_ratio(ratio(timings, 'gsp', 'gap'))} (target <= 1.15); "
+          f"saved memory ratio {mem_ratio:.3f}", flush=True)
 
     print("\nsolver alone: B=32 images, m=64 prototypes, n=49 locations, mu=0.3, gamma=5")
     from dml.models.gsp import partial_transport

@@ -15,14 +15,14 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from timing import seconds_per_call
+from timing import compare, format_ratio, ratio, seconds_per_call
 
 # data set -> (classes x samples, layers, heads, concat), METHODS.md
 PUBLISHED = {"CUB": (6 * 9, 1, 2, False), "Cars": (10 * 7, 2, 8, True),
              "SOP": (15 * 6, 1, 8, False), "In-Shop": (14 * 4, 1, 4, False)}
 
 
-def step_seconds(mpn_weight, args, device):
+def training_step(mpn_weight, args, device):
     from dml.module import BackboneConfig, DMLModule, IBCConfig, LossConfig, OptimizerConfig
 
     torch.manual_seed(0)
@@ -39,7 +39,7 @@ def step_seconds(mpn_weight, args, device):
         sum(module.objective(module.embed(images), labels).values()).backward()
         opt.step()
 
-    return seconds_per_call(step, args.steps, device)
+    return step
 
 
 def mpn_seconds(batch, layers, heads, concat, device, steps):
@@ -80,11 +80,12 @@ def main():
     parser.add_argument("--resnet", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    without = step_seconds(0.0, args, device)
-    with_mpn = step_seconds(1.0, args, device)
+    timings = compare({"without": training_step(0.0, args, device),
+                       "with": training_step(1.0, args, device)}, device, rounds=args.steps)
     print(f"training step ({args.backbone}, {args.size} px, batch {args.batch}, {args.dim}-d, "
-          f"{device.type}): without MPN {1000 * without:.1f} ms, with MPN "
-          f"{1000 * with_mpn:.1f} ms, ratio {with_mpn / without:.3f}")
+          f"{device.type}; median [range] of {args.steps} alternating rounds): without MPN "
+          f"{timings['without']}, with MPN {timings['with']}, ratio "
+          f"{format_ratio(ratio(timings, 'with', 'without'))}")
     for name, (batch, layers, heads, concat) in PUBLISHED.items():
         s = mpn_seconds(batch, layers, heads, concat, device, args.steps)
         line = f"{name}: MPN branch fwd+bwd, batch {batch}, {layers} layer(s) x {heads} heads: " \

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import torch
 import torch.nn.functional as F
-from timing import seconds_per_call
+from timing import compare, format_ratio, ratio
 
 
 def make_step(mode, args, device):
@@ -64,15 +64,15 @@ def main():
     device = torch.device(args.device)
     print(f"device {device}, torch threads {torch.get_num_threads()}, memory {args.memory} x "
           f"{args.dim}, batch {args.batch}", flush=True)
-    times = {}
-    for mode in ("none", "xbm", "xbn", "adaptive_xbn"):
-        times[mode] = seconds_per_call(make_step(mode, args, device), args.steps, device,
-                                       warmup=3)
-        print(f"{mode:>13}: {1000 * times[mode]:8.1f} ms/step", flush=True)
-    print(f"XBM / none = {times['xbm'] / times['none']:.2f}; "
-          f"XBN / XBM = {times['xbn'] / times['xbm']:.3f} (target <= 1.10); "
-          f"adaptive XBN / XBM = {times['adaptive_xbn'] / times['xbm']:.3f}")
-
+    modes = ("none", "xbm", "xbn", "adaptive_xbn")
+    timings = compare({mode: make_step(mode, args, device) for mode in modes}, device,
+                      rounds=args.steps, warmup=3)
+    for mode in modes:
+        print(f"{mode:>13}: {timings[mode]} per step", flush=True)
+    print(f"median [range] of {args.steps} alternating rounds: "
+          f"XBM / none = {format_ratio(ratio(timings, 'xbm', 'none'))}; "
+          f"XBN / XBM = {format_ratio(ratio(timings, 'xbn', 'xbm'))} (target <= 1.10); "
+          f"adaptive XBN / XBM = {format_ratio(ratio(timings, 'adaptive_xbn', 'xbm'))}")
 
 if __name__ == "__main__":
     main()

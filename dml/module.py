@@ -211,10 +211,11 @@ class DMLModule(pl.LightningModule):
         was_training = self.training
         self.eval()
         embeddings = []
-        for i, (images, _, _) in enumerate(self.trainer.datamodule.train_dataloader()):
+        dm = self.trainer.datamodule
+        for i, batch in enumerate(dm.train_dataloader()):
             if i >= batches:
                 break
-            features = self.backbone(images.to(self.device))
+            features = self.backbone(dm.device_batch(batch, self.device)[0])
             embeddings.append(self.head.linear(features.mean(dim=(2, 3))))
         self.train(was_training)
         return torch.cat(embeddings)

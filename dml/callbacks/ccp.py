@@ -209,8 +209,9 @@ class ChanceConstraintProjection(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         rows = []
-        for images, _, _ in loader:
-            rows.append(pl_module.embed(images.to(pl_module.device))["raw_embeddings"].float())
+        for batch in loader:
+            images = dm.device_batch(batch, pl_module.device)[0]
+            rows.append(pl_module.embed(images)["raw_embeddings"].float())
         pl_module.train(was_training)
         pool = torch.cat(rows).view(passes, loss.num_classes, -1)
         return pool.transpose(0, 1).contiguous()

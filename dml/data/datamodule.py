@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from dml.data.sampler import ClassBalancedBatchSampler
+from dml.data.seeding import SeededBatches, SeededSamples
 
 
 class DMLDataModule(pl.LightningDataModule):
@@ -140,13 +141,24 @@ class DMLDataModule(pl.LightningDataModule):
         return dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
                     persistent_workers=workers > 0)
 
+    def device_batch(self, batch, device):
+        """A loader's batch as (images, labels, indices) on ``device``; what Lightning's
+        transfer to the device does, and what code iterating a loader itself calls."""
+        return tuple(t.to(device, non_blocking=True) for t in batch)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return self.device_batch(batch, device)
+
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
         sampler = ClassBalancedBatchSampler(
             self.train_labels(), self.classes_per_batch, self.samples_per_class, seed=self.seed,
             num_replicas=world, rank=rank, batches_per_epoch=self.batches_per_epoch)
-        return DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
-                          **self._loader_kwargs())
+        # each sample's augmentation seeded by (seed, epoch, step, rank, position): a resume,
+        # another num_workers or restarted workers see the same crops (dml.data.seeding)
+        return DataLoader(SeededSamples(self.train_dataset),
+                          batch_sampler=SeededBatches(sampler, self.seed, rank),
+                          collate_fn=self.collate_fn, **self._loader_kwargs())
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         world, rank = self._world()

@@ -51,13 +51,16 @@ class ImageListDataset(Dataset):
     """Images of an ``ImageList`` with labels remapped to 0..C-1 (sorted original ids)."""
 
     def __init__(self, images: ImageList, transform: Optional[Callable] = None,
-                 skip_unreadable: bool = False):
+                 skip_unreadable: bool = False, encoded: bool = False, train: bool = False):
+        """encoded: items are the file's bytes for ``dml.data.device_decode`` (decoded on the
+        training device), with a training augmentation seed when ``train``."""
         self.images = images
         self.paths = images.paths
         classes, self.labels = np.unique(images.labels, return_inverse=True)
         self.original_classes = classes
         self.transform = transform
         self.skip_unreadable = skip_unreadable
+        self.encoded, self.train = encoded, train
         # shared memory, inherited by forked loader workers
         self.unreadable = mp.RawArray("b", max(len(self.paths), 1))
         self._zip: Optional[zipfile.ZipFile] = None
@@ -76,7 +79,36 @@ class ImageListDataset(Dataset):
             img.load()
             return img
 
+    def _read(self, path: str) -> bytes:
+        if self.images.archive is None:
+            with open(path, "rb") as f:
+                return f.read()
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.images.archive)
+        return self._zip.read(path)
+
+    @property
+    def takes_seed(self) -> bool:
+        """Encoded items carry their augmentation seed (``dml.data.seeding``)."""
+        return self.encoded
+
+    def item(self, index: int, seed: int):
+        """An encoded item: (bytes, label, index, seed); seed -1 for evaluation items."""
+        import torch
+
+        try:
+            data = self._read(self.paths[index])
+        except OSError as error:
+            raise UnreadableImageError(f"cannot read image {self.where(index)}: {error}") \
+                from error
+        return (torch.frombuffer(bytearray(data), dtype=torch.uint8), int(self.labels[index]),
+                index, seed if self.train else -1)
+
     def __getitem__(self, index: int):
+        if self.encoded:  # a training item outside the seeded loader draws its own seed
+            import torch
+
+            return self.item(index, int(torch.randint(0, 2 ** 62, ())) if self.train else -1)
         try:
             img = self._open(self.paths[index])
         except Exception as error:  # truncated JPEG, not an image, missing file...

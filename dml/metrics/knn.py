@@ -14,6 +14,9 @@ with duplicate embeddings the query itself need not come first.
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
 import numpy as np
 import torch
 
@@ -32,6 +35,26 @@ _FAISS_PAD = 8
 
 def faiss_available() -> bool:
     return faiss is not None
+
+
+@functools.lru_cache(maxsize=None)
+def faiss_gpu_works() -> bool:
+    """Whether faiss sees a GPU and its GPU code runs on it (a faiss build without kernels for
+    this GPU's architecture fails at the first search: then the search stays on the CPU, with
+    one warning, instead of the evaluation failing)."""
+    if faiss is None or not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+        return False
+    try:
+        index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(4))
+        index.add(np.eye(4, dtype=np.float32))
+        index.search(np.eye(4, dtype=np.float32), 2)
+        return True
+    except Exception as error:  # noqa: BLE001 - any failure means: search on the CPU
+        warnings.warn(f"faiss sees {faiss.get_num_gpus()} GPU(s) but cannot search on them "
+                      f"({error}); k-NN searches run on the CPU. The faiss-gpu-cu12 wheels cover "
+                      f"compute capability 7.0-8.9; on newer GPUs install faiss-gpu from "
+                      f"conda-forge (environment.yml)")
+        return False
 
 
 def _as_float32_numpy(x) -> np.ndarray:
@@ -73,7 +96,7 @@ def _faiss_search(query: np.ndarray, reference: np.ndarray, k: int, same_source:
     n_ref = len(reference)
     search_k = min(k + int(same_source) + _FAISS_PAD, n_ref)
     index = faiss.IndexFlatL2(reference.shape[1])
-    if search_k <= _FAISS_GPU_MAX_K and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+    if search_k <= _FAISS_GPU_MAX_K and faiss_gpu_works():
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(reference)
     distances, indices = index.search(query, search_k)

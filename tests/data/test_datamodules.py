@@ -12,6 +12,7 @@ from dml.data import (CarsDataModule, CUBDataModule, DatasetNotFound, Incomplete
                       InShopDataModule, MetadataError, OmniglotDataModule, SOPDataModule,
                       UnreadableImageError, mlrc_fold_mask)
 from dml.data import check as data_check
+from dml.errors import ConfigError
 from dml.data import download as data_download
 
 OMNIGLOT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
@@ -376,3 +377,91 @@ def test_short_training_on_omniglot_small1_generalises_to_unseen_alphabets(tmp_p
           f"MAP@R {before['MAP@R']:.3f} -> {after['MAP@R']:.3f}")
     assert after["R@1"] > before["R@1"] + 0.2
     assert after["MAP@R"] > 2 * before["MAP@R"]
+
+
+# --- augmentation seeds ---------------------------------------------------------------------------
+def training_batches(dm, epoch, count=3):
+    loader = dm.train_dataloader()
+    loader.batch_sampler.set_epoch(epoch)
+    return [batch for _, batch in zip(range(count), loader)]
+
+
+def test_training_crops_depend_on_seed_epoch_and_position_not_on_workers_or_rng(tmp_path):
+    """A resumed run (fresh loader, other global RNG state) and a run with loader workers see
+    the same random crops and flips as the run they continue."""
+    make_cub(tmp_path, per_class=6)
+    dm = small(CUBDataModule, tmp_path, classes_per_batch=2, samples_per_class=3,
+               crop_scale=(0.2, 1.0))
+    dm.setup("fit")
+    torch.manual_seed(0)
+    first = training_batches(dm, epoch=1)
+    torch.manual_seed(123)  # another global stream: what a resumed process has
+    again = training_batches(dm, epoch=1)
+    dm.num_workers = 2
+    with_workers = training_batches(dm, epoch=1)
+    for a, b, c in zip(first, again, with_workers):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0])
+        assert torch.equal(a[2], b[2]) and torch.equal(a[2], c[2])
+    dm.num_workers = 0
+    # the crops are random: the same images in another epoch or batch position differ
+    other = training_batches(dm, epoch=2)
+    assert not any(torch.equal(a[0], b[0]) for a, b in zip(first, other))
+    images = first[0][0]
+    same_file = [(i, j) for i in range(len(images)) for j in range(i)
+                 if first[0][2][i] == first[0][2][j]]
+    assert all(not torch.equal(images[i], images[j]) for i, j in same_file)
+
+
+# --- decode on the device ---------------------------------------------------------------------
+def photo_like(path, seed, size=(96, 72)):
+    """A smooth image (JPEG artefacts and interpolation stay small on it)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+    a, b, c = rng.uniform(1, 4, 3)
+    pixels = np.stack([np.sin(a * x + b * y), np.cos(b * x - c * y), np.sin(c * x * y + a)], -1)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray((127.5 * (pixels + 1)).astype(np.uint8)).save(path, quality=95)
+
+
+def test_decoding_on_the_device_matches_the_pil_path(tmp_path):
+    """decode: device on a CPU: the same crops and flips as the PIL pipeline (same seed), pixels
+    equal up to JPEG decoding and interpolation differences; the loop's batches too."""
+    from dml.data.device_decode import eval_view, normalize, train_view
+    from dml.data.transforms import eval_transform, train_transform
+
+    path = str(tmp_path / "img.jpg")
+    photo_like(path, 0)
+    data = torch.frombuffer(bytearray(open(path, "rb").read()), dtype=torch.uint8)
+    from torchvision.io import ImageReadMode, decode_jpeg
+    img = decode_jpeg(data, mode=ImageReadMode.RGB)
+    pil = Image.open(path).convert("RGB")
+    pil_train = train_transform(48, True, (0.2, 1.0))
+    for seed in range(12):
+        torch.manual_seed(seed)
+        expected = pil_train(pil)
+        got = normalize([train_view(img, seed, 48, (0.2, 1.0), True)])[0]
+        assert got.shape == expected.shape
+        assert (got - expected).abs().mean() < 0.02, seed  # normalised units; another seed's crop: 0.26-0.62
+    expected = eval_transform(48, 56)(pil)
+    got = normalize([eval_view(img, 48, 56)])[0]
+    assert (got - expected).abs().mean() < 0.02
+
+    make_cub(tmp_path / "cub", per_class=4)
+    for folder in (tmp_path / "cub" / "CUB_200_2011" / "images").iterdir():
+        for i, f in enumerate(sorted(folder.iterdir())):
+            photo_like(str(f), hash(f.name) % 1000)
+    kwargs = dict(classes_per_batch=2, samples_per_class=2, crop_scale=(0.3, 1.0))
+    pil_dm = small(CUBDataModule, tmp_path / "cub", **kwargs)
+    device_dm = small(CUBDataModule, tmp_path / "cub", decode="device", **kwargs)
+    for dm in (pil_dm, device_dm):
+        dm.setup("fit")
+    for a, b in zip(training_batches(pil_dm, 0, 2), training_batches(device_dm, 0, 2)):
+        images, labels, indices = device_dm.device_batch(b, torch.device("cpu"))
+        assert torch.equal(labels, a[1]) and torch.equal(indices, a[2])
+        assert images.shape == a[0].shape and (images - a[0]).abs().mean() < 0.02
+    test = next(iter(device_dm.val_dataloader()[0]))
+    images, _, _ = device_dm.device_batch(test, torch.device("cpu"))
+    reference = next(iter(pil_dm.val_dataloader()[0]))[0]
+    assert (images - reference).abs().mean() < 0.02
+    with pytest.raises(ConfigError, match="data.init_args.decode"):
+        small(CUBDataModule, tmp_path / "cub", decode="gpu")

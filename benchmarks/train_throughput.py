@@ -1,0 +1,167 @@
+"""Training throughput: a ``make train``-equivalent Lightning run against a bare PyTorch loop
+with the same model, batch, optimizer and data, in one process.
+
+Both sides train the same ``DMLModule`` (backbone -> pooling -> head -> objective) with the
+optimizer its ``configure_optimizers`` returns, on the same in-memory synthetic images through
+the same class-balanced loader, so the loop is measured, not the disk:
+
+- lightning: ``pl.Trainer`` as ``experiments/trainer.yaml`` sets it up (CSV logger every 10
+  steps, progress bar, the run's precision), validation off;
+- bare: ``for images, labels in loader: autocast -> embed -> objective -> backward -> step``.
+
+Images/s over the steps after ``--warmup``; the two alternate in rounds (L B, B L, ...), each
+round a fresh copy of the same initial model; the ratio lightning / bare is taken per round
+and reported as median [range]. Cases (``--case``, repeatable; default: the device's):
+- CPU: ``small_cnn`` (32 px, batch 32: ``make train``'s) and ``resnet18`` at 112 px, batch 32;
+- CUDA: ResNet-50 at 224 px, batch 128, bf16-mixed and channels-last, eager and compiled, GAP
+  and GSP.
+
+    python benchmarks/train_throughput.py [--rounds 3] [--steps 20] [--warmup 5]
+        [--case resnet18:112:32:gap:eager] ...   (backbone:size:batch:pooling:eager|compile)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+
+import pytorch_lightning as pl
+import torch
+
+from dml.config import BackboneConfig, LossConfig, OptimizerConfig, PoolingConfig
+from dml.data import SyntheticDataModule
+from dml.module import DMLModule
+
+CPU_CASES = ["small_cnn:32:32:gap:eager", "resnet18:112:32:gap:eager"]
+CUDA_CASES = ["resnet50:224:128:gap:eager", "resnet50:224:128:gap:compile",
+              "resnet50:224:128:gsp:eager", "resnet50:224:128:gsp:compile"]
+
+
+def build(case: str, device: torch.device):
+    backbone, size, batch, pooling, mode = case.split(":")
+    size, batch = int(size), int(batch)
+    params = {"num_prototypes": 64, "mu": 0.3, "gamma": 5.0} if pooling == "gsp" else {}
+    classes = 64
+    torch.manual_seed(0)
+    module = DMLModule(backbone=BackboneConfig(backbone, pretrained=False),
+                       pooling=PoolingConfig(pooling, params), embedding_dim=512,
+                       loss=LossConfig("multi_similarity"),
+                       optimizer=OptimizerConfig(name="adamw", lr=1e-4),
+                       num_classes=classes, compile=mode == "compile")
+    data = SyntheticDataModule(train_classes=classes, test_classes=8, images_per_class=8,
+                               image_size=size, classes_per_batch=batch // 4,
+                               samples_per_class=4)
+    return module, data, batch
+
+
+class StepClock(pl.Callback):
+    """Wall time from the start of step ``warmup`` to the end of the last step."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device, self.start, self.end = warmup, device, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.start is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.end = time.perf_counter()
+
+
+def lightning_run(module, data, steps, warmup, device, precision) -> float:
+    """Seconds of steps warmup..steps-1 in a Lightning fit."""
+    clock = StepClock(warmup, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            accelerator=device.type, devices=1, max_steps=steps, precision=precision,
+            logger=pl.loggers.CSVLogger(tmp, name="csv"), log_every_n_steps=10,
+            enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+            enable_model_summary=False, use_distributed_sampler=False, callbacks=[clock],
+            default_root_dir=tmp)
+        trainer.fit(module, data)
+    return clock.end - clock.start
+
+
+def bare_run(module, data, steps, warmup, device, precision) -> float:
+    """The same steps in a plain loop."""
+    module.to(device).train()
+    module.apply_device_settings(device)
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    data.setup("fit")
+    bf16 = precision == "bf16-mixed"
+    if module.pooling.wants_initialization():  # GSP's prototypes (Lightning: from GAP rows)
+        module.pooling.initialize(torch.randn(256, 512, device=device))
+    step, start = 0, None
+    while step < steps:
+        for images, labels, _ in data.train_dataloader():
+            if step == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = sum(module.objective(module.embed(images), labels).values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == steps:
+                break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--case", action="append", default=None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+    cases = args.case or (CUDA_CASES if device.type == "cuda" else CPU_CASES)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu, {torch.get_num_threads()} threads"
+    print(f"device {name}, torch {torch.__version__}, {precision}, steps {args.warmup}.."
+          f"{args.steps - 1} timed, {args.rounds} alternating rounds", flush=True)
+    pl._logger.setLevel("ERROR")
+    print("| case | lightning images/s | bare images/s | lightning / bare |")
+    print("|---|---|---|---|")
+    results = {}
+    for case in cases:
+        module, data, batch = build(case, device)
+        initial = copy.deepcopy(module.state_dict())
+        images = batch * (args.steps - args.warmup)
+        rates = {"lightning": [], "bare": []}
+        for r in range(args.rounds):
+            order = ("lightning", "bare") if r % 2 == 0 else ("bare", "lightning")
+            for side in order:
+                fresh, data, _ = build(case, device)
+                fresh.load_state_dict(initial)
+                run = lightning_run if side == "lightning" else bare_run
+                rates[side].append(images / run(fresh, data, args.steps, args.warmup, device,
+                                                precision))
+        ratios = [a / b for a, b in zip(rates["lightning"], rates["bare"])]
+        results[case] = ratios
+        print(f"| {case} | {statistics.median(rates['lightning']):.1f} | "
+              f"{statistics.median(rates['bare']):.1f} | {statistics.median(ratios):.3f} "
+              f"[{min(ratios):.3f}, {max(ratios):.3f}] |", flush=True)
+    target = 0.90 if device.type == "cuda" else 0.95
+    worst = min(statistics.median(r) for r in results.values())
+    print(f"target lightning / bare >= {target}: {'met' if worst >= target else 'NOT met'} "
+          f"(lowest median {worst:.3f})")
+
+
+if __name__ == "__main__":
+    main()
