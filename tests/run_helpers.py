@@ -1,22 +1,8 @@
 """Callbacks the run tests add to CLI runs (importable by subprocesses: tests/ on PYTHONPATH)."""
-import os
-import signal
 
 import pytorch_lightning as pl
 
-
-class KillAt(pl.Callback):
-    """SIGKILL this process when training reaches ``step`` (kill -9: no cleanup, no hooks).
-    ``marker`` records that it happened, so that the resumed run, whose config still lists
-    this callback, is not killed again."""
-
-    def __init__(self, step: int, marker: str):
-        self.step, self.marker = step, marker
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
+from dml.gpu_check import KillAt  # noqa: F401 - the run tests name it run_helpers.KillAt
 
 
 class BlowUpAt(pl.Callback):
