@@ -14,13 +14,14 @@ ARGS ?=
 
 DATA_ROOT ?= data/$(DATASET)
 
-.PHONY: train resume test table data data-check bench-eval gpu-check venv clean help
+.PHONY: train resume test table data data-check bench-eval gpu-check notebook venv clean help
 
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
 	@echo "make resume RUN=runs/<run folder> [ARGS='--trainer.max_epochs 60']   continue from its last.ckpt"
 	@echo "make test"
 	@echo "make table [DATASET=omniglot_small] [SEEDS='0 1 2'] [DEVICES=1]   methods-vs-baselines grid -> experiments/results/"
+	@echo "make notebook   JupyterLab on notebooks/ (installs the notebook extra)"
 	@echo "make gpu-check [ARGS='--methods xbn ccp_c2']   on a CUDA machine: every method in bf16, resume, GPU evaluation, DDP"
 	@echo "make data DATASET=cub|sop|omniglot [DATA_ROOT=data/<name>]   download and verify"
 	@echo "make data-check DATASET=<name> DATA_ROOT=<path> [DECODE=1]   parse, print split sizes (DECODE: open every image)"
@@ -63,6 +64,11 @@ data-check: $(VENV)/.installed
 
 bench-eval: $(VENV)/.installed
 	$(PY) benchmarks/eval_speed.py
+
+# JupyterLab on the notebooks (the notebook extra: jupyterlab, ipykernel).
+notebook: $(VENV)/.installed
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -e ".[dev,$(FAISS),notebook]"
+	$(VENV)/bin/jupyter lab notebooks/
 
 # The GPU acceptance run (dml/gpu_check.py); says so and exits 0 on a machine without CUDA.
 gpu-check: $(VENV)/.installed

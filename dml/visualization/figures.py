@@ -55,33 +55,47 @@ def retrieval_grid(query_images: Sequence[torch.Tensor], neighbour_images, corre
     return fig
 
 
+def grey(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) -> (H, W) luminance in [0, 1], for overlays that must read over any image."""
+    rgb = display_image(image)
+    return rgb @ np.array([0.299, 0.587, 0.114])
+
+
 def pooling_heatmaps(images: torch.Tensor, weights: torch.Tensor, grid: Sequence[int],
                      title: str = "") -> plt.Figure:
-    """Each image with its per-location pooling weights (B, h*w) upsampled and overlaid."""
+    """Each image, and below it its per-location pooling weights (B, h*w) upsampled over the
+    image in grey, on one colour scale for all images: weight / mean weight (1 = what GAP gives
+    every location), with a colour bar."""
     h, w = grid
     maps = weights.detach().float().cpu().view(-1, 1, h, w)
+    maps = maps / maps.mean(dim=(2, 3), keepdim=True).clamp_min(1e-12)
     maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    top = max(float(maps.max()), 1.0)
     n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 3.8), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(1.8 * n + 0.8, 3.8), squeeze=False)
     for i in range(n):
         axes[0, i].imshow(display_image(images[i]))
-        axes[1, i].imshow(display_image(images[i]))
-        m = maps[i, 0].numpy()
-        axes[1, i].imshow(m / max(m.max(), 1e-12), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        axes[1, i].imshow(grey(images[i]), cmap="gray", vmin=0, vmax=1)
+        shown = axes[1, i].imshow(maps[i, 0].numpy(), cmap="magma", alpha=0.6, vmin=0,
+                                  vmax=top)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_ylabel("image", fontsize=8)
-    axes[1, 0].set_ylabel("pooling weights", fontsize=8)
+    axes[1, 0].set_ylabel("pooling weight", fontsize=8)
+    bar = fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.03, pad=0.02)
+    bar.set_label("weight / mean (GAP = 1)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
 def embedding_projection(embeddings: torch.Tensor, labels: torch.Tensor, method: str = "pca",
-                         max_points: int = 2000, seed: int = 0, title: str = "") -> plt.Figure:
+                         max_points: int = 2000, seed: int = 0, title: str = "",
+                         colored: int = 10) -> plt.Figure:
     """A 2-D projection (PCA, or t-SNE from scikit-learn) of at most ``max_points`` embeddings
-    (a seeded subsample), coloured by class."""
+    (a seeded subsample): the ``colored`` most frequent classes in distinct colours with a
+    legend, the others grey (20 colours cannot tell 100 classes apart)."""
     x, y = embeddings.detach().float().cpu(), labels.detach().cpu()
     if len(x) > max_points:
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_points]
@@ -96,12 +110,23 @@ def embedding_projection(embeddings: torch.Tensor, labels: torch.Tensor, method:
                       perplexity=min(30.0, max(2.0, (len(x) - 1) / 3))).fit_transform(x.numpy())
     else:
         raise ValueError(f"embedding_projection: method must be pca or tsne, got {method!r}")
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    _, codes = np.unique(y.numpy(), return_inverse=True)
-    ax.scatter(points[:, 0], points[:, 1], c=codes, cmap="tab20", s=6, alpha=0.8)
+    fig, ax = plt.subplots(figsize=(7.0, 5.5))
+    classes, codes, counts = np.unique(y.numpy(), return_inverse=True, return_counts=True)
+    shown = np.argsort(-counts, kind="stable")[:colored]  # the most frequent classes
+    rest = ~np.isin(codes, shown)
+    if rest.any():
+        ax.scatter(points[rest, 0], points[rest, 1], c="#c8c8c8", s=5, alpha=0.6,
+                   label=f"{len(classes) - len(shown)} other classes")
+    palette = plt.get_cmap("tab20" if len(shown) > 10 else "tab10")
+    for n, c in enumerate(shown):
+        on = codes == c
+        ax.scatter(points[on, 0], points[on, 1], color=palette(n % palette.N), s=9,
+                   alpha=0.9, label=f"class {classes[c]}")
     ax.set_xticks([]), ax.set_yticks([])
-    ax.set_title(title or f"{method.upper()} of {len(x)} embeddings, "
-                          f"{len(np.unique(codes))} classes", fontsize=10)
+    ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              frameon=False)
+    ax.set_title(title or f"{method.upper()} of {len(x)} embeddings, {len(classes)} classes "
+                          f"({len(shown)} coloured)", fontsize=10)
     fig.tight_layout()
     return fig
 

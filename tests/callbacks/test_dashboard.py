@@ -2,6 +2,7 @@
 import glob
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -47,9 +48,9 @@ def test_figures_are_saved_as_pngs_of_the_expected_size(tiny_run):
     assert names == {"retrieval_epoch000.png", "pooling_epoch000.png", "projection_epoch000.png"}
     by_name = {os.path.basename(p).split("_")[0]: p for p in figures}
     assert png_size(by_name["retrieval"]) == ("PNG", (160 * 4, 160 * 4))  # 4 queries, top-3
-    assert png_size(by_name["projection"]) == ("PNG", (550, 550))
+    assert png_size(by_name["projection"]) == ("PNG", (700, 550))
     fmt, (w, h) = png_size(by_name["pooling"])
-    assert fmt == "PNG" and (w, h) == (180 * 4, 380)  # 4 images (the queries) x 2 rows
+    assert fmt == "PNG" and (w, h) == (180 * 4 + 80, 380)  # 4 images x 2 rows, colour bar
 
 
 def test_wandb_offline_run_holds_config_git_metrics_and_figures(tiny_run):
@@ -83,5 +84,27 @@ def test_projection_subsamples_and_is_seeded(tmp_path):
     x, y = torch.randn(300, 8, generator=torch.Generator().manual_seed(0)), torch.arange(300) % 5
     a = embedding_projection(x, y, max_points=100, seed=1)
     b = embedding_projection(x, y, max_points=100, seed=1)
-    pa = a.axes[0].collections[0].get_offsets()
-    assert len(pa) == 100 and (pa == b.axes[0].collections[0].get_offsets()).all()
+    pa = np.concatenate([c.get_offsets() for c in a.axes[0].collections])
+    pb = np.concatenate([c.get_offsets() for c in b.axes[0].collections])
+    assert len(pa) == 100 and (pa == pb).all()
+
+
+def test_projection_colours_the_most_frequent_classes_with_a_legend_and_the_rest_grey():
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.arange(30).repeat_interleave(3), torch.full((40,), 7)])  # 7 most often
+    fig = embedding_projection(torch.randn(len(y), 8, generator=g), y, colored=10)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[0] == "20 other classes" and len(labels) == 11 and labels[1] == "class 7"
+    sizes = [len(c.get_offsets()) for c in fig.axes[0].collections]
+    assert sizes[0] == 20 * 3 and sizes[1] == 43 and sum(sizes) == len(y)
+
+
+def test_pooling_heatmap_has_a_colour_bar_in_units_of_the_mean_weight():
+    from dml.visualization import pooling_heatmaps
+
+    weights = torch.tensor([[1.0, 1.0, 1.0, 5.0], [2.0, 2.0, 2.0, 2.0]])
+    fig = pooling_heatmaps(torch.rand(2, 3, 8, 8), weights, (2, 2))
+    assert len(fig.axes) == 5  # 2 x 2 panels and the colour bar
+    overlay = fig.axes[2].images[1].get_array()
+    assert float(overlay.max()) == pytest.approx(2.5, rel=0.05)  # 5 / mean 2
+    assert np.allclose(fig.axes[3].images[1].get_array(), 1.0)  # uniform weights: GAP

@@ -1,0 +1,156 @@
+"""``python -m dml embed | index | search | export``: use a trained checkpoint.
+
+    python -m dml embed CKPT (--images DIR | --split test [--root PATH]) --out emb.npz [--fp16]
+    python -m dml index emb.npz --out gallery.index [--kind flat|ivf|hnsw|ivfpq]
+    python -m dml search gallery.index (--embeddings q.npz | --images DIR | IMAGE ...)
+        [--ckpt CKPT] [--k 10] [--exclude-self] --out results.json|csv [--html report.html]
+    python -m dml export CKPT --format torchscript|onnx --out model.pt|model.onnx
+
+Each is a thin wrapper of ``dml.inference`` (``Embedder``, ``SearchIndex``, ``export``). Bad
+input (a missing or corrupt checkpoint, an empty folder, an index without its rows file, a
+checkpoint of another embedding size than the index) is one line naming the file, exit status
+2, and nothing written under the output name.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+import numpy as np
+
+from dml.errors import ConfigError
+
+COMMANDS = ("embed", "index", "search", "export")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dml", description="Use a trained checkpoint.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("embed", help="embed images or a data set's split into a .npz file")
+    e.add_argument("ckpt")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="a folder of images (searched recursively)")
+    src.add_argument("--split", choices=("train", "test", "query", "gallery"),
+                     help="a split of the data set the checkpoint was trained on")
+    e.add_argument("--root", help="the data set's folder (default: the checkpoint's config)")
+    e.add_argument("--out", required=True, help="output .npz")
+    e.add_argument("--fp16", action="store_true", help="store the embeddings as float16")
+    e.add_argument("--batch-size", type=int, default=128)
+
+    i = sub.add_parser("index", help="build a faiss index of embeddings")
+    i.add_argument("embeddings")
+    i.add_argument("--out", required=True)
+    i.add_argument("--kind", default="flat", choices=("flat", "ivf", "hnsw", "ivfpq"))
+    i.add_argument("--nprobe", type=int, default=None, help="ivf / ivfpq: cells searched")
+
+    s = sub.add_parser("search", help="the k nearest indexed rows of each query")
+    s.add_argument("index")
+    s.add_argument("queries", nargs="*", help="image files")
+    s.add_argument("--images", help="a folder of query images")
+    s.add_argument("--embeddings", help="a .npz of query embeddings (python -m dml embed)")
+    s.add_argument("--ckpt", help="the checkpoint that embeds query images")
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--exclude-self", action="store_true",
+                   help="the queries are the index's own rows: leave each out of its results")
+    s.add_argument("--out", required=True, help="results .json or .csv")
+    s.add_argument("--html", help="also write a self-contained HTML page of the results")
+
+    x = sub.add_parser("export", help="export the embedding network")
+    x.add_argument("ckpt")
+    x.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    x.add_argument("--out", required=True)
+    return p
+
+
+def embed(args) -> None:
+    from dml.inference.embedder import Embedder, image_files
+
+    embedder = Embedder.from_checkpoint(args.ckpt)
+    if args.images:
+        rows = embedder.embed_files(image_files(args.images), args.batch_size)
+    else:
+        rows = embedder.embed_split(args.split, args.root, args.batch_size)
+    if args.fp16:
+        rows.embeddings = rows.embeddings.astype(np.float16)
+    rows.save(args.out)
+    skipped = rows.meta.get("unreadable") or []
+    for path in skipped:
+        print(f"unreadable, skipped: {path}", file=sys.stderr)
+    print(f"{len(rows)} embeddings ({rows.dim}-d) -> {args.out}"
+          + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else ""))
+
+
+def index(args) -> None:
+    from dml.inference.embeddings import EmbeddingSet
+    from dml.inference.index import SearchIndex
+
+    built = SearchIndex.build(EmbeddingSet.load(args.embeddings), args.kind, args.nprobe)
+    built.save(args.out)
+    recall = built.meta.get("recall@10")
+    print(f"{args.kind} index of {len(built)} rows ({built.dim}-d) -> {args.out}"
+          + (f"; Recall@10 against exact search {recall:.4f} on "
+             f"{built.meta['recall_sample']} sampled rows" if recall is not None else ""))
+
+
+def search(args) -> None:
+    from dml.inference.embedder import Embedder, image_files
+    from dml.inference.embeddings import EmbeddingSet
+    from dml.inference.index import SearchIndex
+    from dml.inference.report import result_rows, write_html, write_rows
+
+    if not args.out.endswith((".json", ".csv")):
+        raise ConfigError(f"--out {args.out}: expected a .json or .csv file")
+    built = SearchIndex.load(args.index)
+    sources = [bool(args.embeddings), bool(args.images), bool(args.queries)]
+    if sum(sources) != 1:
+        raise ConfigError("search: give the queries as --embeddings FILE, --images DIR or "
+                          "image files, one of them")
+    if args.embeddings:
+        queries = EmbeddingSet.load(args.embeddings)
+    else:
+        if not args.ckpt:
+            raise ConfigError("search: query images need --ckpt, the checkpoint that embeds "
+                              "them")
+        embedder = Embedder.from_checkpoint(args.ckpt)
+        if embedder.dim != built.dim:
+            raise ConfigError(f"--ckpt {args.ckpt}: embeds into {embedder.dim}-d, the index "
+                              f"{args.index} holds {built.dim}-d embeddings")
+        paths = image_files(args.images) if args.images else list(args.queries)
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ConfigError(f"{missing[0]}: no such image file")
+        queries = embedder.embed_files(paths)
+    sims, rows = built.search(queries.float32(), args.k, args.exclude_self)
+    labels = built.labels if len(built.labels) and (built.labels >= 0).all() else None
+    results = result_rows(queries.paths, queries.labels if queries.has_labels else None, sims,
+                          rows, built.paths, labels)
+    write_rows(results, args.out)
+    if args.html:
+        write_html(results, args.html, f"{len(queries)} queries against {args.index}")
+    print(f"{len(queries)} queries x top {sims.shape[1]} -> {args.out}"
+          + (f", {args.html}" if args.html else ""))
+
+
+def export_command(args) -> None:
+    from dml.inference.embedder import Embedder
+    from dml.inference.export import export
+
+    info = export(Embedder.from_checkpoint(args.ckpt, device="cpu"), args.format, args.out)
+    print(f"{args.format} -> {args.out} (preprocessing in {args.out}.json); max |export - "
+          f"PyTorch| = {info['max_abs_diff_vs_pytorch']:.2e} on a check batch")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    run = {"embed": embed, "index": index, "search": search, "export": export_command}
+    try:
+        run[args.command](args)
+    except ConfigError as error:
+        if os.environ.get("DML_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,227 @@
+"""Embeddings from a trained checkpoint: of image files, or of a data set's split.
+
+``Embedder.from_checkpoint(path)`` rebuilds the network (backbone -> pooling -> head; weights
+from the checkpoint, never downloaded) and the evaluation preprocessing of the data it was
+trained on (``eval_transform``: Resize + CenterCrop + ImageNet normalisation for the image data
+sets, the synthetic data's own normalisation for it). Embeddings are L2-normalised and computed
+in float32, in eval mode, on the GPU when there is one.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dml.errors import ConfigError
+from dml.inference.embeddings import EmbeddingSet
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint's dict, or a ConfigError naming the file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
+                          f"{error})") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint \
+            or "hyper_parameters" not in checkpoint:
+        raise ConfigError(f"{path}: not a dml checkpoint (no state_dict / hyper_parameters)")
+    return checkpoint
+
+
+def data_class_and_args(checkpoint: Dict[str, Any]) -> Tuple[type, Dict[str, Any]]:
+    """The data module class the checkpoint was trained with and its arguments (defaults
+    filled in)."""
+    data = (checkpoint.get("dml_config") or {}).get("data") or {}
+    class_path = data.get("class_path", "dml.data.SyntheticDataModule")
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    args = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+    args.update({k: v for k, v in (data.get("init_args") or {}).items() if v is not None})
+    return cls, args
+
+
+def eval_transform_for(cls: type, args: Dict[str, Any]) -> Callable:
+    """The evaluation preprocessing of images for a model trained on ``cls(**args)``."""
+    from torchvision import transforms as T
+
+    from dml.data import SyntheticDataModule
+    from dml.data.image_datamodules import ImageDataModule
+    from dml.data.transforms import eval_transform, to_rgb
+
+    if issubclass(cls, ImageDataModule):
+        return eval_transform(int(args["crop"]), int(args["resize"]))
+    if issubclass(cls, SyntheticDataModule):  # rendered at image_size, (x - 0.5) / 0.25
+        size = int(args["image_size"])
+        return T.Compose([T.Lambda(to_rgb), T.Resize(size), T.CenterCrop(size), T.ToTensor(),
+                          T.Normalize((0.5,) * 3, (0.25,) * 3)])
+    raise ConfigError(f"no evaluation transform known for images of {cls.__name__}")
+
+
+def image_files(folder: str) -> List[str]:
+    """Every image file under ``folder`` (by extension), sorted."""
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--images {folder}: no such folder")
+    found = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not found:
+        raise ConfigError(f"--images {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
+class ImageFiles(Dataset):
+    """(image, index) of each file; an unreadable file gives None (and is listed by the
+    embedder)."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            with Image.open(self.paths[index]) as img:
+                img.load()
+                return self.transform(img), index
+        except Exception:  # noqa: BLE001 - unreadable: reported by name, skipped
+            return None, index
+
+
+def collate_readable(batch):
+    good = [(x, i) for x, i in batch if x is not None]
+    bad = [i for x, i in batch if x is None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, torch.tensor([i for _, i in good], dtype=torch.long), bad
+
+
+class Embedder:
+    """A trained network and its evaluation preprocessing."""
+
+    def __init__(self, module, transform: Callable, data_class: type, data_args: Dict[str, Any],
+                 checkpoint_path: str, device: Optional[torch.device] = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.module = module.to(self.device).eval()
+        self.transform = transform
+        self.data_class, self.data_args = data_class, data_args
+        self.checkpoint_path = checkpoint_path
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device=None) -> "Embedder":
+        from dml.module import DMLModule
+
+        checkpoint = read_checkpoint(path)
+        hparams = dict(checkpoint["hyper_parameters"])
+        backbone = dict(hparams.get("backbone") or {}, pretrained=False)  # weights: the ckpt's
+        try:
+            module = DMLModule(**{**hparams, "backbone": backbone})
+            module.load_state_dict(checkpoint["state_dict"])
+        except (RuntimeError, TypeError) as error:
+            raise ConfigError(f"{path}: its weights do not fit the model its hyper-parameters "
+                              f"describe ({error})") from error
+        data_class, data_args = data_class_and_args(checkpoint)
+        return cls(module, eval_transform_for(data_class, data_args), data_class, data_args,
+                   path, device)
+
+    @property
+    def dim(self) -> int:
+        return int(self.module.head.linear.out_features)
+
+    def meta(self, **extra) -> Dict[str, Any]:
+        return {"checkpoint": os.path.abspath(self.checkpoint_path), "dim": self.dim, **extra}
+
+    @torch.no_grad()
+    def embed_tensors(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) L2-normalised float32 embeddings of preprocessed images (B, 3, H, W)."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.module(images.to(self.device).float()).float()
+
+    def embed_files(self, paths: Sequence[str], batch_size: int = 128,
+                    num_workers: Optional[int] = None, progress: bool = True) -> EmbeddingSet:
+        """Embeddings of image files; unreadable files are skipped and listed in
+        ``meta["unreadable"]``."""
+        from dml.data.datamodule import default_num_workers
+
+        workers = default_num_workers() if num_workers is None else num_workers
+        loader = DataLoader(ImageFiles(paths, self.transform), batch_size=batch_size,
+                            num_workers=workers, collate_fn=collate_readable,
+                            pin_memory=self.device.type == "cuda")
+        rows, kept, unreadable = [], [], []
+        for images, indices, bad in progress_bar(loader, "embed", progress):
+            unreadable.extend(paths[i] for i in bad)
+            if images is not None:
+                rows.append(self.embed_tensors(images).cpu())
+                kept.extend(indices.tolist())
+        if not rows:
+            raise ConfigError(f"none of the {len(paths)} image files could be read "
+                              f"(first: {paths[0] if len(paths) else None})")
+        embeddings = torch.cat(rows).numpy()
+        return EmbeddingSet(embeddings, [paths[i] for i in kept], np.full(len(kept), -1),
+                            self.meta(unreadable=unreadable))
+
+    def embed_split(self, split: str, root: Optional[str] = None, batch_size: int = 128,
+                    progress: bool = True) -> EmbeddingSet:
+        """Embeddings of a split (train, test, query or gallery) of the data set the model was
+        trained on, read with the evaluation transform; labels are the data set's."""
+        args = dict(self.data_args, **({"root": root} if root else {}))
+        if "decode" in args:  # embedding reads with PIL, whatever the training decoded with
+            args["decode"] = "cpu"
+        data = self.data_class(**args)
+        datasets = eval_datasets_of(data)
+        if split not in datasets:
+            raise ConfigError(f"--split {split}: {self.data_class.__name__} has the splits "
+                              f"{sorted(datasets)}")
+        dataset = datasets[split]
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=data.workers(),
+                            collate_fn=getattr(data, "collate_fn", None))
+        rows, labels, indices = [], [], []
+        for batch in progress_bar(loader, f"embed {split}", progress):
+            images, y, idx = batch[:3]
+            rows.append(self.embed_tensors(images).cpu())
+            labels.append(y)
+            indices.append(idx)
+        idx = torch.cat(indices).numpy()
+        paths = [item_path(dataset, int(i), split) for i in idx]
+        labels = torch.cat(labels).numpy()
+        original = getattr(dataset, "original_classes", None)
+        if original is not None:  # the data set's own class ids
+            labels = np.asarray(original)[labels]
+        return EmbeddingSet(torch.cat(rows).numpy(), paths, labels,
+                            self.meta(dataset=self.data_class.__name__, split=split))
+
+
+def eval_datasets_of(data) -> Dict[str, Dataset]:
+    """train (with the evaluation transform), and the evaluation splits."""
+    from dml.data.image_datamodules import ImageDataModule
+
+    sets = dict(data.eval_datasets)
+    if isinstance(data, ImageDataModule):
+        sets["train"] = data._dataset(data._train_list(), train=False)
+    else:
+        sets["train"] = data.train_dataset
+    return sets
+
+
+def item_path(dataset: Dataset, index: int, split: str) -> str:
+    paths = getattr(dataset, "paths", None)
+    return str(paths[index]) if paths is not None else f"{split}/{index}"
+
+
+def progress_bar(iterable, what: str, enabled: bool = True):
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=what, unit="batch")

@@ -1,0 +1,119 @@
+"""Search results as files: JSON or CSV rows, and one self-contained HTML page.
+
+The page shows each query with its k neighbours and their similarities; where the labels of
+both are known, a neighbour of the query's class is framed green and any other red. Images are
+embedded as small JPEG thumbnails (data URIs), so the page can be mailed or opened anywhere;
+a path that is not an image file (in-memory data sets) is shown as its name.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+
+def result_rows(query_paths: List[str], query_labels: Optional[np.ndarray],
+                similarities: np.ndarray, indices: np.ndarray, paths: List[str],
+                labels: Optional[np.ndarray]) -> List[Dict]:
+    rows = []
+    for q, path in enumerate(query_paths):
+        for rank, (j, s) in enumerate(zip(indices[q].tolist(), similarities[q].tolist())):
+            row = {"query": path, "rank": rank + 1, "path": paths[j], "row": int(j),
+                   "similarity": round(float(s), 6)}
+            if query_labels is not None and labels is not None and query_labels[q] >= 0:
+                row["query_label"], row["label"] = int(query_labels[q]), int(labels[j])
+                row["match"] = bool(query_labels[q] == labels[j])
+            rows.append(row)
+    return rows
+
+
+def write_rows(rows: List[Dict], path: str) -> None:
+    """``.json`` (a list of objects) or ``.csv``, written whole or not at all."""
+    tmp = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(tmp, "w", newline="") as f:
+            if path.endswith(".json"):
+                json.dump(rows, f, indent=1)
+            elif path.endswith(".csv"):
+                fields = list(dict.fromkeys(k for row in rows for k in row))
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+            else:
+                raise ValueError(f"--out {path}: expected a .json or .csv file")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def thumbnail(path: str, size: int = 112) -> Optional[str]:
+    """A data URI of a JPEG thumbnail, or None when ``path`` is no readable image."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((size, size))
+            out = io.BytesIO()
+            img.save(out, format="JPEG", quality=85)
+    except Exception:  # noqa: BLE001 - shown as its name instead
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def tile(path: str, caption: str, frame: str, cache: Dict[str, Optional[str]]) -> str:
+    if path not in cache:
+        cache[path] = thumbnail(path)
+    uri = cache[path]
+    name = html.escape(os.path.basename(path) or path)
+    body = f'<img src="{uri}" alt="{name}">' if uri else f'<div class="name">{name}</div>'
+    return (f'<figure style="border-color:{frame}" title="{html.escape(path)}">{body}'
+            f'<figcaption>{html.escape(caption)}</figcaption></figure>')
+
+
+def write_html(rows: List[Dict], path: str, title: str = "dml search") -> None:
+    by_query: Dict[str, List[Dict]] = {}
+    for row in rows:
+        by_query.setdefault(row["query"], []).append(row)
+    cache: Dict[str, Optional[str]] = {}
+    lines = []
+    for query, hits in by_query.items():
+        cells = [tile(query, "query", "#444", cache)]
+        for hit in hits:
+            frame = "#888" if "match" not in hit else ("#2a2" if hit["match"] else "#d22")
+            cells.append(tile(hit["path"], f'{hit["rank"]}: {hit["similarity"]:.3f}', frame,
+                              cache))
+        lines.append(f'<div class="row">{"".join(cells)}</div>')
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+.row {{ display: flex; gap: 6px; margin-bottom: 10px; align-items: flex-start; }}
+figure {{ margin: 0; border: 4px solid; padding: 2px; width: 116px; text-align: center; }}
+figure img {{ max-width: 112px; max-height: 112px; }}
+figcaption {{ font-size: 11px; }}
+.name {{ width: 112px; height: 60px; font-size: 10px; overflow-wrap: anywhere; }}
+</style></head><body>
+<h3>{html.escape(title)}</h3>
+<p>{len(by_query)} queries; frames: green = same class as the query, red = another class,
+grey = unknown.</p>
+{chr(10).join(lines)}
+</body></html>
+"""
+    tmp = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(tmp, "w") as f:
+            f.write(page)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

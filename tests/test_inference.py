@@ -1,0 +1,195 @@
+"""python -m dml embed | index | search | export on a model trained here for two epochs: search
+results against dml.metrics, approximate recall against a recount, the HTML page, exports
+against PyTorch, and one clear line for each bad input."""
+import html.parser
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dml.compose import config_args
+from dml.inference import Embedder, EmbeddingSet, SearchIndex
+from dml.metrics import retrieval_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dml(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "dml", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, WANDB_MODE="disabled"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    out = dml("fit", *config_args("synthetic", "baseline"), "--trainer.max_epochs", "2",
+              "--data.init_args.train_classes", "16", "--data.init_args.test_classes", "12",
+              "--data.init_args.images_per_class", "12", "--model.backbone.width", "8",
+              "--dashboard.enabled", "false", "--trainer.enable_progress_bar", "false",
+              "--model.evaluation.nmi", "false", "--trainer.default_root_dir", root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (path,) = [os.path.join(d, "last.ckpt") for d, _, f in os.walk(root) if "last.ckpt" in f]
+    return path
+
+
+def test_search_results_give_the_evaluations_recall_exactly(ckpt, tmp_path):
+    emb, idx, res = tmp_path / "test.npz", tmp_path / "test.index", tmp_path / "r.json"
+    assert dml("embed", ckpt, "--split", "test", "--out", emb).returncode == 0
+    rows = EmbeddingSet.load(str(emb))
+    assert rows.embeddings.shape == (144, 64) and rows.has_labels
+    assert np.allclose(np.linalg.norm(rows.embeddings, axis=1), 1, atol=1e-5)
+    assert dml("index", emb, "--out", idx).returncode == 0
+    out = dml("search", idx, "--embeddings", emb, "--exclude-self", "--k", "4", "--out", res)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.load(open(res))
+    assert len(results) == 144 * 4
+    firsts = [r for r in results if r["rank"] == 1]
+    assert all(r["path"] != r["query"] for r in firsts)
+    recall_1 = np.mean([r["match"] for r in firsts])
+    expected = retrieval_metrics(rows.embeddings, rows.labels, [1, 4])
+    assert recall_1 == expected["R@1"]
+    by_query = {}
+    for r in results:
+        by_query.setdefault(r["query"], []).append(r["match"])
+    assert np.mean([any(m) for m in by_query.values()]) == expected["R@4"]
+    # the embeddings are the ones the validation scores: same split, same transform
+    embedder = Embedder.from_checkpoint(ckpt, device="cpu")
+    assert embedder.dim == 64
+
+
+def clustered_rows(n=2000, dim=32, classes=100, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    x = rng.standard_normal((classes, dim))[labels] + 0.8 * rng.standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return EmbeddingSet(x.astype(np.float32), [f"row{i}" for i in range(n)], labels)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
+def test_approximate_indexes_report_the_recall_a_recount_gives(kind, tmp_path):
+    rows = clustered_rows()
+    built = SearchIndex.build(rows, kind, recall_sample=300)
+    recall = built.meta["recall@10"]
+    assert 0.0 <= recall <= 1.0
+    # recount: brute-force float64 top 10 of the same sampled rows, against the index's answers
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(len(rows), 300, replace=False))
+    x = rows.embeddings.astype(np.float64)
+    d = ((x[sample, None] - x[None]) ** 2).sum(-1)
+    d[np.arange(300), sample] = np.inf
+    exact = np.argsort(d, axis=1, kind="stable")[:, :10]
+    _, found = built.index.search(rows.embeddings[sample], 11)
+    found = [[j for j in f if j != s][:10] for f, s in zip(found.tolist(), sample)]
+    recount = np.mean([len(set(e) & set(f)) / 10 for e, f in zip(exact.tolist(), found)])
+    assert recall == pytest.approx(recount, abs=1e-9)
+    if kind != "ivfpq":
+        assert recall > 0.5  # approximate, not broken
+    built.save(str(tmp_path / "x.index"))
+    loaded = SearchIndex.load(str(tmp_path / "x.index"))
+    assert loaded.kind == kind and len(loaded) == 2000 and loaded.meta["recall@10"] == recall
+
+
+def write_images(folder, n=6, size=40):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(
+            os.path.join(folder, f"img{i}.png"))
+
+
+class Images(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_folders_embed_index_search_and_the_html_page(ckpt, tmp_path):
+    write_images(tmp_path / "gallery")
+    write_images(tmp_path / "queries", n=2)
+    (tmp_path / "gallery" / "broken.jpg").write_bytes(b"not an image")
+    out = dml("embed", ckpt, "--images", tmp_path / "gallery", "--out", tmp_path / "g.npz")
+    assert out.returncode == 0 and "broken.jpg" in out.stderr and "1 unreadable" in out.stdout
+    gallery = EmbeddingSet.load(str(tmp_path / "g.npz"))
+    assert len(gallery) == 6 and gallery.meta["unreadable"][0].endswith("broken.jpg")
+    assert dml("index", tmp_path / "g.npz", "--out", tmp_path / "g.index").returncode == 0
+    out = dml("search", tmp_path / "g.index", "--images", tmp_path / "queries", "--ckpt", ckpt,
+              "--k", "3", "--out", tmp_path / "r.csv", "--html", tmp_path / "r.html")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(open(tmp_path / "r.csv").read().strip().splitlines()) == 1 + 2 * 3
+    page = Images()
+    page.feed(open(tmp_path / "r.html").read())
+    assert len(page.sources) == 2 * (1 + 3)
+    for src in page.sources:  # every image the page shows is in it
+        assert src.startswith("data:image/jpeg;base64,")
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    # the page's query images are the files' embeddings searched against the gallery's
+    embedder = Embedder.from_checkpoint(ckpt, device="cpu")
+    q = embedder.embed_files([str(tmp_path / "queries" / "img0.png")], progress=False)
+    first = [r for r in __import__("csv").DictReader(open(tmp_path / "r.csv"))][0]
+    assert float(first["similarity"]) == pytest.approx(
+        float((gallery.embeddings @ q.embeddings[0]).max()), abs=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exports_equal_pytorch(ckpt, tmp_path, fmt):
+    pytest.importorskip("onnxruntime") if fmt == "onnx" else None
+    path = tmp_path / f"model.{fmt}"
+    out = dml("export", ckpt, "--format", fmt, "--out", path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.load(open(f"{path}.json"))
+    assert info["dim"] == 64 and info["max_abs_diff_vs_pytorch"] <= 1e-4
+    embedder = Embedder.from_checkpoint(ckpt, device="cpu")
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    expected = embedder.embed_tensors(images).numpy()
+    if fmt == "torchscript":
+        got = torch.jit.load(str(path))(images).detach().numpy()
+    else:
+        import onnxruntime
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": images.numpy()})[0]
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_bad_inputs_are_one_line_naming_the_file_and_write_nothing(ckpt, tmp_path):
+    out_file = tmp_path / "out.npz"
+
+    def fails(*args, says):
+        result = dml(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and says in lines[0], result.stderr
+        return lines[0]
+
+    fails("embed", tmp_path / "none.ckpt", "--split", "test", "--out", out_file,
+          says="none.ckpt: no such checkpoint")
+    (tmp_path / "bad.ckpt").write_bytes(b"garbage")
+    fails("embed", tmp_path / "bad.ckpt", "--split", "test", "--out", out_file,
+          says="bad.ckpt: not a readable checkpoint")
+    os.makedirs(tmp_path / "empty")
+    fails("embed", ckpt, "--images", tmp_path / "empty", "--out", out_file,
+          says="empty: no image files")
+    assert not out_file.exists()
+    other = clustered_rows(200, dim=16)  # the checkpoint embeds into 64-d
+    SearchIndex.build(other).save(str(tmp_path / "d16.index"))
+    write_images(tmp_path / "q", n=1)
+    fails("search", tmp_path / "d16.index", "--images", tmp_path / "q", "--ckpt", ckpt,
+          "--out", tmp_path / "r.json", says="embeds into 64-d, the index")
+    other.save(str(tmp_path / "d16.npz"))
+    SearchIndex.build(clustered_rows(200)).save(str(tmp_path / "d32.index"))  # 32-d
+    fails("search", tmp_path / "d32.index", "--embeddings", tmp_path / "d16.npz",
+          "--out", tmp_path / "r.json", says="16-d embeddings, the index holds 32-d")
+    os.remove(tmp_path / "d32.index.rows.npz")
+    fails("search", tmp_path / "d32.index", "--embeddings", tmp_path / "d16.npz",
+          "--out", tmp_path / "r.json", says="its rows file")
+    assert not (tmp_path / "r.json").exists()
