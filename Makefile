@@ -14,13 +14,14 @@ ARGS ?=
 
 DATA_ROOT ?= data/$(DATASET)
 
-.PHONY: train resume test table data data-check bench-eval gpu-check notebook venv clean help
+.PHONY: train resume test table data data-check bench-eval gpu-check notebook embed index search export venv clean help
 
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
 	@echo "make resume RUN=runs/<run folder> [ARGS='--trainer.max_epochs 60']   continue from its last.ckpt"
 	@echo "make test"
 	@echo "make table [DATASET=omniglot_small] [SEEDS='0 1 2'] [DEVICES=1]   methods-vs-baselines grid -> experiments/results/"
+	@echo "make embed|index|search|export ARGS='...'   python -m dml <command> ARGS (README: Using a trained model)"
 	@echo "make notebook   JupyterLab on notebooks/ (installs the notebook extra)"
 	@echo "make gpu-check [ARGS='--methods xbn ccp_c2']   on a CUDA machine: every method in bf16, resume, GPU evaluation, DDP"
 	@echo "make data DATASET=cub|sop|omniglot [DATA_ROOT=data/<name>]   download and verify"
@@ -64,6 +65,10 @@ data-check: $(VENV)/.installed
 
 bench-eval: $(VENV)/.installed
 	$(PY) benchmarks/eval_speed.py
+
+# Using a trained model (dml/inference/cli.py): make embed ARGS='CKPT --split test --out t.npz'
+embed index search export: $(VENV)/.installed
+	$(PY) -m dml $@ $(ARGS)
 
 # JupyterLab on the notebooks (the notebook extra: jupyterlab, ipykernel).
 notebook: $(VENV)/.installed
