@@ -193,3 +193,47 @@ def test_bad_inputs_are_one_line_naming_the_file_and_write_nothing(ckpt, tmp_pat
     fails("search", tmp_path / "d32.index", "--embeddings", tmp_path / "d16.npz",
           "--out", tmp_path / "r.json", says="its rows file")
     assert not (tmp_path / "r.json").exists()
+
+
+OMNIGLOT = os.path.join(REPO, "..", "shared", "data", "omniglot")
+
+
+@pytest.mark.skipif(not os.path.isdir(OMNIGLOT), reason="../shared/data/omniglot is absent")
+def test_a_split_of_another_data_set_embeds_with_its_own_settings(ckpt, tmp_path):
+    out = dml("embed", ckpt, "--split", "test", "--dataset", "omniglot_small", "--root", OMNIGLOT,
+              "--out", tmp_path / "o.npz")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = EmbeddingSet.load(str(tmp_path / "o.npz"))
+    assert len(rows) == 2120 and len(np.unique(rows.labels)) == 106  # small2's 3 alphabets
+    assert rows.meta["dataset"] == "OmniglotDataModule" and rows.paths[0].endswith(".png")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_a_gsp_network_exports_with_its_transport_solver(tmp_path, fmt):
+    """GSP's solver stops when converged and has a custom backward; the export runs it as plain
+    ops for all its iterations, and agrees with the PyTorch model on other inputs."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    from dml.inference import export
+    from dml.module import BackboneConfig, DMLModule, LossConfig, PoolingConfig
+
+    torch.manual_seed(0)
+    module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+                       pooling=PoolingConfig("gsp", {"num_prototypes": 4}), embedding_dim=16,
+                       num_classes=10, loss=LossConfig("contrastive"))
+    module.pooling.initialize(torch.randn(40, 16))
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
+               tmp_path / "gsp.ckpt")
+    embedder = Embedder.from_checkpoint(str(tmp_path / "gsp.ckpt"), device="cpu")
+    info = export(embedder, fmt, str(tmp_path / f"gsp.{fmt}"), batch=3)
+    assert info["max_abs_diff_vs_pytorch"] <= 1e-4
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    expected = embedder.embed_tensors(images).numpy()
+    if fmt == "torchscript":
+        got = torch.jit.load(str(tmp_path / "gsp.torchscript"))(images).detach().numpy()
+    else:
+        import onnxruntime
+        session = onnxruntime.InferenceSession(str(tmp_path / "gsp.onnx"),
+                                               providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": images.numpy()})[0]
+    assert np.abs(got - expected).max() <= 1e-4

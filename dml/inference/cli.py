@@ -1,6 +1,7 @@
 """``python -m dml embed | index | search | export``: use a trained checkpoint.
 
-    python -m dml embed CKPT (--images DIR | --split test [--root PATH]) --out emb.npz [--fp16]
+    python -m dml embed CKPT (--images DIR | --split test [--dataset NAME] [--root PATH])
+        --out emb.npz [--fp16]
     python -m dml index emb.npz --out gallery.index [--kind flat|ivf|hnsw|ivfpq]
     python -m dml search gallery.index (--embeddings q.npz | --images DIR | IMAGE ...)
         [--ckpt CKPT] [--k 10] [--exclude-self] --out results.json|csv [--html report.html]
@@ -35,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--images", help="a folder of images (searched recursively)")
     src.add_argument("--split", choices=("train", "test", "query", "gallery"),
                      help="a split of the data set the checkpoint was trained on")
+    e.add_argument("--dataset", help="with --split: a data set of experiments/data (default: "
+                                      "the one the checkpoint was trained on)")
     e.add_argument("--root", help="the data set's folder (default: the checkpoint's config)")
     e.add_argument("--out", required=True, help="output .npz")
     e.add_argument("--fp16", action="store_true", help="store the embeddings as float16")
@@ -72,7 +75,8 @@ def embed(args) -> None:
     if args.images:
         rows = embedder.embed_files(image_files(args.images), args.batch_size)
     else:
-        rows = embedder.embed_split(args.split, args.root, args.batch_size)
+        rows = embedder.embed_split(args.split, args.root, args.batch_size,
+                                    dataset=args.dataset)
     if args.fp16:
         rows.embeddings = rows.embeddings.astype(np.float16)
     rows.save(args.out)

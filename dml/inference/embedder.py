@@ -172,16 +172,23 @@ class Embedder:
                             self.meta(unreadable=unreadable))
 
     def embed_split(self, split: str, root: Optional[str] = None, batch_size: int = 128,
-                    progress: bool = True) -> EmbeddingSet:
+                    progress: bool = True, dataset: Optional[str] = None) -> EmbeddingSet:
         """Embeddings of a split (train, test, query or gallery) of the data set the model was
-        trained on, read with the evaluation transform; labels are the data set's."""
-        args = dict(self.data_args, **({"root": root} if root else {}))
+        trained on, or of ``dataset`` (a name of ``experiments/data``), read with the
+        evaluation transform; labels are the data set's."""
+        data_class, args = self.data_class, dict(self.data_args)
+        if dataset is not None:
+            named_class, named_args = named_data_set(dataset)
+            if named_class is not data_class:  # another data set: its own settings
+                data_class, args = named_class, named_args
+        if root:
+            args["root"] = root
         if "decode" in args:  # embedding reads with PIL, whatever the training decoded with
             args["decode"] = "cpu"
-        data = self.data_class(**args)
+        data = data_class(**args)
         datasets = eval_datasets_of(data)
         if split not in datasets:
-            raise ConfigError(f"--split {split}: {self.data_class.__name__} has the splits "
+            raise ConfigError(f"--split {split}: {data_class.__name__} has the splits "
                               f"{sorted(datasets)}")
         dataset = datasets[split]
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=data.workers(),
@@ -199,7 +206,20 @@ class Embedder:
         if original is not None:  # the data set's own class ids
             labels = np.asarray(original)[labels]
         return EmbeddingSet(torch.cat(rows).numpy(), paths, labels,
-                            self.meta(dataset=self.data_class.__name__, split=split))
+                            self.meta(dataset=data_class.__name__, split=split))
+
+
+def named_data_set(name: str) -> Tuple[type, Dict[str, Any]]:
+    """The data module class and arguments of ``experiments/data/<name>.yaml``."""
+    import yaml
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "experiments", "data", f"{name}.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--dataset {name}: no config {path}")
+    with open(path) as f:
+        data = (yaml.safe_load(f) or {}).get("data") or {}
+    return data_class_and_args({"dml_config": {"data": data}})
 
 
 def eval_datasets_of(data) -> Dict[str, Dataset]:

@@ -59,24 +59,30 @@ def _solve_log_nu(log_s: torch.Tensor, mu: float, iters: int, tol: float) -> tor
     return t
 
 
-class PartialTransport(torch.autograd.Function):
+def transport_plan(costs: torch.Tensor, mu: float, gamma: float, iters: int,
+                   tol: float) -> torch.Tensor:
     """costs (B, m, n) -> plan (B, m + 1, n): row 0 the residual rho, rows 1..m the plan pi."""
+    n = costs.shape[-1]
+    logits = -gamma * costs  # log K
+    log_s = torch.logsumexp(logits, dim=1)  # log sum_k K_ki, (B, n)
+    if mu >= 1.0:
+        # Everything is transported: rho = 0 and pi_ki = (1/n) softmax_k(-gamma c_ki).
+        rho = torch.zeros_like(log_s)
+        pi = torch.softmax(logits, dim=1) / n
+    else:
+        t = _solve_log_nu(log_s, mu, iters, tol)
+        share = torch.sigmoid(t[:, None] + log_s)  # 1 - n rho_i
+        rho = (1.0 - share) / n
+        pi = torch.softmax(logits, dim=1) * (share / n)[:, None, :]
+    return torch.cat([rho[:, None, :], pi], dim=1)
+
+
+class PartialTransport(torch.autograd.Function):
+    """``transport_plan`` with the analytical backward (module docstring)."""
 
     @staticmethod
     def forward(ctx, costs, mu: float, gamma: float, iters: int, tol: float):
-        b, m, n = costs.shape
-        logits = -gamma * costs  # log K
-        log_s = torch.logsumexp(logits, dim=1)  # log sum_k K_ki, (B, n)
-        if mu >= 1.0:
-            # Everything is transported: rho = 0 and pi_ki = (1/n) softmax_k(-gamma c_ki).
-            rho = torch.zeros_like(log_s)
-            pi = torch.softmax(logits, dim=1) / n
-        else:
-            t = _solve_log_nu(log_s, mu, iters, tol)
-            share = torch.sigmoid(t[:, None] + log_s)  # 1 - n rho_i
-            rho = (1.0 - share) / n
-            pi = torch.softmax(logits, dim=1) * (share / n)[:, None, :]
-        plan = torch.cat([rho[:, None, :], pi], dim=1)
+        plan = transport_plan(costs, mu, gamma, iters, tol)
         ctx.save_for_backward(plan)
         ctx.mu, ctx.gamma = mu, gamma
         return plan
@@ -114,6 +120,8 @@ def partial_transport(costs: torch.Tensor, mu: float, gamma: float, iters: int =
         raise ValueError(f"partial_transport: mu must be in (0, 1], got {mu}")
     dtype = torch.float64 if costs.dtype == torch.float64 else torch.float32
     with torch.autocast(costs.device.type, enabled=False):
+        if torch.jit.is_tracing():  # an export: plain ops, all ``iters`` solver steps
+            return transport_plan(costs.to(dtype), float(mu), float(gamma), int(iters), 0.0)
         return PartialTransport.apply(costs.to(dtype), float(mu), float(gamma), int(iters),
                                       float(tol))
 
