@@ -14,7 +14,7 @@ ARGS ?=
 
 DATA_ROOT ?= data/$(DATASET)
 
-.PHONY: train resume test table data data-check bench-eval gpu-check notebook embed index search export venv clean help
+.PHONY: train resume test table data data-check bench-eval gpu-check notebook embed index search export mlrc venv clean help
 
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
@@ -24,6 +24,7 @@ help:
 	@echo "make embed|index|search|export ARGS='...'   python -m dml <command> ARGS (README: Using a trained model)"
 	@echo "make notebook   JupyterLab on notebooks/ (installs the notebook extra)"
 	@echo "make gpu-check [ARGS='--methods xbn ccp_c2']   on a CUDA machine: every method in bf16, resume, GPU evaluation, DDP"
+	@echo "make mlrc DATASET=cub METHOD=gsp_contrastive [SEEDS='0'] [DEVICES=1] [ARGS='--epochs 4 -- --model.optimizer.lr 1e-5']   MLRC protocol -> experiments/results/<dataset>/mlrc/"
 	@echo "make data DATASET=cub|sop|omniglot [DATA_ROOT=data/<name>]   download and verify"
 	@echo "make data-check DATASET=<name> DATA_ROOT=<path> [DECODE=1]   parse, print split sizes (DECODE: open every image)"
 	@echo "data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' ')"
@@ -65,6 +66,11 @@ data-check: $(VENV)/.installed
 
 bench-eval: $(VENV)/.installed
 	$(PY) benchmarks/eval_speed.py
+
+# The MLRC protocol (dml/mlrc.py): 4 fold models, test-split metrics separated and concatenated.
+mlrc: SEEDS = 0
+mlrc: $(VENV)/.installed
+	$(PY) -m dml.mlrc --dataset $(DATASET) --method $(METHOD) --seeds $(SEEDS) --devices $(DEVICES) $(ARGS)
 
 # Using a trained model (dml/inference/cli.py): make embed ARGS='CKPT --split test --out t.npz'
 embed index search export: $(VENV)/.installed

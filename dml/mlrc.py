@@ -1,0 +1,269 @@
+"""``make mlrc``: the Metric Learning Reality Check protocol (Musgrave et al., 2020) end to end.
+
+    python -m dml.mlrc --dataset cub --method gsp_contrastive [--seeds 0 1] [--devices 4]
+        [--root PATH] [--epochs N] [--size PX] [-- extra CLI arguments]
+
+For each seed, four models are trained, model k on the training classes outside fold k and
+validated on fold k (``data.init_args.mlrc_fold``: 4 class-disjoint folds of the sorted
+training classes), the checkpoint kept being the one of best validation MAP@R (early stopping as
+the method's config sets it). The test split is touched by nothing but the final evaluation:
+each fold model embeds it, and the metrics are reported
+
+- **separated**: P@1 (= R@1), R-Precision, MAP@R and the data set's R@K of each fold model,
+  as the mean and the half-width of a 95 % Student-t confidence interval over the folds (and
+  seeds): mean +- t_{0.975, n-1} s / sqrt(n);
+- **concatenated**: the same metrics of the four L2-normalised embeddings concatenated and
+  normalised again (4 x 128 = 512-d in the MLRC setting).
+
+Every fold is trained in its own run folder under ``<out>/<dataset>/mlrc/runs/<method>/
+seed<s>/fold<k>`` and recorded in ``fold.json`` when it finishes; a finished fold is not
+trained again, so an interrupted protocol resumes. One JSON line per (method, seed) goes to
+``<out>/<dataset>/mlrc/runs.jsonl`` (a re-run replaces its line), and the table of every
+method there to ``<out>/<dataset>/mlrc/table.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from dml.compose import config_args
+from dml.errors import ConfigError
+
+FOLDS = 4
+REPORTED = ("P@1", "R-Precision", "MAP@R")
+
+
+def confidence_interval(values: Sequence[float], level: float = 0.95):
+    """(mean, half-width) of the Student-t interval; half-width 0 for a single value."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return float(x.mean()), 0.0
+    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(half)
+
+
+def concatenate_normalized(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Each part L2-normalised per row, concatenated, and normalised again (MLRC's 512-d)."""
+    normed = [p / np.linalg.norm(p, axis=1, keepdims=True).clip(1e-12) for p in parts]
+    x = np.concatenate(normed, axis=1)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
+def fold_args(dataset: str, method: str, fold: int, seed: int, folder: str,
+              extra: Sequence[str] = (), epochs: Optional[int] = None,
+              size: Optional[int] = None, devices: int = 1, root: Optional[str] = None,
+              config: Optional[str] = None) -> List[str]:
+    """The ``python -m dml fit`` arguments of fold model ``fold``."""
+    args = ["fit", *config_args(dataset, method)]
+    if config:  # e.g. the best parameters of a tuning run (python -m dml.tune)
+        args += ["--config", config]
+    args += ["--data.init_args.mlrc_fold", str(fold), "--seed_everything", str(seed),
+             "--data.init_args.seed", str(seed), "--trainer.default_root_dir", folder,
+             "--trainer.devices", str(devices), "--trainer.enable_progress_bar", "false",
+             "--dashboard.enabled", "false", "--run_name", f"{method}-fold{fold}"]
+    if epochs:
+        args += ["--trainer.max_epochs", str(epochs)]
+    if size:
+        args += ["--data.init_args.crop", str(size), "--data.init_args.resize", str(size)]
+    if root:
+        args += ["--data.init_args.root", root]
+    return args + list(extra)
+
+
+def best_checkpoint(folder: str) -> Optional[str]:
+    found = sorted(glob.glob(os.path.join(folder, "*", "checkpoints", "best-*.ckpt")))
+    return found[-1] if found else None
+
+
+def train_fold(args: List[str], folder: str) -> Dict:
+    """Train one fold model (or find it trained): {"checkpoint", "seconds"}."""
+    record = os.path.join(folder, "fold.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            done = json.load(f)
+        if os.path.isfile(done.get("checkpoint", "")):
+            return dict(done, resumed=True)
+    os.makedirs(folder, exist_ok=True)
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "dml", *args], capture_output=True, text=True,
+                          env=dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE",
+                                                                         "disabled")))
+    if proc.returncode != 0:
+        lines = [x for x in proc.stderr.splitlines() if x.strip()]
+        raise RuntimeError(f"fold training failed ({folder}): "
+                           f"{lines[-1] if lines else proc.returncode}")
+    checkpoint = best_checkpoint(folder)
+    if checkpoint is None:
+        raise RuntimeError(f"fold training wrote no best checkpoint under {folder}")
+    done = {"checkpoint": os.path.abspath(checkpoint), "seconds": round(time.time() - start, 1),
+            "command": "python -m dml " + shlex.join(args)}
+    tmp = record + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(done, f, indent=1)
+    os.replace(tmp, record)
+    return done
+
+
+def test_embeddings(checkpoint: str, root: Optional[str]) -> Dict[str, "object"]:
+    """The test split's embeddings of one fold model: {"test": set} or {"query", "gallery"}."""
+    from dml.inference import Embedder
+    from dml.inference.embedder import eval_datasets_of
+
+    embedder = Embedder.from_checkpoint(checkpoint)
+    names = ["test"]
+    args = dict(embedder.data_args, **({"root": root} if root else {}))
+    if "query" in eval_datasets_of(embedder.data_class(**args)):
+        names = ["query", "gallery"]
+    return {name: embedder.embed_split(name, root, progress=False) for name in names}
+
+
+def metrics_of(sets: Dict[str, np.ndarray], labels: Dict[str, np.ndarray],
+               ks: Sequence[int]) -> Dict[str, float]:
+    from dml.metrics import retrieval_metrics
+
+    if "test" in sets:
+        out = retrieval_metrics(sets["test"], labels["test"], ks)
+    else:
+        out = retrieval_metrics(sets["query"], labels["query"], ks,
+                                gallery_embeddings=sets["gallery"],
+                                gallery_labels=labels["gallery"])
+    out["P@1"] = out["R@1"]
+    return out
+
+
+def evaluate(checkpoints: Sequence[str], root: Optional[str], ks: Sequence[int]) -> Dict:
+    """Separated (per fold model) and concatenated metrics on the test split."""
+    per_fold = [test_embeddings(c, root) for c in checkpoints]
+    names = list(per_fold[0])
+    labels = {n: per_fold[0][n].labels for n in names}
+    for fold in per_fold[1:]:
+        for n in names:
+            if fold[n].paths != per_fold[0][n].paths:
+                raise RuntimeError("the fold models embedded different test images")
+    separated = [metrics_of({n: f[n].float32() for n in names}, labels, ks) for f in per_fold]
+    concatenated = metrics_of(
+        {n: concatenate_normalized([f[n].float32() for f in per_fold]) for n in names},
+        labels, ks)
+    return {"separated": separated, "concatenated": concatenated,
+            "dims": {"separated": per_fold[0][names[0]].dim,
+                     "concatenated": sum(f[names[0]].dim for f in per_fold)}}
+
+
+def load_lines(path: str) -> List[Dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_lines(path: str, lines: List[Dict]) -> None:
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    os.replace(tmp, path)
+
+
+def table(lines: List[Dict], dataset: str) -> str:
+    """One row per method: separated mean +- 95 % CI over folds x seeds, concatenated."""
+    methods = list(dict.fromkeys(line["method"] for line in lines))
+    ks = [k for k in lines[0]["concatenated"] if k.startswith("R@")] if lines else []
+    head = [f"{m} sep." for m in REPORTED] + [f"{m} concat." for m in REPORTED] + \
+        [f"{k} concat." for k in ks]
+    rows = [f"| method | seeds | dims (sep. / concat.) | {' | '.join(head)} |",
+            "|" + "---|" * (3 + len(head))]
+    for method in methods:
+        mine = [line for line in lines if line["method"] == method]
+        cells = []
+        for metric in REPORTED:
+            mean, half = confidence_interval([f[metric] for line in mine
+                                              for f in line["separated"]])
+            cells.append(f"{100 * mean:.2f} +- {100 * half:.2f}")
+        for metric in list(REPORTED) + ks:
+            mean, half = confidence_interval([line["concatenated"][metric] for line in mine])
+            cells.append(f"{100 * mean:.2f}" + (f" +- {100 * half:.2f}" if len(mine) > 1
+                                                else ""))
+        dims = mine[0]["dims"]
+        rows.append(f"| {method} | {len(mine)} | {dims['separated']} / {dims['concatenated']} "
+                    f"| {' | '.join(cells)} |")
+    return (f"# MLRC protocol on {dataset}\n\nSeparated: mean +- half-width of the 95 % t "
+            f"interval over the {FOLDS} fold models (x seeds); concatenated: the fold models' "
+            f"normalised embeddings concatenated (mean +- interval over seeds when several). "
+            f"In %. Made by `python -m dml.mlrc` (runs.jsonl beside this file holds every "
+            f"command and checkpoint).\n\n" + "\n".join(rows) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--name", default=None,
+                        help="the row's name (default: the method); e.g. a variant made with "
+                             "extra arguments")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--root", default=None)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the configs'")
+    parser.add_argument("--size", type=int, default=None, help="crop size; default: configs'")
+    parser.add_argument("--config", default=None, help="a config file layered last (tuning)")
+    parser.add_argument("--out", default="experiments/results")
+    parser.add_argument("extra", nargs=argparse.REMAINDER,
+                        help="after --: more python -m dml fit arguments")
+    opts = parser.parse_args(argv)
+    extra = [a for a in opts.extra if a != "--"]
+    name = opts.name or opts.method
+    base = os.path.join(opts.out, opts.dataset, "mlrc")
+    os.makedirs(base, exist_ok=True)
+    lines_path = os.path.join(base, "runs.jsonl")
+    for seed in opts.seeds:
+        checkpoints, folds = [], []
+        for fold in range(FOLDS):
+            folder = os.path.join(base, "runs", name.replace(" ", "_"), f"seed{seed}",
+                                  f"fold{fold}")
+            args = fold_args(opts.dataset, opts.method, fold, seed, folder, extra, opts.epochs,
+                             opts.size, opts.devices, opts.root, opts.config)
+            done = train_fold(args, folder)
+            took = "already trained" if done.get("resumed") else f"{done['seconds']} s"
+            print(f"{name} seed {seed} fold {fold}: {took} -> {done['checkpoint']}", flush=True)
+            checkpoints.append(done["checkpoint"])
+            folds.append(done)
+        from dml.inference.embedder import data_class_and_args, read_checkpoint
+        data_class, _ = data_class_and_args(read_checkpoint(checkpoints[0]))
+        ks = list(getattr(data_class, "standard_recall_ks", (1, 2, 4, 8)))
+        result = evaluate(checkpoints, opts.root, ks)
+        line = {"method": name, "config_method": opts.method, "seed": seed,
+                "dataset": opts.dataset,
+                "folds": folds, "extra": extra, "config": opts.config,
+                "epochs": opts.epochs, "size": opts.size, **result}
+        lines = [x for x in load_lines(lines_path)
+                 if (x["method"], x["seed"]) != (name, seed)] + [line]
+        write_lines(lines_path, lines)
+        sep = {m: confidence_interval([f[m] for f in result["separated"]]) for m in REPORTED}
+        print(f"{name} seed {seed}: separated " + ", ".join(
+            f"{m} {100 * v[0]:.2f} +- {100 * v[1]:.2f}" for m, v in sep.items())
+            + "; concatenated " + ", ".join(f"{m} {100 * result['concatenated'][m]:.2f}"
+                                            for m in REPORTED), flush=True)
+    text = table(load_lines(lines_path), opts.dataset)
+    with open(os.path.join(base, "table.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

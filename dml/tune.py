@@ -1,0 +1,177 @@
+"""Hyper-parameter search on the MLRC validation folds only (Optuna, TPE).
+
+    python -m dml.tune --dataset cub --method ccp_c2 --space space.yaml --trials 50
+        [--folds 0 1 2 3] [--epochs N] [--prune] [--storage sqlite:///tune.db] [-- extra args]
+
+``space.yaml`` maps config keys to distributions:
+
+    model.optimizer.lr: {type: float, low: 1.0e-5, high: 1.0e-2, log: true}
+    model.loss.params.neg_margin: {type: float, low: 0.2, high: 0.8}
+    model.embedding_dim: {type: categorical, choices: [64, 128]}
+    data.init_args.samples_per_class: {type: int, low: 2, high: 8}
+
+A trial trains one model per fold in ``--folds`` (``data.init_args.mlrc_fold``: validation on
+that fold of the training classes) and scores the best validation MAP@R of each; the objective
+is their mean. The test split is never built. Trials go to an SQLite storage (default
+``<out>/<dataset>/tune/<method>.db``, study ``<dataset>-<method>``), so a crashed search goes on
+where it stopped and several processes can share one study. ``--prune`` stops a trial after a
+fold whose running mean is below the median of the earlier trials at that fold (Optuna's
+MedianPruner). The best parameters are written as a config file (``--best``, default
+``<out>/<dataset>/tune/<method>.best.yaml``) that ``make mlrc ARGS='--config FILE'`` and
+``python -m dml fit --config FILE`` accept.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import os
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from dml.errors import ConfigError
+from dml.mlrc import fold_args
+
+TYPES = ("float", "int", "categorical")
+
+
+def read_space(path: str) -> Dict[str, Dict[str, Any]]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--space {path}: no such file")
+    with open(path) as f:
+        space = yaml.safe_load(f) or {}
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"--space {path}: expected a mapping of config keys to distributions")
+    for key, spec in space.items():
+        if not isinstance(spec, dict) or spec.get("type") not in TYPES:
+            raise ConfigError(f"--space {path}: {key}: expected {{type: float|int|categorical, "
+                              f"...}}, got {spec!r}")
+        needed = ("choices",) if spec["type"] == "categorical" else ("low", "high")
+        missing = [n for n in needed if n not in spec]
+        if missing:
+            raise ConfigError(f"--space {path}: {key}: missing {missing}")
+    return space
+
+
+def suggest(trial, space: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    params = {}
+    for key, spec in space.items():
+        if spec["type"] == "float":
+            params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
+                                              log=bool(spec.get("log", False)))
+        elif spec["type"] == "int":
+            params[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]),
+                                            log=bool(spec.get("log", False)))
+        else:
+            params[key] = trial.suggest_categorical(key, list(spec["choices"]))
+    return params
+
+
+def as_config(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Dotted keys -> the nested mapping of a config file."""
+    config: Dict[str, Any] = {}
+    for key, value in params.items():
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return config
+
+
+def best_validation(folder: str, metric: str = "val/MAP@R") -> Optional[float]:
+    """The best ``metric`` a run under ``folder`` logged (metrics.csv)."""
+    values = []
+    for path in glob.glob(os.path.join(folder, "*", "metrics.csv")):
+        with open(path) as f:
+            values += [float(row[metric]) for row in csv.DictReader(f) if row.get(metric)]
+    return max(values) if values else None
+
+
+def fold_score(dataset: str, method: str, fold: int, seed: int, folder: str,
+               params: Dict[str, Any], extra: Sequence[str], epochs: Optional[int],
+               root: Optional[str]) -> float:
+    args = fold_args(dataset, method, fold, seed, folder, extra, epochs, root=root)
+    args += [a for key, value in params.items() for a in (f"--{key}", str(value))]
+    proc = subprocess.run([sys.executable, "-m", "dml", *args], capture_output=True, text=True,
+                          env=dict(os.environ, WANDB_MODE="disabled"))
+    if proc.returncode != 0:
+        lines = [x for x in proc.stderr.splitlines() if x.strip()]
+        raise RuntimeError(f"{folder}: {lines[-1] if lines else proc.returncode}")
+    score = best_validation(folder)
+    if score is None:
+        raise RuntimeError(f"{folder}: the run logged no val/MAP@R")
+    for path in glob.glob(os.path.join(folder, "*", "checkpoints", "*.ckpt")):
+        os.remove(path)  # a trial keeps its metrics and config, not its weights
+    return score
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    import optuna
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--space", required=True)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--root", default=None)
+    parser.add_argument("--prune", action="store_true")
+    parser.add_argument("--out", default="experiments/results")
+    parser.add_argument("--storage", default=None)
+    parser.add_argument("--best", default=None)
+    parser.add_argument("extra", nargs=argparse.REMAINDER)
+    opts = parser.parse_args(argv)
+    extra = [a for a in opts.extra if a != "--"]
+    space = read_space(opts.space)
+    base = os.path.join(opts.out, opts.dataset, "tune")
+    os.makedirs(base, exist_ok=True)
+    storage = opts.storage or f"sqlite:///{os.path.abspath(os.path.join(base, opts.method))}.db"
+    study = optuna.create_study(
+        study_name=f"{opts.dataset}-{opts.method}", storage=storage, direction="maximize",
+        load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=opts.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if opts.prune
+        else optuna.pruners.NopPruner())
+
+    def objective(trial) -> float:
+        params = suggest(trial, space)
+        scores: List[float] = []
+        for step, fold in enumerate(opts.folds):
+            folder = os.path.join(base, "runs", opts.method, f"trial{trial.number}",
+                                  f"fold{fold}")
+            scores.append(fold_score(opts.dataset, opts.method, fold, opts.seed, folder,
+                                     params, extra, opts.epochs, opts.root))
+            trial.report(sum(scores) / len(scores), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return sum(scores) / len(scores)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=opts.trials,
+                   callbacks=[lambda s, t: print(f"trial {t.number}: {t.state.name} "
+                                                 f"{t.value if t.value is not None else ''} "
+                                                 f"{t.params}", flush=True)])
+    best = study.best_trial
+    path = opts.best or os.path.join(base, f"{opts.method}.best.yaml")
+    header = (f"# python -m dml.tune: best of {len(study.trials)} trials (study "
+              f"{study.study_name} in {storage}); mean validation MAP@R over folds "
+              f"{opts.folds}: {best.value:.4f}\n")
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        f.write(header + yaml.safe_dump(as_config(best.params), sort_keys=False))
+    os.replace(tmp, path)
+    print(f"best trial {best.number}: validation MAP@R {best.value:.4f} {best.params} -> {path}")
+    return study, path
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

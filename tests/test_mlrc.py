@@ -1,0 +1,116 @@
+"""The MLRC protocol (dml.mlrc) and the search on its validation folds (dml.tune): folds,
+intervals, concatenation, resume, a test split never built before the final evaluation, and a
+tuned config the protocol accepts."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dml.cli import DMLCLI
+from dml.data import DMLDataModule, SyntheticDataModule, mlrc_fold_mask
+from dml.metrics import retrieval_metrics
+from dml.mlrc import concatenate_normalized, confidence_interval, fold_args, metrics_of
+from dml.module import DMLModule
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--data.init_args.train_classes", "16", "--data.init_args.test_classes", "8",
+        "--data.init_args.images_per_class", "8", "--model.backbone.width", "8",
+        "--data.init_args.classes_per_batch", "3", "--model.evaluation.nmi", "false"]
+
+
+def test_folds_are_class_disjoint_cover_every_training_class_and_are_deterministic():
+    classes = np.arange(24)
+    masks = [mlrc_fold_mask(classes, k) for k in range(4)]
+    assert (np.sum(masks, axis=0) == 1).all()  # every class in exactly one fold
+    assert [int(m.sum()) for m in masks] == [6, 6, 6, 6]
+    assert all((m == mlrc_fold_mask(classes, k)).all() for k, m in enumerate(masks))
+    for k in range(4):
+        dm = SyntheticDataModule(train_classes=24, test_classes=8, images_per_class=4,
+                                 mlrc_fold=k)
+        held_out = set(classes[masks[k]].tolist())
+        assert dm.num_train_classes == 18 and len(dm.train_dataset) == 18 * 4
+        trained = {int(dm.train_dataset.dataset.labels[r]) for r in dm.train_dataset.rows}
+        validated = {int(dm.val_datasets["test"].dataset.labels[r])
+                     for r in dm.val_datasets["test"].rows}
+        assert trained == set(range(24)) - held_out and validated == held_out
+        assert sorted(set(dm.train_labels())) == list(range(18))  # renumbered for the loss
+
+
+def test_the_interval_is_the_student_t_interval():
+    values = [0.50, 0.60, 0.55, 0.65]
+    mean, half = confidence_interval(values)
+    t_975_3 = 3.182446305284263  # Student's t, 97.5 % quantile, 3 degrees of freedom
+    sd = np.sqrt(sum((v - 0.575) ** 2 for v in values) / 3)
+    assert mean == pytest.approx(0.575) and half == pytest.approx(t_975_3 * sd / 2)
+    assert confidence_interval([0.4]) == (0.4, 0.0)
+
+
+def test_concatenated_metrics_are_the_metrics_of_the_hand_concatenated_embeddings():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(20), 5)
+    parts = [rng.standard_normal((100, 8)) * (k + 1) + labels[:, None] * 0.1 for k in range(4)]
+    by_hand = np.hstack([p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts])
+    by_hand /= np.linalg.norm(by_hand, axis=1, keepdims=True)
+    got = concatenate_normalized(parts)
+    assert got.shape == (100, 32) and np.allclose(got, by_hand, atol=1e-6)
+    expected = retrieval_metrics(by_hand.astype(np.float32), labels, [1, 2])
+    assert metrics_of({"test": got}, {"test": labels}, [1, 2]) == dict(expected,
+                                                                       **{"P@1": expected["R@1"]})
+
+
+def test_fold_training_never_builds_the_test_split(tmp_path, monkeypatch):
+    """The fold models (and the tuning trials, which train them with the same arguments) see
+    the training classes only."""
+    def no_test_split(self):
+        raise AssertionError("the test split was built during fold training")
+
+    monkeypatch.setattr(SyntheticDataModule, "build_eval", no_test_split)
+    args = fold_args("synthetic", "baseline", 2, 0, str(tmp_path), TINY, epochs=1)
+    cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
+                 save_config_callback=None, args=args[1:] + ["--trainer.logger", "false"])
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.current_epoch == 1 and "val/MAP@R" in cli.trainer.callback_metrics
+
+
+def run(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, WANDB_MODE="disabled"))
+
+
+def test_a_tuned_config_runs_the_protocol_which_resumes(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
+                     "model.loss.params.base: {type: float, low: 0.3, high: 0.7}\n")
+    out = run("dml.tune", "--dataset", "synthetic", "--method", "baseline", "--space", space,
+              "--trials", "2", "--folds", "0", "--epochs", "1", "--out", tmp_path, "--", *TINY)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tune = tmp_path / "synthetic" / "tune"
+    assert (tune / "baseline.db").is_file()
+    import optuna
+    study = optuna.load_study(study_name="synthetic-baseline",
+                              storage=f"sqlite:///{tune / 'baseline.db'}")
+    assert len(study.trials) == 2 and all(t.value is not None for t in study.trials)
+    assert not list(tune.glob("runs/**/*.ckpt"))  # trials keep no weights
+    best = tune / "baseline.best.yaml"
+    assert "lr:" in best.read_text() and "base:" in best.read_text()
+
+    args = ["--dataset", "synthetic", "--method", "baseline", "--epochs", "1", "--config", best,
+            "--out", tmp_path, "--", *TINY]
+    out = run("dml.mlrc", *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    base = tmp_path / "synthetic" / "mlrc"
+    (line,) = [json.loads(x) for x in open(base / "runs.jsonl")]
+    assert line["method"] == "baseline" and len(line["separated"]) == 4
+    assert line["dims"] == {"separated": 64, "concatenated": 256}
+    assert all(0 < f["MAP@R"] <= 1 and f["P@1"] == f["R@1"] for f in line["separated"])
+    assert str(best) in line["folds"][0]["command"]  # the tuned parameters were used
+    table = (base / "table.md").read_text()
+    assert "| baseline | 1 | 64 / 256 |" in table
+    again = run("dml.mlrc", *args)  # every fold already trained: only the evaluation runs
+    assert again.returncode == 0 and again.stdout.count("already trained") == 4
+    (line2,) = [json.loads(x) for x in open(base / "runs.jsonl")]
+    assert line2["concatenated"] == line["concatenated"]
