@@ -15,8 +15,8 @@ each fold model embeds it, and the metrics are reported
 - **concatenated**: the same metrics of the four L2-normalised embeddings concatenated and
   normalised again (4 x 128 = 512-d in the MLRC setting).
 
-Every fold is trained in its own run folder under ``<out>/<dataset>/mlrc/runs/<method>/
-seed<s>/fold<k>`` and recorded in ``fold.json`` when it finishes; a finished fold is not
+Every fold is trained in its own run folder under ``runs/mlrc/<dataset>/<name>/seed<s>/
+fold<k>`` (``--runs``) and recorded in ``fold.json`` when it finishes; a finished fold is not
 trained again, so an interrupted protocol resumes. One JSON line per (method, seed) goes to
 ``<out>/<dataset>/mlrc/runs.jsonl`` (a re-run replaces its line), and the table of every
 method there to ``<out>/<dataset>/mlrc/table.md``.
@@ -217,7 +217,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("--epochs", type=int, default=None, help="default: the configs'")
     parser.add_argument("--size", type=int, default=None, help="crop size; default: configs'")
     parser.add_argument("--config", default=None, help="a config file layered last (tuning)")
-    parser.add_argument("--out", default="experiments/results")
+    parser.add_argument("--out", default="experiments/results",
+                        help="runs.jsonl and table.md go to OUT/<dataset>/mlrc/")
+    parser.add_argument("--runs", default="runs/mlrc",
+                        help="the fold models' run folders: RUNS/<dataset>/<name>/seed<s>/fold<k>")
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="after --: more python -m dml fit arguments")
     opts = parser.parse_args(argv)
@@ -229,8 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     for seed in opts.seeds:
         checkpoints, folds = [], []
         for fold in range(FOLDS):
-            folder = os.path.join(base, "runs", name.replace(" ", "_"), f"seed{seed}",
-                                  f"fold{fold}")
+            folder = os.path.join(opts.runs, opts.dataset, name.replace(" ", "_"),
+                                  f"seed{seed}", f"fold{fold}")
             args = fold_args(opts.dataset, opts.method, fold, seed, folder, extra, opts.epochs,
                              opts.size, opts.devices, opts.root, opts.config)
             done = train_fold(args, folder)

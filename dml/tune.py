@@ -12,7 +12,8 @@
 
 A trial trains one model per fold in ``--folds`` (``data.init_args.mlrc_fold``: validation on
 that fold of the training classes) and scores the best validation MAP@R of each; the objective
-is their mean. The test split is never built. Trials go to an SQLite storage (default
+is their mean (trial runs under ``runs/tune``, ``--runs``; their weights are deleted once
+scored). The test split is never built. Trials go to an SQLite storage (default
 ``<out>/<dataset>/tune/<method>.db``, study ``<dataset>-<method>``), so a crashed search goes on
 where it stopped and several processes can share one study. ``--prune`` stops a trial after a
 fold whose running mean is below the median of the earlier trials at that fold (Optuna's
@@ -124,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--prune", action="store_true")
     parser.add_argument("--out", default="experiments/results")
     parser.add_argument("--storage", default=None)
+    parser.add_argument("--runs", default="runs/tune", help="the trials' run folders")
     parser.add_argument("--best", default=None)
     parser.add_argument("extra", nargs=argparse.REMAINDER)
     opts = parser.parse_args(argv)
@@ -142,8 +144,8 @@ def main(argv: Optional[Sequence[str]] = None):
         params = suggest(trial, space)
         scores: List[float] = []
         for step, fold in enumerate(opts.folds):
-            folder = os.path.join(base, "runs", opts.method, f"trial{trial.number}",
-                                  f"fold{fold}")
+            folder = os.path.join(opts.runs, opts.dataset, opts.method,
+                                  f"trial{trial.number}", f"fold{fold}")
             scores.append(fold_score(opts.dataset, opts.method, fold, opts.seed, folder,
                                      params, extra, opts.epochs, opts.root))
             trial.report(sum(scores) / len(scores), step)

@@ -86,7 +86,8 @@ def test_a_tuned_config_runs_the_protocol_which_resumes(tmp_path):
     space.write_text("model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
                      "model.loss.params.base: {type: float, low: 0.3, high: 0.7}\n")
     out = run("dml.tune", "--dataset", "synthetic", "--method", "baseline", "--space", space,
-              "--trials", "2", "--folds", "0", "--epochs", "1", "--out", tmp_path, "--", *TINY)
+              "--trials", "2", "--folds", "0", "--epochs", "1", "--out", tmp_path, "--runs",
+              tmp_path / "runs", "--", *TINY)
     assert out.returncode == 0, out.stderr[-2000:]
     tune = tmp_path / "synthetic" / "tune"
     assert (tune / "baseline.db").is_file()
@@ -94,12 +95,13 @@ def test_a_tuned_config_runs_the_protocol_which_resumes(tmp_path):
     study = optuna.load_study(study_name="synthetic-baseline",
                               storage=f"sqlite:///{tune / 'baseline.db'}")
     assert len(study.trials) == 2 and all(t.value is not None for t in study.trials)
-    assert not list(tune.glob("runs/**/*.ckpt"))  # trials keep no weights
+    assert list((tmp_path / "runs").glob("**/metrics.csv"))
+    assert not list((tmp_path / "runs").glob("**/*.ckpt"))  # trials keep no weights
     best = tune / "baseline.best.yaml"
     assert "lr:" in best.read_text() and "base:" in best.read_text()
 
     args = ["--dataset", "synthetic", "--method", "baseline", "--epochs", "1", "--config", best,
-            "--out", tmp_path, "--", *TINY]
+            "--out", tmp_path, "--runs", tmp_path / "runs", "--", *TINY]
     out = run("dml.mlrc", *args)
     assert out.returncode == 0, out.stderr[-2000:]
     base = tmp_path / "synthetic" / "mlrc"
