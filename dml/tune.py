@@ -19,7 +19,7 @@ where it stopped and several processes can share one study. ``--prune`` stops a 
 fold whose running mean is below the median of the earlier trials at that fold (Optuna's
 MedianPruner). The best parameters are written as a config file (``--best``, default
 ``<out>/<dataset>/tune/<method>.best.yaml``) that ``make mlrc ARGS='--config FILE'`` and
-``python -m dml fit --config FILE`` accept.
+``python -m dml fit --config FILE`` accept, and every trial to ``<method>.trials.csv``.
 """
 from __future__ import annotations
 
@@ -167,7 +167,17 @@ def main(argv: Optional[Sequence[str]] = None):
     with open(tmp, "w") as f:
         f.write(header + yaml.safe_dump(as_config(best.params), sort_keys=False))
     os.replace(tmp, path)
-    print(f"best trial {best.number}: validation MAP@R {best.value:.4f} {best.params} -> {path}")
+    trials_path = os.path.splitext(path)[0].replace(".best", "") + ".trials.csv"
+    keys = list(space)
+    with open(trials_path + ".partial", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", "state", "mean validation MAP@R", *keys])
+        for t in study.trials:
+            writer.writerow([t.number, t.state.name, "" if t.value is None else f"{t.value:.6f}",
+                             *[t.params.get(k, "") for k in keys]])
+    os.replace(trials_path + ".partial", trials_path)
+    print(f"best trial {best.number}: validation MAP@R {best.value:.4f} {best.params} -> {path} "
+          f"(every trial: {trials_path})")
     return study, path
 
 
