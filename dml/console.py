@@ -10,3 +10,17 @@ from pytorch_lightning.utilities import rank_zero_only
 @rank_zero_only
 def say(message: str) -> None:
     print(message, file=sys.stdout, flush=True)
+
+
+def run_command(main, errors=(Exception,)) -> None:
+    """Run a command-line ``main()``: an error of the ``errors`` kinds is one line on standard
+    error and exit status 2 (``DML_TRACEBACK=1`` shows the traceback instead)."""
+    import os
+
+    try:
+        main()
+    except errors as error:
+        if os.environ.get("DML_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -265,8 +265,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    from dml.console import run_command
+
+    run_command(main, (ConfigError, RuntimeError))
