@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from dml.compose import config_args
+from dml.compose import config_args, config_files
 from dml.errors import ConfigError
 
 FOLDS = 4
@@ -59,6 +59,14 @@ def concatenate_normalized(parts: Sequence[np.ndarray]) -> np.ndarray:
     normed = [p / np.linalg.norm(p, axis=1, keepdims=True).clip(1e-12) for p in parts]
     x = np.concatenate(normed, axis=1)
     return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
+def check_names(dataset: str, method: str) -> None:
+    """A ConfigError naming the data set or method that has no config file."""
+    try:
+        config_files(dataset, method)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def fold_args(dataset: str, method: str, fold: int, seed: int, folder: str,
@@ -224,6 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="after --: more python -m dml fit arguments")
     opts = parser.parse_args(argv)
+    check_names(opts.dataset, opts.method)
     extra = [a for a in opts.extra if a != "--"]
     name = opts.name or opts.method
     base = os.path.join(opts.out, opts.dataset, "mlrc")

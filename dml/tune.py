@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from dml.errors import ConfigError
-from dml.mlrc import fold_args
+from dml.mlrc import check_names, fold_args
 
 TYPES = ("float", "int", "categorical")
 
@@ -129,6 +129,7 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--best", default=None)
     parser.add_argument("extra", nargs=argparse.REMAINDER)
     opts = parser.parse_args(argv)
+    check_names(opts.dataset, opts.method)
     extra = [a for a in opts.extra if a != "--"]
     space = read_space(opts.space)
     base = os.path.join(opts.out, opts.dataset, "tune")

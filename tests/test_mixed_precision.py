@@ -104,14 +104,23 @@ def test_channels_last_gives_the_plain_runs_losses(tmp_path):
     assert module.uses_channels_last
     convs = [p for p in module.backbone.parameters() if p.ndim == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    seen = []
+    module.backbone.register_forward_pre_hook(lambda m, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))
+    module.embed(torch.randn(2, 3, 32, 32))  # an NCHW batch reaches the backbone as NHWC
+    assert seen == [True]
     assert nhwc == pytest.approx(plain, rel=1e-4)
     assert plain[-1] != plain[0]  # the steps trained
 
 
 def test_compiled_and_eager_backbones_give_the_same_losses_and_checkpoint_keys(tmp_path):
+    from torch._dynamo.utils import counters
+
     eager, plain_module = losses_of(tmp_path, steps=3)
+    counters.clear()
     compiled, module = losses_of(tmp_path, steps=3, compile=True)
     assert module.compiled_backbone is not None
+    assert counters["stats"]["calls_captured"] > 0  # the training steps ran the compiled graph
     assert compiled == pytest.approx(eager, rel=1e-4)
     assert list(module.state_dict()) == list(plain_module.state_dict())  # no _orig_mod. names
 

@@ -116,3 +116,15 @@ def test_a_tuned_config_runs_the_protocol_which_resumes(tmp_path):
     assert again.returncode == 0 and again.stdout.count("already trained") == 4
     (line2,) = [json.loads(x) for x in open(base / "runs.jsonl")]
     assert line2["concatenated"] == line["concatenated"]
+
+
+def test_an_unknown_data_set_method_or_space_is_one_line_naming_it(tmp_path):
+    for module, args, says in [
+            ("dml.mlrc", ["--dataset", "nope", "--method", "baseline"], "experiments/data/nope.yaml"),
+            ("dml.mlrc", ["--dataset", "synthetic", "--method", "nope"], "method/nope.yaml"),
+            ("dml.tune", ["--dataset", "synthetic", "--method", "baseline", "--space",
+                          tmp_path / "none.yaml"], "none.yaml: no such file")]:
+        out = run(module, *args, "--out", tmp_path)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and says in lines[0], out.stderr
+    assert not (tmp_path / "synthetic" / "tune").exists()  # nothing created for a bad search
