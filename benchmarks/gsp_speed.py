@@ -68,6 +68,25 @@ def train_step(pooling_name, args, device):
     return step, saved_bytes
 
 
+def profile_steps(steps, device, repeats: int = 3) -> None:
+    """torch.profiler over ``repeats`` steps of each pooling: operators by device time, and the
+    device's busy time against the wall time (idle = waiting for the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, (step, _) in steps.items():
+        with profile(activities=activities) as prof:
+            for _ in range(repeats):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        print(f"\nprofile of {repeats} {name} steps (by {key}):")
+        print(events.table(sort_by=key, row_limit=18, max_name_column_width=60))
+
+
 def peak_memory(step, device):
     if device.type != "cuda":
         return None
@@ -127,6 +146,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="default: bf16 on CUDA, fp32 on a CPU (as training runs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's top operators of each step")
     args = parser.parse_args()
     device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -146,6 +167,9 @@ def main():
     mem_ratio = steps["gsp"][1][-1] / steps["gap"][1][-1]
     print(f"GSP / GAP step time = {format_ratio(ratio(timings, 'gsp', 'gap'))} (target <= 1.15); "
           f"saved memory ratio {mem_ratio:.3f}", flush=True)
+
+    if args.profile:
+        profile_steps(steps, device)
 
     print("\nsolver alone: B=32 images, m=64 prototypes, n=49 locations, mu=0.3, gamma=5")
     from dml.models.gsp import partial_transport

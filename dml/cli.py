@@ -16,12 +16,14 @@ import sys
 import tempfile
 from typing import Optional
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks.progress import ProgressBar as ProgressBarBase
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from dml import runs
 from dml.compose import merge_config_args
-from dml.callbacks import (ChanceConstraintProjection, CrossBatchNormalization,
+from dml.callbacks import (ChanceConstraintProjection, CrossBatchNormalization, ProgressBar,
                            DashboardFigures, EarlyStopping)
 from dml.console import say
 from dml.data import (DatasetNotFound, DMLDataModule, IncompleteDataset, MetadataError,
@@ -105,6 +107,16 @@ class DMLCLI(LightningCLI):
             runs.write_run_file(run_dir, git_state(), ckpt_path if resuming else None)
             if not resuming:  # a resume names its checkpoint, in the folder, first
                 say(f"run folder: {run_dir}")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        """Lightning's default progress bar reads the logged loss on the host every step (a GPU
+        synchronisation each step); where the run shows a bar and the config names none, it is
+        ``dml.callbacks.ProgressBar``, redrawn twice a second."""
+        given = list(callbacks) + list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and \
+                not any(isinstance(c, ProgressBarBase) for c in given):
+            callbacks = list(callbacks) + [ProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _config_dict(self, config) -> dict:
         return json.loads(self._parser(self.subcommand).dump(config, skip_none=False,

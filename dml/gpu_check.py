@@ -25,11 +25,13 @@ import csv
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -163,11 +165,25 @@ def fit_args(method: str, root: str, out: str, opts, steps: Optional[int] = None
 
 
 def run_fit(args: List[str], extra_env: Optional[Dict[str, str]] = None,
-            timeout: int = 1800) -> subprocess.CompletedProcess:
+            timeout: int = 1800, log: Optional[str] = None) -> subprocess.CompletedProcess:
+    """``python -m dml <args>``; its stdout and stderr also go to ``log`` (when given)."""
     env = dict(os.environ, WANDB_MODE="disabled", CUBLAS_WORKSPACE_CONFIG=":4096:8",
                **(extra_env or {}))
-    return subprocess.run([sys.executable, "-m", "dml", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dml", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        proc = subprocess.CompletedProcess(e.cmd, -1, _text(e.stdout),
+                                           _text(e.stderr) + f"\ntimed out after {timeout} s")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"$ python -m dml {' '.join(args)}\n{proc.stdout}\n{proc.stderr}\n"
+                    f"exit status {proc.returncode}\n")
+    return proc
+
+
+def _text(output) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
 def with_callback(args: List[str], class_path: str, **init_args) -> List[str]:
@@ -203,7 +219,8 @@ def check_method(method: str, root: str, out: str, opts) -> dict:
     folder = os.path.join(out, method)
     record = os.path.join(out, f"{method}.throughput.json")
     proc = run_fit(with_callback(fit_args(method, root, folder, opts),
-                                 "dml.gpu_check.Throughput", path=record), timeout=opts.timeout)
+                                 "dml.gpu_check.Throughput", path=record), timeout=opts.timeout,
+                   log=os.path.join(out, f"{method}.log"))
     row = {"check": method, "ok": proc.returncode == 0}
     if proc.returncode != 0:
         row["error"] = failure(proc)
@@ -224,20 +241,25 @@ def check_method(method: str, root: str, out: str, opts) -> dict:
 def check_resume(root: str, out: str, opts) -> dict:
     """XBN (memory + moment matching): kill -9 in epoch 2, resume, compare the losses."""
     steps, epochs = 18, 3  # 6 steps an epoch; killed at step 9, last.ckpt holds step 6
+    for stale in ("resume-a", "resume-b", "resume-killed", "resume.log"):  # an earlier --out
+        path = os.path.join(out, stale)
+        shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
     straight = run_fit(fit_args("xbn", root, os.path.join(out, "resume-a"), opts, steps, epochs)
-                       + ["--trainer.deterministic", "warn"], timeout=opts.timeout)
+                       + ["--trainer.deterministic", "warn"], timeout=opts.timeout,
+                       log=os.path.join(out, "resume.log"))
     if straight.returncode != 0:
         return {"check": "resume", "ok": False, "error": "uninterrupted run: " + failure(straight)}
     marker = os.path.join(out, "resume-killed")
     args = with_callback(fit_args("xbn", root, os.path.join(out, "resume-b"), opts, steps,
                                   epochs) + ["--trainer.deterministic", "warn"],
                          "dml.gpu_check.KillAt", step=9, marker=marker)
-    killed = run_fit(args, timeout=opts.timeout)
+    killed = run_fit(args, timeout=opts.timeout, log=os.path.join(out, "resume.log"))
     run = run_folder(os.path.join(out, "resume-b"))
     if killed.returncode != -signal.SIGKILL or run is None:
         return {"check": "resume", "ok": False, "error": "the run to kill: " + failure(killed)}
     resumed = run_fit(["fit", "--config", os.path.join(run, "config.yaml"), "--ckpt_path",
-                       os.path.join(run, "checkpoints", "last.ckpt")], timeout=opts.timeout)
+                       os.path.join(run, "checkpoints", "last.ckpt")], timeout=opts.timeout,
+                      log=os.path.join(out, "resume.log"))
     if resumed.returncode != 0:
         return {"check": "resume", "ok": False, "error": "resume: " + failure(resumed)}
     expected = step_losses(run_folder(os.path.join(out, "resume-a")))
@@ -274,7 +296,8 @@ def check_evaluation(opts) -> dict:
     ks = [1, 10, 100, 1000]
     cpu = retrieval_metrics(x, y, ks)
     xd, yd = x.to(device), y.to(device)
-    retrieval_metrics(xd[:2000], yd[:2000], [1])  # warm-up: kernels, cuBLAS handle
+    # warm-up (kernels, cuBLAS handle); the first rows hold each class once: relabel them
+    retrieval_metrics(xd[:2000], yd[:2000] % 100, [1])
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -305,6 +328,8 @@ def check_ddp(root: str, out: str, opts) -> dict:
                            "init_args": {"process_group_backend": "gloo"}})
     args = fit_args("baseline", root, folder, opts, steps=8, epochs=1) + [
         "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", strategy]
+    if not opts.small:  # each process draws its own classes: 2 x 8 of the 24 generated
+        args += ["--data.init_args.classes_per_batch", "8"]
     port = str(free_port())
     env = dict(os.environ, WANDB_MODE="disabled", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                WORLD_SIZE="2", LOCAL_RANK="0", DML_RUN_DIR=os.path.join(folder, "run"))
@@ -320,6 +345,9 @@ def check_ddp(root: str, out: str, opts) -> dict:
             p.kill()
             outputs.append(p.communicate())
     codes = [p.returncode for p in procs]
+    with open(os.path.join(out, "ddp.log"), "w") as f:
+        for rank, (stdout, stderr) in enumerate(outputs):
+            f.write(f"--- rank {rank}: exit status {codes[rank]}\n{stdout}\n{stderr}\n")
     if codes != [0, 0]:
         bad = next(i for i, c in enumerate(codes) if c != 0)
         lines = [x for x in outputs[bad][1].splitlines() if x.strip()]
@@ -359,6 +387,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--resume-tolerance", type=float, default=1e-3)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per training run")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="method runs at a time (above 1 they share the device: their "
+                             "steps/s are then not a throughput figure)")
     opts = parser.parse_args(argv)
     if opts.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
         print("gpu-check: no CUDA device on this machine; nothing to check (the CPU paths are "
@@ -377,18 +408,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     for name in opts.checks:
         if name == "methods":
-            for method in opts.methods:
-                rows.append(check_method(method, root, out, opts))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+            with ThreadPoolExecutor(max(1, opts.jobs)) as pool:
+                runs = [pool.submit(check_method, method, root, out, opts)
+                        for method in opts.methods]
+                for run in runs:  # in the methods' order, each as soon as it and those before end
+                    rows.append(run.result())
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
             continue
         check = {"resume": lambda: check_resume(root, out, opts),
                  "evaluation": lambda: check_evaluation(opts),
                  "ddp": lambda: check_ddp(root, out, opts)}[name]
         rows.append(check())
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print("\n" + table(rows))
+    shared = f" ({opts.jobs} method runs at a time: steps/s and images/s are shared, not " \
+        "throughput)" if opts.jobs > 1 and "methods" in opts.checks else ""
+    print("\n" + table(rows) + ("\n" + shared.strip() if shared else ""))
     with open(os.path.join(out, "gpu-check.md"), "w") as f:
-        f.write(f"gpu-check on {device}, torch {torch.__version__}\n\n{table(rows)}\n")
+        f.write(f"gpu-check on {device}, torch {torch.__version__}{shared}\n\n{table(rows)}\n")
     failed = [r["check"] for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(failed)} of {len(rows)} checks passed"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

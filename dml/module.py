@@ -143,8 +143,14 @@ class DMLModule(pl.LightningModule):
         images, labels, _ = batch
         terms = self.objective(self.embed(images), labels)
         total = sum(terms.values())
-        if not self.loss_is_finite(total):
-            return self.on_nonfinite_loss(terms, batch_idx)
+        if self.nonfinite_loss == "skip":  # must know before this step's update: reads now
+            if not self.loss_is_finite(total):
+                return self.on_nonfinite_loss(terms, batch_idx)
+        else:
+            self.check_previous_loss()
+            self._unchecked_loss = (torch.isfinite(total.detach()).all(),
+                                    {k: v.detach() for k, v in terms.items()},
+                                    self.global_step, self.current_epoch, batch_idx)
         batch_size = len(labels)
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
@@ -163,12 +169,41 @@ class DMLModule(pl.LightningModule):
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         return finite
 
-    def on_nonfinite_loss(self, terms: Dict[str, torch.Tensor], batch_idx: int):
+    def check_previous_loss(self) -> None:
+        """``nonfinite_loss: stop`` reads a step's loss flag at the next step (and before every
+        checkpoint, validation and the end of training), not in the step itself: reading a
+        device value on the host waits for the GPU, and once per step that cost 10-15 % of
+        ResNet-50's throughput on an H100 (``benchmarks/train_throughput.py --breakdown``).
+        The step's update has then been applied, so the error is raised before any checkpoint
+        can hold it: the checkpoints written so far stay finite."""
+        pending, self._unchecked_loss = getattr(self, "_unchecked_loss", None), None
+        if pending is None or self._trainer is None:
+            return
+        finite, terms, step, epoch, batch_idx = pending
+        finite = bool(finite)
+        if self.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            self.on_nonfinite_loss(terms, batch_idx, step, epoch)
+
+    def on_train_epoch_end(self) -> None:
+        self.check_previous_loss()
+
+    def on_train_end(self) -> None:
+        self.check_previous_loss()
+
+    def on_validation_start(self) -> None:
+        self.check_previous_loss()
+
+    def on_nonfinite_loss(self, terms: Dict[str, torch.Tensor], batch_idx: int,
+                          step: Optional[int] = None, epoch: Optional[int] = None):
         """Stop with one line naming the step, epoch, the non-finite terms and the learning
         rates; or, with ``nonfinite_loss: skip``, skip the step (returning None)."""
         bad = {name: float(value.detach()) for name, value in terms.items()
                if not bool(torch.isfinite(value.detach()).all())}
-        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        step = self.global_step if step is None else step
+        epoch = self.current_epoch if epoch is None else epoch
+        where = f"step {step} (epoch {epoch}, batch {batch_idx})"
         if self.nonfinite_loss == "skip":
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)

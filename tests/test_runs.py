@@ -107,6 +107,32 @@ def test_nan_stops_the_run_and_leaves_the_last_good_checkpoint(tmp_path, monkeyp
     assert not [f for f in os.listdir(os.path.join(run, "checkpoints")) if "partial" in f]
 
 
+def test_nan_in_the_last_step_of_an_epoch_is_caught_before_its_validation(tmp_path, monkeypatch,
+                                                                         capsys):
+    # The loss flag is read one step late (no host-device sync per step): a NaN in an epoch's
+    # last step has no next step, so the check before validation and checkpoints must catch it.
+    from dml.objective import Objective
+
+    compute = Objective.forward
+    steps = []
+
+    def poisoned(self, embedded, labels):  # step 11 is epoch 1's last (6 batches an epoch)
+        terms = compute(self, embedded, labels)
+        steps.append(len(steps))
+        if len(steps) == 12:
+            terms["metric"] = terms["metric"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(Objective, "forward", poisoned)
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *BASE, *method("baseline"), *TINY, "--dashboard.enabled", "false",
+                  "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
+    assert "non-finite loss at step 11 (epoch 1, batch 5)" in capsys.readouterr().err
+    assert len(steps) == 12  # stopped there: nothing trained on after the NaN step
+    (run,) = run_folders(tmp_path)
+    assert epoch_of(os.path.join(run, "checkpoints", "last.ckpt")) == 0
+
+
 def test_skip_instead_of_stop_is_an_option(tmp_path, monkeypatch):
     from dml.objective import Objective
 

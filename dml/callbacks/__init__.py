@@ -7,7 +7,9 @@ from dml.callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint
 from dml.callbacks.dashboard import DashboardFigures
 from dml.callbacks.early_stopping import EarlyStopping
 from dml.callbacks.learning_rates import LearningRateMonitor
+from dml.callbacks.progress import ProgressBar
 from dml.callbacks.xbn import CrossBatchNormalization
 
 __all__ = ["AtomicCheckpointIO", "ChanceConstraintProjection", "CrossBatchNormalization",
-           "DashboardFigures", "EarlyStopping", "LearningRateMonitor", "RunCheckpoint"]
+           "DashboardFigures", "EarlyStopping", "LearningRateMonitor", "ProgressBar",
+           "RunCheckpoint"]

@@ -122,7 +122,10 @@ class RunCheckpoint(ModelCheckpoint):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        check_finite_state(trainer, trainer.lightning_module)
+        module = trainer.lightning_module
+        if hasattr(module, "check_previous_loss"):  # the last step's loss, read late
+            module.check_previous_loss()
+        check_finite_state(trainer, module)
         super()._save_checkpoint(trainer, filepath)
 
     # --- last.ckpt at every epoch end ----------------------------------------------------------

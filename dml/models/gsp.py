@@ -168,11 +168,20 @@ class GSP(Pooling):
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, embedding_dim) * 0.01)
         # Set once the prototypes are picked by greedy k-center; saved in checkpoints.
         self.register_buffer("initialized", torch.tensor(False))
+        self._known_initialized = False  # host copy of a True flag: no device read per step
 
     produces_attributes = True
 
     def wants_initialization(self) -> bool:
-        return not bool(self.initialized)
+        """Asked at every training step: the buffer (on the GPU) is read only until it is
+        True, since reading it is a host-device synchronisation."""
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return not self._known_initialized
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_initialized = False  # a checkpoint may hold either value
+        super()._load_from_state_dict(*args, **kwargs)
 
     def candidate_source(self, num_class_rows: Optional[int]) -> str:
         """proxies: the loss's class rows; embeddings: GAP embeddings; auto: the class rows when
@@ -195,6 +204,7 @@ class GSP(Pooling):
         idx = greedy_k_center(candidates, len(self.prototypes))
         self.prototypes.copy_(candidates[idx].to(self.prototypes))
         self.initialized.fill_(True)
+        self._known_initialized = True
 
     def costs(self, u: torch.Tensor) -> torch.Tensor:
         """c_ki = ||n(w_k) - n(u_i)||, u (B, n, D) -> (B, m, n)."""

@@ -130,3 +130,28 @@ def test_stable_under_bf16_autocast():
     assert torch.isfinite(out.pooled).all()
     assert out.weights.dtype == torch.float32
     assert torch.allclose(out.weights.mean(1), torch.ones(2), atol=1e-5)
+
+
+def test_initialized_flag_is_read_from_the_device_until_true_and_follows_checkpoints():
+    # wants_initialization() runs every training step; once True it must not read the buffer
+    # (a host-device sync on a GPU), yet a loaded state dict decides again.
+    torch.manual_seed(0)
+    fresh_state = GSP(8, num_prototypes=4, embedding_dim=8).state_dict()
+    gsp = GSP(8, num_prototypes=4, embedding_dim=8)
+    assert gsp.wants_initialization()
+    gsp.initialize(torch.randn(20, 8))
+    assert not gsp.wants_initialization() and bool(gsp.initialized)
+    reads = []
+    original = torch.Tensor.__bool__
+    try:
+        torch.Tensor.__bool__ = lambda t: reads.append(1) or original(t)
+        assert not gsp.wants_initialization()
+    finally:
+        torch.Tensor.__bool__ = original
+    assert reads == []
+    other = GSP(8, num_prototypes=4, embedding_dim=8)
+    assert other.wants_initialization()
+    other.load_state_dict(gsp.state_dict())
+    assert not other.wants_initialization()
+    gsp.load_state_dict(fresh_state)  # an uninitialised checkpoint: asks again
+    assert gsp.wants_initialization()
