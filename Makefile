@@ -7,17 +7,19 @@ FAISS ?= cpu
 PY := $(VENV)/bin/python
 DATASET ?= synthetic
 METHOD ?= baseline
+# empty: the data set's backbone; vit_s16_dino: experiments/backbone/vit_s16_dino*.yaml on top
+BACKBONE ?=
 DEVICES ?= 1
 ARGS ?=
 # The config files of a run: trainer + data + [protocol] + method + [family] + [method/data], the
-# rule of dml/compose.py (python -m dml.compose DATASET METHOD prints them).
+# rule of dml/compose.py (python -m dml.compose DATASET METHOD [BACKBONE] prints them).
 
 DATA_ROOT ?= data/$(DATASET)
 
 .PHONY: train resume test table data data-check bench-eval gpu-check notebook embed index search export mlrc venv clean help
 
 help:
-	@echo "make train [DATASET=synthetic] [METHOD=baseline] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
+	@echo "make train [DATASET=synthetic] [METHOD=baseline] [BACKBONE=vit_s16_dino] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
 	@echo "make resume RUN=runs/<run folder> [ARGS='--trainer.max_epochs 60']   continue from its last.ckpt"
 	@echo "make test"
 	@echo "make table [DATASET=omniglot_small] [SEEDS='0 1 2'] [DEVICES=1]   methods-vs-baselines grid -> experiments/results/"
@@ -29,6 +31,7 @@ help:
 	@echo "make data-check DATASET=<name> DATA_ROOT=<path> [DECODE=1]   parse, print split sizes (DECODE: open every image)"
 	@echo "data sets: $$(ls experiments/data | sed 's/.yaml//' | tr '\n' ' ')"
 	@echo "methods:   $$(ls experiments/method/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"
+	@echo "backbones: $$(ls experiments/backbone/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,9 +42,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 train: $(VENV)/.installed
-	@configs=$$($(PY) -m dml.compose $(DATASET) $(METHOD)) || exit 2; \
-	echo "$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $(DATASET)-$(METHOD) $(ARGS)"; \
-	$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $(DATASET)-$(METHOD) $(ARGS)
+	@configs=$$($(PY) -m dml.compose $(DATASET) $(METHOD) $(BACKBONE)) || exit 2; \
+	name=$(DATASET)-$(METHOD)$(if $(BACKBONE),-$(BACKBONE)); \
+	echo "$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $$name $(ARGS)"; \
+	$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $$name $(ARGS)
 
 # Continue a run in its own folder from its last.ckpt (the config is checked against it).
 resume: $(VENV)/.installed

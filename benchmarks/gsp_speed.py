@@ -1,6 +1,7 @@
 """GSP cost, in one process:
 
-1. A training step (forward + backward + optimizer step) of ResNet-50 + pooling + 512-d head
+1. A training step (forward + backward + optimizer step) of ResNet-50 (or ``--backbone``, e.g.
+   ``timm:vit_small_patch16_224``: GSP over its 196 patch tokens) + pooling + 512-d head
    with GSP vs GAP, same batch, timed in alternating rounds (``timing.compare``: median and
    range over rounds). Reports seconds per step and the activation memory saved for backward
    (exact, from saved-tensor hooks; on CUDA also the peak allocated memory).
@@ -9,7 +10,7 @@
    and 100 iterations forced (tol 0): time of forward + backward, saved bytes, and the
    gradient difference; and the analytic solver at its default tolerance.
 
-    python benchmarks/gsp_speed.py [--batch 8] [--size 224] [--steps 5] [--device cpu]
+    python benchmarks/gsp_speed.py [--backbone resnet50] [--batch 8] [--size 224] [--steps 5] [--device cpu]
         [--precision fp32|bf16]
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def train_step(pooling_name, args, device):
 
     torch.manual_seed(0)
     params = {"num_prototypes": 64, "mu": 0.3, "gamma": 5.0} if pooling_name == "gsp" else {}
-    model = DMLModule(backbone=BackboneConfig("resnet50", pretrained=False),
+    model = DMLModule(backbone=BackboneConfig(args.backbone, pretrained=False),
                       pooling=PoolingConfig(pooling_name, params), embedding_dim=512,
                       loss=LossConfig("multi_similarity"), num_classes=100).to(device)
     model.train()
@@ -140,6 +141,9 @@ def solver_cost(iters, device, b=32, m=64, n=49, repeats=20):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="resnet50",
+                        help="resnet50 (7 x 7 = 49 locations at 224 px) or a timm name, e.g. "
+                             "timm:vit_small_patch16_224 (ViT-S/16: 14 x 14 = 196 patch tokens)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=5)
@@ -151,8 +155,8 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    args.channels_last = device.type == "cuda"
-    print(f"device {device}, torch threads {torch.get_num_threads()}, ResNet-50 at "
+    args.channels_last = device.type == "cuda" and not args.backbone.startswith("timm:vit")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, {args.backbone} at "
           f"{args.size} px, batch {args.batch}, 512-d head, multi-similarity loss, "
           f"{args.precision}{', channels-last' if args.channels_last else ''}", flush=True)
 

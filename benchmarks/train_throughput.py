@@ -17,7 +17,8 @@ and reported as median [range]. Cases (``--case``, repeatable; default: the devi
   and GSP.
 
     python benchmarks/train_throughput.py [--rounds 3] [--steps 20] [--warmup 5]
-        [--case resnet18:112:32:gap:eager] ...   (backbone:size:batch:pooling:eager|compile)
+        [--case resnet18:112:32:gap:eager] ...   (backbone:size:batch:pooling:eager|compile;
+                                                  backbone vit_s16: timm's ViT-S/16)
 """
 from __future__ import annotations
 
@@ -40,13 +41,18 @@ CUDA_CASES = ["resnet50:224:128:gap:eager", "resnet50:224:128:gap:compile",
               "resnet50:224:128:gsp:eager", "resnet50:224:128:gsp:compile"]
 
 
+ALIASES = {"vit_s16": "timm:vit_small_patch16_224"}  # case fields are split at ':'
+
+
 def build(case: str, device: torch.device, batches_per_epoch: int = 100):
     backbone, size, batch, pooling, mode = case.split(":")
+    backbone = ALIASES.get(backbone, backbone)
     size, batch = int(size), int(batch)
     params = {"num_prototypes": 64, "mu": 0.3, "gamma": 5.0} if pooling == "gsp" else {}
     classes = 64
     torch.manual_seed(0)
-    module = DMLModule(backbone=BackboneConfig(backbone, pretrained=False),
+    timm_args = {"img_size": size} if backbone.startswith("timm:vit") else {}
+    module = DMLModule(backbone=BackboneConfig(backbone, pretrained=False, timm_args=timm_args),
                        pooling=PoolingConfig(pooling, params), embedding_dim=512,
                        loss=LossConfig("multi_similarity"),
                        optimizer=OptimizerConfig(name="adamw", lr=1e-4),
@@ -76,12 +82,13 @@ class StepClock(pl.Callback):
 
 
 def lightning_run(module, data, steps, warmup, device, precision, progress_bar=True,
-                  finite_check=True) -> float:
+                  finite_check=True, extra_callbacks=()) -> float:
     """Seconds of steps warmup..steps-1 in a Lightning fit. ``progress_bar`` / ``finite_check``
     off: the breakdown's variants (the bar reads the logged loss on the host every step; the
-    non-finite-loss guard does too)."""
+    non-finite-loss guard records each step's loss on the device and reads it every 50 steps)."""
     clock = StepClock(warmup, device)
     if not finite_check:
+        module.loss_watch.record = lambda *args: None
         module.loss_is_finite = lambda total: True
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
@@ -89,11 +96,45 @@ def lightning_run(module, data, steps, warmup, device, precision, progress_bar=T
             logger=pl.loggers.CSVLogger(tmp, name="csv"), log_every_n_steps=10,
             enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
             enable_model_summary=False, use_distributed_sampler=False,
-            callbacks=[clock] + ([ProgressBar()] if progress_bar else []),
+            callbacks=[clock] + ([ProgressBar()] if progress_bar else []) + list(extra_callbacks),
             enable_progress_bar=progress_bar,
             default_root_dir=tmp)
         trainer.fit(module, data)
     return clock.end - clock.start
+
+
+class SyncCounter(pl.Callback):
+    """Host-device synchronisations of the steps from ``warmup`` on, by the Python line that
+    caused them (``torch.cuda.set_sync_debug_mode("warn")``: a warning per synchronising op)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.counts, self.steps, self._catcher = warmup, {}, 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self._catcher is None:
+            import warnings
+            self._catcher = warnings.catch_warnings(record=True)
+            self._records = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        if self._catcher is not None:
+            self.steps += 1
+
+    def on_train_end(self, trainer, pl_module):
+        if self._catcher is None:
+            return
+        torch.cuda.set_sync_debug_mode(0)
+        self._catcher.__exit__(None, None, None)
+        for w in self._records:
+            if "synchroniz" in str(w.message):
+                key = f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def report(self) -> str:
+        lines = [f"synchronisations per step over {self.steps} steps:"]
+        for key, n in sorted(self.counts.items(), key=lambda kv: -kv[1])[:12]:
+            lines.append(f"  {n / max(1, self.steps):6.2f}  {key}")
+        return "\n".join(lines)
 
 
 def bare_run(module, data, steps, warmup, device, precision) -> float:
@@ -138,11 +179,16 @@ def main():
     parser.add_argument("--batches-per-epoch", type=int, default=100,
                         help="steps per epoch (a real epoch has hundreds; Lightning's epoch end "
                              "costs more than a loader restart)")
+    parser.add_argument("--count-syncs", action="store_true",
+                        help="CUDA: list the host-device synchronisations of a Lightning step "
+                             "by source line, then exit")
     parser.add_argument("--breakdown", action="store_true",
                         help="also Lightning without its progress bar, and without the bar and "
                              "the non-finite-loss guard (where the gap goes)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.count_syncs and device.type != "cuda":
+        parser.error("--count-syncs: CUDA only (a CPU has no host-device synchronisation)")
     precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     cases = args.case or (CUDA_CASES if device.type == "cuda" else CPU_CASES)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -150,6 +196,14 @@ def main():
     print(f"device {name}, torch {torch.__version__}, {precision}, steps {args.warmup}.."
           f"{args.steps - 1} timed, {args.rounds} alternating rounds", flush=True)
     pl._logger.setLevel("ERROR")
+    if args.count_syncs:
+        for case in cases:
+            module, data, _ = build(case, device, args.batches_per_epoch)
+            counter = SyncCounter(args.warmup)
+            lightning_run(module, data, args.steps, args.warmup, device, precision,
+                          extra_callbacks=[counter])
+            print(f"{case}: {counter.report()}", flush=True)
+        return
     sides = {"lightning": lightning_run, "bare": bare_run}
     if args.breakdown:
         sides["no bar"] = lambda *a: lightning_run(*a, progress_bar=False)

@@ -21,10 +21,11 @@ from dml.config import (BackboneConfig, IBCConfig, LossConfig, MemoryConfig, Poo
 from dml.errors import ConfigError
 from dml.losses import (LOSSES, CrossBatchMemoryLoss, IntraBatchConnections, MultiProxyLoss,
                         ProximalTerm, ZeroShotPrototypeLoss, build_loss, build_miner)
-from dml.models import GAP, GMP, GSP, Backbone, EmbeddingHead, GeM, MessagePassingNetwork
+from dml.models import (GAP, GMP, GSP, Backbone, ClassToken, EmbeddingHead, GeM,
+                        MessagePassingNetwork)
 from dml.objective import Objective
 
-POOLINGS: Dict[str, type] = {"gap": GAP, "gmp": GMP, "gem": GeM, "gsp": GSP}
+POOLINGS: Dict[str, type] = {"gap": GAP, "gmp": GMP, "gem": GeM, "gsp": GSP, "cls": ClassToken}
 
 
 @dataclass
@@ -95,8 +96,12 @@ def build_parts(backbone: BackboneConfig, pooling: PoolingConfig, embedding_dim:
                 loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
                 memory: MemoryConfig, num_classes: Optional[int],
                 terms: Optional[List[Dict[str, Any]]] = None) -> ModelParts:
-    net = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn, backbone.width)
+    net = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn, backbone.width,
+                   backbone.timm_args)
     pool = build_pooling(pooling.name, net.out_channels, pooling.params, embedding_dim)
+    if getattr(pool, "uses_class_token", False) and not net.has_class_token:
+        raise ConfigError(f"model.pooling.name: {pooling.name} pools the class token; backbone "
+                          f"{backbone.name!r} has none (a timm ViT has one)")
     head = EmbeddingHead(net.out_channels, embedding_dim)
     objective = build_objective(loss, zero_shot, ibc, memory, pool, embedding_dim, num_classes,
                                 build_terms(terms, embedding_dim, num_classes))

@@ -13,10 +13,13 @@ brackets only where they exist):
                                      Cars; large: SOP, In-Shop; omniglot: both Omniglot sets)
     [family/F/D.yaml]                F's settings for D alone
     [method/M/D.yaml]                M's own settings for D (e.g. CCP's margins per data set)
+    [backbone/B.yaml]                with a backbone B named: its network, embedding size,
+    [backbone/B/G.yaml]              optimizer and schedule (e.g. vit_s16_dino: the ViT-S/16
+    [backbone/B/D.yaml]              DINO setting of the recent literature), over everything
 
 so that a setting shared by several methods or data sets is written once.
 
-    python -m dml.compose DATASET METHOD     # prints --config arguments (make train uses it)
+    python -m dml.compose DATASET METHOD [BACKBONE]   # prints --config arguments (make train)
 """
 from __future__ import annotations
 
@@ -44,18 +47,24 @@ def family_of(method: str) -> Optional[str]:
 
 
 def names(kind: str, root: str = ROOT) -> List[str]:
-    """The data sets ("data") or methods ("method") that have a config file."""
+    """The data sets ("data"), methods ("method") or backbones ("backbone") that have a config
+    file."""
     folder = os.path.join(root, kind)
+    if not os.path.isdir(folder):
+        return []
     return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
 
 
-def config_files(dataset: str, method: str, root: str = ROOT) -> List[str]:
-    """The config files of (dataset, method), in composition order."""
-    for kind, name in (("data", dataset), ("method", method)):
+def config_files(dataset: str, method: str, root: str = ROOT,
+                 backbone: Optional[str] = None) -> List[str]:
+    """The config files of (dataset, method[, backbone]), in composition order."""
+    for kind, name in (("data", dataset), ("method", method)) + \
+            ((("backbone", backbone),) if backbone else ()):
         if not os.path.isfile(os.path.join(root, kind, f"{name}.yaml")):
             raise ValueError(f"no config {root}/{kind}/{name}.yaml. Data sets: "
                              f"{' '.join(names('data', root))}; methods: "
-                             f"{' '.join(names('method', root))}")
+                             f"{' '.join(names('method', root))}; backbones: "
+                             f"{' '.join(names('backbone', root)) or 'none'}")
     family, group = family_of(method), GROUPS.get(dataset)
     protocol = PROTOCOLS.get(family, {}).get(group) if family and group else None
     candidates = [
@@ -66,6 +75,9 @@ def config_files(dataset: str, method: str, root: str = ROOT) -> List[str]:
         (f"family/{family}/{group}.yaml", family is not None and group is not None),
         (f"family/{family}/{dataset}.yaml", family is not None),
         (f"method/{method}/{dataset}.yaml", True),
+        (f"backbone/{backbone}.yaml", bool(backbone)),
+        (f"backbone/{backbone}/{group}.yaml", bool(backbone) and group is not None),
+        (f"backbone/{backbone}/{dataset}.yaml", bool(backbone)),
     ]
     files = []
     for path, applies in candidates:
@@ -75,18 +87,20 @@ def config_files(dataset: str, method: str, root: str = ROOT) -> List[str]:
     return files
 
 
-def config_args(dataset: str, method: str, root: str = ROOT) -> List[str]:
+def config_args(dataset: str, method: str, root: str = ROOT,
+                backbone: Optional[str] = None) -> List[str]:
     """``--config FILE`` for each file, as the CLI takes them."""
-    return [a for f in config_files(dataset, method, root) for a in ("--config", f)]
+    return [a for f in config_files(dataset, method, root, backbone) for a in ("--config", f)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2:
-        print("usage: python -m dml.compose DATASET METHOD", file=sys.stderr)
+    if len(argv) not in (2, 3):
+        print("usage: python -m dml.compose DATASET METHOD [BACKBONE]", file=sys.stderr)
         return 2
     try:
-        print(" ".join(config_args(*argv)))
+        print(" ".join(config_args(argv[0], argv[1], backbone=argv[2] if len(argv) > 2
+                                   else None)))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -11,7 +11,9 @@ from dml.errors import ConfigError
 
 @dataclass
 class BackboneConfig:
-    """name: resnet50 | resnet18 | bn_inception | small_cnn; frozen_bn freezes every BatchNorm.
+    """name: resnet50 | resnet18 | bn_inception | small_cnn | timm:<timm model name> (e.g.
+    timm:vit_small_patch16_224.dino); frozen_bn freezes every BatchNorm (none in a ViT);
+    timm_args: keyword arguments for ``timm.create_model`` (img_size, drop_path_rate, ...).
 
     channels_last: run a convolutional backbone and its inputs in the NHWC memory format (the
     layout tensor cores and cuDNN's fastest convolutions want); None = on when training on
@@ -21,11 +23,12 @@ class BackboneConfig:
     frozen_bn: bool = False
     width: int = 32  # small_cnn only
     channels_last: Optional[bool] = None
+    timm_args: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class PoolingConfig:
-    """name: gap | gmp | gem | gsp; params go to the pooling class ({p: 3.0} for GeM;
+    """name: gap | gmp | gem | gsp | cls (a ViT's class token); params go to the pooling class ({p: 3.0} for GeM;
     {num_prototypes, mu, gamma, iters, tol, reduction, init, init_batches} for GSP)."""
     name: str = "gap"
     params: Dict[str, Any] = field(default_factory=dict)
@@ -107,12 +110,15 @@ class MemoryConfig:
 @dataclass
 class OptimizerConfig:
     """lr for pooling and head, lr * backbone_lr_mult for the backbone, loss_lr (default: lr)
-    for loss parameters (proxies, GSP's zero-shot class embeddings). scheduler: none | step
-    (milestones, gamma) | cosine."""
+    for loss parameters (proxies, GSP's zero-shot class embeddings). layer_decay (timm
+    backbones): layer l of L gets the backbone's rate times layer_decay^(L - 1 - l) (BEiT's
+    layer-wise decay; the last layer the full rate). scheduler: none | step (milestones, gamma) |
+    cosine."""
     name: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-4
     backbone_lr_mult: float = 1.0
+    layer_decay: Optional[float] = None
     loss_lr: Optional[float] = None
     scheduler: str = "none"
     milestones: List[int] = field(default_factory=list)

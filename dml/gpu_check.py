@@ -112,7 +112,7 @@ class KillAt(pl.Callback):
 
 
 # --- data ------------------------------------------------------------------------------------
-def make_cub_layout(root: str, train_classes: int = 24, test_classes: int = 8,
+def make_cub_layout(root: str, train_classes: int = 64, test_classes: int = 8,
                     per_class: int = 8, size: int = 256, seed: int = 0) -> str:
     """Images in CUB_200_2011's layout under ``root`` (classes 1.. train, 101.. test): noise
     tinted by a class colour, JPEG, ``size`` px. Returns ``root``."""
@@ -148,7 +148,7 @@ def make_cub_layout(root: str, train_classes: int = 24, test_classes: int = 8,
 def fit_args(method: str, root: str, out: str, opts, steps: Optional[int] = None,
              epochs: int = 2) -> List[str]:
     steps = steps or opts.steps
-    args = ["fit", *config_args("cub", method),
+    args = ["fit", *config_args("cub", method, backbone=opts.backbone),
             "--data.init_args.root", root, "--data.init_args.verify", "false",
             "--data.init_args.crop", str(opts.size),
             "--data.init_args.resize", str(opts.size * 8 // 7),
@@ -328,7 +328,7 @@ def check_ddp(root: str, out: str, opts) -> dict:
                            "init_args": {"process_group_backend": "gloo"}})
     args = fit_args("baseline", root, folder, opts, steps=8, epochs=1) + [
         "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", strategy]
-    if not opts.small:  # each process draws its own classes: 2 x 8 of the 24 generated
+    if not opts.small:  # each process draws its own classes: 2 x 8 of the 64 generated
         args += ["--data.init_args.classes_per_batch", "8"]
     port = str(free_port())
     env = dict(os.environ, WANDB_MODE="disabled", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
@@ -387,6 +387,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--resume-tolerance", type=float, default=1e-3)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per training run")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--backbone", default=None,
+                        help="a backbone layer (experiments/backbone/<name>.yaml, e.g. "
+                             "vit_s16_dino) over the CUB settings")
     parser.add_argument("--jobs", type=int, default=1,
                         help="method runs at a time (above 1 they share the device: their "
                              "steps/s are then not a throughput figure)")

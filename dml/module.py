@@ -23,7 +23,9 @@ from dml.config import (BackboneConfig, EvalConfig, IBCConfig, LossConfig,  # no
                         MemoryConfig, OptimizerConfig, PoolingConfig, ZeroShotConfig, as_config)
 from dml.errors import ConfigError, NonFiniteEmbeddingsError, NonFiniteLossError
 from dml.evaluation import EvalSets, Evaluator
+from dml.loss_watch import LossWatch
 from dml.losses.ibc import pseudo_test_refiner
+from dml.models import pool_images
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "radam": torch.optim.RAdam}
@@ -100,8 +102,7 @@ class DMLModule(pl.LightningModule):
         if self.uses_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         backbone = self.backbone if self.compiled_backbone is None else self.compiled_backbone
-        features = backbone(images)
-        pooled = self.pooling(features, projection=self.head.linear)
+        _, pooled = pool_images(backbone, self.pooling, images, projection=self.head.linear)
         raw, embeddings = self.head(pooled.pooled)
         return {"embeddings": embeddings, "raw_embeddings": raw, "pooling": pooled}
 
@@ -130,8 +131,7 @@ class DMLModule(pl.LightningModule):
         wanted = self.channels_last_setting
         if wanted is None:
             wanted = device.type == "cuda"
-        convolutional = any(isinstance(m, torch.nn.Conv2d) for m in self.backbone.modules())
-        self.channels_last_active = bool(wanted) and convolutional
+        self.channels_last_active = bool(wanted) and self.backbone.convolutional
         if self.channels_last_active:
             self.backbone.to(memory_format=torch.channels_last)
         if self.compile_setting and self.compiled_backbone is None:
@@ -146,11 +146,10 @@ class DMLModule(pl.LightningModule):
         if self.nonfinite_loss == "skip":  # must know before this step's update: reads now
             if not self.loss_is_finite(total):
                 return self.on_nonfinite_loss(terms, batch_idx)
-        else:
-            self.check_previous_loss()
-            self._unchecked_loss = (torch.isfinite(total.detach()).all(),
-                                    {k: v.detach() for k, v in terms.items()},
-                                    self.global_step, self.current_epoch, batch_idx)
+        else:  # stop: recorded on the device, read every loss_watch.every steps
+            self.loss_watch.record(total, terms, self.global_step, self.current_epoch, batch_idx)
+            if self.loss_watch.due():
+                self.check_losses()
         batch_size = len(labels)
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
@@ -169,31 +168,37 @@ class DMLModule(pl.LightningModule):
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         return finite
 
-    def check_previous_loss(self) -> None:
-        """``nonfinite_loss: stop`` reads a step's loss flag at the next step (and before every
-        checkpoint, validation and the end of training), not in the step itself: reading a
-        device value on the host waits for the GPU, and once per step that cost 10-15 % of
-        ResNet-50's throughput on an H100 (``benchmarks/train_throughput.py --breakdown``).
-        The step's update has then been applied, so the error is raised before any checkpoint
-        can hold it: the checkpoints written so far stay finite."""
-        pending, self._unchecked_loss = getattr(self, "_unchecked_loss", None), None
-        if pending is None or self._trainer is None:
+    @property
+    def loss_watch(self) -> LossWatch:
+        if "_loss_watch" not in self.__dict__:
+            self.__dict__["_loss_watch"] = LossWatch()
+        return self.__dict__["_loss_watch"]
+
+    def check_losses(self) -> None:
+        """``nonfinite_loss: stop``: raise for the first non-finite loss since the last check
+        (``dml.loss_watch``: the losses are read on the host every 50 steps and before every
+        validation, checkpoint and the end of training, not once per step)."""
+        if self._trainer is None:
             return
-        finite, terms, step, epoch, batch_idx = pending
-        finite = bool(finite)
+        found = self.loss_watch.read()
+        finite = found is None
         if self.world_size > 1:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            self.on_nonfinite_loss(terms, batch_idx, step, epoch)
+        if finite:
+            return
+        step, epoch, batch_idx, terms = found if found else (self.global_step,
+                                                             self.current_epoch, -1, {})
+        self.on_nonfinite_loss({k: torch.tensor(v) for k, v in terms.items()}, batch_idx,
+                               step, epoch)
 
     def on_train_epoch_end(self) -> None:
-        self.check_previous_loss()
+        self.check_losses()
 
     def on_train_end(self) -> None:
-        self.check_previous_loss()
+        self.check_losses()
 
     def on_validation_start(self) -> None:
-        self.check_previous_loss()
+        self.check_losses()
 
     def on_nonfinite_loss(self, terms: Dict[str, torch.Tensor], batch_idx: int,
                           step: Optional[int] = None, epoch: Optional[int] = None):
@@ -203,7 +208,8 @@ class DMLModule(pl.LightningModule):
                if not bool(torch.isfinite(value.detach()).all())}
         step = self.global_step if step is None else step
         epoch = self.current_epoch if epoch is None else epoch
-        where = f"step {step} (epoch {epoch}, batch {batch_idx})"
+        where = f"step {step} (epoch {epoch}, batch {batch_idx})" if batch_idx >= 0 else \
+            f"step {step} (epoch {epoch})"
         if self.nonfinite_loss == "skip":
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
@@ -259,8 +265,14 @@ class DMLModule(pl.LightningModule):
     def configured_learning_rates(self) -> Dict[str, float]:
         """The initial learning rate of each parameter group, from ``model.optimizer``."""
         cfg = self.optimizer_cfg
-        return {"backbone": cfg.lr * cfg.backbone_lr_mult, "head": cfg.lr,
-                "loss": cfg.loss_lr if cfg.loss_lr is not None else cfg.lr}
+        rates = {"backbone": cfg.lr * cfg.backbone_lr_mult, "head": cfg.lr,
+                 "loss": cfg.loss_lr if cfg.loss_lr is not None else cfg.lr}
+        if cfg.layer_decay is not None:  # backbone.0 .. backbone.{L-1}, the last at full rate
+            _, count = self.backbone.layer_ids()
+            for layer in range(count):
+                rates[f"backbone.{layer}"] = rates["backbone"] * \
+                    cfg.layer_decay ** (count - 1 - layer)
+        return rates
 
     def parameter_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
         """Trainable parameters by group: the backbone's, the other network parts' ("head"), and
@@ -271,6 +283,12 @@ class DMLModule(pl.LightningModule):
             if name == "objective":
                 for group, params in self.objective.parameter_groups().items():
                     groups.setdefault(group, []).extend(params)
+                continue
+            if name == "backbone" and self.optimizer_cfg.layer_decay is not None:
+                layers, _ = part.layer_ids()
+                for pname, p in part.named_parameters():
+                    if p.requires_grad:
+                        groups.setdefault(f"backbone.{layers[pname]}", []).append(p)
                 continue
             params = [p for p in part.parameters() if p.requires_grad]
             if params:

@@ -12,6 +12,7 @@ from dml.module import DMLModule
 
 DATASETS = sorted(os.path.basename(p)[:-5] for p in glob.glob("experiments/data/*.yaml"))
 METHODS = sorted(os.path.basename(p)[:-5] for p in glob.glob("experiments/method/*.yaml"))
+BACKBONES = sorted(os.path.basename(p)[:-5] for p in glob.glob("experiments/backbone/*.yaml"))
 
 
 class ParseOnlyCLI(DMLCLI):
@@ -35,10 +36,14 @@ def test_layer_files_name_existing_data_sets_groups_and_methods():
     for path in glob.glob("experiments/family/*/*.yaml"):
         assert os.path.basename(os.path.dirname(path)) in FAMILIES, path
         assert os.path.basename(path)[:-5] in DATASETS + sorted(set(GROUPS.values())), path
+    for path in glob.glob("experiments/backbone/*/*.yaml"):
+        assert os.path.basename(os.path.dirname(path)) in BACKBONES, path
+        assert os.path.basename(path)[:-5] in DATASETS + sorted(set(GROUPS.values())), path
 
 
 def test_every_layer_file_is_used_by_some_combination():
-    used = {f for d in DATASETS for m in METHODS for f in config_files(d, m)}
+    used = {f for d in DATASETS for m in METHODS for b in [None] + BACKBONES
+            for f in config_files(d, m, backbone=b)}
     files = set(glob.glob("experiments/**/*.yaml", recursive=True)) - \
         set(glob.glob("experiments/results/**", recursive=True))
     assert files - used == set()
@@ -54,6 +59,31 @@ def test_the_composition_order_and_shared_settings():
         "experiments/method/baseline.yaml"]
     with pytest.raises(ValueError, match="no config experiments/method/xbmm.yaml"):
         config_files("cub", "xbmm")
+    assert config_files("sop", "ccp_c2", backbone="vit_s16_dino")[-3:] == [
+        "experiments/method/ccp_c2/sop.yaml", "experiments/backbone/vit_s16_dino.yaml",
+        "experiments/backbone/vit_s16_dino/large.yaml"]
+    with pytest.raises(ValueError, match="no config experiments/backbone/vit_b.yaml"):
+        config_files("cub", "baseline", backbone="vit_b")
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("dataset", ["cub", "cars", "sop", "inshop"])
+@pytest.mark.parametrize("method", ["baseline", "gsp_contrastive", "ccp_c2", "xbn", "ibc"])
+def test_a_backbone_layer_goes_over_every_method(backbone, dataset, method):
+    """The backbone's files come last: its network, size, optimizer and schedule replace the
+    data set's, the protocol's (MLRC: BN-Inception, 227 px) and a method's per-data-set ones
+    (IBC's ResNet-50), while the method's own switches (pooling, loss, memory) stay."""
+    plain = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
+                         args=config_args(dataset, method)).config
+    config = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
+                          args=config_args(dataset, method, backbone=backbone)).config
+    model = config.model
+    assert model.backbone.name.startswith("timm:") and model.backbone.pretrained
+    assert config.data.init_args.crop == 224 and model.optimizer.name == "adamw"
+    assert model.pooling.name == plain.model.pooling.name
+    assert model.loss.name == plain.model.loss.name
+    assert model.memory.enabled == plain.model.memory.enabled
+    assert config.trainer.max_epochs == (50 if dataset in ("cub", "cars") else 150)
 
 
 def test_a_later_layer_sets_one_key_of_a_dict_and_keeps_the_others():

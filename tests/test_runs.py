@@ -133,6 +133,32 @@ def test_nan_in_the_last_step_of_an_epoch_is_caught_before_its_validation(tmp_pa
     assert epoch_of(os.path.join(run, "checkpoints", "last.ckpt")) == 0
 
 
+def test_a_nan_inside_an_epoch_stops_the_run_within_the_guards_read_interval(tmp_path,
+                                                                             monkeypatch, capsys):
+    from dml.loss_watch import LossWatch
+    from dml.objective import Objective
+
+    original = LossWatch.__init__
+    monkeypatch.setattr(LossWatch, "__init__", lambda self, every=50: original(self, every=2))
+    compute = Objective.forward
+    steps = []
+
+    def poisoned(self, embedded, labels):  # NaN from step 7 (epoch 1, batch 1) on
+        terms = compute(self, embedded, labels)
+        steps.append(len(steps))
+        if len(steps) > 7:
+            terms["metric"] = terms["metric"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(Objective, "forward", poisoned)
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *BASE, *method("baseline"), *TINY, "--dashboard.enabled", "false",
+                  "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
+    assert "non-finite loss at step 7 (epoch 1, batch 1): loss_metric = nan" in \
+        capsys.readouterr().err
+    assert len(steps) == 8  # read after every 2nd step: steps 6-7 read at step 7, not epoch end
+
+
 def test_skip_instead_of_stop_is_an_option(tmp_path, monkeypatch):
     from dml.objective import Objective
 

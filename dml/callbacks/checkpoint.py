@@ -123,8 +123,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         module = trainer.lightning_module
-        if hasattr(module, "check_previous_loss"):  # the last step's loss, read late
-            module.check_previous_loss()
+        if hasattr(module, "check_losses"):  # the losses since the last read (dml.loss_watch)
+            module.check_losses()
         check_finite_state(trainer, module)
         super()._save_checkpoint(trainer, filepath)
 

@@ -23,6 +23,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from dml.errors import ConfigError
+from dml.models.pooling import pool_images
 from dml.visualization.figures import save_png
 
 
@@ -140,8 +141,8 @@ class DashboardFigures(pl.Callback):
         batch = torch.stack(images).to(pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
-        features = pl_module.backbone(batch)
-        pooled = pl_module.pooling(features, projection=pl_module.head.linear)
+        features, pooled = pool_images(pl_module.backbone, pl_module.pooling, batch,
+                                       projection=pl_module.head.linear)
         pl_module.train(was_training)
         if pooled.weights is None:
             return None

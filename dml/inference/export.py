@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dml.errors import ConfigError
+from dml.models.pooling import pool_images
 
 FORMATS = ("torchscript", "onnx")
 
@@ -33,7 +34,7 @@ class EmbeddingNetwork(nn.Module):
         self.backbone, self.pooling, self.head = module.backbone, module.pooling, module.head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pooled = self.pooling(self.backbone(images), projection=self.head.linear)
+        _, pooled = pool_images(self.backbone, self.pooling, images, projection=self.head.linear)
         return self.head(pooled.pooled)[1]
 
 

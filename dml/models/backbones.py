@@ -7,11 +7,13 @@ Pooling is a separate module (``dml.models.pooling``) so that GAP, GeM or GSP ca
   BN-Inception-sized network of the MLRC protocol. It is not the Caffe BN-Inception of the
   papers; its ImageNet weights are torchvision's ``GoogLeNet_Weights.IMAGENET1K_V1``.
 - ``small_cnn``: a four-block CNN for the embedded synthetic data and Omniglot (CPU friendly).
+- ``timm:<model name>``: any timm model (ViTs: the patch tokens on the patch grid, and the class
+  token for the ``cls`` pooling; CNNs: the last stage), ``dml.models.timm_backbone``.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -123,23 +125,54 @@ def freeze_batchnorm(module: nn.Module) -> None:
 
 
 class Backbone(nn.Module):
-    """A feature-map network with an optional frozen-BatchNorm mode that survives ``.train()``."""
+    """A feature-map network with an optional frozen-BatchNorm mode that survives ``.train()``.
+
+    ``forward(images)`` -> (B, C, H, W); ``forward(images, with_class_token=True)`` -> (map,
+    class token (B, C)) for backbones that have one (timm ViTs)."""
 
     def __init__(self, name: str = "resnet50", pretrained: bool = True, frozen_bn: bool = False,
-                 width: int = 32):
+                 width: int = 32, timm_args: Optional[Dict[str, Any]] = None):
         super().__init__()
-        if name not in BACKBONES:
-            raise ConfigError(f"model.backbone.name: unknown backbone {name!r}; expected one of "
-                             f"{sorted(BACKBONES)}")
-        if name == "small_cnn" and pretrained:
-            raise ConfigError("model.backbone.pretrained: small_cnn has no pretrained weights; "
-                             "set pretrained: false")
-        kwargs = {"width": width} if name == "small_cnn" else {}
-        self.net = BACKBONES[name](pretrained=pretrained, **kwargs)
+        self.name = name
+        if name.startswith("timm:"):
+            from dml.models.timm_backbone import TimmTrunk
+            self.net = TimmTrunk(name[len("timm:"):], pretrained, timm_args)
+        else:
+            if name not in BACKBONES:
+                raise ConfigError(f"model.backbone.name: unknown backbone {name!r}; expected one "
+                                  f"of {sorted(BACKBONES)} or timm:<timm model name>")
+            if timm_args:
+                raise ConfigError(f"model.backbone.timm_args: only for timm:<name> backbones, "
+                                  f"not {name!r}")
+            if name == "small_cnn" and pretrained:
+                raise ConfigError("model.backbone.pretrained: small_cnn has no pretrained "
+                                  "weights; set pretrained: false")
+            kwargs = {"width": width} if name == "small_cnn" else {}
+            self.net = BACKBONES[name](pretrained=pretrained, **kwargs)
         self.out_channels = self.net.out_channels
         self.frozen_bn = frozen_bn
         if frozen_bn:
             freeze_batchnorm(self.net)
+
+    @property
+    def has_class_token(self) -> bool:
+        return bool(getattr(self.net, "has_class_token", False))
+
+    @property
+    def convolutional(self) -> bool:
+        """Whether the network is convolutional end to end (channels-last helps it); a ViT's
+        one patch convolution does not make it so."""
+        if getattr(self.net, "is_token_model", False):
+            return False
+        return any(isinstance(m, nn.Conv2d) for m in self.net.modules())
+
+    def layer_ids(self) -> Tuple[Dict[str, int], int]:
+        """(parameter name within this module -> layer index, number of layers)."""
+        if not hasattr(self.net, "layer_ids"):
+            raise ConfigError(f"model.optimizer.layer_decay: applies to timm backbones, not "
+                              f"{self.name!r}")
+        ids, count = self.net.layer_ids()
+        return {f"net.{name}": layer for name, layer in ids.items()}, count
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -147,5 +180,10 @@ class Backbone(nn.Module):
             freeze_batchnorm(self.net)
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, with_class_token: bool = False):
+        if with_class_token:
+            if not self.has_class_token:
+                raise ConfigError(f"model.pooling.name: cls needs a backbone with a class token "
+                                  f"(a timm ViT); {self.name!r} has none")
+            return self.net(images, with_class_token=True)
         return self.net(images)

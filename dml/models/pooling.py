@@ -3,6 +3,8 @@
 - GAP: f = (1/n) sum_i x_i, n = H * W.
 - GMP: f = max_i x_i (per channel).
 - GeM: f = ((1/n) sum_i x_i^p)^(1/p), learnable p (Radenovic et al., 2018).
+- cls: f = x_cls, a ViT's class token (the representation DINO and CLIP pretrain); the patch
+  tokens' map is not used.
 
 Every pooling subclasses ``Pooling``: it is called as ``pooling(feature_map,
 projection=head_linear)`` and returns a ``PoolingOutput``, so that learnable poolings (GSP,
@@ -43,6 +45,7 @@ class Pooling(nn.Module):
     """
 
     produces_attributes = False
+    uses_class_token = False  # True: forward also takes class_token=(B, C) (ViT backbones)
     init_batches = 0
 
     def forward(self, x: torch.Tensor, projection=None) -> PoolingOutput:
@@ -56,6 +59,16 @@ class Pooling(nn.Module):
 
     def initialize(self, candidates: torch.Tensor) -> None:
         pass
+
+
+def pool_images(backbone: nn.Module, pooling: "Pooling", images: torch.Tensor, projection=None):
+    """(feature map, PoolingOutput) of ``images``: the one path from images to the pooled vector
+    (training, export, dashboards), handing the class token to a pooling that uses it."""
+    if pooling.uses_class_token:
+        feature_map, class_token = backbone(images, with_class_token=True)
+        return feature_map, pooling(feature_map, projection=projection, class_token=class_token)
+    feature_map = backbone(images)
+    return feature_map, pooling(feature_map, projection=projection)
 
 
 class GAP(Pooling):
@@ -83,3 +96,18 @@ class GeM(Pooling):
     def forward(self, x: torch.Tensor, projection=None) -> PoolingOutput:
         pooled = x.clamp_min(self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
         return PoolingOutput(pooled)
+
+
+class ClassToken(Pooling):
+    """f = x_cls: the backbone's class token (``model.pooling.name: cls``; timm ViTs)."""
+
+    uses_class_token = True
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, projection=None, class_token=None) -> PoolingOutput:
+        if class_token is None:
+            raise ValueError("the cls pooling needs the backbone's class token "
+                             "(dml.models.pooling.pool_images passes it)")
+        return PoolingOutput(class_token)

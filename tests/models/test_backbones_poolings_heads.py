@@ -86,8 +86,12 @@ def test_every_pooling_follows_the_contract():
     for name, cls in POOLINGS.items():
         pooling = build_pooling(name, 5, {"num_prototypes": 3} if name == "gsp" else {}, 6)
         assert isinstance(pooling, Pooling), name
-        out = pooling(x, projection=head)
+        token = torch.rand(2, 5)  # a ViT's class token, for poolings that use it
+        out = pooling(x, projection=head, class_token=token) if pooling.uses_class_token \
+            else pooling(x, projection=head)
         assert out.pooled.shape == (2, 5)
+        if name == "cls":
+            assert torch.equal(out.pooled, token)
         assert (out.attributes is not None) == pooling.produces_attributes, name
     gsp = build_pooling("gsp", 5, {"num_prototypes": 3}, 6)
     assert gsp.wants_initialization() and gsp.candidate_source(None) == "embeddings"
