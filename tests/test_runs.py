@@ -82,20 +82,27 @@ def test_a_non_finite_buffer_is_never_checkpointed(tmp_path, capsys):
     assert epoch_of(os.path.join(run, "checkpoints", "last.ckpt")) == 0
 
 
-def test_nan_stops_the_run_and_leaves_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def poison_metric(monkeypatch, bad_steps, factor=float("nan")):
+    """Objective.forward multiplying the metric term by ``factor`` at the training steps (calls,
+    from 0) in ``bad_steps``; returns the list of steps computed so far."""
     from dml.objective import Objective
 
     compute = Objective.forward
     steps = []
 
-    def poisoned(self, embedded, labels):  # finite until step 8 (epoch 1, batch 2)
+    def poisoned(self, embedded, labels):
         terms = compute(self, embedded, labels)
+        if len(steps) in bad_steps:
+            terms["metric"] = terms["metric"] * factor
         steps.append(len(steps))
-        if len(steps) > 8:
-            terms["metric"] = terms["metric"] * float("nan")
         return terms
 
     monkeypatch.setattr(Objective, "forward", poisoned)
+    return steps
+
+
+def test_nan_stops_the_run_and_leaves_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    poison_metric(monkeypatch, range(8, 1000))  # finite until step 8 (epoch 1, batch 2)
     with pytest.raises(SystemExit) as exc:
         cli_main(["fit", *BASE, *method("baseline"), *TINY, "--dashboard.enabled", "false",
                   "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
@@ -109,21 +116,9 @@ def test_nan_stops_the_run_and_leaves_the_last_good_checkpoint(tmp_path, monkeyp
 
 def test_nan_in_the_last_step_of_an_epoch_is_caught_before_its_validation(tmp_path, monkeypatch,
                                                                          capsys):
-    # The loss flag is read one step late (no host-device sync per step): a NaN in an epoch's
-    # last step has no next step, so the check before validation and checkpoints must catch it.
-    from dml.objective import Objective
-
-    compute = Objective.forward
-    steps = []
-
-    def poisoned(self, embedded, labels):  # step 11 is epoch 1's last (6 batches an epoch)
-        terms = compute(self, embedded, labels)
-        steps.append(len(steps))
-        if len(steps) == 12:
-            terms["metric"] = terms["metric"] * float("nan")
-        return terms
-
-    monkeypatch.setattr(Objective, "forward", poisoned)
+    # The losses are read every 50 steps (no host-device sync per step): a NaN in an epoch's
+    # last step must be caught by the read before validation and checkpoints.
+    steps = poison_metric(monkeypatch, {11})  # epoch 1's last step (6 batches an epoch)
     with pytest.raises(SystemExit):
         cli_main(["fit", *BASE, *method("baseline"), *TINY, "--dashboard.enabled", "false",
                   "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
@@ -136,21 +131,10 @@ def test_nan_in_the_last_step_of_an_epoch_is_caught_before_its_validation(tmp_pa
 def test_a_nan_inside_an_epoch_stops_the_run_within_the_guards_read_interval(tmp_path,
                                                                              monkeypatch, capsys):
     from dml.loss_watch import LossWatch
-    from dml.objective import Objective
 
     original = LossWatch.__init__
     monkeypatch.setattr(LossWatch, "__init__", lambda self, every=50: original(self, every=2))
-    compute = Objective.forward
-    steps = []
-
-    def poisoned(self, embedded, labels):  # NaN from step 7 (epoch 1, batch 1) on
-        terms = compute(self, embedded, labels)
-        steps.append(len(steps))
-        if len(steps) > 7:
-            terms["metric"] = terms["metric"] * float("nan")
-        return terms
-
-    monkeypatch.setattr(Objective, "forward", poisoned)
+    steps = poison_metric(monkeypatch, range(7, 1000))  # from step 7 (epoch 1, batch 1) on
     with pytest.raises(SystemExit):
         cli_main(["fit", *BASE, *method("baseline"), *TINY, "--dashboard.enabled", "false",
                   "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
@@ -160,19 +144,7 @@ def test_a_nan_inside_an_epoch_stops_the_run_within_the_guards_read_interval(tmp
 
 
 def test_skip_instead_of_stop_is_an_option(tmp_path, monkeypatch):
-    from dml.objective import Objective
-
-    compute = Objective.forward
-    calls = []
-
-    def one_bad_step(self, embedded, labels):
-        terms = compute(self, embedded, labels)
-        calls.append(1)
-        if len(calls) == 4:  # the step at global step 3
-            terms["metric"] = terms["metric"] * float("inf")
-        return terms
-
-    monkeypatch.setattr(Objective, "forward", one_bad_step)
+    poison_metric(monkeypatch, {3}, float("inf"))  # the step at global step 3
     with pytest.warns(UserWarning, match="non-finite loss at step 3.*step skipped"):
         cli = cli_main(["fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "1",
                         "--dashboard.enabled", "false", "--model.nonfinite_loss", "skip",
