@@ -237,3 +237,40 @@ def test_a_gsp_network_exports_with_its_transport_solver(tmp_path, fmt):
                                                providers=["CPUExecutionProvider"])
         got = session.run(None, {"images": images.numpy()})[0]
     assert np.abs(got - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("pooling", ["cls", "gsp"])
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_a_vit_network_exports(tmp_path, fmt, pooling):
+    """A timm ViT (tiny, random) with its class token (cls) or its patch tokens (GSP) exports
+    and agrees with the PyTorch model on other inputs."""
+    pytest.importorskip("timm")
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    from dml.inference import export
+    from dml.module import BackboneConfig, DMLModule, LossConfig, PoolingConfig
+
+    torch.manual_seed(0)
+    tiny = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+    module = DMLModule(backbone=BackboneConfig("timm:vit_small_patch16_224.dino",
+                                               pretrained=False, timm_args=tiny),
+                       pooling=PoolingConfig(pooling, {"num_prototypes": 4}
+                                             if pooling == "gsp" else {}),
+                       embedding_dim=16, num_classes=10, loss=LossConfig("contrastive"))
+    if pooling == "gsp":
+        module.pooling.initialize(torch.randn(40, 16))
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
+               tmp_path / "vit.ckpt")
+    embedder = Embedder.from_checkpoint(str(tmp_path / "vit.ckpt"), device="cpu")
+    info = export(embedder, fmt, str(tmp_path / f"vit.{fmt}"), batch=3)
+    assert info["max_abs_diff_vs_pytorch"] <= 1e-4
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    expected = embedder.embed_tensors(images).numpy()
+    if fmt == "torchscript":
+        got = torch.jit.load(str(tmp_path / "vit.torchscript"))(images).detach().numpy()
+    else:
+        import onnxruntime
+        session = onnxruntime.InferenceSession(str(tmp_path / "vit.onnx"),
+                                               providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": images.numpy()})[0]
+    assert np.abs(got - expected).max() <= 1e-4

@@ -134,7 +134,8 @@ class TimmTrunk(nn.Module):
             if h * w != patches.shape[1]:
                 raise RuntimeError(f"timm model {self.name!r}: {patches.shape[1]} patch tokens do "
                                    f"not form the {h} x {w} grid of a {height} x {width} image")
-            feature_map = patches.transpose(1, 2).reshape(len(out), -1, h, w)
+            # (B, N, D) -> (B, D, h, w), the batch size left symbolic (exports trace it)
+            feature_map = patches.transpose(1, 2).unflatten(2, (h, w))
         elif out.dim() == 4:
             if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
                 out = out.permute(0, 3, 1, 2)
