@@ -102,7 +102,7 @@ class DMLCLI(LightningCLI):
             allowed = [p.strip() for p in (config.get("resume_changes") or "").split(",")
                        if p.strip()]
             runs.check_resume(saved_config(ckpt_path), self._config_dict(config), ckpt_path,
-                              allowed)
+                              allowed, self._default_config_dict())
         if launching_process():
             runs.write_run_file(run_dir, git_state(), ckpt_path if resuming else None)
             if not resuming:  # a resume names its checkpoint, in the folder, first
@@ -117,6 +117,15 @@ class DMLCLI(LightningCLI):
                 not any(isinstance(c, ProgressBarBase) for c in given):
             callbacks = list(callbacks) + [ProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _default_config_dict(self) -> Optional[dict]:
+        """Every key at its default (for checkpoints older than a key); None if unavailable."""
+        parser = self._parser(self.subcommand)
+        try:
+            return json.loads(parser.dump(parser.get_defaults(), skip_none=False,
+                                          skip_check=True, format="json"))
+        except Exception:  # noqa: BLE001 - then absent keys count as changed, as before
+            return None
 
     def _config_dict(self, config) -> dict:
         return json.loads(self._parser(self.subcommand).dump(config, skip_none=False,

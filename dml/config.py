@@ -113,7 +113,8 @@ class OptimizerConfig:
     for loss parameters (proxies, GSP's zero-shot class embeddings). layer_decay (timm
     backbones): layer l of L gets the backbone's rate times layer_decay^(L - 1 - l) (BEiT's
     layer-wise decay; the last layer the full rate). scheduler: none | step (milestones, gamma) |
-    cosine."""
+    cosine. warmup_epochs > 0: the rate rises linearly from 0 over that many epochs, then
+    follows the scheduler, both per optimizer step (``dml.lr_schedule``)."""
     name: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -123,6 +124,7 @@ class OptimizerConfig:
     scheduler: str = "none"
     milestones: List[int] = field(default_factory=list)
     gamma: float = 0.1
+    warmup_epochs: float = 0.0
 
 
 @dataclass

@@ -24,6 +24,7 @@ from dml.config import (BackboneConfig, EvalConfig, IBCConfig, LossConfig,  # no
 from dml.errors import ConfigError, NonFiniteEmbeddingsError, NonFiniteLossError
 from dml.evaluation import EvalSets, Evaluator
 from dml.loss_watch import LossWatch
+from dml.lr_schedule import WarmupSchedule
 from dml.losses.ibc import pseudo_test_refiner
 from dml.models import pool_images
 
@@ -316,6 +317,15 @@ class DMLModule(pl.LightningModule):
         if cfg.name == "sgd":
             kwargs["momentum"] = 0.9
         optimizer = OPTIMIZERS[cfg.name](groups, lr=cfg.lr, **kwargs)
+        if cfg.warmup_epochs > 0:
+            total = int(self.trainer.estimated_stepping_batches)
+            epochs = self.trainer.max_epochs if (self.trainer.max_epochs or 0) > 0 else 1
+            per_epoch = total / epochs
+            factor = WarmupSchedule(round(cfg.warmup_epochs * per_epoch), total, cfg.scheduler,
+                                    per_epoch, cfg.milestones, cfg.gamma)
+            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched,
+                                                             "interval": "step"}}
         if cfg.scheduler == "none":
             return optimizer
         if cfg.scheduler == "step":

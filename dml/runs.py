@@ -153,11 +153,16 @@ def flatten(config: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def protected_differences(saved: Dict[str, Any], current: Dict[str, Any],
-                          allowed: Iterable[str] = ()) -> List[str]:
+                          allowed: Iterable[str] = (),
+                          defaults: Optional[Dict[str, Any]] = None) -> List[str]:
     """Keys under PROTECTED whose values differ (or exist on one side only), minus HARMLESS
-    ones and those matching an ``allowed`` pattern (fnmatch: ``model.optimizer.*``)."""
+    ones and those matching an ``allowed`` pattern (fnmatch: ``model.optimizer.*``). A key the
+    checkpoint predates (absent from its config, present in ``defaults``) counts at its default:
+    the run was trained as the default behaves."""
     allowed = list(allowed)
     a, b = flatten(saved), flatten(current)
+    for key, value in flatten(defaults or {}).items():
+        a.setdefault(key, value)
     out = []
     for key in sorted(set(a) | set(b)):
         if not key.startswith(PROTECTED) or key in HARMLESS:
@@ -181,11 +186,11 @@ def describe_differences(saved: Dict[str, Any], current: Dict[str, Any],
 
 
 def check_resume(saved: Optional[Dict[str, Any]], current: Dict[str, Any], ckpt_path: str,
-                 allowed: Iterable[str]) -> None:
+                 allowed: Iterable[str], defaults: Optional[Dict[str, Any]] = None) -> None:
     """ConfigError naming the protected keys that differ from the checkpoint's config."""
     if saved is None:
         return
-    keys = protected_differences(saved, current, allowed)
+    keys = protected_differences(saved, current, allowed, defaults)
     if keys:
         raise ConfigError(
             f"resume from {ckpt_path}: the config differs from the checkpoint's in "

@@ -84,6 +84,7 @@ def test_a_backbone_layer_goes_over_every_method(backbone, dataset, method):
     assert model.loss.name == plain.model.loss.name
     assert model.memory.enabled == plain.model.memory.enabled
     assert config.trainer.max_epochs == (50 if dataset in ("cub", "cars") else 150)
+    assert model.optimizer.warmup_epochs == (1 if dataset in ("cub", "cars") else 5)
 
 
 def test_a_later_layer_sets_one_key_of_a_dict_and_keeps_the_others():

@@ -281,6 +281,29 @@ def test_resume_with_a_changed_method_is_an_error_naming_the_keys(tmp_path, caps
     assert run_folders(tmp_path) == [run] and cli.trainer.current_epoch == 2
 
 
+def test_a_checkpoint_older_than_a_config_key_resumes_at_that_keys_default(tmp_path, capsys):
+    from dml.cli import CONFIG_KEY
+
+    cli_main(["fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "1",
+              "--dashboard.enabled", "false", "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger", "false"])
+    (run,) = run_folders(tmp_path)
+    last = os.path.join(run, "checkpoints", "last.ckpt")
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    for key in ("warmup_epochs", "layer_decay"):  # as written before these keys existed
+        del checkpoint[CONFIG_KEY]["model"]["optimizer"][key]
+    del checkpoint[CONFIG_KEY]["model"]["backbone"]["timm_args"]
+    torch.save(checkpoint, last)
+    with pytest.raises(SystemExit):  # a key it predates, set to other than its default
+        cli_main(["fit", "--config", os.path.join(run, "config.yaml"), "--ckpt_path", last,
+                  "--model.optimizer.warmup_epochs", "1"])
+    assert "model.optimizer.warmup_epochs: '<absent>' in the checkpoint, 1.0 now" in \
+        capsys.readouterr().err
+    cli = cli_main(["fit", "--config", os.path.join(run, "config.yaml"), "--ckpt_path", last,
+                    "--trainer.max_epochs", "2"])
+    assert cli.trainer.current_epoch == 2
+
+
 # --- figures, console ----------------------------------------------------------------------------
 def test_a_figure_that_raises_does_not_stop_training(tmp_path, monkeypatch):
     import dml.visualization as vis
