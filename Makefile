@@ -74,7 +74,7 @@ bench-eval: $(VENV)/.installed
 # The MLRC protocol (dml/mlrc.py): 4 fold models, test-split metrics separated and concatenated.
 mlrc: SEEDS = 0
 mlrc: $(VENV)/.installed
-	$(PY) -m dml.mlrc --dataset $(DATASET) --method $(METHOD) --seeds $(SEEDS) --devices $(DEVICES) $(ARGS)
+	$(PY) -m dml.mlrc --dataset $(DATASET) --method $(METHOD) $(if $(BACKBONE),--backbone $(BACKBONE)) --seeds $(SEEDS) --devices $(DEVICES) $(ARGS)
 
 # Using a trained model (dml/inference/cli.py): make embed ARGS='CKPT --split test --out t.npz'
 embed index search export: $(VENV)/.installed

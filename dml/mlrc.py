@@ -61,10 +61,10 @@ def concatenate_normalized(parts: Sequence[np.ndarray]) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 
-def check_names(dataset: str, method: str) -> None:
-    """A ConfigError naming the data set or method that has no config file."""
+def check_names(dataset: str, method: str, backbone: Optional[str] = None) -> None:
+    """A ConfigError naming the data set, method or backbone that has no config file."""
     try:
-        config_files(dataset, method)
+        config_files(dataset, method, backbone=backbone)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -72,9 +72,9 @@ def check_names(dataset: str, method: str) -> None:
 def fold_args(dataset: str, method: str, fold: int, seed: int, folder: str,
               extra: Sequence[str] = (), epochs: Optional[int] = None,
               size: Optional[int] = None, devices: int = 1, root: Optional[str] = None,
-              config: Optional[str] = None) -> List[str]:
+              config: Optional[str] = None, backbone: Optional[str] = None) -> List[str]:
     """The ``python -m dml fit`` arguments of fold model ``fold``."""
-    args = ["fit", *config_args(dataset, method)]
+    args = ["fit", *config_args(dataset, method, backbone=backbone)]
     if config:  # e.g. the best parameters of a tuning run (python -m dml.tune)
         args += ["--config", config]
     args += ["--data.init_args.mlrc_fold", str(fold), "--seed_everything", str(seed),
@@ -225,6 +225,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("--epochs", type=int, default=None, help="default: the configs'")
     parser.add_argument("--size", type=int, default=None, help="crop size; default: configs'")
     parser.add_argument("--config", default=None, help="a config file layered last (tuning)")
+    parser.add_argument("--backbone", default=None,
+                        help="a backbone layer (experiments/backbone/<name>.yaml, e.g. "
+                             "vit_s16_dino); the row is then <method>-<backbone>")
     parser.add_argument("--out", default="experiments/results",
                         help="runs.jsonl and table.md go to OUT/<dataset>/mlrc/")
     parser.add_argument("--runs", default="runs/mlrc",
@@ -232,9 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="after --: more python -m dml fit arguments")
     opts = parser.parse_args(argv)
-    check_names(opts.dataset, opts.method)
+    check_names(opts.dataset, opts.method, opts.backbone)
     extra = [a for a in opts.extra if a != "--"]
-    name = opts.name or opts.method
+    name = opts.name or (f"{opts.method}-{opts.backbone}" if opts.backbone else opts.method)
     base = os.path.join(opts.out, opts.dataset, "mlrc")
     os.makedirs(base, exist_ok=True)
     lines_path = os.path.join(base, "runs.jsonl")
@@ -244,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             folder = os.path.join(opts.runs, opts.dataset, name.replace(" ", "_"),
                                   f"seed{seed}", f"fold{fold}")
             args = fold_args(opts.dataset, opts.method, fold, seed, folder, extra, opts.epochs,
-                             opts.size, opts.devices, opts.root, opts.config)
+                             opts.size, opts.devices, opts.root, opts.config, opts.backbone)
             done = train_fold(args, folder)
             took = "already trained" if done.get("resumed") else f"{done['seconds']} s"
             print(f"{name} seed {seed} fold {fold}: {took} -> {done['checkpoint']}", flush=True)
@@ -254,7 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         data_class, _ = data_class_and_args(read_checkpoint(checkpoints[0]))
         ks = list(getattr(data_class, "standard_recall_ks", (1, 2, 4, 8)))
         result = evaluate(checkpoints, opts.root, ks)
-        line = {"method": name, "config_method": opts.method, "seed": seed,
+        line = {"method": name, "config_method": opts.method, "backbone": opts.backbone,
+                "seed": seed,
                 "dataset": opts.dataset,
                 "folds": folds, "extra": extra, "config": opts.config,
                 "epochs": opts.epochs, "size": opts.size, **result}

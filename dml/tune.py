@@ -94,8 +94,9 @@ def best_validation(folder: str, metric: str = "val/MAP@R") -> Optional[float]:
 
 def fold_score(dataset: str, method: str, fold: int, seed: int, folder: str,
                params: Dict[str, Any], extra: Sequence[str], epochs: Optional[int],
-               root: Optional[str]) -> float:
-    args = fold_args(dataset, method, fold, seed, folder, extra, epochs, root=root)
+               root: Optional[str], backbone: Optional[str] = None) -> float:
+    args = fold_args(dataset, method, fold, seed, folder, extra, epochs, root=root,
+                     backbone=backbone)
     args += [a for key, value in params.items() for a in (f"--{key}", str(value))]
     proc = subprocess.run([sys.executable, "-m", "dml", *args], capture_output=True, text=True,
                           env=dict(os.environ, WANDB_MODE="disabled"))
@@ -127,16 +128,19 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--storage", default=None)
     parser.add_argument("--runs", default="runs/tune", help="the trials' run folders")
     parser.add_argument("--best", default=None)
+    parser.add_argument("--backbone", default=None,
+                        help="a backbone layer (experiments/backbone/<name>.yaml)")
     parser.add_argument("extra", nargs=argparse.REMAINDER)
     opts = parser.parse_args(argv)
-    check_names(opts.dataset, opts.method)
+    check_names(opts.dataset, opts.method, opts.backbone)
+    label = f"{opts.method}-{opts.backbone}" if opts.backbone else opts.method
     extra = [a for a in opts.extra if a != "--"]
     space = read_space(opts.space)
     base = os.path.join(opts.out, opts.dataset, "tune")
     os.makedirs(base, exist_ok=True)
-    storage = opts.storage or f"sqlite:///{os.path.abspath(os.path.join(base, opts.method))}.db"
+    storage = opts.storage or f"sqlite:///{os.path.abspath(os.path.join(base, label))}.db"
     study = optuna.create_study(
-        study_name=f"{opts.dataset}-{opts.method}", storage=storage, direction="maximize",
+        study_name=f"{opts.dataset}-{label}", storage=storage, direction="maximize",
         load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=opts.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if opts.prune
         else optuna.pruners.NopPruner())
@@ -145,10 +149,10 @@ def main(argv: Optional[Sequence[str]] = None):
         params = suggest(trial, space)
         scores: List[float] = []
         for step, fold in enumerate(opts.folds):
-            folder = os.path.join(opts.runs, opts.dataset, opts.method,
+            folder = os.path.join(opts.runs, opts.dataset, label,
                                   f"trial{trial.number}", f"fold{fold}")
             scores.append(fold_score(opts.dataset, opts.method, fold, opts.seed, folder,
-                                     params, extra, opts.epochs, opts.root))
+                                     params, extra, opts.epochs, opts.root, opts.backbone))
             trial.report(sum(scores) / len(scores), step)
             if trial.should_prune():
                 raise optuna.TrialPruned()
@@ -160,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None):
                                                  f"{t.value if t.value is not None else ''} "
                                                  f"{t.params}", flush=True)])
     best = study.best_trial
-    path = opts.best or os.path.join(base, f"{opts.method}.best.yaml")
+    path = opts.best or os.path.join(base, f"{label}.best.yaml")
     header = (f"# python -m dml.tune: best of {len(study.trials)} trials (study "
               f"{study.study_name} in {storage}); mean validation MAP@R over folds "
               f"{opts.folds}: {best.value:.4f}\n")

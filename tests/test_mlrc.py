@@ -75,6 +75,14 @@ def test_fold_training_never_builds_the_test_split(tmp_path, monkeypatch):
     assert cli.trainer.current_epoch == 1 and "val/MAP@R" in cli.trainer.callback_metrics
 
 
+def test_a_backbone_layer_goes_into_every_fold_model():
+    args = fold_args("cub", "gsp_contrastive", 1, 0, "f", backbone="vit_s16_dino")
+    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    assert configs[-2:] == ["experiments/backbone/vit_s16_dino.yaml",
+                            "experiments/backbone/vit_s16_dino/small.yaml"]
+    assert args[args.index("--data.init_args.mlrc_fold") + 1] == "1"
+
+
 def run(module, *args):
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=900,
@@ -122,6 +130,8 @@ def test_an_unknown_data_set_method_or_space_is_one_line_naming_it(tmp_path):
     for module, args, says in [
             ("dml.mlrc", ["--dataset", "nope", "--method", "baseline"], "experiments/data/nope.yaml"),
             ("dml.mlrc", ["--dataset", "synthetic", "--method", "nope"], "method/nope.yaml"),
+            ("dml.mlrc", ["--dataset", "synthetic", "--method", "baseline", "--backbone",
+                          "nope"], "backbone/nope.yaml"),
             ("dml.tune", ["--dataset", "synthetic", "--method", "baseline", "--space",
                           tmp_path / "none.yaml"], "none.yaml: no such file")]:
         out = run(module, *args, "--out", tmp_path)
