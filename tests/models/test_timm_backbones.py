@@ -169,3 +169,16 @@ def test_an_image_size_the_vit_does_not_take_names_the_settings():
     with pytest.raises(ConfigError, match=r"takes \(32, 32\) images, got 48 x 48: set "
                                           r"data.init_args.crop to 32"):
         tiny_vit()(torch.randn(1, 3, 48, 48))
+
+
+def test_an_nhwc_model_is_permuted_to_the_map_contract():
+    torch.manual_seed(0)
+    swin = Backbone("timm:swin_tiny_patch4_window7_224", pretrained=False,
+                    timm_args={"img_size": 56, "embed_dim": 24, "depths": (1, 1, 1, 1),
+                               "num_heads": (1, 1, 1, 1)}).eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        nhwc = swin.net.model.forward_features(x)
+        feature_map = swin(x)
+    assert nhwc.shape == (2, 2, 2, 192) and feature_map.shape == (2, 192, 2, 2)
+    assert torch.equal(feature_map, nhwc.permute(0, 3, 1, 2))
