@@ -208,69 +208,48 @@ def test_a_split_of_another_data_set_embeds_with_its_own_settings(ckpt, tmp_path
     assert rows.meta["dataset"] == "OmniglotDataModule" and rows.paths[0].endswith(".png")
 
 
+NETWORKS = {  # backbone config, pooling
+    "small_cnn-gsp": ({"name": "small_cnn", "width": 8}, "gsp"),
+    "vit-cls": ({"name": "timm:vit_small_patch16_224.dino", "timm_args": {
+        "img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}}, "cls"),
+    "vit-gsp": ({"name": "timm:vit_small_patch16_224.dino", "timm_args": {
+        "img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}}, "gsp"),
+}
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_a_gsp_network_exports_with_its_transport_solver(tmp_path, fmt):
-    """GSP's solver stops when converged and has a custom backward; the export runs it as plain
-    ops for all its iterations, and agrees with the PyTorch model on other inputs."""
+def test_networks_export_and_agree_with_pytorch(tmp_path, fmt, network):
+    """GSP's solver stops when converged and has a custom backward: the export runs it as plain
+    ops for all its iterations; a timm ViT exports with its class token (cls) or its patch-token
+    grid (GSP). Each export agrees with the PyTorch model on other inputs and batch sizes."""
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
+    backbone, pooling = NETWORKS[network]
+    if backbone["name"].startswith("timm:"):
+        pytest.importorskip("timm")
     from dml.inference import export
     from dml.module import BackboneConfig, DMLModule, LossConfig, PoolingConfig
 
     torch.manual_seed(0)
-    module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
-                       pooling=PoolingConfig("gsp", {"num_prototypes": 4}), embedding_dim=16,
-                       num_classes=10, loss=LossConfig("contrastive"))
-    module.pooling.initialize(torch.randn(40, 16))
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
-               tmp_path / "gsp.ckpt")
-    embedder = Embedder.from_checkpoint(str(tmp_path / "gsp.ckpt"), device="cpu")
-    info = export(embedder, fmt, str(tmp_path / f"gsp.{fmt}"), batch=3)
-    assert info["max_abs_diff_vs_pytorch"] <= 1e-4
-    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(9))
-    expected = embedder.embed_tensors(images).numpy()
-    if fmt == "torchscript":
-        got = torch.jit.load(str(tmp_path / "gsp.torchscript"))(images).detach().numpy()
-    else:
-        import onnxruntime
-        session = onnxruntime.InferenceSession(str(tmp_path / "gsp.onnx"),
-                                               providers=["CPUExecutionProvider"])
-        got = session.run(None, {"images": images.numpy()})[0]
-    assert np.abs(got - expected).max() <= 1e-4
-
-
-@pytest.mark.parametrize("pooling", ["cls", "gsp"])
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_a_vit_network_exports(tmp_path, fmt, pooling):
-    """A timm ViT (tiny, random) with its class token (cls) or its patch tokens (GSP) exports
-    and agrees with the PyTorch model on other inputs."""
-    pytest.importorskip("timm")
-    if fmt == "onnx":
-        pytest.importorskip("onnxruntime")
-    from dml.inference import export
-    from dml.module import BackboneConfig, DMLModule, LossConfig, PoolingConfig
-
-    torch.manual_seed(0)
-    tiny = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
-    module = DMLModule(backbone=BackboneConfig("timm:vit_small_patch16_224.dino",
-                                               pretrained=False, timm_args=tiny),
+    module = DMLModule(backbone=BackboneConfig(pretrained=False, **backbone),
                        pooling=PoolingConfig(pooling, {"num_prototypes": 4}
                                              if pooling == "gsp" else {}),
                        embedding_dim=16, num_classes=10, loss=LossConfig("contrastive"))
     if pooling == "gsp":
         module.pooling.initialize(torch.randn(40, 16))
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
-               tmp_path / "vit.ckpt")
-    embedder = Embedder.from_checkpoint(str(tmp_path / "vit.ckpt"), device="cpu")
-    info = export(embedder, fmt, str(tmp_path / f"vit.{fmt}"), batch=3)
+               tmp_path / "net.ckpt")
+    embedder = Embedder.from_checkpoint(str(tmp_path / "net.ckpt"), device="cpu")
+    info = export(embedder, fmt, str(tmp_path / f"net.{fmt}"), batch=3)
     assert info["max_abs_diff_vs_pytorch"] <= 1e-4
     images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     expected = embedder.embed_tensors(images).numpy()
     if fmt == "torchscript":
-        got = torch.jit.load(str(tmp_path / "vit.torchscript"))(images).detach().numpy()
+        got = torch.jit.load(str(tmp_path / "net.torchscript"))(images).detach().numpy()
     else:
         import onnxruntime
-        session = onnxruntime.InferenceSession(str(tmp_path / "vit.onnx"),
+        session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"),
                                                providers=["CPUExecutionProvider"])
         got = session.run(None, {"images": images.numpy()})[0]
     assert np.abs(got - expected).max() <= 1e-4
