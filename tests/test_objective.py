@@ -200,7 +200,7 @@ def test_a_term_and_a_pooling_given_by_class_path_train_without_package_edits(tm
 
     before = term.centers.detach().clone()
     trainer(tmp_path, 1, callbacks=[Terms()], enable_checkpointing=False, limit_val_batches=0,
-            limit_train_batches=2).fit(module, small_data())
+            limit_train_batches=2, log_every_n_steps=1).fit(module, small_data())
     assert "train/loss_center" in seen[-1] and "train/loss_metric" in seen[-1]
     assert not torch.equal(before, term.centers)
     with pytest.raises(ConfigError, match=r"model.terms\[0\].class_path: cannot import"):

@@ -39,6 +39,7 @@ def trainer(tmp_path, epochs, callbacks=()):
                       default_root_dir=tmp_path, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False,
                       limit_val_batches=0, use_distributed_sampler=False,
+                      log_every_n_steps=1,  # Record reads each step's logged terms
                       callbacks=list(callbacks))
 
 

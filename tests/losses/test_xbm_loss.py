@@ -118,7 +118,7 @@ def test_enqueue_order(tmp_path, enqueue):
     pl.Trainer(max_steps=4, accelerator="cpu", logger=False, default_root_dir=tmp_path,
                enable_progress_bar=False, enable_model_summary=False,
                enable_checkpointing=False, limit_val_batches=0, use_distributed_sampler=False,
-               callbacks=[parts]).fit(module, data)
+               log_every_n_steps=1, callbacks=[parts]).fit(module, data)  # terms every step
     third = parts.parts[2]  # the first step past start_iteration
     if enqueue == "before":
         assert third["train/loss_memory"] == pytest.approx(third["train/loss_metric"],
