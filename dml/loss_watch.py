@@ -39,10 +39,11 @@ class LossWatch:
                                       self.first_step)
         for name, value in terms.items():
             value = value.detach().float().reshape(())
-            old = self.values.get(name, torch.zeros_like(value))
-            seen = self.present.get(name, torch.zeros((), dtype=torch.bool, device=value.device))
-            self.values[name] = torch.where(first_bad, value, old)
-            self.present[name] = first_bad | seen
+            if name not in self.values:  # a term first seen now (the memory's, after warm-up)
+                self.values[name] = torch.zeros_like(value)
+                self.present[name] = torch.zeros((), dtype=torch.bool, device=value.device)
+            self.values[name] = torch.where(first_bad, value, self.values[name])
+            self.present[name] = first_bad | self.present[name]
         self.where[step] = (epoch, batch_idx)
         self.pending += 1
 

@@ -82,6 +82,11 @@ def create_timm_model(name: str, pretrained: bool, timm_args: Optional[Dict[str,
     except RuntimeError as error:
         if "pretrained tag" in str(error) or "Unknown model" in str(error):
             raise ConfigError(f"model.backbone.name: {error}") from error
+        if "size mismatch" in str(error):
+            raise ConfigError(f"model.backbone.timm_args {timm_args}: the pretrained weights of "
+                              f"{name!r} do not fit the architecture they ask for ("
+                              f"{str(error).splitlines()[0][:300]}); keep the architecture "
+                              f"or set pretrained: false") from error
         raise PretrainedWeightsUnavailable(
             TIMM_PRETRAINED_HELP.format(name=name, error=error)) from error
     except Exception as error:  # offline (LocalEntryNotFoundError, OSError), corrupt cache...

@@ -182,3 +182,18 @@ def test_an_nhwc_model_is_permuted_to_the_map_contract():
         feature_map = swin(x)
     assert nhwc.shape == (2, 2, 2, 192) and feature_map.shape == (2, 192, 2, 2)
     assert torch.equal(feature_map, nhwc.permute(0, 3, 1, 2))
+
+
+def test_pretrained_weights_from_a_local_file_load_and_a_misfit_is_named(tmp_path):
+    # timm's pretrained_cfg_overlay={"file": ...} loads weights from disk (no network): the
+    # loaded backbone holds exactly those weights; an architecture they do not fit is an error
+    # naming timm_args, not "offline"
+    source = tiny_vit()
+    path = tmp_path / "weights.pth"
+    torch.save(source.net.model.state_dict(), path)
+    args = {**TINY_VIT, "pretrained_cfg_overlay": {"file": str(path)}}
+    loaded = Backbone(VIT, pretrained=True, timm_args=args)
+    for name, tensor in source.net.model.state_dict().items():
+        assert torch.equal(loaded.net.model.state_dict()[name], tensor), name
+    with pytest.raises(ConfigError, match="do not fit the architecture"):
+        Backbone(VIT, pretrained=True, timm_args={**args, "embed_dim": 96})
