@@ -15,8 +15,9 @@ from typing import List
 
 
 class WarmupSchedule:
-    """The factor of ``torch.optim.lr_scheduler.LambdaLR``; a plain object, so that LambdaLR
-    saves its fields in the checkpoint."""
+    """The factor of ``torch.optim.lr_scheduler.LambdaLR``. Rebuilt from the config at every
+    start: a checkpoint holds the step count only, so a resumed run with more epochs follows
+    the longer schedule from that step."""
 
     def __init__(self, warmup_steps: int, total_steps: int, kind: str = "cosine",
                  steps_per_epoch: float = 1.0, milestones: List[int] = (), gamma: float = 0.1):

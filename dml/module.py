@@ -337,7 +337,10 @@ class DMLModule(pl.LightningModule):
             per_epoch = total / epochs
             factor = WarmupSchedule(round(cfg.warmup_epochs * per_epoch), total, cfg.scheduler,
                                     per_epoch, cfg.milestones, cfg.gamma)
-            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            # a function, not the object: LambdaLR then saves only the step count, and a resumed
+            # run follows its own config (more epochs stretch the decay; the object's saved
+            # total would hold the rate at 0 past the old end)
+            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step))
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched,
                                                              "interval": "step"}}
         if cfg.scheduler == "none":
@@ -373,6 +376,12 @@ class DMLModule(pl.LightningModule):
             if hasattr(scheduler, "base_lrs"):
                 scheduler.base_lrs = [g.get("initial_lr", g["lr"])
                                       for g in scheduler.optimizer.param_groups]
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                # the warm-up schedule is rebuilt from the config (dml.lr_schedule): the rate
+                # of the step it resumes at, not the one saved with the optimizer
+                for group, base, factor in zip(scheduler.optimizer.param_groups,
+                                               scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
         if changes:
             self.print("resume: optimizer settings from the config, not the checkpoint: "
                        + "; ".join(changes))

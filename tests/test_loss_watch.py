@@ -41,3 +41,13 @@ def test_the_first_bad_step_is_kept_with_its_own_terms_and_the_record_clears():
     assert watch.read() is None and not watch.due()  # cleared
     watch.record(torch.tensor(1.0), {"metric": torch.tensor(1.0)}, 5, 1, 0)
     assert watch.read() is None
+
+
+def test_its_record_lives_on_the_losses_device():
+    watch = LossWatch()
+    loss, metric = torch.tensor(float("nan")), torch.tensor(float("nan"))  # on the CPU
+    with torch.device("meta"):  # a tensor made without device= would land here and fail
+        watch.record(loss, {"metric": metric}, 3, 0, 3)
+    assert watch.first_step.device.type == "cpu"
+    step, epoch, batch, terms = watch.read()
+    assert (step, epoch, batch) == (3, 0, 3) and math.isnan(terms["metric"])

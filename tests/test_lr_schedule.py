@@ -64,3 +64,9 @@ def test_a_resumed_run_goes_on_with_the_schedule(tmp_path):
     resumed = fit(tmp_path / "b", config, ckpt_path=str(tmp_path / "ckpt" / "epoch=1.ckpt"))
     assert len(straight) == 12 and len(resumed) == 4  # the third epoch again
     assert [r["head"] for r in resumed] == pytest.approx([r["head"] for r in straight[8:]])
+    # resumed after the end with one more epoch: the decay stretches to 16 steps from step 12
+    # on (a schedule restored with the old total would train at lr 0)
+    longer = fit(tmp_path / "c", config, epochs=4,
+                 ckpt_path=str(tmp_path / "ckpt" / "epoch=2.ckpt"))
+    assert [r["head"] for r in longer] == pytest.approx(
+        [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 12)) for s in range(12, 16)])

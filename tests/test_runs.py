@@ -252,12 +252,17 @@ def test_two_runs_started_at_once_get_their_own_folders(tmp_path):
         assert sorted(step_losses(folder)) == list(range(12))  # one run's, not interleaved
 
 
-def test_resume_with_a_changed_method_is_an_error_naming_the_keys(tmp_path, capsys):
-    cli_main(["fit", *BASE, *method("xbn"), *TINY, "--trainer.max_epochs", "1",
+def one_epoch_run(tmp_path, name: str):
+    """(run folder, its last.ckpt) of one epoch of method ``name`` on the tiny data."""
+    cli_main(["fit", *BASE, *method(name), *TINY, "--trainer.max_epochs", "1",
               "--dashboard.enabled", "false", "--trainer.default_root_dir", str(tmp_path),
               "--trainer.logger", "false"])
     (run,) = run_folders(tmp_path)
-    last = os.path.join(run, "checkpoints", "last.ckpt")
+    return run, os.path.join(run, "checkpoints", "last.ckpt")
+
+
+def test_resume_with_a_changed_method_is_an_error_naming_the_keys(tmp_path, capsys):
+    run, last = one_epoch_run(tmp_path, "xbn")
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", os.path.join(run, "config.yaml"), *method("ccp_c2"),
                   "--ckpt_path", last])
@@ -284,11 +289,7 @@ def test_resume_with_a_changed_method_is_an_error_naming_the_keys(tmp_path, caps
 def test_a_checkpoint_older_than_a_config_key_resumes_at_that_keys_default(tmp_path, capsys):
     from dml.cli import CONFIG_KEY
 
-    cli_main(["fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "1",
-              "--dashboard.enabled", "false", "--trainer.default_root_dir", str(tmp_path),
-              "--trainer.logger", "false"])
-    (run,) = run_folders(tmp_path)
-    last = os.path.join(run, "checkpoints", "last.ckpt")
+    run, last = one_epoch_run(tmp_path, "baseline")
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     for key in ("warmup_epochs", "layer_decay"):  # as written before these keys existed
         del checkpoint[CONFIG_KEY]["model"]["optimizer"][key]

@@ -73,7 +73,14 @@ def test_methods_train_a_vit(method, terms, steps, factor, tmp_path):
         with torch.no_grad():
             assert module.embed(batches[0][0])["pooling"].weights.shape[1] == 16
     before = batch_terms(module, batches, terms)
+    weights = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     cli.trainer.fit(module, cli.datamodule)
+    # every trainable weight trained: the ViT's (class token, position embedding, blocks),
+    # the pooling's, the head's and the loss terms' own
+    unchanged = [n for n, p in module.named_parameters()
+                 if n in weights and torch.equal(p.detach(), weights[n])]
+    assert not unchanged, unchanged
+    assert all(torch.isfinite(p).all() for p in module.parameters())
     assert cli.trainer.global_step == steps
     after = batch_terms(module, batches, terms)
     for name in terms:

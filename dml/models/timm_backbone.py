@@ -126,7 +126,8 @@ class TimmTrunk(nn.Module):
                 (height, width) != tuple(patch_embed.img_size):
             raise ConfigError(
                 f"timm model {self.name!r} takes {tuple(patch_embed.img_size)} images, got "
-                f"{height} x {width}: set data.init_args.crop to {patch_embed.img_size[0]}, or "
+                f"{height} x {width}: set the data set's image size to {patch_embed.img_size[0]} "
+                f"(data.init_args.crop; image_size for the synthetic data), or "
                 f"model.backbone.timm_args: {{img_size: {height}}} (or dynamic_img_size: true)")
         out = self.model.forward_features(self.input_norm(x))
         token = None

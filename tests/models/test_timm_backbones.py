@@ -166,8 +166,8 @@ def test_unknown_names_and_unavailable_weights_are_one_line_errors(tmp_path):
 
 
 def test_an_image_size_the_vit_does_not_take_names_the_settings():
-    with pytest.raises(ConfigError, match=r"takes \(32, 32\) images, got 48 x 48: set "
-                                          r"data.init_args.crop to 32"):
+    with pytest.raises(ConfigError, match=r"takes \(32, 32\) images, got 48 x 48: set the "
+                                          r"data set's image size to 32 \(data.init_args.crop"):
         tiny_vit()(torch.randn(1, 3, 48, 48))
 
 
@@ -197,3 +197,17 @@ def test_pretrained_weights_from_a_local_file_load_and_a_misfit_is_named(tmp_pat
         assert torch.equal(loaded.net.model.state_dict()[name], tensor), name
     with pytest.raises(ConfigError, match="do not fit the architecture"):
         Backbone(VIT, pretrained=True, timm_args={**args, "embed_dim": 96})
+
+
+def test_every_tensor_follows_the_inputs_device():
+    # torch.device("meta") as the default device: a tensor made without device= lands on meta
+    # and the first op mixing it with the (CPU) inputs fails; re-normalisation, a dynamic grid
+    # and the class token included
+    backbone = Backbone("timm:vit_base_patch16_clip_224.openai", pretrained=False,
+                        timm_args={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1,
+                                   "num_heads": 3, "dynamic_img_size": True})
+    x = torch.randn(2, 3, 32, 48)
+    with torch.device("meta"):
+        feature_map, class_token = backbone(x, with_class_token=True)
+    assert feature_map.device.type == class_token.device.type == "cpu"
+    assert feature_map.shape == (2, 48, 4, 6) and torch.isfinite(feature_map).all()
