@@ -18,3 +18,22 @@ class BlowUpAt(pl.Callback):
 
             bn = next(m for m in pl_module.modules() if isinstance(m, torch.nn.BatchNorm2d))
             bn.running_var.fill_(float("inf"))
+
+
+class RecordBatches(pl.Callback):
+    """Appends one JSON line per training batch to ``path`` (``path.rank<r>`` under DDP): the
+    epoch, step, the data-set indices, labels and each image's pixel sum (what an augmentation
+    changes)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import json
+
+        images, labels, indices = batch
+        path = self.path if trainer.world_size == 1 else f"{self.path}.rank{trainer.global_rank}"
+        with open(path, "a") as f:
+            f.write(json.dumps({"epoch": trainer.current_epoch, "step": batch_idx,
+                                "indices": indices.tolist(), "labels": labels.tolist(),
+                                "pixels": images.double().flatten(1).sum(1).tolist()}) + "\n")

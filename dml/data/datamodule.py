@@ -123,6 +123,12 @@ class DMLDataModule(pl.LightningDataModule):
         if stage in (None, "test", "validate"):
             _ = self.eval_datasets if stage != "validate" else self.val_datasets
 
+    def current_epoch(self) -> Optional[int]:
+        """The epoch the trainer is in, which the training batches and their augmentations
+        are drawn from; None without a trainer (then ``set_epoch`` on the batch sampler)."""
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else None
+
     def _world(self):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
@@ -155,9 +161,11 @@ class DMLDataModule(pl.LightningDataModule):
             self.train_labels(), self.classes_per_batch, self.samples_per_class, seed=self.seed,
             num_replicas=world, rank=rank, batches_per_epoch=self.batches_per_epoch)
         # each sample's augmentation seeded by (seed, epoch, step, rank, position): a resume,
-        # another num_workers or restarted workers see the same crops (dml.data.seeding)
+        # another num_workers or restarted workers see the same crops (dml.data.seeding); the
+        # epoch is the trainer's, read when each epoch's batches are drawn
         return DataLoader(SeededSamples(self.train_dataset),
-                          batch_sampler=SeededBatches(sampler, self.seed, rank),
+                          batch_sampler=SeededBatches(sampler, self.seed, rank,
+                                                      epoch=self.current_epoch),
                           collate_fn=self.collate_fn, **self._loader_kwargs())
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:

@@ -13,7 +13,7 @@ on the device, under this same seed).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,10 +41,20 @@ def seeded(seed: int):
 
 
 class SeededBatches(Sampler[List[Tuple[int, int]]]):
-    """A batch sampler's batches as lists of (index, augmentation seed)."""
+    """A batch sampler's batches as lists of (index, augmentation seed).
 
-    def __init__(self, batches: Sampler[List[int]], seed: int, rank: int = 0):
+    ``epoch``: where the epoch comes from. A callable (the trainer's ``current_epoch``, as the
+    DataModule passes it; None while there is no trainer) is read each time an epoch's
+    batches are drawn, so every epoch draws new batches and new crops without anybody calling
+    ``set_epoch``: Lightning calls it on a loader's ``sampler`` and ``batch_sampler.sampler``,
+    never on a batch sampler itself. Without a trainer, ``set_epoch`` sets it, as for a
+    ``DistributedSampler``.
+    """
+
+    def __init__(self, batches: Sampler[List[int]], seed: int, rank: int = 0,
+                 epoch: Optional[Callable[[], Optional[int]]] = None):
         self.batches, self.seed, self.rank, self.epoch = batches, seed, rank, 0
+        self.epoch_source = epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -55,8 +65,12 @@ class SeededBatches(Sampler[List[Tuple[int, int]]]):
         return len(self.batches)
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        epoch = self.epoch_source() if self.epoch_source is not None else None
+        if epoch is not None:
+            self.set_epoch(epoch)
+        epoch = self.epoch
         for step, batch in enumerate(self.batches):
-            yield [(int(i), sample_seed(self.seed, self.epoch, step, self.rank, p))
+            yield [(int(i), sample_seed(self.seed, epoch, step, self.rank, p))
                    for p, i in enumerate(batch)]
 
 
