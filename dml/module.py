@@ -24,7 +24,7 @@ from dml.config import (BackboneConfig, EvalConfig, IBCConfig, LossConfig,  # no
 from dml.errors import ConfigError, NonFiniteEmbeddingsError, NonFiniteLossError
 from dml.evaluation import EvalSets, Evaluator
 from dml.loss_watch import LossWatch
-from dml.lr_schedule import WarmupSchedule
+from dml.lr_schedule import build_schedule
 from dml.losses.ibc import pseudo_test_refiner
 from dml.models import pool_images
 
@@ -331,26 +331,14 @@ class DMLModule(pl.LightningModule):
         if cfg.name == "sgd":
             kwargs["momentum"] = 0.9
         optimizer = OPTIMIZERS[cfg.name](groups, lr=cfg.lr, **kwargs)
-        if cfg.warmup_epochs > 0:
-            total = int(self.trainer.estimated_stepping_batches)
-            epochs = self.trainer.max_epochs if (self.trainer.max_epochs or 0) > 0 else 1
-            per_epoch = total / epochs
-            factor = WarmupSchedule(round(cfg.warmup_epochs * per_epoch), total, cfg.scheduler,
-                                    per_epoch, cfg.milestones, cfg.gamma)
-            # a function, not the object: LambdaLR then saves only the step count, and a resumed
-            # run follows its own config (more epochs stretch the decay; the object's saved
-            # total would hold the rate at 0 past the old end)
-            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched,
-                                                             "interval": "step"}}
-        if cfg.scheduler == "none":
+        if cfg.scheduler == "none" and cfg.warmup_epochs == 0:
             return optimizer
-        if cfg.scheduler == "step":
-            sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
-        else:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=max(1, self.trainer.max_epochs or 1))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        # per optimizer step, sized from the steps this trainer will take (dml.lr_schedule);
+        # a function, not the object: LambdaLR then saves only the step count, and a resumed
+        # run follows its own config (more epochs stretch the decay)
+        factor = build_schedule(cfg, self.trainer)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def apply_changed_optimizer_settings(self) -> None:
         """On resume, learning rates and weight decay come back from the checkpoint. Where the
@@ -377,8 +365,11 @@ class DMLModule(pl.LightningModule):
                 scheduler.base_lrs = [g.get("initial_lr", g["lr"])
                                       for g in scheduler.optimizer.param_groups]
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                # the warm-up schedule is rebuilt from the config (dml.lr_schedule): the rate
-                # of the step it resumes at, not the one saved with the optimizer
+                # the schedule is rebuilt from the config (dml.lr_schedule) and set to the
+                # optimizer step the run resumes at (also where the checkpoint counted epochs:
+                # the epoch-wise schedulers before it); the rate is that step's, not the one
+                # saved with the optimizer
+                scheduler.last_epoch = self.trainer.global_step
                 for group, base, factor in zip(scheduler.optimizer.param_groups,
                                                scheduler.base_lrs, scheduler.lr_lambdas):
                     group["lr"] = base * factor(scheduler.last_epoch)
@@ -459,6 +450,11 @@ class DMLModule(pl.LightningModule):
 
     # --- checkpoints of the earlier layout -----------------------------------------------
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        for i, state in enumerate(checkpoint.get("lr_schedulers") or []):
+            if "lr_lambdas" not in state:  # an epoch-wise scheduler (cosine, step) of old
+                checkpoint["lr_schedulers"][i] = {
+                    "last_epoch": state.get("last_epoch", 0), "base_lrs": state["base_lrs"],
+                    "lr_lambdas": [None] * len(state["base_lrs"])}
         if migrate_checkpoint(checkpoint):
             state = checkpoint["state_dict"]
             fresh = [k for k in self.state_dict() if k not in state and
