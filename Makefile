@@ -51,7 +51,7 @@ train: $(VENV)/.installed
 resume: $(VENV)/.installed
 	@test -n "$(RUN)" || { echo "usage: make resume RUN=runs/<run folder> [ARGS=...]" >&2; exit 2; }
 	@test -f "$(RUN)/checkpoints/last.ckpt" || { echo "no $(RUN)/checkpoints/last.ckpt" >&2; exit 2; }
-	$(PY) -m dml fit --config $(RUN)/config.yaml --ckpt_path $(RUN)/checkpoints/last.ckpt $(ARGS)
+	$(PY) -m dml fit --config "$(RUN)/config.yaml" --ckpt_path "$(RUN)/checkpoints/last.ckpt" $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -63,10 +63,10 @@ table: $(VENV)/.installed
 	$(PY) -m dml.reproduce --dataset $(DATASET) --seeds $(SEEDS) --devices $(DEVICES) $(ARGS)
 
 data: $(VENV)/.installed
-	$(PY) -m dml.data.download $(DATASET) $(DATA_ROOT)
+	$(PY) -m dml.data.download $(DATASET) "$(DATA_ROOT)"
 
 data-check: $(VENV)/.installed
-	$(PY) -m dml.data.check $(DATASET) $(DATA_ROOT) $(if $(DECODE),--decode)
+	$(PY) -m dml.data.check $(DATASET) "$(DATA_ROOT)" $(if $(DECODE),--decode)
 
 bench-eval: $(VENV)/.installed
 	$(PY) benchmarks/eval_speed.py

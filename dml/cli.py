@@ -95,6 +95,8 @@ class DMLCLI(LightningCLI):
             run_dir = runs.create_run_dir(runs.runs_root(config.trainer.default_root_dir),
                                           config.get("run_name"))
         self.run_dir = run_dir
+        if launching_process() and self.subcommand == "fit":
+            runs.lock_run_dir(run_dir)
         if not shared:
             runs.export_run_dir(run_dir)  # the DDP processes Lightning starts share it
         point_outputs_to(config, run_dir)
@@ -171,9 +173,18 @@ def point_outputs_to(config, run_dir: str) -> None:
                 args.id, args.resume = wandb_id, args.resume or "allow"
         elif "save_dir" in args:
             args.save_dir = run_dir
+    original = read_run_file(run_dir).get("run")
     for callback in config.trainer.callbacks or []:
-        if hasattr(callback, "class_path") and callback.class_path.endswith("Checkpoint") and \
-                "dirpath" in callback.init_args and callback.init_args.dirpath is None:
+        if not (hasattr(callback, "class_path") and callback.class_path.endswith("Checkpoint")
+                and "dirpath" in callback.init_args):
+            continue
+        dirpath = callback.init_args.dirpath
+        if dirpath and runs.is_checkpoint_folder_of(dirpath, run_dir, original):
+            # the folder's own checkpoints/, as an earlier version wrote it into config.yaml:
+            # wherever the folder is now (copied, moved), its checkpoints are inside it
+            callback.init_args.dirpath = dirpath = None
+        if dirpath is None and not callback.class_path.endswith("RunCheckpoint"):
+            # RunCheckpoint finds <run>/checkpoints itself, so that config.yaml holds no path
             callback.init_args.dirpath = os.path.join(run_dir, "checkpoints")
 
 
@@ -322,8 +333,9 @@ def discard_unused_run_dir() -> None:
     """A run that failed before writing anything but run.json leaves no folder behind."""
     path = os.environ.get(runs.ENV_DIR)
     if path and os.environ.get(runs.ENV_OWNER) == str(os.getpid()) and os.path.isdir(path) \
-            and os.listdir(path) == [runs.RUN_FILE]:
-        os.remove(os.path.join(path, runs.RUN_FILE))
+            and set(os.listdir(path)) <= {runs.RUN_FILE, runs.LOCK_FILE}:
+        for name in os.listdir(path):
+            os.remove(os.path.join(path, name))
         os.rmdir(path)
 
 

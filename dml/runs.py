@@ -10,12 +10,15 @@ concurrent run can take it. It holds everything the run writes:
     checkpoints/         best-epoch=NNN.ckpt (by val/MAP@R) and last.ckpt (every epoch)
     figures/             dashboard PNGs
     wandb/               the W&B run files
+    .lock                held (flock) by the process that trains in the folder
 
 Processes of one DDP run share the folder: the launching process exports it (``DML_RUN_DIR``)
 to the processes Lightning starts. A cluster launcher that starts every process itself
 (torchrun, SLURM) should set ``DML_RUN_DIR`` for all of them.
 
-Resuming (``--ckpt_path <run>/checkpoints/last.ckpt``) continues in the checkpoint's run folder.
+Resuming (``--ckpt_path <run>/checkpoints/last.ckpt``) continues in the checkpoint's run folder,
+wherever that folder is now (a copied or moved folder writes only into itself), and only while
+no other process trains in it.
 The configuration saved in the checkpoint is compared with the one given: a difference in the
 model, the data, a method's callback (``xbn``, ``ccp``) or the seed is an error naming the
 keys, unless ``--resume_changes`` lists them; trainer and dashboard settings may change freely
@@ -63,6 +66,18 @@ def run_folder_of_checkpoint(ckpt_path: Optional[str]) -> Optional[str]:
     return folder if is_run_dir(folder) else None
 
 
+def is_checkpoint_folder_of(dirpath: str, run_dir: str, original_name: Optional[str]) -> bool:
+    """Whether ``dirpath`` is the ``checkpoints`` folder of this run, under its present path or
+    under the name it was created with (a config.yaml written before the folder was copied or
+    moved)."""
+    path = os.path.abspath(dirpath)
+    if os.path.basename(path) != "checkpoints":
+        return False
+    parent = os.path.dirname(path)
+    return parent == os.path.abspath(run_dir) or \
+        (original_name is not None and os.path.basename(parent) == original_name)
+
+
 def _safe_name(name: str) -> str:
     keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
     return keep.strip("-.")[:60]
@@ -102,9 +117,45 @@ def export_run_dir(path: str) -> None:
     os.environ[ENV_OWNER] = str(os.getpid())
 
 
+LOCK_FILE = ".lock"
+_held_locks: Dict[str, int] = {}
+
+
+def lock_run_dir(path: str) -> None:
+    """Hold ``<run>/.lock`` (``flock``) while this process trains in the folder: a second
+    process that would train in it (two ``make resume`` of one run) stops with one line naming
+    the holder. The kernel drops the lock when the process ends, however it ends."""
+    import fcntl
+
+    path = os.path.abspath(path)
+    if path in _held_locks:
+        return
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"run folder {path} is in use: {holder} trains in it. Wait for it to "
+                          f"end or stop it; one process at a time trains in a run folder")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    _held_locks[path] = fd
+
+
+def unlock_run_dirs() -> None:
+    """Let go of the folders this process holds (the file stays: removing it could let two
+    processes hold two different lock files of one folder)."""
+    while _held_locks:
+        _, fd = _held_locks.popitem()
+        os.close(fd)
+
+
 def release_run_dir() -> None:
     """Forget an exported folder once this process's run is over (the next run in the same
-    process gets its own)."""
+    process gets its own), and let go of its lock."""
+    unlock_run_dirs()
     if os.environ.get(ENV_OWNER) == str(os.getpid()):
         os.environ.pop(ENV_DIR, None)
         os.environ.pop(ENV_OWNER, None)

@@ -370,3 +370,85 @@ def test_ddp_cli_with_the_default_trainer_config_draws_and_resumes(tmp_path):
     assert "resumed at epoch 2, step " in again.stdout + again.stderr
     assert epoch_of(os.path.join(run, "checkpoints", "last.ckpt")) == 2
     assert run_folders(tmp_path) == [run]
+
+
+# --- a run folder owns its outputs ---------------------------------------------------------------
+def make_resume(run, *args):
+    """`make resume RUN=<run>` with this interpreter, without (re)building the environment."""
+    return subprocess.run(["make", "-s", "-o", ".venv/.installed", "resume", f"RUN={run}",
+                           f"PY={sys.executable}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, WANDB_MODE="disabled",
+                                   PYTHONPATH=os.path.join(REPO, "tests")))
+
+
+def snapshot(folder):
+    """{relative path: (size, mtime_ns)} of every file under ``folder``."""
+    out = {}
+    for base, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(base, name)
+            out[os.path.relpath(path, folder)] = (os.path.getsize(path),
+                                                  os.stat(path).st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("how", ["copy", "move", "move-old-config"])
+def test_a_copied_or_moved_run_folder_resumes_into_itself_only(tmp_path, how):
+    """`make resume` of a copy writes nothing into the original; of a moved folder (with a
+    space in its name) recreates nothing at the old path. "old-config": a config.yaml that
+    names the checkpoint folder by its absolute path, as runs before this version wrote it."""
+    import shutil
+
+    import yaml
+
+    assert dml("fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "2",
+               "--dashboard.enabled", "false", "--trainer.logger", "false",
+               "--trainer.default_root_dir", str(tmp_path / "runs")).returncode == 0
+    (original,) = run_folders(tmp_path / "runs")
+    if how == "move-old-config":
+        config_file = os.path.join(original, "config.yaml")
+        config = yaml.safe_load(open(config_file))
+        config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = \
+            os.path.join(original, "checkpoints")
+        yaml.safe_dump(config, open(config_file, "w"))
+    before = snapshot(original)
+    target = str(tmp_path / "elsewhere" / "my run")
+    os.makedirs(os.path.dirname(target))
+    (shutil.copytree if how == "copy" else shutil.move)(original, target)
+    out = make_resume(target, "ARGS=--trainer.max_epochs 4")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    if how == "copy":
+        assert snapshot(original) == before  # not one byte of the original changed
+    else:
+        assert not os.path.exists(original)  # nothing recreated at the old path
+    assert run_folders(tmp_path / "runs") == ([original] if how == "copy" else [])
+    checkpoints = sorted(os.listdir(os.path.join(target, "checkpoints")))
+    assert "last.ckpt" in checkpoints and epoch_of(
+        os.path.join(target, "checkpoints", "last.ckpt")) == 3
+    best = [c for c in checkpoints if c.startswith("best-")]
+    assert len(best) == 1  # the folder's own best, replaced in the folder when it improved
+    assert not glob.glob(str(tmp_path / "elsewhere" / "*.ckpt"))
+
+
+def test_a_second_process_cannot_train_in_a_held_run_folder(tmp_path):
+    from dml import runs
+
+    assert dml("fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "1",
+               "--dashboard.enabled", "false", "--trainer.logger", "false",
+               "--trainer.default_root_dir", str(tmp_path)).returncode == 0
+    (run,) = run_folders(tmp_path)
+    runs.lock_run_dir(run)  # as the process training in it holds it
+    before = snapshot(run)
+    try:
+        out = make_resume(run, "ARGS=--trainer.max_epochs 2")
+    finally:
+        runs.unlock_run_dirs()
+    assert out.returncode == 2
+    error = out.stderr.strip().splitlines()
+    assert any(line.startswith("error: run folder ") and f"process {os.getpid()}" in line
+               and "is in use" in line for line in error), out.stderr[-2000:]
+    assert snapshot(run) == before  # nothing written
+    out = make_resume(run, "ARGS=--trainer.max_epochs 2")  # once it is free, it resumes
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert epoch_of(os.path.join(run, "checkpoints", "last.ckpt")) == 1

@@ -113,9 +113,12 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self._last_saved_at: Optional[int] = None
         self._rng_to_restore: Optional[List[Dict[str, Any]]] = None
+        self._own_folder = self.dirpath is None
 
-    # --- atomic files ------------------------------------------------------------------------
+    # --- where: the run folder's checkpoints/, wherever the folder is now ---------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if self._own_folder:  # not a logger's sub-folder, nor a path saved in a config
+            self.dirpath = os.path.join(os.path.abspath(trainer.default_root_dir), "checkpoints")
         super().setup(trainer, pl_module, stage)
         io = trainer.strategy.checkpoint_io
         if type(io) is TorchCheckpointIO:  # the default; a custom plugin is left alone
@@ -127,6 +130,15 @@ class RunCheckpoint(ModelCheckpoint):
             module.check_losses()
         check_finite_state(trainer, module)
         super()._save_checkpoint(trainer, filepath)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """A run folder that was copied or moved: the checkpoints it knows (best, top-k, last)
+        are the files of the same names in this folder, never those of the folder it came from
+        (which a new best would otherwise delete)."""
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and os.path.abspath(saved) != os.path.abspath(self.dirpath):
+            state_dict = moved_paths(state_dict, saved, self.dirpath)
+        super().load_state_dict(state_dict)
 
     # --- last.ckpt at every epoch end ----------------------------------------------------------
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
@@ -174,6 +186,25 @@ class RunCheckpoint(ModelCheckpoint):
                            f"differ from a run that never stopped")
             return
         set_rng_states(states[trainer.global_rank])
+
+
+def moved_paths(state: Dict[str, Any], old: str, new: str) -> Dict[str, Any]:
+    """ModelCheckpoint's state with every file under folder ``old`` moved to folder ``new``;
+    files elsewhere are forgotten."""
+    def move(path):
+        if not path:
+            return path
+        inside = os.path.dirname(os.path.abspath(path)) == os.path.abspath(old)
+        return os.path.join(new, os.path.basename(path)) if inside else ""
+
+    state = dict(state, dirpath=new)
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in state:
+            state[key] = move(state[key])
+    if "best_k_models" in state:
+        state["best_k_models"] = {move(p): v for p, v in state["best_k_models"].items()
+                                  if move(p)}
+    return state
 
 
 def check_finite_state(trainer, pl_module) -> None:
