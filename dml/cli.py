@@ -79,6 +79,8 @@ class DMLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config if self.subcommand is None else self.config[self.subcommand]
+        if self.subcommand in ("validate", "test") and "verbose" in config:
+            config.verbose = False  # the module prints its metrics, in percent, with the split
         if config.trainer.get("precision") is None:
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
         if self.subcommand is None:  # run=False: classes only, nothing is written
@@ -110,6 +112,23 @@ class DMLCLI(LightningCLI):
             if not resuming:  # a resume names its checkpoint, in the folder, first
                 say(f"run folder: {run_dir}")
 
+    # --- what the printed numbers measure ----------------------------------------------------
+    def before_fit(self) -> None:
+        dm = self.datamodule
+        if getattr(dm, "validates_on_test_split", False):
+            say("validation: the test split. The best epoch (best-*.ckpt, early stopping) is "
+                "chosen on it: test-set model selection, the papers' practice; the MLRC "
+                "protocol (make mlrc, data.init_args.mlrc_fold) validates on held-out training "
+                "classes instead")
+        elif hasattr(dm, "split_name"):
+            say(f"validation: {dm.split_name('val')} (held-out training classes); the test "
+                f"split is not used while training")
+
+    def after_fit(self) -> None:
+        line = run_summary(self.trainer, self.model)
+        if line:
+            say(line)
+
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         """Lightning's default progress bar reads the logged loss on the host every step (a GPU
         synchronisation each step); where the run shows a bar and the config names none, it is
@@ -132,6 +151,30 @@ class DMLCLI(LightningCLI):
     def _config_dict(self, config) -> dict:
         return json.loads(self._parser(self.subcommand).dump(config, skip_none=False,
                                                               format="json"))
+
+
+def run_summary(trainer, module) -> Optional[str]:
+    """One line at the end of a fit: the best epoch by the checkpoint callback's monitor
+    (val/MAP@R), what it measured, its metrics and its checkpoint."""
+    from dml.module import format_metrics
+
+    history = getattr(module, "epoch_metrics", None)
+    if not history:
+        return None
+    ckpt = trainer.checkpoint_callback
+    monitor = getattr(ckpt, "monitor", None) or "val/MAP@R"
+    mode = getattr(ckpt, "mode", "max")
+    key = monitor.split("/", 1)[1] if monitor.startswith("val/") else monitor
+    scored = [(e, m) for e, m in sorted(history.items()) if key in m]
+    if not scored:
+        return None
+    # the first epoch reaching the best value, as the checkpoint callback keeps it
+    best = (max if mode == "max" else min)(scored, key=lambda em: em[1][key])[1][key]
+    epoch, metrics = next((e, m) for e, m in scored if m[key] == best)
+    path = getattr(ckpt, "best_model_path", "") or ""
+    where = f" | checkpoint {path}" if path else " | no checkpoint kept"
+    return (f"best epoch {epoch} by {monitor} | val: {module.split_name('val')} | "
+            f"{format_metrics(metrics)}{where}")
 
 
 def default_precision(accelerator, cuda_available: Optional[bool] = None,

@@ -28,6 +28,7 @@ from dml.lr_schedule import build_schedule
 from dml.losses.ibc import pseudo_test_refiner
 from dml.models import pool_images
 
+EPOCH_METRICS_KEY = "dml_epoch_metrics"  # {epoch: validation metrics} in checkpoints
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "radam": torch.optim.RAdam}
 
@@ -95,6 +96,8 @@ class DMLModule(pl.LightningModule):
                                    refine)
         self.last_metrics: Dict[str, float] = {}
         self.initial_metrics: Dict[str, float] = {}
+        # validation metrics of every epoch of the run (kept in checkpoints): the run's summary
+        self.epoch_metrics: Dict[int, Dict[str, float]] = {}
 
     # --- forward ----------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> Dict[str, Any]:
@@ -435,21 +438,34 @@ class DMLModule(pl.LightningModule):
         if not self.evaluator.parts:
             return
         metrics = self._evaluate("val")
+        split = f"val: {self.split_name('val')}"
         if self.trainer.sanity_checking:
             self.initial_metrics = metrics
             label = "resumed model" if self.trainer.ckpt_path else "untrained model"
-            self.print(f"{label} | " + format_metrics(metrics))
+            self.print(f"{label} | {split} | " + format_metrics(metrics))
         else:
             self.last_metrics = metrics
-            self.print(f"epoch {self.current_epoch:3d} | " + format_metrics(metrics))
+            self.epoch_metrics[int(self.current_epoch)] = dict(metrics)
+            self.print(f"epoch {self.current_epoch:3d} | {split} | " + format_metrics(metrics))
 
     def on_test_epoch_end(self) -> None:
         if self.evaluator.parts:
             self.last_metrics = self._evaluate("test")
-            self.print("test | " + format_metrics(self.last_metrics))
+            self.print(f"test: {self.split_name('test')} | " + format_metrics(self.last_metrics))
+
+    def split_name(self, stage: str) -> str:
+        """What a stage's metrics measure: "test split", "MLRC fold 0", ..."""
+        dm = self.trainer.datamodule
+        return dm.split_name(stage) if hasattr(dm, "split_name") else stage
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[EPOCH_METRICS_KEY] = {int(e): {k: float(v) for k, v in m.items()}
+                                         for e, m in self.epoch_metrics.items()}
 
     # --- checkpoints of the earlier layout -----------------------------------------------
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self.epoch_metrics = {int(e): dict(m) for e, m in
+                              (checkpoint.get(EPOCH_METRICS_KEY) or {}).items()}
         for i, state in enumerate(checkpoint.get("lr_schedulers") or []):
             if "lr_lambdas" not in state:  # an epoch-wise scheduler (cosine, step) of old
                 checkpoint["lr_schedulers"][i] = {

@@ -331,9 +331,66 @@ def test_the_epoch_line_is_whole_under_the_progress_bar(tmp_path, capfd):
     out = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capfd.readouterr().out).replace("\r", "\n")
     lines = [x.strip() for x in out.split("\n")]
     epoch = [x for x in lines if "| R@1" in x]
-    assert epoch and all(x.startswith(("untrained model |", "epoch   0 |")) for x in epoch)
-    assert any(x.startswith("epoch   0 | R@1") and x.endswith(tuple("0123456789"))
-               for x in epoch)
+    assert epoch and all(x.startswith(("untrained model |", "epoch   0 |", "best epoch 0"))
+                         for x in epoch)
+    assert any(x.startswith("epoch   0 | val: test split | R@1") and
+               x.endswith(tuple("0123456789")) for x in epoch)
+
+
+def metric_lines(stdout):
+    return [x for x in stdout.splitlines() if "| R@1" in x]
+
+
+def parse_metrics(line):
+    """{name: percent} from a printed metrics line."""
+    return {k: float(v) for k, v in re.findall(r"(R@\d+|MAP@R|R-Precision|NMI) +([\d.]+)", line)}
+
+
+@pytest.mark.parametrize("fold", [None, 1])
+def test_every_printed_number_names_its_split_and_the_run_ends_with_its_best_epoch(tmp_path,
+                                                                                  fold):
+    args = ["--data.init_args.mlrc_fold", str(fold)] if fold is not None else []
+    out = dml("fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "3",
+              "--dashboard.enabled", "false", "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.enable_progress_bar", "false", *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    split = "test split" if fold is None else f"MLRC fold {fold}"
+    lines = metric_lines(out.stdout)
+    assert len(lines) == 5  # untrained, 3 epochs, the summary
+    assert all(f"| val: {split} |" in x for x in lines)
+    notice = [x for x in out.stdout.splitlines() if x.startswith("validation: ")]
+    assert len(notice) == 1
+    assert ("test-set model selection" in notice[0]) == (fold is None)
+    # the summary: the epoch whose MAP@R the checkpoint callback kept, its metrics, its file
+    (run,) = run_folders(tmp_path)
+    with open(os.path.join(run, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/MAP@R")]
+    by_epoch = {int(r["epoch"]): r for r in rows}
+    best = max(sorted(by_epoch), key=lambda e: float(by_epoch[e]["val/MAP@R"]))
+    summary = lines[-1]
+    assert summary.startswith(f"best epoch {best} by val/MAP@R | val: {split} | ")
+    assert summary.split(" | ")[2] == lines[1 + best].split(" | ")[2]  # that epoch's line
+    expected = {k: round(100 * float(by_epoch[best][f"val/{k}"]), 1)
+                for k in parse_metrics(summary)}
+    assert parse_metrics(summary) == pytest.approx(expected, abs=0.051)
+    path = summary.split(" | checkpoint ")[1]
+    assert os.path.isfile(path) and path.startswith(run)
+    assert epoch_of(path) == best
+
+
+def test_test_prints_percent_with_its_split_and_no_fraction_table(tmp_path):
+    assert dml("fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "1",
+               "--dashboard.enabled", "false", "--trainer.logger", "false",
+               "--trainer.default_root_dir", str(tmp_path)).returncode == 0
+    (run,) = run_folders(tmp_path)
+    out = dml("test", "--config", os.path.join(run, "config.yaml"), "--ckpt_path",
+              os.path.join(run, "checkpoints", "last.ckpt"), "--trainer.enable_progress_bar",
+              "false", "--trainer.logger", "false", "--trainer.default_root_dir",
+              str(tmp_path / "test"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = metric_lines(out.stdout)
+    assert line.startswith("test: test split | R@1 ")
+    assert not re.search(r"0\.\d{5,}", out.stdout + out.stderr)  # no 16-digit fractions
 
 
 def test_a_key_misspelled_in_a_config_file_names_the_file(tmp_path, capsys):

@@ -39,6 +39,7 @@ class DMLDataModule(pl.LightningDataModule):
 
     standard_recall_ks: Sequence[int] = (1, 2, 4, 8)
     collate_fn = None  # DataLoader's default
+    mlrc_fold: Optional[int] = None  # the validation fold of the MLRC protocol, if any
 
     def __init__(self, classes_per_batch: int = 8, samples_per_class: int = 4,
                  eval_batch_size: int = 256, num_workers: Optional[int] = 0,
@@ -101,6 +102,17 @@ class DMLDataModule(pl.LightningDataModule):
         if self._val is None:
             self._val = self._checked(self.build_val(), f"{type(self).__name__}.build_val")
         return self._val
+
+    def split_name(self, stage: str) -> str:
+        """What a stage measures, for every printed number: "test split", or "MLRC fold k"
+        (validation on held-out training classes)."""
+        if stage == "val" and self.mlrc_fold is not None:
+            return f"MLRC fold {self.mlrc_fold}"
+        return "test split"
+
+    @property
+    def validates_on_test_split(self) -> bool:
+        return self.split_name("val") == "test split"
 
     def eval_sets(self, stage: str) -> Dict[str, Dataset]:
         """'val' or 'test' -> its data sets."""
