@@ -16,8 +16,12 @@ each fold model embeds it, and the metrics are reported
   normalised again (4 x 128 = 512-d in the MLRC setting).
 
 Every fold is trained in its own run folder under ``runs/mlrc/<dataset>/<name>/seed<s>/
-fold<k>`` (``--runs``) and recorded in ``fold.json`` when it finishes; a finished fold is not
-trained again, so an interrupted protocol resumes. One JSON line per (method, seed) goes to
+fold<k>/<fingerprint>`` (``--runs``; the fingerprint of its arguments, config files and data,
+``dml.jobs``) and recorded in ``fold.json`` when it finishes: a fold finished with the same
+settings is not trained again, so an interrupted protocol resumes, and one with other settings
+(``--epochs``, a config edit) trains anew. A fold that fails is recorded with its reason, the
+other folds and seeds go on, and the table lists the failure; its output is shown, line by
+line, while it trains. One JSON line per (method, seed) goes to
 ``<out>/<dataset>/mlrc/runs.jsonl`` (a re-run replaces its line), and the table of every
 method there to ``<out>/<dataset>/mlrc/table.md``.
 """
@@ -36,6 +40,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from dml import jobs
 from dml.compose import config_args, config_files
 from dml.errors import ConfigError
 
@@ -95,33 +100,35 @@ def best_checkpoint(folder: str) -> Optional[str]:
     return found[-1] if found else None
 
 
-def train_fold(args: List[str], folder: str) -> Dict:
-    """Train one fold model (or find it trained): {"checkpoint", "seconds"}."""
+def fold_folder(base: str, args: Sequence[str]) -> str:
+    """``base/<fingerprint>``: a fold trained with other settings (arguments, config files,
+    data) never shares a folder with this one (``dml.jobs.fingerprint``)."""
+    return os.path.join(base, jobs.fingerprint(args))
+
+
+def train_fold(args: List[str], folder: str, label: str = "fold") -> Dict:
+    """Train one fold model into ``folder`` (or find it trained there): {"status": "done",
+    "checkpoint", "seconds"} or {"status": "failed", "reason"}. A failed fold is tried again
+    by the next run of the job."""
     record = os.path.join(folder, "fold.json")
     if os.path.isfile(record):
         with open(record) as f:
             done = json.load(f)
-        if os.path.isfile(done.get("checkpoint", "")):
+        if done.get("status", "done") == "done" and os.path.isfile(done.get("checkpoint", "")):
             return dict(done, resumed=True)
-    os.makedirs(folder, exist_ok=True)
-    start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "dml", *args], capture_output=True, text=True,
-                          env=dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE",
-                                                                         "disabled")))
-    if proc.returncode != 0:
-        lines = [x for x in proc.stderr.splitlines() if x.strip()]
-        raise RuntimeError(f"fold training failed ({folder}): "
-                           f"{lines[-1] if lines else proc.returncode}")
-    checkpoint = best_checkpoint(folder)
-    if checkpoint is None:
-        raise RuntimeError(f"fold training wrote no best checkpoint under {folder}")
-    done = {"checkpoint": os.path.abspath(checkpoint), "seconds": round(time.time() - start, 1),
-            "command": "python -m dml " + shlex.join(args)}
+    result = jobs.run_unit(args, folder, label)
+    result["command"] = "python -m dml " + shlex.join(args)
+    if result["status"] == "done":
+        checkpoint = best_checkpoint(folder)
+        if checkpoint is None:
+            result.update(status="failed", reason="the run wrote no best checkpoint")
+        else:
+            result["checkpoint"] = os.path.abspath(checkpoint)
     tmp = record + ".partial"
     with open(tmp, "w") as f:
-        json.dump(done, f, indent=1)
+        json.dump(result, f, indent=1)
     os.replace(tmp, record)
-    return done
+    return result
 
 
 def test_embeddings(checkpoint: str, root: Optional[str]) -> Dict[str, "object"]:
@@ -186,13 +193,23 @@ def write_lines(path: str, lines: List[Dict]) -> None:
 def table(lines: List[Dict], dataset: str) -> str:
     """One row per method: separated mean +- 95 % CI over folds x seeds, concatenated."""
     methods = list(dict.fromkeys(line["method"] for line in lines))
-    ks = [k for k in lines[0]["concatenated"] if k.startswith("R@")] if lines else []
+    scored = [line for line in lines if not line.get("failed")]
+    ks = [k for k in scored[0]["concatenated"] if k.startswith("R@")] if scored else []
+    notes: List[str] = []
     head = [f"{m} sep." for m in REPORTED] + [f"{m} concat." for m in REPORTED] + \
         [f"{k} concat." for k in ks]
     rows = [f"| method | seeds | dims (sep. / concat.) | {' | '.join(head)} |",
             "|" + "---|" * (3 + len(head))]
     for method in methods:
-        mine = [line for line in lines if line["method"] == method]
+        failed = [line for line in lines if line["method"] == method and line.get("failed")]
+        mine = [line for line in lines if line["method"] == method and not line.get("failed")]
+        if failed:
+            notes.append(f"- {method}: seed(s) " + ", ".join(
+                f"{line['seed']} ({'; '.join(line['failed'])})" for line in failed)
+                + " failed and are not in the row")
+        if not mine:
+            rows.append(f"| {method} | failed | - | " + " | ".join("-" for _ in head) + " |")
+            continue
         cells = []
         for metric in REPORTED:
             mean, half = confidence_interval([f[metric] for line in mine
@@ -209,7 +226,8 @@ def table(lines: List[Dict], dataset: str) -> str:
             f"interval over the {FOLDS} fold models (x seeds); concatenated: the fold models' "
             f"normalised embeddings concatenated (mean +- interval over seeds when several). "
             f"In %. Made by `python -m dml.mlrc` (runs.jsonl beside this file holds every "
-            f"command and checkpoint).\n\n" + "\n".join(rows) + "\n")
+            f"command and checkpoint).\n\n" + "\n".join(rows) + "\n"
+            + ("\nFailed runs:\n" + "\n".join(notes) + "\n" if notes else ""))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
@@ -241,39 +259,55 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     base = os.path.join(opts.out, opts.dataset, "mlrc")
     os.makedirs(base, exist_ok=True)
     lines_path = os.path.join(base, "runs.jsonl")
+    failures: List[str] = []
     for seed in opts.seeds:
         checkpoints, folds = [], []
         for fold in range(FOLDS):
-            folder = os.path.join(opts.runs, opts.dataset, name.replace(" ", "_"),
-                                  f"seed{seed}", f"fold{fold}")
-            args = fold_args(opts.dataset, opts.method, fold, seed, folder, extra, opts.epochs,
-                             opts.size, opts.devices, opts.root, opts.config, opts.backbone)
-            done = train_fold(args, folder)
-            took = "already trained" if done.get("resumed") else f"{done['seconds']} s"
-            print(f"{name} seed {seed} fold {fold}: {took} -> {done['checkpoint']}", flush=True)
-            checkpoints.append(done["checkpoint"])
-            folds.append(done)
-        from dml.inference.embedder import data_class_and_args, read_checkpoint
-        data_class, _ = data_class_and_args(read_checkpoint(checkpoints[0]))
-        ks = list(getattr(data_class, "standard_recall_ks", (1, 2, 4, 8)))
-        result = evaluate(checkpoints, opts.root, ks)
+            base_folder = os.path.join(opts.runs, opts.dataset, name.replace(" ", "_"),
+                                       f"seed{seed}", f"fold{fold}")
+            args = fold_args(opts.dataset, opts.method, fold, seed, base_folder, extra,
+                             opts.epochs, opts.size, opts.devices, opts.root, opts.config,
+                             opts.backbone)
+            folder = fold_folder(base_folder, args)
+            args[args.index("--trainer.default_root_dir") + 1] = folder
+            done = train_fold(args, folder, f"{name} seed {seed} fold {fold}")
+            if done["status"] == "done":
+                took = "already trained with these settings" if done.get("resumed") else \
+                    f"{done['seconds']} s"
+                print(f"{name} seed {seed} fold {fold}: {took} -> {done['checkpoint']}",
+                      flush=True)
+                checkpoints.append(done["checkpoint"])
+            folds.append(dict(done, fold=fold))
         line = {"method": name, "config_method": opts.method, "backbone": opts.backbone,
-                "seed": seed,
-                "dataset": opts.dataset,
-                "folds": folds, "extra": extra, "config": opts.config,
-                "epochs": opts.epochs, "size": opts.size, **result}
+                "seed": seed, "dataset": opts.dataset, "folds": folds, "extra": extra,
+                "config": opts.config, "epochs": opts.epochs, "size": opts.size}
+        failed = [f for f in folds if f["status"] != "done"]
+        if failed:  # recorded, marked in the table; the other seeds go on
+            line["failed"] = [f"fold {f['fold']}: {f['reason']}" for f in failed]
+            failures += [f"seed {seed} {x}" for x in line["failed"]]
+            print(f"{name} seed {seed}: not evaluated, {len(failed)} fold(s) failed", flush=True)
+        else:
+            from dml.inference.embedder import data_class_and_args, read_checkpoint
+            data_class, _ = data_class_and_args(read_checkpoint(checkpoints[0]))
+            ks = list(getattr(data_class, "standard_recall_ks", (1, 2, 4, 8)))
+            result = evaluate(checkpoints, opts.root, ks)
+            line.update(result)
+            sep = {m: confidence_interval([f[m] for f in result["separated"]])
+                   for m in REPORTED}
+            print(f"{name} seed {seed} (test split): separated " + ", ".join(
+                f"{m} {100 * v[0]:.1f} +- {100 * v[1]:.1f}" for m, v in sep.items())
+                + "; concatenated " + ", ".join(f"{m} {100 * result['concatenated'][m]:.1f}"
+                                                for m in REPORTED), flush=True)
         lines = [x for x in load_lines(lines_path)
                  if (x["method"], x["seed"]) != (name, seed)] + [line]
         write_lines(lines_path, lines)
-        sep = {m: confidence_interval([f[m] for f in result["separated"]]) for m in REPORTED}
-        print(f"{name} seed {seed}: separated " + ", ".join(
-            f"{m} {100 * v[0]:.2f} +- {100 * v[1]:.2f}" for m, v in sep.items())
-            + "; concatenated " + ", ".join(f"{m} {100 * result['concatenated'][m]:.2f}"
-                                            for m in REPORTED), flush=True)
     text = table(load_lines(lines_path), opts.dataset)
     with open(os.path.join(base, "table.md"), "w") as f:
         f.write(text)
     print(text)
+    if failures:
+        raise RuntimeError(f"{len(failures)} fold run(s) failed ({'; '.join(failures)}); "
+                           f"the others are in {base}/table.md, which lists the failures")
     return text
 
 

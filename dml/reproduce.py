@@ -6,8 +6,11 @@
 Every (variant, seed) run is the CLI's ``fit`` on the shipped configs (trainer + data set +
 method + the method's per-data-set file) plus the variant's switches, with the seed, the
 budget and no loggers or checkpoints. Each finished run appends one JSON line (variant, seed,
-arguments, final validation metrics, seconds) to ``<out>/<dataset>/runs.jsonl``; a run already
-there is not repeated, so an interrupted grid resumes. The table (mean +- standard deviation
+arguments, their fingerprint, final validation metrics, seconds) to
+``<out>/<dataset>/runs.jsonl``; a run there with the same fingerprint (arguments, config files,
+data: ``dml.jobs``) is not repeated, so an interrupted grid resumes, and the table holds the
+runs of the settings asked for only. A run that fails is recorded with its error, the grid goes
+on, the table marks it and the command exits non-zero at the end. The table (mean +- standard deviation
 over seeds, in %) goes to ``<out>/<dataset>/table.md`` with the command that made it.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from dml import jobs
 from dml.compose import config_args
 
 # row -> (method config, extra CLI arguments). Rows come in baseline / method pairs.
@@ -94,7 +98,8 @@ def load_runs(path: str) -> List[dict]:
 
 def aggregate(rows: List[dict], order: Sequence[str]) -> Dict[str, Dict[str, tuple]]:
     """variant -> metric -> (mean, standard deviation, number of seeds), in % (the last run of
-    a repeated (variant, seed) counts). Variants outside ``order`` follow in file order."""
+    a repeated (variant, seed) counts), and "failed" -> the seeds whose last run failed.
+    Variants outside ``order`` follow in file order."""
     latest: Dict[tuple, dict] = {}
     for row in rows:
         latest[(row["variant"], row["seed"])] = row
@@ -102,8 +107,11 @@ def aggregate(rows: List[dict], order: Sequence[str]) -> Dict[str, Dict[str, tup
     names += [v for v in dict.fromkeys(k[0] for k in latest) if v not in names]
     table = {}
     for name in names:
-        runs = [r for (v, _), r in latest.items() if v == name]
+        runs = [r for (v, _), r in latest.items() if v == name and not r.get("failed")]
         table[name] = {}
+        failed = sorted(s for (v, s), r in latest.items() if v == name and r.get("failed"))
+        if failed:
+            table[name]["failed"] = tuple(failed)
         for metric in METRICS:
             values = [100 * r["metrics"][metric] for r in runs if metric in r["metrics"]]
             if values:
@@ -117,9 +125,11 @@ def markdown(table: Dict[str, Dict[str, tuple]], title: str, command: str) -> st
              "| variant | " + " | ".join(METRICS) + " | seeds |",
              "|---|" + "---|" * (len(METRICS) + 1)]
     for name, cells in table.items():
-        seeds = max((c[2] for c in cells.values()), default=0)
+        seeds = max((cells[m][2] for m in METRICS if m in cells), default=0)
         row = [f"{cells[m][0]:.1f} +- {cells[m][1]:.1f}" if m in cells else "-" for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(row) + f" | {seeds} |")
+        failed = cells.get("failed")
+        note = f" (seed {', '.join(map(str, failed))} failed)" if failed else ""
+        lines.append(f"| {name} | " + " | ".join(row) + f" | {seeds}{note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,32 +155,49 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     folder = os.path.join(args.out, args.dataset)
     os.makedirs(folder, exist_ok=True)
     runs_path = os.path.join(folder, "runs.jsonl")
-    done = {(r["variant"], r["seed"]) for r in load_runs(runs_path)}
+    done = {(r["variant"], r["seed"], r.get("fingerprint")) for r in load_runs(runs_path)
+            if not r.get("failed")}
+    wanted, failures = [], []
     for name, (method, extra) in GRID.items():
         if args.variants and name not in args.variants:
             continue
         for seed in args.seeds:
-            if (name, seed) in done:
-                continue
             cli_args = run_args(args.dataset, method, extra, seed, epochs, size,
                                 devices=args.devices, root=args.root)
+            key = jobs.fingerprint(cli_args)
+            wanted.append((name, seed, key))
+            if (name, seed, key) in done:  # the same settings, config files and data
+                continue
+            print(f"{name} seed {seed}: training", flush=True)
             start = time.perf_counter()
-            metrics, _ = run_once(cli_args)
-            row = {"variant": name, "seed": seed, "metrics": metrics,
-                   "seconds": round(time.perf_counter() - start, 1), "args": cli_args}
+            row = {"variant": name, "seed": seed, "fingerprint": key, "args": cli_args}
+            try:
+                metrics, _ = run_once(cli_args)
+                row["metrics"] = metrics
+            except (Exception, SystemExit) as error:  # noqa: BLE001 - recorded; the grid goes on
+                row.update(metrics={}, failed=f"{type(error).__name__}: {error}"[:500])
+                failures.append(f"{name} seed {seed}")
+            row["seconds"] = round(time.perf_counter() - start, 1)
             with open(runs_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row[k] for k in ("variant", "seed", "metrics", "seconds")}),
-                  flush=True)
+            print(json.dumps({k: row[k] for k in ("variant", "seed", "metrics", "seconds",
+                                                  "failed") if k in row}), flush=True)
     budget_text = f"{epochs} epochs" if epochs else "the configs' epochs"
     budget_text += f", {size} px" if size else ""
     command = "python -m dml.reproduce " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     title = f"{args.dataset}: methods vs baselines ({budget_text}, seeds {args.seeds})"
-    text = markdown(aggregate(load_runs(runs_path), list(GRID)), title, command)
+    # the table holds the runs of these settings only (the last of a repeated one)
+    keys = set(wanted)
+    rows = [r for r in load_runs(runs_path)
+            if (r["variant"], r["seed"], r.get("fingerprint")) in keys]
+    text = markdown(aggregate(rows, list(GRID)), title, command)
     with open(os.path.join(folder, "table.md"), "w") as f:
         f.write(text)
     print(text)
+    if failures:
+        raise SystemExit(f"error: {len(failures)} run(s) failed ({', '.join(failures)}); "
+                         f"the table marks them, runs.jsonl holds the reasons")
     return text
 
 

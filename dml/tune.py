@@ -20,12 +20,20 @@ fold whose running mean is below the median of the earlier trials at that fold (
 MedianPruner). The best parameters are written as a config file (``--best``, default
 ``<out>/<dataset>/tune/<method>.best.yaml``) that ``make mlrc ARGS='--config FILE'`` and
 ``python -m dml fit --config FILE`` accept, and every trial to ``<method>.trials.csv``.
+
+A study is joined only with the settings it was made with (the space, the folds, the seed and the
+fingerprint of the fit settings, ``dml.jobs``): other settings are a one-line error, never a
+study whose best trial comes from another search. A trial whose run fails (NaN, a crash) is
+recorded as failed with the run's last error line, and the search goes on. Each trial's run
+output is shown line by line while it trains.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import glob
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from dml import jobs
 from dml.errors import ConfigError
 from dml.mlrc import check_names, fold_args
 
@@ -94,21 +103,49 @@ def best_validation(folder: str, metric: str = "val/MAP@R") -> Optional[float]:
 
 def fold_score(dataset: str, method: str, fold: int, seed: int, folder: str,
                params: Dict[str, Any], extra: Sequence[str], epochs: Optional[int],
-               root: Optional[str], backbone: Optional[str] = None) -> float:
+               root: Optional[str], backbone: Optional[str] = None,
+               label: str = "trial") -> float:
+    """The best validation MAP@R of one fold model; a RuntimeError with the run's last error
+    line if it fails (the trial is then recorded as failed and the search goes on)."""
     args = fold_args(dataset, method, fold, seed, folder, extra, epochs, root=root,
                      backbone=backbone)
     args += [a for key, value in params.items() for a in (f"--{key}", str(value))]
-    proc = subprocess.run([sys.executable, "-m", "dml", *args], capture_output=True, text=True,
-                          env=dict(os.environ, WANDB_MODE="disabled"))
-    if proc.returncode != 0:
-        lines = [x for x in proc.stderr.splitlines() if x.strip()]
-        raise RuntimeError(f"{folder}: {lines[-1] if lines else proc.returncode}")
+    result = jobs.run_unit(args, folder, label)
+    if result["status"] != "done":
+        raise RuntimeError(f"{folder}: {result['reason']}")
     score = best_validation(folder)
     if score is None:
         raise RuntimeError(f"{folder}: the run logged no val/MAP@R")
     for path in glob.glob(os.path.join(folder, "*", "checkpoints", "*.ckpt")):
         os.remove(path)  # a trial keeps its metrics and config, not its weights
     return score
+
+
+def study_settings(opts, space: Dict[str, Any], extra: Sequence[str]) -> Dict[str, Any]:
+    """What a study's trials were made with: a study is joined only with the same."""
+    args = fold_args(opts.dataset, opts.method, 0, opts.seed, "-", extra, opts.epochs,
+                     root=opts.root, backbone=opts.backbone)
+    return {"space": space, "folds": list(opts.folds), "seed": opts.seed,
+            "fit": jobs.fingerprint(args)}
+
+
+def check_study_settings(study, settings: Dict[str, Any], storage: str) -> None:
+    saved = study.user_attrs.get("settings")
+    if saved is None:
+        if study.trials:  # made before settings were recorded: cannot be checked
+            raise ConfigError(f"study {study.study_name} in {storage} has trials of unknown "
+                              f"settings; give another --storage to start a new search")
+        study.set_user_attr("settings", settings)
+        return
+    differ = [k for k in settings if saved.get(k) != settings[k]]
+    if differ:
+        what = {"space": "the search space", "folds": "--folds", "seed": "--seed",
+                "fit": "the fit settings (--epochs, --root, --backbone, extra arguments, "
+                       "config files or data)"}
+        raise ConfigError(f"study {study.study_name} in {storage} was made with other "
+                          f"{', '.join(what[k] for k in differ)}; its trials would be mixed "
+                          f"with these. Give another --storage for a new search, or the "
+                          f"study's own settings to continue it")
 
 
 def main(argv: Optional[Sequence[str]] = None):
@@ -139,30 +176,46 @@ def main(argv: Optional[Sequence[str]] = None):
     base = os.path.join(opts.out, opts.dataset, "tune")
     os.makedirs(base, exist_ok=True)
     storage = opts.storage or f"sqlite:///{os.path.abspath(os.path.join(base, label))}.db"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=f"{opts.dataset}-{label}", storage=storage, direction="maximize",
         load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=opts.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if opts.prune
         else optuna.pruners.NopPruner())
 
+    settings = study_settings(opts, space, extra)
+    check_study_settings(study, settings, storage)
+    # the trials' run folders: one folder per study (storage and settings)
+    digest = hashlib.sha256(json.dumps([storage, study.study_name, settings],
+                                       sort_keys=True).encode()).hexdigest()[:10]
+
     def objective(trial) -> float:
         params = suggest(trial, space)
         scores: List[float] = []
         for step, fold in enumerate(opts.folds):
-            folder = os.path.join(opts.runs, opts.dataset, label,
+            folder = os.path.join(opts.runs, opts.dataset, label, f"study-{digest}",
                                   f"trial{trial.number}", f"fold{fold}")
-            scores.append(fold_score(opts.dataset, opts.method, fold, opts.seed, folder,
-                                     params, extra, opts.epochs, opts.root, opts.backbone))
+            try:
+                scores.append(fold_score(opts.dataset, opts.method, fold, opts.seed, folder,
+                                         params, extra, opts.epochs, opts.root, opts.backbone,
+                                         f"trial {trial.number} fold {fold}"))
+            except RuntimeError as error:
+                trial.set_user_attr("failed", str(error))
+                raise
             trial.report(sum(scores) / len(scores), step)
             if trial.should_prune():
                 raise optuna.TrialPruned()
         return sum(scores) / len(scores)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=opts.trials,
-                   callbacks=[lambda s, t: print(f"trial {t.number}: {t.state.name} "
-                                                 f"{t.value if t.value is not None else ''} "
-                                                 f"{t.params}", flush=True)])
+    # a failing trial (NaN, crash) is recorded as FAIL with its reason; the search goes on
+    study.optimize(objective, n_trials=opts.trials, catch=(RuntimeError,),
+                   callbacks=[lambda s, t: print(
+                       f"trial {t.number}: {t.state.name} "
+                       f"{'' if t.value is None else f'validation MAP@R {100 * t.value:.1f}'} "
+                       f"{t.params} {t.user_attrs.get('failed', '')}".rstrip(), flush=True)])
+    if not any(t.state.name == "COMPLETE" for t in study.trials):
+        raise RuntimeError(f"no trial of study {study.study_name} completed; the reasons are "
+                           f"in its trials ({len(study.trials)} failed or pruned)")
     best = study.best_trial
     path = opts.best or os.path.join(base, f"{label}.best.yaml")
     header = (f"# python -m dml.tune: best of {len(study.trials)} trials (study "
@@ -176,12 +229,15 @@ def main(argv: Optional[Sequence[str]] = None):
     keys = list(space)
     with open(trials_path + ".partial", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["trial", "state", "mean validation MAP@R", *keys])
+        writer.writerow(["trial", "state", "mean validation MAP@R (fraction)", *keys,
+                         "failure"])
         for t in study.trials:
             writer.writerow([t.number, t.state.name, "" if t.value is None else f"{t.value:.6f}",
-                             *[t.params.get(k, "") for k in keys]])
+                             *[t.params.get(k, "") for k in keys],
+                             t.user_attrs.get("failed", "")])
     os.replace(trials_path + ".partial", trials_path)
-    print(f"best trial {best.number}: validation MAP@R {best.value:.4f} {best.params} -> {path} "
+    print(f"best trial {best.number}: validation MAP@R {100 * best.value:.1f} {best.params} -> "
+          f"{path} "
           f"(every trial: {trials_path})")
     return study, path
 

@@ -37,3 +37,22 @@ class RecordBatches(pl.Callback):
             f.write(json.dumps({"epoch": trainer.current_epoch, "step": batch_idx,
                                 "indices": indices.tolist(), "labels": labels.tolist(),
                                 "pixels": images.double().flatten(1).sum(1).tolist()}) + "\n")
+
+
+class FailAtStart(pl.Callback):
+    """Stops the run with an error at the start of training: on MLRC fold ``fold`` only (when
+    given), or only the first time (``marker`` records that it happened)."""
+
+    def __init__(self, fold: int = -1, marker: str = ""):
+        self.fold, self.marker = fold, marker
+
+    def on_train_start(self, trainer, pl_module):
+        import os
+
+        if self.fold >= 0 and getattr(trainer.datamodule, "mlrc_fold", None) != self.fold:
+            return
+        if self.marker:
+            if os.path.exists(self.marker):
+                return
+            open(self.marker, "w").close()
+        raise RuntimeError("injected failure")

@@ -86,7 +86,14 @@ def test_a_backbone_layer_goes_into_every_fold_model():
 def run(module, *args):
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, WANDB_MODE="disabled"))
+                          env=dict(os.environ, WANDB_MODE="disabled",
+                                   PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"),
+                                                               REPO])))
+
+
+def fail_at_start(**init_args):
+    return "--trainer.callbacks+=" + json.dumps({"class_path": "run_helpers.FailAtStart",
+                                                 "init_args": init_args})
 
 
 def test_a_tuned_config_runs_the_protocol_which_resumes(tmp_path):
@@ -120,10 +127,57 @@ def test_a_tuned_config_runs_the_protocol_which_resumes(tmp_path):
     assert str(best) in line["folds"][0]["command"]  # the tuned parameters were used
     table = (base / "table.md").read_text()
     assert "| baseline | 1 | 64 / 256 |" in table
+    # each fold's training output is shown while it runs, behind its label
+    assert "baseline seed 0 fold 3 | epoch   0 | val: MLRC fold 3 | R@1" in out.stdout
     again = run("dml.mlrc", *args)  # every fold already trained: only the evaluation runs
     assert again.returncode == 0 and again.stdout.count("already trained") == 4
     (line2,) = [json.loads(x) for x in open(base / "runs.jsonl")]
     assert line2["concatenated"] == line["concatenated"]
+    # other settings (2 epochs): nothing is reused, the new folds train into folders of their own
+    args[args.index("--epochs") + 1] = "2"
+    third = run("dml.mlrc", *args)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert third.stdout.count("already trained") == 0
+    (line3,) = [json.loads(x) for x in open(base / "runs.jsonl")]
+    assert line3["epochs"] == 2 and all("--trainer.max_epochs 2" in f["command"]
+                                        for f in line3["folds"])
+    assert len(list((tmp_path / "runs").glob("synthetic/baseline/seed0/fold*/*/fold.json"))) == 8
+    # a search with another space does not join the study
+    space.write_text("model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-2}\n")
+    out = run("dml.tune", "--dataset", "synthetic", "--method", "baseline", "--space", space,
+              "--trials", "1", "--folds", "0", "--epochs", "1", "--out", tmp_path, "--runs",
+              tmp_path / "runs", "--", *TINY)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "other the search space" in lines[0]
+
+
+def test_a_failing_fold_is_recorded_and_the_protocol_goes_on(tmp_path):
+    args = ["--dataset", "synthetic", "--method", "baseline", "--epochs", "1", "--seeds", "0",
+            "--out", tmp_path, "--runs", tmp_path / "runs", "--", *TINY, fail_at_start(fold=2)]
+    out = run("dml.mlrc", *args)
+    assert out.returncode == 2
+    (error,) = out.stderr.strip().splitlines()
+    assert error.startswith("error: 1 fold run(s) failed (seed 0 fold 2: ") and \
+        "injected failure" in error
+    assert out.stdout.count("baseline seed 0 fold") >= 3 and "FAILED" in out.stdout
+    (line,) = [json.loads(x) for x in open(tmp_path / "synthetic" / "mlrc" / "runs.jsonl")]
+    assert [f["status"] for f in line["folds"]] == ["done", "done", "failed", "done"]
+    table = (tmp_path / "synthetic" / "mlrc" / "table.md").read_text()
+    assert "| baseline | failed |" in table and "- baseline: seed(s) 0 (fold 2: " in table
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    out = run("dml.tune", "--dataset", "synthetic", "--method", "baseline", "--space", space,
+              "--trials", "2", "--folds", "0", "--epochs", "1", "--out", tmp_path, "--runs",
+              tmp_path / "runs", "--", *TINY, fail_at_start(marker=str(tmp_path / "once")))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "trial 0: FAIL" in out.stdout and "injected failure" in out.stdout
+    assert "trial 1: COMPLETE validation MAP@R " in out.stdout
+    trials = (tmp_path / "synthetic" / "tune" / "baseline.trials.csv").read_text().splitlines()
+    assert trials[1].startswith("0,FAIL,") and "injected failure" in trials[1]
+    assert trials[2].startswith("1,COMPLETE,")
 
 
 def test_an_unknown_data_set_method_or_space_is_one_line_naming_it(tmp_path):

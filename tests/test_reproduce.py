@@ -75,3 +75,59 @@ def test_grid_arguments_parse(variant, dataset):
     cli = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
                        args=args[1:])
     assert cli.config.trainer.max_epochs == 2 and cli.config.seed_everything == 1
+
+
+def test_a_run_with_other_settings_is_not_reused_and_a_failed_run_is_marked(tmp_path,
+                                                                           monkeypatch):
+    calls = []
+
+    def fake_run(args):
+        calls.append(args)
+        if "experiments/method/ibc.yaml" in args and "1" == args[args.index(
+                "--seed_everything") + 1]:
+            raise RuntimeError("non-finite loss at step 3")
+        epochs = int(args[args.index("--trainer.max_epochs") + 1])
+        return {"R@1": 0.1 * epochs, "MAP@R": 0.2, "NMI": 0.6}, None
+
+    monkeypatch.setattr(reproduce, "run_once", fake_run)
+    argv = ["--dataset", "synthetic", "--seeds", "0", "1", "--out", str(tmp_path),
+            "--variants", "GAP (contrastive)", "IBC"]
+    with pytest.raises(SystemExit, match="1 run\\(s\\) failed \\(IBC seed 1\\)"):
+        reproduce.main(argv + ["--epochs", "2"])
+    assert len(calls) == 4  # the grid went on after the failure
+    text = (tmp_path / "synthetic" / "table.md").read_text()
+    assert "| GAP (contrastive) | 20.0 +- 0.0 |" in text
+    assert "| IBC | 20.0 +- 0.0 | 20.0 +- 0.0 | 60.0 +- 0.0 | 1 (seed 1 failed) |" in text
+    rows = reproduce.load_runs(str(tmp_path / "synthetic" / "runs.jsonl"))
+    assert [r["failed"] for r in rows if r.get("failed")] == [
+        "RuntimeError: non-finite loss at step 3"]
+    # 3 epochs: other settings, so every run trains again and the table holds only them
+    with pytest.raises(SystemExit):
+        reproduce.main(argv + ["--epochs", "3"])
+    assert len(calls) == 8
+    text = (tmp_path / "synthetic" / "table.md").read_text()
+    assert "| GAP (contrastive) | 30.0 +- 0.0 | 20.0 +- 0.0 | 60.0 +- 0.0 | 2 |" in text
+    assert "| IBC | 30.0 +- 0.0 | 20.0 +- 0.0 | 60.0 +- 0.0 | 1 (seed 1 failed) |" in text
+    # the same settings again: only the failed run is tried again
+    with pytest.raises(SystemExit):
+        reproduce.main(argv + ["--epochs", "3"])
+    assert len(calls) == 9
+
+
+def test_an_edited_config_file_changes_the_fingerprint(tmp_path):
+    from dml import jobs
+
+    config = tmp_path / "m.yaml"
+    config.write_text("model: {embedding_dim: 16}\n")
+    args = ["fit", "--config", str(config), "--trainer.default_root_dir", "a"]
+    first = jobs.fingerprint(args)
+    assert jobs.fingerprint(args[:-1] + ["b"]) == first  # the output folder does not count
+    config.write_text("model: {embedding_dim: 32}\n")
+    assert jobs.fingerprint(args) != first
+    data = tmp_path / "data"
+    (data / "CUB_200_2011").mkdir(parents=True)
+    (data / "CUB_200_2011" / "images.txt").write_text("1 a.jpg\n")
+    with_data = args + ["--data.init_args.root", str(data)]
+    before = jobs.fingerprint(with_data)
+    (data / "CUB_200_2011" / "images.txt").write_text("1 a.jpg\n2 b.jpg\n")
+    assert jobs.fingerprint(with_data) != before

@@ -1,0 +1,112 @@
+"""Units of the multi-run jobs (``make mlrc``, ``python -m dml.tune``, ``make table``).
+
+A unit is one ``python -m dml fit``. Two rules keep a job's table honest:
+- a finished unit is reused only when its **fingerprint** is the same: a hash of the fit
+  arguments (less the output folder), the text of every config file they name, and the data set's
+  files (names and sizes down to two folder levels under its root: the metadata and split
+  files of the benchmarks, Omniglot's archives);
+- a unit that fails (NaN, a crash, a bad config) is **recorded** with the last line it printed
+  to standard error, and the job goes on; the table marks it.
+
+While a unit trains, its standard output (the run folder, the per-epoch lines, the summary) is
+passed through, each line prefixed by the unit's label; its standard error goes to
+``unit.log`` in its folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+OUTPUT_KEYS = ("--trainer.default_root_dir",)
+
+
+def config_files_of(args: Sequence[str]) -> List[str]:
+    return [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
+
+
+def data_root_of(args: Sequence[str]) -> Optional[str]:
+    """``data.init_args.root`` as the arguments set it: the last config file or flag wins."""
+    import yaml
+
+    root = None
+    for i, arg in enumerate(args[:-1]):
+        if arg in ("--config", "-c") and os.path.isfile(args[i + 1]):
+            try:
+                with open(args[i + 1]) as f:
+                    content = yaml.safe_load(f) or {}
+            except (OSError, yaml.YAMLError):
+                continue
+            value = ((content.get("data") or {}).get("init_args") or {}).get("root") \
+                if isinstance(content, dict) else None
+            root = value or root
+        elif arg == "--data.init_args.root":
+            root = args[i + 1]
+    return root
+
+
+def data_fingerprint(root: Optional[str], depth: int = 2) -> List[List]:
+    """[relative path, size] of the files under ``root`` down to ``depth`` folder levels."""
+    if not root or not os.path.isdir(root):
+        return []
+    out = []
+    root = os.path.abspath(root)
+    for base, folders, files in os.walk(root):
+        level = os.path.relpath(base, root).count(os.sep) + (base != root)
+        if level >= depth:
+            folders[:] = []
+        folders.sort()
+        for name in sorted(files):
+            path = os.path.join(base, name)
+            out.append([os.path.relpath(path, root), os.path.getsize(path)])
+    return out
+
+
+def fingerprint(args: Sequence[str]) -> str:
+    """The hash of what a unit trains (the module docstring): 16 hex digits."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg in OUTPUT_KEYS:
+            skip = True
+            continue
+        kept.append(arg)
+    files = {}
+    for path in config_files_of(args):
+        try:
+            with open(path, "rb") as f:
+                files[path] = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            files[path] = None
+    content = {"args": kept, "configs": files, "data": data_fingerprint(data_root_of(args))}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_unit(args: Sequence[str], folder: str, label: str) -> Dict:
+    """``python -m dml <args>`` with its output shown line by line behind ``label``.
+    Returns {"status": "done" | "failed", "seconds", "reason" (when failed)}."""
+    os.makedirs(folder, exist_ok=True)
+    env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"))
+    start = time.time()
+    log = os.path.join(folder, "unit.log")
+    with open(log, "w") as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "dml", *args], stdout=subprocess.PIPE,
+                                stderr=errors, text=True, env=env)
+        for line in proc.stdout:
+            if line.strip():
+                print(f"{label} | {line.rstrip()}", flush=True)
+        code = proc.wait()
+    seconds = round(time.time() - start, 1)
+    if code == 0:
+        return {"status": "done", "seconds": seconds}
+    with open(log, errors="replace") as f:
+        lines = [x.strip() for x in f if x.strip()]
+    reason = lines[-1] if lines else f"exit status {code}"
+    print(f"{label} | FAILED: {reason} (all of its standard error: {log})", flush=True)
+    return {"status": "failed", "seconds": seconds, "reason": reason[:500]}
