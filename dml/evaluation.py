@@ -72,11 +72,22 @@ class EvalSets:
 
 def gather_by_index(embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
                     all_gather: Optional[Callable] = None, world_size: int = 1):
-    """All-gather a sharded evaluation set and return it deduplicated, in data-set order."""
+    """All-gather a sharded evaluation set and return it deduplicated, in data-set order.
+    Processes may hold different numbers of rows (images skipped as unreadable): each pads
+    to the largest count with rows of index -1, which are dropped after the gather."""
     if world_size > 1 and all_gather is not None:
+        counts = all_gather(torch.tensor([len(indices)], device=indices.device)).reshape(-1)
+        pad = int(counts.max()) - len(indices)
+        if pad:
+            embeddings = torch.cat([embeddings, embeddings.new_zeros(pad,
+                                                                     embeddings.shape[-1])])
+            labels = torch.cat([labels, labels.new_zeros(pad)])
+            indices = torch.cat([indices, indices.new_full((pad,), -1)])
         embeddings = all_gather(embeddings).reshape(-1, embeddings.shape[-1])
         labels = all_gather(labels).reshape(-1)
         indices = all_gather(indices).reshape(-1)
+        real = indices >= 0
+        embeddings, labels, indices = embeddings[real], labels[real], indices[real]
     indices = indices.cpu()
     order = torch.argsort(indices, stable=True)
     sorted_idx = indices[order]

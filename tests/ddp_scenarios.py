@@ -120,5 +120,35 @@ def scenario_ccp(make_trainer, rank, world, out_dir):
             "theta_prev": module.objective.proximal.theta_prev.detach().cpu().clone()}
 
 
-SCENARIOS = {"eval": scenario_eval, "grad": scenario_grad, "ibc_grad": scenario_ibc_grad,
+def skipping_cub(out_dir, rank, decode):
+    """CUB-layout images (a copy per process) with one truncated test image."""
+    from dml.data import CUBDataModule
+    from dml.gpu_check import make_cub_layout
+
+    root = make_cub_layout(os.path.join(out_dir, f"cub-{decode}-{rank}"), train_classes=4,
+                           test_classes=3, per_class=5, size=40)
+    bad = os.path.join(root, "CUB_200_2011", "images", "102.Bird_102", "Bird_102_0001.jpg")
+    with open(bad, "rb") as f:
+        head = f.read(200)
+    with open(bad, "wb") as f:
+        f.write(head)
+    return CUBDataModule(root=root, crop=32, resize=36, verify=False, skip_unreadable=True,
+                         num_workers=0, eval_batch_size=4, decode=decode)
+
+
+def scenario_skipped(make_trainer, rank, world, out_dir):
+    """Validation of 15 test images, one unreadable: under DDP the processes hold 7 and 8 rows
+    (the sampler pads to 8 + 8, one of them skipped), gathered by index."""
+    out = {}
+    for decode in ("cpu", "device"):
+        module, data = make_module(), skipping_cub(out_dir, rank, decode)
+        make_trainer().validate(module, data, verbose=False)
+        out[decode] = {"metrics": module.last_metrics,
+                       "rows": None if module.evaluator.last_sets is None else
+                       len(module.evaluator.last_sets.query.labels),
+                       "skipped": [os.path.basename(f) for f in data.unreadable_files()]}
+    return out
+
+
+SCENARIOS = {"eval": scenario_eval, "skipped": scenario_skipped, "grad": scenario_grad, "ibc_grad": scenario_ibc_grad,
              "xbn": scenario_xbn, "ccp": scenario_ccp}

@@ -53,6 +53,23 @@ def test_distributed_evaluation_equals_one_process_exactly(ddp, tmp_path):
     assert ranks[0]["eval"] == expected and ranks[1]["eval"] == expected
 
 
+def test_skipped_images_leave_the_processes_unequal_and_evaluation_exact(ddp, tmp_path):
+    """skip_unreadable under DDP, decoding in the workers and on the device: the processes
+    hold different numbers of rows, the gather pads and drops, and the metrics equal one
+    process's on the same 14 readable images."""
+    _, ranks = ddp
+    expected = single("skipped", tmp_path)
+    for decode in ("cpu", "device"):
+        assert expected[decode]["rows"] == 14
+        assert expected[decode]["skipped"] == ["Bird_102_0001.jpg"]
+        assert ranks[0]["skipped"][decode]["rows"] == 14  # rank 0 scores the gathered set
+        assert ranks[0]["skipped"][decode]["metrics"] == expected[decode]["metrics"]
+        assert ranks[1]["skipped"][decode]["metrics"] == expected[decode]["metrics"]
+        # the file is on one process's shard: that one names it
+        assert sorted(ranks[0]["skipped"][decode]["skipped"] +
+                      ranks[1]["skipped"][decode]["skipped"]) == ["Bird_102_0001.jpg"]
+
+
 @pytest.mark.parametrize("name", ["grad", "ibc_grad"])
 def test_gathered_batch_gives_the_one_process_gradient(ddp, tmp_path, name):
     _, ranks = ddp

@@ -4,8 +4,8 @@ The loader workers only read the files: each item is the encoded bytes, the labe
 an augmentation seed (``dml.data.seeding``'s, >= 0, for a training item; -1 for an evaluation
 item: ``ImageListDataset.item``). The batch goes to
 the device as it is; there JPEGs are decoded in one batched call (``torchvision.io.decode_jpeg``,
-nvJPEG on a GPU; other formats, and a JPEG the batched call refuses, one by one on the CPU) and
-transformed as ``dml.data.transforms`` does with PIL:
+nvJPEG on a GPU; other formats, and a JPEG the batched call refuses, one by one on the CPU),
+turned by their EXIF orientation, and transformed as ``dml.data.transforms`` does with PIL:
 
 - training: RandomResizedCrop(crop, scale) and a horizontal flip, their parameters drawn by the
   same torchvision calls from a generator seeded with the item's seed (the PIL path under the
@@ -32,37 +32,53 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect ratios
 
 
 def collate_encoded(batch: Sequence[tuple]):
-    """(list of uint8 byte tensors, labels, indices, seeds); skipped items (None) dropped."""
+    """(list of uint8 byte tensors, labels, indices, seeds, file names); skipped items (None)
+    dropped."""
     batch = [item for item in batch if item is not None]
     data = [item[0] for item in batch]
-    labels, indices, seeds = default_collate([item[1:] for item in batch])
-    return data, labels, indices, seeds
+    labels, indices, seeds = default_collate([item[1:4] for item in batch])
+    return data, labels, indices, seeds, [item[4] for item in batch]
 
 
 def is_encoded_batch(batch) -> bool:
-    return isinstance(batch, (list, tuple)) and len(batch) == 4 and isinstance(batch[0], list)
+    return isinstance(batch, (list, tuple)) and len(batch) == 5 and isinstance(batch[0], list)
+
+
+class UndecodableImages(ValueError):
+    """Items of a batch that no decoder reads: ``positions`` in the batch, ``errors`` (one
+    message each)."""
+
+    def __init__(self, positions: List[int], errors: List[str]):
+        super().__init__("; ".join(errors))
+        self.positions, self.errors = positions, errors
 
 
 def decode(data: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
-    """RGB uint8 images (3, H, W) on ``device``; raises ValueError naming the item that no
-    decoder reads."""
+    """RGB uint8 images (3, H, W) on ``device``, turned by their EXIF orientation as a viewer
+    shows them (as ``dml.data.image_list.open_image``); ``UndecodableImages`` lists every item
+    that no decoder reads (truncated, not an image)."""
     out: List[torch.Tensor] = [None] * len(data)  # type: ignore[list-item]
     jpeg = [i for i, d in enumerate(data) if len(d) > 2 and int(d[0]) == 0xFF
             and int(d[1]) == 0xD8]
     if jpeg:
         try:
             decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB,
-                                  device=device)
+                                  device=device, apply_exif_orientation=True)
             for i, img in zip(jpeg, decoded):
                 out[i] = img
-        except RuntimeError:  # e.g. a CMYK JPEG nvJPEG refuses: one by one on the CPU below
+        except RuntimeError:  # a truncated JPEG, or a CMYK one nvJPEG refuses: one by one
             pass
+    bad, errors = [], []
     for i, img in enumerate(out):
         if img is None:
             try:
-                out[i] = decode_image(data[i], mode=ImageReadMode.RGB).to(device)
+                out[i] = decode_image(data[i], mode=ImageReadMode.RGB,
+                                      apply_exif_orientation=True).to(device)
             except RuntimeError as error:
-                raise ValueError(f"item {i} of the batch: {error}") from error
+                bad.append(i)
+                errors.append(f"item {i} of the batch: {error}")
+    if bad:
+        raise UndecodableImages(bad, errors)
     return out
 
 

@@ -11,11 +11,13 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from dml.data.benchmarks import (DatasetNotFound, IncompleteDataset, parse_cars, parse_cub,
                                  parse_inshop, parse_omniglot, parse_sop)
 from dml.data.datamodule import DMLDataModule
-from dml.data.device_decode import collate_encoded, images_on_device, is_encoded_batch
+from dml.data.device_decode import (UndecodableImages, collate_encoded, images_on_device,
+                                   is_encoded_batch)
 from dml.data.image_list import (ImageList, ImageListDataset, UnreadableImageError,
                                  collate_skipping)
 from dml.data.transforms import eval_transform, train_transform
@@ -82,6 +84,7 @@ class ImageDataModule(DMLDataModule):
         if decode == "device":
             self.collate_fn = collate_encoded
         self._splits: Optional[Dict[str, ImageList]] = None
+        self.skipped_on_device: set = set()  # files decode: device found unreadable
 
     # --- parsing --------------------------------------------------------------------------
     def parse(self) -> Dict[str, ImageList]:
@@ -151,13 +154,27 @@ class ImageDataModule(DMLDataModule):
         is decoded and transformed there."""
         if not is_encoded_batch(batch):
             return super().device_batch(batch, device)
-        data, labels, indices, seeds = batch
+        data, labels, indices, seeds, names = batch
         try:
             images = images_on_device(data, seeds, device, self.crop, self.resize,
                                       self.crop_scale, self.hflip)
-        except ValueError as error:
-            raise UnreadableImageError(f"{self.name}: cannot decode an image of the batch with "
-                                       f"indices {indices.tolist()[:8]}...: {error}") from error
+        except UndecodableImages as error:
+            files = [names[i] for i in error.positions]
+            if not self.skip_unreadable:
+                raise UnreadableImageError(
+                    f"cannot decode image {files[0]}"
+                    f"{f' (and {len(files) - 1} more in its batch)' if len(files) > 1 else ''}"
+                    f": {error.errors[0].split(': ', 1)[-1]}. Replace the file, or set "
+                    f"data.init_args.skip_unreadable: true to skip unreadable images") from None
+            self.skipped_on_device.update(files)  # named once, at the end (teardown)
+            keep = [i for i in range(len(data)) if i not in set(error.positions)]
+            if not keep:
+                return (torch.empty(0, 3, self.crop, self.crop, device=device),
+                        labels[:0].to(device), indices[:0].to(device))
+            data = [data[i] for i in keep]
+            labels, indices, seeds = labels[keep], indices[keep], seeds[keep]
+            images = images_on_device(data, seeds, device, self.crop, self.resize,
+                                      self.crop_scale, self.hflip)
         return images, labels.to(device), indices.to(device)
 
     def build_train(self):
@@ -190,16 +207,21 @@ class ImageDataModule(DMLDataModule):
         return out
 
     def unreadable_files(self) -> List[str]:
-        """The files skipped as unreadable so far (``skip_unreadable``), each once."""
-        return sorted({f for ds in self._all_datasets() for f in ds.unreadable_files()})
+        """The files skipped as unreadable so far (``skip_unreadable``; read in the loader
+        workers, or decoded on the device), each once."""
+        return sorted({f for ds in self._all_datasets() for f in ds.unreadable_files()}
+                      | self.skipped_on_device)
 
     def teardown(self, stage: Optional[str] = None) -> None:
         bad = self.unreadable_files()
-        if bad:
-            from pytorch_lightning.utilities import rank_zero_warn
+        if bad:  # each process names the files it skipped (they see different images)
+            import warnings
+
+            world, rank = self._world()
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-            rank_zero_warn(f"{self.name}: skipped {len(bad)} unreadable image file(s): "
-                           f"{', '.join(bad[:5])}{more}")
+            who = f" (process {rank} of {world})" if world > 1 else ""
+            warnings.warn(f"{self.name}{who}: skipped {len(bad)} unreadable image file(s): "
+                          f"{', '.join(bad[:5])}{more}")
 
     def _all_datasets(self):
         sets = [self._train] + list((self._eval or {}).values()) + list((self._val or {}).values())

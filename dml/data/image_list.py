@@ -14,12 +14,21 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 
 
 class UnreadableImageError(RuntimeError):
     pass
+
+
+def open_image(source) -> Image.Image:
+    """The image of a file (a path or a binary file object) as a viewer shows it: loaded, and
+    turned by its EXIF orientation tag (a phone photo stored sideways with orientation 6 is
+    rotated upright). Every reader of images in the package uses this."""
+    with Image.open(source) as img:
+        img.load()
+        return ImageOps.exif_transpose(img)
 
 
 @dataclass
@@ -70,14 +79,11 @@ class ImageListDataset(Dataset):
 
     def _open(self, path: str) -> Image.Image:
         if self.images.archive is None:
-            with Image.open(path) as img:
-                img.load()
-                return img
+            return open_image(path)
         if self._zip is None:  # one handle per worker process, opened lazily
             self._zip = zipfile.ZipFile(self.images.archive)
-        with self._zip.open(path) as f, Image.open(f) as img:
-            img.load()
-            return img
+        with self._zip.open(path) as f:
+            return open_image(f)
 
     def _read(self, path: str) -> bytes:
         if self.images.archive is None:
@@ -93,7 +99,8 @@ class ImageListDataset(Dataset):
         return self.encoded
 
     def item(self, index: int, seed: int):
-        """An encoded item: (bytes, label, index, seed); seed -1 for evaluation items."""
+        """An encoded item: (bytes, label, index, seed, file name); seed -1 for evaluation
+        items."""
         import torch
 
         try:
@@ -102,7 +109,7 @@ class ImageListDataset(Dataset):
             raise UnreadableImageError(f"cannot read image {self.where(index)}: {error}") \
                 from error
         return (torch.frombuffer(bytearray(data), dtype=torch.uint8), int(self.labels[index]),
-                index, seed if self.train else -1)
+                index, seed if self.train else -1, self.where(index))
 
     def __getitem__(self, index: int):
         if self.encoded:  # a training item outside the seeded loader draws its own seed

@@ -16,8 +16,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from dml.data.image_list import open_image
 
 from dml.errors import ConfigError
 from dml.inference.embeddings import EmbeddingSet
@@ -93,9 +94,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            with Image.open(self.paths[index]) as img:
-                img.load()
-                return self.transform(img), index
+            return self.transform(open_image(self.paths[index])), index
         except Exception:  # noqa: BLE001 - unreadable: reported by name, skipped
             return None, index
 

@@ -55,16 +55,15 @@ def write_rows(rows: List[Dict], path: str) -> None:
 
 def thumbnail(path: str, size: int = 112) -> Optional[str]:
     """A data URI of a JPEG thumbnail, or None when ``path`` is no readable image."""
-    from PIL import Image
+    from dml.data.image_list import open_image
 
     if not os.path.isfile(path):
         return None
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((size, size))
-            out = io.BytesIO()
-            img.save(out, format="JPEG", quality=85)
+        img = open_image(path).convert("RGB")  # upright, as a viewer shows it (EXIF)
+        img.thumbnail((size, size))
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=85)
     except Exception:  # noqa: BLE001 - shown as its name instead
         return None
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")

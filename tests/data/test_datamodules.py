@@ -465,3 +465,73 @@ def test_decoding_on_the_device_matches_the_pil_path(tmp_path):
     assert (images - reference).abs().mean() < 0.02
     with pytest.raises(ConfigError, match="data.init_args.decode"):
         small(CUBDataModule, tmp_path / "cub", decode="gpu")
+
+
+# --- EXIF orientation and unreadable images on every path ----------------------------------
+def rotated_photo(path, size=(96, 48)):
+    """A landscape photo stored with EXIF orientation 6 ("rotate 90 degrees clockwise to
+    view"): a viewer shows it as the portrait ``stored.transpose(ROTATE_270)``. Returns the
+    upright image as a viewer shows it."""
+    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+    pixels = np.stack([np.sin(3 * x + y), x * np.ones_like(y), y * np.ones_like(x)], -1)
+    stored = Image.fromarray((255 * (pixels - pixels.min()) / np.ptp(pixels)).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    stored.save(path, quality=95, exif=exif.tobytes())
+    return stored.transpose(Image.Transpose.ROTATE_270)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_a_photo_is_embedded_as_a_viewer_shows_it(tmp_path, decode):
+    from dml.data.transforms import eval_transform
+
+    base = make_cub(tmp_path)
+    path = base / "images" / "101.Bird_101" / "Bird_101_0000.jpg"
+    upright = rotated_photo(str(path))
+    assert upright.size == (48, 96)
+    dm = small(CUBDataModule, tmp_path, decode=decode)
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()[0]))
+    images, _, indices = dm.device_batch(batch, torch.device("cpu"))
+    got = images[indices.tolist().index(0)]
+    expected = eval_transform(32, 36)(upright)
+    as_stored = eval_transform(32, 36)(Image.open(path).convert("RGB"))
+    # pixels equal up to JPEG decoding and interpolation; far from the unrotated image
+    assert (got - expected).abs().mean() < 0.05
+    assert (got - as_stored).abs().mean() > 0.3
+
+
+def test_embed_and_thumbnails_turn_photos_upright(tmp_path):
+    import base64
+    import io
+
+    from dml.data.transforms import eval_transform
+    from dml.inference.embedder import ImageFiles
+    from dml.inference.report import thumbnail
+
+    path = str(tmp_path / "photo.jpg")
+    upright = rotated_photo(path)
+    image, _ = ImageFiles([path], eval_transform(32, 36))[0]
+    assert (image - eval_transform(32, 36)(upright)).abs().mean() < 0.05
+    uri = thumbnail(path, size=40)
+    shown = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert shown.size == (20, 40)  # portrait, as the photo is shown
+
+
+def test_decode_on_the_device_skips_and_names_an_unreadable_image(tmp_path):
+    base = make_cub(tmp_path)
+    bad = base / "images" / "102.Bird_102" / "Bird_102_0001.jpg"
+    bad.write_bytes(open(bad, "rb").read()[:200])  # a truncated JPEG
+    dm = small(CUBDataModule, tmp_path, decode="device")
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()[0]))
+    with pytest.raises(UnreadableImageError, match="cannot decode image .*Bird_102_0001.jpg"):
+        dm.device_batch(batch, torch.device("cpu"))
+    dm = small(CUBDataModule, tmp_path, decode="device", skip_unreadable=True)
+    dm.setup("test")
+    for _ in range(2):  # twice: still named once
+        batch = next(iter(dm.test_dataloader()[0]))
+        images, labels, indices = dm.device_batch(batch, torch.device("cpu"))
+    assert len(images) == len(labels) == len(indices) == 8 and 4 not in indices.tolist()
+    assert dm.unreadable_files() == [str(bad)]
