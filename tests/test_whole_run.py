@@ -63,9 +63,14 @@ def pixels_by_image(batches):
     return seen
 
 
-def test_image_data_sets_crop_each_draw_anew(tmp_path):
-    """CUB's layout and transforms (random resized crop and flip at 32 px): an image drawn in
-    two epochs, or twice in one, is cropped differently; a second run crops it the same."""
+def test_image_data_sets_crop_each_draw_anew_and_a_resume_draws_the_same(tmp_path):
+    """CUB's layout and transforms (random resized crop and flip at 32 px, a loader worker):
+    an image drawn in two epochs, or twice in one, is cropped differently; a second run crops
+    it the same, and so does a run killed in epoch 1 and resumed from its epoch-0 checkpoint
+    (a loader with workers draws its first batches before the resumed trainer counts the
+    finished epoch: it once replayed epoch 0 there)."""
+    import subprocess
+    import sys
     from dml.gpu_check import make_cub_layout
 
     root = make_cub_layout(str(tmp_path / "cub"), train_classes=8, test_classes=4,
@@ -73,19 +78,19 @@ def test_image_data_sets_crop_each_draw_anew(tmp_path):
     cub = ["--config", "experiments/trainer.yaml", "--config", "experiments/data/cub.yaml",
            "--config", "experiments/method/baseline.yaml", "--data.init_args.root", root,
            "--data.init_args.crop", "32", "--data.init_args.resize", "36",
-           "--data.init_args.verify", "false", "--data.init_args.num_workers", "0",
+           "--data.init_args.verify", "false", "--data.init_args.num_workers", "1",
            "--data.init_args.classes_per_batch", "4", "--model.backbone.name", "small_cnn",
            "--model.backbone.pretrained", "false", "--model.backbone.width", "8",
            "--model.embedding_dim", "16", "--model.evaluation.nmi", "false",
            "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "2",
            "--dashboard.enabled", "false", "--trainer.logger", "false"]
 
-    def run(name):
+    def run(name, *extra, code=0):
         path = tmp_path / f"{name}.jsonl"
         out = dml("fit", *cub, "--trainer.default_root_dir", str(tmp_path / name),
                   "--trainer.callbacks+={\"class_path\": \"run_helpers.RecordBatches\", "
-                  f"\"init_args\": {{\"path\": \"{path}\"}}}}")
-        assert out.returncode == 0, out.stderr[-3000:]
+                  f"\"init_args\": {{\"path\": \"{path}\"}}}}", *extra)
+        assert out.returncode == code, out.stderr[-3000:]
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     records = run("a")
@@ -98,6 +103,21 @@ def test_image_data_sets_crop_each_draw_anew(tmp_path):
         draws = first[i] + second[i]
         assert len(set(draws)) == len(draws), i
     assert run("b") == records  # and the same ones in a run with the same seed
+    killed = run("c", "--trainer.callbacks+={\"class_path\": \"run_helpers.KillAt\", "
+                 f"\"init_args\": {{\"step\": 6, \"marker\": \"{tmp_path / 'killed'}\"}}}}",
+                 code=-9)
+    assert len(killed) == 7  # epoch 0, and two batches of epoch 1
+    (folder,) = run_folders(tmp_path / "c")
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dml", "fit", "--config", os.path.join(folder, "config.yaml"),
+         "--ckpt_path", os.path.join(folder, "checkpoints", "last.ckpt")],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, WANDB_MODE="disabled",
+                 PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
+                                             os.path.dirname(os.path.dirname(__file__))])))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()][7:]
+    assert after == by_epoch(records)[1]  # epoch 1 again, batch for batch, crop for crop
 
 
 def test_data_order_is_a_function_of_seed_and_epoch(tmp_path):

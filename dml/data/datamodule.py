@@ -136,10 +136,17 @@ class DMLDataModule(pl.LightningDataModule):
             _ = self.eval_datasets if stage != "validate" else self.val_datasets
 
     def current_epoch(self) -> Optional[int]:
-        """The epoch the trainer is in, which the training batches and their augmentations
-        are drawn from; None without a trainer (then ``set_epoch`` on the batch sampler)."""
+        """The epoch whose training batches and augmentations are drawn now; None without a
+        trainer (then ``set_epoch`` on the batch sampler).
+
+        It is the count of epochs the fit loop has processed, the number Lightning hands to
+        ``set_epoch``, not ``trainer.current_epoch``: a loader with workers draws its first
+        batches when Lightning sets the loader up, and in a run resumed from an epoch-end
+        checkpoint that happens while ``current_epoch`` still names the finished epoch."""
         trainer = getattr(self, "trainer", None)
-        return int(trainer.current_epoch) if trainer is not None else None
+        if trainer is None:
+            return None
+        return int(trainer.fit_loop.epoch_progress.current.processed)
 
     def _world(self):
         trainer = getattr(self, "trainer", None)
