@@ -161,3 +161,26 @@ def build_objective(loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
                           "model.zero_shot, add model.terms, or name a loss")
     return Objective(metric, miner, zero_shot.metric_weight, loss.gather, memory_loss,
                      ibc_term, ibc.gather, zero_shot_loss, zero_shot.weight, proximal, extra)
+
+
+def check_batch_composition(loss: LossConfig, memory: MemoryConfig, ibc: IBCConfig,
+                            zero_shot_weight: float, has_terms: bool, classes_per_batch: int,
+                            samples_per_class: int) -> None:
+    """A ConfigError where the batch's P x M composition leaves a pair loss nothing to learn
+    from: one image per class (no positive pair: multi-similarity and triplet are exactly 0,
+    a contrastive loss only pushes apart) or one class per batch (no negative pair), with no
+    proxies, memory or other term to supply them."""
+    pair_only = loss.name != "none" and not LOSSES[loss.name][1] and \
+        loss.proxies_per_class == 0 and not memory.enabled and not ibc.enabled and \
+        zero_shot_weight == 0 and not has_terms
+    if not pair_only:
+        return
+    if samples_per_class < 2:
+        raise ConfigError(
+            f"data.init_args.samples_per_class: {samples_per_class} image per class in a batch "
+            f"gives {loss.name} no positive pair (the loss is 0 or only pushes apart); use "
+            f"samples_per_class >= 2, a proxy loss, or the cross-batch memory")
+    if classes_per_batch < 2:
+        raise ConfigError(
+            f"data.init_args.classes_per_batch: one class in a batch gives {loss.name} no "
+            f"negative pair; use classes_per_batch >= 2")

@@ -8,6 +8,7 @@ last.ckpt`` resumes it there, after checking that the configuration matches the 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -28,8 +29,8 @@ from dml.callbacks import (ChanceConstraintProjection, CrossBatchNormalization, 
 from dml.console import say
 from dml.data import (DatasetNotFound, DMLDataModule, IncompleteDataset, MetadataError,
                       UnreadableImageError)
-from dml.errors import (ConfigError, NonFiniteEmbeddingsError, NonFiniteLossError,
-                        NonFiniteStateError)
+from dml.errors import (ConfigError, DiskFullError, NonFiniteEmbeddingsError,
+                        NonFiniteLossError, NonFiniteStateError)
 from dml.models import PretrainedWeightsUnavailable
 from dml.module import DMLModule
 
@@ -300,7 +301,7 @@ def record_wandb_id(run_dir: str, wandb_id) -> None:
 # Errors with a message the user can act on: printed as one line, not as a traceback.
 USER_ERRORS = (ConfigError, DatasetNotFound, IncompleteDataset, MetadataError,
                UnreadableImageError, PretrainedWeightsUnavailable, NonFiniteLossError,
-               NonFiniteEmbeddingsError, NonFiniteStateError)
+               NonFiniteEmbeddingsError, NonFiniteStateError, DiskFullError)
 
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -313,13 +314,21 @@ def main(args=None) -> DMLCLI:
         cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True,
                      save_config_callback=LoggedConfig, save_config_kwargs={"overwrite": True},
                      seed_everything_default=0, args=args, auto_configure_optimizers=False,
-                     parser_kwargs={"exit_on_error": False,
-                                    **{name: {"exit_on_error": False} for name in SUBCOMMANDS}})
-    except (argparse.ArgumentError, *USER_ERRORS) as error:
+                     # allow_abbrev: --trainer.max_epoch (a typo) is an error, never max_epochs
+                     parser_kwargs={"exit_on_error": False, "allow_abbrev": False,
+                                    **{name: {"exit_on_error": False, "allow_abbrev": False}
+                                       for name in SUBCOMMANDS}})
+    except (argparse.ArgumentError, OSError, *USER_ERRORS) as error:
         if os.environ.get("DML_TRACEBACK"):
             raise
+        if isinstance(error, OSError) and not isinstance(error, USER_ERRORS):
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            error = DiskFullError(f"no space left on the device writing "
+                                  f"{error.filename or 'a file'}; free space, then resume")
         discard_unused_run_dir()
-        message = with_config_file(str(error), config_sources(argv))
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        message = with_config_file(message, config_sources(argv), argv)
         if isinstance(error, argparse.ArgumentError):
             message += ". `python -m dml fit --help` lists every key"
         print(f"error: {message}", file=sys.stderr)
@@ -357,13 +366,16 @@ def config_sources(argv) -> dict:
     return sources
 
 
-def with_config_file(message: str, sources: dict) -> str:
-    """Name the config file that holds the key an error is about, when one does."""
+def with_config_file(message: str, sources: dict, argv=()) -> str:
+    """Name the config file that holds the key an error is about, when one does (and the
+    command line does not set that key itself)."""
     match = re.search(r"option '([\w.]+)'", message) or re.match(r"([a-z_]+(?:\.[\w]+)+)",
                                                                    message)
     if not match:
         return message
     key = match.group(1)
+    if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):
+        return message
     for candidate in [key] + [key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)]:
         path = sources.get(candidate) or \
             sources.get(candidate.replace("data.", "data.init_args.", 1))

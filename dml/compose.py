@@ -27,6 +27,8 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from dml.errors import ConfigError
+
 ROOT = "experiments"
 # Methods that share per-data-set settings.
 FAMILIES: Dict[str, Sequence[str]] = {
@@ -142,6 +144,25 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     tree[last] = value
 
 
+def load_yaml_file(path: str):
+    """A config file's content; a ConfigError naming the file, line and column where it is not
+    valid YAML, and where its top level is not a mapping of keys."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            content = yaml.safe_load(f)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if content is not None and not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys (model:, data:, "
+                          f"trainer:, ...), got a {type(content).__name__}")
+    return content or {}
+
+
 def merge_config_args(argv: Sequence[str], folder: str):
     """(new argv, merged file or None): the ``--config`` files of a subcommand's arguments
     merged into one file in ``folder`` (placed where the first was), with the dotted overrides
@@ -152,6 +173,7 @@ def merge_config_args(argv: Sequence[str], folder: str):
 
     argv = list(argv)
     configs, rest, folded, first_config = [], [], {}, None
+    contents: Dict[str, dict] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -159,6 +181,8 @@ def merge_config_args(argv: Sequence[str], folder: str):
         takes_value = value is None and i + 1 < len(argv) and key.startswith("--")
         if key in ("--config", "-c"):
             path = value if value is not None else (argv[i + 1] if i + 1 < len(argv) else None)
+            if path and os.path.isfile(path):
+                contents[path] = load_yaml_file(path)  # a syntax error names the file
             if rest and any(r.startswith("--") for r in rest if r not in SUBCOMMAND_WORDS):
                 return argv, None  # a file after an override: keep jsonargparse's order
             if first_config is None:
@@ -169,7 +193,11 @@ def merge_config_args(argv: Sequence[str], folder: str):
         dotted = key[2:] if key.startswith("--") else None
         if dotted and any(dotted.startswith(k + ".") for k in DICT_KEYS):
             raw = value if value is not None else (argv[i + 1] if takes_value else None)
-            folded[dotted] = yaml.safe_load(raw) if raw is not None else None
+            try:
+                folded[dotted] = yaml.safe_load(raw) if raw is not None else None
+            except yaml.YAMLError as error:
+                raise ConfigError(f"--{dotted}: not a valid YAML value: {raw!r} "
+                                  f"({str(error).splitlines()[0]})") from None
             i += 1 if value is not None else 2
             continue
         rest.append(arg)
@@ -179,8 +207,7 @@ def merge_config_args(argv: Sequence[str], folder: str):
         return argv, None
     merged: dict = {}
     for path in configs:
-        with open(path) as f:
-            deep_merge(merged, yaml.safe_load(f) or {})
+        deep_merge(merged, contents[path])
     for dotted, value in folded.items():
         _set_dotted(merged, dotted, value)
     os.makedirs(folder, exist_ok=True)

@@ -136,6 +136,53 @@ class EvalConfig:
     backend: str = "auto"
 
 
+# The values each setting takes: (low, high, whether low itself is allowed); None for no bound.
+# A value outside (NaN too) is a ConfigError naming the key, before anything is built.
+POSITIVE, NON_NEGATIVE = (0, None, False), (0, None, True)
+AT_LEAST_ONE, FRACTION = (1, None, True), (0, 1, True)
+RANGES: Dict[str, Dict[str, tuple]] = {
+    "BackboneConfig": {"width": AT_LEAST_ONE},
+    "LossConfig": {"proxies_per_class": NON_NEGATIVE, "proxy_weight": NON_NEGATIVE,
+                   "pair_weight": NON_NEGATIVE},
+    "ZeroShotConfig": {"weight": NON_NEGATIVE, "metric_weight": NON_NEGATIVE,
+                       "lam": POSITIVE, "scale": POSITIVE},
+    "IBCConfig": {"layers": AT_LEAST_ONE, "heads": AT_LEAST_ONE, "dropout": FRACTION,
+                  "ff_hidden": AT_LEAST_ONE, "tau": POSITIVE, "label_smoothing": FRACTION,
+                  "mpn_weight": NON_NEGATIVE, "pseudo_test_k": AT_LEAST_ONE},
+    "MemoryConfig": {"size": AT_LEAST_ONE, "start_iteration": NON_NEGATIVE,
+                     "weight": NON_NEGATIVE},
+    "OptimizerConfig": {"lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+                        "backbone_lr_mult": NON_NEGATIVE, "layer_decay": (0, 1, False),
+                        "loss_lr": POSITIVE, "gamma": POSITIVE, "warmup_epochs": NON_NEGATIVE},
+}
+
+
+def in_range(value, low, high, low_allowed: bool) -> bool:
+    """low < value (<= if low_allowed) and value <= high; False for NaN."""
+    above = value >= low if low_allowed else value > low
+    return bool(above and (high is None or value <= high))
+
+
+def check_range(key: str, value, bounds: tuple) -> None:
+    """A ConfigError naming ``key`` when ``value`` is outside ``bounds`` (see RANGES)."""
+    low, high, low_allowed = bounds
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not in_range(value, low, high, low_allowed):
+        want = (f"{'>=' if low_allowed else '>'} {low}" if high is None else
+                f"in {'[' if low_allowed else '('}{low}, {high}]")
+        raise ConfigError(f"{key}: expected a value {want}, got {value}")
+
+
+def check_ranges(key: str, config) -> None:
+    """Every setting of a config group (``key``: its place, e.g. model.optimizer) in range."""
+    for name, bounds in RANGES.get(type(config).__name__, {}).items():
+        check_range(f"{key}.{name}", getattr(config, name), bounds)
+    if isinstance(config, OptimizerConfig):
+        for m in config.milestones:
+            check_range(f"{key}.milestones", m, NON_NEGATIVE)
+
+
 def as_config(cls, value):
     """A config group as its dataclass (checkpoints and some callers hand over plain dicts)."""
     if isinstance(value, cls):

@@ -17,3 +17,7 @@ class NonFiniteEmbeddingsError(ValueError):
 
 class NonFiniteStateError(RuntimeError):
     """The model's weights or buffers went NaN or infinite; the message names them and the step."""
+
+
+class DiskFullError(OSError):
+    """No space was left on the device while writing a file; the message names the file."""

@@ -375,7 +375,7 @@ def table(rows: List[dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     methods = sorted(os.path.basename(p)[:-5]
                      for p in glob.glob(os.path.join(REPO, "experiments", "method", "*.yaml")))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--accelerator", default="cuda", choices=("cuda", "gpu", "cpu"))
     parser.add_argument("--methods", nargs="*", default=methods)
     parser.add_argument("--checks", nargs="*", default=["methods", "resume", "evaluation", "ddp"])

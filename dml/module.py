@@ -18,9 +18,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from dml.builder import build_parts
-from dml.config import (BackboneConfig, EvalConfig, IBCConfig, LossConfig,  # noqa: F401
-                        MemoryConfig, OptimizerConfig, PoolingConfig, ZeroShotConfig, as_config)
+from dml.builder import build_parts, check_batch_composition
+from dml.config import (AT_LEAST_ONE, BackboneConfig, EvalConfig, IBCConfig,  # noqa: F401
+                        LossConfig, MemoryConfig, OptimizerConfig, PoolingConfig, ZeroShotConfig,
+                        as_config, check_range, check_ranges)
 from dml.errors import ConfigError, NonFiniteEmbeddingsError, NonFiniteLossError
 from dml.evaluation import EvalSets, Evaluator
 from dml.loss_watch import LossWatch
@@ -55,6 +56,10 @@ class DMLModule(pl.LightningModule):
         optimizer = as_config(OptimizerConfig, optimizer)
         evaluation = as_config(EvalConfig, evaluation)
         zero_shot, ibc = as_config(ZeroShotConfig, zero_shot), as_config(IBCConfig, ibc)
+        for key, group in (("backbone", backbone), ("loss", loss), ("memory", memory),
+                           ("optimizer", optimizer), ("zero_shot", zero_shot), ("ibc", ibc)):
+            check_ranges(f"model.{key}", group)
+        check_range("model.embedding_dim", embedding_dim, AT_LEAST_ONE)
         if nonfinite_loss not in ("stop", "skip"):
             raise ConfigError(f"model.nonfinite_loss: expected stop or skip, got "
                               f"{nonfinite_loss!r}")
@@ -130,6 +135,14 @@ class DMLModule(pl.LightningModule):
         compilation follows ``model.compile``. Lightning calls this before it moves the module
         to that device and wraps it for DDP (``.to(device)`` keeps the memory format)."""
         self.apply_device_settings(self.trainer.strategy.root_device)
+        dm = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and hasattr(dm, "samples_per_class"):
+            h = self.hparams
+            check_batch_composition(as_config(LossConfig, h["loss"]),
+                                    as_config(MemoryConfig, h["memory"]),
+                                    as_config(IBCConfig, h["ibc"]), h["zero_shot"]["weight"],
+                                    bool(h["terms"]), dm.classes_per_batch,
+                                    dm.samples_per_class)
 
     def apply_device_settings(self, device: torch.device) -> None:
         wanted = self.channels_last_setting

@@ -151,7 +151,7 @@ def check_study_settings(study, settings: Dict[str, Any], storage: str) -> None:
 def main(argv: Optional[Sequence[str]] = None):
     import optuna
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--method", required=True)
     parser.add_argument("--space", required=True)

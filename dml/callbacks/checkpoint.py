@@ -19,6 +19,7 @@ On resume it prints one line: where training resumes and which state the checkpo
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 from typing import Any, Dict, List, Optional
@@ -33,24 +34,65 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
 from dml.console import say
-from dml.errors import NonFiniteStateError
+from dml.errors import DiskFullError, NonFiniteStateError
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to ``path`` through a temporary file in the same folder and a rename."""
+    """torch.save to ``path`` through a temporary file in the same folder and a rename. A full
+    disk is a ``DiskFullError`` naming ``path`` (the file it would replace is untouched)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}{PARTIAL}")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"no space left on the device writing {path}; the earlier "
+                                f"file of that name is kept. Free space, then resume the "
+                                f"run") from None
         raise
+
+
+PARTIAL = ".partial"
+
+
+def remove_stale_partials(folder: str) -> List[str]:
+    """Delete the temporary files of writes that a killed process left (``.<name>.<pid>
+    .partial`` whose process is gone); returns their names."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        if not (name.startswith(".") and name.endswith(PARTIAL)):
+            continue
+        try:
+            pid = int(name[:-len(PARTIAL)].rsplit(".", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -120,6 +162,8 @@ class RunCheckpoint(ModelCheckpoint):
         if self._own_folder:  # not a logger's sub-folder, nor a path saved in a config
             self.dirpath = os.path.join(os.path.abspath(trainer.default_root_dir), "checkpoints")
         super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath:
+            remove_stale_partials(self.dirpath)  # a write killed mid-way (kill -9, power)
         io = trainer.strategy.checkpoint_io
         if type(io) is TorchCheckpointIO:  # the default; a custom plugin is left alone
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()

@@ -65,14 +65,16 @@ def parse_cub(root: str) -> Dict[str, ImageList]:
     labels_txt = os.path.join(base, "image_class_labels.txt")
     paths = {}
     for lineno, (image_id, rel) in _rows(images_txt, 2):
-        paths[_int(images_txt, lineno, image_id, "image_id")] = os.path.join(base, "images", rel)
+        iid = _once(paths, _int(images_txt, lineno, image_id, "image_id"), images_txt, lineno)
+        paths[iid] = os.path.join(base, "images", rel)
     labels = {}
     for lineno, (image_id, class_id) in _rows(labels_txt, 2):
-        iid = _int(labels_txt, lineno, image_id, "image_id")
+        iid = _once(labels, _int(labels_txt, lineno, image_id, "image_id"), labels_txt, lineno)
         if iid not in paths:
             raise MetadataError(f"{labels_txt}, line {lineno}: image_id {iid} is not in "
                                 f"{images_txt}")
-        labels[iid] = _int(labels_txt, lineno, class_id, "class_id")
+        labels[iid] = _in_range(_int(labels_txt, lineno, class_id, "class_id"), 1, 200,
+                                labels_txt, lineno, "class_id")
     missing = sorted(set(paths) - set(labels))
     if missing:
         raise MetadataError(f"{labels_txt}: no class for image_id(s) {missing[:5]}")
@@ -80,6 +82,20 @@ def parse_cub(root: str) -> Dict[str, ImageList]:
     all_images = ImageList([paths[i] for i in ids], np.array([labels[i] for i in ids]))
     return {"train": all_images.subset(all_images.labels <= 100),
             "test": all_images.subset(all_images.labels > 100)}
+
+
+def _once(seen, key: int, path: str, lineno: int) -> int:
+    """``key``, or a MetadataError if ``seen`` already holds it (a duplicate id)."""
+    if key in seen:
+        raise MetadataError(f"{path}, line {lineno}: image_id {key} appears twice")
+    return key
+
+
+def _in_range(value: int, low: int, high: int, path: str, lineno: int, what: str) -> int:
+    if not low <= value <= high:
+        raise MetadataError(f"{path}, line {lineno}: {what} must be in {low}..{high}, got "
+                            f"{value}")
+    return value
 
 
 # --- Cars196 --------------------------------------------------------------------------------
@@ -102,6 +118,9 @@ def parse_cars(root: str) -> Dict[str, ImageList]:
         except Exception as error:
             raise MetadataError(f"{mat_path}: annotation {i} lacks relative_im_path/class "
                                 f"({error})") from error
+        if not 1 <= label <= 196:
+            raise MetadataError(f"{mat_path}: annotation {i}: class must be in 1..196, got "
+                                f"{label}")
         paths.append(os.path.join(root, rel))
         labels.append(label)
     all_images = ImageList(paths, np.array(labels))
@@ -111,6 +130,7 @@ def parse_cars(root: str) -> Dict[str, ImageList]:
 
 # --- Stanford Online Products ---------------------------------------------------------------
 SOP_HEADER = ["image_id", "class_id", "super_class_id", "path"]
+SOP_CLASSES = {"Ebay_train.txt": (1, 11318), "Ebay_test.txt": (11319, 22634)}
 
 
 def _parse_sop_file(base: str, name: str) -> ImageList:
@@ -118,9 +138,12 @@ def _parse_sop_file(base: str, name: str) -> ImageList:
     rows = _rows(path, 4)
     if not rows or rows[0][1] != SOP_HEADER:
         raise MetadataError(f"{path}, line 1: expected the header {' '.join(SOP_HEADER)!r}")
-    paths, labels = [], []
-    for lineno, (_, class_id, _, rel) in rows[1:]:
-        labels.append(_int(path, lineno, class_id, "class_id"))
+    paths, labels, seen = [], [], {}
+    low, high = SOP_CLASSES[name]
+    for lineno, (image_id, class_id, _, rel) in rows[1:]:
+        seen[_once(seen, _int(path, lineno, image_id, "image_id"), path, lineno)] = True
+        labels.append(_in_range(_int(path, lineno, class_id, "class_id"), low, high, path,
+                                lineno, "class_id"))
         paths.append(os.path.join(base, rel))
     return ImageList(paths, np.array(labels))
 

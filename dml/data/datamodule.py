@@ -128,7 +128,21 @@ class DMLDataModule(pl.LightningDataModule):
         """'test' (query = reference) or 'query_gallery'."""
         return "test" if "test" in sets else "query_gallery"
 
+    def check_settings(self) -> None:
+        """A ConfigError naming the first setting out of its range (checked at setup: the
+        config parser would fold an error raised while building the class into its own)."""
+        from dml.config import AT_LEAST_ONE, NON_NEGATIVE, check_range
+
+        for key, bounds in (("classes_per_batch", AT_LEAST_ONE),
+                            ("samples_per_class", AT_LEAST_ONE),
+                            ("eval_batch_size", AT_LEAST_ONE),
+                            ("batches_per_epoch", AT_LEAST_ONE), ("num_workers", NON_NEGATIVE)):
+            check_range(f"data.init_args.{key}", getattr(self, key), bounds)
+        for k in self.recall_ks:
+            check_range("data.init_args.recall_ks", k, AT_LEAST_ONE)
+
     def setup(self, stage: Optional[str] = None) -> None:
+        self.check_settings()
         if stage in (None, "fit"):
             _ = self.train_dataset
             _ = self.val_datasets

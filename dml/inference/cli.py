@@ -27,7 +27,8 @@ COMMANDS = ("embed", "index", "search", "export")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dml", description="Use a trained checkpoint.")
+    p = argparse.ArgumentParser(prog="python -m dml", description="Use a trained checkpoint.",
+                                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("embed", help="embed images or a data set's split into a .npz file")

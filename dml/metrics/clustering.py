@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dml.metrics.knn import faiss, faiss_available
-from dml.metrics.retrieval import check_finite
+from dml.metrics.retrieval import as_labels, check_finite
 
 
 def _as_numpy(x, dtype) -> np.ndarray:
@@ -67,7 +67,7 @@ def nmi(embeddings, labels, seed: int = 0, nredo: int = 1, backend: str = "auto"
     """NMI of k-means (k = number of classes, fixed seed) against ``labels``.
 
     Non-finite embeddings and a single class (NMI is 0 / 0 there) are errors, not scores."""
-    labels = _as_numpy(labels, np.int64).reshape(-1)
+    labels = as_labels(labels, "labels", "nmi").cpu().numpy().reshape(-1)
     x = torch.from_numpy(_as_numpy(embeddings, np.float32))  # k-means runs on the CPU
     if x.ndim != 2 or len(x) != len(labels):
         raise ValueError(f"nmi: expected (n, d) embeddings and n labels, got {tuple(x.shape)} "

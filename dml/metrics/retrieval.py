@@ -38,6 +38,21 @@ def _as_tensor(x, dtype=None) -> torch.Tensor:
     return x if dtype is None else x.to(dtype)
 
 
+def as_labels(x, what: str, caller: str) -> torch.Tensor:
+    """Class labels as int64; a ValueError for labels that are not whole numbers (0.1 and 0.4
+    cast to int would be one class), and for bools."""
+    x = _as_tensor(x)
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"{caller}: {what} must be integers, got {x.dtype}")
+    if x.is_floating_point():
+        whole = torch.isfinite(x) & (x == torch.round(x))
+        if not bool(whole.all()):
+            bad = x[~whole].reshape(-1)[:3].tolist()
+            raise ValueError(f"{caller}: {what} must be integer class ids; got "
+                             f"{int((~whole).sum())} that are not (e.g. {bad})")
+    return x.to(torch.long)
+
+
 def check_finite(embeddings: torch.Tensor, what: str, caller: str) -> None:
     """A clear error when rows hold NaN or inf, or are too large for float32 distances."""
     bad = ~torch.isfinite(embeddings).all(1)
@@ -103,8 +118,9 @@ def retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=No
     device = torch.device(device) if device is not None else query.device
     same_source = gallery_embeddings is None
     reference = query if same_source else _as_tensor(gallery_embeddings, torch.float32)
-    q_labels = _as_tensor(labels, torch.long).reshape(-1)
-    r_labels = q_labels if same_source else _as_tensor(gallery_labels, torch.long).reshape(-1)
+    q_labels = as_labels(labels, "labels", "retrieval_metrics").reshape(-1)
+    r_labels = q_labels if same_source else \
+        as_labels(gallery_labels, "gallery_labels", "retrieval_metrics").reshape(-1)
     if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
         raise ValueError(f"retrieval_metrics: embeddings must be 2-D with equal widths, got "
                          f"{tuple(query.shape)} and {tuple(reference.shape)}")
