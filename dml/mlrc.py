@@ -214,10 +214,10 @@ def table(lines: List[Dict], dataset: str) -> str:
         for metric in REPORTED:
             mean, half = confidence_interval([f[metric] for line in mine
                                               for f in line["separated"]])
-            cells.append(f"{100 * mean:.2f} +- {100 * half:.2f}")
+            cells.append(f"{100 * mean:.1f} +- {100 * half:.1f}")
         for metric in list(REPORTED) + ks:
             mean, half = confidence_interval([line["concatenated"][metric] for line in mine])
-            cells.append(f"{100 * mean:.2f}" + (f" +- {100 * half:.2f}" if len(mine) > 1
+            cells.append(f"{100 * mean:.1f}" + (f" +- {100 * half:.1f}" if len(mine) > 1
                                                 else ""))
         dims = mine[0]["dims"]
         rows.append(f"| {method} | {len(mine)} | {dims['separated']} / {dims['concatenated']} "
