@@ -2,7 +2,8 @@
 
 A unit is one ``python -m dml fit``. Two rules keep a job's table honest:
 - a finished unit is reused only when its **fingerprint** is the same: a hash of the fit
-  arguments (less the output folder), the text of every config file they name, and the data set's
+  arguments (less the output folder), the text of every file they name (config files, groups
+  given as files), and the data set's
   files (names and sizes down to two folder levels under its root: the metadata and split
   files of the benchmarks, Omniglot's archives);
 - a unit that fails (NaN, a crash, a bad config) is **recorded** with the last line it printed
@@ -25,8 +26,15 @@ from typing import Dict, List, Optional, Sequence
 OUTPUT_KEYS = ("--trainer.default_root_dir",)
 
 
-def config_files_of(args: Sequence[str]) -> List[str]:
-    return [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
+def files_of(args: Sequence[str]) -> List[str]:
+    """Every argument value that names a file: ``--config F``, ``--config=F``, a group given
+    as a file (``--model.optimizer opt.yaml``), a tuned config."""
+    out = []
+    for arg in args:
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        if not value.startswith("--") and os.path.isfile(value):
+            out.append(value)
+    return out
 
 
 def data_root_of(args: Sequence[str]) -> Optional[str]:
@@ -34,18 +42,20 @@ def data_root_of(args: Sequence[str]) -> Optional[str]:
     import yaml
 
     root = None
-    for i, arg in enumerate(args[:-1]):
-        if arg in ("--config", "-c") and os.path.isfile(args[i + 1]):
+    for i, arg in enumerate(args):
+        key, value = arg.split("=", 1) if arg.startswith("--") and "=" in arg else \
+            (arg, args[i + 1] if i + 1 < len(args) else None)
+        if key in ("--config", "-c") and value and os.path.isfile(value):
             try:
-                with open(args[i + 1]) as f:
+                with open(value) as f:
                     content = yaml.safe_load(f) or {}
             except (OSError, yaml.YAMLError):
                 continue
-            value = ((content.get("data") or {}).get("init_args") or {}).get("root") \
+            found = ((content.get("data") or {}).get("init_args") or {}).get("root") \
                 if isinstance(content, dict) else None
-            root = value or root
-        elif arg == "--data.init_args.root":
-            root = args[i + 1]
+            root = found or root
+        elif key == "--data.init_args.root" and value:
+            root = value
     return root
 
 
@@ -78,7 +88,7 @@ def fingerprint(args: Sequence[str]) -> str:
             continue
         kept.append(arg)
     files = {}
-    for path in config_files_of(args):
+    for path in files_of(args):
         try:
             with open(path, "rb") as f:
                 files[path] = hashlib.sha256(f.read()).hexdigest()

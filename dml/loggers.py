@@ -25,6 +25,27 @@ class AppendingExperimentWriter(ExperimentWriter):
 class CSVLogger(_LightningCSVLogger):
     """``metrics.csv`` and ``hparams.yaml`` in the run folder, appended to on resume."""
 
+    @rank_zero_only
+    def forget_from(self, step: int) -> int:
+        """Drop the rows of ``step`` and later: what a killed process logged after the
+        checkpoint a run resumes from, which the resumed run logs again. Returns how many."""
+        path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
+        if not os.path.isfile(path):
+            return 0
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = reader.fieldnames or [], list(reader)
+        kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+        if len(kept) == len(rows):
+            return 0
+        tmp = f"{path}.{os.getpid()}.partial"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, path)
+        return len(rows) - len(kept)
+
     @property
     def experiment(self) -> AppendingExperimentWriter:
         if self._experiment is None and rank_zero_only.rank == 0:

@@ -259,6 +259,9 @@ class DMLModule(pl.LightningModule):
     def on_train_start(self) -> None:
         if self._trainer is not None and self.trainer.ckpt_path:
             self.apply_changed_optimizer_settings()
+            for logger in self.trainer.loggers:  # rows a killed process wrote past the checkpoint
+                if hasattr(logger, "forget_from"):
+                    logger.forget_from(self.trainer.global_step)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         if self.pooling.wants_initialization():

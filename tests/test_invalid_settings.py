@@ -150,6 +150,24 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(tmp_path,
         line.endswith("Free space, then resume the run")
 
 
+def test_torch_saves_full_disk_error_chain_is_recognised(tmp_path, monkeypatch):
+    """On a real full disk torch.save's file writer fails with OSError ENOSPC, then, while
+    closing the archive, with RuntimeError "unexpected pos"; the second hides the first."""
+    import errno
+
+    def full(obj, f):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                               "109760 vs 109652")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full)
+    with pytest.raises(DiskFullError, match="no space left on the device writing "):
+        checkpoint_module.atomic_torch_save({"epoch": 2}, str(tmp_path / "last.ckpt"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_temporary_file_of_a_killed_write_is_removed_at_the_next_start(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a process id that no longer runs

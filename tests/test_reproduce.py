@@ -124,10 +124,16 @@ def test_an_edited_config_file_changes_the_fingerprint(tmp_path):
     assert jobs.fingerprint(args[:-1] + ["b"]) == first  # the output folder does not count
     config.write_text("model: {embedding_dim: 32}\n")
     assert jobs.fingerprint(args) != first
+    for form in (["fit", f"--config={config}"], ["fit", "--model", str(config)]):
+        before = jobs.fingerprint(form)  # a file given with = or as a group counts too
+        config.write_text(config.read_text() + "# edited\n")
+        assert jobs.fingerprint(form) != before
     data = tmp_path / "data"
     (data / "CUB_200_2011").mkdir(parents=True)
     (data / "CUB_200_2011" / "images.txt").write_text("1 a.jpg\n")
-    with_data = args + ["--data.init_args.root", str(data)]
-    before = jobs.fingerprint(with_data)
-    (data / "CUB_200_2011" / "images.txt").write_text("1 a.jpg\n2 b.jpg\n")
-    assert jobs.fingerprint(with_data) != before
+    for with_data in (args + ["--data.init_args.root", str(data)],
+                      args + [f"--data.init_args.root={data}"]):
+        before = jobs.fingerprint(with_data)
+        (data / "CUB_200_2011" / "images.txt").write_text(
+            (data / "CUB_200_2011" / "images.txt").read_text() + "2 b.jpg\n")
+        assert jobs.fingerprint(with_data) != before

@@ -230,6 +230,10 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_losses(tmp_path):
     assert sorted(expected) == sorted(got) and len(expected) >= 18
     for step in range(12, 18):  # epoch 2, after the resume
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    # what the killed process logged after its checkpoint (steps 12-14) is not there twice
+    with open(os.path.join(run, "metrics.csv")) as f:
+        logged = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert sorted(logged) == list(range(18))
     assert os.path.exists(os.path.join(run, "config.1.yaml"))  # the first config kept
 
 

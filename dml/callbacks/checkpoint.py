@@ -52,7 +52,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(error):
             raise DiskFullError(f"no space left on the device writing {path}; the earlier "
                                 f"file of that name is kept. Free space, then resume the "
                                 f"run") from None
@@ -60,6 +60,18 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 PARTIAL = ".partial"
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or an error it arose from, is "no space left" (torch.save reports a
+    full disk as the OSError, then a RuntimeError "unexpected pos" while closing the file)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def remove_stale_partials(folder: str) -> List[str]:

@@ -105,11 +105,18 @@ class ImageListDataset(Dataset):
 
         try:
             data = self._read(self.paths[index])
-        except OSError as error:
-            raise UnreadableImageError(f"cannot read image {self.where(index)}: {error}") \
-                from error
-        return (torch.frombuffer(bytearray(data), dtype=torch.uint8), int(self.labels[index]),
-                index, seed if self.train else -1, self.where(index))
+        except (OSError, KeyError) as error:  # a missing file, or a member missing in a zip
+            if self.skip_unreadable:
+                self.unreadable[index] = 1
+                return None
+            raise UnreadableImageError(
+                f"cannot read image {self.where(index)}: {error}. Replace the file, or set "
+                f"data.init_args.skip_unreadable: true to skip unreadable images") from error
+        # an empty file stays an item: no decoder reads it, and that is where it is named
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+            torch.empty(0, dtype=torch.uint8)
+        return (encoded, int(self.labels[index]), index, seed if self.train else -1,
+                self.where(index))
 
     def __getitem__(self, index: int):
         if self.encoded:  # a training item outside the seeded loader draws its own seed

@@ -519,19 +519,30 @@ def test_embed_and_thumbnails_turn_photos_upright(tmp_path):
     assert shown.size == (20, 40)  # portrait, as the photo is shown
 
 
-def test_decode_on_the_device_skips_and_names_an_unreadable_image(tmp_path):
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_every_kind_of_unreadable_image_is_skipped_and_named_once(tmp_path, decode):
+    """A truncated JPEG, an empty file, a missing file and a text file, on both decoders."""
     base = make_cub(tmp_path)
-    bad = base / "images" / "102.Bird_102" / "Bird_102_0001.jpg"
-    bad.write_bytes(open(bad, "rb").read()[:200])  # a truncated JPEG
-    dm = small(CUBDataModule, tmp_path, decode="device")
+    folder = base / "images" / "102.Bird_102"
+    truncated, empty, missing = (folder / f"Bird_102_{j:04d}.jpg" for j in range(3))
+    truncated.write_bytes(open(truncated, "rb").read()[:200])
+    empty.write_bytes(b"")
+    missing.unlink()
+    text = base / "images" / "103.Bird_103" / "Bird_103_0000.jpg"
+    text.write_text("not an image")
+    bad = sorted(str(p) for p in (truncated, empty, missing, text))
+    dm = small(CUBDataModule, tmp_path, decode=decode)
     dm.setup("test")
-    batch = next(iter(dm.test_dataloader()[0]))
-    with pytest.raises(UnreadableImageError, match="cannot decode image .*Bird_102_0001.jpg"):
-        dm.device_batch(batch, torch.device("cpu"))
-    dm = small(CUBDataModule, tmp_path, decode="device", skip_unreadable=True)
+    with pytest.raises(UnreadableImageError, match="Bird_10[23]_000[0-2].jpg"):
+        for batch in dm.test_dataloader()[0]:
+            dm.device_batch(batch, torch.device("cpu"))
+    dm = small(CUBDataModule, tmp_path, decode=decode, skip_unreadable=True)
     dm.setup("test")
     for _ in range(2):  # twice: still named once
-        batch = next(iter(dm.test_dataloader()[0]))
-        images, labels, indices = dm.device_batch(batch, torch.device("cpu"))
-    assert len(images) == len(labels) == len(indices) == 8 and 4 not in indices.tolist()
-    assert dm.unreadable_files() == [str(bad)]
+        rows = []
+        for batch in dm.test_dataloader()[0]:
+            images, labels, indices = dm.device_batch(batch, torch.device("cpu"))
+            assert len(images) == len(labels) == len(indices)
+            rows += indices.tolist()
+    assert sorted(rows) == [0, 1, 2, 7, 8]  # of 9 test images, 4 unreadable
+    assert dm.unreadable_files() == bad
