@@ -50,12 +50,14 @@ def batch_terms(module, batches, names):
     return totals
 
 
-# XBN: the memory term (from step 20, 512 stored embeddings) slows the batch term's descent on
-# this tiny random ViT: 8.53 -> 7.93 in 160 steps, where no memory reaches 5.10 in 48.
+# Steps: the terms are measured on 4 fixed batches, and since every epoch draws new batches the
+# run no longer trains on exactly those (it replayed them before): GSP's metric term goes 7.38 ->
+# 7.16 in 40 steps, 3.68 in 120. XBN: the memory term (from step 20, 512 stored embeddings)
+# slows the batch term's descent on this tiny random ViT: 8.53 -> 7.59 in 240 steps, 3.28 in 400.
 @pytest.mark.parametrize("method,terms,steps,factor", [
     ("gsp_contrastive", ("metric", "zero_shot"), 120, 0.9),
     ("ccp_c2", ("proxy", "pair"), 40, 0.9),
-    ("xbn", ("metric",), 160, 0.95)])
+    ("xbn", ("metric",), 240, 0.95)])
 def test_methods_train_a_vit(method, terms, steps, factor, tmp_path):
     torch.manual_seed(0)
     cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
