@@ -84,6 +84,7 @@ class DMLCLI(LightningCLI):
             config.verbose = False  # the module prints its metrics, in percent, with the split
         if config.trainer.get("precision") is None:
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
+        check_trainer_settings(config.trainer)
         if self.subcommand is None:  # run=False: classes only, nothing is written
             return
         ckpt_path = config.get("ckpt_path")
@@ -152,6 +153,19 @@ class DMLCLI(LightningCLI):
     def _config_dict(self, config) -> dict:
         return json.loads(self._parser(self.subcommand).dump(config, skip_none=False,
                                                               format="json"))
+
+
+def check_trainer_settings(trainer) -> None:
+    """ConfigErrors naming trainer keys Lightning would take and then fail on (a division by
+    zero) or run as nothing (no epoch)."""
+    from dml.config import AT_LEAST_ONE, check_range
+
+    for key in ("accumulate_grad_batches", "log_every_n_steps", "check_val_every_n_epoch"):
+        check_range(f"trainer.{key}", trainer.get(key), AT_LEAST_ONE)
+    for key in ("max_epochs", "max_steps"):
+        value = trainer.get(key)
+        if value is not None and value != -1:
+            check_range(f"trainer.{key}", value, AT_LEAST_ONE)
 
 
 def run_summary(trainer, module) -> Optional[str]:
@@ -385,10 +399,12 @@ def with_config_file(message: str, sources: dict, argv=()) -> str:
 
 
 def discard_unused_run_dir() -> None:
-    """A run that failed before writing anything but run.json leaves no folder behind."""
+    """A new run that failed before training (a config error found at setup) leaves no folder
+    behind: one this process created that holds nothing but its start files."""
     path = os.environ.get(runs.ENV_DIR)
+    start_files = {runs.RUN_FILE, runs.LOCK_FILE, "config.yaml", "hparams.yaml"}
     if path and os.environ.get(runs.ENV_OWNER) == str(os.getpid()) and os.path.isdir(path) \
-            and set(os.listdir(path)) <= {runs.RUN_FILE, runs.LOCK_FILE}:
+            and runs.created_here(path) and set(os.listdir(path)) <= start_files:
         for name in os.listdir(path):
             os.remove(os.path.join(path, name))
         os.rmdir(path)

@@ -93,10 +93,19 @@ def create_run_dir(root: str, name: Optional[str] = None) -> str:
         path = os.path.join(root, f"{stamp}{tag}-{secrets.token_hex(3)}")
         try:
             os.mkdir(path)
+            _created.add(os.path.abspath(path))
             return path
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a run folder under {root}")
+
+
+_created: set = set()
+
+
+def created_here(path: str) -> bool:
+    """Whether this process created the run folder (a resumed one is never discarded)."""
+    return os.path.abspath(path) in _created
 
 
 def shared_run_dir() -> Optional[str]:

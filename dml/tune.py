@@ -176,7 +176,8 @@ def main(argv: Optional[Sequence[str]] = None):
     base = os.path.join(opts.out, opts.dataset, "tune")
     os.makedirs(base, exist_ok=True)
     storage = opts.storage or f"sqlite:///{os.path.abspath(os.path.join(base, label))}.db"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # errors only: a failed trial is one line of ours with its reason, not Optuna's traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(
         study_name=f"{opts.dataset}-{label}", storage=storage, direction="maximize",
         load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=opts.seed),
@@ -220,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None):
     path = opts.best or os.path.join(base, f"{label}.best.yaml")
     header = (f"# python -m dml.tune: best of {len(study.trials)} trials (study "
               f"{study.study_name} in {storage}); mean validation MAP@R over folds "
-              f"{opts.folds}: {best.value:.4f}\n")
+              f"{opts.folds}: {100 * best.value:.1f} %\n")
     tmp = path + ".partial"
     with open(tmp, "w") as f:
         f.write(header + yaml.safe_dump(as_config(best.params), sort_keys=False))
@@ -236,6 +237,10 @@ def main(argv: Optional[Sequence[str]] = None):
                              *[t.params.get(k, "") for k in keys],
                              t.user_attrs.get("failed", "")])
     os.replace(trials_path + ".partial", trials_path)
+    failed = [t.number for t in study.trials if t.state.name == "FAIL"]
+    if failed:
+        print(f"{len(failed)} of {len(study.trials)} trials failed ({failed}); their reasons are "
+              f"in {trials_path}", flush=True)
     print(f"best trial {best.number}: validation MAP@R {100 * best.value:.1f} {best.params} -> "
           f"{path} "
           f"(every trial: {trials_path})")

@@ -41,12 +41,16 @@ def one_line_error(capsys, tmp_path, *args):
      "data.init_args.samples_per_class: 1 image per class in a batch gives multi_similarity "
      "no positive pair"),
     (["--trainer.max_epoch", "2"], "unrecognized arguments: --trainer.max_epoch"),
+    (["--trainer.max_epochs", "0"], "trainer.max_epochs: expected a value >= 1, got 0"),
+    (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: expected"),
+    (["--data.init_args.image_size", "0"], "data.init_args.image_size: expected a value >= 16"),
 ])
 def test_an_invalid_setting_is_one_line_naming_the_key(tmp_path, capsys, args, says):
     line = one_line_error(capsys, tmp_path, *args)
     assert says in line
     # the value came from the command line: no config file is blamed for it
     assert not line.startswith("error: experiments/")
+    assert run_folders(tmp_path) == [] and not any(tmp_path.iterdir())  # no folder left
 
 
 def test_a_proxy_loss_trains_with_one_image_per_class(tmp_path):

@@ -50,6 +50,14 @@ class SyntheticDataModule(DMLDataModule):
         self.images_per_class, self.image_size = images_per_class, image_size
         self.data_seed = data_seed
 
+    def check_settings(self) -> None:
+        from dml.config import check_range
+
+        super().check_settings()
+        for key, low in (("train_classes", 2), ("test_classes", 2), ("images_per_class", 2),
+                         ("image_size", 16)):  # 16 px: the smallest the small CNN takes
+            check_range(f"data.init_args.{key}", getattr(self, key), (low, None, True))
+
     def _all_train(self):
         return SyntheticShapes("train", self.train_classes, self.images_per_class,
                                self.image_size, self.data_seed)
