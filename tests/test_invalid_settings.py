@@ -43,7 +43,7 @@ def one_line_error(capsys, tmp_path, *args):
     (["--trainer.max_epoch", "2"], "unrecognized arguments: --trainer.max_epoch"),
     (["--trainer.max_epochs", "0"], "trainer.max_epochs: expected a value >= 1, got 0"),
     (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: expected"),
-    (["--data.init_args.image_size", "0"], "data.init_args.image_size: expected a value >= 16"),
+    (["--data.init_args.image_size", "0"], "data.init_args.image_size: expected a value >= 8"),
 ])
 def test_an_invalid_setting_is_one_line_naming_the_key(tmp_path, capsys, args, says):
     line = one_line_error(capsys, tmp_path, *args)

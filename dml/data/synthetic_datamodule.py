@@ -55,7 +55,7 @@ class SyntheticDataModule(DMLDataModule):
 
         super().check_settings()
         for key, low in (("train_classes", 2), ("test_classes", 2), ("images_per_class", 2),
-                         ("image_size", 16)):  # 16 px: the smallest the small CNN takes
+                         ("image_size", 8)):  # the small CNN halves the image three times
             check_range(f"data.init_args.{key}", getattr(self, key), (low, None, True))
 
     def _all_train(self):
