@@ -106,12 +106,7 @@ class ImageListDataset(Dataset):
         try:
             data = self._read(self.paths[index])
         except (OSError, KeyError) as error:  # a missing file, or a member missing in a zip
-            if self.skip_unreadable:
-                self.unreadable[index] = 1
-                return None
-            raise UnreadableImageError(
-                f"cannot read image {self.where(index)}: {error}. Replace the file, or set "
-                f"data.init_args.skip_unreadable: true to skip unreadable images") from error
+            return self._unreadable(index, error)
         # an empty file stays an item: no decoder reads it, and that is where it is named
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
             torch.empty(0, dtype=torch.uint8)
@@ -126,16 +121,20 @@ class ImageListDataset(Dataset):
         try:
             img = self._open(self.paths[index])
         except Exception as error:  # truncated JPEG, not an image, missing file...
-            where = self.where(index)
-            if self.skip_unreadable:
-                self.unreadable[index] = 1
-                return None
-            raise UnreadableImageError(
-                f"cannot read image {where}: {error}. Replace the file, or set "
-                f"data.init_args.skip_unreadable: true to skip unreadable images") from error
+            return self._unreadable(index, error)
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[index]), index
+
+    def _unreadable(self, index: int, error: Exception) -> None:
+        """With ``skip_unreadable`` the item is None (dropped from its batch) and the file
+        flagged; otherwise an ``UnreadableImageError`` naming it."""
+        if self.skip_unreadable:
+            self.unreadable[index] = 1
+            return None
+        raise UnreadableImageError(
+            f"cannot read image {self.where(index)}: {error}. Replace the file, or set "
+            f"data.init_args.skip_unreadable: true to skip unreadable images") from error
 
     def where(self, index: int) -> str:
         path = self.paths[index]
