@@ -259,7 +259,7 @@ def saved_config(ckpt_path: str) -> Optional[dict]:
     if not os.path.isfile(ckpt_path):
         raise ConfigError(f"ckpt_path: no checkpoint at {ckpt_path}")
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
         raise ConfigError(f"ckpt_path: {ckpt_path} is not a readable checkpoint ({error})")
     return checkpoint.get(CONFIG_KEY)

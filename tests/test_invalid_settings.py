@@ -183,3 +183,24 @@ def test_the_temporary_file_of_a_killed_write_is_removed_at_the_next_start(tmp_p
     mine.write_bytes(b"")
     assert checkpoint_module.remove_stale_partials(str(folder)) == [stale.name]
     assert sorted(os.listdir(folder)) == [mine.name]
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    """Loading is weights_only: a pickled object whose __reduce__ calls os.system is refused
+    by the resume check and by the embedder, and the command never runs."""
+    from dml.cli import saved_config
+    from dml.errors import ConfigError
+    from dml.inference.embedder import read_checkpoint
+
+    marker = tmp_path / "MARKER"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = str(tmp_path / "evil.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "dml_config": Evil()}, path)
+    for load in (saved_config, read_checkpoint):
+        with pytest.raises(ConfigError, match="not a readable checkpoint"):
+            load(path)
+    assert not marker.exists()

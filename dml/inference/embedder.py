@@ -31,7 +31,8 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint from elsewhere is data, never code to run
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
         raise ConfigError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
                           f"{error})") from error
