@@ -88,9 +88,8 @@ def search(args):
     queries = rows.embeddings[picked]
     flat = SearchIndex.build(rows, "flat")
     t0 = time.perf_counter()
-    _, exact = flat.search(queries, 11)
+    flat.search(queries, 11)
     flat_ms = 1000 * (time.perf_counter() - t0) / len(queries)
-    exact = [[j for j in e if j != p][:10] for e, p in zip(exact.tolist(), picked)]
     print(f"search, {len(x)} x {x.shape[1]} gallery, 1,000 queries, k = 10: flat "
           f"{flat_ms:.3f} ms/query (exact)", flush=True)
     for kind in ("ivf", "hnsw", "ivfpq"):
@@ -98,12 +97,12 @@ def search(args):
         built = SearchIndex.build(rows, kind, recall_sample=1000)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _, found = built.search(queries, 11)
+        built.search(queries, 11)
         ms = 1000 * (time.perf_counter() - t0) / len(queries)
-        found = [[j for j in f if j != p][:10] for f, p in zip(found.tolist(), picked)]
-        recall = np.mean([len(set(e) & set(f)) / 10 for e, f in zip(exact, found)])
-        print(f"  {kind:>5}: {ms:.3f} ms/query ({flat_ms / ms:.1f}x flat), Recall@10 {recall:.4f}"
-              f" (build {build_s:.1f} s)", flush=True)
+        # Recall@10 of 1,000 sampled rows, a neighbour counted when it lies at or inside the
+        # exact 10th distance (SearchIndex.recall_against_exact)
+        print(f"  {kind:>5}: {ms:.3f} ms/query ({flat_ms / ms:.1f}x flat), Recall@10 "
+              f"{built.meta['recall@10']:.4f} (build {build_s:.1f} s)", flush=True)
 
 
 def main():

@@ -33,6 +33,7 @@ from dml.errors import (ConfigError, DiskFullError, NonFiniteEmbeddingsError,
                         NonFiniteLossError, NonFiniteStateError)
 from dml.models import PretrainedWeightsUnavailable
 from dml.module import DMLModule
+from dml.safe_load import load_checkpoint
 
 CONFIG_KEY = "dml_config"  # the composed configuration, saved in every checkpoint
 
@@ -89,6 +90,9 @@ class DMLCLI(LightningCLI):
             return
         ckpt_path = config.get("ckpt_path")
         resuming = self.subcommand == "fit" and bool(ckpt_path)
+        # read as data first: a file that would run code is refused before Lightning opens it
+        trained_with = saved_config(ckpt_path) if ckpt_path and \
+            ckpt_path not in LIGHTNING_CHECKPOINT_NAMES else None
         shared = runs.shared_run_dir()
         if shared:
             os.makedirs(shared, exist_ok=True)
@@ -107,7 +111,7 @@ class DMLCLI(LightningCLI):
         if resuming:
             allowed = [p.strip() for p in (config.get("resume_changes") or "").split(",")
                        if p.strip()]
-            runs.check_resume(saved_config(ckpt_path), self._config_dict(config), ckpt_path,
+            runs.check_resume(trained_with, self._config_dict(config), ckpt_path,
                               allowed, self._default_config_dict())
         if launching_process():
             runs.write_run_file(run_dir, git_state(), ckpt_path if resuming else None)
@@ -254,15 +258,15 @@ def read_run_file(run_dir: str) -> dict:
         return {}
 
 
+# --ckpt_path values Lightning resolves itself rather than reading a file of that name
+LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")
+
+
 def saved_config(ckpt_path: str) -> Optional[dict]:
-    """The configuration a checkpoint was trained with (None for checkpoints without one)."""
-    if not os.path.isfile(ckpt_path):
-        raise ConfigError(f"ckpt_path: no checkpoint at {ckpt_path}")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ConfigError(f"ckpt_path: {ckpt_path} is not a readable checkpoint ({error})")
-    return checkpoint.get(CONFIG_KEY)
+    """The configuration a checkpoint was trained with (None for checkpoints without one),
+    read as data (``dml.safe_load``): a file that would run code is refused here, before
+    Lightning opens it."""
+    return load_checkpoint(ckpt_path, "checkpoint (ckpt_path)", mmap=True).get(CONFIG_KEY)
 
 
 def git_state() -> dict:

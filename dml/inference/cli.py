@@ -4,13 +4,16 @@
         --out emb.npz [--fp16]
     python -m dml index emb.npz --out gallery.index [--kind flat|ivf|hnsw|ivfpq]
     python -m dml search gallery.index (--embeddings q.npz | --images DIR | IMAGE ...)
-        [--ckpt CKPT] [--k 10] [--exclude-self] --out results.json|csv [--html report.html]
+        [--ckpt CKPT] [--k 10] [--exclude-self] [--exact-fallback] [--nprobe N]
+        --out results.json|csv [--html report.html]
     python -m dml export CKPT --format torchscript|onnx --out model.pt|model.onnx
 
 Each is a thin wrapper of ``dml.inference`` (``Embedder``, ``SearchIndex``, ``export``). Bad
-input (a missing or corrupt checkpoint, an empty folder, an index without its rows file, a
-checkpoint of another embedding size than the index) is one line naming the file, exit status
-2, and nothing written under the output name.
+input (a missing, truncated or code-carrying checkpoint or .npz, an empty folder or file, an
+index without its rows file, NaN embeddings, a checkpoint of another embedding size than the
+index) is one line naming the file, exit status 2, and nothing written under the output name.
+Where a parameter is clamped (k beyond the rows, nprobe beyond the cells) a ``note:`` line on
+stderr says so.
 """
 from __future__ import annotations
 
@@ -59,6 +62,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--exclude-self", action="store_true",
                    help="the queries are the index's own rows: leave each out of its results")
+    s.add_argument("--exact-fallback", action="store_true",
+                   help="approximate indexes: search the queries they find fewer than k hits "
+                        "for exhaustively (without it such a query gets fewer hits)")
+    s.add_argument("--nprobe", type=int, default=None,
+                   help="ivf / ivfpq: cells searched (more: slower, fewer short queries)")
     s.add_argument("--out", required=True, help="results .json or .csv")
     s.add_argument("--html", help="also write a self-contained HTML page of the results")
 
@@ -92,12 +100,24 @@ def index(args) -> None:
     from dml.inference.embeddings import EmbeddingSet
     from dml.inference.index import SearchIndex
 
-    built = SearchIndex.build(EmbeddingSet.load(args.embeddings), args.kind, args.nprobe)
+    rows = EmbeddingSet.load(args.embeddings)
+    if len(rows) == 0:
+        raise ConfigError(f"{args.embeddings}: 0 embeddings, there is nothing to index")
+    if rows.non_finite_rows():
+        raise ConfigError(f"{args.embeddings}: {rows.non_finite_rows()} of {len(rows)} "
+                          f"embeddings hold NaN or inf; nothing was indexed")
+    try:
+        built = SearchIndex.build(rows, args.kind, args.nprobe)
+    except ConfigError as error:
+        raise ConfigError(f"{args.embeddings}: {error}") from None
     built.save(args.out)
+    for note in built.meta.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     recall = built.meta.get("recall@10")
     print(f"{args.kind} index of {len(built)} rows ({built.dim}-d) -> {args.out}"
-          + (f"; Recall@10 against exact search {recall:.4f} on "
-             f"{built.meta['recall_sample']} sampled rows" if recall is not None else ""))
+          + (f"; Recall@{built.meta['recall_k']} against exact search {recall:.4f} on "
+             f"{built.meta['recall_sample']} sampled rows (a hit: at or inside the exact "
+             f"{built.meta['recall_k']}th distance)" if recall is not None else ""))
 
 
 def search(args) -> None:
@@ -128,15 +148,24 @@ def search(args) -> None:
         if missing:
             raise ConfigError(f"{missing[0]}: no such image file")
         queries = embedder.embed_files(paths)
-    sims, rows = built.search(queries.float32(), args.k, args.exclude_self)
+    if args.embeddings and queries.non_finite_rows():
+        raise ConfigError(f"{args.embeddings}: {queries.non_finite_rows()} of {len(queries)} "
+                          f"query embeddings hold NaN or inf; nothing was searched")
+    hits = built.search(queries.float32(), args.k, args.exclude_self, args.exact_fallback,
+                        args.nprobe)
     labels = built.labels if len(built.labels) and (built.labels >= 0).all() else None
-    results = result_rows(queries.paths, queries.labels if queries.has_labels else None, sims,
-                          rows, built.paths, labels)
+    results = result_rows(queries.paths, queries.labels if queries.has_labels else None, hits,
+                          built.paths, labels)
     write_rows(results, args.out)
     if args.html:
         write_html(results, args.html, f"{len(queries)} queries against {args.index}")
-    print(f"{len(queries)} queries x top {sims.shape[1]} -> {args.out}"
-          + (f", {args.html}" if args.html else ""))
+    for note in hits.notes:
+        print(f"note: {note}", file=sys.stderr)
+    short = len(hits.short)
+    print(f"{len(queries)} queries x top {hits.k} -> {args.out}"
+          + (f", {args.html}" if args.html else "")
+          + (f"; {short} queries got fewer than {hits.k} hits (the {built.kind} index found no "
+             f"more; --exact-fallback or a larger --nprobe searches further)" if short else ""))
 
 
 def export_command(args) -> None:
@@ -156,6 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as error:
         if os.environ.get("DML_TRACEBACK"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -22,22 +22,16 @@ from dml.data.image_list import open_image
 
 from dml.errors import ConfigError
 from dml.inference.embeddings import EmbeddingSet
+from dml.safe_load import load_checkpoint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
-    """The checkpoint's dict, or a ConfigError naming the file."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such checkpoint")
-    try:
-        # weights_only: a checkpoint from elsewhere is data, never code to run
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ConfigError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
-                          f"{error})") from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint \
-            or "hyper_parameters" not in checkpoint:
+    """The checkpoint's dict, loaded as data (``dml.safe_load``), or a ConfigError naming the
+    file."""
+    checkpoint = load_checkpoint(path)
+    if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ConfigError(f"{path}: not a dml checkpoint (no state_dict / hyper_parameters)")
     return checkpoint
 

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from dml.errors import ConfigError
+from dml.safe_load import load_npz
 
 
 @dataclass
@@ -60,15 +61,26 @@ class EmbeddingSet:
 
     @classmethod
     def load(cls, path: str) -> "EmbeddingSet":
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: no such embeddings file")
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                return cls(f["embeddings"], [str(p) for p in f["paths"]], f["labels"],
-                           json.loads(str(f["meta"])))
-        except (OSError, KeyError, ValueError) as error:
-            raise ConfigError(f"{path}: not an embeddings file written by `python -m dml embed` "
-                              f"({error})") from error
+        """Read as data (``np.load(allow_pickle=False)``); every bad file is one ConfigError
+        naming it."""
+        f = load_npz(path, ("embeddings", "paths", "labels", "meta"),
+                     "embeddings file (python -m dml embed)")
+        embeddings, paths, labels = f["embeddings"], f["paths"], f["labels"]
+        if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
+            raise ConfigError(f"{path}: embeddings of shape {embeddings.shape} and type "
+                              f"{embeddings.dtype}, expected (rows, dim) floats")
+        if embeddings.shape[1] == 0:
+            raise ConfigError(f"{path}: the embeddings have 0 dimensions")
+        if paths.ndim != 1 or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) \
+                or not (len(embeddings) == len(paths) == len(labels)):
+            raise ConfigError(f"{path}: {len(embeddings)} embeddings, {paths.size} paths and "
+                              f"{labels.size} labels ({labels.dtype}); expected one path and one "
+                              f"integer label per row")
+        return cls(embeddings, [str(p) for p in paths], labels, f["meta"])
+
+    def non_finite_rows(self) -> int:
+        """How many rows hold NaN or inf."""
+        return int((~np.isfinite(self.embeddings)).any(axis=1).sum())
 
     def float32(self) -> np.ndarray:
         return np.ascontiguousarray(self.embeddings, dtype=np.float32)

@@ -13,17 +13,22 @@ import html
 import io
 import json
 import os
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from dml.inference.index import Hits
 
-def result_rows(query_paths: List[str], query_labels: Optional[np.ndarray],
-                similarities: np.ndarray, indices: np.ndarray, paths: List[str],
-                labels: Optional[np.ndarray]) -> List[Dict]:
+
+def result_rows(query_paths: List[str], query_labels: Optional[np.ndarray], hits: "Hits",
+                paths: List[str], labels: Optional[np.ndarray]) -> List[Dict]:
+    """One dict per (query, neighbour): the rows of ``dml.inference.index.Hits``, which holds
+    real rows and finite cosines only (a query with fewer hits has fewer dicts)."""
     rows = []
     for q, path in enumerate(query_paths):
-        for rank, (j, s) in enumerate(zip(indices[q].tolist(), similarities[q].tolist())):
+        for rank, (j, s) in enumerate(zip(hits.rows[q].tolist(),
+                                          hits.similarities[q].tolist())):
             row = {"query": path, "rank": rank + 1, "path": paths[j], "row": int(j),
                    "similarity": round(float(s), 6)}
             if query_labels is not None and labels is not None and query_labels[q] >= 0:
@@ -39,7 +44,7 @@ def write_rows(rows: List[Dict], path: str) -> None:
     try:
         with open(tmp, "w", newline="") as f:
             if path.endswith(".json"):
-                json.dump(rows, f, indent=1)
+                json.dump(rows, f, indent=1, allow_nan=False)  # strict JSON
             elif path.endswith(".csv"):
                 fields = list(dict.fromkeys(k for row in rows for k in row))
                 writer = csv.DictWriter(f, fieldnames=fields)

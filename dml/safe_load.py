@@ -1,0 +1,121 @@
+"""Reading files that may come from anyone: checkpoints and ``.npz`` arrays load as data only.
+
+A checkpoint is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
+containers, never a pickled object whose unpickling would call a function. An ``.npz`` is read
+with ``np.load(allow_pickle=False)``. Every failure is a ``ConfigError`` of one line naming the
+file and what was expected, so the command line prints it without a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import pickletools
+import warnings
+import zipfile
+from typing import Any, Dict, Iterable
+
+import numpy as np
+import torch
+
+from dml.errors import ConfigError
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """The error's first non-empty line (torch's weights-only message is a page long)."""
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def weights_only_reason(error: BaseException) -> str:
+    """The line of torch's weights-only refusal that says why (its other lines are advice)."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(advice)]
+    return reasons[0] if reasons else one_line(error)
+
+
+# Pickle opcodes that import a module attribute or call one: what makes unpickling run code.
+CALLING_OPCODES = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def imports_callables(path: str, max_pickles: int = 8) -> bool:
+    """Whether a raw pickle file (torch's legacy format, several pickles in a row) imports or
+    calls anything; read with ``pickletools.genops``, which parses opcodes and runs none."""
+    if zipfile.is_zipfile(path):
+        return False  # torch's zip format: its weights-only refusal already names the GLOBAL
+    with open(path, "rb") as f:
+        for _ in range(max_pickles):
+            try:  # only a pickle that parses to its STOP counts: not random bytes
+                names = {opcode.name for opcode, _, _ in pickletools.genops(f)}
+            except Exception:  # noqa: BLE001 - the end of the file, or not a pickle at all
+                return False
+            if names & CALLING_OPCODES:
+                return True
+    return False
+
+
+def load_checkpoint(path: str, what: str = "checkpoint", mmap: bool = False) -> Dict[str, Any]:
+    """The dict a checkpoint file holds, loaded as data (``weights_only=True``)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such {what}")
+    try:
+        with warnings.catch_warnings():  # torch's note on a raw pickle's protocol: noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # mmap reads only torch's zip format; a legacy (raw pickle) file is read whole
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True,
+                                    mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        reason = weights_only_reason(error)
+        if "GLOBAL" in reason or imports_callables(path):  # a class or function to call
+            raise ConfigError(f"{path}: refused, not loaded: the {what} holds pickled objects "
+                              f"other than tensors and plain values, and unpickling them could "
+                              f"run code ({reason[:120]})") from None
+        raise ConfigError(f"{path}: not a readable {what} (UnpicklingError: "
+                          f"{reason[:160]})") from None
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file: the same one line
+        raise ConfigError(f"{path}: not a readable {what} ({one_line(error)})") from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{path}: not a {what} (it holds a {type(checkpoint).__name__}, "
+                          f"expected a dict)")
+    return checkpoint
+
+
+def load_npz(path: str, keys: Iterable[str], what: str) -> Dict[str, Any]:
+    """The named arrays of an ``.npz`` file (``allow_pickle=False``); a string array named
+    ``meta`` is parsed as JSON."""
+    keys = list(keys)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such {what}")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            single = f.read(6) == b"\x93NUMPY"
+        raise ConfigError(f"{path}: not a {what}: " + (
+            f"a single .npy array, expected an .npz with {', '.join(keys)}" if single else
+            "truncated or not an .npz (no zip directory)"))
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in keys if k not in f.files]
+            if missing:
+                raise ConfigError(f"{path}: not a {what}: no array named "
+                                  f"{', '.join(missing)} (it has {', '.join(f.files) or 'none'})")
+            arrays = {k: f[k] for k in keys}
+    except ConfigError:
+        raise
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise ConfigError(f"{path}: refused, not loaded: the {what} holds pickled Python "
+                              f"objects, and unpickling them could run code") from None
+        raise ConfigError(f"{path}: not a readable {what} ({one_line(error)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        raise ConfigError(f"{path}: not a readable {what}: truncated or not an .npz "
+                          f"({one_line(error)})") from None
+    if "meta" in arrays:
+        try:
+            arrays["meta"] = json.loads(str(arrays["meta"]))
+        except ValueError as error:
+            raise ConfigError(f"{path}: its meta array is not JSON ({one_line(error)})") from None
+        if not isinstance(arrays["meta"], dict):
+            raise ConfigError(f"{path}: its meta array is not a JSON object")
+    return arrays
