@@ -80,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
 def embed(args) -> None:
     from dml.inference.embedder import Embedder, image_files
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: expected a number of images >= 1")
     embedder = Embedder.from_checkpoint(args.ckpt)
     if args.images:
         rows = embedder.embed_files(image_files(args.images), args.batch_size)
