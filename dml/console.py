@@ -22,5 +22,6 @@ def run_command(main, errors=(Exception,)) -> None:
     except errors as error:
         if os.environ.get("DML_TRACEBACK"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -163,13 +163,17 @@ def test_exports_equal_pytorch(ckpt, tmp_path, fmt):
     assert np.abs(got - expected).max() <= 1e-4
 
 
-def test_bad_inputs_are_one_line_naming_the_file_and_write_nothing(ckpt, tmp_path):
+def test_bad_inputs_are_one_line_naming_the_file_and_write_nothing(ckpt, tmp_path, capsys):
+    """In this process, through what ``python -m dml`` calls (``dml.inference.cli.main``);
+    tests/test_untrusted_inputs.py runs the same line through a subprocess."""
+    from dml.inference.cli import main
+
     out_file = tmp_path / "out.npz"
 
     def fails(*args, says):
-        result = dml(*args)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and says in lines[0], result.stderr
+        status = main([str(a) for a in args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and says in lines[0], lines
         return lines[0]
 
     fails("embed", tmp_path / "none.ckpt", "--split", "test", "--out", out_file,

@@ -1,6 +1,7 @@
 """The MLRC protocol (dml.mlrc) and the search on its validation folds (dml.tune): folds,
 intervals, concatenation, resume, a test split never built before the final evaluation, and a
 tuned config the protocol accepts."""
+import glob
 import json
 import os
 import subprocess
@@ -133,15 +134,17 @@ def test_a_tuned_config_runs_the_protocol_which_resumes(tmp_path):
     assert again.returncode == 0 and again.stdout.count("already trained") == 4
     (line2,) = [json.loads(x) for x in open(base / "runs.jsonl")]
     assert line2["concatenated"] == line["concatenated"]
-    # other settings (2 epochs): nothing is reused, the new folds train into folders of their own
-    args[args.index("--epochs") + 1] = "2"
-    third = run("dml.mlrc", *args)
-    assert third.returncode == 0, third.stderr[-2000:]
-    assert third.stdout.count("already trained") == 0
-    (line3,) = [json.loads(x) for x in open(base / "runs.jsonl")]
-    assert line3["epochs"] == 2 and all("--trainer.max_epochs 2" in f["command"]
-                                        for f in line3["folds"])
-    assert len(list((tmp_path / "runs").glob("synthetic/baseline/seed0/fold*/*/fold.json"))) == 8
+    # other settings (2 epochs): the folds would train into folders of their own (the rule a
+    # run uses, dml.mlrc.fold_folder; a change of any argument is in dml.jobs' fingerprint tests)
+    from dml.mlrc import fold_args, fold_folder
+    trained = {os.path.dirname(p) for p in
+               glob.glob(str(tmp_path / "runs" / "synthetic/baseline/seed0/fold*/*/fold.json"))}
+    assert len(trained) == 4
+    for fold in range(4):
+        base = str(tmp_path / "runs" / f"synthetic/baseline/seed0/fold{fold}")
+        one, two = (fold_folder(base, fold_args("synthetic", "baseline", fold, 0, base, TINY,
+                                                epochs=e, config=str(best))) for e in (1, 2))
+        assert one in trained and two not in trained and os.path.dirname(two) == base
     # a search with another space does not join the study
     space.write_text("model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-2}\n")
     out = run("dml.tune", "--dataset", "synthetic", "--method", "baseline", "--space", space,
@@ -180,15 +183,23 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):
     assert trials[2].startswith("1,COMPLETE,")
 
 
-def test_an_unknown_data_set_method_or_space_is_one_line_naming_it(tmp_path):
+def test_an_unknown_data_set_method_or_space_is_one_line_naming_it(tmp_path, capsys):
+    """In this process, through the function ``python -m dml.mlrc`` / ``dml.tune`` run
+    (``dml.console.run_command``); the subprocess tests above see the same line."""
+    from dml import mlrc, tune
+    from dml.console import run_command
+    from dml.errors import ConfigError
+
     for module, args, says in [
-            ("dml.mlrc", ["--dataset", "nope", "--method", "baseline"], "experiments/data/nope.yaml"),
-            ("dml.mlrc", ["--dataset", "synthetic", "--method", "nope"], "method/nope.yaml"),
-            ("dml.mlrc", ["--dataset", "synthetic", "--method", "baseline", "--backbone",
-                          "nope"], "backbone/nope.yaml"),
-            ("dml.tune", ["--dataset", "synthetic", "--method", "baseline", "--space",
-                          tmp_path / "none.yaml"], "none.yaml: no such file")]:
-        out = run(module, *args, "--out", tmp_path)
-        lines = out.stderr.strip().splitlines()
-        assert out.returncode == 2 and len(lines) == 1 and says in lines[0], out.stderr
+            (mlrc, ["--dataset", "nope", "--method", "baseline"], "experiments/data/nope.yaml"),
+            (mlrc, ["--dataset", "synthetic", "--method", "nope"], "method/nope.yaml"),
+            (mlrc, ["--dataset", "synthetic", "--method", "baseline", "--backbone",
+                    "nope"], "backbone/nope.yaml"),
+            (tune, ["--dataset", "synthetic", "--method", "baseline", "--space",
+                    tmp_path / "none.yaml"], "none.yaml: no such file")]:
+        argv = [str(a) for a in args] + ["--out", str(tmp_path)]
+        with pytest.raises(SystemExit) as exit_:
+            run_command(lambda: module.main(argv), (ConfigError, RuntimeError))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1 and says in lines[0], lines
     assert not (tmp_path / "synthetic" / "tune").exists()  # nothing created for a bad search

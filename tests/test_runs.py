@@ -454,8 +454,29 @@ def snapshot(folder):
     return out
 
 
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory):
+    """One run folder trained for 2 epochs; each test works on its own copy (a copied run is a
+    run: that is what the copy test below establishes)."""
+    root = tmp_path_factory.mktemp("trained")
+    out = dml("fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "2",
+              "--dashboard.enabled", "false", "--trainer.logger", "false",
+              "--trainer.default_root_dir", str(root))
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = run_folders(root)
+    return run
+
+
+def own_copy(run, root):
+    import shutil
+
+    target = os.path.join(str(root), os.path.basename(run))
+    shutil.copytree(run, target)
+    return target
+
+
 @pytest.mark.parametrize("how", ["copy", "move", "move-old-config"])
-def test_a_copied_or_moved_run_folder_resumes_into_itself_only(tmp_path, how):
+def test_a_copied_or_moved_run_folder_resumes_into_itself_only(tmp_path, how, two_epoch_run):
     """`make resume` of a copy writes nothing into the original; of a moved folder (with a
     space in its name) recreates nothing at the old path. "old-config": a config.yaml that
     names the checkpoint folder by its absolute path, as runs before this version wrote it."""
@@ -463,10 +484,7 @@ def test_a_copied_or_moved_run_folder_resumes_into_itself_only(tmp_path, how):
 
     import yaml
 
-    assert dml("fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "2",
-               "--dashboard.enabled", "false", "--trainer.logger", "false",
-               "--trainer.default_root_dir", str(tmp_path / "runs")).returncode == 0
-    (original,) = run_folders(tmp_path / "runs")
+    original = own_copy(two_epoch_run, tmp_path / "runs")
     if how == "move-old-config":
         config_file = os.path.join(original, "config.yaml")
         config = yaml.safe_load(open(config_file))
@@ -492,17 +510,14 @@ def test_a_copied_or_moved_run_folder_resumes_into_itself_only(tmp_path, how):
     assert not glob.glob(str(tmp_path / "elsewhere" / "*.ckpt"))
 
 
-def test_a_second_process_cannot_train_in_a_held_run_folder(tmp_path):
+def test_a_second_process_cannot_train_in_a_held_run_folder(tmp_path, two_epoch_run):
     from dml import runs
 
-    assert dml("fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "1",
-               "--dashboard.enabled", "false", "--trainer.logger", "false",
-               "--trainer.default_root_dir", str(tmp_path)).returncode == 0
-    (run,) = run_folders(tmp_path)
+    run = own_copy(two_epoch_run, tmp_path)
     runs.lock_run_dir(run)  # as the process training in it holds it
     before = snapshot(run)
     try:
-        out = make_resume(run, "ARGS=--trainer.max_epochs 2")
+        out = make_resume(run, "ARGS=--trainer.max_epochs 3")
     finally:
         runs.unlock_run_dirs()
     assert out.returncode == 2
@@ -510,6 +525,6 @@ def test_a_second_process_cannot_train_in_a_held_run_folder(tmp_path):
     assert any(line.startswith("error: run folder ") and f"process {os.getpid()}" in line
                and "is in use" in line for line in error), out.stderr[-2000:]
     assert snapshot(run) == before  # nothing written
-    out = make_resume(run, "ARGS=--trainer.max_epochs 2")  # once it is free, it resumes
+    out = make_resume(run, "ARGS=--trainer.max_epochs 3")  # once it is free, it resumes
     assert out.returncode == 0, out.stderr[-3000:]
-    assert epoch_of(os.path.join(run, "checkpoints", "last.ckpt")) == 1
+    assert epoch_of(os.path.join(run, "checkpoints", "last.ckpt")) == 2

@@ -374,3 +374,18 @@ def test_approximate_parameters_are_clamped_and_said(tmp_path, capsys):
     line = one_line_error(capsys, lambda: use_checkpoint(
         ["index", embeddings_file(tmp_path / "z.npz", z), "--out", str(tmp_path / "z.index")]))
     assert "z.npz: the embeddings: 1 of 5 rows have length 0" in line
+
+
+def test_a_config_file_with_a_python_tag_is_refused_and_runs_nothing(tmp_path, capsys,
+                                                                      monkeypatch):
+    """Config files are read with YAML's safe loader: a python/object tag is an error naming
+    the file and line, and the call it names is never made."""
+    from dml.cli import main as train
+
+    monkeypatch.setattr(sys, "argv", ["python -m dml"])
+    marker = tmp_path / "MARKER"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"trainer:\n  max_epochs: !!python/object/apply:os.system "
+                      f"[\"touch {marker}\"]\n")
+    line = one_line_error(capsys, lambda: train(["fit", "--config", str(config)]))
+    assert "evil.yaml: not valid YAML at line 2" in line and not marker.exists()
