@@ -13,6 +13,8 @@ memory in place at every step.
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from timing import compare, format_ratio, ratio
@@ -26,6 +28,7 @@ def make_step(mode, args, device):
     head = torch.nn.Linear(2048, args.dim).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=1e-4)
     loss_fn = XBMContrastiveLoss()
+    objective = SimpleNamespace(metric=loss_fn, miner=None)  # what the memory term reads
     memory = None
     if mode != "none":
         memory = CrossBatchMemoryLoss(args.dim, size=args.memory, start_iteration=0).to(device)
@@ -34,10 +37,7 @@ def make_step(mode, args, device):
         memory.enqueue(fill, torch.randint(0, 11318, (args.memory,), device=device))
         if mode != "xbm":
             xbn = CrossBatchNormalization(enabled=True, adaptive=mode == "adaptive_xbn")
-            if xbn.adaptive:
-                from dml.memory import MomentKalmanFilter
-                xbn.kalman = MomentKalmanFilter(args.dim).to(device)
-            memory.set_transform(xbn.match)
+            xbn.attach(memory)
     feats = torch.randn(args.batch, 2048, device=device)
     labels = torch.arange(args.batch // 4, device=device).repeat_interleave(4)
 
@@ -47,7 +47,8 @@ def make_step(mode, args, device):
         z = F.normalize(raw, dim=1)
         loss = loss_fn(z, labels)
         if memory is not None:
-            loss = loss + sum(memory(loss_fn, None, z, raw, labels).values())
+            embedded = {"embeddings": z, "raw_embeddings": raw}
+            loss = loss + sum(memory(embedded, labels, objective).values())
         loss.backward()
         opt.step()
     return step

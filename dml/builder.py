@@ -21,6 +21,7 @@ from dml.config import (BackboneConfig, IBCConfig, LossConfig, MemoryConfig, Poo
 from dml.errors import ConfigError
 from dml.losses import (LOSSES, CrossBatchMemoryLoss, IntraBatchConnections, MultiProxyLoss,
                         ProximalTerm, ZeroShotPrototypeLoss, build_loss, build_miner)
+from dml.losses.factory import MINERS
 from dml.models import (GAP, GMP, GSP, Backbone, ClassToken, EmbeddingHead, GeM,
                         MessagePassingNetwork)
 from dml.objective import Objective
@@ -92,6 +93,44 @@ def build_terms(specs: Optional[List[Dict[str, Any]]], embedding_dim: int,
     return terms
 
 
+def build_memory(memory: MemoryConfig, embedding_dim: int,
+                 num_classes: Optional[int]) -> CrossBatchMemoryLoss:
+    """The memory term: ``CrossBatchMemoryLoss`` or the subclass ``model.memory.implementation``
+    names, with its own loss and miner when the config names them."""
+    cls = CrossBatchMemoryLoss
+    if memory.implementation:
+        cls = import_class(memory.implementation, "model.memory.implementation")
+        if not (isinstance(cls, type) and issubclass(cls, CrossBatchMemoryLoss)):
+            raise ConfigError(f"model.memory.implementation: {memory.implementation} is not a "
+                              f"subclass of dml.losses.CrossBatchMemoryLoss")
+    elif memory.params:
+        raise ConfigError("model.memory.params: only a memory class of "
+                          "model.memory.implementation takes params")
+    check_params(cls, memory.params, "model.memory.params",
+                 skip=("self", "dim", "size", "start_iteration", "weight", "enqueue", "store",
+                       "loss", "miner"))
+    loss = None
+    if memory.loss:
+        if memory.loss not in LOSSES or LOSSES[memory.loss][1]:
+            pair = sorted(n for n, (_, proxies) in LOSSES.items() if not proxies)
+            raise ConfigError(f"model.memory.loss: {memory.loss!r} is not a pair loss; "
+                              f"expected one of {pair}")
+        loss = build_loss(memory.loss, num_classes, embedding_dim, memory.loss_params)
+    miner = None
+    if memory.miner:
+        if memory.miner in MINERS:
+            miner = build_miner(memory.miner, memory.miner_params, "model.memory.miner")
+        elif "." in memory.miner:
+            miner_cls = import_class(memory.miner, "model.memory.miner")
+            check_params(miner_cls, memory.miner_params, "model.memory.miner_params")
+            miner = miner_cls(**memory.miner_params)
+        else:
+            raise ConfigError(f"model.memory.miner: unknown miner {memory.miner!r}; expected one "
+                              f"of {sorted(MINERS)} or a class path")
+    return cls(embedding_dim, memory.size, memory.start_iteration, memory.weight, memory.enqueue,
+               memory.store, loss=loss, miner=miner, **memory.params)
+
+
 def build_parts(backbone: BackboneConfig, pooling: PoolingConfig, embedding_dim: int,
                 loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
                 memory: MemoryConfig, num_classes: Optional[int],
@@ -154,8 +193,7 @@ def build_objective(loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
                               f"own proxies, not with stored embeddings; the memory needs a pair "
                               f"loss as model.loss.name (one of {pair}), optionally with "
                               f"model.loss.proxies_per_class > 0 (CCP)")
-        memory_loss = CrossBatchMemoryLoss(embedding_dim, memory.size, memory.start_iteration,
-                                           memory.weight, memory.enqueue, memory.store)
+        memory_loss = build_memory(memory, embedding_dim, num_classes)
     if metric is None and ibc_term is None and zero_shot_loss is None and not extra:
         raise ConfigError("model.loss.name: none leaves nothing to train; enable model.ibc or "
                           "model.zero_shot, add model.terms, or name a loss")

@@ -98,13 +98,26 @@ class MemoryConfig:
     ``start_iteration`` on the loss adds weight * L(batch, memory) over the last ``size``
     embeddings; ``enqueue``: the batch is stored before (the released XBM trainer) or after its
     memory term; ``store``: normalized or raw embeddings. XBN's moment matching of the stored
-    embeddings is the ``xbn:`` callback (``dml.callbacks.CrossBatchNormalization``)."""
+    embeddings is the ``xbn:`` callback (``dml.callbacks.CrossBatchNormalization``).
+
+    The term's own pair loss (``loss``, ``loss_params``: a name of ``dml.losses.LOSSES``) and
+    pair selection (``miner``, ``miner_params``: a name of ``dml.losses.factory.MINERS`` or a
+    class path) replace the objective's metric loss and miner for the memory term; by default
+    it uses those. ``implementation``: the class path of a subclass of
+    ``dml.losses.CrossBatchMemoryLoss`` (a memory variant), built with the settings here and
+    its own ``params``."""
     enabled: bool = False
     size: int = 55000
     start_iteration: int = 1000
     weight: float = 1.0
     enqueue: str = "before"
     store: str = "normalized"
+    loss: Optional[str] = None
+    loss_params: Dict[str, Any] = field(default_factory=dict)
+    miner: Optional[str] = None
+    miner_params: Dict[str, Any] = field(default_factory=dict)
+    implementation: Optional[str] = None
+    params: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -10,8 +10,10 @@ the config and checks that they fit together:
   weighted by ``metric_weight`` -> "metric"; or CCP's multi-proxy loss
   (``dml.losses.MultiProxyLoss``, on the head's raw output) -> "proxy" and "pair". With
   ``gather`` under DDP it is computed over the global batch (``dml.distributed``).
-- ``memory``: XBM's cross-batch memory around the metric loss (``dml.losses.memory``) ->
-  "memory". It owns its ring buffer and offers XBN's callback one transform hook.
+- ``memory``: XBM's cross-batch memory term (``dml.losses.memory``) -> "memory": the batch
+  against the stored rows, with the term's own loss and pair selection or the metric loss and
+  miner. The memory (``dml.memory.CrossBatchMemory``) is the one writer of its rows; XBN's
+  callback registers a transform on every memory ``memories()`` finds.
 - ``ibc``: IBC's message passing and cross-entropies (``dml.losses.ibc``) -> "ibc_backbone",
   "ibc_mpn"; over the global batch with ``ibc_gather``.
 - ``zero_shot``: GSP's zero-shot prototype loss on the pooling's attributes, weighted by
@@ -24,7 +26,7 @@ the config and checks that they fit together:
 Optimizer groups come from the terms themselves (``parameter_groups``): a term's parameters go
 to its ``param_group`` ("loss" unless it says otherwise). The callbacks act only through the
 public methods below (``pick_proxies``, ``set_proxies``, ``proxies``, ``anchor_proximal``,
-``memory.set_transform``).
+``memories``).
 
 Precision: under mixed precision (``bf16-mixed``) the network runs in bfloat16 and the
 objective in float32: ``forward`` casts what it is handed to float32 and turns autocast off.
@@ -89,7 +91,7 @@ class Objective(nn.Module):
         if self.metric is not None:
             terms.update(self.metric_terms(z, raw, labels))
         if self.memory is not None:
-            terms.update(self.memory(self.metric, self.miner, z, raw, labels))
+            terms.update(self.memory(embedded, labels, self))
         if self.ibc is not None:
             if self.ibc_gather and world_size() > 1:  # messages over the global batch
                 terms.update(self.ibc(raw, gather_rows(z, with_grad=True), gather_rows(labels),
@@ -130,6 +132,13 @@ class Objective(nn.Module):
         return groups
 
     # --- what callbacks and poolings use -----------------------------------------------------------
+    def memories(self) -> List[nn.Module]:
+        """Every cross-batch memory among the terms (``dml.memory.CrossBatchMemory``), the
+        memory term's and any a term of ``model.terms`` holds."""
+        from dml.memory.cross_batch import CrossBatchMemory
+
+        return [m for m in self.modules() if isinstance(m, CrossBatchMemory)]
+
     def class_representatives(self) -> Optional[torch.Tensor]:
         """Rows that stand for the classes (proxies, classifier weights), or None."""
         return None if self.metric is None else proxy_rows(self.metric)

@@ -77,14 +77,15 @@ def build_distance(name: str):
     return DISTANCES[name]()
 
 
-def build_miner(name: Optional[str], params: Optional[Dict[str, Any]] = None):
+def build_miner(name: Optional[str], params: Optional[Dict[str, Any]] = None,
+                key: str = "model.loss.miner"):
     if name is None:
         return None
     params = dict(params or {})
     if name not in MINERS:
-        raise ConfigError(f"model.loss.miner: unknown miner {name!r}; expected one of "
-                         f"{sorted(MINERS)} or null")
-    check_params(MINERS[name], params, "model.loss.miner_params", skip=("self", "kwargs"))
+        raise ConfigError(f"{key}: unknown miner {name!r}; expected one of "
+                          f"{sorted(MINERS)} or null")
+    check_params(MINERS[name], params, f"{key}_params", skip=("self", "kwargs"))
     return MINERS[name](**params)
 
 

@@ -29,18 +29,24 @@ class EmbeddingRingBuffer(nn.Module):
     def __len__(self) -> int:
         return int(self.count)
 
+    def next_slots(self, n: int) -> torch.Tensor:
+        """The slots the next ``n`` rows go to (n <= size): after the newest, wrapping around."""
+        return (self.pointer + torch.arange(n, device=self.labels.device)) % self.size
+
     @torch.no_grad()
-    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Write a batch after the newest entries, overwriting the oldest when full."""
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Write a batch after the newest entries, overwriting the oldest when full; returns
+        the slots written."""
         embeddings, labels = embeddings.detach(), labels.detach()
         if len(embeddings) > self.size:  # only the newest `size` fit
             embeddings, labels = embeddings[-self.size:], labels[-self.size:]
         n = len(embeddings)
-        slots = (self.pointer + torch.arange(n, device=self.labels.device)) % self.size
+        slots = self.next_slots(n)
         self.embeddings[slots] = embeddings.to(self.embeddings.dtype)
         self.labels[slots] = labels.to(self.labels.device)
         self.pointer.copy_((self.pointer + n) % self.size)
         self.count.copy_(torch.clamp(self.count + n, max=self.size))
+        return slots
 
     def valid(self):
         """(embeddings, labels) of the stored entries, oldest first."""

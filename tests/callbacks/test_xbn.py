@@ -35,17 +35,22 @@ def filled_memory(rows=30, dim=3, seed=0):
     memory = CrossBatchMemoryLoss(dim, size=40, start_iteration=0)
     g = torch.Generator().manual_seed(seed)
     for b in range(3):
-        memory.iteration.fill_(b)
         memory.enqueue(torch.randn(rows // 3, dim, generator=g) * (b + 1) + b,
-                       torch.arange(rows // 3))
+                       torch.arange(rows // 3), step=b)
     return memory
+
+
+def match(memory, batch, **options):
+    """XBN's transform run by the memory, as at a training step."""
+    CrossBatchNormalization(enabled=True, **options).attach(memory)
+    memory.transform(batch)
 
 
 def test_the_stored_rows_take_the_batch_moments_in_place():
     memory = filled_memory()
     batch = torch.randn(16, 3, generator=torch.Generator().manual_seed(1)) * 0.5 - 2
     pointer = memory.stored.data_ptr()
-    CrossBatchNormalization(enabled=True, recount_every=1000).match(memory, batch)
+    match(memory, batch, recount_every=1000)
     stored = memory.stored
     assert stored.data_ptr() == pointer  # in place
     assert torch.allclose(stored.mean(0), batch.mean(0), atol=1e-5)
@@ -56,8 +61,8 @@ def test_the_stored_rows_take_the_batch_moments_in_place():
 
 def test_per_batch_matching_matches_every_enqueued_batch():
     memory = filled_memory()
-    CrossBatchNormalization(enabled=True, per_batch=True).match(
-        memory, torch.randn(16, 3, generator=torch.Generator().manual_seed(2)))
+    match(memory, torch.randn(16, 3, generator=torch.Generator().manual_seed(2)),
+          per_batch=True)
     target = memory.stored[memory.stored_batch_ids == 0]
     for b in range(3):
         rows = memory.stored[memory.stored_batch_ids == b]

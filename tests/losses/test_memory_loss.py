@@ -8,6 +8,7 @@ from dml.data import SyntheticDataModule
 from dml.errors import ConfigError
 from dml.losses import CrossBatchMemoryLoss, XBMContrastiveLoss
 from dml.losses.factory import LOSSES
+from dml.memory import Affine
 from dml.module import (BackboneConfig, DMLModule, LossConfig, MemoryConfig, OptimizerConfig,
                         PoolingConfig, ZeroShotConfig)
 
@@ -61,7 +62,7 @@ def test_affine_keeps_the_running_sums_exact_and_the_hook_runs_before_the_term()
     memory = CrossBatchMemoryLoss(3, size=10, start_iteration=0)
     g = torch.Generator().manual_seed(0)
     memory.enqueue(torch.randn(7, 3, generator=g), torch.arange(7))
-    memory.affine_(torch.tensor([2.0, 0.5, 1.0]), torch.tensor([1.0, -1.0, 0.0]))
+    memory.apply(Affine(torch.tensor([2.0, 0.5, 1.0]), torch.tensor([1.0, -1.0, 0.0])))
     stored = memory.stored.double()
     assert torch.allclose(memory.sum, stored.sum(0), atol=1e-10)
     assert torch.allclose(memory.sumsq, (stored ** 2).sum(0), atol=1e-10)
@@ -69,9 +70,10 @@ def test_affine_keeps_the_running_sums_exact_and_the_hook_runs_before_the_term()
     assert torch.allclose(mean, stored.mean(0), atol=1e-10)
     assert torch.allclose(var, stored.var(0, unbiased=False), atol=1e-10)
     seen = []
-    memory.set_transform(lambda mem, batch: seen.append((len(mem), batch.shape)))
+    memory.add_transform(lambda mem, batch: seen.append((len(mem), batch.shape)))
     z = torch.nn.functional.normalize(torch.randn(4, 3, generator=g), dim=1)
-    terms = memory(XBMContrastiveLoss(), None, z, z, torch.arange(4))
+    memory.loss = XBMContrastiveLoss()
+    terms = memory({"embeddings": z, "raw_embeddings": z}, torch.arange(4))
     assert seen == [(7, (4, 3))]  # before the batch is enqueued
     assert len(memory) == 10 and set(terms) == {"memory"}
 
