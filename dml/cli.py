@@ -175,7 +175,7 @@ def check_trainer_settings(trainer) -> None:
 def run_summary(trainer, module) -> Optional[str]:
     """One line at the end of a fit: the best epoch by the checkpoint callback's monitor
     (val/MAP@R), what it measured, its metrics and its checkpoint."""
-    from dml.module import format_metrics
+    from dml.evaluation_steps import format_metrics
 
     history = getattr(module, "epoch_metrics", None)
     if not history:

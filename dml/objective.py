@@ -39,7 +39,7 @@ and CCP's proximal term sum many small differences.
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -142,6 +142,11 @@ class Objective(nn.Module):
     def class_representatives(self) -> Optional[torch.Tensor]:
         """Rows that stand for the classes (proxies, classifier weights), or None."""
         return None if self.metric is None else proxy_rows(self.metric)
+
+    def proxy_layout(self) -> Tuple[int, int]:
+        """CCP: (C classes, K proxies per class) of the multi-proxy loss."""
+        loss = self._multi_proxy()
+        return int(loss.num_classes), int(loss.per_class)
 
     def proxies(self) -> torch.Tensor:
         """CCP's proxies (C*K, D)."""

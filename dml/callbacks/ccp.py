@@ -36,7 +36,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Subset
 
 from dml.errors import ConfigError
 
@@ -198,14 +197,12 @@ class ChanceConstraintProjection(pl.Callback):
     def candidate_pool(self, trainer, pl_module) -> torch.Tensor:
         """(C, P, D) raw embeddings of P training images per class, training augmentation,
         network in eval mode."""
-        loss = pl_module.objective.metric  # the multi-proxy loss: its classes and K
+        num_classes, per_class = pl_module.objective.proxy_layout()
         dm = trainer.datamodule
-        passes = self.pool_passes if self.pool_passes >= loss.per_class \
-            else self.pool_passes * loss.per_class
-        draws = self.candidate_draws(np.asarray(dm.train_labels()), loss.num_classes, passes)
-        loader = DataLoader(Subset(dm.train_dataset, draws.reshape(-1).tolist()),
-                            batch_size=self.batch_size, shuffle=False, collate_fn=dm.collate_fn,
-                            num_workers=dm.workers())
+        passes = self.pool_passes if self.pool_passes >= per_class \
+            else self.pool_passes * per_class
+        draws = self.candidate_draws(np.asarray(dm.train_labels()), num_classes, passes)
+        loader = dm.candidate_loader(draws.reshape(-1).tolist(), self.batch_size)
         was_training = pl_module.training
         pl_module.eval()
         rows = []
@@ -213,5 +210,5 @@ class ChanceConstraintProjection(pl.Callback):
             images = dm.device_batch(batch, pl_module.device)[0]
             rows.append(pl_module.embed(images)["raw_embeddings"].float())
         pl_module.train(was_training)
-        pool = torch.cat(rows).view(passes, loss.num_classes, -1)
+        pool = torch.cat(rows).view(passes, num_classes, -1)
         return pool.transpose(0, 1).contiguous()

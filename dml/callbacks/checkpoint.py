@@ -1,6 +1,6 @@
 """Checkpoints that hold the last state and are never left half written.
 
-``RunCheckpoint`` is Lightning's ``ModelCheckpoint`` (best by the monitored metric) with four
+``RunCheckpoint`` is Lightning's ``ModelCheckpoint`` (best by the monitored metric) with the
 guarantees a run needs to be resumable exactly:
 - ``last.ckpt`` is the state at the end of every epoch (and at a clean stop), whatever the
   monitor did; Lightning refreshes it only when the monitored checkpoint is saved.
@@ -10,10 +10,9 @@ guarantees a run needs to be resumable exactly:
 - The random number generators of every process (Python, NumPy, torch, CUDA) are saved with
   the checkpoint and restored when training resumes, so that a resumed run draws the same
   augmentations, dropout masks and loader seeds as one that never stopped.
-- A model state holding NaN or inf (weights, or buffers such as BatchNorm's running variance,
-  which can blow up while the loss stays finite) is never saved: the run stops with
-  ``NonFiniteStateError`` naming the tensors and the step, and the checkpoints already written
-  stay as they were.
+
+(A model state holding NaN or inf is never saved either: the module refuses it in its own
+``on_save_checkpoint``, ``dml.nonfinite_guard``.)
 
 On resume it prints one line: where training resumes and which state the checkpoint restores.
 """
@@ -26,7 +25,6 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -34,7 +32,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
 from dml.console import say
-from dml.errors import DiskFullError, NonFiniteStateError
+from dml.errors import DiskFullError
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -180,13 +178,6 @@ class RunCheckpoint(ModelCheckpoint):
         if type(io) is TorchCheckpointIO:  # the default; a custom plugin is left alone
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
-        module = trainer.lightning_module
-        if hasattr(module, "check_losses"):  # the losses since the last read (dml.loss_watch)
-            module.check_losses()
-        check_finite_state(trainer, module)
-        super()._save_checkpoint(trainer, filepath)
-
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """A run folder that was copied or moved: the checkpoints it knows (best, top-k, last)
         are the files of the same names in this folder, never those of the folder it came from
@@ -261,21 +252,6 @@ def moved_paths(state: Dict[str, Any], old: str, new: str) -> Dict[str, Any]:
         state["best_k_models"] = {move(p): v for p, v in state["best_k_models"].items()
                                   if move(p)}
     return state
-
-
-def check_finite_state(trainer, pl_module) -> None:
-    """NonFiniteStateError naming the weights and buffers that hold NaN or inf."""
-    bad = [name for name, t in pl_module.state_dict().items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        from dml.module import describe_learning_rates
-
-        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise NonFiniteStateError(
-            f"non-finite model state after step {trainer.global_step} (epoch "
-            f"{trainer.current_epoch}): {names} hold NaN or inf; learning rates: "
-            f"{describe_learning_rates(trainer)}. Training stopped before writing a checkpoint; "
-            f"those written so far are untouched. Lower the learning rate.")
 
 
 def resume_summary(checkpoint: Dict[str, Any], path) -> str:

@@ -23,7 +23,6 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from dml.errors import ConfigError
-from dml.models.pooling import pool_images
 from dml.visualization.figures import save_png
 
 
@@ -66,7 +65,7 @@ class DashboardFigures(pl.Callback):
 
     def draw(self, trainer, pl_module, tag: str) -> Dict[str, str]:
         """Draw every figure; one that fails is a warning naming it, never a stopped run."""
-        sets = pl_module.evaluator.last_sets  # what the validation just scored (rank 0)
+        sets = pl_module.last_evaluation()  # what the validation just scored (rank 0)
         if sets is None:
             return {}
         paths: Dict[str, str] = {}
@@ -139,13 +138,8 @@ class DashboardFigures(pl.Callback):
         if not images:
             return None
         batch = torch.stack(images).to(pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        features, pooled = pool_images(pl_module.backbone, pl_module.pooling, batch,
-                                       projection=pl_module.head.linear)
-        pl_module.train(was_training)
-        if pooled.weights is None:
+        weights = pl_module.pooling_weights(batch)
+        if weights is None:
             return None
-        return pooling_heatmaps(batch.cpu(), pooled.weights.cpu(), features.shape[-2:],
+        return pooling_heatmaps(batch.cpu(), weights.flatten(1).cpu(), weights.shape[-2:],
                                 title=f"pooling weights, {tag}")
-

@@ -201,6 +201,14 @@ class DMLDataModule(pl.LightningDataModule):
                                                       epoch=self.current_epoch),
                           collate_fn=self.collate_fn, **self._loader_kwargs())
 
+    def candidate_loader(self, indices: Sequence[int], batch_size: int) -> DataLoader:
+        """The training images at ``indices``, in that order, with the training augmentation
+        (e.g. CCP's per-class candidates for its proxies); batches as the training loader's."""
+        from torch.utils.data import Subset
+
+        return DataLoader(Subset(self.train_dataset, list(indices)), batch_size=batch_size,
+                          shuffle=False, collate_fn=self.collate_fn, num_workers=self.workers())
+
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         world, rank = self._world()
         sampler = None
