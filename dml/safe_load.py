@@ -21,6 +21,10 @@ import torch
 from dml.errors import ConfigError
 
 
+def article(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" else "a"
+
+
 def one_line(error: BaseException, limit: int = 200) -> str:
     """The error's first non-empty line (torch's weights-only message is a page long)."""
     text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
@@ -77,8 +81,8 @@ def load_checkpoint(path: str, what: str = "checkpoint", mmap: bool = False) -> 
     except Exception as error:  # noqa: BLE001 - a truncated or foreign file: the same one line
         raise ConfigError(f"{path}: not a readable {what} ({one_line(error)})") from None
     if not isinstance(checkpoint, dict):
-        raise ConfigError(f"{path}: not a {what} (it holds a {type(checkpoint).__name__}, "
-                          f"expected a dict)")
+        raise ConfigError(f"{path}: not {article(what)} {what} (it holds a "
+                          f"{type(checkpoint).__name__}, expected a dict)")
     return checkpoint
 
 
@@ -91,14 +95,14 @@ def load_npz(path: str, keys: Iterable[str], what: str) -> Dict[str, Any]:
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             single = f.read(6) == b"\x93NUMPY"
-        raise ConfigError(f"{path}: not a {what}: " + (
+        raise ConfigError(f"{path}: not {article(what)} {what}: " + (
             f"a single .npy array, expected an .npz with {', '.join(keys)}" if single else
             "truncated or not an .npz (no zip directory)"))
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in keys if k not in f.files]
             if missing:
-                raise ConfigError(f"{path}: not a {what}: no array named "
+                raise ConfigError(f"{path}: not {article(what)} {what}: no array named "
                                   f"{', '.join(missing)} (it has {', '.join(f.files) or 'none'})")
             arrays = {k: f[k] for k in keys}
     except ConfigError:

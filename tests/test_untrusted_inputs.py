@@ -239,16 +239,16 @@ def test_an_ivf_search_past_its_candidates_returns_fewer_hits_never_a_placeholde
     paths = [f"g{i}" for i in range(len(x))]
     out = tmp_path / "r.json"
     # 2 of 25 cells probed: about 80 candidates per query, 200 asked for
-    search = ["--embeddings", str(folder / "g.npz"), "--exclude-self", "--k", "200",
-              "--nprobe", "2"]
-    assert use_checkpoint(["search", str(folder / "ivf.index"), *search, "--out", str(out)]) == 0
+    search = ["--embeddings", str(folder / "g.npz"), "--exclude-self", "--k", "200"]
+    assert use_checkpoint(["search", str(folder / "ivf.index"), *search, "--nprobe", "2",
+                           "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     by_query = check_results(strict_json(out), x, paths, 200)
     short = sum(len(h) < 200 for h in by_query.values())
     assert short > 0 and len(by_query) == 1000
     assert f"{short} queries got fewer than 200 hits" in printed
     # --exact-fallback: every query gets 200 hits, the exact ones (the flat index's)
-    for index, extra in (("ivf", ["--exact-fallback"]), ("flat", [])):
+    for index, extra in (("ivf", ["--exact-fallback", "--nprobe", "2"]), ("flat", [])):
         assert use_checkpoint(["search", str(folder / f"{index}.index"), *search, *extra,
                                "--out", str(tmp_path / f"{index}.csv")]) == 0
     import csv
@@ -389,3 +389,80 @@ def test_a_config_file_with_a_python_tag_is_refused_and_runs_nothing(tmp_path, c
                       f"[\"touch {marker}\"]\n")
     line = one_line_error(capsys, lambda: train(["fit", "--config", str(config)]))
     assert "evil.yaml: not valid YAML at line 2" in line and not marker.exists()
+
+
+def test_a_checkpoint_of_plain_data_naming_outside_code_is_refused(tmp_path, capsys):
+    """Weights-only loading keeps pickles out; the class paths a checkpoint's settings name
+    (model.terms, the memory, the data module) would still be imported and called: outside
+    the dml package they are refused unless the user trusts the module."""
+    from dml.module import DMLModule
+    from helpers import small_module
+
+    marker = tmp_path / "MARKER"
+    module = small_module()
+    hparams = dict(module.hparams)
+    hparams["terms"] = [{"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}]
+    path = str(tmp_path / "terms.ckpt")
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, path)
+    data = str(tmp_path / "data.ckpt")
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "dml_config": {"data": {"class_path": "this.s"}}}, data)
+    for ckpt, key in ((path, "model.terms[0].class_path"), (data, "data.class_path")):
+        for args in (["embed", ckpt, "--split", "test", "--out", str(tmp_path / "e.npz")],
+                     ["export", ckpt, "--format", "torchscript", "--out",
+                      str(tmp_path / "m.pt")]):
+            line = one_line_error(capsys, lambda: use_checkpoint(args))
+            assert f"its {key} names" in line and "--trust-module" in line, line
+    assert not marker.exists() and not (tmp_path / "e.npz").exists()
+    assert DMLModule  # the package's own classes still load: the other tests embed with them
+
+
+def test_outputs_and_options_that_cannot_work_are_one_line_before_anything_is_written(
+        gallery, tmp_path, capsys):
+    folder, x = gallery
+    emb = str(folder / "g.npz")
+    # a new folder for the output is made
+    assert use_checkpoint(["search", str(folder / "flat.index"), "--embeddings", emb, "--k", "2",
+                           "--out", str(tmp_path / "new" / "r.json")]) == 0
+    capsys.readouterr()
+    (tmp_path / "adir.json").mkdir()
+    cases = [
+        (["search", str(folder / "flat.index"), "--embeddings", emb, "--out",
+          str(tmp_path / "adir.json")], "adir.json: is a folder"),
+        (["search", str(folder / "flat.index"), "--embeddings", emb, "--out",
+          str(tmp_path / "same.json"), "--html", str(tmp_path / "same.json")],
+         "same.json: is also an input or another output"),
+        (["index", emb, "--out", emb], "g.npz: is also an input"),
+        (["search", str(folder / "flat.index"), "--embeddings", emb, "--nprobe", "4",
+          "--out", str(tmp_path / "r.json")], "--nprobe: a flat index has no cells"),
+        (["index", emb, "--kind", "hnsw", "--nprobe", "4", "--out", str(tmp_path / "h.index")],
+         "--nprobe: a hnsw index has no cells"),
+    ]
+    for args, says in cases:
+        line = one_line_error(capsys, lambda: use_checkpoint(args))
+        assert says in line, line
+    assert not (tmp_path / "same.json").exists() and not (tmp_path / "r.json").exists()
+    # other queries with --exclude-self: refused, never searched against each other
+    other = embeddings_file(tmp_path / "other.npz", unit(np.random.default_rng(5).normal(
+        size=(len(x), x.shape[1]))))
+    for kind in ("flat", "ivf"):
+        line = one_line_error(capsys, lambda: use_checkpoint(
+            ["search", str(folder / f"{kind}.index"), "--embeddings", other, "--exclude-self",
+             "--out", str(tmp_path / "r.json")]))
+        assert "other.npz: exclude_self: the queries must be the index's own rows" in line
+    # queries of another size name their file
+    small = embeddings_file(tmp_path / "d8.npz", unit(np.ones((3, 8))))
+    line = one_line_error(capsys, lambda: use_checkpoint(
+        ["search", str(folder / "flat.index"), "--embeddings", small, "--out",
+         str(tmp_path / "r.json")]))
+    assert "d8.npz: the queries are 8-d embeddings, the index holds 64-d" in line
+
+
+def test_rows_beyond_float32_in_either_direction_keep_their_cosine(gallery, tmp_path):
+    folder, x = gallery
+    built = SearchIndex.load(str(folder / "flat.index"))
+    q = x[:3].astype(np.float64)
+    for scale in (1e300, 1e-13, 1e-300):
+        hits = built.search(q * scale, 4)
+        np.testing.assert_array_equal(hits.rows[0], built.search(q, 4).rows[0])
+        np.testing.assert_allclose(hits.similarities[0][0], 1.0, atol=1e-6)

@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output .npz")
     e.add_argument("--fp16", action="store_true", help="store the embeddings as float16")
     e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--trust-module", action="append", default=[], metavar="MODULE",
+                   help="import classes of this module that the checkpoint names (code: "
+                        "only for checkpoints you trust)")
 
     i = sub.add_parser("index", help="build a faiss index of embeddings")
     i.add_argument("embeddings")
@@ -59,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--images", help="a folder of query images")
     s.add_argument("--embeddings", help="a .npz of query embeddings (python -m dml embed)")
     s.add_argument("--ckpt", help="the checkpoint that embeds query images")
+    s.add_argument("--trust-module", action="append", default=[], metavar="MODULE",
+                   help="import classes of this module that the checkpoint names")
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--exclude-self", action="store_true",
                    help="the queries are the index's own rows: leave each out of its results")
@@ -74,15 +79,41 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("ckpt")
     x.add_argument("--format", required=True, choices=("torchscript", "onnx"))
     x.add_argument("--out", required=True)
+    x.add_argument("--trust-module", action="append", default=[], metavar="MODULE",
+                   help="import classes of this module that the checkpoint names")
     return p
+
+
+def check_outputs(outputs, inputs) -> None:
+    """Each output a file that can be written (its folder made), none a folder, an input or
+    another output: checked before anything is read or written."""
+    seen = set()
+    for out in outputs:
+        if not out:
+            continue
+        real = os.path.realpath(out)
+        if os.path.isdir(out):
+            raise ConfigError(f"{out}: is a folder; name the output file")
+        if real in seen or real in {os.path.realpath(i) for i in inputs if i}:
+            raise ConfigError(f"{out}: is also an input or another output of this command; "
+                              f"name another file")
+        seen.add(real)
+        folder = os.path.dirname(os.path.abspath(out))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"{out}: cannot create its folder ({error.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"{out}: its folder {folder} is not writable")
 
 
 def embed(args) -> None:
     from dml.inference.embedder import Embedder, image_files
 
+    check_outputs([args.out], [args.ckpt])
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: expected a number of images >= 1")
-    embedder = Embedder.from_checkpoint(args.ckpt)
+    embedder = Embedder.from_checkpoint(args.ckpt, trust_modules=args.trust_module)
     if args.images:
         rows = embedder.embed_files(image_files(args.images), args.batch_size)
     else:
@@ -102,6 +133,10 @@ def index(args) -> None:
     from dml.inference.embeddings import EmbeddingSet
     from dml.inference.index import SearchIndex
 
+    check_outputs([args.out, args.out + ".rows.npz"], [args.embeddings])
+    if args.nprobe is not None and args.kind not in ("ivf", "ivfpq"):
+        raise ConfigError(f"--nprobe: a {args.kind} index has no cells to probe (ivf and ivfpq "
+                          f"do)")
     rows = EmbeddingSet.load(args.embeddings)
     if len(rows) == 0:
         raise ConfigError(f"{args.embeddings}: 0 embeddings, there is nothing to index")
@@ -130,6 +165,8 @@ def search(args) -> None:
 
     if not args.out.endswith((".json", ".csv")):
         raise ConfigError(f"--out {args.out}: expected a .json or .csv file")
+    check_outputs([args.out, args.html], [args.index, args.index + ".rows.npz", args.embeddings,
+                                         args.ckpt, args.images, *args.queries])
     built = SearchIndex.load(args.index)
     sources = [bool(args.embeddings), bool(args.images), bool(args.queries)]
     if sum(sources) != 1:
@@ -141,7 +178,7 @@ def search(args) -> None:
         if not args.ckpt:
             raise ConfigError("search: query images need --ckpt, the checkpoint that embeds "
                               "them")
-        embedder = Embedder.from_checkpoint(args.ckpt)
+        embedder = Embedder.from_checkpoint(args.ckpt, trust_modules=args.trust_module)
         if embedder.dim != built.dim:
             raise ConfigError(f"--ckpt {args.ckpt}: embeds into {embedder.dim}-d, the index "
                               f"{args.index} holds {built.dim}-d embeddings")
@@ -153,15 +190,21 @@ def search(args) -> None:
     if args.embeddings and queries.non_finite_rows():
         raise ConfigError(f"{args.embeddings}: {queries.non_finite_rows()} of {len(queries)} "
                           f"query embeddings hold NaN or inf; nothing was searched")
-    hits = built.search(queries.float32(), args.k, args.exclude_self, args.exact_fallback,
-                        args.nprobe)
+    notes = built.set_nprobe(args.nprobe) if args.nprobe is not None else []
+    if args.k < 1:
+        raise ConfigError(f"--k {args.k}: expected a number of neighbours >= 1")
+    try:
+        hits = built.search(queries.float32(), args.k, args.exclude_self, args.exact_fallback)
+    except ConfigError as error:  # about the queries: name where they came from
+        source = args.embeddings or args.images or "the query images"
+        raise ConfigError(f"{source}: {error}") from None
     labels = built.labels if len(built.labels) and (built.labels >= 0).all() else None
     results = result_rows(queries.paths, queries.labels if queries.has_labels else None, hits,
                           built.paths, labels)
     write_rows(results, args.out)
     if args.html:
         write_html(results, args.html, f"{len(queries)} queries against {args.index}")
-    for note in hits.notes:
+    for note in notes + hits.notes:
         print(f"note: {note}", file=sys.stderr)
     short = len(hits.short)
     print(f"{len(queries)} queries x top {hits.k} -> {args.out}"
@@ -174,7 +217,9 @@ def export_command(args) -> None:
     from dml.inference.embedder import Embedder
     from dml.inference.export import export
 
-    info = export(Embedder.from_checkpoint(args.ckpt, device="cpu"), args.format, args.out)
+    check_outputs([args.out, args.out + ".json"], [args.ckpt])
+    embedder = Embedder.from_checkpoint(args.ckpt, device="cpu", trust_modules=args.trust_module)
+    info = export(embedder, args.format, args.out)
     print(f"{args.format} -> {args.out} (preprocessing in {args.out}.json); max |export - "
           f"PyTorch| = {info['max_abs_diff_vs_pytorch']:.2e} on a check batch")
 
@@ -184,9 +229,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     run = {"embed": embed, "index": index, "search": search, "export": export_command}
     try:
         run[args.command](args)
-    except ConfigError as error:
+    except (ConfigError, OSError) as error:
         if os.environ.get("DML_TRACEBACK"):
             raise
+        if isinstance(error, OSError) and not isinstance(error, ConfigError):
+            error = ConfigError(f"{error.filename or 'a file'}: {error.strerror or error}")
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"error: {message}", file=sys.stderr)
         return 2

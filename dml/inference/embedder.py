@@ -36,13 +36,55 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
+# Modules whose classes a checkpoint may name: a class path is code to import and call, so a
+# checkpoint from elsewhere names the package's own classes only, unless the user trusts more.
+TRUSTED_MODULES = ("dml.",)
+
+
+def named_classes(checkpoint: Dict[str, Any]) -> Dict[str, str]:
+    """Every class path a checkpoint's settings name: key -> class path."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    found = {}
+    for i, term in enumerate(hparams.get("terms") or []):
+        found[f"model.terms[{i}].class_path"] = str((term or {}).get("class_path"))
+    memory, pooling = hparams.get("memory") or {}, hparams.get("pooling") or {}
+    for key, value in (("model.memory.implementation", memory.get("implementation")),
+                       ("model.memory.miner", memory.get("miner")),
+                       ("model.pooling.name", pooling.get("name"))):
+        if isinstance(value, str) and "." in value:
+            found[key] = value
+    data = (checkpoint.get("dml_config") or {}).get("data") or {}
+    found["data.class_path"] = str(data.get("class_path", "dml.data.SyntheticDataModule"))
+    return found
+
+
+def check_named_classes(checkpoint: Dict[str, Any], path: str,
+                        trusted: Sequence[str] = ()) -> None:
+    """A ConfigError for a class path outside the trusted modules (``dml.`` and ``trusted``):
+    loading a checkpoint never imports or calls code it names."""
+    prefixes = TRUSTED_MODULES + tuple(p if p.endswith(".") else p + "." for p in trusted)
+    for key, class_path in named_classes(checkpoint).items():
+        if not class_path.startswith(prefixes):
+            raise ConfigError(f"{path}: refused, not loaded: its {key} names {class_path!r}, "
+                              f"code outside the dml package that loading would import and "
+                              f"call; if you trust it, pass --trust-module "
+                              f"{class_path.split('.')[0]}")
+
+
 def data_class_and_args(checkpoint: Dict[str, Any]) -> Tuple[type, Dict[str, Any]]:
     """The data module class the checkpoint was trained with and its arguments (defaults
     filled in)."""
+    from dml.data import DMLDataModule
+
     data = (checkpoint.get("dml_config") or {}).get("data") or {}
-    class_path = data.get("class_path", "dml.data.SyntheticDataModule")
+    class_path = str(data.get("class_path", "dml.data.SyntheticDataModule"))
     module, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"data.class_path: cannot import {class_path!r} ({error})") from None
+    if not (isinstance(cls, type) and issubclass(cls, DMLDataModule)):
+        raise ConfigError(f"data.class_path: {class_path!r} is not a DMLDataModule")
     args = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
             if p.default is not inspect.Parameter.empty}
     args.update({k: v for k, v in (data.get("init_args") or {}).items() if v is not None})
@@ -113,10 +155,15 @@ class Embedder:
         self.checkpoint_path = checkpoint_path
 
     @classmethod
-    def from_checkpoint(cls, path: str, device=None) -> "Embedder":
+    def from_checkpoint(cls, path: str, device=None,
+                        trust_modules: Sequence[str] = ()) -> "Embedder":
+        """The checkpoint's network, read as data; a class path it names outside ``dml`` (a
+        term, a memory, a pooling, a data module) is refused unless its module is in
+        ``trust_modules``."""
         from dml.module import DMLModule
 
         checkpoint = read_checkpoint(path)
+        check_named_classes(checkpoint, path, trust_modules)
         hparams = dict(checkpoint["hyper_parameters"])
         backbone = dict(hparams.get("backbone") or {}, pretrained=False)  # weights: the ckpt's
         try:

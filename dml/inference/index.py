@@ -69,14 +69,21 @@ def pq_subquantizers(dim: int) -> int:
 
 
 def unit_rows(x: np.ndarray, what: str) -> np.ndarray:
-    """``x`` with each row divided by its L2 norm; NaN, inf or zero rows refused by count."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    """``x`` with each row divided by its L2 norm (in float64, so that rows beyond float32's
+    range in either direction keep their direction); NaN, inf or zero rows refused by count."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ConfigError(f"{what}: rows of type {x.dtype}, expected floats")
+    x = x.astype(np.float64) if x.dtype.itemsize <= 8 else x.astype(np.longdouble)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         raise ConfigError(f"{what}: {int(bad.sum())} of {len(x)} rows hold NaN or inf "
                           f"(first: row {int(np.flatnonzero(bad)[0])}); nothing was searched")
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
-    zero = norms < 1e-12
+    scale = np.abs(x).max(axis=1, keepdims=True)
+    scale[scale == 0] = 1
+    x = (x / scale).astype(np.float64)  # the largest entry 1: no overflow or underflow
+    norms = np.linalg.norm(x, axis=1)
+    zero = norms == 0
     if zero.any():
         raise ConfigError(f"{what}: {int(zero.sum())} of {len(x)} rows have length 0 (first: row "
                           f"{int(np.flatnonzero(zero)[0])}), so they have no cosine similarity")
@@ -157,7 +164,7 @@ class SearchIndex:
         if len(rows) == 0:
             raise ConfigError("the embeddings have 0 rows: there is nothing to index")
         faiss = _faiss()
-        x = unit_rows(rows.float32(), "the embeddings")
+        x = unit_rows(rows.embeddings, "the embeddings")
         n, d = x.shape
         notes = []
         if kind == "flat":
@@ -183,7 +190,7 @@ class SearchIndex:
             if nprobe and nprobe > nlist:
                 notes.append(f"nprobe {nprobe} clamped to the {nlist} cells of {n} rows")
         index.add(x)
-        unit = np.abs(np.linalg.norm(rows.float32().astype(np.float64), axis=1) - 1) <= 1e-3
+        unit = np.abs(np.linalg.norm(rows.embeddings.astype(np.float64), axis=1) - 1) <= 1e-3
         if not unit.all():
             notes.append(f"{int((~unit).sum())} of {n} rows were not of unit length and were "
                          f"L2-normalised")
@@ -207,12 +214,16 @@ class SearchIndex:
         ``exact_fallback``: queries an approximate index finds fewer than k hits for are
         searched exhaustively. ``nprobe``: ivf kinds, cells searched (clamped to the cells)."""
         queries = np.asarray(queries)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ConfigError(f"the queries are {queries.shape[-1] if queries.ndim else 0}-d "
-                              f"embeddings, the index holds {self.dim}-d ones: embed them with "
-                              f"the checkpoint the index was built from")
+        if queries.ndim != 2:
+            raise ConfigError(f"the queries are an array of shape {queries.shape}, expected "
+                              f"(queries, {self.dim})")
+        if queries.shape[1] != self.dim:
+            raise ConfigError(f"the queries are {queries.shape[1]}-d embeddings, the index "
+                              f"holds {self.dim}-d ones: embed them with the checkpoint the "
+                              f"index was built from")
         if exclude_self and len(queries) != len(self):
-            raise ConfigError("exclude_self: the queries must be the index's own rows")
+            raise ConfigError(f"exclude_self: the queries must be the index's own {len(self)} "
+                              f"rows, in order; there are {len(queries)} queries")
         if k < 1:
             raise ConfigError(f"k {k}: expected a number of neighbours >= 1")
         available = len(self) - int(exclude_self)
@@ -228,11 +239,17 @@ class SearchIndex:
             return Hits([], [], k, notes)
         queries = unit_rows(queries, "the queries")
         own = np.arange(len(queries)) if exclude_self else None
+        if exclude_self and self.kind != "ivfpq":  # ivfpq keeps codes, not the rows
+            differ = np.flatnonzero(np.abs(queries - self.stored_rows()).max(axis=1) > 1e-4)
+            if len(differ):
+                raise ConfigError(f"exclude_self: the queries must be the index's own rows, in "
+                                  f"order; {len(differ)} of {len(queries)} are not (first: "
+                                  f"query {int(differ[0])})")
+        if nprobe is not None:
+            notes += self.set_nprobe(nprobe)
         if self.kind == "flat":
             hits = self.exact_search(queries, k, own)
         else:
-            if nprobe is not None:
-                notes += self.set_nprobe(nprobe)
             d, i = self.index.search(queries, k + int(exclude_self))
             hits = Hits.from_faiss(d, i, k, own)
             short = hits.short
