@@ -263,11 +263,15 @@ class SearchIndex:
         return hits
 
     def stored_rows(self) -> np.ndarray:
-        """The index's rows as it stores them (ivfpq: decoded from its codes)."""
+        """The index's rows as it stores them (ivfpq: decoded from its codes), float32."""
         if hasattr(self.index, "invlists"):
-            return self.index.reconstruct_n(0, len(self)) if self.index.direct_map.type \
+            rows = self.index.reconstruct_n(0, len(self)) if self.index.direct_map.type \
                 else self.rows_of_inverted_lists()
-        return self.index.reconstruct_n(0, len(self))
+        else:
+            rows = self.index.reconstruct_n(0, len(self))
+        if isinstance(rows, torch.Tensor):  # faiss.contrib.torch_utils, once imported, patches
+            rows = rows.cpu().numpy()       # faiss to hand back torch tensors
+        return np.ascontiguousarray(rows, dtype=np.float32)
 
     def rows_of_inverted_lists(self) -> np.ndarray:
         """An IVF index's rows in id order, read from its inverted lists."""
