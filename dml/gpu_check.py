@@ -21,7 +21,6 @@ Without CUDA it says so and exits 0. ``--accelerator cpu`` runs the same checks 
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
 import os
@@ -32,13 +31,14 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from dml.compose import config_args
+from dml import child_runs
+from dml.child_runs import last_metric, run_folder, step_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,71 +147,33 @@ def make_cub_layout(root: str, train_classes: int = 64, test_classes: int = 8,
 # --- running ``python -m dml fit`` -----------------------------------------------------------
 def fit_args(method: str, root: str, out: str, opts, steps: Optional[int] = None,
              epochs: int = 2) -> List[str]:
+    """One checked run: ``method`` on the generated CUB layout, ``steps`` steps over ``epochs``
+    epochs, a loss logged at every step, the memory from step 3 on."""
     steps = steps or opts.steps
-    args = ["fit", *config_args("cub", method, backbone=opts.backbone),
-            "--data.init_args.root", root, "--data.init_args.verify", "false",
-            "--data.init_args.crop", str(opts.size),
-            "--data.init_args.resize", str(opts.size * 8 // 7),
-            "--data.init_args.batches_per_epoch", str(max(1, steps // epochs)),
-            "--trainer.max_epochs", str(epochs), "--trainer.accelerator", opts.accelerator,
-            "--trainer.default_root_dir", out, "--trainer.log_every_n_steps", "1",
-            "--trainer.enable_progress_bar", "false", "--model.backbone.pretrained", "false",
-            "--model.memory.start_iteration", "3", "--model.memory.size", "1024",
-            "--dashboard.enabled", "false", "--run_name", method]
+    extra = ["--data.init_args.verify", "false",
+             "--data.init_args.batches_per_epoch", str(max(1, steps // epochs)),
+             "--trainer.accelerator", opts.accelerator, "--trainer.log_every_n_steps", "1",
+             "--model.backbone.pretrained", "false", "--model.memory.start_iteration", "3",
+             "--model.memory.size", "1024"]
     if opts.small:
-        args += ["--model.backbone.name", "small_cnn", "--model.backbone.width", "8",
-                 "--data.init_args.classes_per_batch", "4", "--model.evaluation.nmi", "false"]
-    return args
+        extra += ["--model.backbone.name", "small_cnn", "--model.backbone.width", "8",
+                  "--data.init_args.classes_per_batch", "4", "--model.evaluation.nmi", "false"]
+    return child_runs.fit_args("cub", method, backbone=opts.backbone, folder=out,
+                               run_name=method, epochs=epochs, size=opts.size,
+                               resize=opts.size * 8 // 7, root=root, extra=extra)
 
 
-def run_fit(args: List[str], extra_env: Optional[Dict[str, str]] = None,
-            timeout: int = 1800, log: Optional[str] = None) -> subprocess.CompletedProcess:
-    """``python -m dml <args>``; its stdout and stderr also go to ``log`` (when given)."""
-    env = dict(os.environ, WANDB_MODE="disabled", CUBLAS_WORKSPACE_CONFIG=":4096:8",
-               **(extra_env or {}))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "dml", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        proc = subprocess.CompletedProcess(e.cmd, -1, _text(e.stdout),
-                                           _text(e.stderr) + f"\ntimed out after {timeout} s")
-    if log:
-        with open(log, "a") as f:
-            f.write(f"$ python -m dml {' '.join(args)}\n{proc.stdout}\n{proc.stderr}\n"
-                    f"exit status {proc.returncode}\n")
-    return proc
-
-
-def _text(output) -> str:
-    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+def run_fit(args: List[str], timeout: int = 1800,
+            log: Optional[str] = None) -> child_runs.Launched:
+    """``python -m dml <args>`` from the repository, its standard error appended to ``log``."""
+    return child_runs.launch(args, log=log, timeout=timeout, cwd=REPO,
+                             env={"WANDB_MODE": "disabled",
+                                  "CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
 
 
 def with_callback(args: List[str], class_path: str, **init_args) -> List[str]:
     return args + ["--trainer.callbacks+=" + json.dumps({"class_path": class_path,
                                                          "init_args": init_args})]
-
-
-def run_folder(root: str) -> Optional[str]:
-    found = sorted(glob.glob(os.path.join(root, "*", "run.json")))
-    return os.path.dirname(found[-1]) if found else None
-
-
-def step_losses(run_dir: str) -> Dict[int, float]:
-    """train/loss per global step from the run's metrics.csv."""
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f)
-                if row.get("train/loss")}
-
-
-def last_metric(run_dir: str, name: str) -> Optional[float]:
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        values = [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
-    return values[-1] if values else None
-
-
-def failure(proc: subprocess.CompletedProcess) -> str:
-    lines = [x for x in (proc.stderr or "").splitlines() if x.strip()]
-    return lines[-1][:300] if lines else f"exit status {proc.returncode}"
 
 
 # --- the checks --------------------------------------------------------------------------------
@@ -221,9 +183,9 @@ def check_method(method: str, root: str, out: str, opts) -> dict:
     proc = run_fit(with_callback(fit_args(method, root, folder, opts),
                                  "dml.gpu_check.Throughput", path=record), timeout=opts.timeout,
                    log=os.path.join(out, f"{method}.log"))
-    row = {"check": method, "ok": proc.returncode == 0}
-    if proc.returncode != 0:
-        row["error"] = failure(proc)
+    row = {"check": method, "ok": proc.ok}
+    if not proc.ok:
+        row["error"] = proc.reason
     if os.path.isfile(record):
         with open(record) as f:
             t = json.load(f)
@@ -247,8 +209,8 @@ def check_resume(root: str, out: str, opts) -> dict:
     straight = run_fit(fit_args("xbn", root, os.path.join(out, "resume-a"), opts, steps, epochs)
                        + ["--trainer.deterministic", "warn"], timeout=opts.timeout,
                        log=os.path.join(out, "resume.log"))
-    if straight.returncode != 0:
-        return {"check": "resume", "ok": False, "error": "uninterrupted run: " + failure(straight)}
+    if not straight.ok:
+        return {"check": "resume", "ok": False, "error": "uninterrupted run: " + straight.reason}
     marker = os.path.join(out, "resume-killed")
     args = with_callback(fit_args("xbn", root, os.path.join(out, "resume-b"), opts, steps,
                                   epochs) + ["--trainer.deterministic", "warn"],
@@ -256,12 +218,12 @@ def check_resume(root: str, out: str, opts) -> dict:
     killed = run_fit(args, timeout=opts.timeout, log=os.path.join(out, "resume.log"))
     run = run_folder(os.path.join(out, "resume-b"))
     if killed.returncode != -signal.SIGKILL or run is None:
-        return {"check": "resume", "ok": False, "error": "the run to kill: " + failure(killed)}
+        return {"check": "resume", "ok": False, "error": "the run to kill: " + killed.reason}
     resumed = run_fit(["fit", "--config", os.path.join(run, "config.yaml"), "--ckpt_path",
                        os.path.join(run, "checkpoints", "last.ckpt")], timeout=opts.timeout,
                       log=os.path.join(out, "resume.log"))
-    if resumed.returncode != 0:
-        return {"check": "resume", "ok": False, "error": "resume: " + failure(resumed)}
+    if not resumed.ok:
+        return {"check": "resume", "ok": False, "error": "resume: " + resumed.reason}
     expected = step_losses(run_folder(os.path.join(out, "resume-a")))
     got = step_losses(run)
     after = [s for s in sorted(expected) if s >= 6]
@@ -331,28 +293,28 @@ def check_ddp(root: str, out: str, opts) -> dict:
     if not opts.small:  # each process draws its own classes: 2 x 8 of the 64 generated
         args += ["--data.init_args.classes_per_batch", "8"]
     port = str(free_port())
-    env = dict(os.environ, WANDB_MODE="disabled", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+    env = dict(WANDB_MODE="disabled", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                WORLD_SIZE="2", LOCAL_RANK="0", DML_RUN_DIR=os.path.join(folder, "run"))
-    procs = [subprocess.Popen([sys.executable, "-m", "dml", *args], cwd=REPO,
-                              env=dict(env, NODE_RANK=str(r), RANK=str(r), GROUP_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
-    outputs = []
+    logs = [os.path.join(out, f"ddp-rank{r}.log") for r in range(2)]
+    procs = []
+    for r in range(2):
+        with open(logs[r], "w") as errors:
+            procs.append(child_runs.start(args, errors, dict(env, NODE_RANK=str(r), RANK=str(r),
+                                                             GROUP_RANK=str(r)), cwd=REPO))
     for p in procs:
         try:
-            outputs.append(p.communicate(timeout=opts.timeout))
+            p.communicate(timeout=opts.timeout)
         except subprocess.TimeoutExpired:
             p.kill()
-            outputs.append(p.communicate())
+            p.communicate()
     codes = [p.returncode for p in procs]
-    with open(os.path.join(out, "ddp.log"), "w") as f:
-        for rank, (stdout, stderr) in enumerate(outputs):
-            f.write(f"--- rank {rank}: exit status {codes[rank]}\n{stdout}\n{stderr}\n")
     if codes != [0, 0]:
         bad = next(i for i, c in enumerate(codes) if c != 0)
-        lines = [x for x in outputs[bad][1].splitlines() if x.strip()]
+        with open(logs[bad], errors="replace") as f:
+            lines = [x.strip() for x in f if x.strip()]
         return {"check": "ddp (2 processes, gloo)", "ok": False,
-                "error": f"rank {bad} exit {codes[bad]}: {lines[-1][:300] if lines else ''}"}
+                "error": f"rank {bad} exit {codes[bad]}: {lines[-1][:300] if lines else ''} "
+                         f"({logs[bad]})"}
     r1 = last_metric(os.path.join(folder, "run"), "val/R@1")
     return {"check": "ddp (2 processes, gloo)", "ok": r1 is not None,
             "detail": f"validation R@1 {r1}"}

@@ -9,19 +9,16 @@ A unit is one ``python -m dml fit``. Two rules keep a job's table honest:
 - a unit that fails (NaN, a crash, a bad config) is **recorded** with the last line it printed
   to standard error, and the job goes on; the table marks it.
 
-While a unit trains, its standard output (the run folder, the per-epoch lines, the summary) is
-passed through, each line prefixed by the unit's label; its standard error goes to
-``unit.log`` in its folder.
+A unit is run by ``dml.child_runs.launch``: while it trains, its standard output (the run
+folder, the per-epoch lines, the summary) is passed through, each line prefixed by the unit's
+label; its standard error goes to ``unit.log`` in its folder.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import time
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 OUTPUT_KEYS = ("--trainer.default_root_dir",)
 
@@ -96,27 +93,3 @@ def fingerprint(args: Sequence[str]) -> str:
             files[path] = None
     content = {"args": kept, "configs": files, "data": data_fingerprint(data_root_of(args))}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_unit(args: Sequence[str], folder: str, label: str) -> Dict:
-    """``python -m dml <args>`` with its output shown line by line behind ``label``.
-    Returns {"status": "done" | "failed", "seconds", "reason" (when failed)}."""
-    os.makedirs(folder, exist_ok=True)
-    env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"))
-    start = time.time()
-    log = os.path.join(folder, "unit.log")
-    with open(log, "w") as errors:
-        proc = subprocess.Popen([sys.executable, "-m", "dml", *args], stdout=subprocess.PIPE,
-                                stderr=errors, text=True, env=env)
-        for line in proc.stdout:
-            if line.strip():
-                print(f"{label} | {line.rstrip()}", flush=True)
-        code = proc.wait()
-    seconds = round(time.time() - start, 1)
-    if code == 0:
-        return {"status": "done", "seconds": seconds}
-    with open(log, errors="replace") as f:
-        lines = [x.strip() for x in f if x.strip()]
-    reason = lines[-1] if lines else f"exit status {code}"
-    print(f"{label} | FAILED: {reason} (all of its standard error: {log})", flush=True)
-    return {"status": "failed", "seconds": seconds, "reason": reason[:500]}

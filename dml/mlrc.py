@@ -33,15 +33,13 @@ import json
 import math
 import os
 import shlex
-import subprocess
-import sys
-import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from dml import jobs
-from dml.compose import config_args, config_files
+from dml.child_runs import fit_args, launch
+from dml.compose import config_files
 from dml.errors import ConfigError
 
 FOLDS = 4
@@ -78,21 +76,10 @@ def fold_args(dataset: str, method: str, fold: int, seed: int, folder: str,
               extra: Sequence[str] = (), epochs: Optional[int] = None,
               size: Optional[int] = None, devices: int = 1, root: Optional[str] = None,
               config: Optional[str] = None, backbone: Optional[str] = None) -> List[str]:
-    """The ``python -m dml fit`` arguments of fold model ``fold``."""
-    args = ["fit", *config_args(dataset, method, backbone=backbone)]
-    if config:  # e.g. the best parameters of a tuning run (python -m dml.tune)
-        args += ["--config", config]
-    args += ["--data.init_args.mlrc_fold", str(fold), "--seed_everything", str(seed),
-             "--data.init_args.seed", str(seed), "--trainer.default_root_dir", folder,
-             "--trainer.devices", str(devices), "--trainer.enable_progress_bar", "false",
-             "--dashboard.enabled", "false", "--run_name", f"{method}-fold{fold}"]
-    if epochs:
-        args += ["--trainer.max_epochs", str(epochs)]
-    if size:
-        args += ["--data.init_args.crop", str(size), "--data.init_args.resize", str(size)]
-    if root:
-        args += ["--data.init_args.root", root]
-    return args + list(extra)
+    """The ``python -m dml fit`` arguments of fold model ``fold`` (``dml.child_runs.fit_args``)."""
+    return fit_args(dataset, method, backbone=backbone, config=config, fold=fold, seed=seed,
+                    folder=folder, devices=devices, run_name=f"{method}-fold{fold}",
+                    epochs=epochs, size=size, root=root, extra=extra)
 
 
 def best_checkpoint(folder: str) -> Optional[str]:
@@ -116,7 +103,9 @@ def train_fold(args: List[str], folder: str, label: str = "fold") -> Dict:
             done = json.load(f)
         if done.get("status", "done") == "done" and os.path.isfile(done.get("checkpoint", "")):
             return dict(done, resumed=True)
-    result = jobs.run_unit(args, folder, label)
+    launched = launch(args, label, log=os.path.join(folder, "unit.log"))
+    result = {"status": "done" if launched.ok else "failed", "seconds": launched.seconds,
+              **({} if launched.ok else {"reason": launched.reason})}
     result["command"] = "python -m dml " + shlex.join(args)
     if result["status"] == "done":
         checkpoint = best_checkpoint(folder)

@@ -25,7 +25,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from dml import jobs
-from dml.compose import config_args
+from dml.child_runs import fit_args
 
 # row -> (method config, extra CLI arguments). Rows come in baseline / method pairs.
 GRID: Dict[str, tuple] = {
@@ -48,22 +48,14 @@ def run_args(dataset: str, method: str, extra: Sequence[str], seed: int,
              epochs: Optional[int] = None, size: Optional[int] = None,
              val_every: Optional[int] = None, devices: int = 1,
              root: Optional[str] = None) -> List[str]:
-    """The CLI arguments of one run: configs, switches, seed and budget, no loggers."""
-    args = ["fit"] + config_args(dataset, method)
-    args += list(extra) + [
-        "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
-        "--trainer.logger", "false", "--trainer.callbacks", "[]",
-        "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.num_sanity_val_steps", "0", "--dashboard.enabled", "false",
-        "--trainer.devices", str(devices)]
+    """The CLI arguments of one run (``dml.child_runs.fit_args``): no loggers, callbacks or
+    checkpoints, validation every ``val_every`` epochs (default: at the end); ``extra`` last."""
+    quiet = ["--trainer.logger", "false", "--trainer.callbacks", "[]",
+             "--trainer.enable_checkpointing", "false", "--trainer.num_sanity_val_steps", "0"]
     if epochs:
-        args += ["--trainer.max_epochs", str(epochs),
-                 "--trainer.check_val_every_n_epoch", str(val_every or epochs)]
-    if size:
-        args += ["--data.init_args.crop", str(size), "--data.init_args.resize", str(size)]
-    if root:
-        args += ["--data.init_args.root", root]
-    return args
+        quiet += ["--trainer.check_val_every_n_epoch", str(val_every or epochs)]
+    return fit_args(dataset, method, seed=seed, devices=devices, epochs=epochs, size=size,
+                    root=root, extra=quiet + list(extra))
 
 
 def run_once(args: List[str]):

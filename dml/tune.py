@@ -35,13 +35,12 @@ import glob
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
 from dml import jobs
+from dml.child_runs import best_metric, launch
 from dml.errors import ConfigError
 from dml.mlrc import check_names, fold_args
 
@@ -92,15 +91,6 @@ def as_config(params: Dict[str, Any]) -> Dict[str, Any]:
     return config
 
 
-def best_validation(folder: str, metric: str = "val/MAP@R") -> Optional[float]:
-    """The best ``metric`` a run under ``folder`` logged (metrics.csv)."""
-    values = []
-    for path in glob.glob(os.path.join(folder, "*", "metrics.csv")):
-        with open(path) as f:
-            values += [float(row[metric]) for row in csv.DictReader(f) if row.get(metric)]
-    return max(values) if values else None
-
-
 def fold_score(dataset: str, method: str, fold: int, seed: int, folder: str,
                params: Dict[str, Any], extra: Sequence[str], epochs: Optional[int],
                root: Optional[str], backbone: Optional[str] = None,
@@ -110,10 +100,10 @@ def fold_score(dataset: str, method: str, fold: int, seed: int, folder: str,
     args = fold_args(dataset, method, fold, seed, folder, extra, epochs, root=root,
                      backbone=backbone)
     args += [a for key, value in params.items() for a in (f"--{key}", str(value))]
-    result = jobs.run_unit(args, folder, label)
-    if result["status"] != "done":
-        raise RuntimeError(f"{folder}: {result['reason']}")
-    score = best_validation(folder)
+    launched = launch(args, label, log=os.path.join(folder, "unit.log"))
+    if not launched.ok:
+        raise RuntimeError(f"{folder}: {launched.reason}")
+    score = best_metric(folder, "val/MAP@R")
     if score is None:
         raise RuntimeError(f"{folder}: the run logged no val/MAP@R")
     for path in glob.glob(os.path.join(folder, "*", "checkpoints", "*.ckpt")):

@@ -97,39 +97,60 @@ def fail_at_start(**init_args):
                                                  "init_args": init_args})
 
 
-def test_a_tuned_config_runs_the_protocol_which_resumes(tmp_path):
+def test_a_search_and_the_protocol_survive_a_failing_run_and_resume(tmp_path):
+    """One job end to end, with one failure injected in each stage: a search on fold 0 whose
+    first trial fails (recorded, the search goes on), then the protocol with the tuned config
+    whose fold 2 fails once (recorded, the other folds go on); the next run of the protocol
+    trains fold 2 alone, and the one after trains nothing and gives the same metrics."""
     space = tmp_path / "space.yaml"
     space.write_text("model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
                      "model.loss.params.base: {type: float, low: 0.3, high: 0.7}\n")
     out = run("dml.tune", "--dataset", "synthetic", "--method", "baseline", "--space", space,
               "--trials", "2", "--folds", "0", "--epochs", "1", "--out", tmp_path, "--runs",
-              tmp_path / "runs", "--", *TINY)
+              tmp_path / "runs", "--", *TINY, fail_at_start(marker=str(tmp_path / "trial")))
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "trial 0: FAIL" in out.stdout and "injected failure" in out.stdout
+    assert "trial 1: COMPLETE validation MAP@R " in out.stdout
     tune = tmp_path / "synthetic" / "tune"
-    assert (tune / "baseline.db").is_file()
+    trials = (tune / "baseline.trials.csv").read_text().splitlines()
+    assert trials[1].startswith("0,FAIL,") and "injected failure" in trials[1]
+    assert trials[2].startswith("1,COMPLETE,")
     import optuna
     study = optuna.load_study(study_name="synthetic-baseline",
                               storage=f"sqlite:///{tune / 'baseline.db'}")
-    assert len(study.trials) == 2 and all(t.value is not None for t in study.trials)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert 0 < study.best_value <= 1
     assert list((tmp_path / "runs").glob("**/metrics.csv"))
     assert not list((tmp_path / "runs").glob("**/*.ckpt"))  # trials keep no weights
     best = tune / "baseline.best.yaml"
     assert "lr:" in best.read_text() and "base:" in best.read_text()
 
     args = ["--dataset", "synthetic", "--method", "baseline", "--epochs", "1", "--config", best,
-            "--out", tmp_path, "--runs", tmp_path / "runs", "--", *TINY]
+            "--seeds", "0", "--out", tmp_path, "--runs", tmp_path / "runs", "--", *TINY,
+            fail_at_start(fold=2, marker=str(tmp_path / "fold"))]
     out = run("dml.mlrc", *args)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 2
+    (error,) = out.stderr.strip().splitlines()
+    assert error.startswith("error: 1 fold run(s) failed (seed 0 fold 2: ") and \
+        "injected failure" in error
     base = tmp_path / "synthetic" / "mlrc"
+    (line,) = [json.loads(x) for x in open(base / "runs.jsonl")]
+    assert [f["status"] for f in line["folds"]] == ["done", "done", "failed", "done"]
+    table = (base / "table.md").read_text()
+    assert "| baseline | failed |" in table and "- baseline: seed(s) 0 (fold 2: " in table
+    # each fold's training output is shown while it runs, behind its label
+    assert "baseline seed 0 fold 3 | epoch   0 | val: MLRC fold 3 | R@1" in out.stdout
+    assert "baseline seed 0 fold 2 | FAILED: " in out.stdout
+
+    out = run("dml.mlrc", *args)  # the failed fold trains again, the others are kept
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("already trained") == 3
     (line,) = [json.loads(x) for x in open(base / "runs.jsonl")]
     assert line["method"] == "baseline" and len(line["separated"]) == 4
     assert line["dims"] == {"separated": 64, "concatenated": 256}
     assert all(0 < f["MAP@R"] <= 1 and f["P@1"] == f["R@1"] for f in line["separated"])
     assert str(best) in line["folds"][0]["command"]  # the tuned parameters were used
-    table = (base / "table.md").read_text()
-    assert "| baseline | 1 | 64 / 256 |" in table
-    # each fold's training output is shown while it runs, behind its label
-    assert "baseline seed 0 fold 3 | epoch   0 | val: MLRC fold 3 | R@1" in out.stdout
+    assert "| baseline | 1 | 64 / 256 |" in (base / "table.md").read_text()
     again = run("dml.mlrc", *args)  # every fold already trained: only the evaluation runs
     assert again.returncode == 0 and again.stdout.count("already trained") == 4
     (line2,) = [json.loads(x) for x in open(base / "runs.jsonl")]
@@ -142,8 +163,9 @@ def test_a_tuned_config_runs_the_protocol_which_resumes(tmp_path):
     assert len(trained) == 4
     for fold in range(4):
         base = str(tmp_path / "runs" / f"synthetic/baseline/seed0/fold{fold}")
-        one, two = (fold_folder(base, fold_args("synthetic", "baseline", fold, 0, base, TINY,
-                                                epochs=e, config=str(best))) for e in (1, 2))
+        one, two = (fold_folder(base, fold_args("synthetic", "baseline", fold, 0, base,
+                                                [*TINY, args[-1]], epochs=e, config=str(best)))
+                    for e in (1, 2))
         assert one in trained and two not in trained and os.path.dirname(two) == base
     # a search with another space does not join the study
     space.write_text("model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-2}\n")
@@ -152,35 +174,6 @@ def test_a_tuned_config_runs_the_protocol_which_resumes(tmp_path):
               tmp_path / "runs", "--", *TINY)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "other the search space" in lines[0]
-
-
-def test_a_failing_fold_is_recorded_and_the_protocol_goes_on(tmp_path):
-    args = ["--dataset", "synthetic", "--method", "baseline", "--epochs", "1", "--seeds", "0",
-            "--out", tmp_path, "--runs", tmp_path / "runs", "--", *TINY, fail_at_start(fold=2)]
-    out = run("dml.mlrc", *args)
-    assert out.returncode == 2
-    (error,) = out.stderr.strip().splitlines()
-    assert error.startswith("error: 1 fold run(s) failed (seed 0 fold 2: ") and \
-        "injected failure" in error
-    assert out.stdout.count("baseline seed 0 fold") >= 3 and "FAILED" in out.stdout
-    (line,) = [json.loads(x) for x in open(tmp_path / "synthetic" / "mlrc" / "runs.jsonl")]
-    assert [f["status"] for f in line["folds"]] == ["done", "done", "failed", "done"]
-    table = (tmp_path / "synthetic" / "mlrc" / "table.md").read_text()
-    assert "| baseline | failed |" in table and "- baseline: seed(s) 0 (fold 2: " in table
-
-
-def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text("model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
-    out = run("dml.tune", "--dataset", "synthetic", "--method", "baseline", "--space", space,
-              "--trials", "2", "--folds", "0", "--epochs", "1", "--out", tmp_path, "--runs",
-              tmp_path / "runs", "--", *TINY, fail_at_start(marker=str(tmp_path / "once")))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "trial 0: FAIL" in out.stdout and "injected failure" in out.stdout
-    assert "trial 1: COMPLETE validation MAP@R " in out.stdout
-    trials = (tmp_path / "synthetic" / "tune" / "baseline.trials.csv").read_text().splitlines()
-    assert trials[1].startswith("0,FAIL,") and "injected failure" in trials[1]
-    assert trials[2].startswith("1,COMPLETE,")
 
 
 def test_an_unknown_data_set_method_or_space_is_one_line_naming_it(tmp_path, capsys):
