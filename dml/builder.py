@@ -12,16 +12,16 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from torch import nn
 
 from dml.config import (BackboneConfig, IBCConfig, LossConfig, MemoryConfig, PoolingConfig,
                         ZeroShotConfig, check_params)
 from dml.errors import ConfigError
-from dml.losses import (LOSSES, CrossBatchMemoryLoss, IntraBatchConnections, MultiProxyLoss,
+from dml.losses import (CrossBatchMemoryLoss, IntraBatchConnections, MultiProxyLoss,
                         ProximalTerm, ZeroShotPrototypeLoss, build_loss, build_miner)
-from dml.losses.factory import MINERS
+from dml.losses.factory import MINERS, has_proxies, pair_losses
 from dml.models import (GAP, GMP, GSP, Backbone, ClassToken, EmbeddingHead, GeM,
                         MessagePassingNetwork)
 from dml.objective import Objective
@@ -64,31 +64,56 @@ def import_class(path: str, key: str) -> type:
         raise ConfigError(f"{key}: cannot import {path!r} ({error})") from error
 
 
-def build_terms(specs: Optional[List[Dict[str, Any]]], embedding_dim: int,
+def terms_by_name(specs: Any) -> Dict[str, Optional[Dict[str, Any]]]:
+    """``model.terms`` as a mapping {name: {class_path, init_args}}; the list of checkpoints
+    written before terms had names (``[{class_path, init_args, name}]``) is read as one, each
+    named by its ``name`` or class."""
+    if specs is None:
+        return {}
+    if isinstance(specs, dict):
+        for name in specs:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ConfigError(f"model.terms: a term's name must be a word (letters, digits, "
+                                  f"_), got {name!r}")
+        return dict(specs)
+    if isinstance(specs, (list, tuple)):  # the layout before names
+        named: Dict[str, Optional[Dict[str, Any]]] = {}
+        for spec in specs:
+            spec = dict(spec) if isinstance(spec, dict) else {"class_path": spec}
+            name = spec.pop("name", None) or str(spec.get("class_path", "")).rpartition(".")[2]
+            named[name] = spec
+        return named
+    raise ConfigError(f"model.terms: expected a mapping {{name: {{class_path: "
+                      f"package.module.Class, init_args: {{...}}}}}}, got {specs!r}")
+
+
+def build_terms(specs: Any, embedding_dim: int,
                 num_classes: Optional[int]) -> Dict[str, nn.Module]:
-    """Extra objective terms, ``model.terms: [{class_path: ..., init_args: {...}, name: ...}]``.
-    A term is an ``nn.Module`` whose ``forward(embedded, labels, objective)`` returns named
-    loss values; ``embedding_dim`` and ``num_classes`` are passed when its ``__init__`` takes
-    them; its parameters train in its ``param_group`` ("loss" unless it says otherwise)."""
+    """Objective terms by class path, by name:
+    ``model.terms: {name: {class_path: package.module.Class, init_args: {...}}}``; a later
+    config file or ``--model.terms.<name>.init_args.<arg>`` adds a term or sets one argument,
+    ``model.terms.<name>: null`` removes one. A term is an ``nn.Module`` whose
+    ``forward(embedded, labels, objective)`` returns named loss values; ``embedding_dim`` and
+    ``num_classes`` are passed when its ``__init__`` takes them; its parameters train in its
+    ``param_group`` ("loss" unless it says otherwise)."""
     terms: Dict[str, nn.Module] = {}
-    for i, spec in enumerate(specs or []):
-        key = f"model.terms[{i}]"
+    for name, spec in terms_by_name(specs).items():
+        key = f"model.terms.{name}"
+        if spec is None:  # removed by a later config
+            continue
         if not isinstance(spec, dict) or "class_path" not in spec:
             raise ConfigError(f"{key}: expected {{class_path: package.module.Class, "
                               f"init_args: {{...}}}}, got {spec!r}")
-        unknown = sorted(set(spec) - {"class_path", "init_args", "name"})
+        unknown = sorted(set(spec) - {"class_path", "init_args"})
         if unknown:
-            raise ConfigError(f"{key}: unknown key(s) {unknown}")
+            raise ConfigError(f"{key}: unknown key(s) {unknown}; expected class_path, init_args")
         cls = import_class(spec["class_path"], f"{key}.class_path")
         args = dict(spec.get("init_args") or {})
         accepted = inspect.signature(cls).parameters
-        for name, value in (("embedding_dim", embedding_dim), ("num_classes", num_classes)):
-            if name in accepted and name not in args:
-                args[name] = value
+        for arg, value in (("embedding_dim", embedding_dim), ("num_classes", num_classes)):
+            if arg in accepted and arg not in args:
+                args[arg] = value
         check_params(cls, args, f"{key}.init_args")
-        name = spec.get("name") or cls.__name__
-        if name in terms:
-            raise ConfigError(f"{key}.name: two terms are named {name!r}")
         terms[name] = cls(**args)
     return terms
 
@@ -111,10 +136,9 @@ def build_memory(memory: MemoryConfig, embedding_dim: int,
                        "loss", "miner"))
     loss = None
     if memory.loss:
-        if memory.loss not in LOSSES or LOSSES[memory.loss][1]:
-            pair = sorted(n for n, (_, proxies) in LOSSES.items() if not proxies)
+        if memory.loss not in pair_losses():
             raise ConfigError(f"model.memory.loss: {memory.loss!r} is not a pair loss; "
-                              f"expected one of {pair}")
+                              f"expected one of {pair_losses()}")
         loss = build_loss(memory.loss, num_classes, embedding_dim, memory.loss_params)
     miner = None
     if memory.miner:
@@ -134,7 +158,7 @@ def build_memory(memory: MemoryConfig, embedding_dim: int,
 def build_parts(backbone: BackboneConfig, pooling: PoolingConfig, embedding_dim: int,
                 loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
                 memory: MemoryConfig, num_classes: Optional[int],
-                terms: Optional[List[Dict[str, Any]]] = None) -> ModelParts:
+                terms: Optional[Dict[str, Any]] = None) -> ModelParts:
     net = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn, backbone.width,
                    backbone.timm_args)
     pool = build_pooling(pooling.name, net.out_channels, pooling.params, embedding_dim)
@@ -150,7 +174,7 @@ def build_parts(backbone: BackboneConfig, pooling: PoolingConfig, embedding_dim:
 def build_objective(loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
                     memory: MemoryConfig, pooling: nn.Module, embedding_dim: int,
                     num_classes: Optional[int],
-                    extra: Optional[Dict[str, nn.Module]] = None) -> Objective:
+                    terms: Optional[Dict[str, nn.Module]] = None) -> Objective:
     metric = build_loss(loss.name, num_classes, embedding_dim, loss.params)
     miner = build_miner(loss.miner, loss.miner_params)
     if miner is not None and loss.name == "xbm_contrastive":
@@ -158,7 +182,7 @@ def build_objective(loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
                           "miner (set model.loss.miner: null)")
     proximal = None
     if loss.proxies_per_class > 0:
-        if metric is None or LOSSES[loss.name][1]:
+        if metric is None or has_proxies(loss.name):
             raise ConfigError(f"model.loss.proxies_per_class: {loss.name} already has its own "
                               f"proxies; multi-proxy CCP needs a pair loss (c1, c2, "
                               f"multi_similarity, triplet, contrastive)")
@@ -187,18 +211,20 @@ def build_objective(loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
         if metric is None:
             raise ConfigError("model.memory.enabled needs a pair loss to compare the batch "
                               "with the memory; model.loss.name is none")
-        if LOSSES[loss.name][1] and loss.proxies_per_class == 0:
-            pair = sorted(n for n, (_, proxies) in LOSSES.items() if not proxies)
+        if has_proxies(loss.name) and loss.proxies_per_class == 0:
+            pair = pair_losses()
             raise ConfigError(f"model.memory.enabled: {loss.name} compares embeddings with its "
                               f"own proxies, not with stored embeddings; the memory needs a pair "
                               f"loss as model.loss.name (one of {pair}), optionally with "
                               f"model.loss.proxies_per_class > 0 (CCP)")
         memory_loss = build_memory(memory, embedding_dim, num_classes)
-    if metric is None and ibc_term is None and zero_shot_loss is None and not extra:
+    if metric is None and ibc_term is None and zero_shot_loss is None and not terms:
         raise ConfigError("model.loss.name: none leaves nothing to train; enable model.ibc or "
                           "model.zero_shot, add model.terms, or name a loss")
-    return Objective(metric, miner, zero_shot.metric_weight, loss.gather, memory_loss,
-                     ibc_term, ibc.gather, zero_shot_loss, zero_shot.weight, proximal, extra)
+    return Objective(metric_loss=metric, miner=miner, metric_weight=zero_shot.metric_weight,
+                     gather=loss.gather, memory=memory_loss, ibc=ibc_term,
+                     ibc_gather=ibc.gather, zero_shot=zero_shot_loss,
+                     zero_shot_weight=zero_shot.weight, proximal=proximal, terms=terms)
 
 
 def check_batch_composition(loss: LossConfig, memory: MemoryConfig, ibc: IBCConfig,
@@ -208,7 +234,7 @@ def check_batch_composition(loss: LossConfig, memory: MemoryConfig, ibc: IBCConf
     from: one image per class (no positive pair: multi-similarity and triplet are exactly 0,
     a contrastive loss only pushes apart) or one class per batch (no negative pair), with no
     proxies, memory or other term to supply them."""
-    pair_only = loss.name != "none" and not LOSSES[loss.name][1] and \
+    pair_only = loss.name != "none" and not has_proxies(loss.name) and \
         loss.proxies_per_class == 0 and not memory.enabled and not ibc.enabled and \
         zero_shot_weight == 0 and not has_terms
     if not pair_only:

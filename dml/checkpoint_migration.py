@@ -1,28 +1,42 @@
 """Checkpoints of earlier layouts, brought to the current one when they load.
 
 - Before the objective existed, loss terms were module attributes: their weights are renamed
-  (``loss_fn.`` -> ``objective.metric.``, ...); the XBM/XBN memory and CCP's theta_prev, then
+  (``loss_fn.`` -> ``objective.metric_loss.``, ...); the XBM/XBN memory and CCP's theta_prev, then
   callback state, are not carried over (they start afresh, with a warning) and resuming
   training from such a checkpoint is refused by the CLI's config check.
+- The objective's metric loss was ``objective.metric`` and its terms by class path
+  ``objective.extra``: renamed to ``objective.metric_loss`` and ``objective.terms`` (nothing
+  lost); ``model.terms`` was a list, now a mapping by name (``dml.builder.terms_by_name``).
 - Learning-rate schedulers stepped per epoch (cosine, step) are replaced by the per-step
   schedule's state; the schedule itself is rebuilt from the config (``dml.lr_schedule``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 # Parameter names before the objective (loss terms as module attributes) -> now.
-LEGACY_PREFIXES = {"loss_fn.": "objective.metric.", "zero_shot_loss.": "objective.zero_shot.",
-                   "ibc.": "objective.ibc."}
+LEGACY_PREFIXES = {"loss_fn.": "objective.metric_loss.",
+                   "zero_shot_loss.": "objective.zero_shot.", "ibc.": "objective.ibc."}
+# Names inside the objective before they said what they are -> now.
+RENAMED_PREFIXES = {"objective.metric.": "objective.metric_loss.",
+                    "objective.extra.": "objective.terms."}
+
+
+def rename_keys(state: Dict[str, Any], prefixes: Dict[str, str]) -> List[str]:
+    """Keys of ``state`` starting with a prefix of ``prefixes`` renamed in place; the old keys."""
+    old = [k for k in state if k.startswith(tuple(prefixes))]
+    for key in old:
+        prefix = next(p for p in prefixes if key.startswith(p))
+        state[prefixes[prefix] + key[len(prefix):]] = state.pop(key)
+    return old
 
 
 def migrate_checkpoint(checkpoint: Dict[str, Any]) -> bool:
-    """Weights of the layout before the objective renamed in place; whether any was."""
+    """Weights of earlier layouts renamed in place; whether the checkpoint is of the layout
+    before the objective (whose memory and proximal state then start afresh)."""
     state = checkpoint.get("state_dict", {})
-    legacy = [k for k in state if k.startswith(tuple(LEGACY_PREFIXES))]
-    for key in legacy:
-        prefix = next(p for p in LEGACY_PREFIXES if key.startswith(p))
-        state[LEGACY_PREFIXES[prefix] + key[len(prefix):]] = state.pop(key)
+    legacy = rename_keys(state, LEGACY_PREFIXES)
+    rename_keys(state, RENAMED_PREFIXES)
     return bool(legacy)
 
 
@@ -44,3 +58,15 @@ def fill_fresh_state(checkpoint: Dict[str, Any], current: Dict[str, Any]) -> Lis
     for key in fresh:
         state[key] = current[key]
     return fresh
+
+
+def upgrade_checkpoint(checkpoint: Dict[str, Any], current: Dict[str, Any]) -> Optional[str]:
+    """A checkpoint of any earlier layout brought to today's, in place (``current``: the
+    module's fresh state dict); a warning to show when something could not be carried over."""
+    migrate_schedulers(checkpoint)
+    if not migrate_checkpoint(checkpoint):
+        return None
+    fresh = fill_fresh_state(checkpoint, current)
+    return ("checkpoint of the layout before the objective: weights renamed "
+            "(loss_fn -> objective.metric_loss, ...)" +
+            (f"; {len(fresh)} memory / proximal buffers start afresh" if fresh else ""))

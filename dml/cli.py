@@ -21,11 +21,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks.progress import ProgressBar as ProgressBarBase
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.plugins.io import CheckpointIO
 
 from dml import runs
 from dml.compose import merge_config_args
-from dml.callbacks import (ChanceConstraintProjection, CrossBatchNormalization, ProgressBar,
-                           DashboardFigures, EarlyStopping)
+from dml.callbacks import (AtomicCheckpointIO, ChanceConstraintProjection,
+                           CrossBatchNormalization, DashboardFigures, EarlyStopping, ProgressBar)
 from dml.console import say
 from dml.data import (DatasetNotFound, DMLDataModule, IncompleteDataset, MetadataError,
                       UnreadableImageError)
@@ -138,11 +139,17 @@ class DMLCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         """Lightning's default progress bar reads the logged loss on the host every step (a GPU
         synchronisation each step); where the run shows a bar and the config names none, it is
-        ``dml.callbacks.ProgressBar``, redrawn twice a second."""
+        ``dml.callbacks.ProgressBar``, redrawn twice a second. Checkpoints are written
+        atomically (``AtomicCheckpointIO``) unless ``trainer.plugins`` names a checkpoint IO."""
         given = list(callbacks) + list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and \
                 not any(isinstance(c, ProgressBarBase) for c in given):
             callbacks = list(callbacks) + [ProgressBar()]
+        plugins = config.get("plugins")
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else \
+            ([] if plugins is None else [plugins])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # a custom one is kept
+            config = dict(config, plugins=plugins + [AtomicCheckpointIO()])
         return super()._instantiate_trainer(config, callbacks)
 
     def _default_config_dict(self) -> Optional[dict]:

@@ -119,7 +119,7 @@ if __name__ == "__main__":
 # drop the method's gamma. The CLI therefore merges the config files itself, dicts key by key
 # (lists and scalars are replaced), and folds dotted overrides that reach into such a dict
 # (``--model.loss.params.margin 0.3``) into the merge.
-DICT_KEYS = ("model.pooling.params", "model.loss.params", "model.loss.miner_params",
+DICT_KEYS = ("model.terms", "model.pooling.params", "model.loss.params", "model.loss.miner_params",
              "model.memory.params", "model.memory.loss_params", "model.memory.miner_params")
 
 

@@ -8,6 +8,7 @@ a module of its own, which ``DMLModule`` takes in as a part:
   ``nonfinite_loss: skip``, skips it); no checkpoint is written of a non-finite state;
 - the optimizer (``dml.optimizer_setup``): one parameter group per part role;
 - pooling initialisation (``dml.pooling_init``): GSP's prototypes at the first step;
+- the device's settings (``dml.device_settings``): channels-last and compilation;
 - evaluation (``dml.evaluation_steps``): embeddings to the ``Evaluator``, scored on rank 0;
 - checkpoints of earlier layouts (``dml.checkpoint_migration``).
 Its configuration groups are the dataclasses of ``dml.config``.
@@ -21,25 +22,25 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from dml.builder import build_parts, check_batch_composition
-from dml.checkpoint_migration import fill_fresh_state, migrate_checkpoint, migrate_schedulers
+from dml.builder import build_parts, check_batch_composition, terms_by_name
+from dml.checkpoint_migration import upgrade_checkpoint
 from dml.config import (AT_LEAST_ONE, BackboneConfig, EvalConfig, IBCConfig,  # noqa: F401
                         LossConfig, MemoryConfig, OptimizerConfig, PoolingConfig, ZeroShotConfig,
                         as_config, check_range, check_ranges)
-from dml.errors import ConfigError
 from dml.evaluation import Evaluator
 from dml.evaluation_steps import EvaluationSteps, format_metrics
 from dml.losses.ibc import pseudo_test_refiner
 from dml.models import pool_images
-from dml.nonfinite_guard import NonFiniteGuard
-from dml.optimizer_setup import OPTIMIZERS, OptimizerSetup
+from dml.device_settings import DeviceSettings
+from dml.nonfinite_guard import NonFiniteGuard, check_policy
+from dml.optimizer_setup import OptimizerSetup, check_optimizer
 from dml.pooling_init import PoolingInitialization
 
 EPOCH_METRICS_KEY = "dml_epoch_metrics"  # {epoch: validation metrics} in checkpoints
 
 
 class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, EvaluationSteps,
-                pl.LightningModule):
+                DeviceSettings, pl.LightningModule):
     def __init__(self, backbone: BackboneConfig = BackboneConfig(),
                  pooling: PoolingConfig = PoolingConfig(), embedding_dim: int = 512,
                  loss: LossConfig = LossConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
@@ -47,11 +48,12 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
                  zero_shot: ZeroShotConfig = ZeroShotConfig(), ibc: IBCConfig = IBCConfig(),
                  memory: MemoryConfig = MemoryConfig(), num_classes: Optional[int] = None,
                  recall_ks: Optional[List[int]] = None, nonfinite_loss: str = "stop",
-                 terms: Optional[List[Dict[str, Any]]] = None, compile: Union[bool, str] = False):
+                 terms: Optional[Dict[str, Optional[Dict[str, Any]]]] = None,
+                 compile: Union[bool, str] = False):
         """nonfinite_loss: what a NaN or infinite loss does: ``stop`` the run with an error
         naming the step, the loss parts and the learning rates (the default), or ``skip`` the
-        step (no backward, no optimizer step) and go on. terms: extra objective terms by class
-        path, ``[{class_path: package.module.Class, init_args: {...}}]``
+        step (no backward, no optimizer step) and go on. terms: more objective terms by name and
+        class path, ``{name: {class_path: package.module.Class, init_args: {...}}}``
         (``dml.builder.build_terms``). compile: ``torch.compile`` the backbone for training and
         evaluation (``true``, or a mode: "default", "reduce-overhead", "max-autotune"); the
         weights, their names and the checkpoints stay the plain module's."""
@@ -65,19 +67,9 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
                            ("optimizer", optimizer), ("zero_shot", zero_shot), ("ibc", ibc)):
             check_ranges(f"model.{key}", group)
         check_range("model.embedding_dim", embedding_dim, AT_LEAST_ONE)
-        if nonfinite_loss not in ("stop", "skip"):
-            raise ConfigError(f"model.nonfinite_loss: expected stop or skip, got "
-                              f"{nonfinite_loss!r}")
-        if compile not in (False, True, "default", "reduce-overhead", "max-autotune",
-                           "max-autotune-no-cudagraphs"):
-            raise ConfigError(f"model.compile: expected true, false or a torch.compile mode "
-                              f"(default, reduce-overhead, max-autotune), got {compile!r}")
-        if optimizer.name not in OPTIMIZERS:
-            raise ConfigError(f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
-                              f"expected one of {sorted(OPTIMIZERS)}")
-        if optimizer.scheduler not in ("none", "step", "cosine"):
-            raise ConfigError(f"model.optimizer.scheduler: unknown scheduler "
-                              f"{optimizer.scheduler!r}; expected none, step or cosine")
+        check_policy(nonfinite_loss)
+        check_optimizer(optimizer)
+        terms = terms_by_name(terms)  # also the list of checkpoints before terms had names
         # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({
             "backbone": asdict(backbone), "pooling": asdict(pooling),
@@ -92,10 +84,7 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
         parts = build_parts(backbone, pooling, embedding_dim, loss, zero_shot, ibc, memory,
                             num_classes, terms)
         self.backbone, self.pooling, self.head = parts.backbone, parts.pooling, parts.head
-        self.channels_last_setting = backbone.channels_last
-        self.compile_setting = compile
-        # the compiled backbone is kept outside the module tree: its weights are the backbone's
-        self.__dict__["compiled_backbone"] = None
+        self.init_device_settings(backbone.channels_last, compile)
         self.objective = parts.objective
         if self.objective.proximal is not None:
             self.objective.proximal.attach(self.network_parameters)
@@ -151,11 +140,7 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
         return ((name, p) for name, p in self.named_parameters()
                 if p.requires_grad and not name.startswith("objective."))
 
-    # --- device-dependent settings: memory format and compilation --------------------------
-    @property
-    def uses_channels_last(self) -> bool:
-        return bool(getattr(self, "channels_last_active", False))
-
+    # --- device-dependent settings (dml.device_settings), batch composition ---------------
     def setup(self, stage: str) -> None:
         """The device the trainer runs on decides channels-last (``BackboneConfig``);
         compilation follows ``model.compile``. Lightning calls this before it moves the module
@@ -170,32 +155,21 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
                                     bool(h["terms"]), dm.classes_per_batch,
                                     dm.samples_per_class)
 
-    def apply_device_settings(self, device: torch.device) -> None:
-        wanted = self.channels_last_setting
-        if wanted is None:
-            wanted = device.type == "cuda"
-        self.channels_last_active = bool(wanted) and self.backbone.convolutional
-        if self.channels_last_active:
-            self.backbone.to(memory_format=torch.channels_last)
-        if self.compile_setting and self.compiled_backbone is None:
-            mode = None if self.compile_setting is True else self.compile_setting
-            self.__dict__["compiled_backbone"] = torch.compile(self.backbone, mode=mode)
-
     # --- training ---------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         images, labels, _ = batch
-        terms = self.objective(self.embed(images), labels)
-        total = sum(terms.values())
+        values = self.objective(self.embed(images), labels)
+        total = sum(values.values())
         if self.nonfinite_loss == "skip":  # must know before this step's update: reads now
             if not self.loss_is_finite(total):
-                return self.on_nonfinite_loss(terms, batch_idx)
+                return self.on_nonfinite_loss(values, batch_idx)
         else:  # stop: recorded on the device, read every loss_watch.every steps
-            self.loss_watch.record(total, terms, self.global_step, self.current_epoch, batch_idx)
+            self.loss_watch.record(total, values, self.global_step, self.current_epoch, batch_idx)
             if self.loss_watch.due():
                 self.check_losses()
         if self.logs_this_step():
             batch_size = len(labels)
-            for name, value in terms.items():
+            for name, value in values.items():
                 self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
             self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         return total
@@ -286,10 +260,6 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self.epoch_metrics = {int(e): dict(m) for e, m in
                               (checkpoint.get(EPOCH_METRICS_KEY) or {}).items()}
-        migrate_schedulers(checkpoint)
-        if migrate_checkpoint(checkpoint):
-            fresh = fill_fresh_state(checkpoint, self.state_dict())
-            rank_zero_warn("checkpoint of the layout before the objective: weights renamed "
-                           "(loss_fn -> objective.metric, ...)" +
-                           (f"; {len(fresh)} memory / proximal buffers start afresh"
-                            if fresh else ""))
+        note = upgrade_checkpoint(checkpoint, self.state_dict())
+        if note:
+            rank_zero_warn(note)

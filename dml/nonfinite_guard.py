@@ -13,8 +13,16 @@ from typing import Dict, Optional
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from dml.errors import NonFiniteLossError, NonFiniteStateError
+from dml.errors import ConfigError, NonFiniteLossError, NonFiniteStateError
 from dml.loss_watch import LossWatch
+
+
+POLICIES = ("stop", "skip")
+
+
+def check_policy(nonfinite_loss: str) -> None:
+    if nonfinite_loss not in POLICIES:
+        raise ConfigError(f"model.nonfinite_loss: expected stop or skip, got {nonfinite_loss!r}")
 
 
 class NonFiniteGuard:

@@ -6,7 +6,7 @@
 and logs them (``train/loss_<name>``). Every term is optional; ``dml.builder`` builds them from
 the config and checks that they fit together:
 
-- ``metric``: a pair or proxy loss by name (``dml.losses.factory``) with an optional miner,
+- ``metric_loss``: a pair or proxy loss by name (``dml.losses.factory``) with an optional miner,
   weighted by ``metric_weight`` -> "metric"; or CCP's multi-proxy loss
   (``dml.losses.MultiProxyLoss``, on the head's raw output) -> "proxy" and "pair". With
   ``gather`` under DDP it is computed over the global batch (``dml.distributed``).
@@ -20,8 +20,12 @@ the config and checks that they fit together:
   ``zero_shot_weight`` -> "zero_shot".
 - ``proximal``: CCP's (lambda / 2) ||theta - theta_prev||^2 -> "proximal" (absent while
   lambda is 0).
-- ``extra``: terms given by class path (``model.terms``); each is called as
+- ``terms``: terms given by class path (``model.terms``, a mapping name -> class), in an
+  ``nn.ModuleDict`` under their config names; each is called as
   ``term(embedded, labels, objective)`` and returns its named values.
+
+A value name is given once: a term that returns a name another term already returned
+("metric", "memory", ...) is an error naming both, never a silent replacement.
 
 Optimizer groups come from the terms themselves (``parameter_groups``): a term's parameters go
 to its ``param_group`` ("loss" unless it says otherwise). The callbacks act only through the
@@ -64,15 +68,16 @@ def as_float32(value: Any) -> Any:
 
 
 class Objective(nn.Module):
-    def __init__(self, metric: Optional[nn.Module] = None, miner: Optional[nn.Module] = None,
+    def __init__(self, metric_loss: Optional[nn.Module] = None,
+                 miner: Optional[nn.Module] = None,
                  metric_weight: float = 1.0, gather: bool = False,
                  memory: Optional[nn.Module] = None, ibc: Optional[nn.Module] = None,
                  ibc_gather: bool = False, zero_shot: Optional[nn.Module] = None,
                  zero_shot_weight: float = 0.0, proximal: Optional[nn.Module] = None,
-                 extra: Optional[Dict[str, nn.Module]] = None):
+                 terms: Optional[Dict[str, nn.Module]] = None):
         super().__init__()
-        self.metric, self.miner, self.memory = metric, miner, memory
-        self.extra = nn.ModuleDict(extra or {})
+        self.metric_loss, self.miner, self.memory = metric_loss, miner, memory
+        self.terms = nn.ModuleDict(terms or {})
         self.ibc, self.zero_shot, self.proximal = ibc, zero_shot, proximal
         self.metric_weight, self.gather = metric_weight, gather
         self.ibc_gather, self.zero_shot_weight = ibc_gather, zero_shot_weight
@@ -83,49 +88,61 @@ class Objective(nn.Module):
         "pooling"). Returns {term name: weighted value}, computed in float32 (module
         docstring, "Precision")."""
         with torch.autocast(labels.device.type, enabled=False):
-            return self.terms(as_float32(embedded), labels)
+            return self.loss_values(as_float32(embedded), labels)
 
-    def terms(self, embedded: Dict[str, Any], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def loss_values(self, embedded: Dict[str, Any],
+                    labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """{value name: weighted value} of every term, in float32 as handed over."""
         z, raw = embedded["embeddings"], embedded["raw_embeddings"]
-        terms: Dict[str, torch.Tensor] = {}
-        if self.metric is not None:
-            terms.update(self.metric_terms(z, raw, labels))
+        values: Dict[str, torch.Tensor] = {}
+
+        def add(source: str, named: Dict[str, torch.Tensor]) -> None:
+            for name, value in named.items():
+                if name in values:
+                    raise ValueError(f"objective: {source} returns a loss value named {name!r}, "
+                                     f"which {owner[name]} already returned; rename it")
+                values[name], owner[name] = value, source
+
+        owner: Dict[str, str] = {}
+        if self.metric_loss is not None:
+            add("the metric loss", self.metric_loss_values(z, raw, labels))
         if self.memory is not None:
-            terms.update(self.memory(embedded, labels, self))
+            add("the memory term", self.memory(embedded, labels, self))
         if self.ibc is not None:
             if self.ibc_gather and world_size() > 1:  # messages over the global batch
-                terms.update(self.ibc(raw, gather_rows(z, with_grad=True), gather_rows(labels),
-                                      labels))
+                add("IBC", self.ibc(raw, gather_rows(z, with_grad=True), gather_rows(labels),
+                                    labels))
             else:
-                terms.update(self.ibc(raw, z, labels))
+                add("IBC", self.ibc(raw, z, labels))
         if self.zero_shot is not None:
-            terms["zero_shot"] = self.zero_shot_weight * self.zero_shot(
-                embedded["pooling"].attributes, labels)
+            add("the zero-shot loss", {"zero_shot": self.zero_shot_weight * self.zero_shot(
+                embedded["pooling"].attributes, labels)})
         if self.proximal is not None:
             value = self.proximal()
             if value is not None:
-                terms["proximal"] = value
-        for term in self.extra.values():
-            terms.update(term(embedded, labels, self))
-        return terms
+                add("the proximal term", {"proximal": value})
+        for name, term in self.terms.items():
+            add(f"model.terms.{name}", term(embedded, labels, self))
+        return values
 
-    def metric_terms(self, z, raw, labels) -> Dict[str, torch.Tensor]:
+    def metric_loss_values(self, z, raw, labels) -> Dict[str, torch.Tensor]:
+        """"metric", or CCP's "proxy" and "pair" (``named_values`` on the raw embeddings)."""
         if self.gather and world_size() > 1:  # the global batch, gradients back to their rows
             z, raw = gather_rows(z, with_grad=True), gather_rows(raw, with_grad=True)
             labels = gather_rows(labels)
         pairs = self.miner(z, labels) if self.miner is not None else None
-        if hasattr(self.metric, "parts"):  # several named terms, on the head's raw output
+        if hasattr(self.metric_loss, "named_values"):  # several values, on the raw output
             return {name: self.metric_weight * value
-                    for name, value in self.metric.parts(raw, labels, pairs).items()}
-        return {"metric": self.metric_weight * self.metric(z, labels, pairs)}
+                    for name, value in self.metric_loss.named_values(raw, labels, pairs).items()}
+        return {"metric": self.metric_weight * self.metric_loss(z, labels, pairs)}
 
     # --- parameters ------------------------------------------------------------------------------
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
         """Trainable parameters by optimizer group: each term's ``param_group`` ("loss" by
         default: proxies, class embeddings; IBC's network says "head")."""
         groups: Dict[str, List[nn.Parameter]] = {}
-        parts = [t for t in self.children() if t is not self.extra] + list(self.extra.values())
-        for term in parts:
+        children = [t for t in self.children() if t is not self.terms] + list(self.terms.values())
+        for term in children:
             params = [p for p in term.parameters() if p.requires_grad]
             if params:
                 groups.setdefault(getattr(term, "param_group", "loss"), []).extend(params)
@@ -141,7 +158,7 @@ class Objective(nn.Module):
 
     def class_representatives(self) -> Optional[torch.Tensor]:
         """Rows that stand for the classes (proxies, classifier weights), or None."""
-        return None if self.metric is None else proxy_rows(self.metric)
+        return None if self.metric_loss is None else proxy_rows(self.metric_loss)
 
     def proxy_layout(self) -> Tuple[int, int]:
         """CCP: (C classes, K proxies per class) of the multi-proxy loss."""
@@ -169,10 +186,10 @@ class Objective(nn.Module):
         self.proximal.anchor(theta, lam)
 
     def has_multi_proxy(self) -> bool:
-        return self.metric is not None and hasattr(self.metric, "pick")
+        return self.metric_loss is not None and hasattr(self.metric_loss, "pick")
 
     def _multi_proxy(self):
         if not self.has_multi_proxy():
             raise RuntimeError("this objective has no multi-proxy loss "
                                "(model.loss.proxies_per_class)")
-        return self.metric
+        return self.metric_loss

@@ -14,10 +14,24 @@ from typing import Dict, List
 
 import torch
 
+from dml.errors import ConfigError
 from dml.lr_schedule import build_schedule
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "radam": torch.optim.RAdam}
+
+
+SCHEDULERS = ("none", "step", "cosine")
+
+
+def check_optimizer(optimizer) -> None:
+    """A ConfigError for an optimizer or schedule ``model.optimizer`` names that does not exist."""
+    if optimizer.name not in OPTIMIZERS:
+        raise ConfigError(f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
+                          f"expected one of {sorted(OPTIMIZERS)}")
+    if optimizer.scheduler not in SCHEDULERS:
+        raise ConfigError(f"model.optimizer.scheduler: unknown scheduler "
+                          f"{optimizer.scheduler!r}; expected none, step or cosine")
 
 
 class OptimizerSetup:

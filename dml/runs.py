@@ -241,7 +241,7 @@ def describe_differences(saved: Dict[str, Any], current: Dict[str, Any],
     a, b = flatten(saved), flatten(current)
     shown = "; ".join(f"{k}: {a.get(k, '<absent>')!r} in the checkpoint, "
                       f"{b.get(k, '<absent>')!r} now" for k in keys[:details])
-    more = f"; ..." if len(keys) > details else ""
+    more = "; ..." if len(keys) > details else ""
     return f"{', '.join(keys)} ({shown}{more})"
 
 

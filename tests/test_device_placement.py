@@ -99,7 +99,7 @@ def test_every_objective_path_on_the_inputs_device(method, device):
     dim = module.head.linear.out_features
     candidates = torch.randn(64, dim, generator=g).to(device)  # GSP's prototype candidates
     if objective.has_multi_proxy():  # CCP's per-class candidate pool (C, P, D)
-        pool = torch.randn(objective.metric.num_classes, 2 * objective.metric.per_class, dim,
+        pool = torch.randn(objective.metric_loss.num_classes, 2 * objective.metric_loss.per_class, dim,
                            generator=g).to(device)
     with strict_device():
         if module.pooling.wants_initialization():

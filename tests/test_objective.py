@@ -4,10 +4,12 @@ checkpoints of the earlier layout still load."""
 import pytorch_lightning as pl
 import pytest
 import torch
+import yaml
+from torch import nn
 
 from dml.errors import ConfigError
 from dml.functional import lipschitz_normalize
-from dml.module import (BackboneConfig, DMLModule, IBCConfig, LossConfig, MemoryConfig,
+from dml.module import (DMLModule, IBCConfig, LossConfig, MemoryConfig,
                         OptimizerConfig, PoolingConfig, ZeroShotConfig)
 from dml.objective import Objective
 from dml.selection import greedy_k_center
@@ -27,7 +29,7 @@ def test_terms_are_named_and_weighted():
     assert set(terms) == {"metric", "zero_shot", "ibc_backbone", "ibc_mpn"}
     objective = module.objective
     assert float(terms["metric"]) == pytest.approx(
-        0.9 * float(objective.metric(embedded["embeddings"], labels)), rel=1e-6)
+        0.9 * float(objective.metric_loss(embedded["embeddings"], labels)), rel=1e-6)
     assert float(terms["zero_shot"]) == pytest.approx(
         0.1 * float(objective.zero_shot(embedded["pooling"].attributes, labels)), rel=1e-6)
 
@@ -56,7 +58,7 @@ def test_optimizer_groups_come_from_the_parts():
     assert set(groups) == {"backbone", "head", "loss"}
     assert groups["backbone"]["lr"] == pytest.approx(1e-4) and groups["loss"]["lr"] == 0.1
     ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
-    assert {id(p) for p in module.objective.metric.parameters()} <= ids["loss"]  # proxies
+    assert {id(p) for p in module.objective.metric_loss.parameters()} <= ids["loss"]  # proxies
     assert id(module.objective.zero_shot.class_embeddings) in ids["loss"]
     assert {id(p) for p in module.objective.ibc.parameters() if p.requires_grad} <= ids["head"]
     assert id(module.pooling.prototypes) in ids["head"]
@@ -89,7 +91,7 @@ def fit(module, tmp_path, epochs=1, callbacks=()):
 def test_prototypes_start_as_k_center_picks_of_the_proxies(tmp_path):
     pl.seed_everything(0)
     module = gsp_module()  # proxy_anchor: 24 proxies >= 8 prototypes, so init "auto" = proxies
-    proxies = lipschitz_normalize(module.objective.metric.proxies.detach().clone())
+    proxies = lipschitz_normalize(module.objective.metric_loss.proxies.detach().clone())
     seen = {}
 
     class AtFirstStep(pl.Callback):
@@ -141,7 +143,7 @@ def test_a_checkpoint_of_the_earlier_layout_loads(tmp_path):
     path = tmp_path / "new.ckpt"
     t.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
-    renames = {"objective.metric.": "loss_fn.", "objective.zero_shot.": "zero_shot_loss.",
+    renames = {"objective.metric_loss.": "loss_fn.", "objective.zero_shot.": "zero_shot_loss.",
                "objective.ibc.": "ibc."}
     old_state = {}
     for key, value in checkpoint["state_dict"].items():
@@ -172,7 +174,7 @@ def test_a_ccp_checkpoint_of_the_earlier_layout_loads_with_a_fresh_proximal_term
     for key, value in checkpoint["state_dict"].items():
         if key.startswith("objective.proximal."):
             continue  # the earlier layout kept theta_prev in the CCP callback's state
-        state[key.replace("objective.metric.", "loss_fn.")] = value
+        state[key.replace("objective.metric_loss.", "loss_fn.")] = value
     checkpoint["state_dict"] = state
     torch.save(checkpoint, tmp_path / "old.ckpt")
     with pytest.warns(UserWarning, match="2 memory / proximal buffers start afresh"):
@@ -182,13 +184,13 @@ def test_a_ccp_checkpoint_of_the_earlier_layout_loads_with_a_fresh_proximal_term
 
 
 def test_a_term_and_a_pooling_given_by_class_path_train_without_package_edits(tmp_path):
-    """The recipe of README's "Adding a method": a module file, a config, a test."""
+    """The recipe of docs/extending.md: a module file, a config, a test."""
     pl.seed_everything(0)
     module = small_module(pooling=PoolingConfig("helpers.CenterPool"),
-                          terms=[{"class_path": "helpers.CenterTerm",
-                                  "init_args": {"weight": 0.5}}])
+                          terms={"center": {"class_path": "helpers.CenterTerm",
+                                            "init_args": {"weight": 0.5}}})
     assert type(module.pooling).__name__ == "CenterPool"
-    term = module.objective.extra["CenterTerm"]
+    term = module.objective.terms["center"]
     assert term.centers.shape == (24, 32)  # num_classes and embedding_dim passed in
     groups = {g["name"]: g for g in module.configure_optimizers().param_groups}
     assert any(p is term.centers for p in groups["loss"]["params"])
@@ -203,7 +205,77 @@ def test_a_term_and_a_pooling_given_by_class_path_train_without_package_edits(tm
             limit_train_batches=2, log_every_n_steps=1).fit(module, small_data())
     assert "train/loss_center" in seen[-1] and "train/loss_metric" in seen[-1]
     assert not torch.equal(before, term.centers)
-    with pytest.raises(ConfigError, match=r"model.terms\[0\].class_path: cannot import"):
-        small_module(terms=[{"class_path": "helpers.Nowhere"}])
-    with pytest.raises(ConfigError, match=r"model.terms\[0\].init_args: unknown parameter"):
-        small_module(terms=[{"class_path": "helpers.CenterTerm", "init_args": {"margin": 1}}])
+    with pytest.raises(ConfigError, match=r"model.terms.x.class_path: cannot import"):
+        small_module(terms={"x": {"class_path": "helpers.Nowhere"}})
+    with pytest.raises(ConfigError, match=r"model.terms.x.init_args: unknown parameter"):
+        small_module(terms={"x": {"class_path": "helpers.CenterTerm", "init_args": {"margin": 1}}})
+    with pytest.raises(ConfigError, match=r"model.terms: a term's name must be a word"):
+        small_module(terms={"a.b": {"class_path": "helpers.CenterTerm"}})
+
+
+class Impostor(nn.Module):
+    """A term that returns a value under the metric loss's name."""
+
+    def forward(self, embedded, labels, objective):
+        return {"metric": embedded["embeddings"].sum()}
+
+
+def test_a_term_returning_a_name_already_returned_is_an_error_naming_both():
+    module = small_module(terms={"impostor": {"class_path": "test_objective.Impostor"}})
+    embedded = module.embed(torch.randn(4, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"model.terms.impostor returns a loss value named "
+                                         r"'metric', which the metric loss already returned"):
+        module.objective(embedded, torch.tensor([0, 0, 1, 1]))
+
+
+def test_terms_are_addressed_by_name_from_config_files_and_the_command_line(tmp_path):
+    """A later config file adds a term without restating the others; one argument of one term
+    is set on the command line; ``null`` removes a term."""
+    from dml.cli import DMLCLI
+    from dml.compose import config_args
+    from dml.data import DMLDataModule
+
+    center = {"class_path": "helpers.CenterTerm", "init_args": {"weight": 0.5}}
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(yaml.safe_dump({"model": {"terms": {"center": center}}}))
+    second.write_text(yaml.safe_dump({"model": {"terms": {"again": center}}}))
+    def terms(*args):
+        cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
+                     args=config_args("synthetic", "baseline") + [
+                         "--config", str(first), "--config", str(second),
+                         "--trainer.logger", "false", *args])
+        return {name: term.weight for name, term in cli.model.objective.terms.items()}
+
+    assert terms() == {"center": 0.5, "again": 0.5}
+    assert terms("--model.terms.center.init_args.weight", "0.25") == {"center": 0.25,
+                                                                       "again": 0.5}
+    assert terms("--model.terms.again", "null") == {"center": 0.5}
+
+
+def test_a_checkpoint_from_before_terms_had_names_loads(tmp_path):
+    """``objective.metric`` and ``objective.extra`` became ``objective.metric_loss`` and
+    ``objective.terms``, and ``model.terms`` a mapping: an earlier checkpoint loads, with the
+    same weights, for training and for embedding."""
+    from dml.inference.embedder import Embedder
+
+    pl.seed_everything(0)
+    module = small_module(loss=LossConfig("c2", proxies_per_class=2),
+                          terms={"CenterTerm": {"class_path": "helpers.CenterTerm"}})
+    t = fit(module, tmp_path)
+    t.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    renames = {"objective.metric_loss.": "objective.metric.",
+               "objective.terms.": "objective.extra."}
+    checkpoint["state_dict"] = {
+        next((old + k[len(new):] for new, old in renames.items() if k.startswith(new)), k): v
+        for k, v in checkpoint["state_dict"].items()}
+    assert any(k.startswith("objective.extra.CenterTerm.") for k in checkpoint["state_dict"])
+    checkpoint["hyper_parameters"]["terms"] = [{"class_path": "helpers.CenterTerm"}]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    restored = DMLModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True)
+    assert restored.hparams["terms"] == {"CenterTerm": {"class_path": "helpers.CenterTerm"}}
+    embedder = Embedder.from_checkpoint(str(tmp_path / "old.ckpt"), "cpu",
+                                        trust_modules=("helpers",))
+    for other in (restored, embedder.module):
+        for key, value in module.state_dict().items():
+            assert torch.equal(other.state_dict()[key], value), key

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dml.callbacks import checkpoint as checkpoint_module
+from dml.child_runs import step_losses
 from dml.cli import main as cli_main
 from dml.compose import config_args
 
@@ -38,13 +39,6 @@ def dml(*args, timeout=300):
 
 def run_folders(root):
     return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(str(root), "*", "run.json")))
-
-
-def step_losses(run_dir):
-    """train/loss per global step from metrics.csv (the last row of a step wins)."""
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f)
-                if row.get("train/loss")}
 
 
 def epoch_of(path):
@@ -176,7 +170,26 @@ def test_last_ckpt_is_the_last_epoch_whatever_the_monitor_did(tmp_path):
     trainer.fit(module, data)
     assert sorted(os.listdir(tmp_path)) == ["best-epoch=000.ckpt", "last.ckpt"]
     assert epoch_of(tmp_path / "last.ckpt") == 2
-    assert isinstance(trainer.strategy.checkpoint_io, checkpoint_module.AtomicCheckpointIO)
+
+
+def test_the_cli_writes_checkpoints_atomically_unless_a_plugin_says_otherwise():
+    """The CLI hands every trainer ``AtomicCheckpointIO``; a checkpoint IO named in
+    ``trainer.plugins`` is kept (no callback replaces it)."""
+    from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+    from dml.cli import DMLCLI
+    from dml.data import DMLDataModule
+    from dml.module import DMLModule
+
+    def checkpoint_io(*args):
+        cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
+                     args=config_args("synthetic", "baseline") + ["--trainer.logger", "false",
+                                                                  *args])
+        return type(cli.trainer.strategy.checkpoint_io)
+
+    assert checkpoint_io() is checkpoint_module.AtomicCheckpointIO
+    custom = '{"class_path": "pytorch_lightning.plugins.io.TorchCheckpointIO"}'
+    assert checkpoint_io("--trainer.plugins", custom) is TorchCheckpointIO
 
 
 def test_a_failed_write_leaves_no_file_under_the_checkpoint_name(tmp_path, monkeypatch):

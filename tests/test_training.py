@@ -30,7 +30,7 @@ def test_proxy_loss_parameters_get_their_own_group_and_lr(tmp_path):
     opt = module.configure_optimizers()
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["loss"]["lr"] == 1e-1 and groups["head"]["lr"] == 1e-3
-    proxies = list(module.objective.metric.parameters())
+    proxies = list(module.objective.metric_loss.parameters())
     assert proxies and all(any(p is q for q in groups["loss"]["params"]) for p in proxies)
 
 
@@ -46,7 +46,7 @@ def test_checkpoint_round_trip_gives_identical_embeddings(tmp_path):
     module.eval(), restored.eval()
     with torch.no_grad():
         assert torch.equal(module(x), restored(x))
-    assert torch.equal(module.objective.metric.proxies, restored.objective.metric.proxies)
+    assert torch.equal(module.objective.metric_loss.proxies, restored.objective.metric_loss.proxies)
 
 
 def run_cli(args, capsys):
@@ -86,5 +86,5 @@ def test_cli_composes_data_and_method_parts():
     cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
                  args=CONFIGS[:] + ["--trainer.logger", "false"])
     assert cli.model.backbone.out_channels == 128  # small_cnn from data/synthetic.yaml
-    assert type(cli.model.objective.metric).__name__ == "MultiSimilarityLoss"  # method/baseline
+    assert type(cli.model.objective.metric_loss).__name__ == "MultiSimilarityLoss"  # method/baseline
     assert cli.model.hparams.num_classes == 48  # linked from the data module

@@ -5,8 +5,9 @@ guarantees a run needs to be resumable exactly:
 - ``last.ckpt`` is the state at the end of every epoch (and at a clean stop), whatever the
   monitor did; Lightning refreshes it only when the monitored checkpoint is saved.
 - Every checkpoint file is written atomically: to a temporary file in the same folder, flushed
-  to disk, then renamed (``AtomicCheckpointIO``). A kill or a full disk leaves the previous
-  file or none, never a truncated one under a checkpoint name.
+  to disk, then renamed (``AtomicCheckpointIO``, the checkpoint IO the CLI gives every
+  trainer, ``dml.cli``). A kill or a full disk leaves the previous file or none, never a
+  truncated one under a checkpoint name.
 - The random number generators of every process (Python, NumPy, torch, CUDA) are saved with
   the checkpoint and restored when training resumes, so that a resumed run draws the same
   augmentations, dropout masks and loader seeds as one that never stopped.
@@ -174,9 +175,6 @@ class RunCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath:
             remove_stale_partials(self.dirpath)  # a write killed mid-way (kill -9, power)
-        io = trainer.strategy.checkpoint_io
-        if type(io) is TorchCheckpointIO:  # the default; a custom plugin is left alone
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """A run folder that was copied or moved: the checkpoints it knows (best, top-k, last)

@@ -1,4 +1,4 @@
-"""CCP's multi-proxy losses (Gurbuz, Can, Alatan; METHODS.md, "CCP").
+"""CCP's multi-proxy losses (Gurbuz, Can, Alatan; docs/methods/ccp.md).
 
 Each class c owns K proxies p_{c,1..K}; a pair loss l is computed between the batch and all
 C x K labelled proxies (the proxies are labelled reference embeddings of pytorch-metric-
@@ -143,7 +143,7 @@ class MultiProxyLoss(nn.Module):
         self.proxies.copy_(rows.to(self.proxies))
         self.initialized.fill_(True)
 
-    def parts(self, embeddings: torch.Tensor, labels: torch.Tensor,
+    def named_values(self, embeddings: torch.Tensor, labels: torch.Tensor,
               indices_tuple=None) -> Dict[str, torch.Tensor]:
         """{"proxy": w_P * l(z, P), "pair": w_B * l(z, z)} (the pair term only if w_B > 0)."""
         z = self.project(embeddings)
@@ -157,11 +157,11 @@ class MultiProxyLoss(nn.Module):
                 ref_emb: Optional[torch.Tensor] = None,
                 ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """With ``ref_emb`` (e.g. a cross-batch memory): the base loss against it; otherwise
-        the sum of ``parts``."""
+        the sum of ``named_values``."""
         if ref_emb is not None:
             return self.base(self.project(embeddings), labels, indices_tuple,
                              self.project(ref_emb), ref_labels)
-        return sum(self.parts(embeddings, labels, indices_tuple).values())
+        return sum(self.named_values(embeddings, labels, indices_tuple).values())
 
 
 class ProximalTerm(nn.Module):

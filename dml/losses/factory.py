@@ -6,7 +6,7 @@ group and learning rate.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 from pytorch_metric_learning import distances, losses, miners
@@ -17,9 +17,17 @@ from dml.errors import ConfigError
 from dml.losses.ccp import c1_contrastive, c2_contrastive
 from dml.losses.xbm import XBMContrastiveLoss
 
-# name -> (PML class or builder, needs num_classes/embedding_size). c1 / c2: CCP's two
-# contrastive forms (dml.losses.ccp); xbm_contrastive: the XBM paper's (dml.losses.xbm).
-LOSSES: Dict[str, tuple] = {
+class LossKind(NamedTuple):
+    """A loss by name: its class (or builder) and whether it compares embeddings with proxies
+    of its own (then it is built with ``num_classes`` and ``embedding_size``) rather than with
+    each other (a pair loss, which a memory or CCP's multi-proxy wrapper can use)."""
+    build: Any
+    has_proxies: bool
+
+
+# c1 / c2: CCP's two contrastive forms (dml.losses.ccp); xbm_contrastive: the XBM paper's
+# (dml.losses.xbm); the rest are pytorch-metric-learning's.
+LOSSES: Dict[str, LossKind] = {name: LossKind(*kind) for name, kind in {
     "contrastive": (losses.ContrastiveLoss, False),
     "xbm_contrastive": (XBMContrastiveLoss, False),
     "c1": (c1_contrastive, False),
@@ -30,7 +38,17 @@ LOSSES: Dict[str, tuple] = {
     "proxy_nca": (losses.ProxyNCALoss, True),
     "soft_triple": (losses.SoftTripleLoss, True),
     "normalized_softmax": (losses.NormalizedSoftmaxLoss, True),
-}
+}.items()}
+
+
+def pair_losses() -> list:
+    """The names of the losses that compare embeddings with each other (no proxies)."""
+    return sorted(name for name, kind in LOSSES.items() if not kind.has_proxies)
+
+
+def has_proxies(name: str) -> bool:
+    """Whether loss ``name`` compares embeddings with proxies of its own."""
+    return name in LOSSES and LOSSES[name].has_proxies
 
 MINERS: Dict[str, type] = {
     "multi_similarity": miners.MultiSimilarityMiner,
@@ -53,7 +71,7 @@ def build_loss(name: str, num_classes: int, embedding_dim: int,
     if name not in LOSSES:
         raise ConfigError(f"model.loss.name: unknown loss {name!r}; expected one of "
                           f"{sorted(LOSSES) + ['none']}")
-    cls, needs_classes = LOSSES[name]
+    cls, needs_classes = LOSSES[name]  # a proxy loss is built for the classes
     skip = ("self", "num_classes", "embedding_size", "kwargs")
     check_params(cls, {k: v for k, v in params.items() if k != "distance"}, "model.loss.params",
                  skip=skip)

@@ -74,7 +74,7 @@ class CrossBatchMemoryLoss(CrossBatchMemory):
     def loss_value(self, embeddings, labels, pairs, reference, reference_labels,
                    objective: Any) -> torch.Tensor:
         """L(batch, memory) over ``pairs``."""
-        loss = self.loss if self.loss is not None else getattr(objective, "metric", None)
+        loss = self.loss if self.loss is not None else getattr(objective, "metric_loss", None)
         if loss is None:
             raise ConfigError("model.memory: no pair loss to compare the batch with the memory "
                               "(set model.memory.loss or model.loss.name)")

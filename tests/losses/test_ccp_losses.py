@@ -96,7 +96,7 @@ def test_multi_proxy_loss_matches_the_direct_formula(name):
     z, y, proxies = tiny_example(k=2)
     loss = MultiProxyLoss(build_loss(name, None, 5, MARGINS[name]), 3, 2, 5)
     loss.proxies.data.copy_(proxies)
-    parts = loss.parts(z, y)
+    parts = loss.named_values(z, y)
     zn, pn = lipschitz(z), lipschitz(proxies)
     proxy_y = torch.tensor([0, 0, 1, 1, 2, 2])  # rows c*K .. c*K+K-1 belong to class c
     assert torch.equal(loss.proxy_labels, proxy_y)

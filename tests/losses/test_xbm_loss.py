@@ -89,7 +89,7 @@ def test_the_xbm_family_configs_use_this_loss(method):
     cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
                  save_config_callback=None,
                  args=config_args("synthetic", method) + ["--trainer.logger", "false"])
-    assert isinstance(cli.model.objective.metric, XBMContrastiveLoss)
+    assert isinstance(cli.model.objective.metric_loss, XBMContrastiveLoss)
     assert cli.model.objective.miner is None
 
 
