@@ -16,15 +16,16 @@ ARGS ?=
 
 DATA_ROOT ?= data/$(DATASET)
 
-.PHONY: train resume test table data data-check bench-eval gpu-check notebook embed index search export mlrc venv clean help
+.PHONY: train resume test table data data-check bench-eval gpu-check notebook embed index search export mlrc docs docs-serve venv clean help
 
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [BACKBONE=vit_s16_dino] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
 	@echo "make resume RUN=runs/<run folder> [ARGS='--trainer.max_epochs 60']   continue from its last.ckpt"
 	@echo "make test"
 	@echo "make table [DATASET=omniglot_small] [SEEDS='0 1 2'] [DEVICES=1]   methods-vs-baselines grid -> experiments/results/"
-	@echo "make embed|index|search|export ARGS='...'   python -m dml <command> ARGS (README: Using a trained model)"
+	@echo "make embed|index|search|export ARGS='...'   python -m dml <command> ARGS (docs/usage.md)"
 	@echo "make notebook   JupyterLab on notebooks/ (installs the notebook extra)"
+	@echo "make docs       build the documentation into site/ (mkdocs --strict); make docs-serve: live preview"
 	@echo "make gpu-check [ARGS='--methods xbn ccp_c2']   on a CUDA machine: every method in bf16, resume, GPU evaluation, DDP"
 	@echo "make mlrc DATASET=cub METHOD=gsp_contrastive [SEEDS='0'] [DEVICES=1] [ARGS='--epochs 4 -- --model.optimizer.lr 1e-5']   MLRC protocol -> experiments/results/<dataset>/mlrc/"
 	@echo "make data DATASET=cub|sop|omniglot [DATA_ROOT=data/<name>]   download and verify"
@@ -84,6 +85,14 @@ embed index search export: $(VENV)/.installed
 notebook: $(VENV)/.installed
 	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -e ".[dev,$(FAISS),notebook]"
 	$(VENV)/bin/jupyter lab notebooks/
+
+# The documentation (mkdocs.yml, docs/): a strict build fails on any warning, a citation of a
+# missing docs/ page included (docs/hooks/check_citations.py).
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 # The GPU acceptance run (dml/gpu_check.py); says so and exits 0 on a machine without CUDA.
 gpu-check: $(VENV)/.installed

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from timing import compare, format_ratio, ratio, seconds_per_call
 
-# data set -> (classes x samples, layers, heads, concat), METHODS.md
+# data set -> (classes x samples, layers, heads, concat), docs/methods/ibc.md
 PUBLISHED = {"CUB": (6 * 9, 1, 2, False), "Cars": (10 * 7, 2, 8, True),
              "SOP": (15 * 6, 1, 8, False), "In-Shop": (14 * 4, 1, 4, False)}
 

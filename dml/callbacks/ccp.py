@@ -1,4 +1,4 @@
-"""CCP's projection rounds as a Lightning callback: ``ccp: {enabled: true}`` (METHODS.md, "CCP").
+"""CCP's projection rounds as a Lightning callback: ``ccp: {enabled: true}`` (docs/methods/ccp.md).
 
 Training alternates between optimising the network and proxies (a round) and projecting the
 proxies back onto sample embeddings. The proxies and the proximal term are the objective's

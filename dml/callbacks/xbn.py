@@ -1,5 +1,5 @@
 """XBN: the cross-batch memory's stored embeddings moment-matched to the current batch
-(``xbn: {enabled: true}``; METHODS.md, "XBN").
+(``xbn: {enabled: true}``; docs/methods/xbn.md, "XBN").
 
 The memory itself is part of the objective (``model.memory``, ``dml.losses.memory``) and is the
 only writer of its rows (``dml.memory.CrossBatchMemory``); this callback owns the matching

@@ -1,4 +1,4 @@
-"""Parsers of the official archive layouts of the DML benchmarks (METHODS.md, "Common ground").
+"""Parsers of the official archive layouts of the DML benchmarks (docs/data.md).
 
 Each parser reads the metadata only (no image is opened) and returns ``ImageList`` splits keyed
 "train" and "test", or "train", "query" and "gallery" (In-Shop). Malformed metadata raises

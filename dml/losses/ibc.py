@@ -1,4 +1,4 @@
-"""IBC's training objective around the message-passing network (METHODS.md, "IBC").
+"""IBC's training objective around the message-passing network (docs/methods/ibc.md).
 
     L = CE_ls(W_b x / tau, y) + CE_ls(W_m BN(MPN(n(x))) / tau, y)
 

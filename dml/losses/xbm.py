@@ -1,4 +1,4 @@
-"""The contrastive loss of the XBM paper (Wang et al., CVPR 2020; METHODS.md, "XBM").
+"""The contrastive loss of the XBM paper (Wang et al., CVPR 2020; docs/methods/xbn.md, "XBM").
 
 As the released ``ret_benchmark/losses/contrastive_loss.py`` computes it, for the n anchors i of
 the batch and the reference rows j (the batch itself, or the whole memory), with s_ij the

@@ -1,4 +1,4 @@
-"""GSP's zero-shot prototype loss (METHODS.md, "GSP", zero-shot loss).
+"""GSP's zero-shot prototype loss (docs/methods/gsp.md, "Zero-shot prototype loss").
 
 The batch is split into two halves holding disjoint classes (by label, not by position). On
 one half, ridge regression maps attribute vectors A (n1, m) to the learnable embeddings

@@ -1,6 +1,6 @@
 """XBN's moment matching and the adaptive (Kalman-filtered) estimate of the batch moments.
 
-moment_match (METHODS.md, "XBN"), per dimension d:
+moment_match (docs/methods/xbn.md, "XBN"), per dimension d:
     z'_d = sigma_B,d * (z_d - mu_M,d) / sigma_M,d + mu_B,d
 so that the memory's first and second moments equal the current batch's.
 

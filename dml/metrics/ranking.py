@@ -1,7 +1,7 @@
 """Per-query ranking statistics, exact under the tie rule of ``dml.metrics.ordering``.
 
 For every query with R >= 1 relevant references, three numbers are all the retrieval metrics
-need (METHODS.md, "Common ground"):
+need (docs/evaluation.md, "Definitions"):
 - ``first_rank``: the 0-based position of the first relevant reference (Recall@K = [first_rank
   < K]);
 - ``ap``: MAP@R's per-query term (1/R) sum_{i<=R} P(i) rel(i);

@@ -1,6 +1,6 @@
 """Recall@K, MAP@R and R-Precision, exact, under one tie rule.
 
-Definitions (METHODS.md, "Common ground"):
+Definitions (docs/evaluation.md, "Definitions"):
 - Recall@K is the DML hit rate: 1 if any of the K nearest references shares the query's class.
 - For a query with R relevant references, MAP@R = (1/R) sum_{i<=R} P(i) rel(i) and
   R-Precision = (relevant among the R nearest) / R (Musgrave et al., 2020).

@@ -1,4 +1,4 @@
-"""GSP: generalized sum pooling (Gurbuz et al., ICCV 2023), METHODS.md "GSP".
+"""GSP: generalized sum pooling (Gurbuz et al., ICCV 2023), docs/methods/gsp.md.
 
 A feature map of n = H*W local features x_i is pooled as f = (1/n) sum_i w_i x_i, where the
 weights come from a partial entropic optimal transport of the features (mass 1/n each) to m

@@ -1,5 +1,5 @@
 """IBC's message-passing network (MPN) over the samples of a mini-batch (Seidenschwarz, Elezi,
-Leal-Taixe, ICML 2021; METHODS.md, "IBC").
+Leal-Taixe, ICML 2021; docs/methods/ibc.md).
 
 The graph is fully connected with self-loops: every sample attends to every sample of its
 group, itself included. One layer is a post-LayerNorm Transformer encoder block with H heads

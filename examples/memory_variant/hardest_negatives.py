@@ -12,7 +12,7 @@ warm-up, the enqueue order, XBN's transforms, the checkpointed buffers) is the m
 (``dml.losses.CrossBatchMemoryLoss``); this class overrides only ``select_pairs``.
 
 Use it with ``examples/memory_variant/xbm_hardest_negatives.yaml`` on top of a memory method and
-this folder on ``PYTHONPATH`` (README, "Adding a method").
+this folder on ``PYTHONPATH`` (docs/extending.md).
 """
 import torch
 

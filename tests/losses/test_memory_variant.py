@@ -1,4 +1,4 @@
-"""A memory variant goes in as 3 files and no package edit (README, "Adding a method"):
+"""A memory variant goes in as 3 files and no package edit (docs/extending.md):
 ``examples/memory_variant/hardest_negatives.py`` (the class), its config layer
 ``xbm_hardest_negatives.yaml``, and this test. It selects the pairs a brute force selects, trains
 through the command line on top of XBN with GSP pooling, and its memory survives a resume."""
