@@ -15,7 +15,7 @@ The pairs (batch row, stored row) the term sums over come from ``select_pairs``:
 miner when it has one, else the objective's miner, else every pair; the loss is the term's own
 when it has one, else the objective's metric loss. A variant (hard negatives only, say) is a
 subclass that overrides ``select_pairs`` or ``loss_value``, named by class path in
-``model.memory.class_path``.
+``model.memory.implementation``.
 
 Every process holds the same memory; the term covers the process's local batch. A batch with
 NaN or inf is neither matched to nor stored (the non-finite loss guard stops or skips that step).

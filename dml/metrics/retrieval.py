@@ -102,8 +102,8 @@ def retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=No
     embeddings raises ValueError.
 
     backend: "auto" = "rank" (one blocked distance pass), or "faiss" / "torch" (a k-NN search
-    with k = max(max K, largest R)). chunk_size: the rank back end's block size (default 1024 on
-    a CPU, 4096 on a GPU). device: where the rank back end computes (default: the embeddings').
+    with k = max(max K, largest R)). chunk_size: the rank back end's block size (default
+    ``default_block_size``: 1024 on a CPU, up to 8192 on a GPU by its free memory). device: where the rank back end computes (default: the embeddings').
     """
     if (gallery_embeddings is None) != (gallery_labels is None):
         raise ValueError("retrieval_metrics: give both gallery_embeddings and gallery_labels, "
