@@ -204,12 +204,12 @@ def keep_previous_config(path: str, filename: str = "config.yaml") -> None:
 # --- resume: compare configurations ----------------------------------------------------------
 def flatten(config: Any, prefix: str = "") -> Dict[str, Any]:
     """Nested dicts to dotted keys; lists and scalars are values."""
-    if isinstance(config, dict):
+    if isinstance(config, dict) and config:
         out: Dict[str, Any] = {}
         for key, value in config.items():
             out.update(flatten(value, f"{prefix}{key}."))
         return out
-    return {prefix[:-1]: config}
+    return {prefix[:-1]: None if config == {} else config}  # an empty mapping is "none"
 
 
 def protected_differences(saved: Dict[str, Any], current: Dict[str, Any],
@@ -222,7 +222,10 @@ def protected_differences(saved: Dict[str, Any], current: Dict[str, Any],
     allowed = list(allowed)
     a, b = flatten(saved), flatten(current)
     for key, value in flatten(defaults or {}).items():
-        a.setdefault(key, value)
+        # a default of None for a key the checkpoint holds as a mapping (model.terms.<name>.*)
+        # is no default for its entries
+        if key not in a and not any(k.startswith(key + ".") for k in a):
+            a[key] = value
     out = []
     for key in sorted(set(a) | set(b)):
         if not key.startswith(PROTECTED) or key in HARMLESS:

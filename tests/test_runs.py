@@ -541,3 +541,23 @@ def test_a_second_process_cannot_train_in_a_held_run_folder(tmp_path, two_epoch_
     out = make_resume(run, "ARGS=--trainer.max_epochs 3")  # once it is free, it resumes
     assert out.returncode == 0, out.stderr[-3000:]
     assert epoch_of(os.path.join(run, "checkpoints", "last.ckpt")) == 2
+
+
+def test_a_mapping_where_the_default_is_none_is_compared_entry_by_entry():
+    """``model.terms`` defaults to None and is a mapping in a run that has terms: the default
+    is not a value of the mapping's entries (a resume of such a run is not refused), an empty
+    mapping is none, and a changed entry is named."""
+    from dml.runs import protected_differences
+
+    terms = {"u": {"class_path": "a.B", "init_args": {"weight": 0.1}}}
+    defaults = {"model": {"terms": None}}
+    assert protected_differences({"model": {"terms": terms}}, {"model": {"terms": terms}},
+                                 defaults=defaults) == []
+    assert protected_differences({"model": {"terms": {}}}, {"model": {"terms": None}},
+                                 defaults=defaults) == []
+    changed = {"u": {"class_path": "a.B", "init_args": {"weight": 0.2}}}
+    assert protected_differences({"model": {"terms": terms}}, {"model": {"terms": changed}},
+                                 defaults=defaults) == ["model.terms.u.init_args.weight"]
+    assert protected_differences({"model": {}}, {"model": {"terms": terms}},
+                                 defaults=defaults) == ["model.terms", "model.terms.u.class_path",
+                                                        "model.terms.u.init_args.weight"]

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import wandb
 from PIL import Image
 
 from dml.cli import git_state
@@ -18,6 +19,9 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     old = os.environ.get("WANDB_MODE")
     os.environ["WANDB_MODE"] = "offline"
+    # W&B keeps the settings of its first run in a process (the suite's: disabled) until torn
+    # down; a run of another mode in the same process needs a fresh W&B
+    wandb.teardown()
     try:
         cli_main(["fit", *config_args("synthetic", "gsp_contrastive"),
                   "--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
@@ -27,6 +31,7 @@ def tiny_run(tmp_path_factory):
                   "--dashboard.every_n_epochs", "1", "--dashboard.num_queries", "4",
                   "--dashboard.top_k", "3"])
     finally:
+        wandb.teardown()
         if old is None:
             os.environ.pop("WANDB_MODE")
         else:
