@@ -182,10 +182,12 @@ def build_objective(loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
                           "miner (set model.loss.miner: null)")
     proximal = None
     if loss.proxies_per_class > 0:
-        if metric is None or has_proxies(loss.name):
-            raise ConfigError(f"model.loss.proxies_per_class: {loss.name} already has its own "
-                              f"proxies; multi-proxy CCP needs a pair loss (c1, c2, "
-                              f"multi_similarity, triplet, contrastive)")
+        if metric is None or has_proxies(loss.name) or loss.name == "xbm_contrastive":
+            why = "already has its own proxies" if has_proxies(loss.name) else \
+                "is not a pytorch-metric-learning pair loss (CCP compares with proxies through " \
+                "its distance and reference rows)" if metric is not None else "is no loss"
+            raise ConfigError(f"model.loss.proxies_per_class: {loss.name} {why}; multi-proxy "
+                              f"CCP needs one of c1, c2, multi_similarity, triplet, contrastive")
         metric = MultiProxyLoss(metric, num_classes, loss.proxies_per_class, embedding_dim,
                                 loss.proxy_weight, loss.pair_weight, loss.normalize)
         proximal = ProximalTerm()

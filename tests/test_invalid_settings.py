@@ -44,6 +44,13 @@ def one_line_error(capsys, tmp_path, *args):
     (["--trainer.max_epochs", "0"], "trainer.max_epochs: expected a value >= 1, got 0"),
     (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: expected"),
     (["--data.init_args.image_size", "0"], "data.init_args.image_size: expected a value >= 8"),
+    (["--model.loss.name", "xbm_contrastive", "--model.loss.params", "{margin: 0.5}",
+      "--model.loss.miner", "null",
+      "--model.loss.proxies_per_class", "2"],
+     "model.loss.proxies_per_class: xbm_contrastive is not a pytorch-metric-learning pair loss"),
+    (["--model.loss.name", "proxy_anchor", "--model.loss.params", "{}",
+      "--model.loss.proxies_per_class", "2"],
+     "model.loss.proxies_per_class: proxy_anchor already has its own proxies"),
 ])
 def test_an_invalid_setting_is_one_line_naming_the_key(tmp_path, capsys, args, says):
     line = one_line_error(capsys, tmp_path, *args)
