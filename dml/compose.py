@@ -24,8 +24,9 @@ so that a setting shared by several methods or data sets is written once.
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from dml.errors import ConfigError
 
@@ -123,15 +124,26 @@ DICT_KEYS = ("model.terms", "model.pooling.params", "model.loss.params", "model.
              "model.memory.params", "model.memory.loss_params", "model.memory.miner_params")
 
 
+# (what a mapping selects, the arguments that belong to that choice): a layer that selects
+# another pooling, loss, miner or memory class drops the arguments of the one before
+CHOICE_ARGUMENTS = (("name", "params"), ("miner", "miner_params"), ("loss", "loss_params"),
+                    ("implementation", "params"))
+
+
 def deep_merge(base: dict, update: dict) -> dict:
     """``update`` merged into ``base`` in place: nested dicts merge, anything else replaces; a
     dict naming another ``class_path`` replaces the old one (its init_args belong to the old
-    class), as jsonargparse does."""
+    class), as jsonargparse does, and one naming another pooling, loss, miner or memory
+    (``CHOICE_ARGUMENTS``) drops the old one's arguments."""
     for key, value in update.items():
         old = base.get(key)
         other_class = isinstance(value, dict) and isinstance(old, dict) and \
             "class_path" in value and value.get("class_path") != old.get("class_path")
         if isinstance(value, dict) and isinstance(old, dict) and not other_class:
+            for choice, arguments in CHOICE_ARGUMENTS:
+                if isinstance(value.get(choice), str) and value[choice] != old.get(choice) \
+                        and arguments not in value:
+                    old.pop(arguments, None)
             deep_merge(old, value)
         else:
             base[key] = value
@@ -139,10 +151,11 @@ def deep_merge(base: dict, update: dict) -> dict:
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    for name in parents:
-        tree = tree.setdefault(name, {})
-    tree[last] = value
+    """``tree[a][b][c] = value`` for ``a.b.c``, merged as a layer of its own would be."""
+    update: Any = value
+    for name in reversed(dotted.split(".")):
+        update = {name: update}
+    deep_merge(tree, update)
 
 
 def load_yaml_file(path: str):
@@ -166,59 +179,76 @@ def load_yaml_file(path: str):
 
 def merge_config_args(argv: Sequence[str], folder: str):
     """(new argv, merged file or None): the ``--config`` files of a subcommand's arguments
-    merged into one file in ``folder`` (placed where the first was), with the dotted overrides
-    into ``DICT_KEYS`` folded in. Arguments are left as they are when a config file comes after
-    another kind of argument (their order would matter) or when there is at most one file and
-    nothing to fold."""
+    merged into one file in ``folder``, in their order, with the overrides folded in where
+    their order matters: a dotted override into ``DICT_KEYS`` (``--model.loss.params.margin
+    0.3``) always, any other ``--key value`` when a config file comes after it (``make train
+    ARGS='--config layer.yaml'`` puts one after ``--trainer.devices``). Overrides after the last
+    file stay on the command line, after the merged file. Arguments are left as they are when
+    there is at most one file and nothing to fold, when a file is missing (the CLI names it),
+    or when an argument that cannot be folded (``--trainer.callbacks+=...``, ``--print_config``)
+    comes before a file."""
     import yaml
 
     argv = list(argv)
-    configs, rest, folded, first_config = [], [], {}, None
+    last_config = max((i for i, a in enumerate(argv)
+                       if a in ("--config", "-c") or a.startswith("--config=")), default=-1)
+    layers: List[tuple] = []  # ("file", path) | ("set", dotted key, value), in order
+    rest: List[str] = []
     contents: Dict[str, dict] = {}
+    at: Optional[int] = None  # where the merged file goes in ``rest``
     i = 0
     while i < len(argv):
         arg = argv[i]
         key, value = (arg.split("=", 1) + [None])[:2] if arg.startswith("--") else (arg, None)
-        takes_value = value is None and i + 1 < len(argv) and key.startswith("--")
+        has_next = i + 1 < len(argv)
         if key in ("--config", "-c"):
-            path = value if value is not None else (argv[i + 1] if i + 1 < len(argv) else None)
+            path = value if value is not None else (argv[i + 1] if has_next else None)
             if path and os.path.isfile(path):
                 contents[path] = load_yaml_file(path)  # a syntax error names the file
-            if rest and any(r.startswith("--") for r in rest if r not in SUBCOMMAND_WORDS):
-                return argv, None  # a file after an override: keep jsonargparse's order
-            if first_config is None:
-                first_config = len(rest)
-            configs.append(path)
+            layers.append(("file", path))
+            at = len(rest) if at is None else at
             i += 1 if value is not None else 2
             continue
         dotted = key[2:] if key.startswith("--") else None
-        if dotted and any(dotted.startswith(k + ".") for k in DICT_KEYS):
-            raw = value if value is not None else (argv[i + 1] if takes_value else None)
+        into_dict = dotted and any(dotted.startswith(k + ".") for k in DICT_KEYS)
+        if dotted and (into_dict or i < last_config):
+            raw = value if value is not None else (argv[i + 1] if has_next else None)
+            if not FOLDABLE.match(dotted) or raw is None or \
+                    (value is None and raw.startswith("--")):
+                if into_dict:
+                    raise ConfigError(f"--{dotted}: expected a value")
+                return argv, None  # cannot be folded and comes before a file: keep the order
             try:
-                folded[dotted] = yaml.safe_load(raw) if raw is not None else None
+                layers.append(("set", dotted, yaml.safe_load(raw)))
             except yaml.YAMLError as error:
                 raise ConfigError(f"--{dotted}: not a valid YAML value: {raw!r} "
                                   f"({str(error).splitlines()[0]})") from None
+            at = len(rest) if at is None else at
             i += 1 if value is not None else 2
             continue
         rest.append(arg)
         i += 1
-    if len(configs) + bool(folded) < 2 or any(c is None or not os.path.isfile(c)
-                                             for c in configs):
+    files = [layer[1] for layer in layers if layer[0] == "file"]
+    if len(layers) < 2 or any(f is None or not os.path.isfile(f) for f in files):
         return argv, None
     merged: dict = {}
-    for path in configs:
-        deep_merge(merged, contents[path])
-    for dotted, value in folded.items():
-        _set_dotted(merged, dotted, value)
+    for layer in layers:
+        if layer[0] == "file":
+            deep_merge(merged, contents[layer[1]])
+        else:
+            _set_dotted(merged, layer[1], layer[2])
     os.makedirs(folder, exist_ok=True)
     import tempfile
 
     handle, path = tempfile.mkstemp(prefix="composed-", suffix=".yaml", dir=folder)
     with os.fdopen(handle, "w") as f:
         yaml.safe_dump(merged, f, sort_keys=False)
-    at = first_config if first_config is not None else len(rest)
     return rest[:at] + ["--config", path] + rest[at:], path
+
+
+# an override that can be a key of the merged file: dotted words (not ``key+=``, not a
+# top-level action such as --print_config or --help)
+FOLDABLE = re.compile(r"^(?!print_config$|help$)[A-Za-z_][\w]*(\.[A-Za-z_0-9][\w]*)*$")
 
 
 SUBCOMMAND_WORDS = ("fit", "validate", "test", "predict")

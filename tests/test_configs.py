@@ -99,6 +99,21 @@ def test_a_later_layer_sets_one_key_of_a_dict_and_keeps_the_others():
     assert cli.config.model.loss.params == {"alpha": 2.0, "beta": 50, "base": 0.5}
 
 
+def test_a_layer_given_after_make_trains_overrides_still_merges(tmp_path):
+    """``make train ARGS='--config layer.yaml'`` puts the layer after --trainer.devices and
+    --run_name: the files still merge key by key (the method's gamma is kept) and the
+    overrides before the layer still hold."""
+    layer = tmp_path / "layer.yaml"
+    layer.write_text("model: {optimizer: {lr: 0.0001}}\n")
+    cli = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
+                       args=config_args("sop", "gsp_proxy_anchor") + [
+                           "--trainer.devices", "1", "--run_name", "sop-gsp_proxy_anchor",
+                           "--config", str(layer)])
+    params = cli.config.model.pooling.params
+    assert params["num_prototypes"] == 128 and params["gamma"] == 0.5
+    assert cli.config.model.optimizer.lr == 0.0001 and cli.config.run_name == "sop-gsp_proxy_anchor"
+
+
 @pytest.mark.parametrize("method", ["gsp_contrastive", "gsp_proxy_anchor"])
 def test_gsp_methods_build_on_the_embedded_data(method):
     cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
