@@ -21,7 +21,7 @@ DATA_ROOT ?= data/$(DATASET)
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [BACKBONE=vit_s16_dino] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
 	@echo "make resume RUN=runs/<run folder> [ARGS='--trainer.max_epochs 60']   continue from its last.ckpt"
-	@echo "make test"
+	@echo "make test [TEST_WORKERS=2]   the test suite (TEST_WORKERS=0: in one process)"
 	@echo "make table [DATASET=omniglot_small] [SEEDS='0 1 2'] [DEVICES=1]   methods-vs-baselines grid -> experiments/results/"
 	@echo "make embed|index|search|export ARGS='...'   python -m dml <command> ARGS (docs/usage.md)"
 	@echo "make notebook   JupyterLab on notebooks/ (installs the notebook extra)"
@@ -54,8 +54,11 @@ resume: $(VENV)/.installed
 	@test -f "$(RUN)/checkpoints/last.ckpt" || { echo "no $(RUN)/checkpoints/last.ckpt" >&2; exit 2; }
 	$(PY) -m dml fit --config "$(RUN)/config.yaml" --ckpt_path "$(RUN)/checkpoints/last.ckpt" $(ARGS)
 
+# The suite in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (its
+# module fixtures are built once); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 # The grid of dml/reproduce.py; omniglot_small (CPU budget) unless DATASET is given.
 table: DATASET = omniglot_small
