@@ -21,3 +21,7 @@ class NonFiniteStateError(RuntimeError):
 
 class DiskFullError(OSError):
     """No space was left on the device while writing a file; the message names the file."""
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Raised when ImageNet weights were asked for and cannot be had."""

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from dml.errors import ConfigError
+from dml.errors import ConfigError, PretrainedWeightsUnavailable
 
 PRETRAINED_HELP = (
     "Could not load the ImageNet weights of backbone {name!r} ({error}). The machine may be "
@@ -26,10 +26,6 @@ PRETRAINED_HELP = (
     "~/.cache/torch/hub/checkpoints), or set `model.backbone.pretrained: false` to train from a "
     "random initialisation on purpose."
 )
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """Raised when ImageNet weights were asked for and cannot be had."""
 
 
 def _load_weights(name: str, weights_enum):

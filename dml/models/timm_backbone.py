@@ -59,7 +59,7 @@ def create_timm_model(name: str, pretrained: bool, timm_args: Optional[Dict[str,
     an unknown name or tag is a ConfigError, unavailable weights PretrainedWeightsUnavailable."""
     import timm
 
-    from dml.models.backbones import PretrainedWeightsUnavailable
+    from dml.errors import PretrainedWeightsUnavailable
 
     architecture = name.split(".")[0]
     if not timm.is_model(architecture):
