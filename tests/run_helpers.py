@@ -75,3 +75,33 @@ class RecordLosses(pl.Callback):
 
         with open(self.path, "w") as f:
             json.dump({"losses": self.losses}, f)
+
+
+# The small synthetic run of the extension examples' tests: 12 classes, tiny CNN, no NMI.
+SMALL_RUN = ["--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
+             "--data.init_args.images_per_class", "8", "--model.backbone.width", "8",
+             "--model.evaluation.nmi", "false", "--dashboard.enabled", "false",
+             "--trainer.enable_progress_bar", "false"]
+
+
+def fit_recording_losses(args, root, epochs: int, ckpt=None, mid_checkpoint: bool = False):
+    """``python -m dml fit <args>`` in this process, ``epochs`` epochs, its run folder under
+    ``root/runs``, from ``ckpt`` when given; with ``mid_checkpoint`` also a checkpoint after
+    epoch 1 (``mid-epoch=1.ckpt``) besides last.ckpt. Returns the training loss of every step."""
+    import json
+
+    from dml.cli import main
+
+    path = root / f"losses-{epochs}-{bool(ckpt)}.json"
+    args = ["fit", *args, *SMALL_RUN, "--trainer.max_epochs", str(epochs),
+            "--trainer.default_root_dir", str(root / "runs"),
+            "--trainer.callbacks+=run_helpers.RecordLosses", f"--trainer.callbacks.path={path}"]
+    if ckpt:
+        args += ["--ckpt_path", str(ckpt)]
+    elif mid_checkpoint:
+        args += ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.every_n_epochs=2", "--trainer.callbacks.save_top_k=-1",
+                 "--trainer.callbacks.filename=mid-{epoch}"]
+    main(args)
+    with open(path) as f:
+        return json.load(f)["losses"]

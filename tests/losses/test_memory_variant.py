@@ -2,7 +2,6 @@
 ``examples/memory_variant/hardest_negatives.py`` (the class), its config layer
 ``xbm_hardest_negatives.yaml``, and this test. It selects the pairs a brute force selects, trains
 through the command line on top of XBN with GSP pooling, and its memory survives a resume."""
-import json
 import os
 import sys
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from dml.compose import config_args
+from run_helpers import fit_recording_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(REPO, "examples", "memory_variant")
@@ -35,25 +35,14 @@ def test_the_pairs_are_every_positive_and_the_hardest_tenth_of_the_negatives():
     assert len(a1) == len(p) and len(a2) == len(n)
 
 
-def run(tmp_path, epochs, ckpt=None):
-    from dml.cli import main
-
-    path = tmp_path / f"losses-{epochs}-{bool(ckpt)}.json"
-    args = ["fit", *config_args("synthetic", "xbn"), "--config",
-            os.path.join(EXAMPLE, "xbm_hardest_negatives.yaml"),
-            "--model.pooling.name", "gsp", "--model.pooling.params", '{"num_prototypes": 4}',
-            "--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
-            "--data.init_args.images_per_class", "8", "--data.init_args.batches_per_epoch", "4",
-            "--model.backbone.width", "8", "--model.memory.start_iteration", "2",
-            "--model.evaluation.nmi", "false", "--trainer.max_epochs", str(epochs),
-            "--dashboard.enabled", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "runs"),
-            "--trainer.callbacks+=run_helpers.RecordLosses", f"--trainer.callbacks.path={path}"]
-    if ckpt:
-        args += ["--ckpt_path", ckpt]
-    main(args)
-    with open(path) as f:
-        return json.load(f)["losses"]
+def run(root, epochs, ckpt=None):
+    return fit_recording_losses(
+        [*config_args("synthetic", "xbn"), "--config",
+         os.path.join(EXAMPLE, "xbm_hardest_negatives.yaml"),
+         "--model.pooling.name", "gsp", "--model.pooling.params", '{"num_prototypes": 4}',
+         "--data.init_args.batches_per_epoch", "4", "--model.memory.start_iteration", "2",
+         "--trainer.logger", "false"],
+        root, epochs, ckpt)
 
 
 def test_it_trains_with_gsp_and_xbn_and_resumes_to_the_same_losses(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ without pairs gives a finite zero, and it trains through the command line beside
 XBM's memory and XBN, logged as ``train/loss_uniformity``, and resumes to the uninterrupted
 run's losses."""
 import csv
-import json
 import math
 import os
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from dml.compose import config_args
+from run_helpers import fit_recording_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(REPO, "examples", "uniformity_term")
@@ -83,32 +83,16 @@ def run(root, epochs, ckpt=None):
     """``python -m dml fit`` (in this process) of the synthetic data set's ccp_c2 method with GSP
     pooling and its zero-shot term, XBM's memory and XBN, and this term; returns the training
     loss of every step."""
-    from dml.cli import main
-
-    path = root / f"losses-{epochs}-{bool(ckpt)}.json"
-    args = ["fit", *config_args("synthetic", "ccp_c2"), "--config",
-            os.path.join(EXAMPLE, "uniformity.yaml"),
-            "--model.pooling.name", "gsp", "--model.pooling.params", '{"num_prototypes": 4}',
-            "--model.zero_shot.weight", "0.1", "--model.zero_shot.metric_weight", "0.9",
-            "--model.memory.enabled", "true", "--model.memory.size", "64",
-            "--model.memory.start_iteration", "2", "--xbn.enabled", "true",
-            "--ccp.patience", "1", "--ccp.min_delta", "1.0",  # CCP's rounds end from epoch 1 on
-            "--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
-            "--data.init_args.images_per_class", "8", "--data.init_args.batches_per_epoch", "3",
-            "--model.backbone.width", "8", "--model.evaluation.nmi", "false",
-            "--trainer.max_epochs", str(epochs), "--dashboard.enabled", "false",
-            "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
-            "--trainer.default_root_dir", str(root / "runs"),
-            "--trainer.callbacks+=run_helpers.RecordLosses", f"--trainer.callbacks.path={path}"]
-    if ckpt:
-        args += ["--ckpt_path", ckpt]
-    else:  # besides last.ckpt, a checkpoint after epoch 1 (of 0, 1, 2) to resume from
-        args += ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
-                 "--trainer.callbacks.every_n_epochs=2", "--trainer.callbacks.save_top_k=-1",
-                 "--trainer.callbacks.filename=mid-{epoch}"]
-    main(args)
-    with open(path) as f:
-        return json.load(f)["losses"]
+    return fit_recording_losses(
+        [*config_args("synthetic", "ccp_c2"), "--config",
+         os.path.join(EXAMPLE, "uniformity.yaml"),
+         "--model.pooling.name", "gsp", "--model.pooling.params", '{"num_prototypes": 4}',
+         "--model.zero_shot.weight", "0.1", "--model.zero_shot.metric_weight", "0.9",
+         "--model.memory.enabled", "true", "--model.memory.size", "64",
+         "--model.memory.start_iteration", "2", "--xbn.enabled", "true",
+         "--ccp.patience", "1", "--ccp.min_delta", "1.0",  # CCP's rounds end from epoch 1 on
+         "--data.init_args.batches_per_epoch", "3", "--trainer.log_every_n_steps", "1"],
+        root, epochs, ckpt, mid_checkpoint=True)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@
 GAP, has the gradients finite differences give, and trains through the command line with CCP,
 XBM's memory and XBN (GSP is itself a pooling: this one takes its place), checkpoints, and
 resumes to the uninterrupted run's losses."""
-import json
 import os
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from dml.compose import config_args
+from run_helpers import fit_recording_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(REPO, "examples", "attention_pooling")
@@ -81,30 +81,14 @@ def test_a_head_count_that_does_not_divide_the_channels_is_refused():
 def run(root, epochs, ckpt=None):
     """``python -m dml fit`` (in this process) of the synthetic data set's ccp_c2 method with XBM's
     memory and XBN, this pooling in GAP's place; returns the training loss of every step."""
-    from dml.cli import main
-
-    path = root / f"losses-{epochs}-{bool(ckpt)}.json"
-    args = ["fit", *config_args("synthetic", "ccp_c2"), "--config",
-            os.path.join(EXAMPLE, "attention_pooling.yaml"),
-            "--model.memory.enabled", "true", "--model.memory.size", "64",
-            "--model.memory.start_iteration", "2", "--xbn.enabled", "true",
-            "--ccp.patience", "1", "--ccp.min_delta", "1.0",  # CCP's rounds end from epoch 1 on
-            "--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
-            "--data.init_args.images_per_class", "8", "--data.init_args.batches_per_epoch", "3",
-            "--model.backbone.width", "8", "--model.evaluation.nmi", "false",
-            "--trainer.max_epochs", str(epochs), "--dashboard.enabled", "false",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-            "--trainer.default_root_dir", str(root / "runs"),
-            "--trainer.callbacks+=run_helpers.RecordLosses", f"--trainer.callbacks.path={path}"]
-    if ckpt:
-        args += ["--ckpt_path", ckpt]
-    else:  # besides last.ckpt, a checkpoint after epoch 1 (of 0, 1, 2) to resume from
-        args += ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
-                 "--trainer.callbacks.every_n_epochs=2", "--trainer.callbacks.save_top_k=-1",
-                 "--trainer.callbacks.filename=mid-{epoch}"]
-    main(args)
-    with open(path) as f:
-        return json.load(f)["losses"]
+    return fit_recording_losses(
+        [*config_args("synthetic", "ccp_c2"), "--config",
+         os.path.join(EXAMPLE, "attention_pooling.yaml"),
+         "--model.memory.enabled", "true", "--model.memory.size", "64",
+         "--model.memory.start_iteration", "2", "--xbn.enabled", "true",
+         "--ccp.patience", "1", "--ccp.min_delta", "1.0",  # CCP's rounds end from epoch 1 on
+         "--data.init_args.batches_per_epoch", "3", "--trainer.logger", "false"],
+        root, epochs, ckpt, mid_checkpoint=True)
 
 
 @pytest.fixture(scope="module")
