@@ -33,6 +33,7 @@ from dml.data import (DatasetNotFound, DMLDataModule, IncompleteDataset, Metadat
 from dml.errors import (ConfigError, DiskFullError, NonFiniteEmbeddingsError,
                         NonFiniteLossError, NonFiniteStateError)
 from dml.models import PretrainedWeightsUnavailable
+from dml.builder import terms_by_name
 from dml.module import DMLModule
 from dml.safe_load import load_checkpoint
 
@@ -112,8 +113,9 @@ class DMLCLI(LightningCLI):
         if resuming:
             allowed = [p.strip() for p in (config.get("resume_changes") or "").split(",")
                        if p.strip()]
-            runs.check_resume(trained_with, self._config_dict(config), ckpt_path,
-                              allowed, self._default_config_dict())
+            runs.check_resume(with_named_terms(trained_with),
+                              with_named_terms(self._config_dict(config)), ckpt_path, allowed,
+                              self._default_config_dict())
         if launching_process():
             runs.write_run_file(run_dir, git_state(), ckpt_path if resuming else None)
             if not resuming:  # a resume names its checkpoint, in the folder, first
@@ -267,6 +269,15 @@ def read_run_file(run_dir: str) -> dict:
 
 # --ckpt_path values Lightning resolves itself rather than reading a file of that name
 LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")
+
+
+def with_named_terms(config: Optional[dict]) -> Optional[dict]:
+    """``model.terms`` as the mapping by name, also where a run from before terms had names
+    holds the list (``dml.builder.terms_by_name``), so that the two layouts compare equal."""
+    model = (config or {}).get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("terms"), list):
+        return config
+    return dict(config, model=dict(model, terms=terms_by_name(model["terms"])))
 
 
 def saved_config(ckpt_path: str) -> Optional[dict]:

@@ -19,6 +19,9 @@ def run_command(main, errors=(Exception,)) -> None:
 
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C: the child runs are stopped with this process
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except errors as error:
         if os.environ.get("DML_TRACEBACK"):
             raise

@@ -48,13 +48,15 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
                  zero_shot: ZeroShotConfig = ZeroShotConfig(), ibc: IBCConfig = IBCConfig(),
                  memory: MemoryConfig = MemoryConfig(), num_classes: Optional[int] = None,
                  recall_ks: Optional[List[int]] = None, nonfinite_loss: str = "stop",
-                 terms: Optional[Dict[str, Optional[Dict[str, Any]]]] = None,
+                 terms: Union[Dict[str, Optional[Dict[str, Any]]], List[Dict[str, Any]],
+                              None] = None,
                  compile: Union[bool, str] = False):
         """nonfinite_loss: what a NaN or infinite loss does: ``stop`` the run with an error
         naming the step, the loss parts and the learning rates (the default), or ``skip`` the
         step (no backward, no optimizer step) and go on. terms: more objective terms by name and
         class path, ``{name: {class_path: package.module.Class, init_args: {...}}}``
-        (``dml.builder.build_terms``). compile: ``torch.compile`` the backbone for training and
+        (``dml.builder.build_terms``; the list of runs from before terms had names is read as
+        that mapping). compile: ``torch.compile`` the backbone for training and
         evaluation (``true``, or a mode: "default", "reduce-overhead", "max-autotune"); the
         weights, their names and the checkpoints stay the plain module's."""
         super().__init__()

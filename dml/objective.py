@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from dml.distributed import gather_rows, world_size
+from dml.errors import ConfigError
 from dml.losses.factory import proxy_rows
 
 
@@ -99,8 +100,9 @@ class Objective(nn.Module):
         def add(source: str, named: Dict[str, torch.Tensor]) -> None:
             for name, value in named.items():
                 if name in values:
-                    raise ValueError(f"objective: {source} returns a loss value named {name!r}, "
-                                     f"which {owner[name]} already returned; rename it")
+                    raise ConfigError(f"objective: {source} returns a loss value named "
+                                      f"{name!r}, which {owner[name]} already returned; "
+                                      f"rename it")
                 values[name], owner[name] = value, source
 
         owner: Dict[str, str] = {}

@@ -223,7 +223,7 @@ class Impostor(nn.Module):
 def test_a_term_returning_a_name_already_returned_is_an_error_naming_both():
     module = small_module(terms={"impostor": {"class_path": "test_objective.Impostor"}})
     embedded = module.embed(torch.randn(4, 3, 32, 32))
-    with pytest.raises(ValueError, match=r"model.terms.impostor returns a loss value named "
+    with pytest.raises(ConfigError, match=r"model.terms.impostor returns a loss value named "
                                          r"'metric', which the metric loss already returned"):
         module.objective(embedded, torch.tensor([0, 0, 1, 1]))
 
@@ -279,3 +279,35 @@ def test_a_checkpoint_from_before_terms_had_names_loads(tmp_path):
     for other in (restored, embedder.module):
         for key, value in module.state_dict().items():
             assert torch.equal(other.state_dict()[key], value), key
+
+
+def test_a_run_from_before_terms_had_names_resumes(tmp_path, monkeypatch):
+    """A run whose config holds ``model.terms`` as the earlier list resumes, with its config as
+    written or with the list turned into the mapping by name."""
+    import sys
+
+    from dml.cli import main
+    from dml.compose import config_args
+    from run_helpers import SMALL_RUN
+
+    monkeypatch.setattr(sys, "argv", ["python -m dml"])
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text(yaml.safe_dump({"model": {"terms": [
+        {"class_path": "helpers.CenterTerm", "init_args": {"weight": 0.5}}]}}))
+    main(["fit", *config_args("synthetic", "baseline"), "--config", str(listed), *SMALL_RUN,
+          "--data.init_args.batches_per_epoch", "2", "--trainer.max_epochs", "1",
+          "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "runs")])
+    (run,) = (tmp_path / "runs").glob("*/checkpoints/last.ckpt")
+    run = run.parent.parent
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert isinstance(config["model"]["terms"], list)
+    for epochs, named in ((2, False), (3, True)):
+        if named:  # the user turned the list into the mapping by name
+            config = yaml.safe_load((run / "config.yaml").read_text())
+            config["model"]["terms"] = {"CenterTerm": config["model"]["terms"][0]}
+            (run / "config.yaml").write_text(yaml.safe_dump(config))
+        cli = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path",
+                    str(run / "checkpoints" / "last.ckpt"), "--trainer.max_epochs", str(epochs)])
+        assert cli.trainer.current_epoch == epochs
+        assert cli.model.objective.terms["CenterTerm"].weight == 0.5

@@ -401,13 +401,18 @@ def test_a_checkpoint_of_plain_data_naming_outside_code_is_refused(tmp_path, cap
     marker = tmp_path / "MARKER"
     module = small_module()
     hparams = dict(module.hparams)
-    hparams["terms"] = [{"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}]
+    evil = {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}
+    hparams["terms"] = {"shell": evil}
     path = str(tmp_path / "terms.ckpt")
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, path)
+    listed = str(tmp_path / "listed.ckpt")  # the list of checkpoints before terms had names
+    torch.save({"state_dict": module.state_dict(),
+                "hyper_parameters": dict(hparams, terms=[evil])}, listed)
     data = str(tmp_path / "data.ckpt")
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "dml_config": {"data": {"class_path": "this.s"}}}, data)
-    for ckpt, key in ((path, "model.terms[0].class_path"), (data, "data.class_path")):
+    for ckpt, key in ((path, "model.terms.shell.class_path"),
+                      (listed, "model.terms.system.class_path"), (data, "data.class_path")):
         for args in (["embed", ckpt, "--split", "test", "--out", str(tmp_path / "e.npz")],
                      ["export", ckpt, "--format", "torchscript", "--out",
                       str(tmp_path / "m.pt")]):

@@ -45,8 +45,12 @@ def named_classes(checkpoint: Dict[str, Any]) -> Dict[str, str]:
     """Every class path a checkpoint's settings name: key -> class path."""
     hparams = checkpoint.get("hyper_parameters") or {}
     found = {}
-    for i, term in enumerate(hparams.get("terms") or []):
-        found[f"model.terms[{i}].class_path"] = str((term or {}).get("class_path"))
+    from dml.builder import terms_by_name  # the mapping, or the list of earlier checkpoints
+
+    for name, term in terms_by_name(hparams.get("terms")).items():
+        if term is not None:
+            found[f"model.terms.{name}.class_path"] = str(
+                term.get("class_path") if isinstance(term, dict) else term)
     memory, pooling = hparams.get("memory") or {}, hparams.get("pooling") or {}
     for key, value in (("model.memory.implementation", memory.get("implementation")),
                        ("model.memory.miner", memory.get("miner")),

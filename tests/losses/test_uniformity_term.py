@@ -111,7 +111,8 @@ def runs(tmp_path_factory):
         mid = folder / "mid-epoch=1.ckpt"
         state = torch.load(mid, map_location="cpu", weights_only=True)
         resumed = run(root, 3, ckpt=str(mid))
-    return {"straight": straight, "logged": logged, "resumed": resumed, "state": state}
+    return {"straight": straight, "logged": logged, "resumed": resumed, "state": state,
+            "checkpoint": str(mid)}
 
 
 def test_it_trains_through_the_cli_with_gsp_ccp_and_xbn_and_logs_its_value(runs):
@@ -137,3 +138,21 @@ def test_it_trains_through_the_cli_with_gsp_ccp_and_xbn_and_logs_its_value(runs)
 def test_a_resumed_run_gives_the_uninterrupted_losses(runs):
     assert len(runs["resumed"]) == 3 and torch.isfinite(torch.tensor(runs["resumed"])).all()
     assert runs["resumed"] == pytest.approx(runs["straight"][6:], rel=1e-5)
+
+
+def test_its_checkpoint_embeds_when_its_module_is_trusted(runs, tmp_path, capsys, monkeypatch):
+    """``python -m dml embed`` of a checkpoint with a term: refused in one line naming the term
+    until its module is trusted, then the embeddings of the test split."""
+    import numpy as np
+
+    from dml.inference.cli import main as use_checkpoint
+
+    monkeypatch.syspath_prepend(EXAMPLE)
+    out = tmp_path / "e.npz"
+    args = ["embed", runs["checkpoint"], "--split", "test", "--out", str(out)]
+    assert use_checkpoint(args) == 2 and not out.exists()
+    assert "its model.terms.uniformity.class_path names 'uniformity.UniformityTerm'" in \
+        capsys.readouterr().err
+    assert use_checkpoint(args + ["--trust-module", "uniformity"]) == 0
+    with np.load(out, allow_pickle=False) as rows:
+        assert rows["embeddings"].shape == (64, 64) and np.isfinite(rows["embeddings"]).all()
