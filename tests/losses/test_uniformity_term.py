@@ -156,3 +156,13 @@ def test_its_checkpoint_embeds_when_its_module_is_trusted(runs, tmp_path, capsys
     assert use_checkpoint(args + ["--trust-module", "uniformity"]) == 0
     with np.load(out, allow_pickle=False) as rows:
         assert rows["embeddings"].shape == (64, 64) and np.isfinite(rows["embeddings"]).all()
+
+
+def test_collapsed_rows_give_zero_and_nan_is_not_hidden():
+    """All rows equal (a collapsed embedding): every pair's potential is 1, L = 0 exactly; a
+    NaN row makes the value NaN (the run's non-finite guard then stops it), never a number."""
+    z = rows(1).repeat(6, 1)
+    assert float(uniformity(z)) == pytest.approx(0.0, abs=1e-12)
+    z = rows(6)
+    z[2, 0] = float("nan")
+    assert math.isnan(float(uniformity(z)))
