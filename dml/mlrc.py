@@ -23,7 +23,9 @@ settings is not trained again, so an interrupted protocol resumes, and one with 
 other folds and seeds go on, and the table lists the failure; its output is shown, line by
 line, while it trains. One JSON line per (method, seed) goes to
 ``<out>/<dataset>/mlrc/runs.jsonl`` (a re-run replaces its line), and the table of every
-method there to ``<out>/<dataset>/mlrc/table.md``.
+method there to ``<out>/<dataset>/mlrc/table.md``, with the same numbers as LaTeX (booktabs,
+best of each column in bold, the git commit and the command in a comment; ``dml.latex_table``)
+in ``<out>/<dataset>/mlrc/table.tex``.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ import json
 import math
 import os
 import shlex
-from typing import Dict, List, Optional, Sequence
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,6 +44,7 @@ from dml import jobs
 from dml.child_runs import fit_args, launch
 from dml.compose import config_files
 from dml.errors import ConfigError
+from dml.latex_table import MISSING, Cell, git_commit, plain, tabular, write_atomic
 
 FOLDS = 4
 REPORTED = ("P@1", "R-Precision", "MAP@R")
@@ -123,14 +127,8 @@ def train_fold(args: List[str], folder: str, label: str = "fold") -> Dict:
 def test_embeddings(checkpoint: str, root: Optional[str]) -> Dict[str, "object"]:
     """The test split's embeddings of one fold model: {"test": set} or {"query", "gallery"}."""
     from dml.inference import Embedder
-    from dml.inference.embedder import eval_datasets_of
 
-    embedder = Embedder.from_checkpoint(checkpoint)
-    names = ["test"]
-    args = dict(embedder.data_args, **({"root": root} if root else {}))
-    if "query" in eval_datasets_of(embedder.data_class(**args)):
-        names = ["query", "gallery"]
-    return {name: embedder.embed_split(name, root, progress=False) for name in names}
+    return Embedder.from_checkpoint(checkpoint).embed_evaluation_sets(root)
 
 
 def metrics_of(sets: Dict[str, np.ndarray], labels: Dict[str, np.ndarray],
@@ -179,44 +177,65 @@ def write_lines(path: str, lines: List[Dict]) -> None:
     os.replace(tmp, path)
 
 
-def table(lines: List[Dict], dataset: str) -> str:
-    """One row per method: separated mean +- 95 % CI over folds x seeds, concatenated."""
+def summary(lines: List[Dict]) -> Tuple[List[str], List[list], List[str]]:
+    """(header, rows, failure notes) of the table, once for both renderers: one row per method,
+    separated (mean, 95 % CI half-width) over folds x seeds and concatenated (mean, half-width
+    over seeds or None for one seed), in %."""
     methods = list(dict.fromkeys(line["method"] for line in lines))
     scored = [line for line in lines if not line.get("failed")]
     ks = [k for k in scored[0]["concatenated"] if k.startswith("R@")] if scored else []
-    notes: List[str] = []
     head = [f"{m} sep." for m in REPORTED] + [f"{m} concat." for m in REPORTED] + \
         [f"{k} concat." for k in ks]
-    rows = [f"| method | seeds | dims (sep. / concat.) | {' | '.join(head)} |",
-            "|" + "---|" * (3 + len(head))]
+    rows: List[list] = []
+    notes: List[str] = []
     for method in methods:
         failed = [line for line in lines if line["method"] == method and line.get("failed")]
         mine = [line for line in lines if line["method"] == method and not line.get("failed")]
         if failed:
-            notes.append(f"- {method}: seed(s) " + ", ".join(
+            notes.append(f"{method}: seed(s) " + ", ".join(
                 f"{line['seed']} ({'; '.join(line['failed'])})" for line in failed)
                 + " failed and are not in the row")
         if not mine:
-            rows.append(f"| {method} | failed | - | " + " | ".join("-" for _ in head) + " |")
+            rows.append([method, "failed", MISSING] + [MISSING for _ in head])
             continue
-        cells = []
+        cells: List[Cell] = []
         for metric in REPORTED:
             mean, half = confidence_interval([f[metric] for line in mine
                                               for f in line["separated"]])
-            cells.append(f"{100 * mean:.1f} +- {100 * half:.1f}")
+            cells.append((100 * mean, 100 * half))
         for metric in list(REPORTED) + ks:
             mean, half = confidence_interval([line["concatenated"][metric] for line in mine])
-            cells.append(f"{100 * mean:.1f}" + (f" +- {100 * half:.1f}" if len(mine) > 1
-                                                else ""))
+            cells.append((100 * mean, 100 * half if len(mine) > 1 else None))
         dims = mine[0]["dims"]
-        rows.append(f"| {method} | {len(mine)} | {dims['separated']} / {dims['concatenated']} "
-                    f"| {' | '.join(cells)} |")
+        rows.append([method, str(len(mine)), f"{dims['separated']} / {dims['concatenated']}",
+                     *cells])
+    return ["method", "seeds", "dims (sep. / concat.)", *head], rows, notes
+
+
+def table(lines: List[Dict], dataset: str) -> str:
+    """One row per method: separated mean +- 95 % CI over folds x seeds, concatenated."""
+    header, rows, notes = summary(lines)
+    text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    text += ["| " + " | ".join(plain(c) for c in row) + " |" for row in rows]
     return (f"# MLRC protocol on {dataset}\n\nSeparated: mean +- half-width of the 95 % t "
             f"interval over the {FOLDS} fold models (x seeds); concatenated: the fold models' "
             f"normalised embeddings concatenated (mean +- interval over seeds when several). "
             f"In %. Made by `python -m dml.mlrc` (runs.jsonl beside this file holds every "
-            f"command and checkpoint).\n\n" + "\n".join(rows) + "\n"
-            + ("\nFailed runs:\n" + "\n".join(notes) + "\n" if notes else ""))
+            f"command and checkpoint).\n\n" + "\n".join(text) + "\n"
+            + ("\nFailed runs:\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes
+               else ""))
+
+
+def latex(lines: List[Dict], dataset: str, command: str, commit: Optional[str] = None) -> str:
+    """The table of ``table`` as LaTeX (``dml.latex_table``); failures in its comment."""
+    header, rows, notes = summary(lines)
+    caption = (f"MLRC protocol on {dataset}. Separated: mean and half-width of the 95 % "
+               f"Student-t interval over the {FOLDS} fold models (and seeds); concatenated: the "
+               f"fold models' normalised embeddings concatenated (mean and interval over seeds "
+               f"when several). In %.")
+    extra = ["The table holds every method of runs.jsonl beside it; each line there holds "
+             "its commands and checkpoints."] + (["Failed runs:"] + notes if notes else [])
+    return tabular(header, rows, caption, command, commit, extra)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
@@ -242,6 +261,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="after --: more python -m dml fit arguments")
     opts = parser.parse_args(argv)
+    commit = git_commit()  # before this job writes anything
+    command = "python -m dml.mlrc " + shlex.join(argv if argv is not None else sys.argv[1:])
     check_names(opts.dataset, opts.method, opts.backbone)
     extra = [a for a in opts.extra if a != "--"]
     name = opts.name or (f"{opts.method}-{opts.backbone}" if opts.backbone else opts.method)
@@ -290,10 +311,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         lines = [x for x in load_lines(lines_path)
                  if (x["method"], x["seed"]) != (name, seed)] + [line]
         write_lines(lines_path, lines)
-    text = table(load_lines(lines_path), opts.dataset)
-    with open(os.path.join(base, "table.md"), "w") as f:
-        f.write(text)
+    lines = load_lines(lines_path)
+    text = table(lines, opts.dataset)
+    write_atomic(os.path.join(base, "table.md"), text)
+    tex = os.path.join(base, "table.tex")
+    write_atomic(tex, latex(lines, opts.dataset, command, commit))
     print(text)
+    print(f"LaTeX table: {tex}", flush=True)
     if failures:
         raise RuntimeError(f"{len(failures)} fold run(s) failed ({'; '.join(failures)}); "
                            f"the others are in {base}/table.md, which lists the failures")

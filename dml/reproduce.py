@@ -10,8 +10,10 @@ arguments, their fingerprint, final validation metrics, seconds) to
 ``<out>/<dataset>/runs.jsonl``; a run there with the same fingerprint (arguments, config files,
 data: ``dml.jobs``) is not repeated, so an interrupted grid resumes, and the table holds the
 runs of the settings asked for only. A run that fails is recorded with its error, the grid goes
-on, the table marks it and the command exits non-zero at the end. The table (mean +- standard deviation
-over seeds, in %) goes to ``<out>/<dataset>/table.md`` with the command that made it.
+on, the table marks it and the command exits non-zero at the end. The table (mean +- standard
+deviation over seeds, in %) goes to ``<out>/<dataset>/table.md`` with the command that made it,
+and the same numbers as LaTeX (booktabs, best of each column in bold, the git commit and the
+command in a comment; ``dml.latex_table``) to ``<out>/<dataset>/table.tex``.
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ import shlex
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from dml import jobs
+from dml import jobs, latex_table
 from dml.child_runs import fit_args
 
 # row -> (method config, extra CLI arguments). Rows come in baseline / method pairs.
@@ -112,17 +114,34 @@ def aggregate(rows: List[dict], order: Sequence[str]) -> Dict[str, Dict[str, tup
     return table
 
 
-def markdown(table: Dict[str, Dict[str, tuple]], title: str, command: str) -> str:
-    lines = [f"# {title}", "", f"Made by: `{command}`", "",
-             "| variant | " + " | ".join(METRICS) + " | seeds |",
-             "|---|" + "---|" * (len(METRICS) + 1)]
-    for name, cells in table.items():
-        seeds = max((cells[m][2] for m in METRICS if m in cells), default=0)
-        row = [f"{cells[m][0]:.1f} +- {cells[m][1]:.1f}" if m in cells else "-" for m in METRICS]
-        failed = cells.get("failed")
+def cells(table: Dict[str, Dict[str, tuple]]) -> Tuple[List[str], List[list]]:
+    """(header, rows) of the table, once for both renderers: a metric is (mean, standard
+    deviation) in % or "-", the last cell the number of seeds (and the failed ones)."""
+    header = ["variant", *METRICS, "seeds"]
+    rows = []
+    for name, values in table.items():
+        seeds = max((values[m][2] for m in METRICS if m in values), default=0)
+        failed = values.get("failed")
         note = f" (seed {', '.join(map(str, failed))} failed)" if failed else ""
-        lines.append(f"| {name} | " + " | ".join(row) + f" | {seeds}{note} |")
+        rows.append([name, *(values[m][:2] if m in values else latex_table.MISSING
+                             for m in METRICS), f"{seeds}{note}"])
+    return header, rows
+
+
+def markdown(table: Dict[str, Dict[str, tuple]], title: str, command: str) -> str:
+    header, rows = cells(table)
+    lines = [f"# {title}", "", f"Made by: `{command}`", "",
+             "| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(latex_table.plain(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def latex(table: Dict[str, Dict[str, tuple]], title: str, command: str,
+          commit: Optional[str] = None) -> str:
+    """The table of ``markdown`` as LaTeX (``dml.latex_table``)."""
+    header, rows = cells(table)
+    caption = f"{title}. Mean and standard deviation over seeds, in %."
+    return latex_table.tabular(header, rows, caption, command, commit)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
@@ -139,6 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("--root", default=None,
                         help="the data set's folder (default: the data config's root)")
     args = parser.parse_args(argv)
+    commit = latex_table.git_commit()  # before this job writes anything
     if not os.path.exists(f"experiments/data/{args.dataset}.yaml"):
         parser.error(f"no experiments/data/{args.dataset}.yaml")
     budget = BUDGETS.get(args.dataset, {})
@@ -183,10 +203,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     keys = set(wanted)
     rows = [r for r in load_runs(runs_path)
             if (r["variant"], r["seed"], r.get("fingerprint")) in keys]
-    text = markdown(aggregate(rows, list(GRID)), title, command)
-    with open(os.path.join(folder, "table.md"), "w") as f:
-        f.write(text)
+    table = aggregate(rows, list(GRID))
+    text = markdown(table, title, command)
+    latex_table.write_atomic(os.path.join(folder, "table.md"), text)
+    tex = os.path.join(folder, "table.tex")
+    latex_table.write_atomic(tex, latex(table, title, command, commit))
     print(text)
+    print(f"LaTeX table: {tex}", flush=True)
     if failures:
         raise SystemExit(f"error: {len(failures)} run(s) failed ({', '.join(failures)}); "
                          f"the table marks them, runs.jsonl holds the reasons")

@@ -257,6 +257,22 @@ class Embedder:
                             self.meta(dataset=data_class.__name__, split=split))
 
 
+    def embed_evaluation_sets(self, root: Optional[str] = None,
+                              progress: bool = False) -> Dict[str, EmbeddingSet]:
+        """The test split as the evaluation searches it: {"test": set}, or {"query": set,
+        "gallery": set} for a data set with a gallery (In-Shop)."""
+        args = dict(self.data_args, **({"root": root} if root else {}))
+        names = ["query", "gallery"] if "query" in eval_datasets_of(self.data_class(**args)) \
+            else ["test"]
+        return {name: self.embed_split(name, root, progress=progress) for name in names}
+
+    @property
+    def recall_ks(self) -> List[int]:
+        """The Ks of the data set's Recall@K (its config's, else its standard ones)."""
+        ks = self.data_args.get("recall_ks")
+        return list(ks or getattr(self.data_class, "standard_recall_ks", (1, 2, 4, 8)))
+
+
 def named_data_set(name: str) -> Tuple[type, Dict[str, Any]]:
     """The data module class and arguments of ``experiments/data/<name>.yaml``."""
     import yaml
