@@ -89,14 +89,26 @@ def write_html(rows: List[Dict], path: str, title: str = "dml search") -> None:
     for row in rows:
         by_query.setdefault(row["query"], []).append(row)
     cache: Dict[str, Optional[str]] = {}
-    lines = []
-    for query, hits in by_query.items():
-        cells = [tile(query, "query", "#444", cache)]
-        for hit in hits:
-            frame = "#888" if "match" not in hit else ("#2a2" if hit["match"] else "#d22")
-            cells.append(tile(hit["path"], f'{hit["rank"]}: {hit["similarity"]:.3f}', frame,
-                              cache))
-        lines.append(f'<div class="row">{"".join(cells)}</div>')
+    lines = [query_row(query, "query", hits, cache) for query, hits in by_query.items()]
+    write_page(path, title, f"<p>{len(by_query)} queries; {FRAMES}</p>\n" + "\n".join(lines))
+
+
+FRAMES = ("frames: green = same class as the query, red = another class, grey = unknown.")
+
+
+def query_row(query: str, caption: str, hits: List[Dict], cache: Dict[str, Optional[str]]) -> str:
+    """One query's tile and its neighbours' (dicts with "path", "rank", "similarity" or
+    "caption", and "match" where the labels are known)."""
+    cells = [tile(query, caption, "#444", cache)]
+    for hit in hits:
+        frame = "#888" if "match" not in hit else ("#2a2" if hit["match"] else "#d22")
+        label = hit.get("caption") or f'{hit["rank"]}: {hit["similarity"]:.3f}'
+        cells.append(tile(hit["path"], label, frame, cache))
+    return f'<div class="row">{"".join(cells)}</div>'
+
+
+def write_page(path: str, title: str, body: str) -> None:
+    """A self-contained HTML page (the tiles' style), written whole or not at all."""
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -106,11 +118,11 @@ figure {{ margin: 0; border: 4px solid; padding: 2px; width: 116px; text-align: 
 figure img {{ max-width: 112px; max-height: 112px; }}
 figcaption {{ font-size: 11px; }}
 .name {{ width: 112px; height: 60px; font-size: 10px; overflow-wrap: anywhere; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
 </style></head><body>
 <h3>{html.escape(title)}</h3>
-<p>{len(by_query)} queries; frames: green = same class as the query, red = another class,
-grey = unknown.</p>
-{chr(10).join(lines)}
+{body}
 </body></html>
 """
     tmp = f"{path}.{os.getpid()}.partial"
@@ -121,3 +133,14 @@ grey = unknown.</p>
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def html_table(rows: List[Dict], columns: List[str]) -> str:
+    """A plain HTML table of ``rows`` (floats in [0, 1] shown in %)."""
+    def cell(v):
+        return f"{100 * v:.1f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns)
+                   + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"

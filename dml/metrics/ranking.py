@@ -66,17 +66,31 @@ def exact_query_stats(query: torch.Tensor, q_labels: torch.Tensor, reference: to
     for s in range(0, n_q, step):
         sl = slice(s, s + step)
         d = squared_distances(query[sl], reference, q_sq[sl], ref_sq)
-        relevant = r_labels[None, :] == q_labels[sl, None]
-        if self_index is not None:
-            rows = torch.arange(len(d), device=device)
-            d[rows, self_index[sl]] = float("inf")
-            relevant[rows, self_index[sl]] = False
-        keys = order_keys(d, ref_index)
-        first_key = keys.masked_fill(~relevant, INT64_MAX).min(1).values
-        first[sl] = (keys < first_key[:, None]).sum(1)
-        top = keys.topk(int(num_relevant[sl].max()), dim=1, largest=False, sorted=True).values
-        hits = r_labels[key_index(top)] == q_labels[sl, None]
-        ap[sl], rp[sl] = precision_from_hits(hits, num_relevant[sl])
+        first[sl], ap[sl], rp[sl] = row_stats(d, q_labels[sl], r_labels, num_relevant[sl],
+                                              None if self_index is None else self_index[sl],
+                                              ref_index)
+    return first, ap, rp
+
+
+def row_stats(d: torch.Tensor, q_labels: torch.Tensor, r_labels: torch.Tensor,
+              num_relevant: torch.Tensor, self_index: Optional[torch.Tensor] = None,
+              ref_index: Optional[torch.Tensor] = None) -> Stats:
+    """first_rank, ap, rp from whole rows of distances (n, n_r), any non-negative dissimilarity
+    (a re-ranked distance too), under the tie rule. ``d`` is changed in place where
+    ``self_index`` excludes a query's own entry."""
+    if ref_index is None:
+        ref_index = torch.arange(d.shape[1], device=d.device)
+    relevant = r_labels[None, :] == q_labels[:, None]
+    if self_index is not None:
+        rows = torch.arange(len(d), device=d.device)
+        d[rows, self_index] = float("inf")
+        relevant[rows, self_index] = False
+    keys = order_keys(d, ref_index)
+    first_key = keys.masked_fill(~relevant, INT64_MAX).min(1).values
+    first = (keys < first_key[:, None]).sum(1)
+    top = keys.topk(int(num_relevant.max()), dim=1, largest=False, sorted=True).values
+    hits = r_labels[key_index(top)] == q_labels[:, None]
+    ap, rp = precision_from_hits(hits, num_relevant)
     return first, ap, rp
 
 

@@ -20,13 +20,14 @@ does; the standard benchmarks have none. Non-finite embeddings are an error, nev
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from dml.metrics.knn import knn
-from dml.metrics.ranking import precision_from_hits, query_stats
+from dml.metrics.per_query import QueryResults
+from dml.metrics.ranking import precision_from_hits, query_stats, row_stats
 
 
 def _as_tensor(x, dtype=None) -> torch.Tensor:
@@ -92,7 +93,7 @@ def default_block_size(device: torch.device) -> int:
 def retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=None,
                       gallery_labels=None, backend: str = "auto",
                       chunk_size: Optional[int] = None,
-                      device: Optional[torch.device] = None) -> Dict[str, float]:
+                      device: Optional[torch.device] = None, per_class: bool = False):
     """Recall@K for each K in ``ks``, MAP@R and R-Precision, exact, in float32.
 
     Without a gallery the queries are the references and each query is excluded by index; with
@@ -103,46 +104,75 @@ def retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=No
 
     backend: "auto" = "rank" (one blocked distance pass), or "faiss" / "torch" (a k-NN search
     with k = max(max K, largest R)). chunk_size: the rank back end's block size (default
-    ``default_block_size``: 1024 on a CPU, up to 8192 on a GPU by its free memory). device: where the rank back end computes (default: the embeddings').
+    ``default_block_size``: 1024 on a CPU, up to 8192 on a GPU by its free memory). device:
+    where the rank back end computes (default: the embeddings').
+
+    per_class: return ``(metrics, rows)`` instead: the metrics gain each one's mean over classes
+    (``<metric> class-mean``, every class weighing the same), and ``rows`` holds one dict per
+    class (``QueryResults.per_class``).
     """
+    results = query_results(embeddings, labels, ks, gallery_embeddings, gallery_labels,
+                            backend, chunk_size, device)
+    metrics = results.metrics(ks)
+    if not per_class:
+        return metrics
+    return dict(metrics, **results.class_mean(ks)), results.per_class(ks)
+
+
+def _inputs(embeddings, labels, ks, gallery_embeddings, gallery_labels, caller: str):
+    """Validated (ks, query, q_labels, reference, r_labels, same_source)."""
     if (gallery_embeddings is None) != (gallery_labels is None):
-        raise ValueError("retrieval_metrics: give both gallery_embeddings and gallery_labels, "
-                         "or neither")
+        raise ValueError(f"{caller}: give both gallery_embeddings and gallery_labels, or "
+                         "neither")
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
-        raise ValueError(f"retrieval_metrics: ks must be positive integers, got {ks}")
-    if backend not in ("auto", "rank", "faiss", "torch"):
-        raise ValueError(f"retrieval_metrics: unknown backend {backend!r}; expected auto, rank, "
-                         "faiss or torch")
+        raise ValueError(f"{caller}: ks must be positive integers, got {ks}")
     query = _as_tensor(embeddings, torch.float32)
-    device = torch.device(device) if device is not None else query.device
     same_source = gallery_embeddings is None
     reference = query if same_source else _as_tensor(gallery_embeddings, torch.float32)
-    q_labels = as_labels(labels, "labels", "retrieval_metrics").reshape(-1)
+    q_labels = as_labels(labels, "labels", caller).reshape(-1)
     r_labels = q_labels if same_source else \
-        as_labels(gallery_labels, "gallery_labels", "retrieval_metrics").reshape(-1)
+        as_labels(gallery_labels, "gallery_labels", caller).reshape(-1)
     if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
-        raise ValueError(f"retrieval_metrics: embeddings must be 2-D with equal widths, got "
+        raise ValueError(f"{caller}: embeddings must be 2-D with equal widths, got "
                          f"{tuple(query.shape)} and {tuple(reference.shape)}")
     if len(q_labels) != len(query) or len(r_labels) != len(reference):
-        raise ValueError("retrieval_metrics: one label per embedding is required")
-    check_finite(query, "embeddings", "retrieval_metrics")
+        raise ValueError(f"{caller}: one label per embedding is required")
+    check_finite(query, "embeddings", caller)
     if not same_source:
-        check_finite(reference, "gallery embeddings", "retrieval_metrics")
+        check_finite(reference, "gallery embeddings", caller)
+    return ks, query, q_labels, reference, r_labels, same_source
 
-    num_relevant = relevant_counts(q_labels.cpu(), r_labels.cpu(), same_source)
+
+def _scored(num_relevant: torch.Tensor, caller: str) -> torch.Tensor:
     keep = (num_relevant > 0).nonzero().reshape(-1)
     if len(keep) == 0:
-        raise ValueError("retrieval_metrics: no query has a relevant reference")
-    max_k = len(reference) - int(same_source)
-    ks_eff = [min(K, max_k) for K in ks]
+        raise ValueError(f"{caller}: no query has a relevant reference")
+    return keep
 
+
+def query_results(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=None,
+                  gallery_labels=None, backend: str = "auto",
+                  chunk_size: Optional[int] = None,
+                  device: Optional[torch.device] = None) -> QueryResults:
+    """The per-query values behind ``retrieval_metrics`` (same arguments, same tie rule):
+    ``QueryResults`` of the queries with a relevant reference."""
+    caller = "retrieval_metrics"
+    if backend not in ("auto", "rank", "faiss", "torch"):
+        raise ValueError(f"{caller}: unknown backend {backend!r}; expected auto, rank, "
+                         "faiss or torch")
+    ks, query, q_labels, reference, r_labels, same_source = _inputs(
+        embeddings, labels, ks, gallery_embeddings, gallery_labels, caller)
+    device = torch.device(device) if device is not None else query.device
+    num_relevant = relevant_counts(q_labels.cpu(), r_labels.cpu(), same_source)
+    keep = _scored(num_relevant, caller)
+    max_k = len(reference) - int(same_source)
     if backend in ("auto", "rank"):
         query, q_labels = query.to(device), q_labels.to(device)
         reference = query if same_source else reference.to(device)
         r_labels = q_labels if same_source else r_labels.to(device)
         first, ap, rp = query_stats(query, q_labels, reference, r_labels, same_source,
-                                    max(ks_eff), chunk_size or default_block_size(device))
+                                    min(ks[-1], max_k), chunk_size or default_block_size(device))
     else:
         k = min(max(ks[-1], int(num_relevant.max())), max_k)
         _, indices = knn(query, None if same_source else reference, k=k, backend=backend,
@@ -150,8 +180,40 @@ def retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=No
         hits = (r_labels.cpu()[indices] == q_labels.cpu()[:, None])[keep]
         first = torch.where(hits.any(1), hits.int().argmax(1), torch.full_like(keep, k))
         ap, rp = precision_from_hits(hits, num_relevant[keep])
-    n = len(keep)
-    out = {f"R@{K}": float((first < Ke).sum()) / n for K, Ke in zip(ks, ks_eff)}
-    out["MAP@R"] = float(ap.sum()) / n
-    out["R-Precision"] = float(rp.sum()) / n
-    return out
+    return _results(keep, q_labels, num_relevant, first, ap, rp, max_k)
+
+
+def results_from_distances(distances, labels, gallery_labels=None,
+                           max_elements: int = 1 << 24) -> QueryResults:
+    """``QueryResults`` of a given (n_q, n_r) dissimilarity matrix (a re-ranked distance, see
+    ``dml.reranking``), under the same tie rule: (value, reference index). Without
+    ``gallery_labels`` the rows and columns are one set and each query's own column is
+    excluded."""
+    caller = "results_from_distances"
+    d = _as_tensor(distances, torch.float32)
+    q_labels = as_labels(labels, "labels", caller).reshape(-1)
+    same_source = gallery_labels is None
+    r_labels = q_labels if same_source else as_labels(gallery_labels, "gallery_labels",
+                                                      caller).reshape(-1)
+    if d.ndim != 2 or d.shape != (len(q_labels), len(r_labels)):
+        raise ValueError(f"{caller}: distances of shape {tuple(d.shape)} for "
+                         f"{len(q_labels)} queries and {len(r_labels)} references")
+    if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
+        raise ValueError(f"{caller}: distances must be finite and non-negative")
+    num_relevant = relevant_counts(q_labels, r_labels, same_source)
+    keep = _scored(num_relevant, caller)
+    step = max(1, max_elements // max(d.shape[1], 1))
+    parts = []
+    for s in range(0, len(keep), step):
+        rows = keep[s:s + step]
+        parts.append(row_stats(d[rows].clone(), q_labels[rows], r_labels, num_relevant[rows],
+                               rows if same_source else None))
+    first, ap, rp = (torch.cat(p) for p in zip(*parts))
+    return QueryResults(keep.numpy(), q_labels[keep].numpy(), num_relevant[keep].numpy(),
+                        first.numpy(), ap.numpy(), rp.numpy(), len(r_labels) - int(same_source))
+
+
+def _results(keep, q_labels, num_relevant, first, ap, rp, max_k) -> QueryResults:
+    return QueryResults(keep.cpu().numpy(), q_labels.cpu()[keep].numpy(),
+                        num_relevant[keep].cpu().numpy(), first.cpu().numpy(),
+                        ap.cpu().numpy(), rp.cpu().numpy(), max_k)
