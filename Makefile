@@ -16,10 +16,11 @@ ARGS ?=
 
 DATA_ROOT ?= data/$(DATASET)
 
-.PHONY: train resume test table data data-check bench-eval gpu-check notebook embed index search export mlrc docs docs-serve venv clean help
+.PHONY: train zero-shot resume test table data data-check bench-eval gpu-check notebook embed index search export mlrc docs docs-serve venv clean help
 
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [BACKBONE=vit_s16_dino] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
+	@echo "make zero-shot [DATASET=synthetic] [BACKBONE=vit_s16_dino] [METHOD=baseline] [ARGS=...]   the untrained backbone's pooled features on the test split (no training, no head)"
 	@echo "make resume RUN=runs/<run folder> [ARGS='--trainer.max_epochs 60']   continue from its last.ckpt"
 	@echo "make test [TEST_WORKERS=2]   the test suite (TEST_WORKERS=0: in one process)"
 	@echo "make table [DATASET=omniglot_small] [SEEDS='0 1 2'] [DEVICES=1]   methods-vs-baselines grid -> experiments/results/"
@@ -47,6 +48,17 @@ train: $(VENV)/.installed
 	name=$(DATASET)-$(METHOD)$(if $(BACKBONE),-$(BACKBONE)); \
 	echo "$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $$name $(ARGS)"; \
 	$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $$name $(ARGS)
+
+# The zero-shot reference row (python -m dml test --zero-shot, docs/evaluation.md): the data
+# set's backbone (BACKBONE's when given) with its configured weights (pretrained, or random on
+# synthetic and Omniglot), no training, no head: its pooled features (METHOD=baseline: GAP),
+# L2-normalised, on the test split, through the same evaluation as `python -m dml test`.
+zero-shot: METHOD = baseline
+zero-shot: $(VENV)/.installed
+	@configs=$$($(PY) -m dml.compose $(DATASET) $(METHOD) $(BACKBONE)) || exit 2; \
+	name=$(DATASET)-zero-shot$(if $(BACKBONE),-$(BACKBONE)); \
+	echo "$(PY) -m dml test $$configs --zero-shot --trainer.devices $(DEVICES) --run_name $$name $(ARGS)"; \
+	$(PY) -m dml test $$configs --zero-shot --trainer.devices $(DEVICES) --run_name $$name $(ARGS)
 
 # Continue a run in its own folder from its last.ckpt (the config is checked against it).
 resume: $(VENV)/.installed

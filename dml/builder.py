@@ -2,6 +2,9 @@
 
 image -> backbone -> pooling -> head -> objective (all loss terms) -> optimizer
 
+The head is ``EmbeddingHead`` (a linear map to ``model.embedding_dim``), or none
+(``PooledFeatures``, ``model.embedding_dim: null``: the pooled feature is the embedding).
+
 ``build_parts(...)`` returns the backbone, the pooling, the head and the objective
 (``dml.objective.Objective``); ``DMLModule`` is handed them. Poolings are chosen by name in
 ``POOLINGS`` or by class path (``model.pooling.name: mypackage.MyPooling``); losses by name in
@@ -23,7 +26,7 @@ from dml.losses import (CrossBatchMemoryLoss, IntraBatchConnections, MultiProxyL
                         ProximalTerm, ZeroShotPrototypeLoss, build_loss, build_miner)
 from dml.losses.factory import MINERS, has_proxies, pair_losses
 from dml.models import (GAP, GMP, GSP, Backbone, ClassToken, EmbeddingHead, GeM,
-                        MessagePassingNetwork)
+                        MessagePassingNetwork, PooledFeatures)
 from dml.objective import Objective
 
 POOLINGS: Dict[str, type] = {"gap": GAP, "gmp": GMP, "gem": GeM, "gsp": GSP, "cls": ClassToken}
@@ -155,19 +158,29 @@ def build_memory(memory: MemoryConfig, embedding_dim: int,
                memory.store, loss=loss, miner=miner, **memory.params)
 
 
-def build_parts(backbone: BackboneConfig, pooling: PoolingConfig, embedding_dim: int,
+def build_parts(backbone: BackboneConfig, pooling: PoolingConfig, embedding_dim: Optional[int],
                 loss: LossConfig, zero_shot: ZeroShotConfig, ibc: IBCConfig,
                 memory: MemoryConfig, num_classes: Optional[int],
                 terms: Optional[Dict[str, Any]] = None) -> ModelParts:
+    """``embedding_dim`` None: no head (``PooledFeatures``), the embedding is the pooled
+    backbone feature, of the backbone's width (what ``test --zero-shot`` evaluates); the
+    objective is built for that width."""
     net = Backbone(backbone.name, backbone.pretrained, backbone.frozen_bn, backbone.width,
                    backbone.timm_args)
-    pool = build_pooling(pooling.name, net.out_channels, pooling.params, embedding_dim)
+    dim = net.out_channels if embedding_dim is None else embedding_dim
+    pool = build_pooling(pooling.name, net.out_channels, pooling.params, dim)
     if getattr(pool, "uses_class_token", False) and not net.has_class_token:
         raise ConfigError(f"model.pooling.name: {pooling.name} pools the class token; backbone "
                           f"{backbone.name!r} has none (a timm ViT has one)")
-    head = EmbeddingHead(net.out_channels, embedding_dim)
-    objective = build_objective(loss, zero_shot, ibc, memory, pool, embedding_dim, num_classes,
-                                build_terms(terms, embedding_dim, num_classes))
+    if embedding_dim is None and getattr(pool, "uses_projection", False):
+        raise ConfigError(f"model.pooling.name: {pooling.name} computes its costs through the "
+                          f"embedding head's linear map, and model.embedding_dim: null (no "
+                          f"head, as test --zero-shot sets) has none; pool with gap, gmp, gem "
+                          f"or cls, or give an embedding_dim")
+    head = PooledFeatures(net.out_channels) if embedding_dim is None else \
+        EmbeddingHead(net.out_channels, embedding_dim)
+    objective = build_objective(loss, zero_shot, ibc, memory, pool, dim, num_classes,
+                                build_terms(terms, dim, num_classes))
     return ModelParts(net, pool, head, objective)
 
 

@@ -4,6 +4,11 @@ also holds the rule that picks the files of a data set and a method).
 
 Each run writes into a folder of its own (``dml.runs``); ``--ckpt_path <run>/checkpoints/
 last.ckpt`` resumes it there, after checking that the configuration matches the checkpoint's.
+
+``python -m dml test <configs> --zero-shot`` is the papers' first reference row: the backbone
+as configured (pretrained or not), no training, no head (``model.embedding_dim: null``: the
+embedding is its pooled feature, L2-normalised), on the test split through the same evaluation
+as every ``test`` (docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -74,6 +79,17 @@ class DMLCLI(LightningCLI):
                                  "resuming with --ckpt_path: comma-separated fnmatch patterns, "
                                  "e.g. 'model.optimizer.lr' or 'model.optimizer.*,model.memory.*'.")
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "test":
+            parser.add_argument(
+                "--zero-shot", action="store_true",
+                help="The zero-shot reference row: evaluate the backbone as configured "
+                     "(model.backbone.pretrained) with no training and no head "
+                     "(model.embedding_dim: null: the pooled feature, L2-normalised) on the "
+                     "test split; takes no --ckpt_path. Not model.zero_shot (GSP's loss).")
+        return parser
+
     # --- run folder and resume ----------------------------------------------------------
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would overwrite the model's config with the checkpoint's hyperparameters
@@ -88,6 +104,8 @@ class DMLCLI(LightningCLI):
         if config.trainer.get("precision") is None:
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
         check_trainer_settings(config.trainer)
+        if config.get("zero_shot"):
+            use_zero_shot(config)
         if self.subcommand is None:  # run=False: classes only, nothing is written
             return
         ckpt_path = config.get("ckpt_path")
@@ -133,6 +151,10 @@ class DMLCLI(LightningCLI):
             say(f"validation: {dm.split_name('val')} (held-out training classes); the test "
                 f"split is not used while training")
 
+    def before_test(self) -> None:
+        if self.config["test"].get("zero_shot"):  # the printed line says what was measured
+            self.model.test_description = zero_shot_description(self.model)
+
     def after_fit(self) -> None:
         line = run_summary(self.trainer, self.model)
         if line:
@@ -166,6 +188,26 @@ class DMLCLI(LightningCLI):
     def _config_dict(self, config) -> dict:
         return json.loads(self._parser(self.subcommand).dump(config, skip_none=False,
                                                               format="json"))
+
+
+def use_zero_shot(config) -> None:
+    """``test --zero-shot``: no checkpoint, and no head (``model.embedding_dim: null``), so
+    that the module's embedding is the backbone's pooled feature, L2-normalised. The pooling,
+    the backbone and its weights stay as the config says."""
+    if config.get("ckpt_path"):
+        raise ConfigError(f"--zero-shot evaluates the backbone with no training; it takes no "
+                          f"--ckpt_path ({config.ckpt_path}): drop one of the two")
+    config.model.embedding_dim = None
+
+
+def zero_shot_description(module) -> str:
+    """What a zero-shot test measured, for its printed line: "zero-shot: resnet50,
+    pretrained=True, no training, 2048-d gap features"."""
+    backbone, pooling = module.hparams["backbone"], module.hparams["pooling"]
+    pretrained = bool(backbone["pretrained"])
+    return (f"zero-shot: {backbone['name']}, pretrained={pretrained}"
+            f"{'' if pretrained else ' (random init)'}, no training, "
+            f"{module.head.out_features}-d {pooling['name']} features")
 
 
 def check_trainer_settings(trainer) -> None:

@@ -186,7 +186,8 @@ def merge_config_args(argv: Sequence[str], folder: str):
     file stay on the command line, after the merged file. Arguments are left as they are when
     there is at most one file and nothing to fold, when a file is missing (the CLI names it),
     or when an argument that cannot be folded (``--trainer.callbacks+=...``, ``--print_config``)
-    comes before a file."""
+    comes before a file. Flags without a value (``FLAGS``: ``--zero-shot``) stay where they
+    are."""
     import yaml
 
     argv = list(argv)
@@ -201,6 +202,10 @@ def merge_config_args(argv: Sequence[str], folder: str):
         arg = argv[i]
         key, value = (arg.split("=", 1) + [None])[:2] if arg.startswith("--") else (arg, None)
         has_next = i + 1 < len(argv)
+        if key in FLAGS and value is None:  # takes no value: it stays as it is, anywhere
+            rest.append(arg)
+            i += 1
+            continue
         if key in ("--config", "-c"):
             path = value if value is not None else (argv[i + 1] if has_next else None)
             if path and os.path.isfile(path):
@@ -245,6 +250,9 @@ def merge_config_args(argv: Sequence[str], folder: str):
         yaml.safe_dump(merged, f, sort_keys=False)
     return rest[:at] + ["--config", path] + rest[at:], path
 
+
+# flags that take no value (``test --zero-shot``): left on the command line wherever they are
+FLAGS = ("--zero-shot",)
 
 # an override that can be a key of the merged file: dotted words (not ``key+=``, not a
 # top-level action such as --print_config or --help)

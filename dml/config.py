@@ -143,10 +143,29 @@ class OptimizerConfig:
 @dataclass
 class EvalConfig:
     """nmi: also cluster the embeddings (costly at SOP scale). backend: auto | rank | faiss |
-    torch (``dml.metrics.retrieval_metrics``)."""
+    torch (``dml.metrics.retrieval_metrics``). rerank: re-rankings scored beside the plain
+    metrics at test time (``dml.reranking``: k_reciprocal, alpha_qe), each with its parameters
+    in rerank_params (e.g. ``{k_reciprocal: {k1: 20, k2: 6, lam: 0.3}}``)."""
     nmi: bool = True
     nmi_seed: int = 0
     backend: str = "auto"
+    rerank: List[str] = field(default_factory=list)
+    rerank_params: Dict[str, Dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from dml.reranking import DEFAULTS, RERANKERS
+
+        if isinstance(self.rerank, str):
+            self.rerank = [self.rerank]
+        for name in list(self.rerank) + list(self.rerank_params):
+            if name not in RERANKERS:
+                raise ConfigError(f"model.evaluation.rerank: unknown re-ranking {name!r}; "
+                                  f"expected {' or '.join(RERANKERS)}")
+        for name, params in self.rerank_params.items():
+            unknown = set(params or {}) - set(DEFAULTS[name])
+            if unknown:
+                raise ConfigError(f"model.evaluation.rerank_params.{name}: unknown "
+                                  f"{sorted(unknown)}; it takes {sorted(DEFAULTS[name])}")
 
 
 # The values each setting takes: (low, high, whether low itself is allowed); None for no bound.

@@ -20,7 +20,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from dml.metrics import nmi, retrieval_metrics
+from dml.metrics import nmi
+from dml.metrics.per_query import QueryResults
+from dml.metrics.retrieval import query_results, results_from_distances
 
 
 @dataclass
@@ -103,13 +105,18 @@ class Evaluator:
         nmi_seed: k-means seed.
         backend: the retrieval back end (``dml.metrics.retrieval_metrics``).
         refine: an optional ``EvalSets -> EvalSets`` step before scoring.
+        rerank: re-rankings (``dml.reranking``) scored beside the plain metrics when ``score``
+            is asked to, keyed ``<name>/<metric>``; ``rerank_params``: their parameters.
     """
 
     def __init__(self, nmi: bool = True, nmi_seed: int = 0, backend: str = "auto",
-                 refine: Optional[Callable[[EvalSets], EvalSets]] = None):
+                 refine: Optional[Callable[[EvalSets], EvalSets]] = None,
+                 rerank: Sequence[str] = (), rerank_params: Optional[Dict] = None):
         self.with_nmi, self.nmi_seed, self.backend, self.refine = nmi, nmi_seed, backend, refine
+        self.rerank, self.rerank_params = list(rerank), dict(rerank_params or {})
         self.parts: Dict[int, List[tuple]] = {}
         self.last_sets: Optional[EvalSets] = None
+        self.last_results: Optional[QueryResults] = None
 
     def reset(self) -> None:
         self.parts = {}
@@ -128,22 +135,46 @@ class Evaluator:
             named[name] = EvalSet(name, *gather_by_index(emb, lab, idx, all_gather, world_size))
         return EvalSets.from_named(named)
 
-    def score(self, sets: EvalSets, ks: Sequence[int], device=None) -> Dict[str, float]:
-        """Refine (if set), then Recall@K, MAP@R, R-Precision and NMI; keeps ``last_sets``."""
+    def score(self, sets: EvalSets, ks: Sequence[int], device=None,
+              rerank: bool = False) -> Dict[str, float]:
+        """Refine (if set), then Recall@K, MAP@R, R-Precision (and NMI), and with ``rerank``
+        the same metrics after each re-ranking; keeps ``last_sets`` and the per-query
+        ``last_results`` of the plain metrics."""
         if self.refine is not None:
             sets = self.refine(sets)
         self.last_sets = sets.cpu()
         q, r = sets.query, sets.reference
-        if sets.same:
-            out = retrieval_metrics(q.embeddings, q.labels, ks, backend=self.backend,
-                                    device=device)
-        else:
-            out = retrieval_metrics(q.embeddings, q.labels, ks,
-                                    gallery_embeddings=r.embeddings,
-                                    gallery_labels=r.labels, backend=self.backend,
-                                    device=device)
+        gallery = (None, None) if sets.same else (r.embeddings, r.labels)
+        results = query_results(q.embeddings, q.labels, ks, *gallery, backend=self.backend,
+                                device=device)
+        self.last_results = results
+        out = results.metrics(ks)
         if self.with_nmi:  # clustering quality of the whole split (query and gallery together)
             emb = torch.cat([s.embeddings for s in sets.sets])
             lab = torch.cat([s.labels for s in sets.sets])
             out["NMI"] = nmi(emb, lab, seed=self.nmi_seed)
+        if rerank:
+            out.update(self.reranked_metrics(self.last_sets, ks))
+        return out
+
+    def rerank_settings(self, name: str) -> str:
+        """``k1 20, k2 6, lam 0.3``: a re-ranking's parameters as scored."""
+        from dml.reranking import DEFAULTS
+
+        params = dict(DEFAULTS[name], **self.rerank_params.get(name, {}))
+        return ", ".join(f"{k} {v:g}" for k, v in params.items())
+
+    def reranked_metrics(self, sets: EvalSets, ks: Sequence[int]) -> Dict[str, float]:
+        """``<name>/<metric>`` after each re-ranking, from the same exact evaluator and tie
+        rule (``results_from_distances``)."""
+        from dml.reranking import rerank
+
+        q, r = sets.query, sets.reference
+        out = {}
+        for name in self.rerank:
+            reranked = rerank(name, q.embeddings, None if sets.same else r.embeddings,
+                              **self.rerank_params.get(name, {}))
+            results = results_from_distances(reranked, q.labels,
+                                             None if sets.same else r.labels)
+            out.update({f"{name}/{k}": v for k, v in results.metrics(ks).items()})
         return out

@@ -7,6 +7,7 @@ epoch's line stay in ``dml/module.py``.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict
 
 import torch
@@ -29,7 +30,10 @@ class EvaluationSteps:
         error = None
         if self.trainer.is_global_zero:
             try:
-                metrics = self.evaluator.score(sets, self.recall_ks or dm.recall_ks, self.device)
+                ks = self.recall_ks or dm.recall_ks
+                metrics = self.evaluator.score(sets, ks, self.device, rerank=stage == "test")
+                if stage == "test":
+                    self.write_per_class(stage, ks)
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 if self.trainer.world_size == 1:
                     raise
@@ -44,6 +48,18 @@ class EvaluationSteps:
                 # identical on every rank (broadcast): sync_dist averages equal values
                 self.log(f"{stage}/{name}", float(value), prog_bar=name == "R@1", sync_dist=True)
         return metrics
+
+    def write_per_class(self, stage: str, ks) -> str:
+        """``<run folder>/per_class_<stage>.csv``: each class's query count and metrics (the
+        mean over its queries), from the evaluation just scored."""
+        from dml.inference.report import write_rows
+
+        rows = self.evaluator.last_results.per_class(ks)
+        path = os.path.join(self.trainer.default_root_dir, f"per_class_{stage}.csv")
+        write_rows([{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+                    for row in rows], path)
+        self.per_class_path = path
+        return path
 
     def check_finite_embeddings(self, sets: EvalSets, stage: str) -> None:
         """A NonFiniteEmbeddingsError naming the split, epoch and number of bad rows."""

@@ -42,7 +42,7 @@ EPOCH_METRICS_KEY = "dml_epoch_metrics"  # {epoch: validation metrics} in checkp
 class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, EvaluationSteps,
                 DeviceSettings, pl.LightningModule):
     def __init__(self, backbone: BackboneConfig = BackboneConfig(),
-                 pooling: PoolingConfig = PoolingConfig(), embedding_dim: int = 512,
+                 pooling: PoolingConfig = PoolingConfig(), embedding_dim: Optional[int] = 512,
                  loss: LossConfig = LossConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
                  evaluation: EvalConfig = EvalConfig(),
                  zero_shot: ZeroShotConfig = ZeroShotConfig(), ibc: IBCConfig = IBCConfig(),
@@ -51,10 +51,13 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
                  terms: Union[Dict[str, Optional[Dict[str, Any]]], List[Dict[str, Any]],
                               None] = None,
                  compile: Union[bool, str] = False):
-        """nonfinite_loss: what a NaN or infinite loss does: ``stop`` the run with an error
-        naming the step, the loss parts and the learning rates (the default), or ``skip`` the
-        step (no backward, no optimizer step) and go on. terms: more objective terms by name and
-        class path, ``{name: {class_path: package.module.Class, init_args: {...}}}``
+        """embedding_dim: D, the width of the embedding head's linear map; null: no head, the
+        embedding is the pooled backbone feature, L2-normalised (``dml.models.PooledFeatures``;
+        what ``python -m dml test --zero-shot`` evaluates). nonfinite_loss: what a NaN or
+        infinite loss does: ``stop`` the run with an error naming the step, the loss parts and
+        the learning rates (the default), or ``skip`` the step (no backward, no optimizer step)
+        and go on. terms: more objective terms by name and class path,
+        ``{name: {class_path: package.module.Class, init_args: {...}}}``
         (``dml.builder.build_terms``; the list of runs from before terms had names is read as
         that mapping). compile: ``torch.compile`` the backbone for training and
         evaluation (``true``, or a mode: "default", "reduce-overhead", "max-autotune"); the
@@ -94,17 +97,20 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
         if self.objective.ibc is not None and ibc.pseudo_test:
             refine = pseudo_test_refiner(self.objective.ibc, ibc.pseudo_test_k)
         self.evaluator = Evaluator(evaluation.nmi, evaluation.nmi_seed, evaluation.backend,
-                                   refine)
+                                   refine, evaluation.rerank, evaluation.rerank_params)
         self.last_metrics: Dict[str, float] = {}
         self.initial_metrics: Dict[str, float] = {}
         # validation metrics of every epoch of the run (kept in checkpoints): the run's summary
         self.epoch_metrics: Dict[int, Dict[str, float]] = {}
+        # what the test line says was measured besides the split, e.g. "zero-shot: resnet50,
+        # pretrained=True, no training, 2048-d gap features" (set by ``test --zero-shot``)
+        self.test_description: Optional[str] = None
 
     # --- forward ----------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> Dict[str, Any]:
         """Everything the objective and dashboards need: "embeddings" (L2-normalised),
-        "raw_embeddings" (the head's output), "pooling" (``PoolingOutput``) and "grid" (H, W
-        of the feature map the pooling weighs)."""
+        "raw_embeddings" (the head's output; with no head, the pooled feature), "pooling"
+        (``PoolingOutput``) and "grid" (H, W of the feature map the pooling weighs)."""
         if self.uses_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         backbone = self.backbone if self.compiled_backbone is None else self.compiled_backbone
@@ -131,6 +137,12 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
         """What the last validation scored (query and reference sets: embeddings, labels,
         data-set indices), on rank 0; None before the first."""
         return self.evaluator.last_sets
+
+    def last_query_results(self):
+        """The per-query results of the last evaluation (``dml.metrics.QueryResults``: first
+        relevant rank, MAP@R and R-Precision of each query), on rank 0; None before the
+        first."""
+        return self.evaluator.last_results
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings (B, D): what retrieval uses."""
@@ -246,7 +258,17 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
     def on_test_epoch_end(self) -> None:
         if self.evaluator.parts:
             self.last_metrics = self.evaluate("test")
-            self.print(f"test: {self.split_name('test')} | " + format_metrics(self.last_metrics))
+            about = f" | {self.test_description}" if self.test_description else ""
+            split = self.split_name("test")
+            plain = {k: v for k, v in self.last_metrics.items() if "/" not in k}
+            self.print(f"test: {split}{about} | " + format_metrics(plain))
+            for name in self.evaluator.rerank:  # beside the plain metrics, never instead
+                mine = {k.split("/", 1)[1]: v for k, v in self.last_metrics.items()
+                        if k.startswith(name + "/")}
+                self.print(f"test: {split}{about} | re-ranked: {name} "
+                           f"({self.evaluator.rerank_settings(name)}) | " + format_metrics(mine))
+            if getattr(self, "per_class_path", None):
+                self.print(f"test: {split} | per class: {self.per_class_path}")
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Before any checkpoint is written: a non-finite loss since the last check stops the

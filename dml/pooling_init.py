@@ -32,7 +32,8 @@ class PoolingInitialization:
 
     @torch.no_grad()
     def gap_embeddings(self, batches: int) -> torch.Tensor:
-        """The head's projection of GAP features of ``batches`` training batches (eval mode)."""
+        """The head's raw output (W f + b) of GAP features of ``batches`` training batches (eval
+        mode)."""
         was_training = self.training
         self.eval()
         embeddings = []
@@ -41,6 +42,6 @@ class PoolingInitialization:
             if i >= batches:
                 break
             features = self.backbone(dm.device_batch(batch, self.device)[0])
-            embeddings.append(self.head.linear(features.mean(dim=(2, 3))))
+            embeddings.append(self.head(features.mean(dim=(2, 3)))[0])  # raw: W f + b
         self.train(was_training)
         return torch.cat(embeddings)

@@ -77,6 +77,21 @@ class RecordLosses(pl.Callback):
             json.dump({"losses": self.losses}, f)
 
 
+class RecordTestEmbeddings(pl.Callback):
+    """Saves what the test just scored (``DMLModule.last_evaluation()``: the query set's
+    embeddings, labels and data-set indices) to ``path`` with ``torch.save``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_test_end(self, trainer, pl_module):
+        import torch
+
+        query = pl_module.last_evaluation().query
+        torch.save({"embeddings": query.embeddings, "labels": query.labels,
+                    "indices": query.indices}, self.path)
+
+
 # The small synthetic run of the extension examples' tests: 12 classes, tiny CNN, no NMI.
 SMALL_RUN = ["--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
              "--data.init_args.images_per_class", "8", "--model.backbone.width", "8",

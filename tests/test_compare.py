@@ -41,7 +41,7 @@ def rows_of(stdout):
     out = {}
     for line in stdout.splitlines():
         m = re.match(r"(R@\d+|MAP@R|R-Precision)\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+)\s+"
-                     r"\[\s*([+-][\d.]+),\s*([+-][\d.]+)\]\s+([\d.e+-]+)$", line.strip())
+                     r"\[\s*([+-][\d.]+),\s*([+-][\d.]+)\]\s+(?:<= )?([\d.e+-]+)$", line.strip())
         if m:
             out[m.group(1)] = tuple(float(x) for x in m.groups()[1:])
     return out

@@ -5,7 +5,10 @@ Rank 0 draws, from the embeddings the validation just scored:
   or red;
 - ``pooling``: the pooling's per-location weights overlaid on images (GSP; skipped for poolings
   without weights);
-- ``projection``: a 2-D projection (PCA or t-SNE) of the embeddings coloured by class.
+- ``projection``: a 2-D projection (PCA or t-SNE) of the embeddings coloured by class;
+- ``worst``: the queries where the model is worst (latest first relevant reference, then lowest
+  MAP@R; ``QueryResults.worst``) with their top-k neighbours, and beside it
+  ``worst_classes_<tag>.csv``, the classes of lowest MAP@R (a W&B table ``tables/worst_classes``).
 Each figure is a PNG in ``<run folder>/figures/<name>_epoch<E>.png`` (for users without W&B,
 written atomically) and, when a W&B logger is attached, an image under ``figures/<name>`` at the
 current step. A figure that fails to draw is a warning naming it; training goes on. Only rank 0
@@ -71,7 +74,8 @@ class DashboardFigures(pl.Callback):
         paths: Dict[str, str] = {}
         for name, build in (("retrieval", self.retrieval_figure),
                             ("pooling", self.pooling_figure_of_queries),
-                            ("projection", self.projection_figure)):
+                            ("projection", self.projection_figure),
+                            ("worst", self.worst_queries_figure)):
             try:
                 fig = build(trainer, pl_module, sets, tag)
                 if fig is not None:
@@ -88,8 +92,30 @@ class DashboardFigures(pl.Callback):
                     except Exception as error:  # noqa: BLE001
                         rank_zero_warn(f"dashboard: sending the {name} figure to W&B failed "
                                        f"({type(error).__name__}: {error})")
+        self.log_worst_classes(trainer, pl_module, tag)
         self.last_paths = paths
         return paths
+
+    def log_worst_classes(self, trainer, pl_module, tag: str, count: int = 10) -> None:
+        """The ``count`` classes of lowest MAP@R: a CSV beside the figures and a W&B table."""
+        from dml.inference.report import write_rows
+
+        results = pl_module.last_query_results()
+        if results is None:
+            return
+        rows = sorted(results.per_class([1]), key=lambda r: (r["MAP@R"], r["class"]))[:count]
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            write_rows(rows, os.path.join(self.out_dir, f"worst_classes_{tag}.csv"))
+            columns = ["class", "queries", "R@1", "MAP@R", "R-Precision"]
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_table(key="tables/worst_classes", columns=columns,
+                                     data=[[r[c] for c in columns] for r in rows],
+                                     step=trainer.global_step)
+        except Exception as error:  # noqa: BLE001 - a table must never stop training
+            rank_zero_warn(f"dashboard: the worst classes of {tag} failed "
+                           f"({type(error).__name__}: {error}); training goes on")
 
     def _rows(self, sets):
         """The seeded query rows drawn."""
@@ -98,10 +124,22 @@ class DashboardFigures(pl.Callback):
         return rng.choice(n, size=min(self.num_queries, n), replace=False)
 
     def retrieval_figure(self, trainer, pl_module, sets, tag):
+        return self.neighbours_grid(trainer, sets, self._rows(sets),
+                                    "top-{k} neighbours, " + tag)
+
+    def worst_queries_figure(self, trainer, pl_module, sets, tag):
+        results = pl_module.last_query_results()
+        if results is None or len(results) == 0:
+            return None
+        rows = results.query_index[results.worst(self.num_queries)]
+        return self.neighbours_grid(trainer, sets, rows,
+                                    "worst queries and their top-{k} neighbours, " + tag)
+
+    def neighbours_grid(self, trainer, sets, rows, title: str):
+        """Query rows ``rows`` with their top-k neighbours, framed by class."""
         from dml.visualization import retrieval_grid, top_k_neighbours
 
         datasets = trainer.datamodule.eval_sets("val")
-        rows = self._rows(sets)
         q, r = sets.query, sets.reference
         k = min(self.top_k, len(r.embeddings) - (1 if sets.same else 0))
         if sets.same:  # itself excluded
@@ -113,7 +151,7 @@ class DashboardFigures(pl.Callback):
         shown = [[r_data[int(r.indices[j])][0] for j in row] for row in neighbours.tolist()]
         correct = [[bool(r.labels[j] == q.labels[i]) for j in row]
                    for i, row in zip(rows, neighbours.tolist())]
-        return retrieval_grid(queries, shown, correct, title=f"top-{k} neighbours, {tag}")
+        return retrieval_grid(queries, shown, correct, title=title.format(k=k))
 
     def pooling_figure_of_queries(self, trainer, pl_module, sets, tag):
         datasets = trainer.datamodule.eval_sets("val")

@@ -29,7 +29,8 @@ def summary(c: Comparison) -> str:
              f"{f'{100 * c.level:g} % interval':>17}  p ({how})"]
     for name, d in c.differences.items():
         lines.append(f"{name:<16} {100 * d.a:6.1f} {100 * d.b:6.1f} {100 * d.difference:+7.2f}"
-                     f"  [{100 * d.low:+6.2f}, {100 * d.high:+6.2f}]  {d.p_value:.2g}")
+                     f"  [{100 * d.low:+6.2f}, {100 * d.high:+6.2f}]  "
+                     f"{p_text(d.p_value, c.resamples)}")
     ma, mb = ra.class_mean(c.ks), c.results_b.class_mean(c.ks)
     for name in ("R@1 class-mean", "MAP@R class-mean"):
         lines.append(f"{name:<16} {100 * ma[name]:6.1f} {100 * mb[name]:6.1f} "
@@ -38,6 +39,12 @@ def summary(c: Comparison) -> str:
     lines.append(f"McNemar (R@1): right under A only {m.only_a}, under B only {m.only_b}; "
                  f"chi2 (continuity-corrected) {m.statistic:.3g}, exact p {m.p_value:.2g}")
     return "\n".join(lines)
+
+
+def p_text(p: float, resamples: int) -> str:
+    """The p-value; ``<= 1/(B+1)`` where no resample was as extreme (the smallest B can
+    show)."""
+    return f"<= {p:.2g}" if p * (resamples + 1) <= 1 + 1e-9 else f"{p:.2g}"
 
 
 def as_json(c: Comparison) -> Dict:

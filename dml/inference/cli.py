@@ -5,6 +5,7 @@
     python -m dml index emb.npz --out gallery.index [--kind flat|ivf|hnsw|ivfpq]
     python -m dml search gallery.index (--embeddings q.npz | --images DIR | IMAGE ...)
         [--ckpt CKPT] [--k 10] [--exclude-self] [--exact-fallback] [--nprobe N]
+        [--rerank k_reciprocal|alpha_qe [--rerank-param KEY=VALUE ...]]
         --out results.json|csv [--html report.html]
     python -m dml export CKPT --format torchscript|onnx --out model.pt|model.onnx
 
@@ -72,6 +73,12 @@ def parser() -> argparse.ArgumentParser:
                         "for exhaustively (without it such a query gets fewer hits)")
     s.add_argument("--nprobe", type=int, default=None,
                    help="ivf / ivfpq: cells searched (more: slower, fewer short queries)")
+    s.add_argument("--rerank", choices=("k_reciprocal", "alpha_qe"),
+                   help="order the hits by a re-ranking over every row of the index (exact; "
+                        "the cost of searching the rows against themselves)")
+    s.add_argument("--rerank-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a re-ranking parameter (k_reciprocal: k1, k2, lam; alpha_qe: k, "
+                        "alpha)")
     s.add_argument("--out", required=True, help="results .json or .csv")
     s.add_argument("--html", help="also write a self-contained HTML page of the results")
 
@@ -127,6 +134,32 @@ def embed(args) -> None:
         print(f"unreadable, skipped: {path}", file=sys.stderr)
     print(f"{len(rows)} embeddings ({rows.dim}-d) -> {args.out}"
           + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else ""))
+    if args.split:
+        split_metrics(rows, args.split, args.out, embedder.recall_ks)
+
+
+def split_metrics(rows, split: str, out: str, ks) -> None:
+    """A labelled split searched against itself: its metrics printed and its per-class CSV
+    written beside the embeddings (``<out>.per_class.csv``)."""
+    from dml.evaluation_steps import format_metrics
+    from dml.inference.report import write_rows
+    from dml.metrics.retrieval import query_results
+
+    if split in ("query", "gallery"):
+        print(f"note: the {split} split is searched against the other; for its metrics and "
+              f"per-class results embed both and run python -m dml compare with --gallery",
+              file=sys.stderr)
+        return
+    try:
+        results = query_results(rows.float32(), rows.labels, ks)
+    except ValueError as error:  # no class with two images
+        print(f"note: no metrics for the {split} split ({error})", file=sys.stderr)
+        return
+    path = os.path.splitext(out)[0] + ".per_class.csv"
+    write_rows([{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+                for row in results.per_class(ks)], path)
+    print(f"{split} split, each image searched against the rest of it | "
+          f"{format_metrics(results.metrics(ks))} | per class: {path}")
 
 
 def index(args) -> None:
@@ -194,7 +227,14 @@ def search(args) -> None:
     if args.k < 1:
         raise ConfigError(f"--k {args.k}: expected a number of neighbours >= 1")
     try:
-        hits = built.search(queries.float32(), args.k, args.exclude_self, args.exact_fallback)
+        if args.rerank:
+            from dml.inference.rerank_search import reranked_search
+
+            hits = reranked_search(built, queries.float32(), args.k, args.rerank,
+                                   rerank_params(args.rerank_param), args.exclude_self)
+        else:
+            hits = built.search(queries.float32(), args.k, args.exclude_self,
+                                args.exact_fallback)
     except ConfigError as error:  # about the queries: name where they came from
         source = args.embeddings or args.images or "the query images"
         raise ConfigError(f"{source}: {error}") from None
@@ -211,6 +251,20 @@ def search(args) -> None:
           + (f", {args.html}" if args.html else "")
           + (f"; {short} queries got fewer than {hits.k} hits (the {built.kind} index found no "
              f"more; --exact-fallback or a larger --nprobe searches further)" if short else ""))
+
+
+def rerank_params(pairs) -> dict:
+    """``--rerank-param k1=20`` -> {"k1": 20}; ints stay ints."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            raise ConfigError(f"--rerank-param {pair}: expected KEY=NUMBER, e.g. k1=20")
+    return params
 
 
 def export_command(args) -> None:

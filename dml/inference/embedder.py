@@ -185,7 +185,7 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return int(self.module.head.linear.out_features)
+        return int(self.module.head.out_features)
 
     def meta(self, **extra) -> Dict[str, Any]:
         return {"checkpoint": os.path.abspath(self.checkpoint_path), "dim": self.dim, **extra}

@@ -99,6 +99,7 @@ class Hits:
     similarities: List[np.ndarray]
     k: int
     notes: List[str] = field(default_factory=list)
+    rerank_distances: Optional[List[np.ndarray]] = None  # the order of a re-ranked search
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -31,6 +31,8 @@ def result_rows(query_paths: List[str], query_labels: Optional[np.ndarray], hits
                                           hits.similarities[q].tolist())):
             row = {"query": path, "rank": rank + 1, "path": paths[j], "row": int(j),
                    "similarity": round(float(s), 6)}
+            if hits.rerank_distances is not None:
+                row["rerank_distance"] = round(float(hits.rerank_distances[q][rank]), 6)
             if query_labels is not None and labels is not None and query_labels[q] >= 0:
                 row["query_label"], row["label"] = int(query_labels[q]), int(labels[j])
                 row["match"] = bool(query_labels[q] == labels[j])

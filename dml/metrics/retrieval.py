@@ -185,28 +185,37 @@ def query_results(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=None,
 
 def results_from_distances(distances, labels, gallery_labels=None,
                            max_elements: int = 1 << 24) -> QueryResults:
-    """``QueryResults`` of a given (n_q, n_r) dissimilarity matrix (a re-ranked distance, see
-    ``dml.reranking``), under the same tie rule: (value, reference index). Without
-    ``gallery_labels`` the rows and columns are one set and each query's own column is
-    excluded."""
+    """``QueryResults`` of a given (n_q, n_r) dissimilarity matrix, or of a re-ranking's
+    distances (``dml.reranking.Reranked``, made a block of rows at a time), under the same tie
+    rule: (value, reference index). Without ``gallery_labels`` the rows and columns are one set
+    and each query's own column is excluded."""
     caller = "results_from_distances"
-    d = _as_tensor(distances, torch.float32)
-    q_labels = as_labels(labels, "labels", caller).reshape(-1)
+    if hasattr(distances, "rows"):
+        rows_of, shape = distances.rows, (distances.num_queries, distances.num_references)
+    else:
+        d = _as_tensor(distances, torch.float32)
+        rows_of, shape = (lambda a, b: d[a:b]), tuple(d.shape)
+    q_labels = as_labels(labels, "labels", caller).reshape(-1).cpu()
     same_source = gallery_labels is None
     r_labels = q_labels if same_source else as_labels(gallery_labels, "gallery_labels",
-                                                      caller).reshape(-1)
-    if d.ndim != 2 or d.shape != (len(q_labels), len(r_labels)):
-        raise ValueError(f"{caller}: distances of shape {tuple(d.shape)} for "
-                         f"{len(q_labels)} queries and {len(r_labels)} references")
-    if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
-        raise ValueError(f"{caller}: distances must be finite and non-negative")
+                                                      caller).reshape(-1).cpu()
+    if len(shape) != 2 or shape != (len(q_labels), len(r_labels)):
+        raise ValueError(f"{caller}: distances of shape {shape} for {len(q_labels)} queries "
+                         f"and {len(r_labels)} references")
     num_relevant = relevant_counts(q_labels, r_labels, same_source)
     keep = _scored(num_relevant, caller)
-    step = max(1, max_elements // max(d.shape[1], 1))
+    scored = torch.zeros(len(q_labels), dtype=torch.bool)
+    scored[keep] = True
+    step = max(1, max_elements // max(shape[1], 1))
     parts = []
-    for s in range(0, len(keep), step):
-        rows = keep[s:s + step]
-        parts.append(row_stats(d[rows].clone(), q_labels[rows], r_labels, num_relevant[rows],
+    for s in range(0, len(q_labels), step):
+        rows = torch.arange(s, min(s + step, len(q_labels)))[scored[s:s + step]]
+        if len(rows) == 0:
+            continue
+        block = rows_of(s, s + step).float().cpu()[rows - s]
+        if not bool(torch.isfinite(block).all()) or bool((block < 0).any()):
+            raise ValueError(f"{caller}: distances must be finite and non-negative")
+        parts.append(row_stats(block, q_labels[rows], r_labels, num_relevant[rows],
                                rows if same_source else None))
     first, ap, rp = (torch.cat(p) for p in zip(*parts))
     return QueryResults(keep.numpy(), q_labels[keep].numpy(), num_relevant[keep].numpy(),

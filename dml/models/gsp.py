@@ -171,6 +171,7 @@ class GSP(Pooling):
         self._known_initialized = False  # host copy of a True flag: no device read per step
 
     produces_attributes = True
+    uses_projection = True  # costs in the embedding space: needs the head's linear map
 
     def wants_initialization(self) -> bool:
         """Asked at every training step: the buffer (on the GPU) is read only until it is

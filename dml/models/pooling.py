@@ -35,6 +35,9 @@ class Pooling(nn.Module):
     else):
 
     - ``forward(feature_map, projection=head_linear) -> PoolingOutput``;
+    - ``uses_projection``: whether it needs the head's linear map (``projection``; GSP's costs
+      live in the embedding space); such a pooling cannot go with no head
+      (``model.embedding_dim: null``, where ``projection`` is None);
     - ``produces_attributes``: whether ``PoolingOutput.attributes`` holds a per-image
       distribution over the pooling's parts (GSP's prototypes; the zero-shot loss needs it);
     - ``wants_initialization()``: true while ``initialize(candidates)`` should run before the
@@ -45,6 +48,7 @@ class Pooling(nn.Module):
     """
 
     produces_attributes = False
+    uses_projection = False  # True: forward needs projection=the head's nn.Linear (GSP)
     uses_class_token = False  # True: forward also takes class_token=(B, C) (ViT backbones)
     init_batches = 0
 

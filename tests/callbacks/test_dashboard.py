@@ -50,10 +50,12 @@ def png_size(path):
 def test_figures_are_saved_as_pngs_of_the_expected_size(tiny_run):
     figures = sorted(glob.glob(str(tiny_run / "figures" / "*.png")))
     names = {os.path.basename(p) for p in figures}
-    assert names == {"retrieval_epoch000.png", "pooling_epoch000.png", "projection_epoch000.png"}
+    assert names == {"retrieval_epoch000.png", "pooling_epoch000.png", "projection_epoch000.png",
+                     "worst_epoch000.png"}
     by_name = {os.path.basename(p).split("_")[0]: p for p in figures}
     assert png_size(by_name["retrieval"]) == ("PNG", (160 * 4, 160 * 4))  # 4 queries, top-3
     assert png_size(by_name["projection"]) == ("PNG", (700, 550))
+    assert png_size(by_name["worst"]) == ("PNG", (160 * 4, 160 * 4))  # 4 worst queries, top-3
     fmt, (w, h) = png_size(by_name["pooling"])
     assert fmt == "PNG" and (w, h) == (180 * 4 + 80, 380)  # 4 images x 2 rows, colour bar
 
@@ -63,7 +65,7 @@ def test_wandb_offline_run_holds_config_git_metrics_and_figures(tiny_run):
     assert len(runs) == 1
     media = glob.glob(os.path.join(runs[0], "files", "media", "images", "figures", "*.png"))
     assert {os.path.basename(m).split("_")[0] for m in media} == {"retrieval", "pooling",
-                                                                 "projection"}
+                                                                 "projection", "worst"}
     # The offline run's log (what `wandb sync` uploads) holds the records as JSON values.
     log = open(glob.glob(os.path.join(runs[0], "*.wandb"))[0], "rb").read()
     commit = git_state()["commit"].encode()
@@ -71,8 +73,18 @@ def test_wandb_offline_run_holds_config_git_metrics_and_figures(tiny_run):
     assert b'"pooling":{"name":"gsp"' in log  # the whole CLI config
     for key in (b"val/MAP@R", b"val/R@1", b"val/NMI", b"train/loss_metric",
                 b"train/loss_zero_shot", b"lr-AdamW", b"figures/retrieval", b"figures/pooling",
-                b"figures/projection"):
+                b"figures/projection", b"figures/worst", b"tables/worst_classes"):
         assert key in log, key
+
+
+def test_the_worst_classes_file_holds_the_lowest_map_at_r_of_the_last_validation(tiny_run):
+    import csv
+
+    with open(tiny_run / "figures" / "worst_classes_epoch000.csv") as f:
+        rows = list(csv.DictReader(f))
+    values = [float(r["MAP@R"]) for r in rows]
+    assert 1 <= len(rows) <= 8 and values == sorted(values)  # 8 test classes, lowest first
+    assert {"class", "queries", "R@1", "MAP@R", "R-Precision"} <= set(rows[0])
 
 
 def test_retrieval_grid_frames_right_and_wrong_neighbours(tmp_path):
