@@ -153,19 +153,23 @@ class EvalConfig:
     rerank_params: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self):
-        from dml.reranking import DEFAULTS, RERANKERS
+        from dml.reranking import RERANKERS, settings
 
         if isinstance(self.rerank, str):
             self.rerank = [self.rerank]
-        for name in list(self.rerank) + list(self.rerank_params):
+        for name in self.rerank:
             if name not in RERANKERS:
                 raise ConfigError(f"model.evaluation.rerank: unknown re-ranking {name!r}; "
                                   f"expected {' or '.join(RERANKERS)}")
         for name, params in self.rerank_params.items():
-            unknown = set(params or {}) - set(DEFAULTS[name])
-            if unknown:
-                raise ConfigError(f"model.evaluation.rerank_params.{name}: unknown "
-                                  f"{sorted(unknown)}; it takes {sorted(DEFAULTS[name])}")
+            if name not in self.rerank:
+                raise ConfigError(f"model.evaluation.rerank_params.{name}: {name} is not in "
+                                  f"model.evaluation.rerank {list(self.rerank)}; add it there "
+                                  f"or drop its parameters")
+            try:
+                settings(name, params)
+            except ValueError as error:
+                raise ConfigError(f"model.evaluation.rerank_params.{name}: {error}") from None
 
 
 # The values each setting takes: (low, high, whether low itself is allowed); None for no bound.

@@ -56,6 +56,8 @@ def best(rows: Sequence[Sequence[Cell]], column: int) -> Optional[float]:
 def latex_cell(cell: Cell, bold: bool = False) -> str:
     if not is_number(cell):
         return "--" if cell == MISSING else escape(cell)
+    if not math.isfinite(cell[0]):  # a NaN mean is no number either
+        return "--"
     mean, spread = cell
     text = f"\\textbf{{{mean:.1f}}}" if bold else f"{mean:.1f}"
     return text + ("" if spread is None else f" $\\pm$ {spread:.1f}")

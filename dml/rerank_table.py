@@ -44,7 +44,14 @@ def rows_for(model, names: Sequence[str], params: Dict[str, Dict]) -> List[Dict]
     return out
 
 
-def markdown(table: Dict[str, List[Dict]], command: str) -> str:
+def labels_of(paths: Sequence[str]) -> List[str]:
+    """Each model's row label: its file or folder name, or the path as given where two names
+    are the same."""
+    names = [os.path.basename(os.path.normpath(p)).replace("_", " ") for p in paths]
+    return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
+
+
+def markdown(table: Dict[str, List[Dict]], command: str, split: str = "test") -> str:
     lines = ["| model | variant | " + " | ".join(METRICS) + " | seconds |",
              "|---|---|" + "---|" * (len(METRICS) + 1)]
     for model, rows in table.items():
@@ -52,8 +59,8 @@ def markdown(table: Dict[str, List[Dict]], command: str) -> str:
             cells = " | ".join(f"{100 * row[m]:.1f}" for m in METRICS)
             took = "" if row["seconds"] is None else f"{row['seconds']:.1f}"
             lines.append(f"| {model} | {row['variant']} | {cells} | {took} |")
-    return (f"Test split, in %; re-ranked rows from the same exact evaluator and tie rule. Made "
-            f"by `{command}`.\n\n" + "\n".join(lines) + "\n")
+    return (f"The {split} split, in %; re-ranked rows from the same exact evaluator and tie "
+            f"rule. Made by `{command}`.\n\n" + "\n".join(lines) + "\n")
 
 
 def parse_params(pairs: Sequence[str]) -> Dict[str, Dict[str, float]]:
@@ -82,17 +89,29 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     p.add_argument("--out")
     args = p.parse_args(argv)
     params = parse_params(args.param)
-    table = {}
-    for path in args.models:
+    from dml.reranking import settings
+
+    for name in set(args.rerank) | set(params):
+        try:
+            settings(name, params.get(name))
+        except ValueError as error:
+            raise ConfigError(f"--rerank / --param: {error}") from None
+    if args.out and os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out}: is a folder; name the table's file")
+    table, splits = {}, set()
+    for path, name in zip(args.models, labels_of(args.models)):
         model = load_model(path, root=args.root)
-        name = os.path.basename(os.path.normpath(path)).replace("_", " ")
-        table[name] = rows_for(model, args.rerank, params)
+        splits.add(str(model.query.meta.get("split", "test")))
+        try:
+            table[name] = rows_for(model, args.rerank, params)
+        except ValueError as error:  # e.g. no query with a relevant reference
+            raise ConfigError(f"{path}: {error}") from None
         print(f"{name}: " + "; ".join(f"{r['variant']} R@1 {100 * r['R@1']:.1f} MAP@R "
                                       f"{100 * r['MAP@R']:.1f}" for r in table[name]),
               flush=True)
     command = "python -m dml.rerank_table " + shlex.join(sys.argv[1:] if argv is None
                                                          else list(argv))
-    text = markdown(table, command)
+    text = markdown(table, command, " and ".join(sorted(splits)))
     if args.out:
         tmp = args.out + ".partial"
         with open(tmp, "w") as f:

@@ -210,23 +210,39 @@ def _weighted_sum(centers: torch.Tensor, items: torch.Tensor, idx: torch.Tensor,
     return torch.einsum("nk,nkd->nd", weights, neighbours)
 
 
-def rerank(name: str, query: torch.Tensor, gallery: Optional[torch.Tensor] = None,
-           **params) -> Reranked:
-    """A re-ranker by name (``RERANKERS``) with its parameters over ``DEFAULTS``."""
+def settings(name: str, params: Optional[dict] = None) -> dict:
+    """A re-ranking's parameters over ``DEFAULTS``, checked: a ValueError for an unknown name or
+    parameter, a count that is not a whole number >= 1 (k1, k2, k), lam outside [0, 1] or a
+    negative alpha."""
     if name not in RERANKERS:
         raise ValueError(f"re-ranking {name!r}: expected one of {', '.join(RERANKERS)}")
+    params = dict(params or {})
     unknown = set(params) - set(DEFAULTS[name])
     if unknown:
         raise ValueError(f"re-ranking {name}: unknown parameters {sorted(unknown)}; it takes "
                          f"{sorted(DEFAULTS[name])}")
-    settings = dict(DEFAULTS[name], **params)
-    for key, default in DEFAULTS[name].items():  # counts stay counts (configs give floats)
-        if isinstance(default, int):
-            value = settings[key]
-            if isinstance(value, bool) or float(value) != int(value):
-                raise ValueError(f"re-ranking {name}: {key} {value} must be a whole number")
-            settings[key] = int(value)
-    return (k_reciprocal if name == "k_reciprocal" else alpha_qe)(query, gallery, **settings)
+    out = dict(DEFAULTS[name], **params)
+    for key, default in DEFAULTS[name].items():
+        value = out[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"re-ranking {name}: {key} {value!r} must be a number")
+        if isinstance(default, int):  # counts stay counts (configs give floats)
+            if float(value) != int(value) or value < 1:
+                raise ValueError(f"re-ranking {name}: {key} {value} must be a whole number >= 1")
+            out[key] = int(value)
+    if "lam" in out and not 0 <= out["lam"] <= 1:
+        raise ValueError(f"re-ranking {name}: lam {out['lam']} must be in [0, 1]")
+    if "alpha" in out and out["alpha"] < 0:
+        raise ValueError(f"re-ranking {name}: alpha {out['alpha']} must be >= 0")
+    return out
+
+
+def rerank(name: str, query: torch.Tensor, gallery: Optional[torch.Tensor] = None,
+           **params) -> Reranked:
+    """A re-ranker by name (``RERANKERS``) with its parameters over ``DEFAULTS``
+    (``settings``)."""
+    checked = settings(name, params)
+    return (k_reciprocal if name == "k_reciprocal" else alpha_qe)(query, gallery, **checked)
 
 
 def row_blocks(reranked: Reranked, max_elements: int = 1 << 24) -> Iterator[Tuple[int, int]]:

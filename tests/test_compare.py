@@ -142,8 +142,10 @@ def test_a_checkpoint_and_an_mlrc_folder_against_themselves_differ_by_zero(ckpt,
     folder = tmp_path / "mlrc" / "synthetic" / "model"
     for fold in range(4):
         record = folder / "seed0" / f"fold{fold}" / "abc" / "fold.json"
-        record.parent.mkdir(parents=True)
-        record.write_text(json.dumps({"status": "done", "checkpoint": ckpt}))
+        kept = record.parent / "run" / "checkpoints" / "best-epoch=000.ckpt"
+        kept.parent.mkdir(parents=True)
+        os.symlink(ckpt, kept)  # the checkpoint inside the folder is the one used
+        record.write_text(json.dumps({"status": "done", "checkpoint": "/moved/elsewhere.ckpt"}))
     out = compare(folder, ckpt, "--resamples", "200")
     assert out.returncode == 0, out.stderr
     assert "4 fold models concatenated" in out.stdout
@@ -153,12 +155,35 @@ def test_a_checkpoint_and_an_mlrc_folder_against_themselves_differ_by_zero(ckpt,
     assert out.returncode == 2 and "--seed 3 has no 4 trained fold models" in out.stderr
 
 
+def test_the_same_images_in_another_order_are_paired_by_name(tmp_path):
+    xa, y = embeddings(5)
+    xb, _ = embeddings(5, spread=0.5)
+    names = [f"img{i}.png" for i in range(len(y))]
+    a, b = save(tmp_path / "a.npz", xa, y, names), save(tmp_path / "b.npz", xb, y, names)
+    flipped = save(tmp_path / "flipped.npz", xb[::-1].copy(), y[::-1].copy(), names[::-1])
+    straight, reordered = compare(a, b, "--resamples", "500"), compare(a, flipped,
+                                                                        "--resamples", "500")
+    assert straight.returncode == reordered.returncode == 0, reordered.stderr
+    assert rows_of(straight.stdout) == rows_of(reordered.stdout)
+
+
+def test_ks_without_1_still_give_r_at_1_for_mcnemar_and_the_class_means(tmp_path):
+    x, y = embeddings(6)
+    a = save(tmp_path / "a.npz", x, y)
+    out = compare(a, a, "--ks", "2", "4", "--resamples", "100")
+    assert out.returncode == 0, out.stderr
+    assert set(rows_of(out.stdout)) == {"R@1", "R@2", "R@4", "MAP@R", "R-Precision"}
+
+
 def test_bad_inputs_are_one_line_each(tmp_path):
     x, y = embeddings(3)
     good = save(tmp_path / "good.npz", x, y)
-    other = save(tmp_path / "other.npz", x[::-1].copy(), y[::-1].copy(),
-                 [f"img{i}.png" for i in range(len(x))][::-1])
+    other = save(tmp_path / "other.npz", x, y, [f"other{i}.png" for i in range(len(x))])
     unlabelled = save(tmp_path / "unlabelled.npz", x, np.full(len(x), -1))
+    other_content = str(tmp_path / "other_content.npz")  # the same names, other images
+    EmbeddingSet(x, [f"img{i}.png" for i in range(len(x))], y, {"content": "abc"}).save(
+        other_content)
+    EmbeddingSet(x, [f"img{i}.png" for i in range(len(x))], y, {"content": "def"}).save(good)
     bad = x.copy()
     bad[3, 0] = np.nan
     nan = save(tmp_path / "nan.npz", bad, y)
@@ -173,10 +198,16 @@ def test_bad_inputs_are_one_line_each(tmp_path):
              ((str(tmp_path / "junk.npz"), good), "junk.npz"),
              ((str(tmp_path / "missing.npz"), good), "missing.npz: no such file"),
              ((good, good, "--resamples", "0"), "--resamples 0"),
+             ((good, good, "--resamples", "39"), "needs at least 40 resamples"),
+             ((good, good, "--level", "0.999999"), "needs at least 2000000 resamples"),
+             ((good, good, "--seed", "-1"), "--seed -1"),
+             ((good, good, "--mlrc-seed", "0"), "only for MLRC folders"),
+             ((good, good, "--gallery", good, good), "holds 120 of the queries"),
+             ((good, other_content), "generated data of other settings"),
              ((good, good, "--level", "1.5"), "--level 1.5")]
     for args, message in cases:
         out = compare(*args)
-        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert out.returncode == 2, ([str(a)[-20:] for a in args], out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
             (args, out.stderr)

@@ -110,3 +110,25 @@ def test_an_embedded_split_gets_its_metrics_and_per_class_file(tmp_path, capsys)
     split_metrics(EmbeddingSet(x[:1], ["a"], y[:1], {}), "test", str(tmp_path / "one.npz"), [1])
     assert "note: no metrics" in capsys.readouterr().err
     assert not (tmp_path / "one.per_class.csv").exists()
+
+
+def test_rerank_param_without_rerank_and_rerank_on_ivfpq_are_one_line(indexed, tmp_path):
+    _, _, rows, index = indexed
+    out = run("search", index, "--embeddings", rows, "--rerank-param", "k1=3",
+              "--out", tmp_path / "r.json")
+    assert out.returncode == 2 and "give --rerank" in out.stderr
+
+
+def test_the_rerank_table_keeps_models_of_the_same_file_name_apart(tmp_path):
+    from dml.rerank_table import labels_of, main as table_main
+
+    assert labels_of(["a/x.npz", "b/x.npz", "c/y.npz"]) == ["a/x.npz", "b/x.npz", "y.npz"]
+    for name, seed in (("a", 3), ("b", 4)):
+        x, y = data(seed)
+        (tmp_path / name).mkdir()
+        EmbeddingSet(x, [f"t{i}" for i in range(len(x))], y, {"split": "train"}).save(
+            str(tmp_path / name / "x.npz"))
+    text = table_main([str(tmp_path / "a" / "x.npz"), str(tmp_path / "b" / "x.npz"),
+                       "--rerank", "alpha_qe"])
+    assert text.startswith("The train split")
+    assert sum(line.count("| plain |") for line in text.splitlines()) == 2

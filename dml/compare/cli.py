@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dml compare", allow_abbrev=False,
                                 description=__doc__.split("\n")[0])
     p.add_argument("a", help="model A: .npz embeddings, .ckpt, or an MLRC folder")
-    p.add_argument("b", help="model B, of the same kind and split")
+    p.add_argument("b", help="model B, of any of the three kinds, on the same split")
     p.add_argument("--gallery", nargs=2, metavar=("A_GALLERY", "B_GALLERY"),
                    help="embeddings files: the galleries A's and B's queries search (In-Shop)")
     p.add_argument("--unit", choices=("query", "class"), default="query",
@@ -52,10 +52,16 @@ def run(args) -> str:
     from dml.compare.paired import compare_models
     from dml.compare.report import summary, write_outputs
 
-    if args.resamples < 1:
-        raise ConfigError(f"--resamples {args.resamples}: expected >= 1")
+    from dml.metrics.significance import minimum_resamples
+
     if not 0 < args.level < 1:
         raise ConfigError(f"--level {args.level}: expected a confidence in (0, 1)")
+    if args.resamples < minimum_resamples(args.level):
+        raise ConfigError(f"--resamples {args.resamples}: a {100 * args.level:g} % interval "
+                          f"needs at least {minimum_resamples(args.level)} resamples (one in "
+                          f"each tail); 10000 is the default")
+    if args.seed < 0:
+        raise ConfigError(f"--seed {args.seed}: expected a non-negative integer")
     if args.ks is not None and min(args.ks) < 1:
         raise ConfigError(f"--ks {args.ks}: expected positive integers")
     if args.out and os.path.isfile(args.out):
@@ -66,6 +72,8 @@ def run(args) -> str:
     try:
         comparison = compare_models(a, b, args.ks, args.unit, args.resamples, args.level,
                                     args.seed)
+    except ConfigError:
+        raise
     except ValueError as error:  # e.g. no query with a relevant reference
         raise ConfigError(f"{args.a}, {args.b}: {error}") from None
     text = summary(comparison)

@@ -26,11 +26,13 @@ from dml.inference.embeddings import EmbeddingSet
 @dataclass
 class ModelSets:
     """One model's embeddings of a split: ``query`` searched against ``gallery`` (None: against
-    itself, each query left out of its own search). ``source``: what it came from."""
+    itself, each query left out of its own search). ``source``: what it came from;
+    ``gallery_source``: the gallery's file, where it was given apart."""
     source: str
     query: EmbeddingSet
     gallery: Optional[EmbeddingSet]
     recall_ks: List[int]
+    gallery_source: Optional[str] = None
 
 
 def load_model(path: str, gallery: Optional[str] = None, root: Optional[str] = None,
@@ -41,21 +43,38 @@ def load_model(path: str, gallery: Optional[str] = None, root: Optional[str] = N
         return _mlrc_model(path, root, seed)
     if not os.path.exists(path):
         raise ConfigError(f"{path}: no such file or folder")
+    if seed is not None:
+        raise ConfigError(f"--mlrc-seed: only for MLRC folders; {path} is a file")
     if path.endswith(".npz"):
         query = EmbeddingSet.load(path)
         gallery_set = EmbeddingSet.load(gallery) if gallery else None
         for name, rows in ((path, query), (gallery, gallery_set)):
             if rows is not None:
                 _check_rows(name, rows)
-        return ModelSets(path, query, gallery_set, [1, 2, 4, 8])
+        if gallery_set is not None:
+            _check_disjoint(path, query, gallery, gallery_set)
+        return ModelSets(path, query, gallery_set, [1, 2, 4, 8], gallery)
     if gallery:
         raise ConfigError(f"--gallery: only for embeddings files; {path} embeds its own split")
     from dml.inference import Embedder
 
     embedder = Embedder.from_checkpoint(path, trust_modules=trust_modules)
-    sets = embedder.embed_evaluation_sets(root)
+    try:
+        sets = embedder.embed_evaluation_sets(root)
+    except OSError as error:  # its data set's folder, as its config or --root names it
+        raise ConfigError(f"{path}: {error} (give its data set's folder with --root)") from None
     return ModelSets(path, _query(sets), sets.get("gallery"),
                      embedder.recall_ks)
+
+
+def _check_disjoint(path: str, query: EmbeddingSet, gallery_path: str,
+                    gallery: EmbeddingSet) -> None:
+    """Queries searched in a gallery that holds them would find themselves at distance 0."""
+    shared = set(query.paths) & set(gallery.paths)
+    if shared:
+        raise ConfigError(f"{gallery_path}: holds {len(shared)} of the queries of {path} (e.g. "
+                          f"{sorted(shared)[0]}); a query would find itself. Without --gallery "
+                          f"a split is searched against itself, each query left out")
 
 
 def _query(sets):
@@ -85,8 +104,11 @@ def _mlrc_model(folder: str, root: Optional[str], seed: Optional[int]) -> ModelS
             done = json.load(f)
         parts = record.split(os.sep)
         s, fold = int(parts[-4][4:]), int(parts[-3][4:])
-        if done.get("status") == "done" and os.path.isfile(done.get("checkpoint", "")):
-            by_seed.setdefault(s, {})[fold] = done["checkpoint"]
+        # the checkpoint inside this folder (fold.json's path may be where it was trained)
+        found = sorted(glob.glob(os.path.join(os.path.dirname(record), "*", "checkpoints",
+                                              "best-*.ckpt")))
+        if done.get("status") == "done" and found:
+            by_seed.setdefault(s, {})[fold] = found[-1]
     complete = sorted(s for s, folds in by_seed.items() if len(folds) == FOLDS)
     if not complete:
         raise ConfigError(f"{folder}: no seed with {FOLDS} trained fold models (expected "
@@ -97,7 +119,11 @@ def _mlrc_model(folder: str, root: Optional[str], seed: Optional[int]) -> ModelS
         raise ConfigError(f"{folder}: --seed {seed} has no {FOLDS} trained fold models; "
                           f"seeds with them: {complete}")
     folds = [Embedder.from_checkpoint(by_seed[seed][k]) for k in range(FOLDS)]
-    sets = [e.embed_evaluation_sets(root) for e in folds]
+    try:
+        sets = [e.embed_evaluation_sets(root) for e in folds]
+    except OSError as error:
+        raise ConfigError(f"{folder}: {error} (give its data set's folder with "
+                          f"--root)") from None
     names = list(sets[0])
     merged = {}
     for name in names:
@@ -113,16 +139,37 @@ def _mlrc_model(folder: str, root: Optional[str], seed: Optional[int]) -> ModelS
                      folds[0].recall_ks)
 
 
-def check_same_split(a: ModelSets, b: ModelSets) -> None:
-    """A ConfigError unless both models embedded the same images, in the same order, with the
-    same labels (the paired tests pair query q of A with query q of B)."""
+def check_same_split(a: ModelSets, b: ModelSets) -> ModelSets:
+    """``b`` with its rows in ``a``'s order, or a ConfigError unless both models embedded the
+    same images (the same paths and, for generated data, the same content) with the same labels:
+    the paired tests pair query q of A with query q of B."""
     if (a.gallery is None) != (b.gallery is None):
         raise ConfigError(f"{a.source} and {b.source}: one is searched against a gallery, the "
                           f"other against itself")
-    for what, x, y in (("query", a.query, b.query), ("gallery", a.gallery, b.gallery)):
-        if x is None:
-            continue
-        if x.paths != y.paths or not np.array_equal(x.labels, y.labels):
-            raise ConfigError(f"{a.source} and {b.source}: their {what} rows are not the same "
-                              f"images with the same labels ({len(x)} and {len(y)} rows); "
-                              f"compare two models on the same split")
+    query = _aligned(a.query, b.query, "query", a.source, b.source)
+    gallery = None if a.gallery is None else _aligned(
+        a.gallery, b.gallery, "gallery", a.gallery_source or a.source,
+        b.gallery_source or b.source)
+    return ModelSets(b.source, query, gallery, b.recall_ks, b.gallery_source)
+
+
+def _aligned(x: EmbeddingSet, y: EmbeddingSet, what: str, x_name: str,
+             y_name: str) -> EmbeddingSet:
+    """``y`` reordered to ``x``'s paths (unique paths, the same set), labels checked."""
+    content_x, content_y = x.meta.get("content"), y.meta.get("content")
+    if content_x and content_y and content_x != content_y:
+        raise ConfigError(f"{x_name} and {y_name}: their {what} images are generated data of "
+                          f"other settings (the same names, other images); compare two models "
+                          f"on the same split")
+    if x.paths != y.paths:
+        position = {p: i for i, p in enumerate(y.paths)}
+        if len(position) != len(y.paths) or len(set(x.paths)) != len(x.paths) \
+                or set(position) != set(x.paths):
+            raise ConfigError(f"{x_name} and {y_name}: their {what} rows are not the same "
+                              f"images ({len(x)} and {len(y)} rows); compare two models on the "
+                              f"same split")
+        order = np.array([position[p] for p in x.paths])
+        y = EmbeddingSet(y.embeddings[order], list(x.paths), y.labels[order], y.meta)
+    if not np.array_equal(x.labels, y.labels):
+        raise ConfigError(f"{x_name} and {y_name}: the same {what} images with other labels")
+    return y

@@ -53,8 +53,8 @@ def compare_models(a: ModelSets, b: ModelSets, ks: Optional[Sequence[int]] = Non
     """Both models' per-query results on the same split and every metric's B - A."""
     if unit not in ("query", "class"):
         raise ValueError(f"unit {unit!r}: expected query or class")
-    check_same_split(a, b)
-    ks = sorted(set(int(k) for k in (ks or a.recall_ks)))
+    b = check_same_split(a, b)
+    ks = sorted(set(int(k) for k in (ks or a.recall_ks)) | {1})  # R@1: McNemar, class means
     ra, rb = results_of(a, ks), results_of(b, ks)
     groups = ra.labels if unit == "class" else None
     differences = paired_bootstrap(ra.values(ks), rb.values(ks), groups, resamples, level, seed)

@@ -226,6 +226,12 @@ def search(args) -> None:
     notes = built.set_nprobe(args.nprobe) if args.nprobe is not None else []
     if args.k < 1:
         raise ConfigError(f"--k {args.k}: expected a number of neighbours >= 1")
+    if args.rerank_param and not args.rerank:
+        raise ConfigError("--rerank-param: give --rerank k_reciprocal or alpha_qe too")
+    if args.rerank:
+        from dml.inference.rerank_search import check_rerank
+
+        check_rerank(built, args.rerank, rerank_params(args.rerank_param))
     try:
         if args.rerank:
             from dml.inference.rerank_search import reranked_search

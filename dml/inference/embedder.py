@@ -8,6 +8,7 @@ in float32, in eval mode, on the GPU when there is one.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import os
@@ -230,6 +231,9 @@ class Embedder:
             if named_class is not data_class:  # another data set: its own settings
                 data_class, args = named_class, named_args
         if root:
+            if "root" not in inspect.signature(data_class).parameters:
+                raise ConfigError(f"--root {root}: {data_class.__name__} takes no data folder "
+                                  f"(its images are generated)")
             args["root"] = root
         if "decode" in args:  # embedding reads with PIL, whatever the training decoded with
             args["decode"] = "cpu"
@@ -253,14 +257,20 @@ class Embedder:
         original = getattr(dataset, "original_classes", None)
         if original is not None:  # the data set's own class ids
             labels = np.asarray(original)[labels]
-        return EmbeddingSet(torch.cat(rows).numpy(), paths, labels,
-                            self.meta(dataset=data_class.__name__, split=split))
+        meta = self.meta(dataset=data_class.__name__, split=split)
+        digest = content_digest(dataset)
+        if digest:  # images held in memory: their names say nothing of their content
+            meta["content"] = digest
+        return EmbeddingSet(torch.cat(rows).numpy(), paths, labels, meta)
 
 
     def embed_evaluation_sets(self, root: Optional[str] = None,
                               progress: bool = False) -> Dict[str, EmbeddingSet]:
         """The test split as the evaluation searches it: {"test": set}, or {"query": set,
         "gallery": set} for a data set with a gallery (In-Shop)."""
+        if root and "root" not in inspect.signature(self.data_class).parameters:
+            raise ConfigError(f"--root {root}: {self.data_class.__name__} takes no data folder "
+                              f"(its images are generated)")
         args = dict(self.data_args, **({"root": root} if root else {}))
         names = ["query", "gallery"] if "query" in eval_datasets_of(self.data_class(**args)) \
             else ["test"]
@@ -296,6 +306,15 @@ def eval_datasets_of(data) -> Dict[str, Dataset]:
     else:
         sets["train"] = data.train_dataset
     return sets
+
+
+def content_digest(dataset: Dataset) -> Optional[str]:
+    """sha1 of a data set's in-memory images (generated data, whose items have no file), or
+    None where the items are files (their paths identify them)."""
+    images = getattr(dataset, "images", None)
+    if getattr(dataset, "paths", None) is not None or not isinstance(images, torch.Tensor):
+        return None
+    return hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def item_path(dataset: Dataset, index: int, split: str) -> str:

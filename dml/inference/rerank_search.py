@@ -19,14 +19,25 @@ from dml.inference.index import Hits, SearchIndex, unit_rows
 from dml.metrics.ordering import key_index, stable_smallest
 
 
+def check_rerank(index: SearchIndex, name: str, params: Optional[Dict]) -> None:
+    """ConfigErrors about the index or the settings, before anything is searched."""
+    from dml.reranking import settings
+
+    if index.kind == "ivfpq":
+        raise ConfigError("--rerank: an ivfpq index stores compressed codes, not its rows; "
+                          "re-rank over a flat, ivf or hnsw index")
+    try:
+        settings(name, params)
+    except ValueError as error:
+        raise ConfigError(f"--rerank-param: {error}") from None
+
+
 def reranked_search(index: SearchIndex, queries: np.ndarray, k: int, name: str,
                     params: Optional[Dict] = None, exclude_self: bool = False) -> Hits:
     from dml.reranking import rerank
 
+    check_rerank(index, name, params)
     stored = index.stored_rows()
-    if index.kind == "ivfpq":
-        raise ConfigError("--rerank: an ivfpq index stores compressed codes, not its rows; "
-                          "re-rank over a flat, ivf or hnsw index")
     queries = unit_rows(np.asarray(queries, dtype=np.float32), "the queries")
     if queries.shape[1] != index.dim:
         raise ConfigError(f"the queries are {queries.shape[1]}-d embeddings, the index holds "
@@ -43,11 +54,8 @@ def reranked_search(index: SearchIndex, queries: np.ndarray, k: int, name: str,
     if k < 1 or len(queries) == 0:
         return Hits([np.zeros(0, np.int64)] * len(queries),
                     [np.zeros(0, np.float32)] * len(queries), max(k, 0), notes)
-    try:
-        reranked = rerank(name, torch.from_numpy(queries),
-                          None if exclude_self else torch.from_numpy(stored), **(params or {}))
-    except ValueError as error:
-        raise ConfigError(f"--rerank: {error}") from None
+    reranked = rerank(name, torch.from_numpy(queries),
+                      None if exclude_self else torch.from_numpy(stored), **(params or {}))
     rows, sims, dists = [], [], []
     step = max(1, (1 << 24) // len(stored))
     for a in range(0, len(queries), step):

@@ -44,9 +44,10 @@ def paired_bootstrap(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray],
     names = list(a)
     if set(b) != set(names):
         raise ValueError(f"paired_bootstrap: metrics {sorted(a)} and {sorted(b)} differ")
-    if resamples < 1 or not 0 < level < 1:
-        raise ValueError(f"paired_bootstrap: resamples {resamples} must be >= 1 and level "
-                         f"{level} in (0, 1)")
+    if not 0 < level < 1 or resamples < minimum_resamples(level):
+        raise ValueError(f"paired_bootstrap: level {level} must be in (0, 1), and its interval "
+                         f"needs at least {minimum_resamples(level) if 0 < level < 1 else 1} "
+                         f"resamples (got {resamples})")
     va = np.stack([np.asarray(a[n], dtype=np.float64) for n in names], 1)
     vb = np.stack([np.asarray(b[n], dtype=np.float64) for n in names], 1)
     if va.shape != vb.shape or len(va) == 0:
@@ -73,6 +74,12 @@ def paired_bootstrap(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray],
     return {n: Difference(float(va[:, j].mean()), float(vb[:, j].mean()), float(observed[j]),
                           float(low[j]), float(high[j]), float(min(1.0, p[j])))
             for j, n in enumerate(names)}
+
+
+def minimum_resamples(level: float) -> int:
+    """The fewest resamples whose percentile interval at ``level`` has a resample in each tail:
+    B (1 - level) / 2 >= 1 (40 at 95 %)."""
+    return int(np.ceil(2.0 / (1.0 - level) - 1e-9))
 
 
 def _resampled_means(sums: np.ndarray, counts: np.ndarray, resamples: int,

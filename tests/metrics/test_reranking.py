@@ -1,6 +1,8 @@
 """Re-ranking against brute-force implementations written out here, loop by loop, from the
 papers' definitions (k-reciprocal: Zhong et al. 2017 and their released re_ranking; alpha-QE
 and DBA: Radenovic et al. 2018), and the metrics after re-ranking against a stable sort."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,19 @@ def test_bad_settings_are_errors():
         rerank("alpha_qe", x, k1=3)
     with pytest.raises(ValueError, match="k1 0"):
         k_reciprocal(x, k1=0)
+
+
+def test_evaluation_settings_are_checked_when_the_config_is_read():
+    from dml.config import EvalConfig
+    from dml.errors import ConfigError
+
+    assert EvalConfig(rerank=["k_reciprocal"], rerank_params={"k_reciprocal": {"k1": 5.0}})
+    for names, params, message in (
+            (["bm25"], {}, "unknown re-ranking 'bm25'"),
+            (["k_reciprocal"], {"k_reciprocal": {"k1": 2.5}}, "k1 2.5 must be a whole number"),
+            (["k_reciprocal"], {"k_reciprocal": {"k1": 0}}, "k1 0 must be a whole number >= 1"),
+            (["k_reciprocal"], {"k_reciprocal": {"lam": 1.5}}, "lam 1.5 must be in [0, 1]"),
+            (["k_reciprocal"], {"k_reciprocal": {"k9": 1}}, "unknown parameters ['k9']"),
+            ([], {"alpha_qe": {"k": 3}}, "alpha_qe is not in model.evaluation.rerank")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            EvalConfig(rerank=names, rerank_params=params)
