@@ -211,3 +211,27 @@ def test_bad_inputs_are_one_line_each(tmp_path):
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
             (args, out.stderr)
+
+
+def test_the_page_shows_images_that_are_members_of_a_zip_archive(tmp_path):
+    """Omniglot's splits are zip members: the page reads them from the archive the embeddings
+    file names (meta "archive")."""
+    import zipfile
+
+    from PIL import Image
+
+    x, y = embeddings(7, n_classes=4, per_class=3)
+    names = [f"set/alphabet/c{label}/{i}.png" for i, label in enumerate(y)]
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name in names:
+            with z.open(name, "w") as f:
+                Image.new("RGB", (8, 8), (200, 30, 30)).save(f, format="PNG")
+    for model in ("a", "b"):
+        EmbeddingSet(x, names, y, {"archive": str(archive)}).save(str(tmp_path / f"{model}.npz"))
+    out = compare(tmp_path / "a.npz", tmp_path / "b.npz", "--resamples", "100",
+                  "--out", tmp_path / "cmp")
+    assert out.returncode == 0, out.stderr
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    assert page.count('<img src="data:image/jpeg;base64,') >= len(names) // 2
+    assert 'class="name"' not in page  # no image shown as a bare name

@@ -134,5 +134,6 @@ def _rows(model, results: QueryResults, picks, cache) -> List[str]:
                 for r, j in enumerate(neighbours.tolist())]
         caption = (f"class {label}, first relevant at {int(results.first_rank[i]) + 1}, "
                    f"MAP@R {100 * float(results.ap[i]):.0f}")
-        out.append(query_row(model.query.paths[q], caption, hits, cache))
+        archives = (model.query.meta.get("archive"), searched.meta.get("archive"))
+        out.append(query_row(model.query.paths[q], caption, hits, cache, archives))
     return out

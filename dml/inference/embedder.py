@@ -261,6 +261,9 @@ class Embedder:
         digest = content_digest(dataset)
         if digest:  # images held in memory: their names say nothing of their content
             meta["content"] = digest
+        archive = getattr(getattr(dataset, "images", None), "archive", None)
+        if archive:  # the paths are members of this zip file (Omniglot)
+            meta["archive"] = os.path.abspath(archive)
         return EmbeddingSet(torch.cat(rows).numpy(), paths, labels, meta)
 
 

@@ -60,14 +60,22 @@ def write_rows(rows: List[Dict], path: str) -> None:
             os.remove(tmp)
 
 
-def thumbnail(path: str, size: int = 112) -> Optional[str]:
-    """A data URI of a JPEG thumbnail, or None when ``path`` is no readable image."""
+def thumbnail(path: str, size: int = 112, archive: Optional[str] = None) -> Optional[str]:
+    """A data URI of a JPEG thumbnail of an image file, or of the member ``path`` of the zip
+    ``archive`` (Omniglot's splits); None when there is no readable image."""
+    import zipfile
+
     from dml.data.image_list import open_image
 
-    if not os.path.isfile(path):
-        return None
     try:
-        img = open_image(path).convert("RGB")  # upright, as a viewer shows it (EXIF)
+        if os.path.isfile(path):
+            img = open_image(path)
+        elif archive and os.path.isfile(archive):
+            with zipfile.ZipFile(archive) as z, z.open(path) as f:
+                img = open_image(f)
+        else:
+            return None
+        img = img.convert("RGB")  # upright, as a viewer shows it (EXIF)
         img.thumbnail((size, size))
         out = io.BytesIO()
         img.save(out, format="JPEG", quality=85)
@@ -76,9 +84,10 @@ def thumbnail(path: str, size: int = 112) -> Optional[str]:
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
-def tile(path: str, caption: str, frame: str, cache: Dict[str, Optional[str]]) -> str:
+def tile(path: str, caption: str, frame: str, cache: Dict[str, Optional[str]],
+         archive: Optional[str] = None) -> str:
     if path not in cache:
-        cache[path] = thumbnail(path)
+        cache[path] = thumbnail(path, archive=archive)
     uri = cache[path]
     name = html.escape(os.path.basename(path) or path)
     body = f'<img src="{uri}" alt="{name}">' if uri else f'<div class="name">{name}</div>'
@@ -98,14 +107,16 @@ def write_html(rows: List[Dict], path: str, title: str = "dml search") -> None:
 FRAMES = ("frames: green = same class as the query, red = another class, grey = unknown.")
 
 
-def query_row(query: str, caption: str, hits: List[Dict], cache: Dict[str, Optional[str]]) -> str:
+def query_row(query: str, caption: str, hits: List[Dict], cache: Dict[str, Optional[str]],
+              archives: tuple = (None, None)) -> str:
     """One query's tile and its neighbours' (dicts with "path", "rank", "similarity" or
-    "caption", and "match" where the labels are known)."""
-    cells = [tile(query, caption, "#444", cache)]
+    "caption", and "match" where the labels are known); ``archives``: the zip files the query
+    and the neighbours are members of, if they are."""
+    cells = [tile(query, caption, "#444", cache, archives[0])]
     for hit in hits:
         frame = "#888" if "match" not in hit else ("#2a2" if hit["match"] else "#d22")
         label = hit.get("caption") or f'{hit["rank"]}: {hit["similarity"]:.3f}'
-        cells.append(tile(hit["path"], label, frame, cache))
+        cells.append(tile(hit["path"], label, frame, cache, archives[1]))
     return f'<div class="row">{"".join(cells)}</div>'
 
 
