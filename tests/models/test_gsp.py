@@ -1,4 +1,6 @@
 """GSP against independent references: GAP at mu = 1, POT's Sinkhorn, finite differences."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +157,53 @@ def test_initialized_flag_is_read_from_the_device_until_true_and_follows_checkpo
     assert not other.wants_initialization()
     gsp.load_state_dict(fresh_state)  # an uninitialised checkpoint: asks again
     assert gsp.wants_initialization()
+
+
+def per_iteration_solver(log_s, mu, iters, tol):
+    """The solver as it was before its host reads were batched: every iteration reads whether
+    all images have converged, and every image takes every step until then."""
+    target = math.log(mu) - math.log1p(-mu)
+    lo, hi = target - log_s.max(1).values, target - log_s.min(1).values
+    t = target - log_s.mean(1)
+    for _ in range(iters):
+        share = torch.sigmoid(t[:, None] + log_s)
+        f = share.mean(1) - mu
+        if bool((f.abs() <= tol * mu).all()):
+            break
+        lo, hi = torch.where(f < 0, t, lo), torch.where(f > 0, t, hi)
+        step = t - f / (share * (1 - share)).mean(1).clamp_min(1e-30)
+        t = torch.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mu,gamma", [(0.3, 5.0), (0.1, 0.5), (0.8, 20.0)])
+def test_the_solver_reads_the_host_every_8_iterations_with_the_same_plan_and_gradient(
+        monkeypatch, dtype, mu, gamma):
+    from dml.models import gsp
+
+    g = torch.Generator().manual_seed(3)
+    costs = (torch.rand(16, 64, 49, generator=g, dtype=torch.float64) * 2).to(dtype)
+    reads = []
+    original = torch.Tensor.__bool__
+
+    def counted(self):
+        reads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counted)
+    ours = costs.clone().requires_grad_(True)
+    plan = partial_transport(ours, mu, gamma, iters=50, tol=1e-6)
+    ours_reads, reads[:] = len(reads), []
+    before = costs.clone().requires_grad_(True)
+    monkeypatch.setattr(gsp, "_solve_log_nu", per_iteration_solver)
+    reference = partial_transport(before, mu, gamma, iters=50, tol=1e-6)
+    monkeypatch.undo()
+    # one read per 8 iterations where there was one per iteration (the last iteration's count)
+    assert ours_reads == -(-len(reads) // 8) and len(reads) >= 2, (ours_reads, len(reads))
+    weights = torch.randn(reference.shape, generator=g, dtype=torch.float64).to(dtype)
+    (plan * weights).sum().backward()
+    (reference * weights).sum().backward()
+    scale = plan.shape[-1]  # entries of the plan are O(1 / n)
+    assert torch.allclose(plan * scale, reference * scale, atol=1e-6, rtol=0)
+    assert torch.allclose(ours.grad, before.grad, atol=1e-6 * gamma, rtol=1e-5)
