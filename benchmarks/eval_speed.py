@@ -7,7 +7,13 @@ isometrically into 512-d plus small isotropic noise; ``--regime`` sets how far a
 - ``hard``: latent spread 0.55 (R@1 about 0.53, MAP@R 0.32: a mid-training SOP model);
 - ``separable``: spread 0.3 (R@1 about 0.99: a well-trained one);
 - ``unstructured``: i.i.d. Gaussian vectors, labels ignored by the geometry (an untrained
-  model; the hardest case for the candidate filter of the rank back end).
+  model; the hardest case for the candidate filter of the rank back end);
+- ``isotropic-1.6``, ``isotropic-2``, ``isotropic-3``: class centres drawn in all 512
+  dimensions, within-class noise isotropic in all 512 at that standard deviation per
+  dimension (distances concentrate; R@1 1.00, 0.94 and 0.11);
+- ``latent+noise``: the ``separable`` latent classes plus isotropic noise of 0.04 per
+  dimension in all 512 (about the norm of the latent part);
+- ``mixture``: half the classes as ``separable``, half as ``isotropic-2``.
 
 Timed in one process, same data, same threads:
 - floor: the bare float32 distance GEMM of the same sizes, ||q||^2 + ||r||^2 - 2 q.r over all
@@ -33,7 +39,25 @@ import numpy as np
 import torch
 from timing import compare, format_ratio, ratio
 
-REGIMES = {"hard": 0.55, "separable": 0.3, "unstructured": None}
+REGIMES = {"hard": 0.55, "separable": 0.3, "unstructured": None, "isotropic-1.6": 1.6,
+           "isotropic-2": 2.0, "isotropic-3": 3.0, "latent+noise": 0.3, "mixture": 0.3}
+
+
+def make_data(regime: str, n: int, classes: int, dim: int, seed: int = 0):
+    """The embeddings and labels of a regime (module docstring), L2-normalised."""
+    x, y = sop_like(n, classes, dim, seed, spread=REGIMES[regime])
+    if not regime.startswith(("isotropic", "latent+noise", "mixture")):
+        return x, y
+    rng = np.random.default_rng(seed + 1)
+    if regime == "latent+noise":
+        x = x + 0.04 * rng.normal(size=x.shape)
+    else:
+        sigma = 2.0 if regime == "mixture" else REGIMES[regime]
+        iso = rng.normal(size=(classes, dim))[y] + sigma * rng.normal(size=x.shape)
+        iso /= np.linalg.norm(iso, axis=1, keepdims=True)
+        x = iso if regime != "mixture" else np.where((y % 2 == 0)[:, None], x, iso)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), y
 
 
 def sop_like(n: int, classes: int, dim: int, seed: int = 0, latent: int = 16,
@@ -110,7 +134,7 @@ def main():
 
     ks = [1, 10, 100, 1000]
     classes = args.classes or round(args.n / 5.35)
-    x, y = sop_like(args.n, classes, args.dim, spread=REGIMES[args.regime])
+    x, y = make_data(args.regime, args.n, classes, args.dim)
     print(f"data ({args.regime}): {len(x)} x {x.shape[1]}, {len(np.unique(y))} classes, "
           f"sizes {np.bincount(y).min()}-{np.bincount(y).max()}, torch threads "
           f"{torch.get_num_threads()}", flush=True)
