@@ -28,3 +28,4 @@ def run_command(main, errors=(Exception,)) -> None:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+

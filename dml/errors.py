@@ -25,3 +25,23 @@ class DiskFullError(OSError):
 
 class PretrainedWeightsUnavailable(RuntimeError):
     """Raised when ImageNet weights were asked for and cannot be had."""
+
+
+def one_line_errors(run, args) -> int:
+    """``run(args)`` for the file-handling commands (embed, index, search, export, compare): a
+    ConfigError or OSError is one ``error:`` line naming the file, and exit status 2; 0
+    otherwise (``DML_TRACEBACK=1`` shows the traceback instead)."""
+    import os
+    import sys
+
+    try:
+        run(args)
+    except (ConfigError, OSError) as error:
+        if os.environ.get("DML_TRACEBACK"):
+            raise
+        if isinstance(error, OSError) and not isinstance(error, ConfigError):
+            error = ConfigError(f"{error.filename or 'a file'}: {error.strerror or error}")
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import List, Optional
 
 from dml.errors import ConfigError
@@ -85,15 +84,6 @@ def run(args) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, OSError) as error:
-        if os.environ.get("DML_TRACEBACK"):
-            raise
-        if isinstance(error, OSError) and not isinstance(error, ConfigError):
-            error = ConfigError(f"{error.filename or 'a file'}: {error.strerror or error}")
-        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    from dml.errors import one_line_errors
+
+    return one_line_errors(run, parser().parse_args(argv))

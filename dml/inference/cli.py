@@ -285,16 +285,8 @@ def export_command(args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from dml.errors import one_line_errors
+
     args = parser().parse_args(argv)
     run = {"embed": embed, "index": index, "search": search, "export": export_command}
-    try:
-        run[args.command](args)
-    except (ConfigError, OSError) as error:
-        if os.environ.get("DML_TRACEBACK"):
-            raise
-        if isinstance(error, OSError) and not isinstance(error, ConfigError):
-            error = ConfigError(f"{error.filename or 'a file'}: {error.strerror or error}")
-        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return one_line_errors(run[args.command], args)
