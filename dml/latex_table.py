@@ -107,12 +107,7 @@ def tabular(header: Sequence[str], rows: Sequence[Sequence[Cell]], caption: str,
 
 
 def write_atomic(path: str, text: str) -> None:
-    """``text`` to ``path`` through a temporary file and ``os.replace``: never half written."""
-    tmp = f"{path}.{os.getpid()}.partial"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """``text`` to ``path``, never half written (``dml.atomic_files``)."""
+    from dml.atomic_files import write_text_atomic
+
+    write_text_atomic(path, text)

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from dml.atomic_files import write_text_atomic
 from dml.errors import ConfigError
 
 METRICS = ("R@1", "MAP@R", "R-Precision")
@@ -113,10 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                                          else list(argv))
     text = markdown(table, command, " and ".join(sorted(splits)))
     if args.out:
-        tmp = args.out + ".partial"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
+        write_text_atomic(args.out, text)
     print(text)
     return text
 

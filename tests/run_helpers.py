@@ -120,3 +120,29 @@ def fit_recording_losses(args, root, epochs: int, ckpt=None, mid_checkpoint: boo
     main(args)
     with open(path) as f:
         return json.load(f)["losses"]
+
+
+def train_tiny_checkpoint(root, epochs: int = 2, train_classes: int = 16, test_classes: int = 12,
+                          images_per_class: int = 12) -> str:
+    """``python -m dml fit`` of the synthetic baseline, tiny, in a fresh process into ``root``;
+    its last.ckpt (for the tests of the commands that read a checkpoint)."""
+    import os
+    import subprocess
+    import sys
+
+    from dml.compose import config_args
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [*config_args("synthetic", "baseline"), "--trainer.max_epochs", str(epochs),
+            "--data.init_args.train_classes", str(train_classes),
+            "--data.init_args.test_classes", str(test_classes),
+            "--data.init_args.images_per_class", str(images_per_class),
+            "--model.backbone.width", "8", "--dashboard.enabled", "false",
+            "--trainer.enable_progress_bar", "false", "--model.evaluation.nmi", "false",
+            "--trainer.default_root_dir", str(root)]
+    out = subprocess.run([sys.executable, "-m", "dml", "fit", *args], cwd=repo,
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, WANDB_MODE="disabled"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    (path,) = [os.path.join(d, "last.ckpt") for d, _, f in os.walk(root) if "last.ckpt" in f]
+    return path

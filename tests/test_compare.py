@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from dml.compare.cli import main as compare_main
-from dml.compose import config_args
 from dml.inference import EmbeddingSet
 from dml.metrics import retrieval_metrics
+from run_helpers import train_tiny_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,15 +122,8 @@ def test_by_class_resampling_is_labelled_and_wider(tmp_path):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    out = dml("fit", *config_args("synthetic", "baseline"), "--trainer.max_epochs", "1",
-              "--data.init_args.train_classes", "12", "--data.init_args.test_classes", "10",
-              "--data.init_args.images_per_class", "8", "--model.backbone.width", "8",
-              "--dashboard.enabled", "false", "--trainer.enable_progress_bar", "false",
-              "--model.evaluation.nmi", "false", "--trainer.default_root_dir", root)
-    assert out.returncode == 0, out.stderr[-2000:]
-    (path,) = [os.path.join(d, "last.ckpt") for d, _, f in os.walk(root) if "last.ckpt" in f]
-    return path
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("trained"), epochs=1,
+                                 train_classes=12, test_classes=10, images_per_class=8)
 
 
 def test_a_checkpoint_and_an_mlrc_folder_against_themselves_differ_by_zero(ckpt, tmp_path):

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dml.compose import config_args
 from dml.inference import Embedder, EmbeddingSet, SearchIndex
 from dml.metrics import retrieval_metrics
+from run_helpers import train_tiny_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,15 +29,7 @@ def dml(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    out = dml("fit", *config_args("synthetic", "baseline"), "--trainer.max_epochs", "2",
-              "--data.init_args.train_classes", "16", "--data.init_args.test_classes", "12",
-              "--data.init_args.images_per_class", "12", "--model.backbone.width", "8",
-              "--dashboard.enabled", "false", "--trainer.enable_progress_bar", "false",
-              "--model.evaluation.nmi", "false", "--trainer.default_root_dir", root)
-    assert out.returncode == 0, out.stderr[-2000:]
-    (path,) = [os.path.join(d, "last.ckpt") for d, _, f in os.walk(root) if "last.ckpt" in f]
-    return path
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("trained"))
 
 
 def test_search_results_give_the_evaluations_recall_exactly(ckpt, tmp_path):

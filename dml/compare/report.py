@@ -8,6 +8,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from dml.atomic_files import write_text_atomic
 from dml.compare.paired import Comparison, nearest
 from dml.inference.report import FRAMES, html_table, query_row, write_page, write_rows
 from dml.metrics.per_query import QueryResults
@@ -86,10 +87,7 @@ def write_outputs(c: Comparison, folder: str) -> List[str]:
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, n) for n in ("compare.json", "per_class.csv", "queries.csv",
                                                "report.html")]
-    tmp = paths[0] + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(as_json(c), f, indent=1, allow_nan=False)
-    os.replace(tmp, paths[0])
+    write_text_atomic(paths[0], json.dumps(as_json(c), indent=1, allow_nan=False))
     write_rows(per_class_rows(c), paths[1])
     write_rows(per_query_rows(c), paths[2])
     write_page(paths[3], f"{c.a.source} (A) vs {c.b.source} (B)", page_body(c))

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 
+from dml.atomic_files import write_text_atomic
+
 if TYPE_CHECKING:
     from dml.inference.index import Hits
 
@@ -138,14 +140,7 @@ td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
 {body}
 </body></html>
 """
-    tmp = f"{path}.{os.getpid()}.partial"
-    try:
-        with open(tmp, "w") as f:
-            f.write(page)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text_atomic(path, page)
 
 
 def html_table(rows: List[Dict], columns: List[str]) -> str:
