@@ -18,9 +18,11 @@ Two computations give them:
   pass then visits every block once (with query = reference only the blocks on and above the
   diagonal: each serves its rows and, transposed, its columns) and per query adds two counts,
   of distances < f and <= f, and merges the few references with distance <= tau into its list
-  of the R nearest under the tie rule (tau shrinks as the list fills). The first relevant
-  reference is then read from the list when it is among the R nearest, else its rank is the
-  count below f. Rows the pass cannot settle exactly (a non-relevant reference at exactly f
+  of the R nearest under the tie rule (tau only shrinks: the smaller of itself and the list's
+  R-th distance once the list holds R). A min-reduction of each block first finds the queries
+  whose smallest distance there is at most max(f, tau): only they can have anything to count
+  or list, and when they are few only their rows are compared. The first relevant reference is
+  then read from the list when it is among the R nearest, else its rank is the count below f. Rows the pass cannot settle exactly (a non-relevant reference at exactly f
   whose order decides a Recall@K, or a band block whose distances differ between the two passes)
   are recomputed by ``exact_query_stats``.
 """
@@ -131,6 +133,7 @@ class BlockRanks:
         self.tau = torch.full((n_q,), -float("inf"), device=self.device)
         self.near = torch.full((n_q, self.L), float("inf"), device=self.device)
         self.fallback_rows = 0
+        self.dense_share = 0.25  # above this share of a side's queries: no gather, whole side
         self._mask = torch.empty(self.T * self.T, dtype=torch.bool, device=self.device)
 
     # --- blocks ---------------------------------------------------------------------------
@@ -193,10 +196,15 @@ class BlockRanks:
         self.top[rows] = merged.topk(self.L, dim=1, largest=False, sorted=True).values
 
     def _update_tau(self, rows: torch.Tensor) -> None:
+        """tau = min(tau, the list's R-th distance): both bound the R-th nearest from above
+        (a list with fewer than R entries bounds nothing, and tau stays). Where tau falls
+        below f, the first relevant reference is not among the R nearest: the query's list
+        is emptied (AP = RP = 0, its rank is the count below f) and no longer filled."""
         kth = self.top[rows].gather(1, (self.R[rows] - 1).clamp_min(0)[:, None])[:, 0]
-        tau = key_value(kth)
+        tau = torch.minimum(self.tau[rows], key_value(kth))  # key_value(empty) = +inf
         keep = self.active[rows] & (self.f[rows] <= tau)
         self.tau[rows] = torch.where(keep, tau, torch.full_like(tau, -float("inf")))
+        self.top[rows[~keep]] = INT64_MAX
 
     def _count(self, B, transposed: bool, thresholds: torch.Tensor, op) -> torch.Tensor:
         """Per query of this side: entries ``op`` (le / lt) its threshold, as int32."""
@@ -220,20 +228,41 @@ class BlockRanks:
 
     def _main_side(self, B, transposed, rows, cols, band: bool) -> None:
         (a, b), (c, d) = rows, cols
-        self.s_le[a:b] += self._count(B, transposed, self.f[a:b], torch.le)
-        self.s_lt[a:b] += self._count(B, transposed, self.f[a:b], torch.lt)
         M = B.T if transposed else B
         if band:  # the same distances as in the first pass, or the row is recomputed
             valid, vals = self._relevant(M, rows, cols)
             self.flag[a:b] |= (valid & (vals != self.rel_vals[a:b])).any(1)
-        count = self._count(B, transposed, self.tau[a:b], torch.le)
+        # A query whose smallest distance here is above both f and tau has nothing to count or
+        # list in this side: one min-reduction screens the block (exact, not a heuristic)
+        low = B.amin(0) if transposed else B.amin(1)
+        need = (low <= torch.maximum(self.f[a:b], self.tau[a:b])).nonzero()[:, 0]
+        if len(need) == 0:
+            return
+        if len(need) > self.dense_share * (b - a):  # most queries: the whole side at once
+            self.s_le[a:b] += self._count(B, transposed, self.f[a:b], torch.le)
+            self.s_lt[a:b] += self._count(B, transposed, self.f[a:b], torch.lt)
+            count = self._count(B, transposed, self.tau[a:b], torch.le)
+            hit = (count > 0).nonzero()[:, 0]
+            if len(hit) == 0:
+                return
+            mask = self._mask[:B.numel()].view(B.shape)  # still holds B <= tau
+            mask = mask.T if transposed else mask
+            self._merge(a + hit, self._candidates(M, mask, hit, count[hit], self.r_orig[c:d]))
+            self._update_tau(a + hit)
+            return
+        # a few queries: their rows (columns, transposed) only
+        sub = (B.index_select(1, need).T if transposed else B.index_select(0, need)).contiguous()
+        q = a + need
+        f, tau = self.f[q][:, None], self.tau[q][:, None]
+        self.s_le[q] += (sub <= f).sum(1, dtype=torch.int32)
+        self.s_lt[q] += (sub < f).sum(1, dtype=torch.int32)
+        mask = sub <= tau
+        count = mask.sum(1, dtype=torch.int32)
         hit = (count > 0).nonzero()[:, 0]
         if len(hit) == 0:
             return
-        mask = self._mask[:B.numel()].view(B.shape)  # still holds B <= tau
-        mask = mask.T if transposed else mask
-        self._merge(a + hit, self._candidates(M, mask, hit, count[hit], self.r_orig[c:d]))
-        self._update_tau(a + hit)
+        self._merge(q[hit], self._candidates(sub, mask, hit, count[hit], self.r_orig[c:d]))
+        self._update_tau(q[hit])
 
     def _candidates(self, M, mask, hit, count, index) -> torch.Tensor:
         """Keys of every entry <= tau in rows ``hit`` of this side, one padded row each (or,
