@@ -4,7 +4,15 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 FAISS ?= cpu
+# SYSTEM_PYTHON=1: run with $(PYTHON) as it is, no .venv (an image that already holds the
+# requirements, e.g. an offline GPU node with the wheels of benchmarks/README.md installed)
+ifdef SYSTEM_PYTHON
+PY := $(PYTHON)
+INSTALLED :=
+else
 PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+endif
 DATASET ?= synthetic
 METHOD ?= baseline
 # empty: the data set's backbone; vit_s16_dino: experiments/backbone/vit_s16_dino*.yaml on top
@@ -16,7 +24,7 @@ ARGS ?=
 
 DATA_ROOT ?= data/$(DATASET)
 
-.PHONY: train zero-shot resume test table data data-check bench-eval gpu-check notebook embed index search export mlrc docs docs-serve venv clean help
+.PHONY: train zero-shot resume test table data data-check bench-eval gpu-check gpu-bench notebook embed index search export mlrc docs docs-serve venv clean help
 
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [BACKBONE=vit_s16_dino] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
@@ -28,6 +36,7 @@ help:
 	@echo "make notebook   JupyterLab on notebooks/ (installs the notebook extra)"
 	@echo "make docs       build the documentation into site/ (mkdocs --strict); make docs-serve: live preview"
 	@echo "make gpu-check [ARGS='--methods xbn ccp_c2']   on a CUDA machine: every method in bf16, resume, GPU evaluation, DDP"
+	@echo "make gpu-bench [BENCH_OUT=runs/gpu-bench-<time>] [ARGS='--parts eval loader']   on a CUDA machine: every GPU figure of benchmarks/README.md in <= 8 min"
 	@echo "make mlrc DATASET=cub METHOD=gsp_contrastive [SEEDS='0'] [DEVICES=1] [ARGS='--epochs 4 -- --model.optimizer.lr 1e-5']   MLRC protocol -> experiments/results/<dataset>/mlrc/"
 	@echo "make data DATASET=cub|sop|omniglot [DATA_ROOT=data/<name>]   download and verify"
 	@echo "make data-check DATASET=<name> DATA_ROOT=<path> [DECODE=1]   parse, print split sizes (DECODE: open every image)"
@@ -43,7 +52,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-train: $(VENV)/.installed
+train: $(INSTALLED)
 	@configs=$$($(PY) -m dml.compose $(DATASET) $(METHOD) $(BACKBONE)) || exit 2; \
 	name=$(DATASET)-$(METHOD)$(if $(BACKBONE),-$(BACKBONE)); \
 	echo "$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $$name $(ARGS)"; \
@@ -54,14 +63,14 @@ train: $(VENV)/.installed
 # synthetic and Omniglot), no training, no head: its pooled features (METHOD=baseline: GAP),
 # L2-normalised, on the test split, through the same evaluation as `python -m dml test`.
 zero-shot: METHOD = baseline
-zero-shot: $(VENV)/.installed
+zero-shot: $(INSTALLED)
 	@configs=$$($(PY) -m dml.compose $(DATASET) $(METHOD) $(BACKBONE)) || exit 2; \
 	name=$(DATASET)-zero-shot$(if $(BACKBONE),-$(BACKBONE)); \
 	echo "$(PY) -m dml test $$configs --zero-shot --trainer.devices $(DEVICES) --run_name $$name $(ARGS)"; \
 	$(PY) -m dml test $$configs --zero-shot --trainer.devices $(DEVICES) --run_name $$name $(ARGS)
 
 # Continue a run in its own folder from its last.ckpt (the config is checked against it).
-resume: $(VENV)/.installed
+resume: $(INSTALLED)
 	@test -n "$(RUN)" || { echo "usage: make resume RUN=runs/<run folder> [ARGS=...]" >&2; exit 2; }
 	@test -f "$(RUN)/checkpoints/last.ckpt" || { echo "no $(RUN)/checkpoints/last.ckpt" >&2; exit 2; }
 	$(PY) -m dml fit --config "$(RUN)/config.yaml" --ckpt_path "$(RUN)/checkpoints/last.ckpt" $(ARGS)
@@ -69,49 +78,55 @@ resume: $(VENV)/.installed
 # The suite in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (its
 # module fixtures are built once); TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
-test: $(VENV)/.installed
+test: $(INSTALLED)
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 # The grid of dml/reproduce.py; omniglot_small (CPU budget) unless DATASET is given.
 table: DATASET = omniglot_small
 SEEDS ?= 0 1 2
-table: $(VENV)/.installed
+table: $(INSTALLED)
 	$(PY) -m dml.reproduce --dataset $(DATASET) --seeds $(SEEDS) --devices $(DEVICES) $(ARGS)
 
-data: $(VENV)/.installed
+data: $(INSTALLED)
 	$(PY) -m dml.data.download $(DATASET) "$(DATA_ROOT)"
 
-data-check: $(VENV)/.installed
+data-check: $(INSTALLED)
 	$(PY) -m dml.data.check $(DATASET) "$(DATA_ROOT)" $(if $(DECODE),--decode)
 
-bench-eval: $(VENV)/.installed
+bench-eval: $(INSTALLED)
 	$(PY) benchmarks/eval_speed.py
 
 # The MLRC protocol (dml/mlrc.py): 4 fold models, test-split metrics separated and concatenated.
 mlrc: SEEDS = 0
-mlrc: $(VENV)/.installed
+mlrc: $(INSTALLED)
 	$(PY) -m dml.mlrc --dataset $(DATASET) --method $(METHOD) $(if $(BACKBONE),--backbone $(BACKBONE)) --seeds $(SEEDS) --devices $(DEVICES) $(ARGS)
 
 # Using a trained model (dml/inference/cli.py): make embed ARGS='CKPT --split test --out t.npz'
-embed index search export: $(VENV)/.installed
+embed index search export: $(INSTALLED)
 	$(PY) -m dml $@ $(ARGS)
 
 # JupyterLab on the notebooks (the notebook extra: jupyterlab, ipykernel).
-notebook: $(VENV)/.installed
+notebook: $(INSTALLED)
 	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -e ".[dev,$(FAISS),notebook]"
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) -m jupyterlab notebooks/
 
 # The documentation (mkdocs.yml, docs/): a strict build fails on any warning, a citation of a
 # missing docs/ page included (docs/hooks/check_citations.py).
-docs: $(VENV)/.installed
+docs: $(INSTALLED)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
-docs-serve: $(VENV)/.installed
+docs-serve: $(INSTALLED)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 # The GPU acceptance run (dml/gpu_check.py); says so and exits 0 on a machine without CUDA.
-gpu-check: $(VENV)/.installed
+gpu-check: $(INSTALLED)
 	$(PY) -m dml.gpu_check $(ARGS)
+
+# Every GPU measurement in one call of at most 8 minutes (benchmarks/gpu_bench.py): a table and
+# a JSON file in BENCH_OUT; exits 1 on a failed check. Says so and exits 0 without CUDA.
+BENCH_OUT ?= runs/gpu-bench-$(shell date +%Y%m%d-%H%M%S)
+gpu-bench: $(INSTALLED)
+	$(PY) benchmarks/gpu_bench.py --out $(BENCH_OUT) $(ARGS)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -13,7 +13,11 @@ isometrically into 512-d plus small isotropic noise; ``--regime`` sets how far a
   dimension (distances concentrate; R@1 1.00, 0.94 and 0.11);
 - ``latent+noise``: the ``separable`` latent classes plus isotropic noise of 0.04 per
   dimension in all 512 (about the norm of the latent part);
-- ``mixture``: half the classes as ``separable``, half as ``isotropic-2``.
+- ``mixture``: half the classes as ``separable``, half as ``isotropic-2``;
+- ``--embeddings FILE.npz`` instead of a regime: real embeddings, the ``embeddings`` and
+  ``labels`` arrays of ``python -m dml embed``, read with ``allow_pickle=False``; several files
+  are stacked, their labels must not overlap unless ``--relabel`` says that each file's labels
+  name its own classes (a model's train and test splits: each numbered from 0).
 
 Timed in one process, same data, same threads:
 - floor: the bare float32 distance GEMM of the same sizes, ||q||^2 + ||r||^2 - 2 q.r over all
@@ -26,8 +30,9 @@ Timed in one process, same data, same threads:
 
 The three are timed in alternating rounds (``timing.compare``), ratios per round.
 
-Usage: python benchmarks/eval_speed.py [--regime hard|separable|unstructured] [--n 60502]
-       [--skip-baseline] [--rounds 2] [--device cuda]
+Usage: python benchmarks/eval_speed.py [--regime hard|separable|unstructured|...] [--n 60502]
+       [--embeddings a.npz [b.npz]] [--skip-baseline] [--rounds 2] [--device cuda]
+       [--json results.json]
 Results are written down in benchmarks/README.md.
 """
 from __future__ import annotations
@@ -58,6 +63,34 @@ def make_data(regime: str, n: int, classes: int, dim: int, seed: int = 0):
         x = iso if regime != "mixture" else np.where((y % 2 == 0)[:, None], x, iso)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32), y
+
+
+def load_embeddings(paths, relabel: bool = False):
+    """Rows and labels of ``python -m dml embed`` files, stacked, L2-normalised; ``relabel``:
+    each file's classes are its own (labels offset past the previous files')."""
+    xs, ys = [], []
+    for path in paths:
+        with np.load(path, allow_pickle=False) as f:
+            if "embeddings" not in f or "labels" not in f:
+                raise SystemExit(f"{path}: expected the arrays 'embeddings' and 'labels' "
+                                 f"(python -m dml embed), found {sorted(f.files)}")
+            xs.append(np.asarray(f["embeddings"], np.float32))
+            ys.append(np.asarray(f["labels"], np.int64))
+    if relabel:
+        offset = 0
+        for i, y in enumerate(ys):
+            _, ys[i] = np.unique(y, return_inverse=True)
+            ys[i] = ys[i].astype(np.int64) + offset
+            offset = int(ys[i].max()) + 1 if len(y) else offset
+    for i in range(len(ys)):
+        for j in range(i):
+            if np.intersect1d(ys[i], ys[j]).size:
+                raise SystemExit(f"{paths[i]} and {paths[j]} share labels; stacking them would "
+                                 "merge classes (--relabel: each file's labels are its own "
+                                 "classes)")
+    x = np.concatenate(xs)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, np.concatenate(ys)
 
 
 def sop_like(n: int, classes: int, dim: int, seed: int = 0, latent: int = 16,
@@ -127,15 +160,26 @@ def main():
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--rounds", type=int, default=2,
                         help="alternating rounds of floor, ours and baseline")
+    parser.add_argument("--embeddings", nargs="+", default=None,
+                        help="time on these .npz files of python -m dml embed instead of a "
+                             "generated regime")
+    parser.add_argument("--relabel", action="store_true",
+                        help="--embeddings: each file's labels name its own classes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
 
     from dml.metrics import retrieval_metrics
 
     ks = [1, 10, 100, 1000]
-    classes = args.classes or round(args.n / 5.35)
-    x, y = make_data(args.regime, args.n, classes, args.dim)
-    print(f"data ({args.regime}): {len(x)} x {x.shape[1]}, {len(np.unique(y))} classes, "
+    if args.embeddings:
+        x, y = load_embeddings(args.embeddings, args.relabel)
+        regime = "embeddings: " + ", ".join(args.embeddings)
+    else:
+        classes = args.classes or round(args.n / 5.35)
+        x, y = make_data(args.regime, args.n, classes, args.dim)
+        regime = args.regime
+    print(f"data ({regime}): {len(x)} x {x.shape[1]}, {len(np.unique(y))} classes, "
           f"sizes {np.bincount(y).min()}-{np.bincount(y).max()}, torch threads "
           f"{torch.get_num_threads()}", flush=True)
 
@@ -160,7 +204,12 @@ def main():
           flush=True)
     print(f"ratio ours / bare GEMM = {format_ratio(ratio(timings, 'ours', 'floor'))} "
           f"(median [range] over {args.rounds} alternating rounds)", flush=True)
+    record = {"regime": regime, "rows": len(x), "dim": int(x.shape[1]), "device": str(device),
+              "rounds": args.rounds, "metrics": results["ours"],
+              "seconds": {name: t.rounds for name, t in timings.items()},
+              "ours_over_floor": ratio(timings, "ours", "floor").rounds}
     if args.skip_baseline:
+        write_json(args.json, record)
         return
     ref = results["baseline"]
     print(f"baseline (PML AccuracyCalculator + faiss k={max(ks) + 1}): {timings['baseline']}  "
@@ -169,6 +218,16 @@ def main():
                 [f"R@{k}" for k in ks]) and abs(results["ours"]["R@1"] - ref["P@1"]) < 1e-6
     print(f"ratio ours / baseline = {format_ratio(ratio(timings, 'ours', 'baseline'))}   "
           f"metrics agree: {agree}")
+    record.update(baseline=ref, ours_over_baseline=ratio(timings, "ours", "baseline").rounds,
+                  agree=agree)
+    write_json(args.json, record)
+
+
+def write_json(path, record) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+
 
 if __name__ == "__main__":
     main()

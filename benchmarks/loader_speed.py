@@ -8,9 +8,11 @@ Compares, in one process, images per second of:
 - ours, decode on the device: the same loader with ``decode: device`` (the workers read the
   bytes; JPEG decoding, crop, flip and normalisation run batched on ``--device``, nvJPEG on a
   GPU), the device work included in the time;
-with 0 and 2 worker processes.
+with 0 and 2 worker processes (``--workers``). Every batch ends on ``--device`` (the CPU-decoded
+ones copied there), so the three deliver the same thing: augmented images ready for the model.
 
-Usage: python benchmarks/loader_speed.py [--images 640] [--batches 20] [--device cuda]
+Usage: python benchmarks/loader_speed.py [--images 640] [--batches 20] [--workers 0 2]
+       [--device cuda] [--json results.json]
 """
 from __future__ import annotations
 
@@ -76,8 +78,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=640)
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
+
+    import json
 
     import torch
     from torch.utils.data import DataLoader
@@ -87,24 +93,28 @@ def main():
     from dml.data.transforms import train_transform
 
     torch.manual_seed(0)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    record = {"device": str(device), "images": args.images, "batches": args.batches,
+              "workers": {}}
     with tempfile.TemporaryDirectory() as root:
         make_tree(root, args.images)
         size = os.path.getsize(next(os.path.join(d, f) for d, _, fs in
                                     os.walk(os.path.join(root, "CUB_200_2011", "images"))
                                     for f in fs))
         print(f"{args.images} JPEGs of 500x375 (~{size // 1024} KB each), batch 32 (8 x 4), "
-              f"{args.batches} batches timed, torch threads {torch.get_num_threads()}")
-        for workers in (0, 2):
+              f"{args.batches} batches timed, torch threads {torch.get_num_threads()}; every "
+              f"batch ends on {device}")
+        for workers in args.workers:
             dm = CUBDataModule(root=root, verify=False, num_workers=workers,
                                classes_per_batch=8, samples_per_class=4)
-            ours = throughput(dm.train_dataloader(), args.batches)
+            ours = throughput(dm.train_dataloader(), args.batches,
+                              lambda batch: dm.device_batch(batch, device))
             folder = ImageFolder(os.path.join(root, "CUB_200_2011", "images"),
                                  transform=train_transform(224))
             alt_loader = DataLoader(folder, batch_size=32, shuffle=True, num_workers=workers,
                                     persistent_workers=workers > 0)
-            alt = throughput(alt_loader, args.batches)
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available()
-                                                   else "cpu"))
+            alt = throughput(alt_loader, args.batches,
+                             lambda batch: [t.to(device, non_blocking=True) for t in batch])
             encoded = CUBDataModule(root=root, verify=False, num_workers=workers,
                                     classes_per_batch=8, samples_per_class=4, decode="device")
             on_device = throughput(encoded.train_dataloader(), args.batches,
@@ -112,6 +122,11 @@ def main():
             print(f"workers={workers}: ours {ours:.0f} img/s, ImageFolder {alt:.0f} img/s, "
                   f"ratio ours/alternative = {ours / alt:.2f}; decode on {device} "
                   f"{on_device:.0f} img/s, ratio to ours {on_device / ours:.2f}", flush=True)
+            record["workers"][str(workers)] = {"ours": ours, "imagefolder": alt,
+                                               "decode_on_device": on_device}
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ and reported as median [range]. Cases (``--case``, repeatable; default: the devi
     python benchmarks/train_throughput.py [--rounds 3] [--steps 20] [--warmup 5]
         [--case resnet18:112:32:gap:eager] ...   (backbone:size:batch:pooling:eager|compile;
                                                   backbone vit_s16: timm's ViT-S/16)
+        [--deadline SECONDS] [--json results.json]
+
+``--deadline``: seconds per case; no round of a case starts once the case's time so far plus
+its longest round so far would pass it (the first round always runs); ``--json``: the images/s of every side and round, rewritten
+after each round, so that a run stopped from outside keeps the rounds it finished.
 """
 from __future__ import annotations
 
@@ -132,6 +137,11 @@ class SyncCounter(pl.Callback):
                 key = f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"
                 self.counts[key] = self.counts.get(key, 0) + 1
 
+    def per_step(self) -> dict:
+        """Synchronisations per step by source line, most first."""
+        return {key: n / max(1, self.steps)
+                for key, n in sorted(self.counts.items(), key=lambda kv: -kv[1])}
+
     def report(self) -> str:
         lines = [f"synchronisations per step over {self.steps} steps:"]
         for key, n in sorted(self.counts.items(), key=lambda kv: -kv[1])[:12]:
@@ -188,6 +198,9 @@ def main():
                         help="also Lightning logging the losses every step (not only on the "
                              "logger's steps), without its progress bar, and without the bar "
                              "and the non-finite-loss guard (where the gap goes)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds per case: start no round that would end after it")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.count_syncs and device.type != "cuda":
@@ -199,6 +212,8 @@ def main():
     print(f"device {name}, torch {torch.__version__}, {precision}, steps {args.warmup}.."
           f"{args.steps - 1} timed, {args.rounds} alternating rounds", flush=True)
     pl._logger.setLevel("ERROR")
+    record = {"device": name, "torch": torch.__version__, "precision": precision,
+              "steps": args.steps, "warmup": args.warmup, "cases": {}}
     if args.count_syncs:
         for case in cases:
             module, data, _ = build(case, device, args.batches_per_epoch)
@@ -206,6 +221,8 @@ def main():
             lightning_run(module, data, args.steps, args.warmup, device, precision,
                           extra_callbacks=[counter])
             print(f"{case}: {counter.report()}", flush=True)
+            record["cases"][case] = {"steps": counter.steps, "per_step": counter.per_step()}
+            write_json(args.json, record)
         return
     sides = {"lightning": lightning_run, "bare": bare_run}
     if args.breakdown:
@@ -223,13 +240,23 @@ def main():
         initial = copy.deepcopy(module.state_dict())
         images = batch * (args.steps - args.warmup)
         rates = {side: [] for side in sides}
+        record["cases"][case] = {"images_per_s": rates}
+        longest, started = 0.0, time.perf_counter()
         for r in range(args.rounds):
+            elapsed = time.perf_counter() - started
+            if r > 0 and args.deadline is not None and elapsed + longest > args.deadline:
+                print(f"{case}: stopped after {r} rounds (deadline {args.deadline:.0f} s)",
+                      flush=True)
+                break
+            round_start = time.perf_counter()
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for side in order:
                 fresh, data, _ = build(case, device, args.batches_per_epoch)
                 fresh.load_state_dict(initial)
                 rates[side].append(images / sides[side](fresh, data, args.steps, args.warmup,
                                                         device, precision))
+            longest = max(longest, time.perf_counter() - round_start)
+            write_json(args.json, record)
 
         def per_round(side):
             ratios = [a / b for a, b in zip(rates[side], rates["bare"])]
@@ -243,6 +270,13 @@ def main():
     worst = min(statistics.median(r) for r in results.values())
     print(f"target lightning / bare >= {target}: {'met' if worst >= target else 'NOT met'} "
           f"(lowest median {worst:.3f})")
+
+
+def write_json(path, record) -> None:
+    if path:
+        import json
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -334,6 +334,12 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_rows(path: Optional[str], device: str, rows: List[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     methods = sorted(os.path.basename(p)[:-5]
                      for p in glob.glob(os.path.join(REPO, "experiments", "method", "*.yaml")))
@@ -349,6 +355,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--resume-tolerance", type=float, default=1e-3)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per training run")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None,
+                        help="also write the rows to this file (rewritten after each check)")
     parser.add_argument("--backbone", default=None,
                         help="a backbone layer (experiments/backbone/<name>.yaml, e.g. "
                              "vit_s16_dino) over the CUB settings")
@@ -379,12 +387,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for run in runs:  # in the methods' order, each as soon as it and those before end
                     rows.append(run.result())
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
+                    write_rows(opts.json, device, rows)
             continue
         check = {"resume": lambda: check_resume(root, out, opts),
                  "evaluation": lambda: check_evaluation(opts),
                  "ddp": lambda: check_ddp(root, out, opts)}[name]
         rows.append(check())
         print(table(rows[-1:]).splitlines()[-1], flush=True)
+        write_rows(opts.json, device, rows)
     shared = f" ({opts.jobs} method runs at a time: steps/s and images/s are shared, not " \
         "throughput)" if opts.jobs > 1 and "methods" in opts.checks else ""
     print("\n" + table(rows) + ("\n" + shared.strip() if shared else ""))

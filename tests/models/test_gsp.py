@@ -207,3 +207,46 @@ def test_the_solver_reads_the_host_every_8_iterations_with_the_same_plan_and_gra
     scale = plan.shape[-1]  # entries of the plan are O(1 / n)
     assert torch.allclose(plan * scale, reference * scale, atol=1e-6, rtol=0)
     assert torch.allclose(ours.grad, before.grad, atol=1e-6 * gamma, rtol=1e-5)
+
+
+def cuda_syncs(fn, source: str) -> int:
+    """Host-device synchronisations raised while ``fn()`` runs, counted by
+    ``torch.cuda.set_sync_debug_mode`` (one warning per synchronising op), of code in files
+    whose path ends with ``source``."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) and w.filename.endswith(source) for w in caught)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronisations")
+def test_on_cuda_a_gsp_step_synchronises_once_per_8_solver_iterations():
+    """The GSP forward and backward of a training step on CUDA: every synchronisation in
+    dml/models/gsp.py is the solver's convergence read, at most one per 8 of its iterations
+    (50 at most: 7 reads), the same number the CPU's __bool__ count gives on this input."""
+    torch.manual_seed(0)
+    gsp = GSP(in_channels=256, num_prototypes=64, mu=0.3, gamma=5.0, embedding_dim=128).cuda()
+    projection = nn.Linear(256, 128).cuda()
+    features = torch.randn(32, 256, 7, 7, device="cuda", requires_grad=True)
+
+    def step():
+        gsp(features, projection).pooled.sum().backward()
+
+    step()  # warm-up: kernels, the prototypes' initialisation flag
+
+    syncs = cuda_syncs(step, "dml/models/gsp.py")
+    reads = []
+    original = torch.Tensor.__bool__
+    torch.Tensor.__bool__ = lambda t: reads.append(1) or original(t)
+    try:
+        step()
+    finally:
+        torch.Tensor.__bool__ = original
+    assert 1 <= syncs <= 7 and syncs == len(reads), (syncs, len(reads))
