@@ -6,7 +6,7 @@ PYTHON ?= python3
 FAISS ?= cpu
 # SYSTEM_PYTHON=1: run with $(PYTHON) as it is, no .venv (an image that already holds the
 # requirements, e.g. an offline GPU node with the wheels of benchmarks/README.md installed)
-ifdef SYSTEM_PYTHON
+ifeq ($(SYSTEM_PYTHON),1)
 PY := $(PYTHON)
 INSTALLED :=
 else

@@ -31,8 +31,9 @@ Timed in one process, same data, same threads:
 The three are timed in alternating rounds (``timing.compare``), ratios per round.
 
 Usage: python benchmarks/eval_speed.py [--regime hard|separable|unstructured|...] [--n 60502]
-       [--embeddings a.npz [b.npz]] [--skip-baseline] [--rounds 2] [--device cuda]
-       [--json results.json]
+       [--dim 512] [--classes N] [--embeddings a.npz [b.npz] [--relabel]] [--skip-baseline]
+       [--rounds 2] [--device cuda] [--json results.json]
+(``--embeddings`` replaces ``--regime``, ``--n``, ``--dim`` and ``--classes``.)
 Results are written down in benchmarks/README.md.
 """
 from __future__ import annotations
@@ -67,15 +68,31 @@ def make_data(regime: str, n: int, classes: int, dim: int, seed: int = 0):
 
 def load_embeddings(paths, relabel: bool = False):
     """Rows and labels of ``python -m dml embed`` files, stacked, L2-normalised; ``relabel``:
-    each file's classes are its own (labels offset past the previous files')."""
+    each file's classes are its own (labels offset past the previous files'). A file that is
+    not such a file is one line naming it (SystemExit)."""
     xs, ys = [], []
     for path in paths:
-        with np.load(path, allow_pickle=False) as f:
-            if "embeddings" not in f or "labels" not in f:
-                raise SystemExit(f"{path}: expected the arrays 'embeddings' and 'labels' "
-                                 f"(python -m dml embed), found {sorted(f.files)}")
-            xs.append(np.asarray(f["embeddings"], np.float32))
-            ys.append(np.asarray(f["labels"], np.int64))
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if "embeddings" not in f or "labels" not in f:
+                    raise SystemExit(f"{path}: expected the arrays 'embeddings' and 'labels' "
+                                     f"(python -m dml embed), found {sorted(f.files)}")
+                x, y = f["embeddings"], f["labels"]
+        except (OSError, ValueError) as error:  # missing, not an .npz, pickled objects
+            raise SystemExit(f"{path}: not readable as an embeddings file ({error})")
+        if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating) or len(x) != len(y):
+            raise SystemExit(f"{path}: expected embeddings (n, d) of floats and n labels, got "
+                             f"{x.shape} {x.dtype} and {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise SystemExit(f"{path}: labels must be integers, got {y.dtype}")
+        if len(y) and y.min() < 0:
+            raise SystemExit(f"{path}: {int((y < 0).sum())} rows without a label (-1): a "
+                             "retrieval benchmark needs labelled rows")
+        if xs and x.shape[1] != xs[0].shape[1]:
+            raise SystemExit(f"{path}: {x.shape[1]}-d embeddings, {paths[0]} has "
+                             f"{xs[0].shape[1]}-d")
+        xs.append(np.asarray(x, np.float32))
+        ys.append(np.asarray(y, np.int64))
     if relabel:
         offset = 0
         for i, y in enumerate(ys):
@@ -89,6 +106,8 @@ def load_embeddings(paths, relabel: bool = False):
                                  "merge classes (--relabel: each file's labels are its own "
                                  "classes)")
     x = np.concatenate(xs)
+    if len(x) < 2:
+        raise SystemExit(f"{', '.join(paths)}: {len(x)} rows; a benchmark needs at least 2")
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x, np.concatenate(ys)
 
@@ -179,8 +198,9 @@ def main():
         classes = args.classes or round(args.n / 5.35)
         x, y = make_data(args.regime, args.n, classes, args.dim)
         regime = args.regime
-    print(f"data ({regime}): {len(x)} x {x.shape[1]}, {len(np.unique(y))} classes, "
-          f"sizes {np.bincount(y).min()}-{np.bincount(y).max()}, torch threads "
+    sizes = np.unique(y, return_counts=True)[1]
+    print(f"data ({regime}): {len(x)} x {x.shape[1]}, {len(sizes)} classes, "
+          f"sizes {sizes.min()}-{sizes.max()}, torch threads "
           f"{torch.get_num_threads()}", flush=True)
 
     device = torch.device(args.device)
@@ -224,9 +244,9 @@ def main():
 
 
 def write_json(path, record) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1)
+    if path:  # atomically: a reader never sees half a file
+        from dml.atomic_files import write_text_atomic
+        write_text_atomic(path, json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

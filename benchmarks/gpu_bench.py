@@ -13,16 +13,16 @@ part        budget what
 check       140    ``python -m dml.gpu_check`` short form: GSP, IBC, CCP and XBN train 10
                    steps each (4 at a time, 128 px), kill-and-resume of XBN, SOP-sized
                    evaluation on the GPU against the CPU, 2-process DDP
-syncs       35     host-device synchronisations per training step of ResNet-50 + GSP, by
+syncs       30     host-device synchronisations per training step of ResNet-50 + GSP, by
                    source line (``train_throughput.py --count-syncs``): how many are GSP's
-eval        40     ``eval_speed.py`` at SOP size on the GPU: ours / the bare distance GEMM on
+eval        35     ``eval_speed.py`` at SOP size on the GPU: ours / the bare distance GEMM on
                    the hard and the worst (isotropic-2) regimes, 5 rounds; whether faiss has
                    a GPU build
-loader      40     ``loader_speed.py``: images/s reaching the GPU with JPEG decoding on the GPU
+loader      35     ``loader_speed.py``: images/s reaching the GPU with JPEG decoding on the GPU
                    (``decode: device``, nvJPEG) against decoding in the loader's workers
-throughput  130    ``train_throughput.py``: Lightning / bare loop, ResNet-50 at 224 px, batch
+throughput  110    ``train_throughput.py``: Lightning / bare loop, ResNet-50 at 224 px, batch
                    128, bf16, GAP and GSP, up to 7 alternating rounds each
-compile     90     the same for the compiled GAP model, as many rounds as fit
+compile     110    the same for the compiled GAP model, as many rounds as fit
 =========== ====== ==========================================================================
 
 Writes ``DIR/gpu-bench.md`` (the environment and one table: part | measure | value | target |
@@ -34,8 +34,9 @@ check failed, a part failed or ran past its budget, else 0; a target not met is 
 an error. Without CUDA (and without ``--accelerator cpu``) it says so and exits 0.
 
 ``--accelerator cpu --small`` rehearses the whole script on the CPU in about a minute (small
-CNN, small sizes, one or two rounds; the CUDA-only parts, syncs and compile, report that they
-did not run), which is how the test suite checks it.
+CNN, small sizes, two rounds, no speed targets; the CUDA-only parts, syncs and compile, report
+that they did not run), which is how the test suite checks it; on a GPU ``--small`` runs every
+part at those sizes. Ctrl-C or SIGTERM stops the running part with it.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -83,7 +85,11 @@ class Context:
         return "cuda" if self.cuda else "cpu"
 
     def json_path(self, name: str) -> str:
-        return os.path.join(self.work, f"{name}.json")
+        """Where a child writes its figures; an earlier run's file there is removed first."""
+        path = os.path.join(self.work, f"{name}.json")
+        if os.path.exists(path):
+            os.remove(path)
+        return path
 
 
 @dataclass
@@ -110,16 +116,22 @@ def run_child(ctx: Context, title: str, args: List[str], budget: float) -> Outco
             proc.wait()
             log.write(f"===== {title}: killed at its budget of {budget:.0f} s\n")
             return Outcome(False, f"ran past its budget of {budget:.0f} s")
+        except BaseException:  # Ctrl-C, SIGTERM: the part must not go on using the device
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            raise
     if code != 0:
         return Outcome(False, f"exit status {code} (see gpu-bench.log)")
     return Outcome(True)
 
 
 def read_json(path: str) -> Optional[dict]:
-    if not os.path.isfile(path):
+    """A child's figures; None when it wrote none, or was killed while writing them."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
         return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def spread(values: List[float], digits: int = 3) -> str:
@@ -129,13 +141,17 @@ def spread(values: List[float], digits: int = 3) -> str:
 
 
 def at_least(values: List[float], target: float) -> str:
-    """A target on a ratio over rounds: met when every round reaches it, not met when none
-    does (or the median misses it), else not settled."""
+    """A target on a figure over rounds: met when every round reaches it, not met when none
+    does, else (the rounds' range spans it) not settled."""
     if min(values) >= target:
         return "met"
-    if statistics.median(values) < target or max(values) < target:
+    if max(values) < target:
         return "not met"
     return "not settled"
+
+
+def at_most(values: List[float], target: float) -> str:
+    return at_least([-v for v in values], -target)
 
 
 # --- the parts ---------------------------------------------------------------------------------
@@ -152,14 +168,18 @@ def part_check(ctx: Context, budget: float) -> List[Row]:
     outcome = run_child(ctx, "check", args, budget)
     record = read_json(out) or {"rows": []}
     rows = []
+    shared = "" if ctx.opts.small else " (4 runs at a time: shared, not throughput)"
+    expected = {"resume": "same losses as the uninterrupted run",
+                "evaluation": "metrics as the CPU's"}
     for r in record["rows"]:
         value = r.get("detail", "")
         if "steps_per_s" in r:
             value = f"{r['steps_per_s']:.2f} steps/s, {r['images_per_s']:.0f} images/s" + (
                 f", peak {r['peak_bytes'] / 2**30:.2f} GiB" if r.get("peak_bytes") else "")
-        rows.append(Row("check", r["check"], value + (f"; {r['error']}" if r.get("error")
-                                                      else ""),
-                        "runs, finite losses, same results", "ok" if r["ok"] else "FAILED"))
+        name = r["check"] + (shared if "steps_per_s" in r else "")
+        rows.append(Row("check", name, value + (f"; {r['error']}" if r.get("error") else ""),
+                        expected.get(r["check"], "trains and validates, finite losses"),
+                        "ok" if r["ok"] else "FAILED"))
     if not outcome.ok:
         rows.append(Row("check", "gpu_check", outcome.reason, "", "FAILED"))
     return rows
@@ -169,7 +189,7 @@ def part_syncs(ctx: Context, budget: float) -> List[Row]:
     if not ctx.cuda:
         return [Row("syncs", "host-device synchronisations per step", "CUDA only: not run")]
     out = ctx.json_path("syncs")
-    case = "resnet50:224:128:gsp:eager"
+    case = "small_cnn:32:16:gsp:eager" if ctx.opts.small else "resnet50:224:128:gsp:eager"
     outcome = run_child(ctx, "syncs", ["benchmarks/train_throughput.py", "--count-syncs",
                                        "--case", case, "--steps", "25", "--warmup", "5",
                                        "--json", out], budget)
@@ -181,8 +201,7 @@ def part_syncs(ctx: Context, budget: float) -> List[Row]:
         rows.append(Row("syncs", f"all, {case} (Lightning step)", f"{sum(per_step.values()):.2f}"
                         " per step"))
         rows.append(Row("syncs", f"in {GSP_SOURCE} (the solver's convergence test)",
-                        f"{gsp:.2f} per step", "<= 1 (was 3.45)",
-                        "met" if gsp <= 1 else "not met"))
+                        f"{gsp:.2f} per step", "<= 1", "met" if gsp <= 1 else "not met"))
         top = ", ".join(f"{key.split('/')[-1]} {n:.2f}" for key, n in list(per_step.items())[:4])
         rows.append(Row("syncs", "largest sources", top))
     if not outcome.ok:
@@ -214,16 +233,14 @@ def part_eval(ctx: Context, budget: float) -> List[Row]:
             ours = record["seconds"]["ours"]
             ratios = record["ours_over_floor"]
             cpu_target = not ctx.cuda and not ctx.opts.small  # the issue's bound, CPU at scale
+            gpu_target = ctx.cuda and not ctx.opts.small and regime == "hard"
             rows.append(Row("eval", f"ours / bare GEMM, {regime}, {record['rows']} x "
                             f"{record['dim']}", spread(ratios), "<= 1.3" if cpu_target else "",
-                            ("met" if max(ratios) <= 1.3 else "not met" if min(ratios) > 1.3
-                             else "not settled") if cpu_target else ""))
+                            at_most(ratios, 1.3) if cpu_target else ""))
             rows.append(Row("eval", f"ours, seconds, {regime} (R@1 {record['metrics']['R@1']:.3f}"
                             f", MAP@R {record['metrics']['MAP@R']:.3f})", spread(ours),
-                            "<= 0.35 s (H100: 0.30 s)" if ctx.cuda and not ctx.opts.small
-                            else "",
-                            ("met" if max(ours) <= 0.35 else "not met" if min(ours) > 0.35
-                             else "not settled") if ctx.cuda and not ctx.opts.small else ""))
+                            "<= 0.35 s (H100, hard: 0.30 s)" if gpu_target else "",
+                            at_most(ours, 0.35) if gpu_target else ""))
         if not outcome.ok:
             rows.append(Row("eval", f"eval_speed {regime}", outcome.reason, "", "FAILED"))
     return rows
@@ -235,15 +252,16 @@ def part_loader(ctx: Context, budget: float) -> List[Row]:
     args = ["benchmarks/loader_speed.py", "--device", ctx.device, "--json", out,
             "--workers"] + workers
     args += ["--images", "40", "--batches", "2"] if ctx.opts.small else \
-        ["--images", "960", "--batches", "30"]
+        ["--images", "480", "--batches", "20"]
     outcome = run_child(ctx, "loader", args, budget)
     rows = []
     record = read_json(out) or {"workers": {}}
     for w, r in record["workers"].items():
-        rows.append(Row("loader", f"{w} workers: images/s on {record['device']}, JPEG decoded "
-                        f"on the device / in the workers",
+        where = "in the loader" if w == "0" else f"in {w} loader workers"
+        rows.append(Row("loader", f"images/s reaching {record['device']}: JPEGs decoded on the "
+                        f"device / {where} (torchvision ImageFolder {where})",
                         f"{r['decode_on_device']:.0f} / {r['ours']:.0f} = "
-                        f"{r['decode_on_device'] / r['ours']:.2f}"))
+                        f"{r['decode_on_device'] / r['ours']:.2f} ({r['imagefolder']:.0f})"))
     if not outcome.ok:
         rows.append(Row("loader", "loader_speed", outcome.reason, "", "FAILED"))
     return rows
@@ -271,9 +289,11 @@ def throughput_rows(ctx: Context, part: str, cases: List[str], budget: float) ->
         if not ratios:
             rows.append(Row(part, f"Lightning / bare, {case}", "no round finished", "", ""))
             continue
+        full = not ctx.opts.small  # a rehearsal's 3 timed steps say nothing about the target
         rows.append(Row(part, f"Lightning / bare, {case} (bare "
                         f"{statistics.median(rates['bare']):.0f} images/s)", spread(ratios),
-                        f">= {target}", at_least(ratios, target)))
+                        f">= {target}" if full else "", at_least(ratios, target) if full
+                        else ""))
     if not outcome.ok:
         rows.append(Row(part, "train_throughput", outcome.reason, "", "FAILED"))
     return rows
@@ -288,16 +308,18 @@ def part_throughput(ctx: Context, budget: float) -> List[Row]:
 def part_compile(ctx: Context, budget: float) -> List[Row]:
     if not ctx.cuda:
         return [Row("compile", "Lightning / bare, compiled", "CUDA only: not run")]
-    return throughput_rows(ctx, "compile", ["resnet50:224:128:gap:compile"], budget)
+    case = "small_cnn:32:16:gap:compile" if ctx.opts.small else "resnet50:224:128:gap:compile"
+    return throughput_rows(ctx, "compile", [case], budget)
 
 
 RUNNERS: Dict[str, Callable[[Context, float], List[Row]]] = {
     "check": part_check, "syncs": part_syncs, "eval": part_eval, "loader": part_loader,
     "throughput": part_throughput, "compile": part_compile}
-BUDGETS = {"check": 140, "syncs": 35, "eval": 40, "loader": 40, "throughput": 130,
-           "compile": 90}  # seconds on a GPU: 475 in all
-SMALL_BUDGETS = {"check": 240, "syncs": 10, "eval": 120, "loader": 120, "throughput": 240,
-                 "compile": 10}  # the CPU rehearsal on a shared 2-core machine
+BUDGETS = {"check": 140, "syncs": 30, "eval": 35, "loader": 35, "throughput": 110,
+           "compile": 110}  # seconds on a GPU: 460, plus about 10 s of the script's own start
+SMALL_BUDGETS = {"check": 240, "syncs": 120, "eval": 120, "loader": 120, "throughput": 240,
+                 "compile": 240}  # the rehearsal on a shared 2-core machine (syncs, compile:
+# CUDA only, they return at once on a CPU)
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -316,11 +338,14 @@ def environment(ctx: Context) -> Dict[str, str]:
     for name in ("pytorch_lightning", "pytorch_metric_learning", "faiss", "timm"):
         try:
             env[name] = __import__(name).__version__
-        except ImportError:
+        except Exception:  # noqa: BLE001 - absent, or broken on this machine
             env[name] = "absent"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True)
-    env["commit"] = commit.stdout.strip() or "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git on the machine
+        commit = ""
+    env["commit"] = commit or "unknown"
     return env
 
 
@@ -348,13 +373,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--work", default=None,
                         help="scratch folder (default: a temporary one, removed at the end)")
     opts = parser.parse_args(argv)
+    opts.parts = list(dict.fromkeys(opts.parts))  # each part once, in the order given
+    if os.path.exists(opts.out) and not os.path.isdir(opts.out):
+        parser.error(f"--out {opts.out}: a file; expected a folder (created if missing)")
     import torch
 
     if opts.accelerator == "cuda" and not torch.cuda.is_available():
         print("gpu-bench: no CUDA device on this machine; nothing measured (`--accelerator cpu "
               "--small` rehearses the script on the CPU)")
         return 0
-    os.makedirs(opts.out, exist_ok=True)
+    try:
+        os.makedirs(opts.out, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {opts.out}: cannot create it ({error.strerror})")
     work = opts.work or tempfile.mkdtemp(prefix="gpu-bench-")
     os.makedirs(work, exist_ok=True)
     log = os.path.join(opts.out, "gpu-bench.log")
@@ -367,6 +398,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{log}", flush=True)
     rows: List[Row] = []
     seconds: Dict[str, float] = {}
+
+    def terminated(signum, frame):
+        raise SystemExit(f"gpu-bench: stopped by signal {signum}")
+    signal.signal(signal.SIGTERM, terminated)
     try:
         for part in opts.parts:
             print(f"\n[{part}] budget {budgets[part]} s", flush=True)
@@ -395,8 +430,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print("\n" + markdown(env, rows, seconds, budgets))
     failed = sorted({r.part for r in rows if r.verdict == "FAILED"})
-    print(f"{len(opts.parts) - len(failed)} of {len(opts.parts)} parts without a failure"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    skipped = sorted({r.part for r in rows if r.value.startswith("CUDA only")})
+    ran = [p for p in opts.parts if p not in skipped]
+    print(f"{len(ran) - len(failed)} of {len(ran)} parts run without a failure"
+          + (f"; failed: {', '.join(failed)}" if failed else "")
+          + (f"; not run on this machine: {', '.join(skipped)}" if skipped else ""))
     return 1 if failed else 0
 
 

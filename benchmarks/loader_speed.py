@@ -124,9 +124,9 @@ def main():
                   f"{on_device:.0f} img/s, ratio to ours {on_device / ours:.2f}", flush=True)
             record["workers"][str(workers)] = {"ours": ours, "imagefolder": alt,
                                                "decode_on_device": on_device}
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(record, f, indent=1)
+            if args.json:  # atomically: a reader never sees half a file
+                from dml.atomic_files import write_text_atomic
+                write_text_atomic(args.json, json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

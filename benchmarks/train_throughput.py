@@ -273,10 +273,11 @@ def main():
 
 
 def write_json(path, record) -> None:
-    if path:
+    if path:  # atomically: a reader never sees half a file
         import json
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1)
+
+        from dml.atomic_files import write_text_atomic
+        write_text_atomic(path, json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -335,9 +335,10 @@ def table(rows: List[dict]) -> str:
 
 
 def write_rows(path: Optional[str], device: str, rows: List[dict]) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump({"device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    if path:  # atomically: a reader never sees half a file
+        from dml.atomic_files import write_text_atomic
+        write_text_atomic(path, json.dumps({"device": device, "torch": torch.__version__,
+                                            "rows": rows}, indent=1))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -229,8 +229,9 @@ def cuda_syncs(fn, source: str) -> int:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronisations")
 def test_on_cuda_a_gsp_step_synchronises_once_per_8_solver_iterations():
     """The GSP forward and backward of a training step on CUDA: every synchronisation in
-    dml/models/gsp.py is the solver's convergence read, at most one per 8 of its iterations
-    (50 at most: 7 reads), the same number the CPU's __bool__ count gives on this input."""
+    dml/models/gsp.py is one of the solver's convergence reads (one per 8 of its at most 50
+    iterations: at most 7 with the final one), as many as the __bool__ reads counted in the
+    same step on the same device."""
     torch.manual_seed(0)
     gsp = GSP(in_channels=256, num_prototypes=64, mu=0.3, gamma=5.0, embedding_dim=128).cuda()
     projection = nn.Linear(256, 128).cuda()
