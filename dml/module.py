@@ -50,7 +50,7 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
                  recall_ks: Optional[List[int]] = None, nonfinite_loss: str = "stop",
                  terms: Union[Dict[str, Optional[Dict[str, Any]]], List[Dict[str, Any]],
                               None] = None,
-                 compile: Union[bool, str] = False):
+                 compile: Union[bool, str] = False, diagnostics: bool = True):
         """embedding_dim: D, the width of the embedding head's linear map; null: no head, the
         embedding is the pooled backbone feature, L2-normalised (``dml.models.PooledFeatures``;
         what ``python -m dml test --zero-shot`` evaluates). nonfinite_loss: what a NaN or
@@ -61,7 +61,10 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
         (``dml.builder.build_terms``; the list of runs from before terms had names is read as
         that mapping). compile: ``torch.compile`` the backbone for training and
         evaluation (``true``, or a mode: "default", "reduce-overhead", "max-autotune"); the
-        weights, their names and the checkpoints stay the plain module's."""
+        weights, their names and the checkpoints stay the plain module's. diagnostics: on the
+        steps the loggers write, also log ``train/grad_norm/<term>`` (each loss term's gradient
+        norm at the head's output) and the memory term's ``train/memory/...`` quantities
+        (``Objective.diagnostics``); they change nothing in training."""
         super().__init__()
         backbone, pooling = as_config(BackboneConfig, backbone), as_config(PoolingConfig, pooling)
         loss, memory = as_config(LossConfig, loss), as_config(MemoryConfig, memory)
@@ -82,8 +85,9 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
             "optimizer": asdict(optimizer), "evaluation": asdict(evaluation),
             "zero_shot": asdict(zero_shot), "ibc": asdict(ibc), "memory": asdict(memory),
             "num_classes": num_classes, "recall_ks": recall_ks, "nonfinite_loss": nonfinite_loss,
-            "terms": terms, "compile": compile})
+            "terms": terms, "compile": compile, "diagnostics": bool(diagnostics)})
         self.optimizer_cfg, self.recall_ks = optimizer, recall_ks
+        self.diagnostics = bool(diagnostics)
         self.nonfinite_loss, self.skipped_steps = nonfinite_loss, 0
 
         parts = build_parts(backbone, pooling, embedding_dim, loss, zero_shot, ibc, memory,
@@ -172,7 +176,8 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
     # --- training ---------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         images, labels, _ = batch
-        values = self.objective(self.embed(images), labels)
+        embedded = self.embed(images)
+        values = self.objective(embedded, labels)
         total = sum(values.values())
         if self.nonfinite_loss == "skip":  # must know before this step's update: reads now
             if not self.loss_is_finite(total):
@@ -186,7 +191,17 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
             for name, value in values.items():
                 self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
             self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+            if self.diagnostics:
+                found = self.objective.diagnostics(embedded, labels, values)
+                for name, value in found.items():
+                    self.log(f"train/{name}", value, batch_size=batch_size)
+                self._last_diagnostics = (int(self.global_step), found)
         return total
+
+    def last_diagnostics(self):
+        """(step, {name: value}) of the last step that logged the training diagnostics
+        (``Objective.diagnostics``), or None."""
+        return getattr(self, "_last_diagnostics", None)
 
     def logs_this_step(self) -> bool:
         """Whether Lightning writes this step's logged values to the loggers (every

@@ -127,6 +127,26 @@ class Objective(nn.Module):
             add(f"model.terms.{name}", term(embedded, labels, self))
         return values
 
+    def diagnostics(self, embedded: Dict[str, Any], labels: torch.Tensor,
+                    values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """What the terms do on this batch, for the training log (nothing changes):
+        grad_norm/<name>: ||d value / d h||, h the head's output of the local batch (how hard
+        each term pulls on the embeddings; a term that does not reach h is left out), and the
+        memory term's ``diagnostics``."""
+        out: Dict[str, torch.Tensor] = {}
+        h = embedded["raw_embeddings"]
+        if torch.is_grad_enabled() and h.requires_grad:
+            for name, value in values.items():
+                if not value.requires_grad:
+                    continue
+                (grad,) = torch.autograd.grad(value, h, retain_graph=True, allow_unused=True)
+                if grad is not None:
+                    out[f"grad_norm/{name}"] = grad.detach().float().norm()
+        if self.memory is not None and hasattr(self.memory, "diagnostics"):
+            z = as_float32(embedded["embeddings"]).detach()
+            out.update(self.memory.diagnostics(z, labels, self))
+        return out
+
     def metric_loss_values(self, z, raw, labels) -> Dict[str, torch.Tensor]:
         """"metric", or CCP's "proxy" and "pair" (``named_values`` on the raw embeddings)."""
         if self.gather and world_size() > 1:  # the global batch, gradients back to their rows

@@ -8,7 +8,11 @@ Rank 0 draws, from the embeddings the validation just scored:
 - ``projection``: a 2-D projection (PCA or t-SNE) of the embeddings coloured by class;
 - ``worst``: the queries where the model is worst (latest first relevant reference, then lowest
   MAP@R; ``QueryResults.worst``) with their top-k neighbours, and beside it
-  ``worst_classes_<tag>.csv``, the classes of lowest MAP@R (a W&B table ``tables/worst_classes``).
+  ``worst_classes_<tag>.csv``, the classes of lowest MAP@R (a W&B table ``tables/worst_classes``);
+- ``training``: the training diagnostics logged so far (``model.diagnostics``): each loss
+  term's gradient norm, and for a memory the share of stored negatives inside the loss's
+  margin and the stored positives and negatives per anchor (kept in this callback's state,
+  so a resumed run draws its whole history).
 Each figure is a PNG in ``<run folder>/figures/<name>_epoch<E>.png`` (for users without W&B,
 written atomically) and, when a W&B logger is attached, an image under ``figures/<name>`` at the
 current step. A figure that fails to draw is a warning naming it; training goes on. Only rank 0
@@ -51,6 +55,26 @@ class DashboardFigures(pl.Callback):
         self.projection, self.max_points, self.seed = projection, max_points, seed
         self.last_paths: Dict[str, str] = {}
         self.out_dir = "figures"  # set to <run folder>/figures in setup
+        self.history: Dict[str, list] = {}  # diagnostics key -> [(step, value), ...]
+        self._recorded_step = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Keep the diagnostics of each step that logged them (read once per such step)."""
+        if not self.enabled or not trainer.is_global_zero:
+            return
+        last = pl_module.last_diagnostics() if hasattr(pl_module, "last_diagnostics") else None
+        if last is None or last[0] == self._recorded_step:
+            return
+        self._recorded_step, (step, values) = last[0], last
+        for key, value in values.items():
+            self.history.setdefault(key, []).append((step, float(value)))
+
+    def state_dict(self) -> Dict[str, list]:
+        return {"history": {k: [list(p) for p in v] for k, v in self.history.items()}}
+
+    def load_state_dict(self, state_dict) -> None:
+        self.history = {k: [tuple(p) for p in v]
+                        for k, v in state_dict.get("history", {}).items()}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # every rank calls setup: trainer.log_dir (a broadcast under DDP) is safe only here
@@ -75,7 +99,8 @@ class DashboardFigures(pl.Callback):
         for name, build in (("retrieval", self.retrieval_figure),
                             ("pooling", self.pooling_figure_of_queries),
                             ("projection", self.projection_figure),
-                            ("worst", self.worst_queries_figure)):
+                            ("worst", self.worst_queries_figure),
+                            ("training", self.training_figure)):
             try:
                 fig = build(trainer, pl_module, sets, tag)
                 if fig is not None:
@@ -116,6 +141,11 @@ class DashboardFigures(pl.Callback):
         except Exception as error:  # noqa: BLE001 - a table must never stop training
             rank_zero_warn(f"dashboard: the worst classes of {tag} failed "
                            f"({type(error).__name__}: {error}); training goes on")
+
+    def training_figure(self, trainer, pl_module, sets, tag):
+        from dml.visualization.figures import training_diagnostics
+
+        return training_diagnostics(self.history, f"training diagnostics, {tag}")
 
     def _rows(self, sets):
         """The seeded query rows drawn."""

@@ -19,6 +19,11 @@ subclass that overrides ``select_pairs`` or ``loss_value``, named by class path 
 
 Every process holds the same memory; the term covers the process's local batch. A batch with
 NaN or inf is neither matched to nor stored (the non-finite loss guard stops or skips that step).
+
+``diagnostics`` says what the memory does to a batch, for the training log (the module logs it
+on the logger's steps; it changes nothing): the stored rows, the stored positives and negatives
+per anchor, and the share of stored negatives that are active, i.e. inside the loss's negative
+margin (``active_negatives``), which is what makes a summed memory term grow with the memory.
 """
 from __future__ import annotations
 
@@ -74,11 +79,39 @@ class CrossBatchMemoryLoss(CrossBatchMemory):
     def loss_value(self, embeddings, labels, pairs, reference, reference_labels,
                    objective: Any) -> torch.Tensor:
         """L(batch, memory) over ``pairs``."""
-        loss = self.loss if self.loss is not None else getattr(objective, "metric_loss", None)
+        loss = self.term_loss(objective)
         if loss is None:
             raise ConfigError("model.memory: no pair loss to compare the batch with the memory "
                               "(set model.memory.loss or model.loss.name)")
         return loss(embeddings, labels, pairs, reference, reference_labels)
+
+    def term_loss(self, objective: Any) -> Optional[nn.Module]:
+        """The pair loss the term uses: its own, else the objective's metric loss."""
+        return self.loss if self.loss is not None else getattr(objective, "metric_loss", None)
+
+    @torch.no_grad()
+    def diagnostics(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                    objective: Any = None) -> Dict[str, torch.Tensor]:
+        """For the batch rows against the stored rows (empty before the memory starts):
+        memory/stored, memory/positives_per_anchor, memory/negatives_per_anchor and, for a
+        loss with a negative margin (``active_negatives``), memory/active_negatives: the
+        share of (batch row, stored row of another class) pairs inside it."""
+        if int(self.iteration) <= self.start_iteration or len(self) == 0:
+            return {}
+        reference = self.stored
+        if self.store == "raw":
+            reference = F.normalize(reference, dim=1)
+        same = labels[:, None] == self.stored_labels[None, :]
+        negatives = ~same
+        out = {"memory/stored": torch.tensor(float(len(self))),
+               "memory/positives_per_anchor": same.sum(1).float().mean(),
+               "memory/negatives_per_anchor": negatives.sum(1).float().mean()}
+        active = active_negatives(self.term_loss(objective), embeddings.float(),
+                                  reference.float())
+        if active is not None:
+            out["memory/active_negatives"] = ((active & negatives).sum().float()
+                                              / negatives.sum().clamp_min(1))
+        return out
 
     # --- the term --------------------------------------------------------------------------
     def forward(self, embedded: Dict[str, Any], labels: torch.Tensor,
@@ -109,3 +142,23 @@ class CrossBatchMemoryLoss(CrossBatchMemory):
         if not self.enqueue_first:
             self.enqueue(batch, batch_labels, step)
         return parts
+
+
+def active_negatives(loss: Optional[nn.Module], embeddings: torch.Tensor,
+                     reference: torch.Tensor) -> Optional[torch.Tensor]:
+    """(batch, reference) flags of the pairs that a negative pair of ``loss`` would penalise:
+    XBM's contrastive loss: cosine similarity > margin; pytorch-metric-learning's contrastive
+    loss: inside ``neg_margin`` in its distance (a similarity above it, a distance below it);
+    multi-similarity: similarity above ``base`` (lambda). None for any other loss."""
+    from dml.losses.xbm import XBMContrastiveLoss
+
+    if isinstance(loss, XBMContrastiveLoss):
+        z = F.normalize(embeddings, dim=1) if loss.normalize else embeddings
+        ref = F.normalize(reference, dim=1) if loss.normalize else reference
+        return z @ ref.T > loss.margin
+    margin = getattr(loss, "neg_margin", getattr(loss, "base", None))
+    distance = getattr(loss, "distance", None)
+    if margin is None or distance is None:
+        return None
+    matrix = distance(embeddings, reference)
+    return matrix > margin if distance.is_inverted else matrix < margin

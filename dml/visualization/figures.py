@@ -131,6 +131,49 @@ def embedding_projection(embeddings: torch.Tensor, labels: torch.Tensor, method:
     return fig
 
 
+def training_diagnostics(history: dict, title: str = "") -> Optional[plt.Figure]:
+    """The logged training diagnostics over the steps (``Objective.diagnostics``): each loss
+    term's gradient norm at the head's output (log scale), the share of stored negatives the
+    memory's loss acts on, and the stored positives and negatives per anchor. ``history``:
+    {key: [(step, value), ...]} with keys ``grad_norm/<term>`` and ``memory/<quantity>``.
+    None when nothing was logged."""
+    norms = {k: v for k, v in history.items() if k.startswith("grad_norm/") and v}
+    memory = {k: v for k, v in history.items() if k.startswith("memory/") and v}
+    if not norms and not memory:
+        return None
+    panels = [p for p in ("norms", "active", "counts")
+              if (p == "norms" and norms) or (p != "norms" and memory)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "norms":
+            for key, points in sorted(norms.items()):
+                steps, values = zip(*points)
+                ax.plot(steps, values, label=key.split("/", 1)[1])
+            ax.set_yscale("log")
+            ax.set_title("gradient norm at the head's output, per term")
+        elif panel == "active":
+            points = memory.get("memory/active_negatives", [])
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values)
+            ax.set_ylim(0, 1)
+            ax.set_title("stored negatives inside the margin (share)")
+        else:
+            for key in ("memory/positives_per_anchor", "memory/negatives_per_anchor"):
+                if memory.get(key):
+                    steps, values = zip(*memory[key])
+                    ax.plot(steps, values, label=key.split("/", 1)[1].replace("_", " "))
+            ax.set_yscale("log")
+            ax.set_title("stored rows per anchor")
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def save_png(fig: plt.Figure, path: str, dpi: int = 100) -> str:
     """Write the figure to ``path`` atomically (a reader never sees half a PNG) and close it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
