@@ -337,7 +337,8 @@ def test_a_figure_that_raises_does_not_stop_training(tmp_path, monkeypatch):
     assert cli.trainer.current_epoch == 2
     (run,) = run_folders(tmp_path)
     assert sorted(os.listdir(os.path.join(run, "figures"))) == [
-        "projection_epoch001.png", "worst_classes_epoch001.csv"]  # the grids failed
+        "projection_epoch001.png", "training_epoch001.png",
+        "worst_classes_epoch001.csv"]  # the grids failed
 
 
 def test_the_epoch_line_is_whole_under_the_progress_bar(tmp_path, capfd):
@@ -437,8 +438,8 @@ def test_ddp_cli_with_the_default_trainer_config_draws_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     (run,) = run_folders(tmp_path)
     assert sorted(os.listdir(os.path.join(run, "figures"))) == [
-        "projection_epoch001.png", "retrieval_epoch001.png", "worst_classes_epoch001.csv",
-        "worst_epoch001.png"]
+        "projection_epoch001.png", "retrieval_epoch001.png", "training_epoch001.png",
+        "worst_classes_epoch001.csv", "worst_epoch001.png"]
     again = dml("fit", "--config", os.path.join(run, "config.yaml"), "--ckpt_path",
                 os.path.join(run, "checkpoints", "last.ckpt"), "--trainer.max_epochs", "3",
                 timeout=240)

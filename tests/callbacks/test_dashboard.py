@@ -51,11 +51,12 @@ def test_figures_are_saved_as_pngs_of_the_expected_size(tiny_run):
     figures = sorted(glob.glob(str(tiny_run / "figures" / "*.png")))
     names = {os.path.basename(p) for p in figures}
     assert names == {"retrieval_epoch000.png", "pooling_epoch000.png", "projection_epoch000.png",
-                     "worst_epoch000.png"}
+                     "worst_epoch000.png", "training_epoch000.png"}
     by_name = {os.path.basename(p).split("_")[0]: p for p in figures}
     assert png_size(by_name["retrieval"]) == ("PNG", (160 * 4, 160 * 4))  # 4 queries, top-3
     assert png_size(by_name["projection"]) == ("PNG", (700, 550))
     assert png_size(by_name["worst"]) == ("PNG", (160 * 4, 160 * 4))  # 4 worst queries, top-3
+    assert png_size(by_name["training"]) == ("PNG", (500, 360))  # gradient norms (no memory)
     fmt, (w, h) = png_size(by_name["pooling"])
     assert fmt == "PNG" and (w, h) == (180 * 4 + 80, 380)  # 4 images x 2 rows, colour bar
 
@@ -65,7 +66,8 @@ def test_wandb_offline_run_holds_config_git_metrics_and_figures(tiny_run):
     assert len(runs) == 1
     media = glob.glob(os.path.join(runs[0], "files", "media", "images", "figures", "*.png"))
     assert {os.path.basename(m).split("_")[0] for m in media} == {"retrieval", "pooling",
-                                                                 "projection", "worst"}
+                                                                 "projection", "worst",
+                                                                 "training"}
     # The offline run's log (what `wandb sync` uploads) holds the records as JSON values.
     log = open(glob.glob(os.path.join(runs[0], "*.wandb"))[0], "rb").read()
     commit = git_state()["commit"].encode()
