@@ -45,7 +45,7 @@ PROTECTED = ("model.", "data.", "xbn.", "ccp.", "seed_everything")
 # Inside those, settings that do not change what is trained.
 HARMLESS = ("data.init_args.root", "data.init_args.num_workers", "data.init_args.verify",
             "data.init_args.eval_batch_size", "model.evaluation.backend", "model.compile",
-            "model.backbone.channels_last", "data.init_args.decode")
+            "model.backbone.channels_last", "data.init_args.decode", "model.diagnostics")
 
 
 def is_run_dir(path: str) -> bool:

@@ -564,3 +564,16 @@ def test_a_mapping_where_the_default_is_none_is_compared_entry_by_entry():
     assert protected_differences({"model": {}}, {"model": {"terms": terms}},
                                  defaults=defaults) == ["model.terms", "model.terms.u.class_path",
                                                         "model.terms.u.init_args.weight"]
+
+
+def test_diagnostics_may_change_on_resume_and_a_checkpoint_without_them_is_not_refused():
+    """``model.diagnostics`` only adds logged values: switching it is no change to what is
+    trained, and a checkpoint written before the key existed resumes with its default."""
+    from dml.runs import protected_differences
+
+    saved = {"model": {"embedding_dim": 64}}
+    assert protected_differences(saved, {"model": {"embedding_dim": 64, "diagnostics": False}},
+                                 defaults={"model": {"diagnostics": True}}) == []
+    assert protected_differences(saved, {"model": {"embedding_dim": 32, "diagnostics": True}},
+                                 defaults={"model": {"diagnostics": True}}) == \
+        ["model.embedding_dim"]

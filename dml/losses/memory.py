@@ -103,7 +103,7 @@ class CrossBatchMemoryLoss(CrossBatchMemory):
             reference = F.normalize(reference, dim=1)
         same = labels[:, None] == self.stored_labels[None, :]
         negatives = ~same
-        out = {"memory/stored": torch.tensor(float(len(self))),
+        out = {"memory/stored": torch.tensor(float(len(self)), device=reference.device),
                "memory/positives_per_anchor": same.sum(1).float().mean(),
                "memory/negatives_per_anchor": negatives.sum(1).float().mean()}
         active = active_negatives(self.term_loss(objective), embeddings.float(),

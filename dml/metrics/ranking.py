@@ -22,9 +22,10 @@ Two computations give them:
   R-th distance once the list holds R). A min-reduction of each block first finds the queries
   whose smallest distance there is at most max(f, tau): only they can have anything to count
   or list, and when they are few only their rows are compared. The first relevant reference is
-  then read from the list when it is among the R nearest, else its rank is the count below f. Rows the pass cannot settle exactly (a non-relevant reference at exactly f
-  whose order decides a Recall@K, or a band block whose distances differ between the two passes)
-  are recomputed by ``exact_query_stats``.
+  then read from the list when it is among the R nearest, else its rank is the count below f.
+  Rows the pass cannot settle exactly (a non-relevant reference at exactly f whose order decides
+  a Recall@K, or a band block whose distances differ between the two passes) are recomputed by
+  ``exact_query_stats``.
 """
 from __future__ import annotations
 
@@ -101,6 +102,8 @@ class BlockRanks:
     for the queries with R >= 1, in their original order, and how many rows fell back to the
     exact row computation (``fallback_rows``)."""
 
+    dense_share = 0.25  # above this share of a side's queries: the whole side, no gather
+
     def __init__(self, query: torch.Tensor, q_labels: torch.Tensor, reference: torch.Tensor,
                  r_labels: torch.Tensor, same_source: bool, block_size: int = 1024):
         self.device = query.device
@@ -133,7 +136,6 @@ class BlockRanks:
         self.tau = torch.full((n_q,), -float("inf"), device=self.device)
         self.near = torch.full((n_q, self.L), float("inf"), device=self.device)
         self.fallback_rows = 0
-        self.dense_share = 0.25  # above this share of a side's queries: no gather, whole side
         self._mask = torch.empty(self.T * self.T, dtype=torch.bool, device=self.device)
 
     # --- blocks ---------------------------------------------------------------------------

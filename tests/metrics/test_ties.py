@@ -73,6 +73,16 @@ def test_same_source_ties_equal_a_stable_sort(backend, block, case):
     assert ours == pytest.approx(reference_metrics(x, y, x, y, ks, True), abs=1e-12)
 
 
+@pytest.mark.parametrize("dense_share", [0.0, 1.0])  # every side whole / only gathered rows
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_both_paths_of_the_block_pass_follow_the_tie_rule(case, dense_share, monkeypatch):
+    monkeypatch.setattr(BlockRanks, "dense_share", dense_share)
+    x, y = CASES[case]()
+    ks = [1, 2, 4, 8, 16]
+    ours = retrieval_metrics(x, y, ks, backend="rank", chunk_size=16)
+    assert ours == pytest.approx(reference_metrics(x, y, x, y, ks, True), abs=1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block", [5, 64])
 @pytest.mark.parametrize("seed", [0, 1])
