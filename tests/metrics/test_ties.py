@@ -73,10 +73,17 @@ def test_same_source_ties_equal_a_stable_sort(backend, block, case):
     assert ours == pytest.approx(reference_metrics(x, y, x, y, ks, True), abs=1e-12)
 
 
-@pytest.mark.parametrize("dense_share", [0.0, 1.0])  # every side whole / only gathered rows
+# The main pass on the CPU (fused, dml.metrics.fused_side) and the torch pass of CUDA (forced
+# here: every side whole, or only gathered rows)
+PATHS = {"fused": (True, 0.25), "torch_whole_sides": (False, 0.0),
+         "torch_some_rows": (False, 0.25), "torch_gathered_rows": (False, 1.0)}
+
+
+@pytest.mark.parametrize("path", ["fused", "torch_whole_sides", "torch_gathered_rows"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_both_paths_of_the_block_pass_follow_the_tie_rule(case, dense_share, monkeypatch):
-    monkeypatch.setattr(BlockRanks, "dense_share", dense_share)
+def test_every_path_of_the_block_pass_follows_the_tie_rule(case, path, monkeypatch):
+    monkeypatch.setattr(BlockRanks, "fused_on_cpu", PATHS[path][0])
+    monkeypatch.setattr(BlockRanks, "dense_share", PATHS[path][1])
     x, y = CASES[case]()
     ks = [1, 2, 4, 8, 16]
     ours = retrieval_metrics(x, y, ks, backend="rank", chunk_size=16)
@@ -155,10 +162,10 @@ def test_nmi_of_a_single_class_is_an_error():
         nmi(np.random.default_rng(0).normal(size=(20, 4)), np.zeros(20))
 
 
-@pytest.mark.parametrize("dense_share", [0.0, 0.25, 1.0])  # whole sides / either / gathered rows
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("regime", ["clustered", "random", "mixed"])
-@pytest.mark.parametrize("block", [16, 64])
-def test_block_pass_ranks_of_every_query_equal_a_stable_sort(regime, block, dense_share):
+@pytest.mark.parametrize("block", [16, 64, 300])  # 300: two chunks of the fused transposed side
+def test_block_pass_ranks_of_every_query_equal_a_stable_sort(regime, block, path):
     """Per query, not averaged: the rank of the first relevant reference, AP and RP of the
     block pass equal numpy's stable sort, on data where most queries have their first relevant
     reference among the R nearest (clustered: counted from the candidates), few do (random:
@@ -167,7 +174,8 @@ def test_block_pass_ranks_of_every_query_equal_a_stable_sort(regime, block, dens
     from dml.metrics.ranking import precision_from_hits
 
     rng = np.random.default_rng(block)
-    n, classes = 400, 40
+    n = 600 if block == 300 else 400
+    classes = n // 10
     y = rng.integers(0, classes, size=n)
     centres = rng.integers(-500, 500, size=(classes, 4))
     spread = {"clustered": 60, "random": 1000}.get(regime)
@@ -178,7 +186,7 @@ def test_block_pass_ranks_of_every_query_equal_a_stable_sort(regime, block, dens
     x = x.astype(np.float32)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     ranks = BlockRanks(xt, yt, xt, yt, same_source=True, block_size=block)
-    ranks.dense_share = dense_share
+    ranks.fused, ranks.dense_share = PATHS[path]
     first, ap, rp = ranks.run(max_k=n)
     assert ranks.fallback_rows <= n // 50  # exact ties at f are rare: the pass settles the rest
     d = ((x.astype(np.float64)[:, None] - x[None]) ** 2).sum(-1)
@@ -198,3 +206,30 @@ def test_block_pass_ranks_of_every_query_equal_a_stable_sort(regime, block, dens
     listed = sum(f < r for f, r in zip(expected_first, relevant)) / len(relevant)
     assert {"clustered": listed > 0.9, "random": listed < 0.5,
             "mixed": 0.5 < listed < 0.9}[regime], listed  # first relevant among the R nearest
+
+
+@pytest.mark.parametrize("case", ["tied", "one_repeated_vector"])
+def test_the_fused_pass_ranks_ties_exactly_without_recomputing_rows(case):
+    """The CPU pass counts the references at exactly f whose index precedes the first relevant
+    one, so a data set of duplicates needs no row recomputed (the torch pass recomputes every
+    such row). 600-700 rows in blocks of 300: both fused kernels, two chunks of queries."""
+    if case == "tied":
+        x, y = tied_data(7, n=700, dim=4, classes=30, levels=3)
+    else:
+        x, y = np.ones((600, 3), np.float32), np.arange(600) % 20
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    ks = [1, 2, 4, 8, 16, 100]
+    ranks = BlockRanks(xt, yt, xt, yt, same_source=True, block_size=300)
+    assert ranks.fused
+    first, ap, rp = ranks.run(max_k=max(ks))
+    assert ranks.fallback_rows == 0
+    ours = {f"R@{k}": float((first < k).double().mean()) for k in ks}
+    ours.update({"MAP@R": float(ap.mean()), "R-Precision": float(rp.mean())})
+    assert ours == pytest.approx(reference_metrics(x, y, x, y, ks, True), abs=1e-12)
+    torch_pass = BlockRanks(xt, yt, xt, yt, same_source=True, block_size=300)
+    torch_pass.fused = False
+    t_first, t_ap, t_rp = torch_pass.run(max_k=max(ks))
+    assert torch_pass.fallback_rows > 0
+    # the torch pass settles a rank exactly only below max_k (all a Recall@K needs)
+    assert torch.equal(t_first.clamp_max(max(ks)), first.clamp_max(max(ks)))
+    assert torch.equal(t_ap, ap) and torch.equal(t_rp, rp)
