@@ -26,6 +26,7 @@ from typing import Dict, Iterable
 
 from packaging.requirements import Requirement
 
+DISTRIBUTION = "dml-lightning"  # setup.cfg's name (the import name is dml)
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
 
@@ -91,8 +92,8 @@ def main() -> int:
                     if line.strip() and not line.startswith("#")}
     except OSError as error:
         parser.error(f"{args.node_packages}: {error.strerror}")
-    need = closure("dml", ["cpu"], have, args.python_version)
-    need.pop("dml", None)
+    need = closure(DISTRIBUTION, ["cpu"], have, args.python_version)
+    need.pop(DISTRIBUTION, None)
     skip = {normal(s) for s in args.skip}
     if "torch" in have:
         skip |= {k for k in need if torch_bound(k)}

@@ -140,13 +140,14 @@ def test_real_embeddings_are_stacked_only_when_their_classes_are_disjoint(tmp_pa
 
 
 def test_the_offline_wheels_are_the_run_time_requirements_only():
-    need = offline_wheels.closure("dml", ["cpu"])
+    dist = offline_wheels.DISTRIBUTION
+    need = offline_wheels.closure(dist, ["cpu"])
     for package in ("torch", "pytorch-lightning", "pytorch-metric-learning", "faiss-cpu",
-                    "jsonargparse", "optuna", "numpy"):
+                    "jsonargparse", "optuna", "numpy", "numba"):
         assert package in need, package
     assert "pytest" not in need and "mkdocs" not in need  # the dev extra is not shipped
     # a node with torch: its requirements (CUDA libraries, triton) are not walked into
-    on_node = offline_wheels.closure("dml", ["cpu"], have=["torch", "pytorch-lightning"])
+    on_node = offline_wheels.closure(dist, ["cpu"], have=["torch", "pytorch-lightning"])
     assert "torch" in on_node and not any(offline_wheels.torch_bound(k) and k != "torch"
                                           and k not in ("torchvision",) for k in on_node)
     assert offline_wheels.torch_bound("nvidia-cublas") and offline_wheels.torch_bound("triton")

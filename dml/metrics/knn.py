@@ -22,7 +22,7 @@ import torch
 
 from dml.metrics.ordering import key_index, key_value, order_keys, squared_distances
 
-try:  # faiss is an optional extra: `pip install dml[cpu]` or `dml[gpu]`
+try:  # faiss is an optional extra: `pip install "dml-lightning[cpu]"` or `[gpu]`
     import faiss
 except ImportError:  # pragma: no cover - exercised only where faiss is absent
     faiss = None
