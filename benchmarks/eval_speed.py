@@ -36,6 +36,7 @@ Usage: python benchmarks/eval_speed.py [--regime hard|separable|unstructured|...
 (``--embeddings`` replaces ``--regime``, ``--n``, ``--dim`` and ``--classes``.)
 Results are written down in benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,16 @@ import numpy as np
 import torch
 from timing import compare, format_ratio, ratio
 
-REGIMES = {"hard": 0.55, "separable": 0.3, "unstructured": None, "isotropic-1.6": 1.6,
-           "isotropic-2": 2.0, "isotropic-3": 3.0, "latent+noise": 0.3, "mixture": 0.3}
+REGIMES = {
+    "hard": 0.55,
+    "separable": 0.3,
+    "unstructured": None,
+    "isotropic-1.6": 1.6,
+    "isotropic-2": 2.0,
+    "isotropic-3": 3.0,
+    "latent+noise": 0.3,
+    "mixture": 0.3,
+}
 
 
 def make_data(regime: str, n: int, classes: int, dim: int, seed: int = 0):
@@ -75,22 +84,29 @@ def load_embeddings(paths, relabel: bool = False):
         try:
             with np.load(path, allow_pickle=False) as f:
                 if "embeddings" not in f or "labels" not in f:
-                    raise SystemExit(f"{path}: expected the arrays 'embeddings' and 'labels' "
-                                     f"(python -m dml embed), found {sorted(f.files)}")
+                    raise SystemExit(
+                        f"{path}: expected the arrays 'embeddings' and 'labels' "
+                        f"(python -m dml embed), found {sorted(f.files)}"
+                    )
                 x, y = f["embeddings"], f["labels"]
         except (OSError, ValueError) as error:  # missing, not an .npz, pickled objects
             raise SystemExit(f"{path}: not readable as an embeddings file ({error})")
         if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating) or len(x) != len(y):
-            raise SystemExit(f"{path}: expected embeddings (n, d) of floats and n labels, got "
-                             f"{x.shape} {x.dtype} and {y.shape}")
+            raise SystemExit(
+                f"{path}: expected embeddings (n, d) of floats and n labels, got "
+                f"{x.shape} {x.dtype} and {y.shape}"
+            )
         if not np.issubdtype(y.dtype, np.integer):
             raise SystemExit(f"{path}: labels must be integers, got {y.dtype}")
         if len(y) and y.min() < 0:
-            raise SystemExit(f"{path}: {int((y < 0).sum())} rows without a label (-1): a "
-                             "retrieval benchmark needs labelled rows")
+            raise SystemExit(
+                f"{path}: {int((y < 0).sum())} rows without a label (-1): a "
+                "retrieval benchmark needs labelled rows"
+            )
         if xs and x.shape[1] != xs[0].shape[1]:
-            raise SystemExit(f"{path}: {x.shape[1]}-d embeddings, {paths[0]} has "
-                             f"{xs[0].shape[1]}-d")
+            raise SystemExit(
+                f"{path}: {x.shape[1]}-d embeddings, {paths[0]} has {xs[0].shape[1]}-d"
+            )
         xs.append(np.asarray(x, np.float32))
         ys.append(np.asarray(y, np.int64))
     if relabel:
@@ -102,9 +118,11 @@ def load_embeddings(paths, relabel: bool = False):
     for i in range(len(ys)):
         for j in range(i):
             if np.intersect1d(ys[i], ys[j]).size:
-                raise SystemExit(f"{paths[i]} and {paths[j]} share labels; stacking them would "
-                                 "merge classes (--relabel: each file's labels are its own "
-                                 "classes)")
+                raise SystemExit(
+                    f"{paths[i]} and {paths[j]} share labels; stacking them would "
+                    "merge classes (--relabel: each file's labels are its own "
+                    "classes)"
+                )
     x = np.concatenate(xs)
     if len(x) < 2:
         raise SystemExit(f"{', '.join(paths)}: {len(x)} rows; a benchmark needs at least 2")
@@ -112,8 +130,7 @@ def load_embeddings(paths, relabel: bool = False):
     return x, np.concatenate(ys)
 
 
-def sop_like(n: int, classes: int, dim: int, seed: int = 0, latent: int = 16,
-             spread: float = 0.55):
+def sop_like(n: int, classes: int, dim: int, seed: int = 0, latent: int = 16, spread: float = 0.55):
     rng = np.random.default_rng(seed)
     mean_size = n / classes
     sizes = 2 + rng.binomial(10, (mean_size - 2) / 10, size=classes)
@@ -143,16 +160,17 @@ def bare_gemm(x: torch.Tensor, rows: int, cols: int) -> None:
     n = len(x)
     for i in range(0, n, rows):
         for j in range(0, n, cols):
-            block = sq[i:i + rows, None] + sq[None, j:j + cols]
-            block.addmm_(x[i:i + rows], x[j:j + cols].T, alpha=-2.0)
+            block = sq[i : i + rows, None] + sq[None, j : j + cols]
+            block.addmm_(x[i : i + rows], x[j : j + cols].T, alpha=-2.0)
 
 
 def baseline(x: np.ndarray, y: np.ndarray, ks):
     import faiss
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r",
-                                       "r_precision"), k="max_bin_count")
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"), k="max_bin_count"
+    )
     acc = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(y))
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(x)
@@ -163,8 +181,13 @@ def baseline(x: np.ndarray, y: np.ndarray, ks):
     nn = nn[~is_self].reshape(len(x), -1)
     hits = y[nn] == y[:, None]
     out = {f"R@{k}": float(hits[:, :k].any(1).mean()) for k in ks}
-    out.update({"P@1": acc["precision_at_1"], "MAP@R": acc["mean_average_precision_at_r"],
-                "R-Precision": acc["r_precision"]})
+    out.update(
+        {
+            "P@1": acc["precision_at_1"],
+            "MAP@R": acc["mean_average_precision_at_r"],
+            "R-Precision": acc["r_precision"],
+        }
+    )
     return out
 
 
@@ -172,18 +195,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--regime", choices=sorted(REGIMES), default="hard")
     parser.add_argument("--n", type=int, default=60502)
-    parser.add_argument("--classes", type=int, default=None,
-                        help="default: n / 5.35, as SOP's test split")
+    parser.add_argument(
+        "--classes", type=int, default=None, help="default: n / 5.35, as SOP's test split"
+    )
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--skip-baseline", action="store_true")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="alternating rounds of floor, ours and baseline")
-    parser.add_argument("--embeddings", nargs="+", default=None,
-                        help="time on these .npz files of python -m dml embed instead of a "
-                             "generated regime")
-    parser.add_argument("--relabel", action="store_true",
-                        help="--embeddings: each file's labels name its own classes")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds of floor, ours and baseline"
+    )
+    parser.add_argument(
+        "--embeddings",
+        nargs="+",
+        default=None,
+        help="time on these .npz files of python -m dml embed instead of a generated regime",
+    )
+    parser.add_argument(
+        "--relabel",
+        action="store_true",
+        help="--embeddings: each file's labels name its own classes",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
@@ -199,9 +230,12 @@ def main():
         x, y = make_data(args.regime, args.n, classes, args.dim)
         regime = args.regime
     sizes = np.unique(y, return_counts=True)[1]
-    print(f"data ({regime}): {len(x)} x {x.shape[1]}, {len(sizes)} classes, "
-          f"sizes {sizes.min()}-{sizes.max()}, torch threads "
-          f"{torch.get_num_threads()}", flush=True)
+    print(
+        f"data ({regime}): {len(x)} x {x.shape[1]}, {len(sizes)} classes, "
+        f"sizes {sizes.min()}-{sizes.max()}, torch threads "
+        f"{torch.get_num_threads()}",
+        flush=True,
+    )
 
     device = torch.device(args.device)
     xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
@@ -218,34 +252,56 @@ def main():
     if not args.skip_baseline:
         variants["baseline"] = reference
     timings = compare(variants, device, rounds=args.rounds, warmup=int(device.type == "cuda"))
-    print(f"floor: bare distance GEMM in {block} x {block} blocks: {timings['floor']}",
-          flush=True)
-    print(f"ours ({args.backend}, {device}): {timings['ours']}  {json.dumps(results['ours'])}",
-          flush=True)
-    print(f"ratio ours / bare GEMM = {format_ratio(ratio(timings, 'ours', 'floor'))} "
-          f"(median [range] over {args.rounds} alternating rounds)", flush=True)
-    record = {"regime": regime, "rows": len(x), "dim": int(x.shape[1]), "device": str(device),
-              "rounds": args.rounds, "metrics": results["ours"],
-              "seconds": {name: t.rounds for name, t in timings.items()},
-              "ours_over_floor": ratio(timings, "ours", "floor").rounds}
+    print(f"floor: bare distance GEMM in {block} x {block} blocks: {timings['floor']}", flush=True)
+    print(
+        f"ours ({args.backend}, {device}): {timings['ours']}  {json.dumps(results['ours'])}",
+        flush=True,
+    )
+    print(
+        f"ratio ours / bare GEMM = {format_ratio(ratio(timings, 'ours', 'floor'))} "
+        f"(median [range] over {args.rounds} alternating rounds)",
+        flush=True,
+    )
+    record = {
+        "regime": regime,
+        "rows": len(x),
+        "dim": int(x.shape[1]),
+        "device": str(device),
+        "rounds": args.rounds,
+        "metrics": results["ours"],
+        "seconds": {name: t.rounds for name, t in timings.items()},
+        "ours_over_floor": ratio(timings, "ours", "floor").rounds,
+    }
     if args.skip_baseline:
         write_json(args.json, record)
         return
     ref = results["baseline"]
-    print(f"baseline (PML AccuracyCalculator + faiss k={max(ks) + 1}): {timings['baseline']}  "
-          f"{json.dumps(ref)}", flush=True)
-    agree = all(abs(results["ours"][k] - ref[k]) < 1e-6 for k in ["MAP@R", "R-Precision"] +
-                [f"R@{k}" for k in ks]) and abs(results["ours"]["R@1"] - ref["P@1"]) < 1e-6
-    print(f"ratio ours / baseline = {format_ratio(ratio(timings, 'ours', 'baseline'))}   "
-          f"metrics agree: {agree}")
-    record.update(baseline=ref, ours_over_baseline=ratio(timings, "ours", "baseline").rounds,
-                  agree=agree)
+    print(
+        f"baseline (PML AccuracyCalculator + faiss k={max(ks) + 1}): {timings['baseline']}  "
+        f"{json.dumps(ref)}",
+        flush=True,
+    )
+    agree = (
+        all(
+            abs(results["ours"][k] - ref[k]) < 1e-6
+            for k in ["MAP@R", "R-Precision"] + [f"R@{k}" for k in ks]
+        )
+        and abs(results["ours"]["R@1"] - ref["P@1"]) < 1e-6
+    )
+    print(
+        f"ratio ours / baseline = {format_ratio(ratio(timings, 'ours', 'baseline'))}   "
+        f"metrics agree: {agree}"
+    )
+    record.update(
+        baseline=ref, ours_over_baseline=ratio(timings, "ours", "baseline").rounds, agree=agree
+    )
     write_json(args.json, record)
 
 
 def write_json(path, record) -> None:
     if path:  # atomically: a reader never sees half a file
         from dml.atomic_files import write_text_atomic
+
         write_text_atomic(path, json.dumps(record, indent=1))
 
 

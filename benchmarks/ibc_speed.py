@@ -9,6 +9,7 @@
 
     python benchmarks/ibc_speed.py [--backbone small_cnn] [--size 64] [--steps 10] [--resnet]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,18 +19,27 @@ import torch.nn.functional as F
 from timing import compare, format_ratio, ratio, seconds_per_call
 
 # data set -> (classes x samples, layers, heads, concat), docs/methods/ibc.md
-PUBLISHED = {"CUB": (6 * 9, 1, 2, False), "Cars": (10 * 7, 2, 8, True),
-             "SOP": (15 * 6, 1, 8, False), "In-Shop": (14 * 4, 1, 4, False)}
+PUBLISHED = {
+    "CUB": (6 * 9, 1, 2, False),
+    "Cars": (10 * 7, 2, 8, True),
+    "SOP": (15 * 6, 1, 8, False),
+    "In-Shop": (14 * 4, 1, 4, False),
+}
 
 
 def training_step(mpn_weight, args, device):
     from dml.module import BackboneConfig, DMLModule, IBCConfig, LossConfig, OptimizerConfig
 
     torch.manual_seed(0)
-    module = DMLModule(backbone=BackboneConfig(args.backbone, pretrained=False),
-                       pooling={"name": "gmp"}, embedding_dim=args.dim, num_classes=100,
-                       loss=LossConfig(name="none"), optimizer=OptimizerConfig(name="radam"),
-                       ibc=IBCConfig(enabled=True, heads=2, mpn_weight=mpn_weight)).to(device)
+    module = DMLModule(
+        backbone=BackboneConfig(args.backbone, pretrained=False),
+        pooling={"name": "gmp"},
+        embedding_dim=args.dim,
+        num_classes=100,
+        loss=LossConfig(name="none"),
+        optimizer=OptimizerConfig(name="radam"),
+        ibc=IBCConfig(enabled=True, heads=2, mpn_weight=mpn_weight),
+    ).to(device)
     opt = torch.optim.RAdam(module.parameters(), lr=1e-4)
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     labels = torch.arange(args.batch, device=device) // 4
@@ -80,16 +90,23 @@ def main():
     parser.add_argument("--resnet", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    timings = compare({"without": training_step(0.0, args, device),
-                       "with": training_step(1.0, args, device)}, device, rounds=args.steps)
-    print(f"training step ({args.backbone}, {args.size} px, batch {args.batch}, {args.dim}-d, "
-          f"{device.type}; median [range] of {args.steps} alternating rounds): without MPN "
-          f"{timings['without']}, with MPN {timings['with']}, ratio "
-          f"{format_ratio(ratio(timings, 'with', 'without'))}")
+    timings = compare(
+        {"without": training_step(0.0, args, device), "with": training_step(1.0, args, device)},
+        device,
+        rounds=args.steps,
+    )
+    print(
+        f"training step ({args.backbone}, {args.size} px, batch {args.batch}, {args.dim}-d, "
+        f"{device.type}; median [range] of {args.steps} alternating rounds): without MPN "
+        f"{timings['without']}, with MPN {timings['with']}, ratio "
+        f"{format_ratio(ratio(timings, 'with', 'without'))}"
+    )
     for name, (batch, layers, heads, concat) in PUBLISHED.items():
         s = mpn_seconds(batch, layers, heads, concat, device, args.steps)
-        line = f"{name}: MPN branch fwd+bwd, batch {batch}, {layers} layer(s) x {heads} heads: " \
-               f"{1000 * s:.2f} ms"
+        line = (
+            f"{name}: MPN branch fwd+bwd, batch {batch}, {layers} layer(s) x {heads} heads: "
+            f"{1000 * s:.2f} ms"
+        )
         if args.resnet:
             r = resnet_seconds(batch, device, max(1, args.steps // 5))
             line += f"; ResNet-50 fwd+bwd at 227 px {1000 * r:.0f} ms; MPN share {s / r:.4f}"

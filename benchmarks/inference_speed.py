@@ -9,6 +9,7 @@
 
     python benchmarks/inference_speed.py [--images 512] [--size 224] [--rows 60502]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,19 @@ def make_checkpoint(folder: str, size: int) -> str:
 
     module = DMLModule(backbone=BackboneConfig("resnet50", pretrained=False), num_classes=10)
     path = os.path.join(folder, "model.ckpt")
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "dml_config": {"data": {"class_path": "dml.data.CUBDataModule",
-                                        "init_args": {"crop": size, "resize": size * 8 // 7}}}},
-               path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "dml_config": {
+                "data": {
+                    "class_path": "dml.data.CUBDataModule",
+                    "init_args": {"crop": size, "resize": size * 8 // 7},
+                }
+            },
+        },
+        path,
+    )
     return path
 
 
@@ -58,22 +68,28 @@ def embedding(args):
         model = embedder.module
 
         def ours():
-            embedder.embed_files(paths, batch_size=128, num_workers=args.workers,
-                                 progress=False)
+            embedder.embed_files(paths, batch_size=128, num_workers=args.workers, progress=False)
 
         def bare():
-            loader = DataLoader(ImageFiles(paths, embedder.transform), batch_size=128,
-                                num_workers=args.workers, collate_fn=collate_readable)
+            loader = DataLoader(
+                ImageFiles(paths, embedder.transform),
+                batch_size=128,
+                num_workers=args.workers,
+                collate_fn=collate_readable,
+            )
             with torch.no_grad():
                 for images, _, _ in loader:
                     model(images.to(device))
 
         timings = compare({"ours": ours, "bare": bare}, device, rounds=args.rounds, warmup=1)
         rate = {k: args.images / t.median for k, t in timings.items()}
-        print(f"embedding {args.images} JPEGs (500x375) at {args.size} px, ResNet-50, {device}, "
-              f"{args.workers} workers: ours {rate['ours']:.1f} img/s, bare loop "
-              f"{rate['bare']:.1f} img/s; time ours / bare = "
-              f"{format_ratio(ratio(timings, 'ours', 'bare'))}", flush=True)
+        print(
+            f"embedding {args.images} JPEGs (500x375) at {args.size} px, ResNet-50, {device}, "
+            f"{args.workers} workers: ours {rate['ours']:.1f} img/s, bare loop "
+            f"{rate['bare']:.1f} img/s; time ours / bare = "
+            f"{format_ratio(ratio(timings, 'ours', 'bare'))}",
+            flush=True,
+        )
 
 
 def search(args):
@@ -90,8 +106,11 @@ def search(args):
     t0 = time.perf_counter()
     flat.search(queries, 11)
     flat_ms = 1000 * (time.perf_counter() - t0) / len(queries)
-    print(f"search, {len(x)} x {x.shape[1]} gallery, 1,000 queries, k = 10: flat "
-          f"{flat_ms:.3f} ms/query (exact)", flush=True)
+    print(
+        f"search, {len(x)} x {x.shape[1]} gallery, 1,000 queries, k = 10: flat "
+        f"{flat_ms:.3f} ms/query (exact)",
+        flush=True,
+    )
     for kind in ("ivf", "hnsw", "ivfpq"):
         t0 = time.perf_counter()
         built = SearchIndex.build(rows, kind, recall_sample=1000)
@@ -101,8 +120,11 @@ def search(args):
         ms = 1000 * (time.perf_counter() - t0) / len(queries)
         # Recall@10 of 1,000 sampled rows, a neighbour counted when it lies at or inside the
         # exact 10th distance (SearchIndex.recall_against_exact)
-        print(f"  {kind:>5}: {ms:.3f} ms/query ({flat_ms / ms:.1f}x flat), Recall@10 "
-              f"{built.meta['recall@10']:.4f} (build {build_s:.1f} s)", flush=True)
+        print(
+            f"  {kind:>5}: {ms:.3f} ms/query ({flat_ms / ms:.1f}x flat), Recall@10 "
+            f"{built.meta['recall@10']:.4f} (build {build_s:.1f} s)",
+            flush=True,
+        )
 
 
 def main():

@@ -14,6 +14,7 @@ ones copied there), so the three deliver the same thing: augmented images ready 
 Usage: python benchmarks/loader_speed.py [--images 640] [--batches 20] [--workers 0 2]
        [--device cuda] [--json results.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,15 @@ def make_tree(root: str, n_images: int, n_classes: int = 20, seed: int = 0):
         for j in range(per_class):
             image_id += 1
             # smooth gradients plus noise: JPEG sizes close to natural photos (~40-60 KB)
-            img = (np.stack([xx * rng.random(), yy * rng.random(), (xx + yy) * rng.random()], -1)
-                   % 256 + rng.normal(0, 20, (375, 500, 3))).clip(0, 255).astype(np.uint8)
+            img = (
+                (
+                    np.stack([xx * rng.random(), yy * rng.random(), (xx + yy) * rng.random()], -1)
+                    % 256
+                    + rng.normal(0, 20, (375, 500, 3))
+                )
+                .clip(0, 255)
+                .astype(np.uint8)
+            )
             rel = f"{folder}/img_{j:04d}.jpg"
             Image.fromarray(img).save(os.path.join(base, "images", rel), quality=90)
             images.append(f"{image_id} {rel}")
@@ -94,38 +102,74 @@ def main():
 
     torch.manual_seed(0)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    record = {"device": str(device), "images": args.images, "batches": args.batches,
-              "workers": {}}
+    record = {"device": str(device), "images": args.images, "batches": args.batches, "workers": {}}
     with tempfile.TemporaryDirectory() as root:
         make_tree(root, args.images)
-        size = os.path.getsize(next(os.path.join(d, f) for d, _, fs in
-                                    os.walk(os.path.join(root, "CUB_200_2011", "images"))
-                                    for f in fs))
-        print(f"{args.images} JPEGs of 500x375 (~{size // 1024} KB each), batch 32 (8 x 4), "
-              f"{args.batches} batches timed, torch threads {torch.get_num_threads()}; every "
-              f"batch ends on {device}")
+        size = os.path.getsize(
+            next(
+                os.path.join(d, f)
+                for d, _, fs in os.walk(os.path.join(root, "CUB_200_2011", "images"))
+                for f in fs
+            )
+        )
+        print(
+            f"{args.images} JPEGs of 500x375 (~{size // 1024} KB each), batch 32 (8 x 4), "
+            f"{args.batches} batches timed, torch threads {torch.get_num_threads()}; every "
+            f"batch ends on {device}"
+        )
         for workers in args.workers:
-            dm = CUBDataModule(root=root, verify=False, num_workers=workers,
-                               classes_per_batch=8, samples_per_class=4)
-            ours = throughput(dm.train_dataloader(), args.batches,
-                              lambda batch: dm.device_batch(batch, device))
-            folder = ImageFolder(os.path.join(root, "CUB_200_2011", "images"),
-                                 transform=train_transform(224))
-            alt_loader = DataLoader(folder, batch_size=32, shuffle=True, num_workers=workers,
-                                    persistent_workers=workers > 0)
-            alt = throughput(alt_loader, args.batches,
-                             lambda batch: [t.to(device, non_blocking=True) for t in batch])
-            encoded = CUBDataModule(root=root, verify=False, num_workers=workers,
-                                    classes_per_batch=8, samples_per_class=4, decode="device")
-            on_device = throughput(encoded.train_dataloader(), args.batches,
-                                   lambda batch: encoded.device_batch(batch, device))
-            print(f"workers={workers}: ours {ours:.0f} img/s, ImageFolder {alt:.0f} img/s, "
-                  f"ratio ours/alternative = {ours / alt:.2f}; decode on {device} "
-                  f"{on_device:.0f} img/s, ratio to ours {on_device / ours:.2f}", flush=True)
-            record["workers"][str(workers)] = {"ours": ours, "imagefolder": alt,
-                                               "decode_on_device": on_device}
+            dm = CUBDataModule(
+                root=root,
+                verify=False,
+                num_workers=workers,
+                classes_per_batch=8,
+                samples_per_class=4,
+            )
+            ours = throughput(
+                dm.train_dataloader(), args.batches, lambda batch: dm.device_batch(batch, device)
+            )
+            folder = ImageFolder(
+                os.path.join(root, "CUB_200_2011", "images"), transform=train_transform(224)
+            )
+            alt_loader = DataLoader(
+                folder,
+                batch_size=32,
+                shuffle=True,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+            )
+            alt = throughput(
+                alt_loader,
+                args.batches,
+                lambda batch: [t.to(device, non_blocking=True) for t in batch],
+            )
+            encoded = CUBDataModule(
+                root=root,
+                verify=False,
+                num_workers=workers,
+                classes_per_batch=8,
+                samples_per_class=4,
+                decode="device",
+            )
+            on_device = throughput(
+                encoded.train_dataloader(),
+                args.batches,
+                lambda batch: encoded.device_batch(batch, device),
+            )
+            print(
+                f"workers={workers}: ours {ours:.0f} img/s, ImageFolder {alt:.0f} img/s, "
+                f"ratio ours/alternative = {ours / alt:.2f}; decode on {device} "
+                f"{on_device:.0f} img/s, ratio to ours {on_device / ours:.2f}",
+                flush=True,
+            )
+            record["workers"][str(workers)] = {
+                "ours": ours,
+                "imagefolder": alt,
+                "decode_on_device": on_device,
+            }
             if args.json:  # atomically: a reader never sees half a file
                 from dml.atomic_files import write_text_atomic
+
                 write_text_atomic(args.json, json.dumps(record, indent=1))
 
 

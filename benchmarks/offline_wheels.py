@@ -15,6 +15,7 @@ load). The rest is downloaded at this machine's versions with ``--no-deps`` for 
 Python and manylinux x86-64; ``--list`` prints it without downloading. ``--skip faiss-cpu`` leaves faiss out (about 18 MB): the evaluation's exact rank pass does not
 use it, NMI's k-means then runs in scikit-learn, and the k-NN searches in torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,13 @@ from typing import Dict, Iterable
 from packaging.requirements import Requirement
 
 DISTRIBUTION = "dml-lightning"  # setup.cfg's name (the import name is dml)
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux1_x86_64"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 
 
 def normal(name: str) -> str:
@@ -43,8 +49,9 @@ def torch_bound(name: str) -> bool:
     return name in TORCH_STACK or name.startswith(("nvidia-", "cuda-"))
 
 
-def closure(name: str, extras: Iterable[str] = (), have: Iterable[str] = (),
-            python_version: str = "") -> Dict[str, str]:
+def closure(
+    name: str, extras: Iterable[str] = (), have: Iterable[str] = (), python_version: str = ""
+) -> Dict[str, str]:
     """{package: installed version} of ``name`` and everything it requires, recursively; the
     walk stops at the packages in ``have`` (listed, not entered); markers judged for
     ``python_version`` (default: this interpreter's)."""
@@ -80,16 +87,22 @@ def closure(name: str, extras: Iterable[str] = (), have: Iterable[str] = (),
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("node_packages", help="the node's `pip list --format=freeze` output")
-    parser.add_argument("--python-version", required=True,
-                        help="the node's Python, e.g. 3.12 (its `python3 --version`)")
+    parser.add_argument(
+        "--python-version",
+        required=True,
+        help="the node's Python, e.g. 3.12 (its `python3 --version`)",
+    )
     parser.add_argument("--dest", default=".whl")
     parser.add_argument("--skip", nargs="*", default=[], help="packages not to download")
     parser.add_argument("--list", action="store_true", help="print the list, download nothing")
     args = parser.parse_args()
     try:
         with open(args.node_packages) as f:
-            have = {normal(re.split(r"[=<>@ ]", line.strip())[0]) for line in f
-                    if line.strip() and not line.startswith("#")}
+            have = {
+                normal(re.split(r"[=<>@ ]", line.strip())[0])
+                for line in f
+                if line.strip() and not line.startswith("#")
+            }
     except OSError as error:
         parser.error(f"{args.node_packages}: {error.strerror}")
     need = closure(DISTRIBUTION, ["cpu"], have, args.python_version)
@@ -98,13 +111,26 @@ def main() -> int:
     if "torch" in have:
         skip |= {k for k in need if torch_bound(k)}
     missing = {k: v for k, v in sorted(need.items()) if k not in have and k not in skip}
-    print(f"{len(need)} packages needed, {len(missing)} missing on the node (Python "
-          f"{args.python_version}): " + ", ".join(f"{k}=={v}" for k, v in missing.items()))
+    print(
+        f"{len(need)} packages needed, {len(missing)} missing on the node (Python "
+        f"{args.python_version}): " + ", ".join(f"{k}=={v}" for k, v in missing.items())
+    )
     if not missing or args.list:
         return 0
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--python-version", args.python_version, "--implementation", "cp",
-               "-d", args.dest]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        args.python_version,
+        "--implementation",
+        "cp",
+        "-d",
+        args.dest,
+    ]
     for platform in PLATFORMS:
         command += ["--platform", platform]
     return subprocess.call(command + [f"{k}=={v}" for k, v in missing.items()])

@@ -11,6 +11,7 @@ run and a Markdown table of mean +- std.
 The ccp suite validates after every epoch (CCP's rounds end on a validation plateau), with and
 without CCP alike, and reports the rounds and the seconds each proxy re-pick took.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,10 @@ LATE_MEMORY = ["--model.memory.start_iteration", "340"]
 SUITES = {
     "pooling": {
         "GAP (contrastive)": ("contrastive", []),
-        "GSP (contrastive)": ("gsp_contrastive", ["--model.zero_shot.weight", "0",
-                                                  "--model.zero_shot.metric_weight", "1"]),
+        "GSP (contrastive)": (
+            "gsp_contrastive",
+            ["--model.zero_shot.weight", "0", "--model.zero_shot.metric_weight", "1"],
+        ),
         "GSP + zero-shot (contrastive)": ("gsp_contrastive", []),
     },
     "memory": {  # batches of 4 classes x 4, memory from step 50 (family/memory/omniglot.yaml)
@@ -40,14 +43,20 @@ SUITES = {
 NO_CCP = ["--model.loss.proxies_per_class", "0", "--ccp.enabled", "false"]
 # CCP on a CPU budget: a round ends after one validation without gain.
 CCP = ["--ccp.patience", "1"]
-for label, method in [("C1", "ccp_c1"), ("C2", "ccp_c2"), ("MS", "ccp_ms"),
-                      ("triplet", "ccp_triplet")]:
+for label, method in [
+    ("C1", "ccp_c1"),
+    ("C2", "ccp_c2"),
+    ("MS", "ccp_ms"),
+    ("triplet", "ccp_triplet"),
+]:
     SUITES.setdefault("ccp", {})[label] = (method, NO_CCP)
     SUITES["ccp"][f"{label}-CCP"] = (method, CCP)
     # Rounds on a schedule (a gain below min_delta does not count): one every 2 validations,
     # so that re-picks and the proximal term act within a short budget.
-    SUITES["ccp"][f"{label}-CCP, a round every 2 epochs"] = (method, CCP + ["--ccp.min_delta",
-                                                                             "1.0"])
+    SUITES["ccp"][f"{label}-CCP, a round every 2 epochs"] = (
+        method,
+        CCP + ["--ccp.min_delta", "1.0"],
+    )
 VALIDATE_EVERY_EPOCH = {"ccp"}
 
 
@@ -55,13 +64,16 @@ def run(method, extra, seed, epochs, dataset, val_every=None, size=None, root=No
     from dml.callbacks import ChanceConstraintProjection
     from dml.reproduce import run_args, run_once
 
-    metrics, trainer = run_once(run_args(dataset, method, extra, seed, epochs, size, val_every,
-                                         root=root))
+    metrics, trainer = run_once(
+        run_args(dataset, method, extra, seed, epochs, size, val_every, root=root)
+    )
     ccp = [c for c in trainer.callbacks if isinstance(c, ChanceConstraintProjection)]
     extra_info = {}
     if ccp and ccp[0].enabled:
-        extra_info = {"ccp_rounds": ccp[0].round,
-                      "reinit_seconds": [round(h["seconds"], 2) for h in ccp[0].history]}
+        extra_info = {
+            "ccp_rounds": ccp[0].round,
+            "reinit_seconds": [round(h["seconds"], 2) for h in ccp[0].history],
+        }
     return metrics, extra_info
 
 
@@ -71,14 +83,18 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dataset", default="omniglot_small")
     parser.add_argument("--suite", choices=sorted(SUITES), default="pooling")
-    parser.add_argument("--size", type=int, default=None,
-                        help="image size (default: the data config's, 64 px)")
-    parser.add_argument("--variants", nargs="+", default=None,
-                        help="run only these variants of the suite")
-    parser.add_argument("--root", default=None,
-                        help="the data set's folder (default: the config's, data/omniglot)")
-    parser.add_argument("--merge", default=None,
-                        help="a log of earlier JSON lines (same settings) to table with")
+    parser.add_argument(
+        "--size", type=int, default=None, help="image size (default: the data config's, 64 px)"
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help="run only these variants of the suite"
+    )
+    parser.add_argument(
+        "--root", default=None, help="the data set's folder (default: the config's, data/omniglot)"
+    )
+    parser.add_argument(
+        "--merge", default=None, help="a log of earlier JSON lines (same settings) to table with"
+    )
     args = parser.parse_args()
     results = {}
     if args.merge:
@@ -91,16 +107,36 @@ def main():
             continue
         for seed in args.seeds:
             start = time.perf_counter()
-            metrics, info = run(method, extra, seed, args.epochs, args.dataset,
-                                1 if args.suite in VALIDATE_EVERY_EPOCH else None, args.size,
-                                args.root)
+            metrics, info = run(
+                method,
+                extra,
+                seed,
+                args.epochs,
+                args.dataset,
+                1 if args.suite in VALIDATE_EVERY_EPOCH else None,
+                args.size,
+                args.root,
+            )
             results.setdefault(name, []).append(metrics)
-            print(json.dumps({"variant": name, "seed": seed, **metrics, **info,
-                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "variant": name,
+                        "seed": seed,
+                        **metrics,
+                        **info,
+                        "seconds": round(time.perf_counter() - start, 1),
+                    }
+                ),
+                flush=True,
+            )
     keys = ["R@1", "MAP@R", "R-Precision", "NMI"]
     size = f", {args.size} px" if args.size else ""
-    print(f"\n| variant ({args.dataset}{size}, {args.epochs} epochs, seeds {args.seeds}) | "
-          + " | ".join(keys) + " |")
+    print(
+        f"\n| variant ({args.dataset}{size}, {args.epochs} epochs, seeds {args.seeds}) | "
+        + " | ".join(keys)
+        + " |"
+    )
     print("|---|" + "---|" * len(keys))
     for name, runs in results.items():
         cells = []

@@ -7,6 +7,7 @@ speeds up or slows down during the run (turbo, another process, a cold cache) mo
 variant alike; the result per variant is the median of its rounds with the lowest and highest,
 and a ratio is the median of the per-round ratios.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -26,6 +27,7 @@ def sync(device: torch.device) -> None:
 @dataclass
 class Timing:
     """Seconds per call in each round; ``median``, ``low``, ``high`` of them."""
+
     rounds: List[float]
 
     @property
@@ -44,8 +46,13 @@ class Timing:
         return f"{1000 * self.median:.1f} ms [{1000 * self.low:.1f}, {1000 * self.high:.1f}]"
 
 
-def compare(variants: Dict[str, Callable[[], object]], device: torch.device, rounds: int = 5,
-            calls: int = 1, warmup: int = 2) -> Dict[str, Timing]:
+def compare(
+    variants: Dict[str, Callable[[], object]],
+    device: torch.device,
+    rounds: int = 5,
+    calls: int = 1,
+    warmup: int = 2,
+) -> Dict[str, Timing]:
     """Seconds per call of each variant: ``warmup`` calls each, then ``rounds`` rounds of
     ``calls`` calls of every variant, the order reversed every other round."""
     names = list(variants)
@@ -55,7 +62,7 @@ def compare(variants: Dict[str, Callable[[], object]], device: torch.device, rou
     sync(device)
     out = {name: Timing([]) for name in names}
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
             for _ in range(calls):
                 variants[name]()
@@ -66,16 +73,16 @@ def compare(variants: Dict[str, Callable[[], object]], device: torch.device, rou
 
 def ratio(timings: Dict[str, Timing], numerator: str, denominator: str) -> Timing:
     """Per-round ratios numerator / denominator (the rounds ran side by side)."""
-    return Timing([a / b for a, b in zip(timings[numerator].rounds,
-                                         timings[denominator].rounds)])
+    return Timing([a / b for a, b in zip(timings[numerator].rounds, timings[denominator].rounds)])
 
 
 def format_ratio(r: Timing) -> str:
     return f"{r.median:.3f} [{r.low:.3f}, {r.high:.3f}]"
 
 
-def seconds_per_call(fn: Callable[[], object], repeats: int, device: torch.device,
-                     warmup: int = 2) -> float:
+def seconds_per_call(
+    fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2
+) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls: for a single
     figure that is not compared with another variant (use ``compare`` for those)."""
     return compare({"fn": fn}, device, rounds=repeats, warmup=warmup)["fn"].median

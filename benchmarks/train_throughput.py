@@ -25,6 +25,7 @@ and reported as median [range]. Cases (``--case``, repeatable; default: the devi
 its longest round so far would pass it (the first round always runs); ``--json``: the images/s of every side and round, rewritten
 after each round, so that a run stopped from outside keeps the rounds it finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,12 @@ from dml.data import SyntheticDataModule
 from dml.module import DMLModule
 
 CPU_CASES = ["small_cnn:32:32:gap:eager", "resnet18:112:32:gap:eager"]
-CUDA_CASES = ["resnet50:224:128:gap:eager", "resnet50:224:128:gap:compile",
-              "resnet50:224:128:gsp:eager", "resnet50:224:128:gsp:compile"]
+CUDA_CASES = [
+    "resnet50:224:128:gap:eager",
+    "resnet50:224:128:gap:compile",
+    "resnet50:224:128:gsp:eager",
+    "resnet50:224:128:gsp:compile",
+]
 
 
 ALIASES = {"vit_s16": "timm:vit_small_patch16_224"}  # case fields are split at ':'
@@ -57,14 +62,24 @@ def build(case: str, device: torch.device, batches_per_epoch: int = 100):
     classes = 64
     torch.manual_seed(0)
     timm_args = {"img_size": size} if backbone.startswith("timm:vit") else {}
-    module = DMLModule(backbone=BackboneConfig(backbone, pretrained=False, timm_args=timm_args),
-                       pooling=PoolingConfig(pooling, params), embedding_dim=512,
-                       loss=LossConfig("multi_similarity"),
-                       optimizer=OptimizerConfig(name="adamw", lr=1e-4),
-                       num_classes=classes, compile=mode == "compile")
-    data = SyntheticDataModule(train_classes=classes, test_classes=8, images_per_class=8,
-                               image_size=size, classes_per_batch=batch // 4,
-                               samples_per_class=4, batches_per_epoch=batches_per_epoch)
+    module = DMLModule(
+        backbone=BackboneConfig(backbone, pretrained=False, timm_args=timm_args),
+        pooling=PoolingConfig(pooling, params),
+        embedding_dim=512,
+        loss=LossConfig("multi_similarity"),
+        optimizer=OptimizerConfig(name="adamw", lr=1e-4),
+        num_classes=classes,
+        compile=mode == "compile",
+    )
+    data = SyntheticDataModule(
+        train_classes=classes,
+        test_classes=8,
+        images_per_class=8,
+        image_size=size,
+        classes_per_batch=batch // 4,
+        samples_per_class=4,
+        batches_per_epoch=batches_per_epoch,
+    )
     return module, data, batch
 
 
@@ -86,8 +101,18 @@ class StepClock(pl.Callback):
         self.end = time.perf_counter()
 
 
-def lightning_run(module, data, steps, warmup, device, precision, progress_bar=True,
-                  finite_check=True, extra_callbacks=(), log_every_step=False) -> float:
+def lightning_run(
+    module,
+    data,
+    steps,
+    warmup,
+    device,
+    precision,
+    progress_bar=True,
+    finite_check=True,
+    extra_callbacks=(),
+    log_every_step=False,
+) -> float:
     """Seconds of steps warmup..steps-1 in a Lightning fit. ``progress_bar`` / ``finite_check``
     off: the breakdown's variants (the bar reads the logged loss on the host every step; the
     non-finite-loss guard records each step's loss on the device and reads it every 50 steps)."""
@@ -99,13 +124,21 @@ def lightning_run(module, data, steps, warmup, device, precision, progress_bar=T
         module.loss_is_finite = lambda total: True
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
-            accelerator=device.type, devices=1, max_steps=steps, precision=precision,
-            logger=pl.loggers.CSVLogger(tmp, name="csv"), log_every_n_steps=10,
-            enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
-            enable_model_summary=False, use_distributed_sampler=False,
+            accelerator=device.type,
+            devices=1,
+            max_steps=steps,
+            precision=precision,
+            logger=pl.loggers.CSVLogger(tmp, name="csv"),
+            log_every_n_steps=10,
+            enable_checkpointing=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
             callbacks=[clock] + ([ProgressBar()] if progress_bar else []) + list(extra_callbacks),
             enable_progress_bar=progress_bar,
-            default_root_dir=tmp)
+            default_root_dir=tmp,
+        )
         trainer.fit(module, data)
     return clock.end - clock.start
 
@@ -120,6 +153,7 @@ class SyncCounter(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.warmup and self._catcher is None:
             import warnings
+
             self._catcher = warnings.catch_warnings(record=True)
             self._records = self._catcher.__enter__()
             warnings.simplefilter("always")
@@ -139,8 +173,10 @@ class SyncCounter(pl.Callback):
 
     def per_step(self) -> dict:
         """Synchronisations per step by source line, most first."""
-        return {key: n / max(1, self.steps)
-                for key, n in sorted(self.counts.items(), key=lambda kv: -kv[1])}
+        return {
+            key: n / max(1, self.steps)
+            for key, n in sorted(self.counts.items(), key=lambda kv: -kv[1])
+        }
 
     def report(self) -> str:
         lines = [f"synchronisations per step over {self.steps} steps:"]
@@ -188,18 +224,32 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batches-per-epoch", type=int, default=100,
-                        help="steps per epoch (a real epoch has hundreds; Lightning's epoch end "
-                             "costs more than a loader restart)")
-    parser.add_argument("--count-syncs", action="store_true",
-                        help="CUDA: list the host-device synchronisations of a Lightning step "
-                             "by source line, then exit")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also Lightning logging the losses every step (not only on the "
-                             "logger's steps), without its progress bar, and without the bar "
-                             "and the non-finite-loss guard (where the gap goes)")
-    parser.add_argument("--deadline", type=float, default=None,
-                        help="seconds per case: start no round that would end after it")
+    parser.add_argument(
+        "--batches-per-epoch",
+        type=int,
+        default=100,
+        help="steps per epoch (a real epoch has hundreds; Lightning's epoch end "
+        "costs more than a loader restart)",
+    )
+    parser.add_argument(
+        "--count-syncs",
+        action="store_true",
+        help="CUDA: list the host-device synchronisations of a Lightning step "
+        "by source line, then exit",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also Lightning logging the losses every step (not only on the "
+        "logger's steps), without its progress bar, and without the bar "
+        "and the non-finite-loss guard (where the gap goes)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds per case: start no round that would end after it",
+    )
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -207,19 +257,32 @@ def main():
         parser.error("--count-syncs: CUDA only (a CPU has no host-device synchronisation)")
     precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     cases = args.case or (CUDA_CASES if device.type == "cuda" else CPU_CASES)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu, {torch.get_num_threads()} threads"
-    print(f"device {name}, torch {torch.__version__}, {precision}, steps {args.warmup}.."
-          f"{args.steps - 1} timed, {args.rounds} alternating rounds", flush=True)
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"device {name}, torch {torch.__version__}, {precision}, steps {args.warmup}.."
+        f"{args.steps - 1} timed, {args.rounds} alternating rounds",
+        flush=True,
+    )
     pl._logger.setLevel("ERROR")
-    record = {"device": name, "torch": torch.__version__, "precision": precision,
-              "steps": args.steps, "warmup": args.warmup, "cases": {}}
+    record = {
+        "device": name,
+        "torch": torch.__version__,
+        "precision": precision,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "cases": {},
+    }
     if args.count_syncs:
         for case in cases:
             module, data, _ = build(case, device, args.batches_per_epoch)
             counter = SyncCounter(args.warmup)
-            lightning_run(module, data, args.steps, args.warmup, device, precision,
-                          extra_callbacks=[counter])
+            lightning_run(
+                module, data, args.steps, args.warmup, device, precision, extra_callbacks=[counter]
+            )
             print(f"{case}: {counter.report()}", flush=True)
             record["cases"][case] = {"steps": counter.steps, "per_step": counter.per_step()}
             write_json(args.json, record)
@@ -228,11 +291,14 @@ def main():
     if args.breakdown:
         sides["self.log every step"] = lambda *a: lightning_run(*a, log_every_step=True)
         sides["no bar"] = lambda *a: lightning_run(*a, progress_bar=False)
-        sides["no bar, no guard"] = lambda *a: lightning_run(*a, progress_bar=False,
-                                                             finite_check=False)
+        sides["no bar, no guard"] = lambda *a: lightning_run(
+            *a, progress_bar=False, finite_check=False
+        )
     extra = list(sides)[2:]
-    print("| case | lightning images/s | bare images/s | lightning / bare |"
-          + "".join(f" {name} / bare |" for name in extra))
+    print(
+        "| case | lightning images/s | bare images/s | lightning / bare |"
+        + "".join(f" {name} / bare |" for name in extra)
+    )
     print("|---|---|---|---|" + "---|" * len(extra))
     results = {}
     for case in cases:
@@ -245,31 +311,38 @@ def main():
         for r in range(args.rounds):
             elapsed = time.perf_counter() - started
             if r > 0 and args.deadline is not None and elapsed + longest > args.deadline:
-                print(f"{case}: stopped after {r} rounds (deadline {args.deadline:.0f} s)",
-                      flush=True)
+                print(
+                    f"{case}: stopped after {r} rounds (deadline {args.deadline:.0f} s)", flush=True
+                )
                 break
             round_start = time.perf_counter()
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for side in order:
                 fresh, data, _ = build(case, device, args.batches_per_epoch)
                 fresh.load_state_dict(initial)
-                rates[side].append(images / sides[side](fresh, data, args.steps, args.warmup,
-                                                        device, precision))
+                rates[side].append(
+                    images / sides[side](fresh, data, args.steps, args.warmup, device, precision)
+                )
             longest = max(longest, time.perf_counter() - round_start)
             write_json(args.json, record)
 
         def per_round(side):
             ratios = [a / b for a, b in zip(rates[side], rates["bare"])]
-            return ratios, f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, " \
-                           f"{max(ratios):.3f}]"
+            return ratios, f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
+
         results[case] = per_round("lightning")[0]
-        print(f"| {case} | {statistics.median(rates['lightning']):.1f} | "
-              f"{statistics.median(rates['bare']):.1f} | {per_round('lightning')[1]} |"
-              + "".join(f" {per_round(side)[1]} |" for side in extra), flush=True)
+        print(
+            f"| {case} | {statistics.median(rates['lightning']):.1f} | "
+            f"{statistics.median(rates['bare']):.1f} | {per_round('lightning')[1]} |"
+            + "".join(f" {per_round(side)[1]} |" for side in extra),
+            flush=True,
+        )
     target = 0.90 if device.type == "cuda" else 0.95
     worst = min(statistics.median(r) for r in results.values())
-    print(f"target lightning / bare >= {target}: {'met' if worst >= target else 'NOT met'} "
-          f"(lowest median {worst:.3f})")
+    print(
+        f"target lightning / bare >= {target}: {'met' if worst >= target else 'NOT met'} "
+        f"(lowest median {worst:.3f})"
+    )
 
 
 def write_json(path, record) -> None:
@@ -277,6 +350,7 @@ def write_json(path, record) -> None:
         import json
 
         from dml.atomic_files import write_text_atomic
+
         write_text_atomic(path, json.dumps(record, indent=1))
 
 

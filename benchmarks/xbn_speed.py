@@ -10,6 +10,7 @@ memory in place at every step.
 
     python benchmarks/xbn_speed.py [--memory 55000] [--dim 512] [--batch 64] [--steps 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ def make_step(mode, args, device):
             loss = loss + sum(memory(embedded, labels, objective).values())
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -63,17 +65,24 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, memory {args.memory} x "
-          f"{args.dim}, batch {args.batch}", flush=True)
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, memory {args.memory} x "
+        f"{args.dim}, batch {args.batch}",
+        flush=True,
+    )
     modes = ("none", "xbm", "xbn", "adaptive_xbn")
-    timings = compare({mode: make_step(mode, args, device) for mode in modes}, device,
-                      rounds=args.steps, warmup=3)
+    timings = compare(
+        {mode: make_step(mode, args, device) for mode in modes}, device, rounds=args.steps, warmup=3
+    )
     for mode in modes:
         print(f"{mode:>13}: {timings[mode]} per step", flush=True)
-    print(f"median [range] of {args.steps} alternating rounds: "
-          f"XBM / none = {format_ratio(ratio(timings, 'xbm', 'none'))}; "
-          f"XBN / XBM = {format_ratio(ratio(timings, 'xbn', 'xbm'))} (target <= 1.10); "
-          f"adaptive XBN / XBM = {format_ratio(ratio(timings, 'adaptive_xbn', 'xbm'))}")
+    print(
+        f"median [range] of {args.steps} alternating rounds: "
+        f"XBM / none = {format_ratio(ratio(timings, 'xbm', 'none'))}; "
+        f"XBN / XBM = {format_ratio(ratio(timings, 'xbn', 'xbm'))} (target <= 1.10); "
+        f"adaptive XBN / XBM = {format_ratio(ratio(timings, 'adaptive_xbn', 'xbm'))}"
+    )
+
 
 if __name__ == "__main__":
     main()

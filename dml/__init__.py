@@ -7,4 +7,5 @@ Entry points: ``python -m dml fit --config ...`` (``dml.cli``), the LightningMod
 DataModules of ``dml.data``, the exact metrics ``dml.metrics.retrieval_metrics`` /
 ``dml.metrics.nmi``, GSP's ``dml.models.gsp``, the method callbacks of ``dml.callbacks``.
 """
+
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """Text files written whole or not at all: a temporary file in the same folder, then
 ``os.replace`` (atomic on POSIX), the temporary removed if anything fails."""
+
 from __future__ import annotations
 
 import os

@@ -10,16 +10,22 @@
 - Learning-rate schedulers stepped per epoch (cosine, step) are replaced by the per-step
   schedule's state; the schedule itself is rebuilt from the config (``dml.lr_schedule``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
 # Parameter names before the objective (loss terms as module attributes) -> now.
-LEGACY_PREFIXES = {"loss_fn.": "objective.metric_loss.",
-                   "zero_shot_loss.": "objective.zero_shot.", "ibc.": "objective.ibc."}
+LEGACY_PREFIXES = {
+    "loss_fn.": "objective.metric_loss.",
+    "zero_shot_loss.": "objective.zero_shot.",
+    "ibc.": "objective.ibc.",
+}
 # Names inside the objective before they said what they are -> now.
-RENAMED_PREFIXES = {"objective.metric.": "objective.metric_loss.",
-                    "objective.extra.": "objective.terms."}
+RENAMED_PREFIXES = {
+    "objective.metric.": "objective.metric_loss.",
+    "objective.extra.": "objective.terms.",
+}
 
 
 def rename_keys(state: Dict[str, Any], prefixes: Dict[str, str]) -> List[str]:
@@ -27,7 +33,7 @@ def rename_keys(state: Dict[str, Any], prefixes: Dict[str, str]) -> List[str]:
     old = [k for k in state if k.startswith(tuple(prefixes))]
     for key in old:
         prefix = next(p for p in prefixes if key.startswith(p))
-        state[prefixes[prefix] + key[len(prefix):]] = state.pop(key)
+        state[prefixes[prefix] + key[len(prefix) :]] = state.pop(key)
     return old
 
 
@@ -45,16 +51,21 @@ def migrate_schedulers(checkpoint: Dict[str, Any]) -> None:
     for i, state in enumerate(checkpoint.get("lr_schedulers") or []):
         if "lr_lambdas" not in state:
             checkpoint["lr_schedulers"][i] = {
-                "last_epoch": state.get("last_epoch", 0), "base_lrs": state["base_lrs"],
-                "lr_lambdas": [None] * len(state["base_lrs"])}
+                "last_epoch": state.get("last_epoch", 0),
+                "base_lrs": state["base_lrs"],
+                "lr_lambdas": [None] * len(state["base_lrs"]),
+            }
 
 
 def fill_fresh_state(checkpoint: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """State the earlier layout kept in callbacks (the memory, the proximal term's theta_prev):
     taken from ``current`` (the module's fresh state), so that it starts afresh; the keys."""
     state = checkpoint["state_dict"]
-    fresh = [k for k in current if k not in state and
-             k.startswith(("objective.proximal.", "objective.memory."))]
+    fresh = [
+        k
+        for k in current
+        if k not in state and k.startswith(("objective.proximal.", "objective.memory."))
+    ]
     for key in fresh:
         state[key] = current[key]
     return fresh
@@ -67,6 +78,8 @@ def upgrade_checkpoint(checkpoint: Dict[str, Any], current: Dict[str, Any]) -> O
     if not migrate_checkpoint(checkpoint):
         return None
     fresh = fill_fresh_state(checkpoint, current)
-    return ("checkpoint of the layout before the objective: weights renamed "
-            "(loss_fn -> objective.metric_loss, ...)" +
-            (f"; {len(fresh)} memory / proximal buffers start afresh" if fresh else ""))
+    return (
+        "checkpoint of the layout before the objective: weights renamed "
+        "(loss_fn -> objective.metric_loss, ...)"
+        + (f"; {len(fresh)} memory / proximal buffers start afresh" if fresh else "")
+    )

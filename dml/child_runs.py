@@ -6,6 +6,7 @@ A child's standard output is shown line by line behind a label (or kept), its st
 goes to a log file, and a failure is summed up by the last line it wrote to standard error:
 the CLI's one-line errors (``dml.console``) put the reason there.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,13 +24,23 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from dml.compose import config_args
 
 
-def fit_args(dataset: str, method: str, *, backbone: Optional[str] = None,
-             config: Optional[str] = None, fold: Optional[int] = None,
-             seed: Optional[int] = None, folder: Optional[str] = None,
-             devices: Optional[int] = None, run_name: Optional[str] = None,
-             epochs: Optional[int] = None, size: Optional[int] = None,
-             resize: Optional[int] = None, root: Optional[str] = None,
-             extra: Sequence[str] = ()) -> List[str]:
+def fit_args(
+    dataset: str,
+    method: str,
+    *,
+    backbone: Optional[str] = None,
+    config: Optional[str] = None,
+    fold: Optional[int] = None,
+    seed: Optional[int] = None,
+    folder: Optional[str] = None,
+    devices: Optional[int] = None,
+    run_name: Optional[str] = None,
+    epochs: Optional[int] = None,
+    size: Optional[int] = None,
+    resize: Optional[int] = None,
+    root: Optional[str] = None,
+    extra: Sequence[str] = (),
+) -> List[str]:
     """``fit`` and the arguments of one run: the data set's and method's config files
     (``dml.compose.config_args``), then ``config`` (a tuned config, say), the MLRC ``fold``,
     the seed of the run and of its data order, the run's parent ``folder``, ``devices``,
@@ -52,8 +63,7 @@ def fit_args(dataset: str, method: str, *, backbone: Optional[str] = None,
     if epochs:
         args += ["--trainer.max_epochs", str(epochs)]
     if size:
-        args += ["--data.init_args.crop", str(size), "--data.init_args.resize",
-                 str(resize or size)]
+        args += ["--data.init_args.crop", str(size), "--data.init_args.resize", str(resize or size)]
     if root:
         args += ["--data.init_args.root", root]
     return args + list(extra)
@@ -63,6 +73,7 @@ def fit_args(dataset: str, method: str, *, backbone: Optional[str] = None,
 class Launched:
     """What a child run left: its exit status, seconds, standard output (when it was not
     shown behind a label), the last line of its standard error and where all of it is."""
+
     returncode: int
     seconds: float
     stdout: str
@@ -86,17 +97,28 @@ def child_env(extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def start(args: Sequence[str], stderr, env: Optional[Mapping[str, str]] = None,
-          cwd: Optional[str] = None) -> subprocess.Popen:
+def start(
+    args: Sequence[str], stderr, env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None
+) -> subprocess.Popen:
     """``python -m dml <args>`` started, standard output piped, standard error to ``stderr``."""
-    return subprocess.Popen([sys.executable, "-m", "dml", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            env=child_env(env), cwd=cwd)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dml", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env=child_env(env),
+        cwd=cwd,
+    )
 
 
-def launch(args: Sequence[str], label: Optional[str] = None, log: Optional[str] = None,
-           timeout: Optional[float] = None, env: Optional[Mapping[str, str]] = None,
-           cwd: Optional[str] = None) -> Launched:
+def launch(
+    args: Sequence[str],
+    label: Optional[str] = None,
+    log: Optional[str] = None,
+    timeout: Optional[float] = None,
+    env: Optional[Mapping[str, str]] = None,
+    cwd: Optional[str] = None,
+) -> Launched:
     """Runs ``python -m dml <args>`` to its end (or kills it after ``timeout`` seconds).
     With a ``label`` its output is printed line by line behind it, and a failure as one line
     naming the log; without, the output is kept in ``Launched.stdout``. Standard error is
@@ -134,9 +156,13 @@ def launch(args: Sequence[str], label: Optional[str] = None, log: Optional[str] 
         if timed_out:
             errors.write(f"timed out after {timeout:g} s\n")
         errors.write(f"exit status {code}\n")
-    launched = Launched(code, round(time.time() - started, 1), "".join(kept),
-                        f"timed out after {timeout:g} s" if timed_out else
-                        _last_error(path), log)
+    launched = Launched(
+        code,
+        round(time.time() - started, 1),
+        "".join(kept),
+        f"timed out after {timeout:g} s" if timed_out else _last_error(path),
+        log,
+    )
     if not log:
         os.remove(path)
     if label is not None and not launched.ok:
@@ -171,8 +197,11 @@ def metric_values(run_dir: str, name: str) -> List[float]:
 
 def step_losses(run_dir: str) -> Dict[int, float]:
     """``train/loss`` by global step (a step logged twice, as a resumed run may: the last)."""
-    return {int(row["step"]): float(row["train/loss"]) for row in metric_rows(run_dir)
-            if row.get("train/loss")}
+    return {
+        int(row["step"]): float(row["train/loss"])
+        for row in metric_rows(run_dir)
+        if row.get("train/loss")
+    }
 
 
 def last_metric(run_dir: str, name: str) -> Optional[float]:
@@ -182,8 +211,9 @@ def last_metric(run_dir: str, name: str) -> Optional[float]:
 
 def best_metric(parent: str, name: str = "val/MAP@R") -> Optional[float]:
     """The largest ``name`` any run folder directly under ``parent`` logged, or None."""
-    values = [v for run_dir in glob.glob(os.path.join(parent, "*"))
-              for v in metric_values(run_dir, name)]
+    values = [
+        v for run_dir in glob.glob(os.path.join(parent, "*")) for v in metric_values(run_dir, name)
+    ]
     return max(values) if values else None
 
 

@@ -10,6 +10,7 @@ as configured (pretrained or not), no training, no head (``model.embedding_dim: 
 embedding is its pooled feature, L2-normalised), on the test split through the same evaluation
 as every ``test`` (docs/evaluation.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,29 @@ from pytorch_lightning.plugins.io import CheckpointIO
 
 from dml import runs
 from dml.compose import merge_config_args
-from dml.callbacks import (AtomicCheckpointIO, ChanceConstraintProjection,
-                           CrossBatchNormalization, DashboardFigures, EarlyStopping, ProgressBar)
+from dml.callbacks import (
+    AtomicCheckpointIO,
+    ChanceConstraintProjection,
+    CrossBatchNormalization,
+    DashboardFigures,
+    EarlyStopping,
+    ProgressBar,
+)
 from dml.console import say
-from dml.data import (DatasetNotFound, DMLDataModule, IncompleteDataset, MetadataError,
-                      UnreadableImageError)
-from dml.errors import (ConfigError, DiskFullError, NonFiniteEmbeddingsError,
-                        NonFiniteLossError, NonFiniteStateError)
+from dml.data import (
+    DatasetNotFound,
+    DMLDataModule,
+    IncompleteDataset,
+    MetadataError,
+    UnreadableImageError,
+)
+from dml.errors import (
+    ConfigError,
+    DiskFullError,
+    NonFiniteEmbeddingsError,
+    NonFiniteLossError,
+    NonFiniteStateError,
+)
 from dml.models import PretrainedWeightsUnavailable
 from dml.builder import terms_by_name
 from dml.module import DMLModule
@@ -72,22 +89,32 @@ class DMLCLI(LightningCLI):
         parser.add_lightning_class_args(ChanceConstraintProjection, "ccp")
         parser.add_lightning_class_args(DashboardFigures, "dashboard")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.add_argument("--run_name", type=Optional[str], default=None,
-                            help="A name in the run folder's name (runs/<time>-<name>-<random>).")
-        parser.add_argument("--resume_changes", type=Optional[str], default=None,
-                            help="Config keys allowed to differ from the checkpoint's when "
-                                 "resuming with --ckpt_path: comma-separated fnmatch patterns, "
-                                 "e.g. 'model.optimizer.lr' or 'model.optimizer.*,model.memory.*'.")
+        parser.add_argument(
+            "--run_name",
+            type=Optional[str],
+            default=None,
+            help="A name in the run folder's name (runs/<time>-<name>-<random>).",
+        )
+        parser.add_argument(
+            "--resume_changes",
+            type=Optional[str],
+            default=None,
+            help="Config keys allowed to differ from the checkpoint's when "
+            "resuming with --ckpt_path: comma-separated fnmatch patterns, "
+            "e.g. 'model.optimizer.lr' or 'model.optimizer.*,model.memory.*'.",
+        )
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "test":
             parser.add_argument(
-                "--zero-shot", action="store_true",
+                "--zero-shot",
+                action="store_true",
                 help="The zero-shot reference row: evaluate the backbone as configured "
-                     "(model.backbone.pretrained) with no training and no head "
-                     "(model.embedding_dim: null: the pooled feature, L2-normalised) on the "
-                     "test split; takes no --ckpt_path. Not model.zero_shot (GSP's loss).")
+                "(model.backbone.pretrained) with no training and no head "
+                "(model.embedding_dim: null: the pooled feature, L2-normalised) on the "
+                "test split; takes no --ckpt_path. Not model.zero_shot (GSP's loss).",
+            )
         return parser
 
     # --- run folder and resume ----------------------------------------------------------
@@ -111,8 +138,11 @@ class DMLCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         resuming = self.subcommand == "fit" and bool(ckpt_path)
         # read as data first: a file that would run code is refused before Lightning opens it
-        trained_with = saved_config(ckpt_path) if ckpt_path and \
-            ckpt_path not in LIGHTNING_CHECKPOINT_NAMES else None
+        trained_with = (
+            saved_config(ckpt_path)
+            if ckpt_path and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES
+            else None
+        )
         shared = runs.shared_run_dir()
         if shared:
             os.makedirs(shared, exist_ok=True)
@@ -120,8 +150,9 @@ class DMLCLI(LightningCLI):
         elif resuming and runs.run_folder_of_checkpoint(ckpt_path):
             run_dir = runs.run_folder_of_checkpoint(ckpt_path)
         else:
-            run_dir = runs.create_run_dir(runs.runs_root(config.trainer.default_root_dir),
-                                          config.get("run_name"))
+            run_dir = runs.create_run_dir(
+                runs.runs_root(config.trainer.default_root_dir), config.get("run_name")
+            )
         self.run_dir = run_dir
         if launching_process() and self.subcommand == "fit":
             runs.lock_run_dir(run_dir)
@@ -129,11 +160,16 @@ class DMLCLI(LightningCLI):
             runs.export_run_dir(run_dir)  # the DDP processes Lightning starts share it
         point_outputs_to(config, run_dir)
         if resuming:
-            allowed = [p.strip() for p in (config.get("resume_changes") or "").split(",")
-                       if p.strip()]
-            runs.check_resume(with_named_terms(trained_with),
-                              with_named_terms(self._config_dict(config)), ckpt_path, allowed,
-                              self._default_config_dict())
+            allowed = [
+                p.strip() for p in (config.get("resume_changes") or "").split(",") if p.strip()
+            ]
+            runs.check_resume(
+                with_named_terms(trained_with),
+                with_named_terms(self._config_dict(config)),
+                ckpt_path,
+                allowed,
+                self._default_config_dict(),
+            )
         if launching_process():
             runs.write_run_file(run_dir, git_state(), ckpt_path if resuming else None)
             if not resuming:  # a resume names its checkpoint, in the folder, first
@@ -143,13 +179,17 @@ class DMLCLI(LightningCLI):
     def before_fit(self) -> None:
         dm = self.datamodule
         if getattr(dm, "validates_on_test_split", False):
-            say("validation: the test split. The best epoch (best-*.ckpt, early stopping) is "
+            say(
+                "validation: the test split. The best epoch (best-*.ckpt, early stopping) is "
                 "chosen on it: test-set model selection, the papers' practice; the MLRC "
                 "protocol (make mlrc, data.init_args.mlrc_fold) validates on held-out training "
-                "classes instead")
+                "classes instead"
+            )
         elif hasattr(dm, "split_name"):
-            say(f"validation: {dm.split_name('val')} (held-out training classes); the test "
-                f"split is not used while training")
+            say(
+                f"validation: {dm.split_name('val')} (held-out training classes); the test "
+                f"split is not used while training"
+            )
 
     def before_test(self) -> None:
         if self.config["test"].get("zero_shot"):  # the printed line says what was measured
@@ -166,12 +206,16 @@ class DMLCLI(LightningCLI):
         ``dml.callbacks.ProgressBar``, redrawn twice a second. Checkpoints are written
         atomically (``AtomicCheckpointIO``) unless ``trainer.plugins`` names a checkpoint IO."""
         given = list(callbacks) + list(config.get("callbacks") or [])
-        if config.get("enable_progress_bar") is not False and \
-                not any(isinstance(c, ProgressBarBase) for c in given):
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBarBase) for c in given
+        ):
             callbacks = list(callbacks) + [ProgressBar()]
         plugins = config.get("plugins")
-        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else \
-            ([] if plugins is None else [plugins])
+        plugins = (
+            list(plugins)
+            if isinstance(plugins, (list, tuple))
+            else ([] if plugins is None else [plugins])
+        )
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # a custom one is kept
             config = dict(config, plugins=plugins + [AtomicCheckpointIO()])
         return super()._instantiate_trainer(config, callbacks)
@@ -180,14 +224,16 @@ class DMLCLI(LightningCLI):
         """Every key at its default (for checkpoints older than a key); None if unavailable."""
         parser = self._parser(self.subcommand)
         try:
-            return json.loads(parser.dump(parser.get_defaults(), skip_none=False,
-                                          skip_check=True, format="json"))
+            return json.loads(
+                parser.dump(parser.get_defaults(), skip_none=False, skip_check=True, format="json")
+            )
         except Exception:  # noqa: BLE001 - then absent keys count as changed, as before
             return None
 
     def _config_dict(self, config) -> dict:
-        return json.loads(self._parser(self.subcommand).dump(config, skip_none=False,
-                                                              format="json"))
+        return json.loads(
+            self._parser(self.subcommand).dump(config, skip_none=False, format="json")
+        )
 
 
 def use_zero_shot(config) -> None:
@@ -195,8 +241,10 @@ def use_zero_shot(config) -> None:
     that the module's embedding is the backbone's pooled feature, L2-normalised. The pooling,
     the backbone and its weights stay as the config says."""
     if config.get("ckpt_path"):
-        raise ConfigError(f"--zero-shot evaluates the backbone with no training; it takes no "
-                          f"--ckpt_path ({config.ckpt_path}): drop one of the two")
+        raise ConfigError(
+            f"--zero-shot evaluates the backbone with no training; it takes no "
+            f"--ckpt_path ({config.ckpt_path}): drop one of the two"
+        )
     config.model.embedding_dim = None
 
 
@@ -205,9 +253,11 @@ def zero_shot_description(module) -> str:
     pretrained=True, no training, 2048-d gap features"."""
     backbone, pooling = module.hparams["backbone"], module.hparams["pooling"]
     pretrained = bool(backbone["pretrained"])
-    return (f"zero-shot: {backbone['name']}, pretrained={pretrained}"
-            f"{'' if pretrained else ' (random init)'}, no training, "
-            f"{module.head.out_features}-d {pooling['name']} features")
+    return (
+        f"zero-shot: {backbone['name']}, pretrained={pretrained}"
+        f"{'' if pretrained else ' (random init)'}, no training, "
+        f"{module.head.out_features}-d {pooling['name']} features"
+    )
 
 
 def check_trainer_settings(trainer) -> None:
@@ -243,12 +293,15 @@ def run_summary(trainer, module) -> Optional[str]:
     epoch, metrics = next((e, m) for e, m in scored if m[key] == best)
     path = getattr(ckpt, "best_model_path", "") or ""
     where = f" | checkpoint {path}" if path else " | no checkpoint kept"
-    return (f"best epoch {epoch} by {monitor} | val: {module.split_name('val')} | "
-            f"{format_metrics(metrics)}{where}")
+    return (
+        f"best epoch {epoch} by {monitor} | val: {module.split_name('val')} | "
+        f"{format_metrics(metrics)}{where}"
+    )
 
 
-def default_precision(accelerator, cuda_available: Optional[bool] = None,
-                      bf16_supported: Optional[bool] = None) -> str:
+def default_precision(
+    accelerator, cuda_available: Optional[bool] = None, bf16_supported: Optional[bool] = None
+) -> str:
     """``trainer.precision`` when the config leaves it unset: ``bf16-mixed`` where the run
     goes to a CUDA GPU that has bfloat16 (Ampere and later: the network in bfloat16, the
     objective and evaluation in float32), ``32-true`` elsewhere (CPUs, older GPUs, where
@@ -288,8 +341,11 @@ def point_outputs_to(config, run_dir: str) -> None:
             args.save_dir = run_dir
     original = read_run_file(run_dir).get("run")
     for callback in config.trainer.callbacks or []:
-        if not (hasattr(callback, "class_path") and callback.class_path.endswith("Checkpoint")
-                and "dirpath" in callback.init_args):
+        if not (
+            hasattr(callback, "class_path")
+            and callback.class_path.endswith("Checkpoint")
+            and "dirpath" in callback.init_args
+        ):
             continue
         dirpath = callback.init_args.dirpath
         if dirpath and runs.is_checkpoint_folder_of(dirpath, run_dir, original):
@@ -334,11 +390,15 @@ def git_state() -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*args):
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+
     try:
-        return {"commit": git("rev-parse", "HEAD") or "unknown",
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {
+            "commit": git("rev-parse", "HEAD") or "unknown",
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": False}
 
@@ -363,7 +423,8 @@ class LoggedConfig(SaveConfigCallback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         checkpoint[CONFIG_KEY] = json.loads(
-            self.parser.dump(self.config, skip_none=False, format="json"))
+            self.parser.dump(self.config, skip_none=False, format="json")
+        )
 
 
 def record_wandb_id(run_dir: str, wandb_id) -> None:
@@ -377,9 +438,18 @@ def record_wandb_id(run_dir: str, wandb_id) -> None:
 
 
 # Errors with a message the user can act on: printed as one line, not as a traceback.
-USER_ERRORS = (ConfigError, DatasetNotFound, IncompleteDataset, MetadataError,
-               UnreadableImageError, PretrainedWeightsUnavailable, NonFiniteLossError,
-               NonFiniteEmbeddingsError, NonFiniteStateError, DiskFullError)
+USER_ERRORS = (
+    ConfigError,
+    DatasetNotFound,
+    IncompleteDataset,
+    MetadataError,
+    UnreadableImageError,
+    PretrainedWeightsUnavailable,
+    NonFiniteLossError,
+    NonFiniteEmbeddingsError,
+    NonFiniteStateError,
+    DiskFullError,
+)
 
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -389,21 +459,32 @@ def main(args=None) -> DMLCLI:
     argv = list(sys.argv[1:] if args is None else args)
     cli = None
     try:
-        cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True,
-                     save_config_callback=LoggedConfig, save_config_kwargs={"overwrite": True},
-                     seed_everything_default=0, args=args, auto_configure_optimizers=False,
-                     # allow_abbrev: --trainer.max_epoch (a typo) is an error, never max_epochs
-                     parser_kwargs={"exit_on_error": False, "allow_abbrev": False,
-                                    **{name: {"exit_on_error": False, "allow_abbrev": False}
-                                       for name in SUBCOMMANDS}})
+        cli = DMLCLI(
+            DMLModule,
+            DMLDataModule,
+            subclass_mode_data=True,
+            save_config_callback=LoggedConfig,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            args=args,
+            auto_configure_optimizers=False,
+            # allow_abbrev: --trainer.max_epoch (a typo) is an error, never max_epochs
+            parser_kwargs={
+                "exit_on_error": False,
+                "allow_abbrev": False,
+                **{name: {"exit_on_error": False, "allow_abbrev": False} for name in SUBCOMMANDS},
+            },
+        )
     except (argparse.ArgumentError, OSError, *USER_ERRORS) as error:
         if os.environ.get("DML_TRACEBACK"):
             raise
         if isinstance(error, OSError) and not isinstance(error, USER_ERRORS):
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            error = DiskFullError(f"no space left on the device writing "
-                                  f"{error.filename or 'a file'}; free space, then resume")
+            error = DiskFullError(
+                f"no space left on the device writing "
+                f"{error.filename or 'a file'}; free space, then resume"
+            )
         discard_unused_run_dir()
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         message = with_config_file(message, config_sources(argv), argv)
@@ -423,8 +504,13 @@ def config_sources(argv) -> dict:
 
     sources = {}
     for i, arg in enumerate(argv):
-        path = argv[i + 1] if arg in ("--config", "-c") and i + 1 < len(argv) else \
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        path = (
+            argv[i + 1]
+            if arg in ("--config", "-c") and i + 1 < len(argv)
+            else arg.split("=", 1)[1]
+            if arg.startswith("--config=")
+            else None
+        )
         if not path or not os.path.isfile(path):
             continue
         try:
@@ -447,16 +533,16 @@ def config_sources(argv) -> dict:
 def with_config_file(message: str, sources: dict, argv=()) -> str:
     """Name the config file that holds the key an error is about, when one does (and the
     command line does not set that key itself)."""
-    match = re.search(r"option '([\w.]+)'", message) or re.match(r"([a-z_]+(?:\.[\w]+)+)",
-                                                                   message)
+    match = re.search(r"option '([\w.]+)'", message) or re.match(r"([a-z_]+(?:\.[\w]+)+)", message)
     if not match:
         return message
     key = match.group(1)
     if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):
         return message
     for candidate in [key] + [key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)]:
-        path = sources.get(candidate) or \
-            sources.get(candidate.replace("data.", "data.init_args.", 1))
+        path = sources.get(candidate) or sources.get(
+            candidate.replace("data.", "data.init_args.", 1)
+        )
         if path:
             return f"{path}: {message}"
     return message
@@ -467,8 +553,13 @@ def discard_unused_run_dir() -> None:
     behind: one this process created that holds nothing but its start files."""
     path = os.environ.get(runs.ENV_DIR)
     start_files = {runs.RUN_FILE, runs.LOCK_FILE, "config.yaml", "hparams.yaml"}
-    if path and os.environ.get(runs.ENV_OWNER) == str(os.getpid()) and os.path.isdir(path) \
-            and runs.created_here(path) and set(os.listdir(path)) <= start_files:
+    if (
+        path
+        and os.environ.get(runs.ENV_OWNER) == str(os.getpid())
+        and os.path.isdir(path)
+        and runs.created_here(path)
+        and set(os.listdir(path)) <= start_files
+    ):
         for name in os.listdir(path):
             os.remove(os.path.join(path, name))
         os.rmdir(path)

@@ -21,6 +21,7 @@ so that a setting shared by several methods or data sets is written once.
 
     python -m dml.compose DATASET METHOD [BACKBONE]   # prints --config arguments (make train)
 """
+
 from __future__ import annotations
 
 import os
@@ -38,11 +39,19 @@ FAMILIES: Dict[str, Sequence[str]] = {
     "memory": ("xbm", "xbn", "adaptive_xbn", "none_memory"),
 }
 # Data sets that share settings within a family.
-GROUPS: Dict[str, str] = {"cub": "small", "cars": "small", "sop": "large", "inshop": "large",
-                          "omniglot": "omniglot", "omniglot_small": "omniglot"}
+GROUPS: Dict[str, str] = {
+    "cub": "small",
+    "cars": "small",
+    "sop": "large",
+    "inshop": "large",
+    "omniglot": "omniglot",
+    "omniglot_small": "omniglot",
+}
 # The evaluation protocol a family follows on a group of data sets.
-PROTOCOLS: Dict[str, Dict[str, str]] = {"ccp": {"small": "mlrc", "large": "mlrc"},
-                                        "gsp": {"small": "mlrc", "large": "mlrc"}}
+PROTOCOLS: Dict[str, Dict[str, str]] = {
+    "ccp": {"small": "mlrc", "large": "mlrc"},
+    "gsp": {"small": "mlrc", "large": "mlrc"},
+}
 
 
 def family_of(method: str) -> Optional[str]:
@@ -58,16 +67,20 @@ def names(kind: str, root: str = ROOT) -> List[str]:
     return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
 
 
-def config_files(dataset: str, method: str, root: str = ROOT,
-                 backbone: Optional[str] = None) -> List[str]:
+def config_files(
+    dataset: str, method: str, root: str = ROOT, backbone: Optional[str] = None
+) -> List[str]:
     """The config files of (dataset, method[, backbone]), in composition order."""
-    for kind, name in (("data", dataset), ("method", method)) + \
-            ((("backbone", backbone),) if backbone else ()):
+    for kind, name in (("data", dataset), ("method", method)) + (
+        (("backbone", backbone),) if backbone else ()
+    ):
         if not os.path.isfile(os.path.join(root, kind, f"{name}.yaml")):
-            raise ValueError(f"no config {root}/{kind}/{name}.yaml. Data sets: "
-                             f"{' '.join(names('data', root))}; methods: "
-                             f"{' '.join(names('method', root))}; backbones: "
-                             f"{' '.join(names('backbone', root)) or 'none'}")
+            raise ValueError(
+                f"no config {root}/{kind}/{name}.yaml. Data sets: "
+                f"{' '.join(names('data', root))}; methods: "
+                f"{' '.join(names('method', root))}; backbones: "
+                f"{' '.join(names('backbone', root)) or 'none'}"
+            )
     family, group = family_of(method), GROUPS.get(dataset)
     protocol = PROTOCOLS.get(family, {}).get(group) if family and group else None
     candidates = [
@@ -90,8 +103,9 @@ def config_files(dataset: str, method: str, root: str = ROOT,
     return files
 
 
-def config_args(dataset: str, method: str, root: str = ROOT,
-                backbone: Optional[str] = None) -> List[str]:
+def config_args(
+    dataset: str, method: str, root: str = ROOT, backbone: Optional[str] = None
+) -> List[str]:
     """``--config FILE`` for each file, as the CLI takes them."""
     return [a for f in config_files(dataset, method, root, backbone) for a in ("--config", f)]
 
@@ -102,8 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("usage: python -m dml.compose DATASET METHOD [BACKBONE]", file=sys.stderr)
         return 2
     try:
-        print(" ".join(config_args(argv[0], argv[1], backbone=argv[2] if len(argv) > 2
-                                   else None)))
+        print(" ".join(config_args(argv[0], argv[1], backbone=argv[2] if len(argv) > 2 else None)))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -120,14 +133,25 @@ if __name__ == "__main__":
 # drop the method's gamma. The CLI therefore merges the config files itself, dicts key by key
 # (lists and scalars are replaced), and folds dotted overrides that reach into such a dict
 # (``--model.loss.params.margin 0.3``) into the merge.
-DICT_KEYS = ("model.terms", "model.pooling.params", "model.loss.params", "model.loss.miner_params",
-             "model.memory.params", "model.memory.loss_params", "model.memory.miner_params")
+DICT_KEYS = (
+    "model.terms",
+    "model.pooling.params",
+    "model.loss.params",
+    "model.loss.miner_params",
+    "model.memory.params",
+    "model.memory.loss_params",
+    "model.memory.miner_params",
+)
 
 
 # (what a mapping selects, the arguments that belong to that choice): a layer that selects
 # another pooling, loss, miner or memory class drops the arguments of the one before
-CHOICE_ARGUMENTS = (("name", "params"), ("miner", "miner_params"), ("loss", "loss_params"),
-                    ("implementation", "params"))
+CHOICE_ARGUMENTS = (
+    ("name", "params"),
+    ("miner", "miner_params"),
+    ("loss", "loss_params"),
+    ("implementation", "params"),
+)
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -137,12 +161,19 @@ def deep_merge(base: dict, update: dict) -> dict:
     (``CHOICE_ARGUMENTS``) drops the old one's arguments."""
     for key, value in update.items():
         old = base.get(key)
-        other_class = isinstance(value, dict) and isinstance(old, dict) and \
-            "class_path" in value and value.get("class_path") != old.get("class_path")
+        other_class = (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and "class_path" in value
+            and value.get("class_path") != old.get("class_path")
+        )
         if isinstance(value, dict) and isinstance(old, dict) and not other_class:
             for choice, arguments in CHOICE_ARGUMENTS:
-                if isinstance(value.get(choice), str) and value[choice] != old.get(choice) \
-                        and arguments not in value:
+                if (
+                    isinstance(value.get(choice), str)
+                    and value[choice] != old.get(choice)
+                    and arguments not in value
+                ):
                     old.pop(arguments, None)
             deep_merge(old, value)
         else:
@@ -172,8 +203,10 @@ def load_yaml_file(path: str):
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if content is not None and not isinstance(content, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys (model:, data:, "
-                          f"trainer:, ...), got a {type(content).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of config keys (model:, data:, "
+            f"trainer:, ...), got a {type(content).__name__}"
+        )
     return content or {}
 
 
@@ -191,8 +224,10 @@ def merge_config_args(argv: Sequence[str], folder: str):
     import yaml
 
     argv = list(argv)
-    last_config = max((i for i, a in enumerate(argv)
-                       if a in ("--config", "-c") or a.startswith("--config=")), default=-1)
+    last_config = max(
+        (i for i, a in enumerate(argv) if a in ("--config", "-c") or a.startswith("--config=")),
+        default=-1,
+    )
     layers: List[tuple] = []  # ("file", path) | ("set", dotted key, value), in order
     rest: List[str] = []
     contents: Dict[str, dict] = {}
@@ -218,16 +253,20 @@ def merge_config_args(argv: Sequence[str], folder: str):
         into_dict = dotted and any(dotted.startswith(k + ".") for k in DICT_KEYS)
         if dotted and (into_dict or i < last_config):
             raw = value if value is not None else (argv[i + 1] if has_next else None)
-            if not FOLDABLE.match(dotted) or raw is None or \
-                    (value is None and raw.startswith("--")):
+            if (
+                not FOLDABLE.match(dotted)
+                or raw is None
+                or (value is None and raw.startswith("--"))
+            ):
                 if into_dict:
                     raise ConfigError(f"--{dotted}: expected a value")
                 return argv, None  # cannot be folded and comes before a file: keep the order
             try:
                 layers.append(("set", dotted, yaml.safe_load(raw)))
             except yaml.YAMLError as error:
-                raise ConfigError(f"--{dotted}: not a valid YAML value: {raw!r} "
-                                  f"({str(error).splitlines()[0]})") from None
+                raise ConfigError(
+                    f"--{dotted}: not a valid YAML value: {raw!r} ({str(error).splitlines()[0]})"
+                ) from None
             at = len(rest) if at is None else at
             i += 1 if value is not None else 2
             continue

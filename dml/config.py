@@ -1,5 +1,6 @@
 """Configuration groups of the model, as dataclasses: LightningCLI validates every YAML key
 against them (an unknown key is an error naming it)."""
+
 from __future__ import annotations
 
 import inspect
@@ -18,6 +19,7 @@ class BackboneConfig:
     channels_last: run a convolutional backbone and its inputs in the NHWC memory format (the
     layout tensor cores and cuDNN's fastest convolutions want); None = on when training on
     CUDA, off on a CPU (``model.compile`` is the module's option)."""
+
     name: str = "resnet50"
     pretrained: bool = True
     frozen_bn: bool = False
@@ -30,6 +32,7 @@ class BackboneConfig:
 class PoolingConfig:
     """name: gap | gmp | gem | gsp | cls (a ViT's class token); params go to the pooling class ({p: 3.0} for GeM;
     {num_prototypes, mu, gamma, iters, tol, reduction, init, init_batches} for GSP)."""
+
     name: str = "gap"
     params: Dict[str, Any] = field(default_factory=dict)
 
@@ -48,6 +51,7 @@ class LossConfig:
     loss, so the averaged gradient equals one process's on the whole batch. Default: each
     process's loss covers its local batch (P x M of its own classes).
     """
+
     name: str = "multi_similarity"
     params: Dict[str, Any] = field(default_factory=dict)
     miner: Optional[str] = None
@@ -63,6 +67,7 @@ class LossConfig:
 class ZeroShotConfig:
     """GSP's zero-shot prototype loss: total = metric_weight * metric + weight * zero-shot
     (0.9 / 0.1 in the MLRC configs). Needs a pooling with attributes (gsp)."""
+
     weight: float = 0.0
     metric_weight: float = 1.0
     lam: float = 0.05
@@ -78,6 +83,7 @@ class IBCConfig:
     sample's MPN output over its ``pseudo_test_k``-reciprocal neighbours instead of the
     backbone embedding. ``mpn_weight`` 0 keeps only the backbone's cross-entropy (the ablation
     without message passing)."""
+
     enabled: bool = False
     layers: int = 1
     heads: int = 2
@@ -106,6 +112,7 @@ class MemoryConfig:
     it uses those. ``implementation``: the class path of a subclass of
     ``dml.losses.CrossBatchMemoryLoss`` (a memory variant), built with the settings here and
     its own ``params``."""
+
     enabled: bool = False
     size: int = 55000
     start_iteration: int = 1000
@@ -128,6 +135,7 @@ class OptimizerConfig:
     layer-wise decay; the last layer the full rate). scheduler: none | step (milestones, gamma) |
     cosine. warmup_epochs > 0: the rate rises linearly from 0 over that many epochs, then
     follows the scheduler, both per optimizer step (``dml.lr_schedule``)."""
+
     name: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -146,6 +154,7 @@ class EvalConfig:
     torch (``dml.metrics.retrieval_metrics``). rerank: re-rankings scored beside the plain
     metrics at test time (``dml.reranking``: k_reciprocal, alpha_qe), each with its parameters
     in rerank_params (e.g. ``{k_reciprocal: {k1: 20, k2: 6, lam: 0.3}}``)."""
+
     nmi: bool = True
     nmi_seed: int = 0
     backend: str = "auto"
@@ -159,13 +168,17 @@ class EvalConfig:
             self.rerank = [self.rerank]
         for name in self.rerank:
             if name not in RERANKERS:
-                raise ConfigError(f"model.evaluation.rerank: unknown re-ranking {name!r}; "
-                                  f"expected {' or '.join(RERANKERS)}")
+                raise ConfigError(
+                    f"model.evaluation.rerank: unknown re-ranking {name!r}; "
+                    f"expected {' or '.join(RERANKERS)}"
+                )
         for name, params in self.rerank_params.items():
             if name not in self.rerank:
-                raise ConfigError(f"model.evaluation.rerank_params.{name}: {name} is not in "
-                                  f"model.evaluation.rerank {list(self.rerank)}; add it there "
-                                  f"or drop its parameters")
+                raise ConfigError(
+                    f"model.evaluation.rerank_params.{name}: {name} is not in "
+                    f"model.evaluation.rerank {list(self.rerank)}; add it there "
+                    f"or drop its parameters"
+                )
             try:
                 settings(name, params)
             except ValueError as error:
@@ -178,18 +191,37 @@ POSITIVE, NON_NEGATIVE = (0, None, False), (0, None, True)
 AT_LEAST_ONE, FRACTION = (1, None, True), (0, 1, True)
 RANGES: Dict[str, Dict[str, tuple]] = {
     "BackboneConfig": {"width": AT_LEAST_ONE},
-    "LossConfig": {"proxies_per_class": NON_NEGATIVE, "proxy_weight": NON_NEGATIVE,
-                   "pair_weight": NON_NEGATIVE},
-    "ZeroShotConfig": {"weight": NON_NEGATIVE, "metric_weight": NON_NEGATIVE,
-                       "lam": POSITIVE, "scale": POSITIVE},
-    "IBCConfig": {"layers": AT_LEAST_ONE, "heads": AT_LEAST_ONE, "dropout": FRACTION,
-                  "ff_hidden": AT_LEAST_ONE, "tau": POSITIVE, "label_smoothing": FRACTION,
-                  "mpn_weight": NON_NEGATIVE, "pseudo_test_k": AT_LEAST_ONE},
-    "MemoryConfig": {"size": AT_LEAST_ONE, "start_iteration": NON_NEGATIVE,
-                     "weight": NON_NEGATIVE},
-    "OptimizerConfig": {"lr": POSITIVE, "weight_decay": NON_NEGATIVE,
-                        "backbone_lr_mult": NON_NEGATIVE, "layer_decay": (0, 1, False),
-                        "loss_lr": POSITIVE, "gamma": POSITIVE, "warmup_epochs": NON_NEGATIVE},
+    "LossConfig": {
+        "proxies_per_class": NON_NEGATIVE,
+        "proxy_weight": NON_NEGATIVE,
+        "pair_weight": NON_NEGATIVE,
+    },
+    "ZeroShotConfig": {
+        "weight": NON_NEGATIVE,
+        "metric_weight": NON_NEGATIVE,
+        "lam": POSITIVE,
+        "scale": POSITIVE,
+    },
+    "IBCConfig": {
+        "layers": AT_LEAST_ONE,
+        "heads": AT_LEAST_ONE,
+        "dropout": FRACTION,
+        "ff_hidden": AT_LEAST_ONE,
+        "tau": POSITIVE,
+        "label_smoothing": FRACTION,
+        "mpn_weight": NON_NEGATIVE,
+        "pseudo_test_k": AT_LEAST_ONE,
+    },
+    "MemoryConfig": {"size": AT_LEAST_ONE, "start_iteration": NON_NEGATIVE, "weight": NON_NEGATIVE},
+    "OptimizerConfig": {
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "backbone_lr_mult": NON_NEGATIVE,
+        "layer_decay": (0, 1, False),
+        "loss_lr": POSITIVE,
+        "gamma": POSITIVE,
+        "warmup_epochs": NON_NEGATIVE,
+    },
 }
 
 
@@ -205,8 +237,11 @@ def check_range(key: str, value, bounds: tuple) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if not in_range(value, low, high, low_allowed):
-        want = (f"{'>=' if low_allowed else '>'} {low}" if high is None else
-                f"in {'[' if low_allowed else '('}{low}, {high}]")
+        want = (
+            f"{'>=' if low_allowed else '>'} {low}"
+            if high is None
+            else f"in {'[' if low_allowed else '('}{low}, {high}]"
+        )
         raise ConfigError(f"{key}: expected a value {want}, got {value}")
 
 
@@ -236,5 +271,6 @@ def check_params(cls, params: Dict[str, Any], key: str, skip=("self",)) -> None:
     accepted = [n for n in inspect.signature(cls).parameters if n not in skip]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ConfigError(f"{key}: unknown parameter(s) {unknown} for {cls.__name__}; "
-                          f"accepted: {accepted}")
+        raise ConfigError(
+            f"{key}: unknown parameter(s) {unknown} for {cls.__name__}; accepted: {accepted}"
+        )

@@ -1,5 +1,6 @@
 """Status lines on standard output, from rank 0 only and flushed, so that they reach the terminal
 (or a log) in order with the per-epoch metric lines."""
+
 from __future__ import annotations
 
 import sys
@@ -28,4 +29,3 @@ def run_command(main, errors=(Exception,)) -> None:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-

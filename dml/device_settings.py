@@ -8,6 +8,7 @@ wraps it for DDP (``.to(device)`` keeps the memory format). The compiled backbon
 outside the module tree, so the weights, their names and the checkpoints stay the plain
 module's; ``DMLModule.embed`` runs it.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -16,22 +17,31 @@ import torch
 
 from dml.errors import ConfigError
 
-COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune",
-                 "max-autotune-no-cudagraphs")
+COMPILE_MODES = (
+    False,
+    True,
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)
 
 
 def check_compile(setting: Union[bool, str]) -> None:
     if setting not in COMPILE_MODES:
-        raise ConfigError(f"model.compile: expected true, false or a torch.compile mode "
-                          f"(default, reduce-overhead, max-autotune), got {setting!r}")
+        raise ConfigError(
+            f"model.compile: expected true, false or a torch.compile mode "
+            f"(default, reduce-overhead, max-autotune), got {setting!r}"
+        )
 
 
 class DeviceSettings:
     """Expects the attributes ``backbone``, ``channels_last_setting`` (True, False or None:
     the device decides) and ``compile_setting``."""
 
-    def init_device_settings(self, channels_last: Optional[bool],
-                             compile: Union[bool, str]) -> None:
+    def init_device_settings(
+        self, channels_last: Optional[bool], compile: Union[bool, str]
+    ) -> None:
         check_compile(compile)
         self.channels_last_setting, self.compile_setting = channels_last, compile
         self.__dict__["compiled_backbone"] = None

@@ -6,6 +6,7 @@ all_gather``, what Lightning's ``all_gather(sync_grads=True)`` uses): every proc
 the same loss on the global batch then gives, averaged by DDP, one process's gradient on the
 whole batch. Without DDP both are the identity.
 """
+
 from __future__ import annotations
 
 import torch

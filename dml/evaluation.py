@@ -13,6 +13,7 @@ same set (CUB, Cars, SOP: each query excluded from its own search) or two (In-Sh
 gallery). ``EvalSets.from_named`` is the only place that reads the data modules' names
 ("test", or "query" and "gallery").
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -28,19 +29,25 @@ from dml.metrics.retrieval import query_results, results_from_distances
 @dataclass
 class EvalSet:
     """One evaluation set: its data-set name, embeddings (n, D), labels (n,), indices (n,)."""
+
     name: str
     embeddings: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
 
     def to(self, device) -> "EvalSet":
-        return replace(self, embeddings=self.embeddings.to(device),
-                       labels=self.labels.to(device), indices=self.indices.to(device))
+        return replace(
+            self,
+            embeddings=self.embeddings.to(device),
+            labels=self.labels.to(device),
+            indices=self.indices.to(device),
+        )
 
 
 @dataclass
 class EvalSets:
     """What is searched: ``query`` against ``reference``; ``same`` when they are one set."""
+
     query: EvalSet
     reference: EvalSet
 
@@ -59,8 +66,9 @@ class EvalSets:
             return cls(named["test"], named["test"])
         if set(named) == {"query", "gallery"}:
             return cls(named["query"], named["gallery"])
-        raise ValueError(f"evaluation sets must be named test, or query and gallery; got "
-                         f"{sorted(named)}")
+        raise ValueError(
+            f"evaluation sets must be named test, or query and gallery; got {sorted(named)}"
+        )
 
     def map(self, fn: Callable[[EvalSet], EvalSet]) -> "EvalSets":
         if self.same:
@@ -72,8 +80,13 @@ class EvalSets:
         return self.map(lambda s: s.to("cpu"))
 
 
-def gather_by_index(embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-                    all_gather: Optional[Callable] = None, world_size: int = 1):
+def gather_by_index(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    all_gather: Optional[Callable] = None,
+    world_size: int = 1,
+):
     """All-gather a sharded evaluation set and return it deduplicated, in data-set order.
     Processes may hold different numbers of rows (images skipped as unreadable): each pads
     to the largest count with rows of index -1, which are dropped after the gather."""
@@ -81,8 +94,7 @@ def gather_by_index(embeddings: torch.Tensor, labels: torch.Tensor, indices: tor
         counts = all_gather(torch.tensor([len(indices)], device=indices.device)).reshape(-1)
         pad = int(counts.max()) - len(indices)
         if pad:
-            embeddings = torch.cat([embeddings, embeddings.new_zeros(pad,
-                                                                     embeddings.shape[-1])])
+            embeddings = torch.cat([embeddings, embeddings.new_zeros(pad, embeddings.shape[-1])])
             labels = torch.cat([labels, labels.new_zeros(pad)])
             indices = torch.cat([indices, indices.new_full((pad,), -1)])
         embeddings = all_gather(embeddings).reshape(-1, embeddings.shape[-1])
@@ -101,17 +113,23 @@ def gather_by_index(embeddings: torch.Tensor, labels: torch.Tensor, indices: tor
 
 class Evaluator:
     """Args:
-        nmi: also cluster the embeddings (k-means, k = classes; costly at SOP scale).
-        nmi_seed: k-means seed.
-        backend: the retrieval back end (``dml.metrics.retrieval_metrics``).
-        refine: an optional ``EvalSets -> EvalSets`` step before scoring.
-        rerank: re-rankings (``dml.reranking``) scored beside the plain metrics when ``score``
-            is asked to, keyed ``<name>/<metric>``; ``rerank_params``: their parameters.
+    nmi: also cluster the embeddings (k-means, k = classes; costly at SOP scale).
+    nmi_seed: k-means seed.
+    backend: the retrieval back end (``dml.metrics.retrieval_metrics``).
+    refine: an optional ``EvalSets -> EvalSets`` step before scoring.
+    rerank: re-rankings (``dml.reranking``) scored beside the plain metrics when ``score``
+        is asked to, keyed ``<name>/<metric>``; ``rerank_params``: their parameters.
     """
 
-    def __init__(self, nmi: bool = True, nmi_seed: int = 0, backend: str = "auto",
-                 refine: Optional[Callable[[EvalSets], EvalSets]] = None,
-                 rerank: Sequence[str] = (), rerank_params: Optional[Dict] = None):
+    def __init__(
+        self,
+        nmi: bool = True,
+        nmi_seed: int = 0,
+        backend: str = "auto",
+        refine: Optional[Callable[[EvalSets], EvalSets]] = None,
+        rerank: Sequence[str] = (),
+        rerank_params: Optional[Dict] = None,
+    ):
         self.with_nmi, self.nmi_seed, self.backend, self.refine = nmi, nmi_seed, backend, refine
         self.rerank, self.rerank_params = list(rerank), dict(rerank_params or {})
         self.parts: Dict[int, List[tuple]] = {}
@@ -121,13 +139,16 @@ class Evaluator:
     def reset(self) -> None:
         self.parts = {}
 
-    def add(self, loader_idx: int, embeddings: torch.Tensor, labels: torch.Tensor,
-            indices: torch.Tensor) -> None:
+    def add(
+        self, loader_idx: int, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+    ) -> None:
         self.parts.setdefault(loader_idx, []).append(
-            (embeddings.detach().float(), labels.detach(), indices.detach()))
+            (embeddings.detach().float(), labels.detach(), indices.detach())
+        )
 
-    def collect(self, names: Sequence[str], all_gather: Optional[Callable] = None,
-                world_size: int = 1) -> EvalSets:
+    def collect(
+        self, names: Sequence[str], all_gather: Optional[Callable] = None, world_size: int = 1
+    ) -> EvalSets:
         """Every process's shards of the loaders (in loader order, named ``names``)."""
         named = {}
         for i, name in enumerate(names):
@@ -135,8 +156,9 @@ class Evaluator:
             named[name] = EvalSet(name, *gather_by_index(emb, lab, idx, all_gather, world_size))
         return EvalSets.from_named(named)
 
-    def score(self, sets: EvalSets, ks: Sequence[int], device=None,
-              rerank: bool = False) -> Dict[str, float]:
+    def score(
+        self, sets: EvalSets, ks: Sequence[int], device=None, rerank: bool = False
+    ) -> Dict[str, float]:
         """Refine (if set), then Recall@K, MAP@R, R-Precision (and NMI), and with ``rerank``
         the same metrics after each re-ranking; keeps ``last_sets`` and the per-query
         ``last_results`` of the plain metrics."""
@@ -145,8 +167,9 @@ class Evaluator:
         self.last_sets = sets.cpu()
         q, r = sets.query, sets.reference
         gallery = (None, None) if sets.same else (r.embeddings, r.labels)
-        results = query_results(q.embeddings, q.labels, ks, *gallery, backend=self.backend,
-                                device=device)
+        results = query_results(
+            q.embeddings, q.labels, ks, *gallery, backend=self.backend, device=device
+        )
         self.last_results = results
         out = results.metrics(ks)
         if self.with_nmi:  # clustering quality of the whole split (query and gallery together)
@@ -172,9 +195,12 @@ class Evaluator:
         q, r = sets.query, sets.reference
         out = {}
         for name in self.rerank:
-            reranked = rerank(name, q.embeddings, None if sets.same else r.embeddings,
-                              **self.rerank_params.get(name, {}))
-            results = results_from_distances(reranked, q.labels,
-                                             None if sets.same else r.labels)
+            reranked = rerank(
+                name,
+                q.embeddings,
+                None if sets.same else r.embeddings,
+                **self.rerank_params.get(name, {}),
+            )
+            results = results_from_distances(reranked, q.labels, None if sets.same else r.labels)
             out.update({f"{name}/{k}": v for k, v in results.metrics(ks).items()})
         return out

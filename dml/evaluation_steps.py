@@ -5,6 +5,7 @@ rank 0; the metrics are broadcast, logged as ``<stage>/<metric>`` and returned.
 ``EvaluationSteps`` is a part of ``DMLModule`` (a mixin); the Lightning hooks that print each
 epoch's line stay in ``dml/module.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,13 @@ class EvaluationSteps:
 
         rows = self.evaluator.last_results.per_class(ks)
         path = os.path.join(self.trainer.default_root_dir, f"per_class_{stage}.csv")
-        write_rows([{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
-                    for row in rows], path)
+        write_rows(
+            [
+                {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+                for row in rows
+            ],
+            path,
+        )
         self.per_class_path = path
         return path
 
@@ -66,18 +72,21 @@ class EvaluationSteps:
         for s in sets.sets:
             bad = int((~torch.isfinite(s.embeddings).all(1)).sum())
             if bad:
-                when = "before training" if self.trainer.sanity_checking else \
-                    f"after epoch {self.current_epoch} (step {self.global_step})"
+                when = (
+                    "before training"
+                    if self.trainer.sanity_checking
+                    else f"after epoch {self.current_epoch} (step {self.global_step})"
+                )
                 raise NonFiniteEmbeddingsError(
                     f"{stage} evaluation {when}: {bad} of {len(s.embeddings)} {s.name} "
                     f"embeddings are not finite (NaN or inf); the model has diverged, no metric "
-                    f"is reported")
+                    f"is reported"
+                )
 
     def split_name(self, stage: str) -> str:
         """What a stage's metrics measure: "test split", "MLRC fold 0", ..."""
         dm = self.trainer.datamodule
         return dm.split_name(stage) if hasattr(dm, "split_name") else stage
-
 
 
 def format_metrics(metrics: Dict[str, float]) -> str:

@@ -1,5 +1,6 @@
 """Small functions shared by models and losses (a neutral module, so that neither imports the
 other)."""
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@ A unit is run by ``dml.child_runs.launch``: while it trains, its standard output
 folder, the per-epoch lines, the summary) is passed through, each line prefixed by the unit's
 label; its standard error goes to ``unit.log`` in its folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,16 +41,22 @@ def data_root_of(args: Sequence[str]) -> Optional[str]:
 
     root = None
     for i, arg in enumerate(args):
-        key, value = arg.split("=", 1) if arg.startswith("--") and "=" in arg else \
-            (arg, args[i + 1] if i + 1 < len(args) else None)
+        key, value = (
+            arg.split("=", 1)
+            if arg.startswith("--") and "=" in arg
+            else (arg, args[i + 1] if i + 1 < len(args) else None)
+        )
         if key in ("--config", "-c") and value and os.path.isfile(value):
             try:
                 with open(value) as f:
                     content = yaml.safe_load(f) or {}
             except (OSError, yaml.YAMLError):
                 continue
-            found = ((content.get("data") or {}).get("init_args") or {}).get("root") \
-                if isinstance(content, dict) else None
+            found = (
+                ((content.get("data") or {}).get("init_args") or {}).get("root")
+                if isinstance(content, dict)
+                else None
+            )
             root = found or root
         elif key == "--data.init_args.root" and value:
             root = value

@@ -8,6 +8,7 @@ with the git commit and the command that made it. Needs ``\\usepackage{booktabs}
 A cell is a number, ``(mean, spread or None)``, or a text (a count, a ``-`` for a missing
 value, ``failed``); the first cell of a row is its name.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,9 +19,20 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 Cell = Union[Tuple[float, Optional[float]], str]
 MISSING = "-"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPECIAL = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "_": r"\_", "&": r"\&",
-           "%": r"\%", "#": r"\#", "$": r"\$", "~": r"\textasciitilde{}",
-           "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}"}
+SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "{": r"\{",
+    "}": r"\}",
+    "_": r"\_",
+    "&": r"\&",
+    "%": r"\%",
+    "#": r"\#",
+    "$": r"\$",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+}
 
 
 def escape(text: str) -> str:
@@ -69,8 +81,10 @@ def git_commit(folder: Optional[str] = None) -> str:
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # a read: never writes the index
 
     def git(*args):
-        return subprocess.run(["git", *args], cwd=folder or REPO, env=env, capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            ["git", *args], cwd=folder or REPO, env=env, capture_output=True, text=True, timeout=60
+        )
+
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
@@ -87,23 +101,45 @@ def comment(lines: Iterable[str]) -> List[str]:
     return [f"% {part}".rstrip() for line in lines for part in str(line).splitlines() or [""]]
 
 
-def tabular(header: Sequence[str], rows: Sequence[Sequence[Cell]], caption: str, command: str,
-            commit: Optional[str] = None, notes: Sequence[str] = ()) -> str:
+def tabular(
+    header: Sequence[str],
+    rows: Sequence[Sequence[Cell]],
+    caption: str,
+    command: str,
+    commit: Optional[str] = None,
+    notes: Sequence[str] = (),
+) -> str:
     """The LaTeX of one table: comment block, ``table`` float, caption, booktabs tabular."""
     if any(len(row) != len(header) for row in rows):
         raise ValueError("every row needs one cell per header column")
     tops = [best(rows, j) for j in range(len(header))]
     body = []
     for row in rows:
-        cells = [latex_cell(c, j > 0 and tops[j] is not None and shown(c) == tops[j])
-                 for j, c in enumerate(row)]
+        cells = [
+            latex_cell(c, j > 0 and tops[j] is not None and shown(c) == tops[j])
+            for j, c in enumerate(row)
+        ]
         body.append(" & ".join(cells) + r" \\")
     head = comment([f"Commit: {commit or git_commit()}", f"Made by: {command}", *notes])
-    return "\n".join(head + [
-        r"\begin{table}", r"\centering", f"\\caption{{{escape(caption)}}}",
-        f"\\begin{{tabular}}{{l{'c' * (len(header) - 1)}}}", r"\toprule",
-        " & ".join(escape(h) for h in header) + r" \\", r"\midrule", *body,
-        r"\bottomrule", r"\end{tabular}", r"\end{table}"]) + "\n"
+    return (
+        "\n".join(
+            head
+            + [
+                r"\begin{table}",
+                r"\centering",
+                f"\\caption{{{escape(caption)}}}",
+                f"\\begin{{tabular}}{{l{'c' * (len(header) - 1)}}}",
+                r"\toprule",
+                " & ".join(escape(h) for h in header) + r" \\",
+                r"\midrule",
+                *body,
+                r"\bottomrule",
+                r"\end{tabular}",
+                r"\end{table}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def write_atomic(path: str, text: str) -> None:

@@ -1,5 +1,6 @@
 """Loggers: a CSV logger that appends to the run's metrics.csv (a resumed run keeps its history),
 and W&B that goes offline by itself when no login exists (sync later with `wandb sync`)."""
+
 from __future__ import annotations
 
 import csv
@@ -60,6 +61,7 @@ def wandb_logged_in() -> bool:
         return True
     try:
         import netrc
+
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
@@ -71,8 +73,9 @@ class WandbLogger(_LightningWandbLogger):
     ``WANDB_MODE`` in the environment (online, offline, disabled) still wins, as in wandb.
     """
 
-    def __init__(self, project: str = "dml", save_dir: str = "runs", offline: Optional[bool] = None,
-                 **kwargs):
+    def __init__(
+        self, project: str = "dml", save_dir: str = "runs", offline: Optional[bool] = None, **kwargs
+    ):
         if offline is None:
             mode = os.environ.get("WANDB_MODE", "")
             if mode in ("online", "offline", "dryrun", "disabled"):

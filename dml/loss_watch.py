@@ -9,6 +9,7 @@ validation, checkpoint and the end of training (``DMLModule.check_losses``). The
 naming the exact step, as an immediate check would, up to ``every`` steps later; no checkpoint is
 written in between, so those on disk stay finite.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -23,20 +24,27 @@ class LossWatch:
 
     def _reset(self) -> None:
         self.first_step: Optional[torch.Tensor] = None  # -1 while every loss was finite
-        self.values: Dict[str, torch.Tensor] = {}       # each term at the first bad step
-        self.present: Dict[str, torch.Tensor] = {}      # whether that step had the term
-        self.where: Dict[int, Tuple[int, int]] = {}     # step -> (epoch, batch index)
+        self.values: Dict[str, torch.Tensor] = {}  # each term at the first bad step
+        self.present: Dict[str, torch.Tensor] = {}  # whether that step had the term
+        self.where: Dict[int, Tuple[int, int]] = {}  # step -> (epoch, batch index)
         self.pending = 0
 
-    def record(self, total: torch.Tensor, terms: Dict[str, torch.Tensor], step: int, epoch: int,
-               batch_idx: int) -> None:
+    def record(
+        self,
+        total: torch.Tensor,
+        terms: Dict[str, torch.Tensor],
+        step: int,
+        epoch: int,
+        batch_idx: int,
+    ) -> None:
         """Device-side bookkeeping of one training step (nothing read on the host)."""
         total = total.detach()
         if self.first_step is None:
             self.first_step = torch.full((), -1, dtype=torch.long, device=total.device)
         first_bad = ~torch.isfinite(total).all() & (self.first_step < 0)
-        self.first_step = torch.where(first_bad, torch.full_like(self.first_step, step),
-                                      self.first_step)
+        self.first_step = torch.where(
+            first_bad, torch.full_like(self.first_step, step), self.first_step
+        )
         for name, value in terms.items():
             value = value.detach().float().reshape(())
             if name not in self.values:  # a term first seen now (the memory's, after warm-up)
@@ -60,8 +68,11 @@ class LossWatch:
         found = None
         if step >= 0:
             epoch, batch_idx = self.where.get(step, (-1, -1))
-            terms = {name: float(value) for name, value in self.values.items()
-                     if bool(self.present[name])}
+            terms = {
+                name: float(value)
+                for name, value in self.values.items()
+                if bool(self.present[name])
+            }
             found = (step, epoch, batch_idx, terms)
         self._reset()
         return found

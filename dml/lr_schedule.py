@@ -14,6 +14,7 @@ warmup_epochs * E). The schedule is a function of the step only and is rebuilt f
 at every start: a checkpoint holds the step count, so a resumed run with more epochs follows the
 longer schedule from the step it stopped at.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,15 @@ from dml.errors import ConfigError
 class WarmupSchedule:
     """factor(step) of ``torch.optim.lr_scheduler.LambdaLR`` (the formula above)."""
 
-    def __init__(self, warmup_steps: int, total_steps: int, kind: str = "cosine",
-                 steps_per_epoch: float = 1.0, milestones: List[int] = (), gamma: float = 0.1):
+    def __init__(
+        self,
+        warmup_steps: int,
+        total_steps: int,
+        kind: str = "cosine",
+        steps_per_epoch: float = 1.0,
+        milestones: List[int] = (),
+        gamma: float = 0.1,
+    ):
         self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
         self.kind, self.steps_per_epoch = kind, float(steps_per_epoch)
         self.milestones, self.gamma = list(milestones), float(gamma)
@@ -38,8 +46,7 @@ class WarmupSchedule:
             span = max(1, self.total_steps - self.warmup_steps)
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - self.warmup_steps) / span)))
         if self.kind == "step":
-            return self.gamma ** sum(1 for m in self.milestones
-                                     if step >= m * self.steps_per_epoch)
+            return self.gamma ** sum(1 for m in self.milestones if step >= m * self.steps_per_epoch)
         return 1.0
 
 
@@ -62,9 +69,16 @@ def build_schedule(optimizer_cfg, trainer) -> WarmupSchedule:
     needs a length the run does not have."""
     total, per_epoch = run_length(trainer)
     if math.isinf(total) and (optimizer_cfg.scheduler == "cosine"):
-        raise ConfigError("model.optimizer.scheduler: cosine needs the run's length; set "
-                          "trainer.max_epochs or trainer.max_steps")
+        raise ConfigError(
+            "model.optimizer.scheduler: cosine needs the run's length; set "
+            "trainer.max_epochs or trainer.max_steps"
+        )
     warmup = round(optimizer_cfg.warmup_epochs * per_epoch)
-    return WarmupSchedule(warmup, 0 if math.isinf(total) else int(total),
-                          optimizer_cfg.scheduler, per_epoch, optimizer_cfg.milestones,
-                          optimizer_cfg.gamma)
+    return WarmupSchedule(
+        warmup,
+        0 if math.isinf(total) else int(total),
+        optimizer_cfg.scheduler,
+        per_epoch,
+        optimizer_cfg.milestones,
+        optimizer_cfg.gamma,
+    )

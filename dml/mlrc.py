@@ -27,6 +27,7 @@ method there to ``<out>/<dataset>/mlrc/table.md``, with the same numbers as LaTe
 best of each column in bold, the git commit and the command in a comment; ``dml.latex_table``)
 in ``<out>/<dataset>/mlrc/table.tex``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,14 +77,36 @@ def check_names(dataset: str, method: str, backbone: Optional[str] = None) -> No
         raise ConfigError(str(error)) from None
 
 
-def fold_args(dataset: str, method: str, fold: int, seed: int, folder: str,
-              extra: Sequence[str] = (), epochs: Optional[int] = None,
-              size: Optional[int] = None, devices: int = 1, root: Optional[str] = None,
-              config: Optional[str] = None, backbone: Optional[str] = None) -> List[str]:
+def fold_args(
+    dataset: str,
+    method: str,
+    fold: int,
+    seed: int,
+    folder: str,
+    extra: Sequence[str] = (),
+    epochs: Optional[int] = None,
+    size: Optional[int] = None,
+    devices: int = 1,
+    root: Optional[str] = None,
+    config: Optional[str] = None,
+    backbone: Optional[str] = None,
+) -> List[str]:
     """The ``python -m dml fit`` arguments of fold model ``fold`` (``dml.child_runs.fit_args``)."""
-    return fit_args(dataset, method, backbone=backbone, config=config, fold=fold, seed=seed,
-                    folder=folder, devices=devices, run_name=f"{method}-fold{fold}",
-                    epochs=epochs, size=size, root=root, extra=extra)
+    return fit_args(
+        dataset,
+        method,
+        backbone=backbone,
+        config=config,
+        fold=fold,
+        seed=seed,
+        folder=folder,
+        devices=devices,
+        run_name=f"{method}-fold{fold}",
+        epochs=epochs,
+        size=size,
+        root=root,
+        extra=extra,
+    )
 
 
 def best_checkpoint(folder: str) -> Optional[str]:
@@ -108,8 +131,11 @@ def train_fold(args: List[str], folder: str, label: str = "fold") -> Dict:
         if done.get("status", "done") == "done" and os.path.isfile(done.get("checkpoint", "")):
             return dict(done, resumed=True)
     launched = launch(args, label, log=os.path.join(folder, "unit.log"))
-    result = {"status": "done" if launched.ok else "failed", "seconds": launched.seconds,
-              **({} if launched.ok else {"reason": launched.reason})}
+    result = {
+        "status": "done" if launched.ok else "failed",
+        "seconds": launched.seconds,
+        **({} if launched.ok else {"reason": launched.reason}),
+    }
     result["command"] = "python -m dml " + shlex.join(args)
     if result["status"] == "done":
         checkpoint = best_checkpoint(folder)
@@ -131,16 +157,21 @@ def test_embeddings(checkpoint: str, root: Optional[str]) -> Dict[str, "object"]
     return Embedder.from_checkpoint(checkpoint).embed_evaluation_sets(root)
 
 
-def metrics_of(sets: Dict[str, np.ndarray], labels: Dict[str, np.ndarray],
-               ks: Sequence[int]) -> Dict[str, float]:
+def metrics_of(
+    sets: Dict[str, np.ndarray], labels: Dict[str, np.ndarray], ks: Sequence[int]
+) -> Dict[str, float]:
     from dml.metrics import retrieval_metrics
 
     if "test" in sets:
         out = retrieval_metrics(sets["test"], labels["test"], ks)
     else:
-        out = retrieval_metrics(sets["query"], labels["query"], ks,
-                                gallery_embeddings=sets["gallery"],
-                                gallery_labels=labels["gallery"])
+        out = retrieval_metrics(
+            sets["query"],
+            labels["query"],
+            ks,
+            gallery_embeddings=sets["gallery"],
+            gallery_labels=labels["gallery"],
+        )
     out["P@1"] = out["R@1"]
     return out
 
@@ -156,11 +187,16 @@ def evaluate(checkpoints: Sequence[str], root: Optional[str], ks: Sequence[int])
                 raise RuntimeError("the fold models embedded different test images")
     separated = [metrics_of({n: f[n].float32() for n in names}, labels, ks) for f in per_fold]
     concatenated = metrics_of(
-        {n: concatenate_normalized([f[n].float32() for f in per_fold]) for n in names},
-        labels, ks)
-    return {"separated": separated, "concatenated": concatenated,
-            "dims": {"separated": per_fold[0][names[0]].dim,
-                     "concatenated": sum(f[names[0]].dim for f in per_fold)}}
+        {n: concatenate_normalized([f[n].float32() for f in per_fold]) for n in names}, labels, ks
+    )
+    return {
+        "separated": separated,
+        "concatenated": concatenated,
+        "dims": {
+            "separated": per_fold[0][names[0]].dim,
+            "concatenated": sum(f[names[0]].dim for f in per_fold),
+        },
+    }
 
 
 def load_lines(path: str) -> List[Dict]:
@@ -184,31 +220,38 @@ def summary(lines: List[Dict]) -> Tuple[List[str], List[list], List[str]]:
     methods = list(dict.fromkeys(line["method"] for line in lines))
     scored = [line for line in lines if not line.get("failed")]
     ks = [k for k in scored[0]["concatenated"] if k.startswith("R@")] if scored else []
-    head = [f"{m} sep." for m in REPORTED] + [f"{m} concat." for m in REPORTED] + \
-        [f"{k} concat." for k in ks]
+    head = (
+        [f"{m} sep." for m in REPORTED]
+        + [f"{m} concat." for m in REPORTED]
+        + [f"{k} concat." for k in ks]
+    )
     rows: List[list] = []
     notes: List[str] = []
     for method in methods:
         failed = [line for line in lines if line["method"] == method and line.get("failed")]
         mine = [line for line in lines if line["method"] == method and not line.get("failed")]
         if failed:
-            notes.append(f"{method}: seed(s) " + ", ".join(
-                f"{line['seed']} ({'; '.join(line['failed'])})" for line in failed)
-                + " failed and are not in the row")
+            notes.append(
+                f"{method}: seed(s) "
+                + ", ".join(f"{line['seed']} ({'; '.join(line['failed'])})" for line in failed)
+                + " failed and are not in the row"
+            )
         if not mine:
             rows.append([method, "failed", MISSING] + [MISSING for _ in head])
             continue
         cells: List[Cell] = []
         for metric in REPORTED:
-            mean, half = confidence_interval([f[metric] for line in mine
-                                              for f in line["separated"]])
+            mean, half = confidence_interval(
+                [f[metric] for line in mine for f in line["separated"]]
+            )
             cells.append((100 * mean, 100 * half))
         for metric in list(REPORTED) + ks:
             mean, half = confidence_interval([line["concatenated"][metric] for line in mine])
             cells.append((100 * mean, 100 * half if len(mine) > 1 else None))
         dims = mine[0]["dims"]
-        rows.append([method, str(len(mine)), f"{dims['separated']} / {dims['concatenated']}",
-                     *cells])
+        rows.append(
+            [method, str(len(mine)), f"{dims['separated']} / {dims['concatenated']}", *cells]
+        )
     return ["method", "seeds", "dims (sep. / concat.)", *head], rows, notes
 
 
@@ -217,24 +260,31 @@ def table(lines: List[Dict], dataset: str) -> str:
     header, rows, notes = summary(lines)
     text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(plain(c) for c in row) + " |" for row in rows]
-    return (f"# MLRC protocol on {dataset}\n\nSeparated: mean +- half-width of the 95 % t "
-            f"interval over the {FOLDS} fold models (x seeds); concatenated: the fold models' "
-            f"normalised embeddings concatenated (mean +- interval over seeds when several). "
-            f"In %. Made by `python -m dml.mlrc` (runs.jsonl beside this file holds every "
-            f"command and checkpoint).\n\n" + "\n".join(text) + "\n"
-            + ("\nFailed runs:\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes
-               else ""))
+    return (
+        f"# MLRC protocol on {dataset}\n\nSeparated: mean +- half-width of the 95 % t "
+        f"interval over the {FOLDS} fold models (x seeds); concatenated: the fold models' "
+        f"normalised embeddings concatenated (mean +- interval over seeds when several). "
+        f"In %. Made by `python -m dml.mlrc` (runs.jsonl beside this file holds every "
+        f"command and checkpoint).\n\n"
+        + "\n".join(text)
+        + "\n"
+        + ("\nFailed runs:\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
+    )
 
 
 def latex(lines: List[Dict], dataset: str, command: str, commit: Optional[str] = None) -> str:
     """The table of ``table`` as LaTeX (``dml.latex_table``); failures in its comment."""
     header, rows, notes = summary(lines)
-    caption = (f"MLRC protocol on {dataset}. Separated: mean and half-width of the 95 % "
-               f"Student-t interval over the {FOLDS} fold models (and seeds); concatenated: the "
-               f"fold models' normalised embeddings concatenated (mean and interval over seeds "
-               f"when several). In %.")
-    extra = ["The table holds every method of runs.jsonl beside it; each line there holds "
-             "its commands and checkpoints."] + (["Failed runs:"] + notes if notes else [])
+    caption = (
+        f"MLRC protocol on {dataset}. Separated: mean and half-width of the 95 % "
+        f"Student-t interval over the {FOLDS} fold models (and seeds); concatenated: the "
+        f"fold models' normalised embeddings concatenated (mean and interval over seeds "
+        f"when several). In %."
+    )
+    extra = [
+        "The table holds every method of runs.jsonl beside it; each line there holds "
+        "its commands and checkpoints."
+    ] + (["Failed runs:"] + notes if notes else [])
     return tabular(header, rows, caption, command, commit, extra)
 
 
@@ -242,24 +292,36 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--method", required=True)
-    parser.add_argument("--name", default=None,
-                        help="the row's name (default: the method); e.g. a variant made with "
-                             "extra arguments")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="the row's name (default: the method); e.g. a variant made with extra arguments",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--root", default=None)
     parser.add_argument("--epochs", type=int, default=None, help="default: the configs'")
     parser.add_argument("--size", type=int, default=None, help="crop size; default: configs'")
     parser.add_argument("--config", default=None, help="a config file layered last (tuning)")
-    parser.add_argument("--backbone", default=None,
-                        help="a backbone layer (experiments/backbone/<name>.yaml, e.g. "
-                             "vit_s16_dino); the row is then <method>-<backbone>")
-    parser.add_argument("--out", default="experiments/results",
-                        help="runs.jsonl and table.md go to OUT/<dataset>/mlrc/")
-    parser.add_argument("--runs", default="runs/mlrc",
-                        help="the fold models' run folders: RUNS/<dataset>/<name>/seed<s>/fold<k>")
-    parser.add_argument("extra", nargs=argparse.REMAINDER,
-                        help="after --: more python -m dml fit arguments")
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="a backbone layer (experiments/backbone/<name>.yaml, e.g. "
+        "vit_s16_dino); the row is then <method>-<backbone>",
+    )
+    parser.add_argument(
+        "--out",
+        default="experiments/results",
+        help="runs.jsonl and table.md go to OUT/<dataset>/mlrc/",
+    )
+    parser.add_argument(
+        "--runs",
+        default="runs/mlrc",
+        help="the fold models' run folders: RUNS/<dataset>/<name>/seed<s>/fold<k>",
+    )
+    parser.add_argument(
+        "extra", nargs=argparse.REMAINDER, help="after --: more python -m dml fit arguments"
+    )
     opts = parser.parse_args(argv)
     commit = git_commit()  # before this job writes anything
     command = "python -m dml.mlrc " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -273,24 +335,47 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     for seed in opts.seeds:
         checkpoints, folds = [], []
         for fold in range(FOLDS):
-            base_folder = os.path.join(opts.runs, opts.dataset, name.replace(" ", "_"),
-                                       f"seed{seed}", f"fold{fold}")
-            args = fold_args(opts.dataset, opts.method, fold, seed, base_folder, extra,
-                             opts.epochs, opts.size, opts.devices, opts.root, opts.config,
-                             opts.backbone)
+            base_folder = os.path.join(
+                opts.runs, opts.dataset, name.replace(" ", "_"), f"seed{seed}", f"fold{fold}"
+            )
+            args = fold_args(
+                opts.dataset,
+                opts.method,
+                fold,
+                seed,
+                base_folder,
+                extra,
+                opts.epochs,
+                opts.size,
+                opts.devices,
+                opts.root,
+                opts.config,
+                opts.backbone,
+            )
             folder = fold_folder(base_folder, args)
             args[args.index("--trainer.default_root_dir") + 1] = folder
             done = train_fold(args, folder, f"{name} seed {seed} fold {fold}")
             if done["status"] == "done":
-                took = "already trained with these settings" if done.get("resumed") else \
-                    f"{done['seconds']} s"
-                print(f"{name} seed {seed} fold {fold}: {took} -> {done['checkpoint']}",
-                      flush=True)
+                took = (
+                    "already trained with these settings"
+                    if done.get("resumed")
+                    else f"{done['seconds']} s"
+                )
+                print(f"{name} seed {seed} fold {fold}: {took} -> {done['checkpoint']}", flush=True)
                 checkpoints.append(done["checkpoint"])
             folds.append(dict(done, fold=fold))
-        line = {"method": name, "config_method": opts.method, "backbone": opts.backbone,
-                "seed": seed, "dataset": opts.dataset, "folds": folds, "extra": extra,
-                "config": opts.config, "epochs": opts.epochs, "size": opts.size}
+        line = {
+            "method": name,
+            "config_method": opts.method,
+            "backbone": opts.backbone,
+            "seed": seed,
+            "dataset": opts.dataset,
+            "folds": folds,
+            "extra": extra,
+            "config": opts.config,
+            "epochs": opts.epochs,
+            "size": opts.size,
+        }
         failed = [f for f in folds if f["status"] != "done"]
         if failed:  # recorded, marked in the table; the other seeds go on
             line["failed"] = [f"fold {f['fold']}: {f['reason']}" for f in failed]
@@ -298,18 +383,22 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             print(f"{name} seed {seed}: not evaluated, {len(failed)} fold(s) failed", flush=True)
         else:
             from dml.inference.embedder import data_class_and_args, read_checkpoint
+
             data_class, _ = data_class_and_args(read_checkpoint(checkpoints[0]))
             ks = list(getattr(data_class, "standard_recall_ks", (1, 2, 4, 8)))
             result = evaluate(checkpoints, opts.root, ks)
             line.update(result)
-            sep = {m: confidence_interval([f[m] for f in result["separated"]])
-                   for m in REPORTED}
-            print(f"{name} seed {seed} (test split): separated " + ", ".join(
-                f"{m} {100 * v[0]:.1f} +- {100 * v[1]:.1f}" for m, v in sep.items())
-                + "; concatenated " + ", ".join(f"{m} {100 * result['concatenated'][m]:.1f}"
-                                                for m in REPORTED), flush=True)
-        lines = [x for x in load_lines(lines_path)
-                 if (x["method"], x["seed"]) != (name, seed)] + [line]
+            sep = {m: confidence_interval([f[m] for f in result["separated"]]) for m in REPORTED}
+            print(
+                f"{name} seed {seed} (test split): separated "
+                + ", ".join(f"{m} {100 * v[0]:.1f} +- {100 * v[1]:.1f}" for m, v in sep.items())
+                + "; concatenated "
+                + ", ".join(f"{m} {100 * result['concatenated'][m]:.1f}" for m in REPORTED),
+                flush=True,
+            )
+        lines = [x for x in load_lines(lines_path) if (x["method"], x["seed"]) != (name, seed)] + [
+            line
+        ]
         write_lines(lines_path, lines)
     lines = load_lines(lines_path)
     text = table(lines, opts.dataset)
@@ -319,8 +408,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     print(text)
     print(f"LaTeX table: {tex}", flush=True)
     if failures:
-        raise RuntimeError(f"{len(failures)} fold run(s) failed ({'; '.join(failures)}); "
-                           f"the others are in {base}/table.md, which lists the failures")
+        raise RuntimeError(
+            f"{len(failures)} fold run(s) failed ({'; '.join(failures)}); "
+            f"the others are in {base}/table.md, which lists the failures"
+        )
     return text
 
 

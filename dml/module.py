@@ -13,6 +13,7 @@ a module of its own, which ``DMLModule`` takes in as a part:
 - checkpoints of earlier layouts (``dml.checkpoint_migration``).
 Its configuration groups are the dataclasses of ``dml.config``.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -24,9 +25,20 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from dml.builder import build_parts, check_batch_composition, terms_by_name
 from dml.checkpoint_migration import upgrade_checkpoint
-from dml.config import (AT_LEAST_ONE, BackboneConfig, EvalConfig, IBCConfig,  # noqa: F401
-                        LossConfig, MemoryConfig, OptimizerConfig, PoolingConfig, ZeroShotConfig,
-                        as_config, check_range, check_ranges)
+from dml.config import (
+    AT_LEAST_ONE,
+    BackboneConfig,
+    EvalConfig,
+    IBCConfig,  # noqa: F401
+    LossConfig,
+    MemoryConfig,
+    OptimizerConfig,
+    PoolingConfig,
+    ZeroShotConfig,
+    as_config,
+    check_range,
+    check_ranges,
+)
 from dml.evaluation import Evaluator
 from dml.evaluation_steps import EvaluationSteps, format_metrics
 from dml.losses.ibc import pseudo_test_refiner
@@ -39,18 +51,32 @@ from dml.pooling_init import PoolingInitialization
 EPOCH_METRICS_KEY = "dml_epoch_metrics"  # {epoch: validation metrics} in checkpoints
 
 
-class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, EvaluationSteps,
-                DeviceSettings, pl.LightningModule):
-    def __init__(self, backbone: BackboneConfig = BackboneConfig(),
-                 pooling: PoolingConfig = PoolingConfig(), embedding_dim: Optional[int] = 512,
-                 loss: LossConfig = LossConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
-                 evaluation: EvalConfig = EvalConfig(),
-                 zero_shot: ZeroShotConfig = ZeroShotConfig(), ibc: IBCConfig = IBCConfig(),
-                 memory: MemoryConfig = MemoryConfig(), num_classes: Optional[int] = None,
-                 recall_ks: Optional[List[int]] = None, nonfinite_loss: str = "stop",
-                 terms: Union[Dict[str, Optional[Dict[str, Any]]], List[Dict[str, Any]],
-                              None] = None,
-                 compile: Union[bool, str] = False, diagnostics: bool = True):
+class DMLModule(
+    NonFiniteGuard,
+    OptimizerSetup,
+    PoolingInitialization,
+    EvaluationSteps,
+    DeviceSettings,
+    pl.LightningModule,
+):
+    def __init__(
+        self,
+        backbone: BackboneConfig = BackboneConfig(),
+        pooling: PoolingConfig = PoolingConfig(),
+        embedding_dim: Optional[int] = 512,
+        loss: LossConfig = LossConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        evaluation: EvalConfig = EvalConfig(),
+        zero_shot: ZeroShotConfig = ZeroShotConfig(),
+        ibc: IBCConfig = IBCConfig(),
+        memory: MemoryConfig = MemoryConfig(),
+        num_classes: Optional[int] = None,
+        recall_ks: Optional[List[int]] = None,
+        nonfinite_loss: str = "stop",
+        terms: Union[Dict[str, Optional[Dict[str, Any]]], List[Dict[str, Any]], None] = None,
+        compile: Union[bool, str] = False,
+        diagnostics: bool = True,
+    ):
         """embedding_dim: D, the width of the embedding head's linear map; null: no head, the
         embedding is the pooled backbone feature, L2-normalised (``dml.models.PooledFeatures``;
         what ``python -m dml test --zero-shot`` evaluates). nonfinite_loss: what a NaN or
@@ -71,27 +97,46 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
         optimizer = as_config(OptimizerConfig, optimizer)
         evaluation = as_config(EvalConfig, evaluation)
         zero_shot, ibc = as_config(ZeroShotConfig, zero_shot), as_config(IBCConfig, ibc)
-        for key, group in (("backbone", backbone), ("loss", loss), ("memory", memory),
-                           ("optimizer", optimizer), ("zero_shot", zero_shot), ("ibc", ibc)):
+        for key, group in (
+            ("backbone", backbone),
+            ("loss", loss),
+            ("memory", memory),
+            ("optimizer", optimizer),
+            ("zero_shot", zero_shot),
+            ("ibc", ibc),
+        ):
             check_ranges(f"model.{key}", group)
         check_range("model.embedding_dim", embedding_dim, AT_LEAST_ONE)
         check_policy(nonfinite_loss)
         check_optimizer(optimizer)
         terms = terms_by_name(terms)  # also the list of checkpoints before terms had names
         # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters({
-            "backbone": asdict(backbone), "pooling": asdict(pooling),
-            "embedding_dim": embedding_dim, "loss": asdict(loss),
-            "optimizer": asdict(optimizer), "evaluation": asdict(evaluation),
-            "zero_shot": asdict(zero_shot), "ibc": asdict(ibc), "memory": asdict(memory),
-            "num_classes": num_classes, "recall_ks": recall_ks, "nonfinite_loss": nonfinite_loss,
-            "terms": terms, "compile": compile, "diagnostics": bool(diagnostics)})
+        self.save_hyperparameters(
+            {
+                "backbone": asdict(backbone),
+                "pooling": asdict(pooling),
+                "embedding_dim": embedding_dim,
+                "loss": asdict(loss),
+                "optimizer": asdict(optimizer),
+                "evaluation": asdict(evaluation),
+                "zero_shot": asdict(zero_shot),
+                "ibc": asdict(ibc),
+                "memory": asdict(memory),
+                "num_classes": num_classes,
+                "recall_ks": recall_ks,
+                "nonfinite_loss": nonfinite_loss,
+                "terms": terms,
+                "compile": compile,
+                "diagnostics": bool(diagnostics),
+            }
+        )
         self.optimizer_cfg, self.recall_ks = optimizer, recall_ks
         self.diagnostics = bool(diagnostics)
         self.nonfinite_loss, self.skipped_steps = nonfinite_loss, 0
 
-        parts = build_parts(backbone, pooling, embedding_dim, loss, zero_shot, ibc, memory,
-                            num_classes, terms)
+        parts = build_parts(
+            backbone, pooling, embedding_dim, loss, zero_shot, ibc, memory, num_classes, terms
+        )
         self.backbone, self.pooling, self.head = parts.backbone, parts.pooling, parts.head
         self.init_device_settings(backbone.channels_last, compile)
         self.objective = parts.objective
@@ -100,8 +145,14 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
         refine = None
         if self.objective.ibc is not None and ibc.pseudo_test:
             refine = pseudo_test_refiner(self.objective.ibc, ibc.pseudo_test_k)
-        self.evaluator = Evaluator(evaluation.nmi, evaluation.nmi_seed, evaluation.backend,
-                                   refine, evaluation.rerank, evaluation.rerank_params)
+        self.evaluator = Evaluator(
+            evaluation.nmi,
+            evaluation.nmi_seed,
+            evaluation.backend,
+            refine,
+            evaluation.rerank,
+            evaluation.rerank_params,
+        )
         self.last_metrics: Dict[str, float] = {}
         self.initial_metrics: Dict[str, float] = {}
         # validation metrics of every epoch of the run (kept in checkpoints): the run's summary
@@ -118,11 +169,16 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
         if self.uses_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         backbone = self.backbone if self.compiled_backbone is None else self.compiled_backbone
-        feature_map, pooled = pool_images(backbone, self.pooling, images,
-                                          projection=self.head.linear)
+        feature_map, pooled = pool_images(
+            backbone, self.pooling, images, projection=self.head.linear
+        )
         raw, embeddings = self.head(pooled.pooled)
-        return {"embeddings": embeddings, "raw_embeddings": raw, "pooling": pooled,
-                "grid": tuple(int(n) for n in feature_map.shape[-2:])}
+        return {
+            "embeddings": embeddings,
+            "raw_embeddings": raw,
+            "pooling": pooled,
+            "grid": tuple(int(n) for n in feature_map.shape[-2:]),
+        }
 
     @torch.no_grad()
     def pooling_weights(self, images: torch.Tensor) -> Optional[torch.Tensor]:
@@ -155,8 +211,11 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
     def network_parameters(self) -> Iterator[Tuple[str, torch.nn.Parameter]]:
         """The network's trainable weights: every trainable parameter outside the objective
         (backbone, pooling, head, and any part added later)."""
-        return ((name, p) for name, p in self.named_parameters()
-                if p.requires_grad and not name.startswith("objective."))
+        return (
+            (name, p)
+            for name, p in self.named_parameters()
+            if p.requires_grad and not name.startswith("objective.")
+        )
 
     # --- device-dependent settings (dml.device_settings), batch composition ---------------
     def setup(self, stage: str) -> None:
@@ -167,11 +226,15 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
         dm = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and hasattr(dm, "samples_per_class"):
             h = self.hparams
-            check_batch_composition(as_config(LossConfig, h["loss"]),
-                                    as_config(MemoryConfig, h["memory"]),
-                                    as_config(IBCConfig, h["ibc"]), h["zero_shot"]["weight"],
-                                    bool(h["terms"]), dm.classes_per_batch,
-                                    dm.samples_per_class)
+            check_batch_composition(
+                as_config(LossConfig, h["loss"]),
+                as_config(MemoryConfig, h["memory"]),
+                as_config(IBCConfig, h["ibc"]),
+                h["zero_shot"]["weight"],
+                bool(h["terms"]),
+                dm.classes_per_batch,
+                dm.samples_per_class,
+            )
 
     # --- training ---------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -211,8 +274,9 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
         if self._trainer is None:
             return True
         try:
-            return bool(self.trainer._logger_connector.should_update_logs
-                        or self.trainer.fast_dev_run)
+            return bool(
+                self.trainer._logger_connector.should_update_logs or self.trainer.fast_dev_run
+            )
         except AttributeError:  # another Lightning: log every step
             return True
 
@@ -278,10 +342,15 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
             plain = {k: v for k, v in self.last_metrics.items() if "/" not in k}
             self.print(f"test: {split}{about} | " + format_metrics(plain))
             for name in self.evaluator.rerank:  # beside the plain metrics, never instead
-                mine = {k.split("/", 1)[1]: v for k, v in self.last_metrics.items()
-                        if k.startswith(name + "/")}
-                self.print(f"test: {split}{about} | re-ranked: {name} "
-                           f"({self.evaluator.rerank_settings(name)}) | " + format_metrics(mine))
+                mine = {
+                    k.split("/", 1)[1]: v
+                    for k, v in self.last_metrics.items()
+                    if k.startswith(name + "/")
+                }
+                self.print(
+                    f"test: {split}{about} | re-ranked: {name} "
+                    f"({self.evaluator.rerank_settings(name)}) | " + format_metrics(mine)
+                )
             if getattr(self, "per_class_path", None):
                 self.print(f"test: {split} | per class: {self.per_class_path}")
 
@@ -292,13 +361,15 @@ class DMLModule(NonFiniteGuard, OptimizerSetup, PoolingInitialization, Evaluatio
         self.check_losses()
         if self._trainer is not None:
             self.check_finite_state()
-        checkpoint[EPOCH_METRICS_KEY] = {int(e): {k: float(v) for k, v in m.items()}
-                                         for e, m in self.epoch_metrics.items()}
+        checkpoint[EPOCH_METRICS_KEY] = {
+            int(e): {k: float(v) for k, v in m.items()} for e, m in self.epoch_metrics.items()
+        }
 
     # --- checkpoints of earlier layouts ----------------------------------------------------
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        self.epoch_metrics = {int(e): dict(m) for e, m in
-                              (checkpoint.get(EPOCH_METRICS_KEY) or {}).items()}
+        self.epoch_metrics = {
+            int(e): dict(m) for e, m in (checkpoint.get(EPOCH_METRICS_KEY) or {}).items()
+        }
         note = upgrade_checkpoint(checkpoint, self.state_dict())
         if note:
             rank_zero_warn(note)

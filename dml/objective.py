@@ -40,6 +40,7 @@ similarity is off by up to 2^-9 ~ 0.002, which multi-similarity's exp(beta (s - 
 beta = 50 turns into a 10 % error in a pair's weight, and GSP's entropic transport, XBN's moments
 and CCP's proximal term sum many small differences.
 """
+
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass, replace
@@ -63,19 +64,27 @@ def as_float32(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(as_float32(v) for v in value)
     if is_dataclass(value) and not isinstance(value, type):
-        return replace(value, **{f.name: as_float32(getattr(value, f.name))
-                                 for f in fields(value) if f.init})
+        return replace(
+            value, **{f.name: as_float32(getattr(value, f.name)) for f in fields(value) if f.init}
+        )
     return value
 
 
 class Objective(nn.Module):
-    def __init__(self, metric_loss: Optional[nn.Module] = None,
-                 miner: Optional[nn.Module] = None,
-                 metric_weight: float = 1.0, gather: bool = False,
-                 memory: Optional[nn.Module] = None, ibc: Optional[nn.Module] = None,
-                 ibc_gather: bool = False, zero_shot: Optional[nn.Module] = None,
-                 zero_shot_weight: float = 0.0, proximal: Optional[nn.Module] = None,
-                 terms: Optional[Dict[str, nn.Module]] = None):
+    def __init__(
+        self,
+        metric_loss: Optional[nn.Module] = None,
+        miner: Optional[nn.Module] = None,
+        metric_weight: float = 1.0,
+        gather: bool = False,
+        memory: Optional[nn.Module] = None,
+        ibc: Optional[nn.Module] = None,
+        ibc_gather: bool = False,
+        zero_shot: Optional[nn.Module] = None,
+        zero_shot_weight: float = 0.0,
+        proximal: Optional[nn.Module] = None,
+        terms: Optional[Dict[str, nn.Module]] = None,
+    ):
         super().__init__()
         self.metric_loss, self.miner, self.memory = metric_loss, miner, memory
         self.terms = nn.ModuleDict(terms or {})
@@ -91,8 +100,9 @@ class Objective(nn.Module):
         with torch.autocast(labels.device.type, enabled=False):
             return self.loss_values(as_float32(embedded), labels)
 
-    def loss_values(self, embedded: Dict[str, Any],
-                    labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def loss_values(
+        self, embedded: Dict[str, Any], labels: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
         """{value name: weighted value} of every term, in float32 as handed over."""
         z, raw = embedded["embeddings"], embedded["raw_embeddings"]
         values: Dict[str, torch.Tensor] = {}
@@ -100,9 +110,11 @@ class Objective(nn.Module):
         def add(source: str, named: Dict[str, torch.Tensor]) -> None:
             for name, value in named.items():
                 if name in values:
-                    raise ConfigError(f"objective: {source} returns a loss value named "
-                                      f"{name!r}, which {owner[name]} already returned; "
-                                      f"rename it")
+                    raise ConfigError(
+                        f"objective: {source} returns a loss value named "
+                        f"{name!r}, which {owner[name]} already returned; "
+                        f"rename it"
+                    )
                 values[name], owner[name] = value, source
 
         owner: Dict[str, str] = {}
@@ -112,13 +124,20 @@ class Objective(nn.Module):
             add("the memory term", self.memory(embedded, labels, self))
         if self.ibc is not None:
             if self.ibc_gather and world_size() > 1:  # messages over the global batch
-                add("IBC", self.ibc(raw, gather_rows(z, with_grad=True), gather_rows(labels),
-                                    labels))
+                add(
+                    "IBC",
+                    self.ibc(raw, gather_rows(z, with_grad=True), gather_rows(labels), labels),
+                )
             else:
                 add("IBC", self.ibc(raw, z, labels))
         if self.zero_shot is not None:
-            add("the zero-shot loss", {"zero_shot": self.zero_shot_weight * self.zero_shot(
-                embedded["pooling"].attributes, labels)})
+            add(
+                "the zero-shot loss",
+                {
+                    "zero_shot": self.zero_shot_weight
+                    * self.zero_shot(embedded["pooling"].attributes, labels)
+                },
+            )
         if self.proximal is not None:
             value = self.proximal()
             if value is not None:
@@ -127,8 +146,9 @@ class Objective(nn.Module):
             add(f"model.terms.{name}", term(embedded, labels, self))
         return values
 
-    def diagnostics(self, embedded: Dict[str, Any], labels: torch.Tensor,
-                    values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def diagnostics(
+        self, embedded: Dict[str, Any], labels: torch.Tensor, values: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
         """What the terms do on this batch, for the training log (nothing changes):
         grad_norm/<name>: ||d value / d h||, h the head's output of the local batch (how hard
         each term pulls on the embeddings; a term that does not reach h is left out), and the
@@ -148,14 +168,16 @@ class Objective(nn.Module):
         return out
 
     def metric_loss_values(self, z, raw, labels) -> Dict[str, torch.Tensor]:
-        """"metric", or CCP's "proxy" and "pair" (``named_values`` on the raw embeddings)."""
+        """ "metric", or CCP's "proxy" and "pair" (``named_values`` on the raw embeddings)."""
         if self.gather and world_size() > 1:  # the global batch, gradients back to their rows
             z, raw = gather_rows(z, with_grad=True), gather_rows(raw, with_grad=True)
             labels = gather_rows(labels)
         pairs = self.miner(z, labels) if self.miner is not None else None
         if hasattr(self.metric_loss, "named_values"):  # several values, on the raw output
-            return {name: self.metric_weight * value
-                    for name, value in self.metric_loss.named_values(raw, labels, pairs).items()}
+            return {
+                name: self.metric_weight * value
+                for name, value in self.metric_loss.named_values(raw, labels, pairs).items()
+            }
         return {"metric": self.metric_weight * self.metric_loss(z, labels, pairs)}
 
     # --- parameters ------------------------------------------------------------------------------
@@ -212,6 +234,7 @@ class Objective(nn.Module):
 
     def _multi_proxy(self):
         if not self.has_multi_proxy():
-            raise RuntimeError("this objective has no multi-proxy loss "
-                               "(model.loss.proxies_per_class)")
+            raise RuntimeError(
+                "this objective has no multi-proxy loss (model.loss.proxies_per_class)"
+            )
         return self.metric_loss

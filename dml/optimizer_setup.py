@@ -8,6 +8,7 @@ any other network part) and the objective's own (``Objective.parameter_groups``:
 proxies and class embeddings, at loss_lr). ``OptimizerSetup`` is a part of ``DMLModule`` (a
 mixin); ``configure_optimizers`` stays in ``dml/module.py``.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List
@@ -17,8 +18,12 @@ import torch
 from dml.errors import ConfigError
 from dml.lr_schedule import build_schedule
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
-              "radam": torch.optim.RAdam}
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "radam": torch.optim.RAdam,
+}
 
 
 SCHEDULERS = ("none", "step", "cosine")
@@ -27,11 +32,15 @@ SCHEDULERS = ("none", "step", "cosine")
 def check_optimizer(optimizer) -> None:
     """A ConfigError for an optimizer or schedule ``model.optimizer`` names that does not exist."""
     if optimizer.name not in OPTIMIZERS:
-        raise ConfigError(f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
-                          f"expected one of {sorted(OPTIMIZERS)}")
+        raise ConfigError(
+            f"model.optimizer.name: unknown optimizer {optimizer.name!r}; "
+            f"expected one of {sorted(OPTIMIZERS)}"
+        )
     if optimizer.scheduler not in SCHEDULERS:
-        raise ConfigError(f"model.optimizer.scheduler: unknown scheduler "
-                          f"{optimizer.scheduler!r}; expected none, step or cosine")
+        raise ConfigError(
+            f"model.optimizer.scheduler: unknown scheduler "
+            f"{optimizer.scheduler!r}; expected none, step or cosine"
+        )
 
 
 class OptimizerSetup:
@@ -41,13 +50,17 @@ class OptimizerSetup:
     def configured_learning_rates(self) -> Dict[str, float]:
         """The initial learning rate of each parameter group, from ``model.optimizer``."""
         cfg = self.optimizer_cfg
-        rates = {"backbone": cfg.lr * cfg.backbone_lr_mult, "head": cfg.lr,
-                 "loss": cfg.loss_lr if cfg.loss_lr is not None else cfg.lr}
+        rates = {
+            "backbone": cfg.lr * cfg.backbone_lr_mult,
+            "head": cfg.lr,
+            "loss": cfg.loss_lr if cfg.loss_lr is not None else cfg.lr,
+        }
         if cfg.layer_decay is not None:  # backbone.0 .. backbone.{L-1}, the last at full rate
             _, count = self.backbone.layer_ids()
             for layer in range(count):
-                rates[f"backbone.{layer}"] = rates["backbone"] * \
-                    cfg.layer_decay ** (count - 1 - layer)
+                rates[f"backbone.{layer}"] = rates["backbone"] * cfg.layer_decay ** (
+                    count - 1 - layer
+                )
         return rates
 
     def parameter_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
@@ -73,7 +86,9 @@ class OptimizerSetup:
         for params in groups.values():
             for p in params:
                 owners[id(p)] = owners.get(id(p), 0) + 1
-        wrong = [n for n, p in self.named_parameters() if p.requires_grad and owners.get(id(p)) != 1]
+        wrong = [
+            n for n, p in self.named_parameters() if p.requires_grad and owners.get(id(p)) != 1
+        ]
         if wrong:
             raise RuntimeError(f"parameters in no optimizer group or in several: {wrong[:10]}")
         return groups
@@ -86,10 +101,12 @@ class OptimizerSetup:
         groups = self.parameter_groups()
         unknown = sorted(set(groups) - set(lrs))
         if unknown:
-            raise RuntimeError(f"parameter group(s) {unknown} have no learning rate; the groups "
-                               f"are {sorted(lrs)}")
-        groups = [{"params": params, "lr": lrs[name], "name": name}
-                  for name, params in groups.items()]
+            raise RuntimeError(
+                f"parameter group(s) {unknown} have no learning rate; the groups are {sorted(lrs)}"
+            )
+        groups = [
+            {"params": params, "lr": lrs[name], "name": name} for name, params in groups.items()
+        ]
         kwargs = {"weight_decay": cfg.weight_decay}
         if cfg.name == "sgd":
             kwargs["momentum"] = 0.9
@@ -119,23 +136,29 @@ class OptimizerSetup:
                         group["initial_lr"] = wanted[name]
                     changes.append(f"{name} lr {initial:g} -> {wanted[name]:g}")
                 if group.get("weight_decay") != self.optimizer_cfg.weight_decay:
-                    changes.append(f"{name} weight decay {group.get('weight_decay'):g} -> "
-                                   f"{self.optimizer_cfg.weight_decay:g}")
+                    changes.append(
+                        f"{name} weight decay {group.get('weight_decay'):g} -> "
+                        f"{self.optimizer_cfg.weight_decay:g}"
+                    )
                     group["weight_decay"] = self.optimizer_cfg.weight_decay
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [g.get("initial_lr", g["lr"])
-                                      for g in scheduler.optimizer.param_groups]
+                scheduler.base_lrs = [
+                    g.get("initial_lr", g["lr"]) for g in scheduler.optimizer.param_groups
+                ]
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                 # the schedule is rebuilt from the config (dml.lr_schedule) and set to the
                 # optimizer step the run resumes at (also where the checkpoint counted epochs:
                 # the epoch-wise schedulers before it); the rate is that step's, not the one
                 # saved with the optimizer
                 scheduler.last_epoch = self.trainer.global_step
-                for group, base, factor in zip(scheduler.optimizer.param_groups,
-                                               scheduler.base_lrs, scheduler.lr_lambdas):
+                for group, base, factor in zip(
+                    scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+                ):
                     group["lr"] = base * factor(scheduler.last_epoch)
         if changes:
-            self.print("resume: optimizer settings from the config, not the checkpoint: "
-                       + "; ".join(changes))
+            self.print(
+                "resume: optimizer settings from the config, not the checkpoint: "
+                + "; ".join(changes)
+            )

@@ -8,6 +8,7 @@ broadcast to every process.
 the first step, after every ``on_train_start`` hook, so no callback order matters (CCP's proxies
 are picked by then).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,9 @@ class PoolingInitialization:
         every ``on_train_start`` hook (CCP's proxies are picked by then)."""
         rows = self.objective.class_representatives()
         source = self.pooling.candidate_source(None if rows is None else len(rows))
-        candidates = rows if source == "class_rows" else \
-            self.gap_embeddings(self.pooling.init_batches)
+        candidates = (
+            rows if source == "class_rows" else self.gap_embeddings(self.pooling.init_batches)
+        )
         if self.trainer.is_global_zero:
             self.pooling.initialize(candidates)
         for tensor in self.pooling.state_dict().values():  # every rank: rank 0's state

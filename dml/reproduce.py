@@ -15,6 +15,7 @@ deviation over seeds, in %) goes to ``<out>/<dataset>/table.md`` with the comman
 and the same numbers as LaTeX (booktabs, best of each column in bold, the git commit and the
 command in a comment; ``dml.latex_table``) to ``<out>/<dataset>/table.tex``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,18 +47,41 @@ BUDGETS = {"omniglot_small": {"epochs": 4, "size": 32}, "synthetic": {"epochs": 
 METRICS = ("R@1", "MAP@R", "NMI")
 
 
-def run_args(dataset: str, method: str, extra: Sequence[str], seed: int,
-             epochs: Optional[int] = None, size: Optional[int] = None,
-             val_every: Optional[int] = None, devices: int = 1,
-             root: Optional[str] = None) -> List[str]:
+def run_args(
+    dataset: str,
+    method: str,
+    extra: Sequence[str],
+    seed: int,
+    epochs: Optional[int] = None,
+    size: Optional[int] = None,
+    val_every: Optional[int] = None,
+    devices: int = 1,
+    root: Optional[str] = None,
+) -> List[str]:
     """The CLI arguments of one run (``dml.child_runs.fit_args``): no loggers, callbacks or
     checkpoints, validation every ``val_every`` epochs (default: at the end); ``extra`` last."""
-    quiet = ["--trainer.logger", "false", "--trainer.callbacks", "[]",
-             "--trainer.enable_checkpointing", "false", "--trainer.num_sanity_val_steps", "0"]
+    quiet = [
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.num_sanity_val_steps",
+        "0",
+    ]
     if epochs:
         quiet += ["--trainer.check_val_every_n_epoch", str(val_every or epochs)]
-    return fit_args(dataset, method, seed=seed, devices=devices, epochs=epochs, size=size,
-                    root=root, extra=quiet + list(extra))
+    return fit_args(
+        dataset,
+        method,
+        seed=seed,
+        devices=devices,
+        epochs=epochs,
+        size=size,
+        root=root,
+        extra=quiet + list(extra),
+    )
 
 
 def run_once(args: List[str]):
@@ -66,8 +90,14 @@ def run_once(args: List[str]):
     from dml.data import DMLDataModule
     from dml.module import DMLModule
 
-    cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, args=args,
-                 save_config_callback=None, auto_configure_optimizers=False)
+    cli = DMLCLI(
+        DMLModule,
+        DMLDataModule,
+        subclass_mode_data=True,
+        args=args,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+    )
     return cli.model.last_metrics, cli.trainer
 
 
@@ -123,21 +153,33 @@ def cells(table: Dict[str, Dict[str, tuple]]) -> Tuple[List[str], List[list]]:
         seeds = max((values[m][2] for m in METRICS if m in values), default=0)
         failed = values.get("failed")
         note = f" (seed {', '.join(map(str, failed))} failed)" if failed else ""
-        rows.append([name, *(values[m][:2] if m in values else latex_table.MISSING
-                             for m in METRICS), f"{seeds}{note}"])
+        rows.append(
+            [
+                name,
+                *(values[m][:2] if m in values else latex_table.MISSING for m in METRICS),
+                f"{seeds}{note}",
+            ]
+        )
     return header, rows
 
 
 def markdown(table: Dict[str, Dict[str, tuple]], title: str, command: str) -> str:
     header, rows = cells(table)
-    lines = [f"# {title}", "", f"Made by: `{command}`", "",
-             "| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+    lines = [
+        f"# {title}",
+        "",
+        f"Made by: `{command}`",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---|" * (len(header) - 1),
+    ]
     lines += ["| " + " | ".join(latex_table.plain(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def latex(table: Dict[str, Dict[str, tuple]], title: str, command: str,
-          commit: Optional[str] = None) -> str:
+def latex(
+    table: Dict[str, Dict[str, tuple]], title: str, command: str, commit: Optional[str] = None
+) -> str:
     """The table of ``markdown`` as LaTeX (``dml.latex_table``)."""
     header, rows = cells(table)
     caption = f"{title}. Mean and standard deviation over seeds, in %."
@@ -148,15 +190,19 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--dataset", default="omniglot_small")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="default: the CPU budget for omniglot_small / synthetic, else the "
-                             "configs' epochs")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: the CPU budget for omniglot_small / synthetic, else the configs' epochs",
+    )
     parser.add_argument("--size", type=int, default=None, help="image size override")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=None, choices=list(GRID))
     parser.add_argument("--out", default="experiments/results")
-    parser.add_argument("--root", default=None,
-                        help="the data set's folder (default: the data config's root)")
+    parser.add_argument(
+        "--root", default=None, help="the data set's folder (default: the data config's root)"
+    )
     args = parser.parse_args(argv)
     commit = latex_table.git_commit()  # before this job writes anything
     if not os.path.exists(f"experiments/data/{args.dataset}.yaml"):
@@ -167,15 +213,26 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     folder = os.path.join(args.out, args.dataset)
     os.makedirs(folder, exist_ok=True)
     runs_path = os.path.join(folder, "runs.jsonl")
-    done = {(r["variant"], r["seed"], r.get("fingerprint")) for r in load_runs(runs_path)
-            if not r.get("failed")}
+    done = {
+        (r["variant"], r["seed"], r.get("fingerprint"))
+        for r in load_runs(runs_path)
+        if not r.get("failed")
+    }
     wanted, failures = [], []
     for name, (method, extra) in GRID.items():
         if args.variants and name not in args.variants:
             continue
         for seed in args.seeds:
-            cli_args = run_args(args.dataset, method, extra, seed, epochs, size,
-                                devices=args.devices, root=args.root)
+            cli_args = run_args(
+                args.dataset,
+                method,
+                extra,
+                seed,
+                epochs,
+                size,
+                devices=args.devices,
+                root=args.root,
+            )
             key = jobs.fingerprint(cli_args)
             wanted.append((name, seed, key))
             if (name, seed, key) in done:  # the same settings, config files and data
@@ -192,17 +249,27 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             row["seconds"] = round(time.perf_counter() - start, 1)
             with open(runs_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row[k] for k in ("variant", "seed", "metrics", "seconds",
-                                                  "failed") if k in row}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: row[k]
+                        for k in ("variant", "seed", "metrics", "seconds", "failed")
+                        if k in row
+                    }
+                ),
+                flush=True,
+            )
     budget_text = f"{epochs} epochs" if epochs else "the configs' epochs"
     budget_text += f", {size} px" if size else ""
     command = "python -m dml.reproduce " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     title = f"{args.dataset}: methods vs baselines ({budget_text}, seeds {args.seeds})"
     # the table holds the runs of these settings only (the last of a repeated one)
     keys = set(wanted)
-    rows = [r for r in load_runs(runs_path)
-            if (r["variant"], r["seed"], r.get("fingerprint")) in keys]
+    rows = [
+        r for r in load_runs(runs_path) if (r["variant"], r["seed"], r.get("fingerprint")) in keys
+    ]
     table = aggregate(rows, list(GRID))
     text = markdown(table, title, command)
     latex_table.write_atomic(os.path.join(folder, "table.md"), text)
@@ -211,8 +278,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     print(text)
     print(f"LaTeX table: {tex}", flush=True)
     if failures:
-        raise SystemExit(f"error: {len(failures)} run(s) failed ({', '.join(failures)}); "
-                         f"the table marks them, runs.jsonl holds the reasons")
+        raise SystemExit(
+            f"error: {len(failures)} run(s) failed ({', '.join(failures)}); "
+            f"the table marks them, runs.jsonl holds the reasons"
+        )
     return text
 
 

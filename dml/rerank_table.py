@@ -7,6 +7,7 @@ Each MODEL is what ``python -m dml compare`` takes (an embeddings file, a checkp
 folder: its concatenated fold models). Every row is scored by the same exact evaluator and tie
 rule (``results_from_distances``); the re-ranked rows stand beside the plain one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,19 @@ def rows_for(model, names: Sequence[str], params: Dict[str, Dict]) -> List[Dict]
     for name in names:
         start = time.perf_counter()
         reranked = rerank(name, query, gallery, **params.get(name, {}))
-        results = results_from_distances(reranked, model.query.labels,
-                                         None if model.gallery is None else model.gallery.labels)
-        settings = ", ".join(f"{k} {v:g}" for k, v in dict(DEFAULTS[name],
-                                                            **params.get(name, {})).items())
-        out.append(dict(results.metrics(ks), variant=f"{name} ({settings})",
-                        seconds=time.perf_counter() - start))
+        results = results_from_distances(
+            reranked, model.query.labels, None if model.gallery is None else model.gallery.labels
+        )
+        settings = ", ".join(
+            f"{k} {v:g}" for k, v in dict(DEFAULTS[name], **params.get(name, {})).items()
+        )
+        out.append(
+            dict(
+                results.metrics(ks),
+                variant=f"{name} ({settings})",
+                seconds=time.perf_counter() - start,
+            )
+        )
     return out
 
 
@@ -53,15 +61,19 @@ def labels_of(paths: Sequence[str]) -> List[str]:
 
 
 def markdown(table: Dict[str, List[Dict]], command: str, split: str = "test") -> str:
-    lines = ["| model | variant | " + " | ".join(METRICS) + " | seconds |",
-             "|---|---|" + "---|" * (len(METRICS) + 1)]
+    lines = [
+        "| model | variant | " + " | ".join(METRICS) + " | seconds |",
+        "|---|---|" + "---|" * (len(METRICS) + 1),
+    ]
     for model, rows in table.items():
         for row in rows:
             cells = " | ".join(f"{100 * row[m]:.1f}" for m in METRICS)
             took = "" if row["seconds"] is None else f"{row['seconds']:.1f}"
             lines.append(f"| {model} | {row['variant']} | {cells} | {took} |")
-    return (f"The {split} split, in %; re-ranked rows from the same exact evaluator and tie "
-            f"rule. Made by `{command}`.\n\n" + "\n".join(lines) + "\n")
+    return (
+        f"The {split} split, in %; re-ranked rows from the same exact evaluator and tie "
+        f"rule. Made by `{command}`.\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def parse_params(pairs: Sequence[str]) -> Dict[str, Dict[str, float]]:
@@ -107,11 +119,17 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             table[name] = rows_for(model, args.rerank, params)
         except ValueError as error:  # e.g. no query with a relevant reference
             raise ConfigError(f"{path}: {error}") from None
-        print(f"{name}: " + "; ".join(f"{r['variant']} R@1 {100 * r['R@1']:.1f} MAP@R "
-                                      f"{100 * r['MAP@R']:.1f}" for r in table[name]),
-              flush=True)
-    command = "python -m dml.rerank_table " + shlex.join(sys.argv[1:] if argv is None
-                                                         else list(argv))
+        print(
+            f"{name}: "
+            + "; ".join(
+                f"{r['variant']} R@1 {100 * r['R@1']:.1f} MAP@R {100 * r['MAP@R']:.1f}"
+                for r in table[name]
+            ),
+            flush=True,
+        )
+    command = "python -m dml.rerank_table " + shlex.join(
+        sys.argv[1:] if argv is None else list(argv)
+    )
     text = markdown(table, command, " and ".join(sorted(splits)))
     if args.out:
         write_text_atomic(args.out, text)

@@ -25,6 +25,7 @@ x'_j = normalise(sum_{i in N_k(j)} max(0, x_j . x_i)^alpha x_i) over its k + 1 n
 max(0, q . x'_i)^alpha x'_i) over its k nearest augmented references (itself left out when the
 split is searched against itself); distances are then d(q', x').
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,7 @@ import torch.nn.functional as F
 from dml.metrics.ordering import key_index, squared_distances, stable_smallest
 
 RERANKERS = ("k_reciprocal", "alpha_qe")
-DEFAULTS = {"k_reciprocal": {"k1": 20, "k2": 6, "lam": 0.3},
-            "alpha_qe": {"k": 2, "alpha": 3.0}}
+DEFAULTS = {"k_reciprocal": {"k1": 20, "k2": 6, "lam": 0.3}, "alpha_qe": {"k": 2, "alpha": 3.0}}
 Blocks = Callable[[int, int], torch.Tensor]  # (first row, end row) -> (rows, references)
 
 
@@ -46,6 +46,7 @@ Blocks = Callable[[int, int], torch.Tensor]  # (first row, end row) -> (rows, re
 class Reranked:
     """Re-ranked distances of ``num_queries`` queries to ``num_references`` references, made
     a block of query rows at a time (``rows(start, end)``)."""
+
     rows: Blocks
     num_queries: int
     num_references: int
@@ -54,8 +55,9 @@ class Reranked:
         return self.rows(0, self.num_queries)
 
 
-def nearest(items: torch.Tensor, k: int, block: int = 1024,
-            others: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def nearest(
+    items: torch.Tensor, k: int, block: int = 1024, others: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(indices, squared distances), each (n, k): the k nearest of ``others`` (default: the
     items themselves, each its own first) under the tie rule."""
     others = items if others is None else others
@@ -64,7 +66,7 @@ def nearest(items: torch.Tensor, k: int, block: int = 1024,
     index = torch.arange(len(others))
     idx, dist = [], []
     for s in range(0, len(items), block):
-        d = squared_distances(items[s:s + block], others, sq[s:s + block], osq).clamp_min_(0)
+        d = squared_distances(items[s : s + block], others, sq[s : s + block], osq).clamp_min_(0)
         if others is items:  # itself first, even before an exact duplicate
             rows = torch.arange(s, min(s + block, len(items)))
             d[rows - s, rows] = -1.0
@@ -76,27 +78,35 @@ def nearest(items: torch.Tensor, k: int, block: int = 1024,
 
 def _row_max(items: torch.Tensor, block: int = 1024) -> torch.Tensor:
     sq = (items * items).sum(1)
-    return torch.cat([squared_distances(items[s:s + block], items, sq[s:s + block], sq)
-                      .clamp_min_(0).max(1).values for s in range(0, len(items), block)])
+    return torch.cat(
+        [
+            squared_distances(items[s : s + block], items, sq[s : s + block], sq)
+            .clamp_min_(0)
+            .max(1)
+            .values
+            for s in range(0, len(items), block)
+        ]
+    )
 
 
 def _reciprocal(rank: torch.Tensor, k: int) -> torch.Tensor:
     """(n, k + 1): i's k + 1 nearest where i is among theirs, -1 elsewhere."""
-    forward = rank[:, :k + 1]
+    forward = rank[:, : k + 1]
     me = torch.arange(len(rank))[:, None, None]
     back = (forward[forward] == me).any(-1)
     return torch.where(back, forward, torch.full_like(forward, -1))
 
 
-def _expansion_weights(items: torch.Tensor, rank: torch.Tensor, k1: int, row_max: torch.Tensor,
-                       block: int = 256):
+def _expansion_weights(
+    items: torch.Tensor, rank: torch.Tensor, k1: int, row_max: torch.Tensor, block: int = 256
+):
     """V as (rows, cols, values) of a sparse matrix: exp(-d') on R*(i), normalised per row."""
     n = len(items)
     r1 = _reciprocal(rank, k1)
     rh = _reciprocal(rank, int(np.around(k1 / 2.0)))
     out = []
     for s in range(0, n, block):
-        mine = r1[s:s + block]  # (b, k1 + 1)
+        mine = r1[s : s + block]  # (b, k1 + 1)
         cand = rh[mine.clamp_min(0)]  # (b, k1 + 1, h + 1): R(c, k1/2) of each candidate
         valid = cand >= 0
         shared = ((cand[..., None] == mine[:, None, None, :]) & valid[..., None]).any(-1)
@@ -115,8 +125,14 @@ def _expansion_weights(items: torch.Tensor, rank: torch.Tensor, k1: int, row_max
     return r.numpy(), c.numpy(), w.numpy()
 
 
-def k_reciprocal(query: torch.Tensor, gallery: Optional[torch.Tensor] = None, k1: int = 20,
-                 k2: int = 6, lam: float = 0.3, block: int = 1024) -> Reranked:
+def k_reciprocal(
+    query: torch.Tensor,
+    gallery: Optional[torch.Tensor] = None,
+    k1: int = 20,
+    k2: int = 6,
+    lam: float = 0.3,
+    block: int = 1024,
+) -> Reranked:
     """k-reciprocal re-ranked distances (module docstring) of the queries to the gallery, or to
     each other (``gallery=None``; the evaluator leaves each query's own column out)."""
     from scipy import sparse
@@ -132,9 +148,13 @@ def k_reciprocal(query: torch.Tensor, gallery: Optional[torch.Tensor] = None, k1
     v = sparse.csr_matrix((w, (r, c)), shape=(n, n))
     if k2 > 1:  # local query expansion: the mean over the k2 nearest (itself included)
         near = rank[:, :k2].numpy()
-        average = sparse.csr_matrix((np.full(near.size, 1.0 / near.shape[1]),
-                                     (np.repeat(np.arange(n), near.shape[1]), near.ravel())),
-                                    shape=(n, n))
+        average = sparse.csr_matrix(
+            (
+                np.full(near.size, 1.0 / near.shape[1]),
+                (np.repeat(np.arange(n), near.shape[1]), near.ravel()),
+            ),
+            shape=(n, n),
+        )
         v = (average @ v).tocsr()
     v_columns = v.tocsc()
     start = n_q if gallery is not None else 0
@@ -168,14 +188,18 @@ def _min_sums(block, columns, n: int, step: int = 1 << 22) -> np.ndarray:
         offset = np.arange(len(a)) - np.repeat(np.cumsum(m) - m, m)
         other = starts[block.col[a]] + offset
         value = np.minimum(block.data[a], col_vals[other])
-        out += np.bincount(block.row[a] * n + col_rows[other], weights=value,
-                           minlength=len(out))
+        out += np.bincount(block.row[a] * n + col_rows[other], weights=value, minlength=len(out))
         lo = hi
     return out.reshape(block.shape[0], n)
 
 
-def alpha_qe(query: torch.Tensor, gallery: Optional[torch.Tensor] = None, k: int = 2,
-             alpha: float = 3.0, block: int = 1024) -> Reranked:
+def alpha_qe(
+    query: torch.Tensor,
+    gallery: Optional[torch.Tensor] = None,
+    k: int = 2,
+    alpha: float = 3.0,
+    block: int = 1024,
+) -> Reranked:
     """Distances after database-side augmentation and alpha-query expansion (module
     docstring)."""
     if k < 1 or alpha < 0:
@@ -202,8 +226,9 @@ def alpha_qe(query: torch.Tensor, gallery: Optional[torch.Tensor] = None, k: int
     return Reranked(rows, len(query), len(augmented))
 
 
-def _weighted_sum(centers: torch.Tensor, items: torch.Tensor, idx: torch.Tensor,
-                  alpha: float) -> torch.Tensor:
+def _weighted_sum(
+    centers: torch.Tensor, items: torch.Tensor, idx: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """sum_j max(0, c . x_j)^alpha x_j over each center's listed items."""
     neighbours = items[idx]  # (n, k, D)
     weights = torch.einsum("nd,nkd->nk", centers, neighbours).clamp_min(0) ** alpha
@@ -219,8 +244,10 @@ def settings(name: str, params: Optional[dict] = None) -> dict:
     params = dict(params or {})
     unknown = set(params) - set(DEFAULTS[name])
     if unknown:
-        raise ValueError(f"re-ranking {name}: unknown parameters {sorted(unknown)}; it takes "
-                         f"{sorted(DEFAULTS[name])}")
+        raise ValueError(
+            f"re-ranking {name}: unknown parameters {sorted(unknown)}; it takes "
+            f"{sorted(DEFAULTS[name])}"
+        )
     out = dict(DEFAULTS[name], **params)
     for key, default in DEFAULTS[name].items():
         value = out[key]
@@ -237,8 +264,9 @@ def settings(name: str, params: Optional[dict] = None) -> dict:
     return out
 
 
-def rerank(name: str, query: torch.Tensor, gallery: Optional[torch.Tensor] = None,
-           **params) -> Reranked:
+def rerank(
+    name: str, query: torch.Tensor, gallery: Optional[torch.Tensor] = None, **params
+) -> Reranked:
     """A re-ranker by name (``RERANKERS``) with its parameters over ``DEFAULTS``
     (``settings``)."""
     checked = settings(name, params)

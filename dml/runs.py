@@ -24,6 +24,7 @@ model, the data, a method's callback (``xbn``, ``ccp``) or the seed is an error 
 keys, unless ``--resume_changes`` lists them; trainer and dashboard settings may change freely
 (the number of epochs, devices, loggers).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -43,9 +44,17 @@ ENV_DIR, ENV_OWNER = "DML_RUN_DIR", "DML_RUN_DIR_OWNER"
 # Settings a resumed run must share with its checkpoint, unless --resume_changes names them.
 PROTECTED = ("model.", "data.", "xbn.", "ccp.", "seed_everything")
 # Inside those, settings that do not change what is trained.
-HARMLESS = ("data.init_args.root", "data.init_args.num_workers", "data.init_args.verify",
-            "data.init_args.eval_batch_size", "model.evaluation.backend", "model.compile",
-            "model.backbone.channels_last", "data.init_args.decode", "model.diagnostics")
+HARMLESS = (
+    "data.init_args.root",
+    "data.init_args.num_workers",
+    "data.init_args.verify",
+    "data.init_args.eval_batch_size",
+    "model.evaluation.backend",
+    "model.compile",
+    "model.backbone.channels_last",
+    "data.init_args.decode",
+    "model.diagnostics",
+)
 
 
 def is_run_dir(path: str) -> bool:
@@ -74,8 +83,9 @@ def is_checkpoint_folder_of(dirpath: str, run_dir: str, original_name: Optional[
     if os.path.basename(path) != "checkpoints":
         return False
     parent = os.path.dirname(path)
-    return parent == os.path.abspath(run_dir) or \
-        (original_name is not None and os.path.basename(parent) == original_name)
+    return parent == os.path.abspath(run_dir) or (
+        original_name is not None and os.path.basename(parent) == original_name
+    )
 
 
 def _safe_name(name: str) -> str:
@@ -145,11 +155,16 @@ def lock_run_dir(path: str) -> None:
     except OSError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise ConfigError(f"run folder {path} is in use: {holder} trains in it. Wait for it to "
-                          f"end or stop it; one process at a time trains in a run folder")
+        raise ConfigError(
+            f"run folder {path} is in use: {holder} trains in it. Wait for it to "
+            f"end or stop it; one process at a time trains in a run folder"
+        )
     os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} on {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    os.write(
+        fd,
+        f"process {os.getpid()} on {socket.gethostname()} since "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(),
+    )
     _held_locks[path] = fd
 
 
@@ -173,14 +188,18 @@ def release_run_dir() -> None:
 def write_run_file(path: str, git: Dict[str, Any], resumed_from: Optional[str] = None) -> None:
     """run.json: how the run was started; each resume is appended."""
     file = os.path.join(path, RUN_FILE)
-    entry = {"command": [sys.executable] + sys.argv, "host": socket.gethostname(),
-             "pid": os.getpid(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git}
+    entry = {
+        "command": [sys.executable] + sys.argv,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "git": git,
+    }
     if os.path.isfile(file):
         with open(file) as f:
             record = json.load(f)
     else:
-        record = {"run": os.path.basename(os.path.abspath(path)), "started": entry,
-                  "resumes": []}
+        record = {"run": os.path.basename(os.path.abspath(path)), "started": entry, "resumes": []}
     if resumed_from:
         record.setdefault("resumes", []).append(dict(entry, checkpoint=resumed_from))
     tmp = f"{file}.{os.getpid()}.partial"
@@ -212,9 +231,12 @@ def flatten(config: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix[:-1]: None if config == {} else config}  # an empty mapping is "none"
 
 
-def protected_differences(saved: Dict[str, Any], current: Dict[str, Any],
-                          allowed: Iterable[str] = (),
-                          defaults: Optional[Dict[str, Any]] = None) -> List[str]:
+def protected_differences(
+    saved: Dict[str, Any],
+    current: Dict[str, Any],
+    allowed: Iterable[str] = (),
+    defaults: Optional[Dict[str, Any]] = None,
+) -> List[str]:
     """Keys under PROTECTED whose values differ (or exist on one side only), minus HARMLESS
     ones and those matching an ``allowed`` pattern (fnmatch: ``model.optimizer.*``). A key the
     checkpoint predates (absent from its config, present in ``defaults``) counts at its default:
@@ -238,18 +260,26 @@ def protected_differences(saved: Dict[str, Any], current: Dict[str, Any],
     return out
 
 
-def describe_differences(saved: Dict[str, Any], current: Dict[str, Any],
-                         keys: List[str], details: int = 6) -> str:
+def describe_differences(
+    saved: Dict[str, Any], current: Dict[str, Any], keys: List[str], details: int = 6
+) -> str:
     """``k1, k2, k3 (k1: 1 in the checkpoint, 2 now; ...)``."""
     a, b = flatten(saved), flatten(current)
-    shown = "; ".join(f"{k}: {a.get(k, '<absent>')!r} in the checkpoint, "
-                      f"{b.get(k, '<absent>')!r} now" for k in keys[:details])
+    shown = "; ".join(
+        f"{k}: {a.get(k, '<absent>')!r} in the checkpoint, {b.get(k, '<absent>')!r} now"
+        for k in keys[:details]
+    )
     more = "; ..." if len(keys) > details else ""
     return f"{', '.join(keys)} ({shown}{more})"
 
 
-def check_resume(saved: Optional[Dict[str, Any]], current: Dict[str, Any], ckpt_path: str,
-                 allowed: Iterable[str], defaults: Optional[Dict[str, Any]] = None) -> None:
+def check_resume(
+    saved: Optional[Dict[str, Any]],
+    current: Dict[str, Any],
+    ckpt_path: str,
+    allowed: Iterable[str],
+    defaults: Optional[Dict[str, Any]] = None,
+) -> None:
     """ConfigError naming the protected keys that differ from the checkpoint's config."""
     if saved is None:
         return
@@ -260,4 +290,5 @@ def check_resume(saved: Optional[Dict[str, Any]], current: Dict[str, Any], ckpt_
             f"{describe_differences(saved, current, keys)}. Resuming with it would drop or "
             f"misread the saved state. Resume with the run's own config (make resume RUN=...), "
             f"or allow intended changes with --resume_changes {','.join(keys[:3])}"
-            f"{',...' if len(keys) > 3 else ''}")
+            f"{',...' if len(keys) > 3 else ''}"
+        )

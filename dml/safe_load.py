@@ -5,6 +5,7 @@ containers, never a pickled object whose unpickling would call a function. An ``
 with ``np.load(allow_pickle=False)``. Every failure is a ``ConfigError`` of one line naming the
 file and what was expected, so the command line prints it without a traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ def one_line(error: BaseException, limit: int = 200) -> str:
     """The error's first non-empty line (torch's weights-only message is a page long)."""
     text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def weights_only_reason(error: BaseException) -> str:
@@ -68,21 +69,27 @@ def load_checkpoint(path: str, what: str = "checkpoint", mmap: bool = False) -> 
         with warnings.catch_warnings():  # torch's note on a raw pickle's protocol: noise here
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             # mmap reads only torch's zip format; a legacy (raw pickle) file is read whole
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True,
-                                    mmap=mmap and zipfile.is_zipfile(path))
+            checkpoint = torch.load(
+                path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+            )
     except pickle.UnpicklingError as error:
         reason = weights_only_reason(error)
         if "GLOBAL" in reason or imports_callables(path):  # a class or function to call
-            raise ConfigError(f"{path}: refused, not loaded: the {what} holds pickled objects "
-                              f"other than tensors and plain values, and unpickling them could "
-                              f"run code ({reason[:120]})") from None
-        raise ConfigError(f"{path}: not a readable {what} (UnpicklingError: "
-                          f"{reason[:160]})") from None
+            raise ConfigError(
+                f"{path}: refused, not loaded: the {what} holds pickled objects "
+                f"other than tensors and plain values, and unpickling them could "
+                f"run code ({reason[:120]})"
+            ) from None
+        raise ConfigError(
+            f"{path}: not a readable {what} (UnpicklingError: {reason[:160]})"
+        ) from None
     except Exception as error:  # noqa: BLE001 - a truncated or foreign file: the same one line
         raise ConfigError(f"{path}: not a readable {what} ({one_line(error)})") from None
     if not isinstance(checkpoint, dict):
-        raise ConfigError(f"{path}: not {article(what)} {what} (it holds a "
-                          f"{type(checkpoint).__name__}, expected a dict)")
+        raise ConfigError(
+            f"{path}: not {article(what)} {what} (it holds a "
+            f"{type(checkpoint).__name__}, expected a dict)"
+        )
     return checkpoint
 
 
@@ -95,26 +102,36 @@ def load_npz(path: str, keys: Iterable[str], what: str) -> Dict[str, Any]:
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             single = f.read(6) == b"\x93NUMPY"
-        raise ConfigError(f"{path}: not {article(what)} {what}: " + (
-            f"a single .npy array, expected an .npz with {', '.join(keys)}" if single else
-            "truncated or not an .npz (no zip directory)"))
+        raise ConfigError(
+            f"{path}: not {article(what)} {what}: "
+            + (
+                f"a single .npy array, expected an .npz with {', '.join(keys)}"
+                if single
+                else "truncated or not an .npz (no zip directory)"
+            )
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in keys if k not in f.files]
             if missing:
-                raise ConfigError(f"{path}: not {article(what)} {what}: no array named "
-                                  f"{', '.join(missing)} (it has {', '.join(f.files) or 'none'})")
+                raise ConfigError(
+                    f"{path}: not {article(what)} {what}: no array named "
+                    f"{', '.join(missing)} (it has {', '.join(f.files) or 'none'})"
+                )
             arrays = {k: f[k] for k in keys}
     except ConfigError:
         raise
     except ValueError as error:
         if "allow_pickle" in str(error):
-            raise ConfigError(f"{path}: refused, not loaded: the {what} holds pickled Python "
-                              f"objects, and unpickling them could run code") from None
+            raise ConfigError(
+                f"{path}: refused, not loaded: the {what} holds pickled Python "
+                f"objects, and unpickling them could run code"
+            ) from None
         raise ConfigError(f"{path}: not a readable {what} ({one_line(error)})") from None
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
-        raise ConfigError(f"{path}: not a readable {what}: truncated or not an .npz "
-                          f"({one_line(error)})") from None
+        raise ConfigError(
+            f"{path}: not a readable {what}: truncated or not an .npz ({one_line(error)})"
+        ) from None
     if "meta" in arrays:
         try:
             arrays["meta"] = json.loads(str(arrays["meta"]))

@@ -5,6 +5,7 @@ Each pick is the point whose squared Euclidean distance to the nearest already c
 2-approximation of the k-center problem. Ties go to the lowest index, so the result is
 deterministic.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +13,9 @@ from typing import Optional
 import torch
 
 
-def greedy_k_center(points: torch.Tensor, k: int, seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+def greedy_k_center(
+    points: torch.Tensor, k: int, seeds: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Indices into ``points`` (N, d) of k farthest-first picks.
 
     ``seeds`` (S, d) are already-chosen centres that the picks must be far from (CCP seeds with
@@ -21,8 +24,9 @@ def greedy_k_center(points: torch.Tensor, k: int, seeds: Optional[torch.Tensor] 
     order from the start (the caller gets k indices either way).
     """
     if points.ndim != 2 or len(points) == 0:
-        raise ValueError(f"greedy_k_center: points must be a non-empty (N, d) tensor, got "
-                         f"{tuple(points.shape)}")
+        raise ValueError(
+            f"greedy_k_center: points must be a non-empty (N, d) tensor, got {tuple(points.shape)}"
+        )
     if k < 1:
         raise ValueError(f"greedy_k_center: k must be >= 1, got {k}")
     x = points.detach().double()
@@ -52,11 +56,15 @@ def greedy_k_center_batched(points: torch.Tensor, k: int, seeds: torch.Tensor) -
     each row the picks ``greedy_k_center(points[g], k, seeds[g])`` would make.
     """
     if points.ndim != 3 or points.shape[1] == 0:
-        raise ValueError(f"greedy_k_center_batched: points must be (G, N, d) with N >= 1, got "
-                         f"{tuple(points.shape)}")
+        raise ValueError(
+            f"greedy_k_center_batched: points must be (G, N, d) with N >= 1, got "
+            f"{tuple(points.shape)}"
+        )
     if seeds.ndim != 3 or seeds.shape[1] == 0 or seeds.shape[0] != points.shape[0]:
-        raise ValueError(f"greedy_k_center_batched: seeds must be (G, S, d) with S >= 1 and the "
-                         f"points' G, got {tuple(seeds.shape)}")
+        raise ValueError(
+            f"greedy_k_center_batched: seeds must be (G, S, d) with S >= 1 and the "
+            f"points' G, got {tuple(seeds.shape)}"
+        )
     if k < 1:
         raise ValueError(f"greedy_k_center_batched: k must be >= 1, got {k}")
     x = points.detach().double()

@@ -27,6 +27,7 @@ study whose best trial comes from another search. A trial whose run fails (NaN, 
 recorded as failed with the run's last error line, and the search goes on. Each trial's run
 output is shown line by line while it trains.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,10 @@ def read_space(path: str) -> Dict[str, Dict[str, Any]]:
         raise ConfigError(f"--space {path}: expected a mapping of config keys to distributions")
     for key, spec in space.items():
         if not isinstance(spec, dict) or spec.get("type") not in TYPES:
-            raise ConfigError(f"--space {path}: {key}: expected {{type: float|int|categorical, "
-                              f"...}}, got {spec!r}")
+            raise ConfigError(
+                f"--space {path}: {key}: expected {{type: float|int|categorical, "
+                f"...}}, got {spec!r}"
+            )
         needed = ("choices",) if spec["type"] == "categorical" else ("low", "high")
         missing = [n for n in needed if n not in spec]
         if missing:
@@ -69,11 +72,13 @@ def suggest(trial, space: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     params = {}
     for key, spec in space.items():
         if spec["type"] == "float":
-            params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
-                                              log=bool(spec.get("log", False)))
+            params[key] = trial.suggest_float(
+                key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", False))
+            )
         elif spec["type"] == "int":
-            params[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]),
-                                            log=bool(spec.get("log", False)))
+            params[key] = trial.suggest_int(
+                key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log", False))
+            )
         else:
             params[key] = trial.suggest_categorical(key, list(spec["choices"]))
     return params
@@ -91,14 +96,24 @@ def as_config(params: Dict[str, Any]) -> Dict[str, Any]:
     return config
 
 
-def fold_score(dataset: str, method: str, fold: int, seed: int, folder: str,
-               params: Dict[str, Any], extra: Sequence[str], epochs: Optional[int],
-               root: Optional[str], backbone: Optional[str] = None,
-               label: str = "trial") -> float:
+def fold_score(
+    dataset: str,
+    method: str,
+    fold: int,
+    seed: int,
+    folder: str,
+    params: Dict[str, Any],
+    extra: Sequence[str],
+    epochs: Optional[int],
+    root: Optional[str],
+    backbone: Optional[str] = None,
+    label: str = "trial",
+) -> float:
     """The best validation MAP@R of one fold model; a RuntimeError with the run's last error
     line if it fails (the trial is then recorded as failed and the search goes on)."""
-    args = fold_args(dataset, method, fold, seed, folder, extra, epochs, root=root,
-                     backbone=backbone)
+    args = fold_args(
+        dataset, method, fold, seed, folder, extra, epochs, root=root, backbone=backbone
+    )
     args += [a for key, value in params.items() for a in (f"--{key}", str(value))]
     launched = launch(args, label, log=os.path.join(folder, "unit.log"))
     if not launched.ok:
@@ -113,29 +128,50 @@ def fold_score(dataset: str, method: str, fold: int, seed: int, folder: str,
 
 def study_settings(opts, space: Dict[str, Any], extra: Sequence[str]) -> Dict[str, Any]:
     """What a study's trials were made with: a study is joined only with the same."""
-    args = fold_args(opts.dataset, opts.method, 0, opts.seed, "-", extra, opts.epochs,
-                     root=opts.root, backbone=opts.backbone)
-    return {"space": space, "folds": list(opts.folds), "seed": opts.seed,
-            "fit": jobs.fingerprint(args)}
+    args = fold_args(
+        opts.dataset,
+        opts.method,
+        0,
+        opts.seed,
+        "-",
+        extra,
+        opts.epochs,
+        root=opts.root,
+        backbone=opts.backbone,
+    )
+    return {
+        "space": space,
+        "folds": list(opts.folds),
+        "seed": opts.seed,
+        "fit": jobs.fingerprint(args),
+    }
 
 
 def check_study_settings(study, settings: Dict[str, Any], storage: str) -> None:
     saved = study.user_attrs.get("settings")
     if saved is None:
         if study.trials:  # made before settings were recorded: cannot be checked
-            raise ConfigError(f"study {study.study_name} in {storage} has trials of unknown "
-                              f"settings; give another --storage to start a new search")
+            raise ConfigError(
+                f"study {study.study_name} in {storage} has trials of unknown "
+                f"settings; give another --storage to start a new search"
+            )
         study.set_user_attr("settings", settings)
         return
     differ = [k for k in settings if saved.get(k) != settings[k]]
     if differ:
-        what = {"space": "the search space", "folds": "--folds", "seed": "--seed",
-                "fit": "the fit settings (--epochs, --root, --backbone, extra arguments, "
-                       "config files or data)"}
-        raise ConfigError(f"study {study.study_name} in {storage} was made with other "
-                          f"{', '.join(what[k] for k in differ)}; its trials would be mixed "
-                          f"with these. Give another --storage for a new search, or the "
-                          f"study's own settings to continue it")
+        what = {
+            "space": "the search space",
+            "folds": "--folds",
+            "seed": "--seed",
+            "fit": "the fit settings (--epochs, --root, --backbone, extra arguments, "
+            "config files or data)",
+        }
+        raise ConfigError(
+            f"study {study.study_name} in {storage} was made with other "
+            f"{', '.join(what[k] for k in differ)}; its trials would be mixed "
+            f"with these. Give another --storage for a new search, or the "
+            f"study's own settings to continue it"
+        )
 
 
 def main(argv: Optional[Sequence[str]] = None):
@@ -155,8 +191,9 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--storage", default=None)
     parser.add_argument("--runs", default="runs/tune", help="the trials' run folders")
     parser.add_argument("--best", default=None)
-    parser.add_argument("--backbone", default=None,
-                        help="a backbone layer (experiments/backbone/<name>.yaml)")
+    parser.add_argument(
+        "--backbone", default=None, help="a backbone layer (experiments/backbone/<name>.yaml)"
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER)
     opts = parser.parse_args(argv)
     check_names(opts.dataset, opts.method, opts.backbone)
@@ -169,27 +206,51 @@ def main(argv: Optional[Sequence[str]] = None):
     # errors only: a failed trial is one line of ours with its reason, not Optuna's traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(
-        study_name=f"{opts.dataset}-{label}", storage=storage, direction="maximize",
-        load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=opts.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if opts.prune
-        else optuna.pruners.NopPruner())
+        study_name=f"{opts.dataset}-{label}",
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=opts.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2)
+        if opts.prune
+        else optuna.pruners.NopPruner(),
+    )
 
     settings = study_settings(opts, space, extra)
     check_study_settings(study, settings, storage)
     # the trials' run folders: one folder per study (storage and settings)
-    digest = hashlib.sha256(json.dumps([storage, study.study_name, settings],
-                                       sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(
+        json.dumps([storage, study.study_name, settings], sort_keys=True).encode()
+    ).hexdigest()[:10]
 
     def objective(trial) -> float:
         params = suggest(trial, space)
         scores: List[float] = []
         for step, fold in enumerate(opts.folds):
-            folder = os.path.join(opts.runs, opts.dataset, label, f"study-{digest}",
-                                  f"trial{trial.number}", f"fold{fold}")
+            folder = os.path.join(
+                opts.runs,
+                opts.dataset,
+                label,
+                f"study-{digest}",
+                f"trial{trial.number}",
+                f"fold{fold}",
+            )
             try:
-                scores.append(fold_score(opts.dataset, opts.method, fold, opts.seed, folder,
-                                         params, extra, opts.epochs, opts.root, opts.backbone,
-                                         f"trial {trial.number} fold {fold}"))
+                scores.append(
+                    fold_score(
+                        opts.dataset,
+                        opts.method,
+                        fold,
+                        opts.seed,
+                        folder,
+                        params,
+                        extra,
+                        opts.epochs,
+                        opts.root,
+                        opts.backbone,
+                        f"trial {trial.number} fold {fold}",
+                    )
+                )
             except RuntimeError as error:
                 trial.set_user_attr("failed", str(error))
                 raise
@@ -199,19 +260,31 @@ def main(argv: Optional[Sequence[str]] = None):
         return sum(scores) / len(scores)
 
     # a failing trial (NaN, crash) is recorded as FAIL with its reason; the search goes on
-    study.optimize(objective, n_trials=opts.trials, catch=(RuntimeError,),
-                   callbacks=[lambda s, t: print(
-                       f"trial {t.number}: {t.state.name} "
-                       f"{'' if t.value is None else f'validation MAP@R {100 * t.value:.1f}'} "
-                       f"{t.params} {t.user_attrs.get('failed', '')}".rstrip(), flush=True)])
+    study.optimize(
+        objective,
+        n_trials=opts.trials,
+        catch=(RuntimeError,),
+        callbacks=[
+            lambda s, t: print(
+                f"trial {t.number}: {t.state.name} "
+                f"{'' if t.value is None else f'validation MAP@R {100 * t.value:.1f}'} "
+                f"{t.params} {t.user_attrs.get('failed', '')}".rstrip(),
+                flush=True,
+            )
+        ],
+    )
     if not any(t.state.name == "COMPLETE" for t in study.trials):
-        raise RuntimeError(f"no trial of study {study.study_name} completed; the reasons are "
-                           f"in its trials ({len(study.trials)} failed or pruned)")
+        raise RuntimeError(
+            f"no trial of study {study.study_name} completed; the reasons are "
+            f"in its trials ({len(study.trials)} failed or pruned)"
+        )
     best = study.best_trial
     path = opts.best or os.path.join(base, f"{label}.best.yaml")
-    header = (f"# python -m dml.tune: best of {len(study.trials)} trials (study "
-              f"{study.study_name} in {storage}); mean validation MAP@R over folds "
-              f"{opts.folds}: {100 * best.value:.1f} %\n")
+    header = (
+        f"# python -m dml.tune: best of {len(study.trials)} trials (study "
+        f"{study.study_name} in {storage}); mean validation MAP@R over folds "
+        f"{opts.folds}: {100 * best.value:.1f} %\n"
+    )
     tmp = path + ".partial"
     with open(tmp, "w") as f:
         f.write(header + yaml.safe_dump(as_config(best.params), sort_keys=False))
@@ -220,20 +293,30 @@ def main(argv: Optional[Sequence[str]] = None):
     keys = list(space)
     with open(trials_path + ".partial", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["trial", "state", "mean validation MAP@R (fraction)", *keys,
-                         "failure"])
+        writer.writerow(["trial", "state", "mean validation MAP@R (fraction)", *keys, "failure"])
         for t in study.trials:
-            writer.writerow([t.number, t.state.name, "" if t.value is None else f"{t.value:.6f}",
-                             *[t.params.get(k, "") for k in keys],
-                             t.user_attrs.get("failed", "")])
+            writer.writerow(
+                [
+                    t.number,
+                    t.state.name,
+                    "" if t.value is None else f"{t.value:.6f}",
+                    *[t.params.get(k, "") for k in keys],
+                    t.user_attrs.get("failed", ""),
+                ]
+            )
     os.replace(trials_path + ".partial", trials_path)
     failed = [t.number for t in study.trials if t.state.name == "FAIL"]
     if failed:
-        print(f"{len(failed)} of {len(study.trials)} trials failed ({failed}); their reasons are "
-              f"in {trials_path}", flush=True)
-    print(f"best trial {best.number}: validation MAP@R {100 * best.value:.1f} {best.params} -> "
-          f"{path} "
-          f"(every trial: {trials_path})")
+        print(
+            f"{len(failed)} of {len(study.trials)} trials failed ({failed}); their reasons are "
+            f"in {trials_path}",
+            flush=True,
+        )
+    print(
+        f"best trial {best.number}: validation MAP@R {100 * best.value:.1f} {best.params} -> "
+        f"{path} "
+        f"(every trial: {trials_path})"
+    )
     return study, path
 
 

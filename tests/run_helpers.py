@@ -34,9 +34,18 @@ class RecordBatches(pl.Callback):
         images, labels, indices = batch
         path = self.path if trainer.world_size == 1 else f"{self.path}.rank{trainer.global_rank}"
         with open(path, "a") as f:
-            f.write(json.dumps({"epoch": trainer.current_epoch, "step": batch_idx,
-                                "indices": indices.tolist(), "labels": labels.tolist(),
-                                "pixels": images.double().flatten(1).sum(1).tolist()}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "epoch": trainer.current_epoch,
+                        "step": batch_idx,
+                        "indices": indices.tolist(),
+                        "labels": labels.tolist(),
+                        "pixels": images.double().flatten(1).sum(1).tolist(),
+                    }
+                )
+                + "\n"
+            )
 
 
 class FailAtStart(pl.Callback):
@@ -88,15 +97,29 @@ class RecordTestEmbeddings(pl.Callback):
         import torch
 
         query = pl_module.last_evaluation().query
-        torch.save({"embeddings": query.embeddings, "labels": query.labels,
-                    "indices": query.indices}, self.path)
+        torch.save(
+            {"embeddings": query.embeddings, "labels": query.labels, "indices": query.indices},
+            self.path,
+        )
 
 
 # The small synthetic run of the extension examples' tests: 12 classes, tiny CNN, no NMI.
-SMALL_RUN = ["--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
-             "--data.init_args.images_per_class", "8", "--model.backbone.width", "8",
-             "--model.evaluation.nmi", "false", "--dashboard.enabled", "false",
-             "--trainer.enable_progress_bar", "false"]
+SMALL_RUN = [
+    "--data.init_args.train_classes",
+    "12",
+    "--data.init_args.test_classes",
+    "8",
+    "--data.init_args.images_per_class",
+    "8",
+    "--model.backbone.width",
+    "8",
+    "--model.evaluation.nmi",
+    "false",
+    "--dashboard.enabled",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def fit_recording_losses(args, root, epochs: int, ckpt=None, mid_checkpoint: bool = False):
@@ -108,22 +131,38 @@ def fit_recording_losses(args, root, epochs: int, ckpt=None, mid_checkpoint: boo
     from dml.cli import main
 
     path = root / f"losses-{epochs}-{bool(ckpt)}.json"
-    args = ["fit", *args, *SMALL_RUN, "--trainer.max_epochs", str(epochs),
-            "--trainer.default_root_dir", str(root / "runs"),
-            "--trainer.callbacks+=run_helpers.RecordLosses", f"--trainer.callbacks.path={path}"]
+    args = [
+        "fit",
+        *args,
+        *SMALL_RUN,
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.default_root_dir",
+        str(root / "runs"),
+        "--trainer.callbacks+=run_helpers.RecordLosses",
+        f"--trainer.callbacks.path={path}",
+    ]
     if ckpt:
         args += ["--ckpt_path", str(ckpt)]
     elif mid_checkpoint:
-        args += ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
-                 "--trainer.callbacks.every_n_epochs=2", "--trainer.callbacks.save_top_k=-1",
-                 "--trainer.callbacks.filename=mid-{epoch}"]
+        args += [
+            "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.every_n_epochs=2",
+            "--trainer.callbacks.save_top_k=-1",
+            "--trainer.callbacks.filename=mid-{epoch}",
+        ]
     main(args)
     with open(path) as f:
         return json.load(f)["losses"]
 
 
-def train_tiny_checkpoint(root, epochs: int = 2, train_classes: int = 16, test_classes: int = 12,
-                          images_per_class: int = 12) -> str:
+def train_tiny_checkpoint(
+    root,
+    epochs: int = 2,
+    train_classes: int = 16,
+    test_classes: int = 12,
+    images_per_class: int = 12,
+) -> str:
     """``python -m dml fit`` of the synthetic baseline, tiny, in a fresh process into ``root``;
     its last.ckpt (for the tests of the commands that read a checkpoint)."""
     import os
@@ -133,16 +172,35 @@ def train_tiny_checkpoint(root, epochs: int = 2, train_classes: int = 16, test_c
     from dml.compose import config_args
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = [*config_args("synthetic", "baseline"), "--trainer.max_epochs", str(epochs),
-            "--data.init_args.train_classes", str(train_classes),
-            "--data.init_args.test_classes", str(test_classes),
-            "--data.init_args.images_per_class", str(images_per_class),
-            "--model.backbone.width", "8", "--dashboard.enabled", "false",
-            "--trainer.enable_progress_bar", "false", "--model.evaluation.nmi", "false",
-            "--trainer.default_root_dir", str(root)]
-    out = subprocess.run([sys.executable, "-m", "dml", "fit", *args], cwd=repo,
-                         capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, WANDB_MODE="disabled"))
+    args = [
+        *config_args("synthetic", "baseline"),
+        "--trainer.max_epochs",
+        str(epochs),
+        "--data.init_args.train_classes",
+        str(train_classes),
+        "--data.init_args.test_classes",
+        str(test_classes),
+        "--data.init_args.images_per_class",
+        str(images_per_class),
+        "--model.backbone.width",
+        "8",
+        "--dashboard.enabled",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--model.evaluation.nmi",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "dml", "fit", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, WANDB_MODE="disabled"),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     (path,) = [os.path.join(d, "last.ckpt") for d, _, f in os.walk(root) if "last.ckpt" in f]
     return path

@@ -1,6 +1,7 @@
 """dml.child_runs: the launcher the multi-run jobs share. A child's failure is one line (its
 last line of standard error) with the command and all of its standard error in the log; a child
 past its time is killed and says so; what a run logged is read back from its metrics.csv."""
+
 import csv
 
 from dml.child_runs import best_metric, launch, metric_values, step_losses

@@ -1,6 +1,7 @@
 """python -m dml compare through the command line: embeddings files, a checkpoint and an MLRC
 folder; the printed metrics and differences against dml.metrics and a count written out here;
 the files it writes; and one clear line for each bad input."""
+
 import csv
 import json
 import os
@@ -20,9 +21,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def dml(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "dml", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, WANDB_MODE="disabled"))
+    return subprocess.run(
+        [sys.executable, "-m", "dml", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, WANDB_MODE="disabled"),
+    )
 
 
 def compare(*args):
@@ -40,8 +46,11 @@ def rows_of(stdout):
     """{metric: (A, B, B - A, low, high, p)} from the printed table."""
     out = {}
     for line in stdout.splitlines():
-        m = re.match(r"(R@\d+|MAP@R|R-Precision)\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+)\s+"
-                     r"\[\s*([+-][\d.]+),\s*([+-][\d.]+)\]\s+(?:<= )?([\d.e+-]+)$", line.strip())
+        m = re.match(
+            r"(R@\d+|MAP@R|R-Precision)\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+)\s+"
+            r"\[\s*([+-][\d.]+),\s*([+-][\d.]+)\]\s+(?:<= )?([\d.e+-]+)$",
+            line.strip(),
+        )
         if m:
             out[m.group(1)] = tuple(float(x) for x in m.groups()[1:])
     return out
@@ -91,8 +100,9 @@ def test_two_embedding_files_print_both_models_and_the_difference(tmp_path):
     for r in per_class:
         mine = y == int(r["class"])
         assert float(r["A R@1"]) == pytest.approx(hit_a[mine].mean(), abs=1e-6)
-        assert float(r["B-A R@1"]) == pytest.approx(hit_b[mine].mean() - hit_a[mine].mean(),
-                                                    abs=1e-6)
+        assert float(r["B-A R@1"]) == pytest.approx(
+            hit_b[mine].mean() - hit_a[mine].mean(), abs=1e-6
+        )
     with open(tmp_path / "cmp" / "queries.csv") as f:
         queries = list(csv.DictReader(f))
     assert len(queries) == len(y)
@@ -122,8 +132,13 @@ def test_by_class_resampling_is_labelled_and_wider(tmp_path):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("trained"), epochs=1,
-                                 train_classes=12, test_classes=10, images_per_class=8)
+    return train_tiny_checkpoint(
+        tmp_path_factory.mktemp("trained"),
+        epochs=1,
+        train_classes=12,
+        test_classes=10,
+        images_per_class=8,
+    )
 
 
 def test_a_checkpoint_and_an_mlrc_folder_against_themselves_differ_by_zero(ckpt, tmp_path):
@@ -154,8 +169,10 @@ def test_the_same_images_in_another_order_are_paired_by_name(tmp_path):
     names = [f"img{i}.png" for i in range(len(y))]
     a, b = save(tmp_path / "a.npz", xa, y, names), save(tmp_path / "b.npz", xb, y, names)
     flipped = save(tmp_path / "flipped.npz", xb[::-1].copy(), y[::-1].copy(), names[::-1])
-    straight, reordered = compare(a, b, "--resamples", "500"), compare(a, flipped,
-                                                                        "--resamples", "500")
+    straight, reordered = (
+        compare(a, b, "--resamples", "500"),
+        compare(a, flipped, "--resamples", "500"),
+    )
     assert straight.returncode == reordered.returncode == 0, reordered.stderr
     assert rows_of(straight.stdout) == rows_of(reordered.stdout)
 
@@ -175,7 +192,8 @@ def test_bad_inputs_are_one_line_each(tmp_path):
     unlabelled = save(tmp_path / "unlabelled.npz", x, np.full(len(x), -1))
     other_content = str(tmp_path / "other_content.npz")  # the same names, other images
     EmbeddingSet(x, [f"img{i}.png" for i in range(len(x))], y, {"content": "abc"}).save(
-        other_content)
+        other_content
+    )
     EmbeddingSet(x, [f"img{i}.png" for i in range(len(x))], y, {"content": "def"}).save(good)
     bad = x.copy()
     bad[3, 0] = np.nan
@@ -183,27 +201,31 @@ def test_bad_inputs_are_one_line_each(tmp_path):
     empty = save(tmp_path / "empty.npz", x[:0], y[:0], [])
     one = save(tmp_path / "one.npz", x[:1], y[:1], ["img0.png"])
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    cases = [((good, other), "not the same images"),
-             ((good, unlabelled), "no class labels"),
-             ((nan, good), "NaN"),
-             ((empty, empty), "0 embeddings"),
-             ((one, one), "no query has a relevant reference"),
-             ((str(tmp_path / "junk.npz"), good), "junk.npz"),
-             ((str(tmp_path / "missing.npz"), good), "missing.npz: no such file"),
-             ((good, good, "--resamples", "0"), "--resamples 0"),
-             ((good, good, "--resamples", "39"), "needs at least 40 resamples"),
-             ((good, good, "--level", "0.999999"), "needs at least 2000000 resamples"),
-             ((good, good, "--seed", "-1"), "--seed -1"),
-             ((good, good, "--mlrc-seed", "0"), "only for MLRC folders"),
-             ((good, good, "--gallery", good, good), "holds 120 of the queries"),
-             ((good, other_content), "generated data of other settings"),
-             ((good, good, "--level", "1.5"), "--level 1.5")]
+    cases = [
+        ((good, other), "not the same images"),
+        ((good, unlabelled), "no class labels"),
+        ((nan, good), "NaN"),
+        ((empty, empty), "0 embeddings"),
+        ((one, one), "no query has a relevant reference"),
+        ((str(tmp_path / "junk.npz"), good), "junk.npz"),
+        ((str(tmp_path / "missing.npz"), good), "missing.npz: no such file"),
+        ((good, good, "--resamples", "0"), "--resamples 0"),
+        ((good, good, "--resamples", "39"), "needs at least 40 resamples"),
+        ((good, good, "--level", "0.999999"), "needs at least 2000000 resamples"),
+        ((good, good, "--seed", "-1"), "--seed -1"),
+        ((good, good, "--mlrc-seed", "0"), "only for MLRC folders"),
+        ((good, good, "--gallery", good, good), "holds 120 of the queries"),
+        ((good, other_content), "generated data of other settings"),
+        ((good, good, "--level", "1.5"), "--level 1.5"),
+    ]
     for args, message in cases:
         out = compare(*args)
         assert out.returncode == 2, ([str(a)[-20:] for a in args], out.stderr)
         lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
-            (args, out.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            args,
+            out.stderr,
+        )
 
 
 def test_the_page_shows_images_that_are_members_of_a_zip_archive(tmp_path):
@@ -222,8 +244,9 @@ def test_the_page_shows_images_that_are_members_of_a_zip_archive(tmp_path):
                 Image.new("RGB", (8, 8), (200, 30, 30)).save(f, format="PNG")
     for model in ("a", "b"):
         EmbeddingSet(x, names, y, {"archive": str(archive)}).save(str(tmp_path / f"{model}.npz"))
-    out = compare(tmp_path / "a.npz", tmp_path / "b.npz", "--resamples", "100",
-                  "--out", tmp_path / "cmp")
+    out = compare(
+        tmp_path / "a.npz", tmp_path / "b.npz", "--resamples", "100", "--out", tmp_path / "cmp"
+    )
     assert out.returncode == 0, out.stderr
     page = (tmp_path / "cmp" / "report.html").read_text()
     assert page.count('<img src="data:image/jpeg;base64,') >= len(names) // 2

@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) against one: distributed evaluation, gradients of losses over the
 gathered global batch, the cross-batch memory, CCP's proxies, and a checkpoint written by 2
 processes resumed by 1. The two processes run every scenario once (tests/ddp_worker.py)."""
+
 import os
 import socket
 import subprocess
@@ -31,9 +32,16 @@ def ddp(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
         env.pop(key, None)
-    procs = [subprocess.Popen([sys.executable, worker, str(r), str(WORLD), str(port), str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(r), str(WORLD), str(port), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
@@ -42,8 +50,7 @@ def ddp(tmp_path_factory):
 
 def single(name, tmp_path):
     pl.seed_everything(0)
-    return SCENARIOS[name](lambda **kw: ddp_trainer(str(tmp_path), 1, **kw), 0, 1,
-                           str(tmp_path))
+    return SCENARIOS[name](lambda **kw: ddp_trainer(str(tmp_path), 1, **kw), 0, 1, str(tmp_path))
 
 
 def test_distributed_evaluation_equals_one_process_exactly(ddp, tmp_path):
@@ -66,8 +73,9 @@ def test_skipped_images_leave_the_processes_unequal_and_evaluation_exact(ddp, tm
         assert ranks[0]["skipped"][decode]["metrics"] == expected[decode]["metrics"]
         assert ranks[1]["skipped"][decode]["metrics"] == expected[decode]["metrics"]
         # the file is on one process's shard: that one names it
-        assert sorted(ranks[0]["skipped"][decode]["skipped"] +
-                      ranks[1]["skipped"][decode]["skipped"]) == ["Bird_102_0001.jpg"]
+        assert sorted(
+            ranks[0]["skipped"][decode]["skipped"] + ranks[1]["skipped"][decode]["skipped"]
+        ) == ["Bird_102_0001.jpg"]
 
 
 @pytest.mark.parametrize("name", ["grad", "ibc_grad"])
@@ -77,17 +85,20 @@ def test_gathered_batch_gives_the_one_process_gradient(ddp, tmp_path, name):
     assert set(ranks[0][name]) == set(expected) and len(expected) > 5
     for param, grad in expected.items():
         for r in range(WORLD):
-            torch.testing.assert_close(ranks[r][name][param], grad, atol=1e-5, rtol=1e-4,
-                                       msg=f"{name}: rank {r}, {param}")
+            torch.testing.assert_close(
+                ranks[r][name][param], grad, atol=1e-5, rtol=1e-4, msg=f"{name}: rank {r}, {param}"
+            )
 
 
 def test_local_batch_gradient_differs_from_the_gathered_one(tmp_path):
     """Control: without gathering, a split batch is a different loss (so the check above is
     not vacuous): compare one process on half the batch with the whole batch."""
     from ddp_scenarios import FixedBatch
+
     pl.seed_everything(0)
-    module = make_module(loss={"name": "contrastive",
-                               "params": {"pos_margin": 0.0, "neg_margin": 1.0}})
+    module = make_module(
+        loss={"name": "contrastive", "params": {"pos_margin": 0.0, "neg_margin": 1.0}}
+    )
     whole, half = FixedBatch(0, 1), FixedBatch(0, 2)
     g = []
     for batch in (whole, half):
@@ -114,11 +125,18 @@ def test_ccp_proxies_identical_after_a_round_and_resume_on_one_process(ddp, tmp_
     assert a["theta_prev"].numel() > 0 and torch.equal(a["theta_prev"], b["theta_prev"])
     # the checkpoint the 2 processes wrote resumes on one
     path = out / f"ccp_world{WORLD}.ckpt"
-    callback = ChanceConstraintProjection(enabled=True, patience=1, min_delta=10.0,
-                                          pool_passes=3, lam=1e-3)
+    callback = ChanceConstraintProjection(
+        enabled=True, patience=1, min_delta=10.0, pool_passes=3, lam=1e-3
+    )
     module = DMLModule.load_from_checkpoint(path)
     assert torch.equal(module.objective.proxies(), a["proxies"])
-    ddp_trainer(str(tmp_path), 1, callbacks=[callback], max_epochs=3, limit_train_batches=2,
-                limit_val_batches=0).fit(module, make_data(), ckpt_path=path)
+    ddp_trainer(
+        str(tmp_path),
+        1,
+        callbacks=[callback],
+        max_epochs=3,
+        limit_train_batches=2,
+        limit_val_batches=0,
+    ).fit(module, make_data(), ckpt_path=path)
     assert callback.round == 1 and callback.lam == pytest.approx(1e-3)
     assert not torch.equal(module.objective.proxies(), a["proxies"])  # and it trained on

@@ -8,6 +8,7 @@ one. Every evaluation back end, the k-reciprocal neighbours, and for every metho
 objective's terms, their backward, XBN's transform, CCP's proxy picking and proximal term,
 GSP's prototype initialisation and IBC's pseudo-test run under it.
 """
+
 from contextlib import contextmanager
 
 import pytest
@@ -54,11 +55,22 @@ def test_retrieval_metrics_on_the_inputs_device(device, backend):
     expected = retrieval_metrics(x.cpu(), y.cpu(), [1, 4, 16], backend="rank", chunk_size=7)
     with strict_device():
         same = retrieval_metrics(x, y, [1, 4, 16], backend=backend, chunk_size=32)
-        split = retrieval_metrics(x[:50], y[:50], [1, 4], gallery_embeddings=x[50:],
-                                  gallery_labels=y[50:], backend=backend)
+        split = retrieval_metrics(
+            x[:50],
+            y[:50],
+            [1, 4],
+            gallery_embeddings=x[50:],
+            gallery_labels=y[50:],
+            backend=backend,
+        )
     assert same == expected
-    assert split == retrieval_metrics(x[:50].cpu(), y[:50].cpu(), [1, 4],
-                                      gallery_embeddings=x[50:].cpu(), gallery_labels=y[50:].cpu())
+    assert split == retrieval_metrics(
+        x[:50].cpu(),
+        y[:50].cpu(),
+        [1, 4],
+        gallery_embeddings=x[50:].cpu(),
+        gallery_labels=y[50:].cpu(),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -75,8 +87,14 @@ def test_k_reciprocal_neighbours_and_the_evaluator_on_the_inputs_device(device):
 
 
 def build(method):
-    cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
-                 save_config_callback=None, args=config_args("synthetic", method) + TINY_RUN)
+    cli = DMLCLI(
+        DMLModule,
+        DMLDataModule,
+        subclass_mode_data=True,
+        run=False,
+        save_config_callback=None,
+        args=config_args("synthetic", method) + TINY_RUN,
+    )
     cli.datamodule.setup("fit")
     return cli
 
@@ -99,16 +117,18 @@ def test_every_objective_path_on_the_inputs_device(method, device):
     dim = module.head.linear.out_features
     candidates = torch.randn(64, dim, generator=g).to(device)  # GSP's prototype candidates
     if objective.has_multi_proxy():  # CCP's per-class candidate pool (C, P, D)
-        pool = torch.randn(objective.metric_loss.num_classes, 2 * objective.metric_loss.per_class, dim,
-                           generator=g).to(device)
+        pool = torch.randn(
+            objective.metric_loss.num_classes, 2 * objective.metric_loss.per_class, dim, generator=g
+        ).to(device)
     with strict_device():
         if module.pooling.wants_initialization():
             module.pooling.initialize(candidates)
         if objective.has_multi_proxy():
             proxies = objective.proxies()
             objective.set_proxies(objective.pick_proxies(pool, proxies.detach()))
-            objective.anchor_proximal({n: p.detach().clone()
-                                       for n, p in module.network_parameters()}, 0.1)
+            objective.anchor_proximal(
+                {n: p.detach().clone() for n, p in module.network_parameters()}, 0.1
+            )
         for _ in range(3):  # the memory (start_iteration 0) fills and its term runs
             terms = objective(module.embed(images), labels)
             sum(terms.values()).backward()

@@ -1,4 +1,5 @@
 """The evaluator's pieces: the DDP gather that drops padding, the one decoding of set names."""
+
 import pytest
 import torch
 
@@ -31,8 +32,12 @@ def test_sets_are_named_test_or_query_and_gallery():
 
 
 def test_evaluator_collects_refines_scores_and_keeps_the_last_sets():
-    evaluator = Evaluator(nmi=True, refine=lambda sets: sets.map(
-        lambda s: EvalSet(s.name, s.embeddings * 2, s.labels, s.indices)))
+    evaluator = Evaluator(
+        nmi=True,
+        refine=lambda sets: sets.map(
+            lambda s: EvalSet(s.name, s.embeddings * 2, s.labels, s.indices)
+        ),
+    )
     data = one("test", 9)
     evaluator.add(0, data.embeddings[5:], data.labels[5:], data.indices[5:])
     evaluator.add(0, data.embeddings[:5], data.labels[:5], data.indices[:5])

@@ -1,6 +1,7 @@
 """python -m dml embed | index | search | export on a model trained here for two epochs: search
 results against dml.metrics, approximate recall against a recount, the HTML page, exports
 against PyTorch, and one clear line for each bad input."""
+
 import html.parser
 import base64
 import io
@@ -22,9 +23,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def dml(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "dml", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, WANDB_MODE="disabled"))
+    return subprocess.run(
+        [sys.executable, "-m", "dml", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, WANDB_MODE="disabled"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +101,8 @@ def write_images(folder, n=6, size=40):
     rng = np.random.default_rng(0)
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(
-            os.path.join(folder, f"img{i}.png"))
+            os.path.join(folder, f"img{i}.png")
+        )
 
 
 class Images(html.parser.HTMLParser):
@@ -117,8 +124,20 @@ def test_folders_embed_index_search_and_the_html_page(ckpt, tmp_path):
     gallery = EmbeddingSet.load(str(tmp_path / "g.npz"))
     assert len(gallery) == 6 and gallery.meta["unreadable"][0].endswith("broken.jpg")
     assert dml("index", tmp_path / "g.npz", "--out", tmp_path / "g.index").returncode == 0
-    out = dml("search", tmp_path / "g.index", "--images", tmp_path / "queries", "--ckpt", ckpt,
-              "--k", "3", "--out", tmp_path / "r.csv", "--html", tmp_path / "r.html")
+    out = dml(
+        "search",
+        tmp_path / "g.index",
+        "--images",
+        tmp_path / "queries",
+        "--ckpt",
+        ckpt,
+        "--k",
+        "3",
+        "--out",
+        tmp_path / "r.csv",
+        "--html",
+        tmp_path / "r.html",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(open(tmp_path / "r.csv").read().strip().splitlines()) == 1 + 2 * 3
     page = Images()
@@ -132,7 +151,8 @@ def test_folders_embed_index_search_and_the_html_page(ckpt, tmp_path):
     q = embedder.embed_files([str(tmp_path / "queries" / "img0.png")], progress=False)
     first = [r for r in __import__("csv").DictReader(open(tmp_path / "r.csv"))][0]
     assert float(first["similarity"]) == pytest.approx(
-        float((gallery.embeddings @ q.embeddings[0]).max()), abs=1e-5)
+        float((gallery.embeddings @ q.embeddings[0]).max()), abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
@@ -150,6 +170,7 @@ def test_exports_equal_pytorch(ckpt, tmp_path, fmt):
         got = torch.jit.load(str(path))(images).detach().numpy()
     else:
         import onnxruntime
+
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = session.run(None, {"images": images.numpy()})[0]
     assert np.abs(got - expected).max() <= 1e-4
@@ -168,27 +189,71 @@ def test_bad_inputs_are_one_line_naming_the_file_and_write_nothing(ckpt, tmp_pat
         assert status == 2 and len(lines) == 1 and says in lines[0], lines
         return lines[0]
 
-    fails("embed", tmp_path / "none.ckpt", "--split", "test", "--out", out_file,
-          says="none.ckpt: no such checkpoint")
+    fails(
+        "embed",
+        tmp_path / "none.ckpt",
+        "--split",
+        "test",
+        "--out",
+        out_file,
+        says="none.ckpt: no such checkpoint",
+    )
     (tmp_path / "bad.ckpt").write_bytes(b"garbage")
-    fails("embed", tmp_path / "bad.ckpt", "--split", "test", "--out", out_file,
-          says="bad.ckpt: not a readable checkpoint")
+    fails(
+        "embed",
+        tmp_path / "bad.ckpt",
+        "--split",
+        "test",
+        "--out",
+        out_file,
+        says="bad.ckpt: not a readable checkpoint",
+    )
     os.makedirs(tmp_path / "empty")
-    fails("embed", ckpt, "--images", tmp_path / "empty", "--out", out_file,
-          says="empty: no image files")
+    fails(
+        "embed",
+        ckpt,
+        "--images",
+        tmp_path / "empty",
+        "--out",
+        out_file,
+        says="empty: no image files",
+    )
     assert not out_file.exists()
     other = clustered_rows(200, dim=16)  # the checkpoint embeds into 64-d
     SearchIndex.build(other).save(str(tmp_path / "d16.index"))
     write_images(tmp_path / "q", n=1)
-    fails("search", tmp_path / "d16.index", "--images", tmp_path / "q", "--ckpt", ckpt,
-          "--out", tmp_path / "r.json", says="embeds into 64-d, the index")
+    fails(
+        "search",
+        tmp_path / "d16.index",
+        "--images",
+        tmp_path / "q",
+        "--ckpt",
+        ckpt,
+        "--out",
+        tmp_path / "r.json",
+        says="embeds into 64-d, the index",
+    )
     other.save(str(tmp_path / "d16.npz"))
     SearchIndex.build(clustered_rows(200)).save(str(tmp_path / "d32.index"))  # 32-d
-    fails("search", tmp_path / "d32.index", "--embeddings", tmp_path / "d16.npz",
-          "--out", tmp_path / "r.json", says="16-d embeddings, the index holds 32-d")
+    fails(
+        "search",
+        tmp_path / "d32.index",
+        "--embeddings",
+        tmp_path / "d16.npz",
+        "--out",
+        tmp_path / "r.json",
+        says="16-d embeddings, the index holds 32-d",
+    )
     os.remove(tmp_path / "d32.index.rows.npz")
-    fails("search", tmp_path / "d32.index", "--embeddings", tmp_path / "d16.npz",
-          "--out", tmp_path / "r.json", says="its rows file")
+    fails(
+        "search",
+        tmp_path / "d32.index",
+        "--embeddings",
+        tmp_path / "d16.npz",
+        "--out",
+        tmp_path / "r.json",
+        says="its rows file",
+    )
     assert not (tmp_path / "r.json").exists()
 
 
@@ -197,8 +262,18 @@ OMNIGLOT = os.path.join(REPO, "..", "shared", "data", "omniglot")
 
 @pytest.mark.skipif(not os.path.isdir(OMNIGLOT), reason="../shared/data/omniglot is absent")
 def test_a_split_of_another_data_set_embeds_with_its_own_settings(ckpt, tmp_path):
-    out = dml("embed", ckpt, "--split", "test", "--dataset", "omniglot_small", "--root", OMNIGLOT,
-              "--out", tmp_path / "o.npz")
+    out = dml(
+        "embed",
+        ckpt,
+        "--split",
+        "test",
+        "--dataset",
+        "omniglot_small",
+        "--root",
+        OMNIGLOT,
+        "--out",
+        tmp_path / "o.npz",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = EmbeddingSet.load(str(tmp_path / "o.npz"))
     assert len(rows) == 2120 and len(np.unique(rows.labels)) == 106  # small2's 3 alphabets
@@ -207,10 +282,32 @@ def test_a_split_of_another_data_set_embeds_with_its_own_settings(ckpt, tmp_path
 
 NETWORKS = {  # backbone config, pooling
     "small_cnn-gsp": ({"name": "small_cnn", "width": 8}, "gsp"),
-    "vit-cls": ({"name": "timm:vit_small_patch16_224.dino", "timm_args": {
-        "img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}}, "cls"),
-    "vit-gsp": ({"name": "timm:vit_small_patch16_224.dino", "timm_args": {
-        "img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}}, "gsp"),
+    "vit-cls": (
+        {
+            "name": "timm:vit_small_patch16_224.dino",
+            "timm_args": {
+                "img_size": 32,
+                "patch_size": 8,
+                "embed_dim": 48,
+                "depth": 2,
+                "num_heads": 3,
+            },
+        },
+        "cls",
+    ),
+    "vit-gsp": (
+        {
+            "name": "timm:vit_small_patch16_224.dino",
+            "timm_args": {
+                "img_size": 32,
+                "patch_size": 8,
+                "embed_dim": 48,
+                "depth": 2,
+                "num_heads": 3,
+            },
+        },
+        "gsp",
+    ),
 }
 
 
@@ -229,14 +326,19 @@ def test_networks_export_and_agree_with_pytorch(tmp_path, fmt, network):
     from dml.module import BackboneConfig, DMLModule, LossConfig, PoolingConfig
 
     torch.manual_seed(0)
-    module = DMLModule(backbone=BackboneConfig(pretrained=False, **backbone),
-                       pooling=PoolingConfig(pooling, {"num_prototypes": 4}
-                                             if pooling == "gsp" else {}),
-                       embedding_dim=16, num_classes=10, loss=LossConfig("contrastive"))
+    module = DMLModule(
+        backbone=BackboneConfig(pretrained=False, **backbone),
+        pooling=PoolingConfig(pooling, {"num_prototypes": 4} if pooling == "gsp" else {}),
+        embedding_dim=16,
+        num_classes=10,
+        loss=LossConfig("contrastive"),
+    )
     if pooling == "gsp":
         module.pooling.initialize(torch.randn(40, 16))
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
-               tmp_path / "net.ckpt")
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
+        tmp_path / "net.ckpt",
+    )
     embedder = Embedder.from_checkpoint(str(tmp_path / "net.ckpt"), device="cpu")
     info = export(embedder, fmt, str(tmp_path / f"net.{fmt}"), batch=3)
     assert info["max_abs_diff_vs_pytorch"] <= 1e-4
@@ -246,7 +348,9 @@ def test_networks_export_and_agree_with_pytorch(tmp_path, fmt, network):
         got = torch.jit.load(str(tmp_path / "net.torchscript"))(images).detach().numpy()
     else:
         import onnxruntime
-        session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"),
-                                               providers=["CPUExecutionProvider"])
+
+        session = onnxruntime.InferenceSession(
+            str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"]
+        )
         got = session.run(None, {"images": images.numpy()})[0]
     assert np.abs(got - expected).max() <= 1e-4

@@ -1,5 +1,6 @@
 """Settings and inputs that would train or score something else than asked: each is one line
 naming the key or file, exit status 2, and nothing half-written."""
+
 import os
 import subprocess
 import sys
@@ -15,8 +16,17 @@ from dml.errors import DiskFullError
 from dml.metrics import nmi, retrieval_metrics
 from test_runs import BASE, TINY, method, run_folders
 
-TRAIN = [*BASE, *method("baseline"), *TINY, "--trainer.max_epochs", "1",
-         "--dashboard.enabled", "false", "--trainer.logger", "false"]
+TRAIN = [
+    *BASE,
+    *method("baseline"),
+    *TINY,
+    "--trainer.max_epochs",
+    "1",
+    "--dashboard.enabled",
+    "false",
+    "--trainer.logger",
+    "false",
+]
 
 
 def one_line_error(capsys, tmp_path, *args):
@@ -28,30 +38,52 @@ def one_line_error(capsys, tmp_path, *args):
     return lines[0]
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--model.embedding_dim", "0"], "model.embedding_dim: expected a value >= 1, got 0"),
-    (["--model.embedding_dim", "-5"], "model.embedding_dim: expected a value >= 1, got -5"),
-    (["--model.optimizer.lr", "-1"], "model.optimizer.lr: expected a value > 0, got -1.0"),
-    (["--model.optimizer.lr", "nan"], "model.optimizer.lr"),
-    (["--model.optimizer.weight_decay", "-0.1"], "model.optimizer.weight_decay: expected"),
-    (["--model.memory.size", "-3"], "model.memory.size: expected a value >= 1, got -3"),
-    (["--model.ibc.tau", "0"], "model.ibc.tau: expected a value > 0, got 0.0"),
-    (["--data.init_args.eval_batch_size", "0"], "data.init_args.eval_batch_size: expected"),
-    (["--data.init_args.samples_per_class", "1"],
-     "data.init_args.samples_per_class: 1 image per class in a batch gives multi_similarity "
-     "no positive pair"),
-    (["--trainer.max_epoch", "2"], "unrecognized arguments: --trainer.max_epoch"),
-    (["--trainer.max_epochs", "0"], "trainer.max_epochs: expected a value >= 1, got 0"),
-    (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: expected"),
-    (["--data.init_args.image_size", "0"], "data.init_args.image_size: expected a value >= 8"),
-    (["--model.loss.name", "xbm_contrastive", "--model.loss.params", "{margin: 0.5}",
-      "--model.loss.miner", "null",
-      "--model.loss.proxies_per_class", "2"],
-     "model.loss.proxies_per_class: xbm_contrastive is not a pytorch-metric-learning pair loss"),
-    (["--model.loss.name", "proxy_anchor", "--model.loss.params", "{}",
-      "--model.loss.proxies_per_class", "2"],
-     "model.loss.proxies_per_class: proxy_anchor already has its own proxies"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--model.embedding_dim", "0"], "model.embedding_dim: expected a value >= 1, got 0"),
+        (["--model.embedding_dim", "-5"], "model.embedding_dim: expected a value >= 1, got -5"),
+        (["--model.optimizer.lr", "-1"], "model.optimizer.lr: expected a value > 0, got -1.0"),
+        (["--model.optimizer.lr", "nan"], "model.optimizer.lr"),
+        (["--model.optimizer.weight_decay", "-0.1"], "model.optimizer.weight_decay: expected"),
+        (["--model.memory.size", "-3"], "model.memory.size: expected a value >= 1, got -3"),
+        (["--model.ibc.tau", "0"], "model.ibc.tau: expected a value > 0, got 0.0"),
+        (["--data.init_args.eval_batch_size", "0"], "data.init_args.eval_batch_size: expected"),
+        (
+            ["--data.init_args.samples_per_class", "1"],
+            "data.init_args.samples_per_class: 1 image per class in a batch gives multi_similarity "
+            "no positive pair",
+        ),
+        (["--trainer.max_epoch", "2"], "unrecognized arguments: --trainer.max_epoch"),
+        (["--trainer.max_epochs", "0"], "trainer.max_epochs: expected a value >= 1, got 0"),
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: expected"),
+        (["--data.init_args.image_size", "0"], "data.init_args.image_size: expected a value >= 8"),
+        (
+            [
+                "--model.loss.name",
+                "xbm_contrastive",
+                "--model.loss.params",
+                "{margin: 0.5}",
+                "--model.loss.miner",
+                "null",
+                "--model.loss.proxies_per_class",
+                "2",
+            ],
+            "model.loss.proxies_per_class: xbm_contrastive is not a pytorch-metric-learning pair loss",
+        ),
+        (
+            [
+                "--model.loss.name",
+                "proxy_anchor",
+                "--model.loss.params",
+                "{}",
+                "--model.loss.proxies_per_class",
+                "2",
+            ],
+            "model.loss.proxies_per_class: proxy_anchor already has its own proxies",
+        ),
+    ],
+)
 def test_an_invalid_setting_is_one_line_naming_the_key(tmp_path, capsys, args, says):
     line = one_line_error(capsys, tmp_path, *args)
     assert says in line
@@ -61,10 +93,24 @@ def test_an_invalid_setting_is_one_line_naming_the_key(tmp_path, capsys, args, s
 
 
 def test_a_proxy_loss_trains_with_one_image_per_class(tmp_path):
-    cli_main(["fit", *BASE, *method("proxy_anchor"), *TINY, "--trainer.max_epochs", "1",
-              "--dashboard.enabled", "false", "--trainer.logger", "false",
-              "--data.init_args.samples_per_class", "1", "--trainer.default_root_dir",
-              str(tmp_path)])
+    cli_main(
+        [
+            "fit",
+            *BASE,
+            *method("proxy_anchor"),
+            *TINY,
+            "--trainer.max_epochs",
+            "1",
+            "--dashboard.enabled",
+            "false",
+            "--trainer.logger",
+            "false",
+            "--data.init_args.samples_per_class",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     assert len(run_folders(tmp_path)) == 1
 
 
@@ -75,8 +121,10 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path, capsys):
     assert line.startswith(f"error: {bad}: not valid YAML at line 3, column 1: ")
     bad.write_text("- a list\n- not a mapping\n")
     line = one_line_error(capsys, tmp_path, "--config", str(bad))
-    assert line == f"error: {bad}: expected a mapping of config keys (model:, data:, " \
-                   f"trainer:, ...), got a list"
+    assert (
+        line == f"error: {bad}: expected a mapping of config keys (model:, data:, "
+        f"trainer:, ...), got a list"
+    )
 
 
 def test_labels_that_are_not_integers_are_an_error_not_merged_classes():
@@ -103,17 +151,34 @@ def write_cub(root, images, labels):
     (base / "classes.txt").write_text("1 001.a\n")
 
 
-@pytest.mark.parametrize("images, labels, says", [
-    ([(1, "a/1.jpg"), (2, "a/2.jpg")], [(1, 1), (2, 0)],
-     "image_class_labels.txt, line 2: class_id must be in 1..200, got 0"),
-    ([(1, "a/1.jpg"), (2, "a/2.jpg")], [(1, 250), (2, 1)],
-     "image_class_labels.txt, line 1: class_id must be in 1..200, got 250"),
-    ([(1, "a/1.jpg"), (1, "a/2.jpg")], [(1, 1)], "images.txt, line 2: image_id 1 appears twice"),
-    ([(1, "a/1.jpg"), (2, "a/2.jpg")], [(1, 1), (2, 1), (2, 3)],
-     "image_class_labels.txt, line 3: image_id 2 appears twice"),
-])
-def test_cub_metadata_out_of_range_or_duplicated_is_named_with_verify_off(tmp_path, images,
-                                                                          labels, says):
+@pytest.mark.parametrize(
+    "images, labels, says",
+    [
+        (
+            [(1, "a/1.jpg"), (2, "a/2.jpg")],
+            [(1, 1), (2, 0)],
+            "image_class_labels.txt, line 2: class_id must be in 1..200, got 0",
+        ),
+        (
+            [(1, "a/1.jpg"), (2, "a/2.jpg")],
+            [(1, 250), (2, 1)],
+            "image_class_labels.txt, line 1: class_id must be in 1..200, got 250",
+        ),
+        (
+            [(1, "a/1.jpg"), (1, "a/2.jpg")],
+            [(1, 1)],
+            "images.txt, line 2: image_id 1 appears twice",
+        ),
+        (
+            [(1, "a/1.jpg"), (2, "a/2.jpg")],
+            [(1, 1), (2, 1), (2, 3)],
+            "image_class_labels.txt, line 3: image_id 2 appears twice",
+        ),
+    ],
+)
+def test_cub_metadata_out_of_range_or_duplicated_is_named_with_verify_off(
+    tmp_path, images, labels, says
+):
     write_cub(tmp_path, images, labels)
     with pytest.raises(MetadataError, match=says):
         CUBDataModule(root=str(tmp_path), verify=False).splits
@@ -125,8 +190,9 @@ def test_sop_class_ids_outside_their_split_are_named(tmp_path):
     header = "image_id class_id super_class_id path\n"
     (base / "Ebay_train.txt").write_text(header + "1 1 1 a/1.JPG\n2 11319 1 a/2.JPG\n")
     (base / "Ebay_test.txt").write_text(header + "1 11319 1 b/1.JPG\n")
-    with pytest.raises(MetadataError, match="Ebay_train.txt, line 3: class_id must be in "
-                                            "1..11318, got 11319"):
+    with pytest.raises(
+        MetadataError, match="Ebay_train.txt, line 3: class_id must be in 1..11318, got 11319"
+    ):
         SOPDataModule(root=str(tmp_path), verify=False).splits
 
 
@@ -144,8 +210,9 @@ def save_to_a_full_disk(monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
-def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(tmp_path, monkeypatch,
-                                                                       capsys):
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(
+    tmp_path, monkeypatch, capsys
+):
     path = tmp_path / "last.ckpt"
     checkpoint_module.atomic_torch_save({"epoch": 1}, str(path))
     save_to_a_full_disk(monkeypatch)
@@ -157,8 +224,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(tmp_path,
     # through the command line: the run stops with one line
     save_to_a_full_disk(monkeypatch)
     line = one_line_error(capsys, tmp_path / "runs")
-    assert line.startswith("error: no space left on the device writing ") and \
-        line.endswith("Free space, then resume the run")
+    assert line.startswith("error: no space left on the device writing ") and line.endswith(
+        "Free space, then resume the run"
+    )
 
 
 def test_torch_saves_full_disk_error_chain_is_recognised(tmp_path, monkeypatch):
@@ -170,8 +238,9 @@ def test_torch_saves_full_disk_error_chain_is_recognised(tmp_path, monkeypatch):
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
-                               "109760 vs 109652")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 109760 vs 109652"
+            )
 
     monkeypatch.setattr(checkpoint_module.torch, "save", full)
     with pytest.raises(DiskFullError, match="no space left on the device writing "):

@@ -1,6 +1,7 @@
 """The LaTeX tables beside table.md (dml.latex_table): escaping, the bold best of each column,
 the commit and command in the comment, the same numbers as the Markdown, a well-formed tabular,
 and both commands writing the .tex."""
+
 import json
 import os
 import re
@@ -17,8 +18,9 @@ NUMBER = re.compile(r"^(?:\\textbf\{)?(-?\d+\.\d)\}?(?: \$\\pm\$ (\d+\.\d))?$")
 
 def git(*args):
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
-    return subprocess.run(["git", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def split_cells(line):
@@ -30,7 +32,7 @@ def split_cells(line):
 def tex_rows(tex):
     """(header, rows) of the tabular between \\toprule and \\bottomrule, as cell texts."""
     lines = tex.splitlines()
-    body = lines[lines.index(r"\toprule") + 1:lines.index(r"\bottomrule")]
+    body = lines[lines.index(r"\toprule") + 1 : lines.index(r"\bottomrule")]
     assert body[1] == r"\midrule"
     return split_cells(body[0]), [split_cells(line) for line in body[2:]]
 
@@ -74,7 +76,7 @@ def brace_depths(tex):
             continue
         elif c in "{}":
             depth += 1 if c == "{" else -1
-            assert depth >= 0, tex[:i + 1]
+            assert depth >= 0, tex[: i + 1]
         elif c == "\n":
             depths.append(depth)
         i += 1
@@ -85,42 +87,68 @@ def mlrc_line(method, seed, base, failed=None, dims=(128, 512)):
     """One line of mlrc/runs.jsonl as ``dml.mlrc.main`` writes it (metrics as fractions)."""
     if failed:
         return {"method": method, "seed": seed, "dataset": "ds", "failed": [failed]}
-    separated = [{"P@1": base + 0.01 * k, "R@1": base + 0.01 * k,
-                  "R-Precision": base / 2 + 0.003 * k, "MAP@R": base / 3 - 0.002 * k}
-                 for k in range(4)]
-    concatenated = {"P@1": base + 0.05, "R-Precision": base / 2 + 0.02, "MAP@R": base / 3,
-                    "R@1": base + 0.05, "R@2": base + 0.1}
-    return {"method": method, "seed": seed, "dataset": "ds", "separated": separated,
-            "concatenated": concatenated, "dims": {"separated": dims[0],
-                                                   "concatenated": dims[1]}}
+    separated = [
+        {
+            "P@1": base + 0.01 * k,
+            "R@1": base + 0.01 * k,
+            "R-Precision": base / 2 + 0.003 * k,
+            "MAP@R": base / 3 - 0.002 * k,
+        }
+        for k in range(4)
+    ]
+    concatenated = {
+        "P@1": base + 0.05,
+        "R-Precision": base / 2 + 0.02,
+        "MAP@R": base / 3,
+        "R@1": base + 0.05,
+        "R@2": base + 0.1,
+    }
+    return {
+        "method": method,
+        "seed": seed,
+        "dataset": "ds",
+        "separated": separated,
+        "concatenated": concatenated,
+        "dims": {"separated": dims[0], "concatenated": dims[1]},
+    }
 
 
-LINES = [mlrc_line("gsp_contrastive", 0, 0.60), mlrc_line("gsp_contrastive", 1, 0.64),
-         mlrc_line("C2 & 50% of #proxies", 0, 0.7123), mlrc_line("xbm", 0, 0.30),
-         mlrc_line("xbm", 1, 0.0, failed="fold 2: NaN loss"),
-         mlrc_line("ibc", 0, 0.0, failed="fold 0: out of memory")]
+LINES = [
+    mlrc_line("gsp_contrastive", 0, 0.60),
+    mlrc_line("gsp_contrastive", 1, 0.64),
+    mlrc_line("C2 & 50% of #proxies", 0, 0.7123),
+    mlrc_line("xbm", 0, 0.30),
+    mlrc_line("xbm", 1, 0.0, failed="fold 2: NaN loss"),
+    mlrc_line("ibc", 0, 0.0, failed="fold 0: out of memory"),
+]
 
 
 def test_every_special_character_is_escaped_once():
     assert latex_table.escape("a_b & c% #1 $x$ {y} ~z ^w \\v <t>") == (
         r"a\_b \& c\% \#1 \$x\$ \{y\} \textasciitilde{}z \textasciicircum{}w "
-        r"\textbackslash{}v \textless{}t\textgreater{}")
+        r"\textbackslash{}v \textless{}t\textgreater{}"
+    )
     assert latex_table.escape("\\{}") == r"\textbackslash{}\{\}"  # never escaped twice
-    assert latex_table.escape("GSP + zero-shot (contrastive), 4 x 4") == \
-        "GSP + zero-shot (contrastive), 4 x 4"
-    tex = latex_table.tabular(["method", "R@1"], [["my_method & 100%", (1.0, 0.5)]],
-                              "a_b", "cmd", commit="abc")
+    assert (
+        latex_table.escape("GSP + zero-shot (contrastive), 4 x 4")
+        == "GSP + zero-shot (contrastive), 4 x 4"
+    )
+    tex = latex_table.tabular(
+        ["method", "R@1"], [["my_method & 100%", (1.0, 0.5)]], "a_b", "cmd", commit="abc"
+    )
     assert r"my\_method \& 100\% & \textbf{1.0} $\pm$ 0.5 \\" in tex
     assert r"\caption{a\_b}" in tex
 
 
 def test_bold_is_the_column_best_with_ties_and_failed_rows():
     header = ["method", "A", "B", "C", "notes"]
-    rows = [["m1", (70.04, 1.0), (10.0, None), "-", "3"],
-            ["m2", (69.96, 2.0), (30.0, 0.1), "-", "2"],  # 70.0 printed: tied with m1
-            ["m3", (50.0, 0.0), (29.99, 0.2), "-", "1"],  # 30.0 printed: tied with m2
-            ["m4", "failed", "failed", "-", "0 (seed 0 failed)"],
-            ["m5", (10.0, 3.0), "-", "-", "3"]]
+    rows = [
+        ["m1", (70.04, 1.0), (10.0, None), "-", "3"],
+        ["m2", (69.96, 2.0), (30.0, 0.1), "-", "2"],  # 70.0 printed: tied with m1
+        ["m3", (50.0, 0.0), (29.99, 0.2), "-", "1"],  # 30.0 printed: tied with m2
+        ["m4", "failed", "failed", "-", "0 (seed 0 failed)"],
+        ["m5", (10.0, 3.0), "-", "-", "3"],
+    ]
     _, got = tex_rows(latex_table.tabular(header, rows, "c", "cmd", commit="abc"))
     parsed = [[tex_number(c) for c in row[1:]] for row in got]
     for j in range(len(header) - 1):
@@ -128,10 +156,20 @@ def test_bold_is_the_column_best_with_ties_and_failed_rows():
         top = max(means, default=None)  # the column's best, computed here
         bold = [cell is not None and cell[2] for cell in (row[j] for row in parsed)]
         assert bold == [cell is not None and cell[0] == top for cell in (r[j] for r in parsed)]
-    assert [r[1] for r in got] == [r"\textbf{70.0} $\pm$ 1.0", r"\textbf{70.0} $\pm$ 2.0",
-                                   r"50.0 $\pm$ 0.0", "failed", r"10.0 $\pm$ 3.0"]
-    assert [r[2] for r in got] == ["10.0", r"\textbf{30.0} $\pm$ 0.1",
-                                   r"\textbf{30.0} $\pm$ 0.2", "failed", "--"]
+    assert [r[1] for r in got] == [
+        r"\textbf{70.0} $\pm$ 1.0",
+        r"\textbf{70.0} $\pm$ 2.0",
+        r"50.0 $\pm$ 0.0",
+        "failed",
+        r"10.0 $\pm$ 3.0",
+    ]
+    assert [r[2] for r in got] == [
+        "10.0",
+        r"\textbf{30.0} $\pm$ 0.1",
+        r"\textbf{30.0} $\pm$ 0.2",
+        "failed",
+        "--",
+    ]
     assert "textbf" not in "".join(r[3] + r[4] for r in got)  # no number: no bold
 
 
@@ -169,8 +207,10 @@ def test_the_tex_numbers_are_the_markdown_numbers():
                 assert tex[:2] == md, (md_cell, tex_cell)
     assert numbers == 3 * 8  # three scored methods: 3 separated, 5 concatenated
     # and for make table (dml.reproduce) on its fake runs
-    rows = [{"variant": "A_1", "seed": s, "metrics": {"R@1": 0.5 + 0.1 * s, "MAP@R": 0.2,
-                                                       "NMI": 0.6}} for s in range(3)]
+    rows = [
+        {"variant": "A_1", "seed": s, "metrics": {"R@1": 0.5 + 0.1 * s, "MAP@R": 0.2, "NMI": 0.6}}
+        for s in range(3)
+    ]
     rows.append({"variant": "B", "seed": 0, "failed": "boom", "metrics": {}})
     table = reproduce.aggregate(rows, list(reproduce.GRID))
     md_head, md_body = md_rows(reproduce.markdown(table, "t", "cmd"))
@@ -181,9 +221,11 @@ def test_the_tex_numbers_are_the_markdown_numbers():
 
 
 def test_the_tabular_is_well_formed():
-    for tex in (mlrc.latex(LINES, "my_ds", "python -m dml.mlrc --name 'a {b}'"),
-                mlrc.latex([], "ds", "cmd", commit="abc"),
-                latex_table.tabular(["m", "x"], [["\\{", "}"]], "{", "}", commit="{")):
+    for tex in (
+        mlrc.latex(LINES, "my_ds", "python -m dml.mlrc --name 'a {b}'"),
+        mlrc.latex([], "ds", "cmd", commit="abc"),
+        latex_table.tabular(["m", "x"], [["\\{", "}"]], "{", "}", commit="{"),
+    ):
         depth, depths = brace_depths(tex)
         assert depth == 0 and set(depths) == {0}  # balanced, on every line
         assert tex.count(r"\begin{table}") == tex.count(r"\end{table}") == 1
@@ -199,10 +241,17 @@ def test_the_tabular_is_well_formed():
 def test_pdflatex_compiles_it(tmp_path):
     table = tmp_path / "table.tex"
     table.write_text(mlrc.latex(LINES, "my_ds", "python -m dml.mlrc --name 'a {b}'"))
-    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs}\n"
-                                      "\\begin{document}\n\\input{table.tex}\n\\end{document}\n")
-    out = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    (tmp_path / "doc.tex").write_text(
+        "\\documentclass{article}\n\\usepackage{booktabs}\n"
+        "\\begin{document}\n\\input{table.tex}\n\\end{document}\n"
+    )
+    out = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout[-3000:]
 
 
@@ -212,8 +261,18 @@ def test_both_commands_write_the_tex_beside_the_markdown(tmp_path, monkeypatch, 
         return {"R@1": 0.5 + 0.1 * seed, "MAP@R": 0.2, "NMI": 0.6}, None
 
     monkeypatch.setattr(reproduce, "run_once", fake_run)
-    argv = ["--dataset", "synthetic", "--seeds", "0", "1", "--out", str(tmp_path),
-            "--variants", "IBC", "C2-CCP"]
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--variants",
+        "IBC",
+        "C2-CCP",
+    ]
     reproduce.main(argv)
     tex = (tmp_path / "synthetic" / "table.tex").read_text()
     assert f"% Made by: python -m dml.reproduce {' '.join(argv)}" in tex
@@ -224,16 +283,33 @@ def test_both_commands_write_the_tex_beside_the_markdown(tmp_path, monkeypatch, 
     # dml.mlrc.main with its training and evaluation replaced: the table of runs.jsonl
     checkpoint = tmp_path / "best.ckpt"
     checkpoint.write_text("")
-    monkeypatch.setattr(mlrc, "train_fold", lambda args, folder, label: {
-        "status": "done", "checkpoint": str(checkpoint), "seconds": 1.0})
+    monkeypatch.setattr(
+        mlrc,
+        "train_fold",
+        lambda args, folder, label: {
+            "status": "done",
+            "checkpoint": str(checkpoint),
+            "seconds": 1.0,
+        },
+    )
     from dml.inference import embedder
+
     monkeypatch.setattr(embedder, "read_checkpoint", lambda path: {})
     monkeypatch.setattr(embedder, "data_class_and_args", lambda ckpt: (object, {}))
     result = {k: LINES[0][k] for k in ("separated", "concatenated", "dims")}
-    monkeypatch.setattr(mlrc, "evaluate", lambda checkpoints, root, ks: json.loads(
-        json.dumps(result)))
-    argv = ["--dataset", "synthetic", "--method", "baseline", "--out", str(tmp_path),
-            "--runs", str(tmp_path / "runs")]
+    monkeypatch.setattr(
+        mlrc, "evaluate", lambda checkpoints, root, ks: json.loads(json.dumps(result))
+    )
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--method",
+        "baseline",
+        "--out",
+        str(tmp_path),
+        "--runs",
+        str(tmp_path / "runs"),
+    ]
     text = mlrc.main(argv)
     base = tmp_path / "synthetic" / "mlrc"
     assert (base / "table.md").read_text() == text

@@ -1,4 +1,5 @@
 """The stop-mode non-finite-loss guard keeps its record on the device and reads it on demand."""
+
 import math
 
 import pytest
@@ -11,18 +12,25 @@ def test_recording_reads_nothing_on_the_host(monkeypatch):
     reads = []
     for name in ("__bool__", "__int__", "__float__", "item", "tolist", "numpy"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda self, *a, _o=original, _n=name, **k: reads.append(_n)
-                            or _o(self, *a, **k))
+        monkeypatch.setattr(
+            torch.Tensor,
+            name,
+            lambda self, *a, _o=original, _n=name, **k: reads.append(_n) or _o(self, *a, **k),
+        )
     watch = LossWatch(every=50)
     for step in range(5):
         metric = torch.tensor(float("nan") if step == 3 else 1.0)
-        watch.record(metric + 0.5, {"metric": metric, "zero_shot": torch.tensor(0.5)}, step, 0,
-                     step)
+        watch.record(
+            metric + 0.5, {"metric": metric, "zero_shot": torch.tensor(0.5)}, step, 0, step
+        )
     assert reads == []
     monkeypatch.undo()
-    assert watch.read() == (3, 0, 3, {"metric": pytest.approx(float("nan"), nan_ok=True),
-                                      "zero_shot": 0.5})
+    assert watch.read() == (
+        3,
+        0,
+        3,
+        {"metric": pytest.approx(float("nan"), nan_ok=True), "zero_shot": 0.5},
+    )
 
 
 def test_the_first_bad_step_is_kept_with_its_own_terms_and_the_record_clears():

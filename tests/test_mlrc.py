@@ -1,6 +1,7 @@
 """The MLRC protocol (dml.mlrc) and the search on its validation folds (dml.tune): folds,
 intervals, concatenation, resume, a test split never built before the final evaluation, and a
 tuned config the protocol accepts."""
+
 import glob
 import json
 import os
@@ -17,9 +18,20 @@ from dml.mlrc import concatenate_normalized, confidence_interval, fold_args, met
 from dml.module import DMLModule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--data.init_args.train_classes", "16", "--data.init_args.test_classes", "8",
-        "--data.init_args.images_per_class", "8", "--model.backbone.width", "8",
-        "--data.init_args.classes_per_batch", "3", "--model.evaluation.nmi", "false"]
+TINY = [
+    "--data.init_args.train_classes",
+    "16",
+    "--data.init_args.test_classes",
+    "8",
+    "--data.init_args.images_per_class",
+    "8",
+    "--model.backbone.width",
+    "8",
+    "--data.init_args.classes_per_batch",
+    "3",
+    "--model.evaluation.nmi",
+    "false",
+]
 
 
 def test_folds_are_class_disjoint_cover_every_training_class_and_are_deterministic():
@@ -29,13 +41,13 @@ def test_folds_are_class_disjoint_cover_every_training_class_and_are_determinist
     assert [int(m.sum()) for m in masks] == [6, 6, 6, 6]
     assert all((m == mlrc_fold_mask(classes, k)).all() for k, m in enumerate(masks))
     for k in range(4):
-        dm = SyntheticDataModule(train_classes=24, test_classes=8, images_per_class=4,
-                                 mlrc_fold=k)
+        dm = SyntheticDataModule(train_classes=24, test_classes=8, images_per_class=4, mlrc_fold=k)
         held_out = set(classes[masks[k]].tolist())
         assert dm.num_train_classes == 18 and len(dm.train_dataset) == 18 * 4
         trained = {int(dm.train_dataset.dataset.labels[r]) for r in dm.train_dataset.rows}
-        validated = {int(dm.val_datasets["test"].dataset.labels[r])
-                     for r in dm.val_datasets["test"].rows}
+        validated = {
+            int(dm.val_datasets["test"].dataset.labels[r]) for r in dm.val_datasets["test"].rows
+        }
         assert trained == set(range(24)) - held_out and validated == held_out
         assert sorted(set(dm.train_labels())) == list(range(18))  # renumbered for the loss
 
@@ -58,20 +70,28 @@ def test_concatenated_metrics_are_the_metrics_of_the_hand_concatenated_embedding
     got = concatenate_normalized(parts)
     assert got.shape == (100, 32) and np.allclose(got, by_hand, atol=1e-6)
     expected = retrieval_metrics(by_hand.astype(np.float32), labels, [1, 2])
-    assert metrics_of({"test": got}, {"test": labels}, [1, 2]) == dict(expected,
-                                                                       **{"P@1": expected["R@1"]})
+    assert metrics_of({"test": got}, {"test": labels}, [1, 2]) == dict(
+        expected, **{"P@1": expected["R@1"]}
+    )
 
 
 def test_fold_training_never_builds_the_test_split(tmp_path, monkeypatch):
     """The fold models (and the tuning trials, which train them with the same arguments) see
     the training classes only."""
+
     def no_test_split(self):
         raise AssertionError("the test split was built during fold training")
 
     monkeypatch.setattr(SyntheticDataModule, "build_eval", no_test_split)
     args = fold_args("synthetic", "baseline", 2, 0, str(tmp_path), TINY, epochs=1)
-    cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
-                 save_config_callback=None, args=args[1:] + ["--trainer.logger", "false"])
+    cli = DMLCLI(
+        DMLModule,
+        DMLDataModule,
+        subclass_mode_data=True,
+        run=False,
+        save_config_callback=None,
+        args=args[1:] + ["--trainer.logger", "false"],
+    )
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.current_epoch == 1 and "val/MAP@R" in cli.trainer.callback_metrics
 
@@ -79,22 +99,32 @@ def test_fold_training_never_builds_the_test_split(tmp_path, monkeypatch):
 def test_a_backbone_layer_goes_into_every_fold_model():
     args = fold_args("cub", "gsp_contrastive", 1, 0, "f", backbone="vit_s16_dino")
     configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
-    assert configs[-2:] == ["experiments/backbone/vit_s16_dino.yaml",
-                            "experiments/backbone/vit_s16_dino/small.yaml"]
+    assert configs[-2:] == [
+        "experiments/backbone/vit_s16_dino.yaml",
+        "experiments/backbone/vit_s16_dino/small.yaml",
+    ]
     assert args[args.index("--data.init_args.mlrc_fold") + 1] == "1"
 
 
 def run(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, WANDB_MODE="disabled",
-                                   PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"),
-                                                               REPO])))
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(
+            os.environ,
+            WANDB_MODE="disabled",
+            PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), REPO]),
+        ),
+    )
 
 
 def fail_at_start(**init_args):
-    return "--trainer.callbacks+=" + json.dumps({"class_path": "run_helpers.FailAtStart",
-                                                 "init_args": init_args})
+    return "--trainer.callbacks+=" + json.dumps(
+        {"class_path": "run_helpers.FailAtStart", "init_args": init_args}
+    )
 
 
 def test_a_search_and_the_protocol_survive_a_failing_run_and_resume(tmp_path):
@@ -103,11 +133,32 @@ def test_a_search_and_the_protocol_survive_a_failing_run_and_resume(tmp_path):
     whose fold 2 fails once (recorded, the other folds go on); the next run of the protocol
     trains fold 2 alone, and the one after trains nothing and gives the same metrics."""
     space = tmp_path / "space.yaml"
-    space.write_text("model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
-                     "model.loss.params.base: {type: float, low: 0.3, high: 0.7}\n")
-    out = run("dml.tune", "--dataset", "synthetic", "--method", "baseline", "--space", space,
-              "--trials", "2", "--folds", "0", "--epochs", "1", "--out", tmp_path, "--runs",
-              tmp_path / "runs", "--", *TINY, fail_at_start(marker=str(tmp_path / "trial")))
+    space.write_text(
+        "model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
+        "model.loss.params.base: {type: float, low: 0.3, high: 0.7}\n"
+    )
+    out = run(
+        "dml.tune",
+        "--dataset",
+        "synthetic",
+        "--method",
+        "baseline",
+        "--space",
+        space,
+        "--trials",
+        "2",
+        "--folds",
+        "0",
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path,
+        "--runs",
+        tmp_path / "runs",
+        "--",
+        *TINY,
+        fail_at_start(marker=str(tmp_path / "trial")),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "trial 0: FAIL" in out.stdout and "injected failure" in out.stdout
     assert "trial 1: COMPLETE validation MAP@R " in out.stdout
@@ -116,8 +167,10 @@ def test_a_search_and_the_protocol_survive_a_failing_run_and_resume(tmp_path):
     assert trials[1].startswith("0,FAIL,") and "injected failure" in trials[1]
     assert trials[2].startswith("1,COMPLETE,")
     import optuna
-    study = optuna.load_study(study_name="synthetic-baseline",
-                              storage=f"sqlite:///{tune / 'baseline.db'}")
+
+    study = optuna.load_study(
+        study_name="synthetic-baseline", storage=f"sqlite:///{tune / 'baseline.db'}"
+    )
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
     assert 0 < study.best_value <= 1
     assert list((tmp_path / "runs").glob("**/metrics.csv"))
@@ -125,14 +178,32 @@ def test_a_search_and_the_protocol_survive_a_failing_run_and_resume(tmp_path):
     best = tune / "baseline.best.yaml"
     assert "lr:" in best.read_text() and "base:" in best.read_text()
 
-    args = ["--dataset", "synthetic", "--method", "baseline", "--epochs", "1", "--config", best,
-            "--seeds", "0", "--out", tmp_path, "--runs", tmp_path / "runs", "--", *TINY,
-            fail_at_start(fold=2, marker=str(tmp_path / "fold"))]
+    args = [
+        "--dataset",
+        "synthetic",
+        "--method",
+        "baseline",
+        "--epochs",
+        "1",
+        "--config",
+        best,
+        "--seeds",
+        "0",
+        "--out",
+        tmp_path,
+        "--runs",
+        tmp_path / "runs",
+        "--",
+        *TINY,
+        fail_at_start(fold=2, marker=str(tmp_path / "fold")),
+    ]
     out = run("dml.mlrc", *args)
     assert out.returncode == 2
     (error,) = out.stderr.strip().splitlines()
-    assert error.startswith("error: 1 fold run(s) failed (seed 0 fold 2: ") and \
-        "injected failure" in error
+    assert (
+        error.startswith("error: 1 fold run(s) failed (seed 0 fold 2: ")
+        and "injected failure" in error
+    )
     base = tmp_path / "synthetic" / "mlrc"
     (line,) = [json.loads(x) for x in open(base / "runs.jsonl")]
     assert [f["status"] for f in line["folds"]] == ["done", "done", "failed", "done"]
@@ -158,20 +229,54 @@ def test_a_search_and_the_protocol_survive_a_failing_run_and_resume(tmp_path):
     # other settings (2 epochs): the folds would train into folders of their own (the rule a
     # run uses, dml.mlrc.fold_folder; a change of any argument is in dml.jobs' fingerprint tests)
     from dml.mlrc import fold_args, fold_folder
-    trained = {os.path.dirname(p) for p in
-               glob.glob(str(tmp_path / "runs" / "synthetic/baseline/seed0/fold*/*/fold.json"))}
+
+    trained = {
+        os.path.dirname(p)
+        for p in glob.glob(str(tmp_path / "runs" / "synthetic/baseline/seed0/fold*/*/fold.json"))
+    }
     assert len(trained) == 4
     for fold in range(4):
         base = str(tmp_path / "runs" / f"synthetic/baseline/seed0/fold{fold}")
-        one, two = (fold_folder(base, fold_args("synthetic", "baseline", fold, 0, base,
-                                                [*TINY, args[-1]], epochs=e, config=str(best)))
-                    for e in (1, 2))
+        one, two = (
+            fold_folder(
+                base,
+                fold_args(
+                    "synthetic",
+                    "baseline",
+                    fold,
+                    0,
+                    base,
+                    [*TINY, args[-1]],
+                    epochs=e,
+                    config=str(best),
+                ),
+            )
+            for e in (1, 2)
+        )
         assert one in trained and two not in trained and os.path.dirname(two) == base
     # a search with another space does not join the study
     space.write_text("model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-2}\n")
-    out = run("dml.tune", "--dataset", "synthetic", "--method", "baseline", "--space", space,
-              "--trials", "1", "--folds", "0", "--epochs", "1", "--out", tmp_path, "--runs",
-              tmp_path / "runs", "--", *TINY)
+    out = run(
+        "dml.tune",
+        "--dataset",
+        "synthetic",
+        "--method",
+        "baseline",
+        "--space",
+        space,
+        "--trials",
+        "1",
+        "--folds",
+        "0",
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path,
+        "--runs",
+        tmp_path / "runs",
+        "--",
+        *TINY,
+    )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "other the search space" in lines[0]
 
@@ -184,12 +289,19 @@ def test_an_unknown_data_set_method_or_space_is_one_line_naming_it(tmp_path, cap
     from dml.errors import ConfigError
 
     for module, args, says in [
-            (mlrc, ["--dataset", "nope", "--method", "baseline"], "experiments/data/nope.yaml"),
-            (mlrc, ["--dataset", "synthetic", "--method", "nope"], "method/nope.yaml"),
-            (mlrc, ["--dataset", "synthetic", "--method", "baseline", "--backbone",
-                    "nope"], "backbone/nope.yaml"),
-            (tune, ["--dataset", "synthetic", "--method", "baseline", "--space",
-                    tmp_path / "none.yaml"], "none.yaml: no such file")]:
+        (mlrc, ["--dataset", "nope", "--method", "baseline"], "experiments/data/nope.yaml"),
+        (mlrc, ["--dataset", "synthetic", "--method", "nope"], "method/nope.yaml"),
+        (
+            mlrc,
+            ["--dataset", "synthetic", "--method", "baseline", "--backbone", "nope"],
+            "backbone/nope.yaml",
+        ),
+        (
+            tune,
+            ["--dataset", "synthetic", "--method", "baseline", "--space", tmp_path / "none.yaml"],
+            "none.yaml: no such file",
+        ),
+    ]:
         argv = [str(a) for a in args] + ["--out", str(tmp_path)]
         with pytest.raises(SystemExit) as exit_:
             run_command(lambda: module.main(argv), (ConfigError, RuntimeError))

@@ -1,4 +1,5 @@
 """The notebooks execute top to bottom on the small data (a fresh kernel, the repo's Python)."""
+
 import glob
 import os
 
@@ -8,8 +9,10 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted(glob.glob("notebooks/*.ipynb"))
 # the figures each notebook draws at least
-FIGURES = {"gsp_pooling_weights.ipynb": 4,  # heatmaps, usage histograms, neighbours, mu sweep
-           "compare_checkpoints.ipynb": 3}  # retrievals: only A right (A's, B's), only B right
+FIGURES = {
+    "gsp_pooling_weights.ipynb": 4,  # heatmaps, usage histograms, neighbours, mu sweep
+    "compare_checkpoints.ipynb": 3,
+}  # retrievals: only A right (A's, B's), only B right
 
 
 def test_there_is_a_notebook():
@@ -22,13 +25,22 @@ def test_notebook_executes(path, tmp_path):
     env_before = os.environ.get("WANDB_MODE")
     os.environ["WANDB_MODE"] = "disabled"
     try:
-        NotebookClient(nb, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+        NotebookClient(
+            nb,
+            timeout=600,
+            kernel_name="python3",
+            resources={"metadata": {"path": os.path.dirname(path)}},
+        ).execute()
     finally:
         if env_before is None:
             os.environ.pop("WANDB_MODE")
         else:
             os.environ["WANDB_MODE"] = env_before
-    images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    images = [
+        o
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
     assert len(images) >= FIGURES[os.path.basename(path)]

@@ -1,5 +1,6 @@
 """make table (dml.reproduce): aggregation and Markdown on fake result files, resuming, and the
 grid's arguments parsing on the shipped configs."""
+
 import json
 
 import pytest
@@ -20,8 +21,16 @@ def fake(variant, seed, r1, mapr=0.2, nmi=0.5):
 
 def test_aggregate_gives_mean_and_sample_std_in_percent_last_repeat_wins(tmp_path):
     path = tmp_path / "runs.jsonl"
-    write_runs(path, [fake("B", 0, 0.5), fake("A", 0, 0.60), fake("A", 1, 0.70),
-                      fake("A", 2, 0.99), fake("A", 2, 0.80)])  # seed 2 redone: 0.80 counts
+    write_runs(
+        path,
+        [
+            fake("B", 0, 0.5),
+            fake("A", 0, 0.60),
+            fake("A", 1, 0.70),
+            fake("A", 2, 0.99),
+            fake("A", 2, 0.80),
+        ],
+    )  # seed 2 redone: 0.80 counts
     table = reproduce.aggregate(reproduce.load_runs(str(path)), order=["A", "B"])
     assert list(table) == ["A", "B"]
     mean, std, n = table["A"]["R@1"]
@@ -51,8 +60,19 @@ def test_main_writes_runs_and_table_and_resumes(tmp_path, monkeypatch):
         return {"R@1": 0.5 + 0.1 * seed, "MAP@R": 0.2, "NMI": 0.6}, None
 
     monkeypatch.setattr(reproduce, "run_once", fake_run)
-    argv = ["--dataset", "synthetic", "--seeds", "0", "1", "--out", str(tmp_path),
-            "--variants", "GAP (contrastive)", "IBC", "C2-CCP"]
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--variants",
+        "GAP (contrastive)",
+        "IBC",
+        "C2-CCP",
+    ]
     text = reproduce.main(argv)
     assert len(calls) == 6
     assert "| GAP (contrastive) | 55.0 +- 7.1 |" in text and "| IBC | 55.0 +- 7.1 |" in text
@@ -72,26 +92,36 @@ def test_main_writes_runs_and_table_and_resumes(tmp_path, monkeypatch):
 def test_grid_arguments_parse(variant, dataset):
     method, extra = reproduce.GRID[variant]
     args = reproduce.run_args(dataset, method, extra, seed=1, epochs=2, size=32)
-    cli = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
-                       args=args[1:])
+    cli = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False, args=args[1:])
     assert cli.config.trainer.max_epochs == 2 and cli.config.seed_everything == 1
 
 
-def test_a_run_with_other_settings_is_not_reused_and_a_failed_run_is_marked(tmp_path,
-                                                                           monkeypatch):
+def test_a_run_with_other_settings_is_not_reused_and_a_failed_run_is_marked(tmp_path, monkeypatch):
     calls = []
 
     def fake_run(args):
         calls.append(args)
-        if "experiments/method/ibc.yaml" in args and "1" == args[args.index(
-                "--seed_everything") + 1]:
+        if (
+            "experiments/method/ibc.yaml" in args
+            and "1" == args[args.index("--seed_everything") + 1]
+        ):
             raise RuntimeError("non-finite loss at step 3")
         epochs = int(args[args.index("--trainer.max_epochs") + 1])
         return {"R@1": 0.1 * epochs, "MAP@R": 0.2, "NMI": 0.6}, None
 
     monkeypatch.setattr(reproduce, "run_once", fake_run)
-    argv = ["--dataset", "synthetic", "--seeds", "0", "1", "--out", str(tmp_path),
-            "--variants", "GAP (contrastive)", "IBC"]
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--variants",
+        "GAP (contrastive)",
+        "IBC",
+    ]
     with pytest.raises(SystemExit, match="1 run\\(s\\) failed \\(IBC seed 1\\)"):
         reproduce.main(argv + ["--epochs", "2"])
     assert len(calls) == 4  # the grid went on after the failure
@@ -100,7 +130,8 @@ def test_a_run_with_other_settings_is_not_reused_and_a_failed_run_is_marked(tmp_
     assert "| IBC | 20.0 +- 0.0 | 20.0 +- 0.0 | 60.0 +- 0.0 | 1 (seed 1 failed) |" in text
     rows = reproduce.load_runs(str(tmp_path / "synthetic" / "runs.jsonl"))
     assert [r["failed"] for r in rows if r.get("failed")] == [
-        "RuntimeError: non-finite loss at step 3"]
+        "RuntimeError: non-finite loss at step 3"
+    ]
     # 3 epochs: other settings, so every run trains again and the table holds only them
     with pytest.raises(SystemExit):
         reproduce.main(argv + ["--epochs", "3"])
@@ -131,9 +162,12 @@ def test_an_edited_config_file_changes_the_fingerprint(tmp_path):
     data = tmp_path / "data"
     (data / "CUB_200_2011").mkdir(parents=True)
     (data / "CUB_200_2011" / "images.txt").write_text("1 a.jpg\n")
-    for with_data in (args + ["--data.init_args.root", str(data)],
-                      args + [f"--data.init_args.root={data}"]):
+    for with_data in (
+        args + ["--data.init_args.root", str(data)],
+        args + [f"--data.init_args.root={data}"],
+    ):
         before = jobs.fingerprint(with_data)
         (data / "CUB_200_2011" / "images.txt").write_text(
-            (data / "CUB_200_2011" / "images.txt").read_text() + "2 b.jpg\n")
+            (data / "CUB_200_2011" / "images.txt").read_text() + "2 b.jpg\n"
+        )
         assert jobs.fingerprint(with_data) != before

@@ -2,6 +2,7 @@
 command's main in this process: the hits are the stable order of dml.reranking's distances,
 each similarity is the plain cosine of the two embeddings (never a re-ranked score), and bad
 settings are one line."""
+
 import contextlib
 import csv
 import io
@@ -40,18 +41,32 @@ def indexed(tmp_path):
     return x, y, rows, tmp_path / "g.index"
 
 
-@pytest.mark.parametrize("name,params", [("k_reciprocal", ["k1=6", "k2=3"]),
-                                         ("alpha_qe", ["k=3", "alpha=2"])])
-def test_reranked_hits_follow_the_reranked_distances_and_carry_plain_cosines(indexed, tmp_path,
-                                                                             name, params):
+@pytest.mark.parametrize(
+    "name,params", [("k_reciprocal", ["k1=6", "k2=3"]), ("alpha_qe", ["k=3", "alpha=2"])]
+)
+def test_reranked_hits_follow_the_reranked_distances_and_carry_plain_cosines(
+    indexed, tmp_path, name, params
+):
     x, y, rows, index = indexed
     q, _ = data(1, classes=3, per_class=2)
     queries = tmp_path / "q.npz"
     EmbeddingSet(q, [f"q{i}.png" for i in range(len(q))], np.full(len(q), -1), {}).save(
-        str(queries))
+        str(queries)
+    )
     args = [a for p in params for a in ("--rerank-param", p)]
-    out = run("search", index, "--embeddings", queries, "--k", 5, "--rerank", name, *args,
-              "--out", tmp_path / "r.json")
+    out = run(
+        "search",
+        index,
+        "--embeddings",
+        queries,
+        "--k",
+        5,
+        "--rerank",
+        name,
+        *args,
+        "--out",
+        tmp_path / "r.json",
+    )
     assert out.returncode == 0, out.stderr
     hits = json.loads((tmp_path / "r.json").read_text())
     settings = {k: float(v) if "." in v else int(v) for k, v in (p.split("=") for p in params)}
@@ -69,8 +84,19 @@ def test_reranked_hits_follow_the_reranked_distances_and_carry_plain_cosines(ind
 
 def test_reranked_search_of_the_index_rows_leaves_each_out_of_its_own_hits(indexed, tmp_path):
     x, y, rows, index = indexed
-    out = run("search", index, "--embeddings", rows, "--exclude-self", "--k", 3,
-              "--rerank", "k_reciprocal", "--out", tmp_path / "r.csv")
+    out = run(
+        "search",
+        index,
+        "--embeddings",
+        rows,
+        "--exclude-self",
+        "--k",
+        3,
+        "--rerank",
+        "k_reciprocal",
+        "--out",
+        tmp_path / "r.csv",
+    )
     assert out.returncode == 0, out.stderr
     with open(tmp_path / "r.csv") as f:
         hits = list(csv.DictReader(f))
@@ -83,11 +109,22 @@ def test_reranked_search_of_the_index_rows_leaves_each_out_of_its_own_hits(index
 
 def test_bad_rerank_settings_are_one_line(indexed, tmp_path):
     _, _, rows, index = indexed
-    for extra, message in ((["--rerank-param", "k1"], "expected KEY=NUMBER"),
-                           (["--rerank-param", "k9=3"], "unknown parameters"),
-                           (["--rerank-param", "k1=2.5"], "k1 2.5 must be a whole number")):
-        out = run("search", index, "--embeddings", rows, "--rerank", "k_reciprocal", *extra,
-                  "--out", tmp_path / "r.json")
+    for extra, message in (
+        (["--rerank-param", "k1"], "expected KEY=NUMBER"),
+        (["--rerank-param", "k9=3"], "unknown parameters"),
+        (["--rerank-param", "k1=2.5"], "k1 2.5 must be a whole number"),
+    ):
+        out = run(
+            "search",
+            index,
+            "--embeddings",
+            rows,
+            "--rerank",
+            "k_reciprocal",
+            *extra,
+            "--out",
+            tmp_path / "r.json",
+        )
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
     assert not (tmp_path / "r.json").exists()
@@ -114,8 +151,16 @@ def test_an_embedded_split_gets_its_metrics_and_per_class_file(tmp_path, capsys)
 
 def test_rerank_param_without_rerank_and_rerank_on_ivfpq_are_one_line(indexed, tmp_path):
     _, _, rows, index = indexed
-    out = run("search", index, "--embeddings", rows, "--rerank-param", "k1=3",
-              "--out", tmp_path / "r.json")
+    out = run(
+        "search",
+        index,
+        "--embeddings",
+        rows,
+        "--rerank-param",
+        "k1=3",
+        "--out",
+        tmp_path / "r.json",
+    )
     assert out.returncode == 2 and "give --rerank" in out.stderr
 
 
@@ -127,8 +172,10 @@ def test_the_rerank_table_keeps_models_of_the_same_file_name_apart(tmp_path):
         x, y = data(seed)
         (tmp_path / name).mkdir()
         EmbeddingSet(x, [f"t{i}" for i in range(len(x))], y, {"split": "train"}).save(
-            str(tmp_path / name / "x.npz"))
-    text = table_main([str(tmp_path / "a" / "x.npz"), str(tmp_path / "b" / "x.npz"),
-                       "--rerank", "alpha_qe"])
+            str(tmp_path / name / "x.npz")
+        )
+    text = table_main(
+        [str(tmp_path / "a" / "x.npz"), str(tmp_path / "b" / "x.npz"), "--rerank", "alpha_qe"]
+    )
     assert text.startswith("The train split")
     assert sum(line.count("| plain |") for line in text.splitlines()) == 2

@@ -1,5 +1,6 @@
 """Greedy k-center (farthest-first) selection against brute force (GSP's prototypes, CCP's
 proxies)."""
+
 import numpy as np
 import torch
 

@@ -1,4 +1,5 @@
 """The training loop end to end on the embedded data, the CLI's config checking, checkpoints."""
+
 import pytorch_lightning as pl
 import pytest
 import torch
@@ -9,8 +10,14 @@ from dml.data import DMLDataModule
 from dml.module import DMLModule, LossConfig, OptimizerConfig
 from helpers import small_data, small_module, trainer
 
-CONFIGS = ["--config", "experiments/trainer.yaml", "--config", "experiments/data/synthetic.yaml",
-           "--config", "experiments/method/baseline.yaml"]
+CONFIGS = [
+    "--config",
+    "experiments/trainer.yaml",
+    "--config",
+    "experiments/data/synthetic.yaml",
+    "--config",
+    "experiments/method/baseline.yaml",
+]
 
 
 def test_training_raises_recall_well_above_untrained(tmp_path):
@@ -25,8 +32,9 @@ def test_training_raises_recall_well_above_untrained(tmp_path):
 
 
 def test_proxy_loss_parameters_get_their_own_group_and_lr(tmp_path):
-    module = small_module(loss=LossConfig(name="proxy_anchor"),
-                          optimizer=OptimizerConfig(lr=1e-3, loss_lr=1e-1))
+    module = small_module(
+        loss=LossConfig(name="proxy_anchor"), optimizer=OptimizerConfig(lr=1e-3, loss_lr=1e-1)
+    )
     opt = module.configure_optimizers()
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["loss"]["lr"] == 1e-1 and groups["head"]["lr"] == 1e-3
@@ -77,14 +85,28 @@ def test_cli_bad_value_names_the_key(tmp_path, capsys):
 
 
 def test_cli_missing_data_set_gives_guidance(tmp_path, capsys):
-    err = run_cli(["--config", "experiments/data/cub.yaml", "--data.init_args.root",
-                   str(tmp_path / "nowhere")], capsys)
+    err = run_cli(
+        [
+            "--config",
+            "experiments/data/cub.yaml",
+            "--data.init_args.root",
+            str(tmp_path / "nowhere"),
+        ],
+        capsys,
+    )
     assert "make data DATASET=cub" in err and "Traceback" not in err
 
 
 def test_cli_composes_data_and_method_parts():
-    cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
-                 args=CONFIGS[:] + ["--trainer.logger", "false"])
+    cli = DMLCLI(
+        DMLModule,
+        DMLDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=CONFIGS[:] + ["--trainer.logger", "false"],
+    )
     assert cli.model.backbone.out_channels == 128  # small_cnn from data/synthetic.yaml
-    assert type(cli.model.objective.metric_loss).__name__ == "MultiSimilarityLoss"  # method/baseline
+    assert (
+        type(cli.model.objective.metric_loss).__name__ == "MultiSimilarityLoss"
+    )  # method/baseline
     assert cli.model.hparams.num_classes == 48  # linked from the data module

@@ -2,6 +2,7 @@
 synthetic data set, the baseline method): every epoch draws new batches and new crops, over a
 few epochs every training image is drawn, the order is a function of (seed, epoch) only, and
 two processes split each epoch's classes between them."""
+
 import json
 import os
 from collections import defaultdict
@@ -15,11 +16,23 @@ def record_run(tmp_path, name, *extra, epochs=3):
     """Train ``epochs`` epochs of the default config (tiny sizes); returns the recorded
     batches as {rank: [json records]} and the process's output."""
     path = tmp_path / f"{name}.jsonl"
-    out = dml("fit", *BASE, *method("baseline"), *TINY, "--trainer.max_epochs", str(epochs),
-              "--dashboard.enabled", "false", "--trainer.logger", "false",
-              "--trainer.default_root_dir", str(tmp_path / name),
-              "--trainer.callbacks+={\"class_path\": \"run_helpers.RecordBatches\", "
-              f"\"init_args\": {{\"path\": \"{path}\"}}}}", *extra)
+    out = dml(
+        "fit",
+        *BASE,
+        *method("baseline"),
+        *TINY,
+        "--trainer.max_epochs",
+        str(epochs),
+        "--dashboard.enabled",
+        "false",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path / name),
+        '--trainer.callbacks+={"class_path": "run_helpers.RecordBatches", '
+        f'"init_args": {{"path": "{path}"}}}}',
+        *extra,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     records = defaultdict(list)
     for file in tmp_path.glob(f"{name}.jsonl*"):
@@ -73,23 +86,59 @@ def test_image_data_sets_crop_each_draw_anew_and_a_resume_draws_the_same(tmp_pat
     import sys
     from dml.gpu_check import make_cub_layout
 
-    root = make_cub_layout(str(tmp_path / "cub"), train_classes=8, test_classes=4,
-                           per_class=8, size=48)
-    cub = ["--config", "experiments/trainer.yaml", "--config", "experiments/data/cub.yaml",
-           "--config", "experiments/method/baseline.yaml", "--data.init_args.root", root,
-           "--data.init_args.crop", "32", "--data.init_args.resize", "36",
-           "--data.init_args.verify", "false", "--data.init_args.num_workers", "1",
-           "--data.init_args.classes_per_batch", "4", "--model.backbone.name", "small_cnn",
-           "--model.backbone.pretrained", "false", "--model.backbone.width", "8",
-           "--model.embedding_dim", "16", "--model.evaluation.nmi", "false",
-           "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "2",
-           "--dashboard.enabled", "false", "--trainer.logger", "false"]
+    root = make_cub_layout(
+        str(tmp_path / "cub"), train_classes=8, test_classes=4, per_class=8, size=48
+    )
+    cub = [
+        "--config",
+        "experiments/trainer.yaml",
+        "--config",
+        "experiments/data/cub.yaml",
+        "--config",
+        "experiments/method/baseline.yaml",
+        "--data.init_args.root",
+        root,
+        "--data.init_args.crop",
+        "32",
+        "--data.init_args.resize",
+        "36",
+        "--data.init_args.verify",
+        "false",
+        "--data.init_args.num_workers",
+        "1",
+        "--data.init_args.classes_per_batch",
+        "4",
+        "--model.backbone.name",
+        "small_cnn",
+        "--model.backbone.pretrained",
+        "false",
+        "--model.backbone.width",
+        "8",
+        "--model.embedding_dim",
+        "16",
+        "--model.evaluation.nmi",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.max_epochs",
+        "2",
+        "--dashboard.enabled",
+        "false",
+        "--trainer.logger",
+        "false",
+    ]
 
     def run(name, *extra, code=0):
         path = tmp_path / f"{name}.jsonl"
-        out = dml("fit", *cub, "--trainer.default_root_dir", str(tmp_path / name),
-                  "--trainer.callbacks+={\"class_path\": \"run_helpers.RecordBatches\", "
-                  f"\"init_args\": {{\"path\": \"{path}\"}}}}", *extra)
+        out = dml(
+            "fit",
+            *cub,
+            "--trainer.default_root_dir",
+            str(tmp_path / name),
+            '--trainer.callbacks+={"class_path": "run_helpers.RecordBatches", '
+            f'"init_args": {{"path": "{path}"}}}}',
+            *extra,
+        )
         assert out.returncode == code, out.stderr[-3000:]
         return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -103,18 +152,36 @@ def test_image_data_sets_crop_each_draw_anew_and_a_resume_draws_the_same(tmp_pat
         draws = first[i] + second[i]
         assert len(set(draws)) == len(draws), i
     assert run("b") == records  # and the same ones in a run with the same seed
-    killed = run("c", "--trainer.callbacks+={\"class_path\": \"run_helpers.KillAt\", "
-                 f"\"init_args\": {{\"step\": 6, \"marker\": \"{tmp_path / 'killed'}\"}}}}",
-                 code=-9)
+    killed = run(
+        "c",
+        '--trainer.callbacks+={"class_path": "run_helpers.KillAt", '
+        f'"init_args": {{"step": 6, "marker": "{tmp_path / "killed"}"}}}}',
+        code=-9,
+    )
     assert len(killed) == 7  # epoch 0, and two batches of epoch 1
     (folder,) = run_folders(tmp_path / "c")
     resumed = subprocess.run(
-        [sys.executable, "-m", "dml", "fit", "--config", os.path.join(folder, "config.yaml"),
-         "--ckpt_path", os.path.join(folder, "checkpoints", "last.ckpt")],
-        capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, WANDB_MODE="disabled",
-                 PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
-                                             os.path.dirname(os.path.dirname(__file__))])))
+        [
+            sys.executable,
+            "-m",
+            "dml",
+            "fit",
+            "--config",
+            os.path.join(folder, "config.yaml"),
+            "--ckpt_path",
+            os.path.join(folder, "checkpoints", "last.ckpt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(
+            os.environ,
+            WANDB_MODE="disabled",
+            PYTHONPATH=os.pathsep.join(
+                [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]
+            ),
+        ),
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()][7:]
     assert after == by_epoch(records)[1]  # epoch 1 again, batch for batch, crop for crop
@@ -129,8 +196,9 @@ def test_data_order_is_a_function_of_seed_and_epoch(tmp_path):
 
 
 def test_two_processes_split_each_epochs_classes_and_draw_new_ones(tmp_path):
-    records, out = record_run(tmp_path, "ddp", "--trainer.devices", "2",
-                              "--trainer.accelerator", "cpu", epochs=2)
+    records, out = record_run(
+        tmp_path, "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", epochs=2
+    )
     assert sorted(records) == [0, 1], out.stdout[-2000:]
     for e in (0, 1):
         r0, r1 = by_epoch(records[0])[e], by_epoch(records[1])[e]

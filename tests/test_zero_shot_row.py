@@ -4,6 +4,7 @@ L2-normalised, and its printed metrics are ``dml.metrics.retrieval_metrics`` of 
 split. Offline throughout: the small CNN with random weights, and a tiny timm ViT whose
 "pretrained" weights are a file this test writes (timm's ``pretrained_cfg_overlay``, the
 repository's local-weights option)."""
+
 import os
 import re
 import subprocess
@@ -18,8 +19,14 @@ from pytorch_lightning import seed_everything
 from dml.builder import build_parts
 from dml.cli import zero_shot_description
 from dml.compose import config_args, merge_config_args
-from dml.config import (BackboneConfig, IBCConfig, LossConfig, MemoryConfig, PoolingConfig,
-                        ZeroShotConfig)
+from dml.config import (
+    BackboneConfig,
+    IBCConfig,
+    LossConfig,
+    MemoryConfig,
+    PoolingConfig,
+    ZeroShotConfig,
+)
 from dml.data import SyntheticDataModule
 from dml.errors import ConfigError
 from dml.metrics import retrieval_metrics
@@ -29,29 +36,54 @@ from dml.module import DMLModule
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTHETIC = config_args("synthetic", "baseline")  # what `make zero-shot` composes
 DATA = {"train_classes": 12, "test_classes": 8, "images_per_class": 8, "image_size": 32}
-SMALL = [a for key, value in DATA.items() for a in (f"--data.init_args.{key}", str(value))] + \
-    ["--model.backbone.width", "8", "--model.evaluation.nmi", "false",
-     "--dashboard.enabled", "false", "--trainer.enable_progress_bar", "false",
-     "--trainer.logger", "false"]
+SMALL = [a for key, value in DATA.items() for a in (f"--data.init_args.{key}", str(value))] + [
+    "--model.backbone.width",
+    "8",
+    "--model.evaluation.nmi",
+    "false",
+    "--dashboard.enabled",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.logger",
+    "false",
+]
 VIT = "vit_small_patch16_224.dino"
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 
 
 def dml(*args, timeout=120):
     """``python -m dml`` in a fresh process (tests/ importable for run_helpers), offline."""
-    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), REPO]))
-    return subprocess.run([sys.executable, "-m", "dml", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    env = dict(
+        os.environ,
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), REPO]),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "dml", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def zero_shot_test(tmp_path, *args):
     """``test --zero-shot`` on the small synthetic set; (stdout, the scored test embeddings)."""
     path = tmp_path / "embeddings.pt"
-    out = dml("test", *SYNTHETIC, *SMALL, *args, "--zero-shot",
-              "--trainer.default_root_dir", str(tmp_path / "runs"),
-              "--trainer.callbacks+=run_helpers.RecordTestEmbeddings",
-              f"--trainer.callbacks.path={path}")
+    out = dml(
+        "test",
+        *SYNTHETIC,
+        *SMALL,
+        *args,
+        "--zero-shot",
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        "--trainer.callbacks+=run_helpers.RecordTestEmbeddings",
+        f"--trainer.callbacks.path={path}",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout, torch.load(path, weights_only=True)
 
@@ -84,8 +116,10 @@ def check_metrics_of(line, embeddings, labels):
 def test_a_random_init_backbone_is_its_pooled_features_and_says_so(tmp_path):
     stdout, recorded = zero_shot_test(tmp_path)
     line = printed_line(stdout)
-    assert line.startswith("test: test split | zero-shot: small_cnn, pretrained=False "
-                           "(random init), no training, 32-d gap features | R@1 "), line
+    assert line.startswith(
+        "test: test split | zero-shot: small_cnn, pretrained=False "
+        "(random init), no training, 32-d gap features | R@1 "
+    ), line
     # by hand: the backbone the CLI builds (seed_everything: 0 of trainer.yaml, then the
     # backbone first), its feature map averaged, L2-normalised; no head anywhere
     seed_everything(0)
@@ -109,20 +143,32 @@ def test_pretrained_weights_from_a_local_file_are_what_is_measured(tmp_path):
     weights = tmp_path / "vit.pth"
     torch.save(source.state_dict(), weights)
     layer = tmp_path / "backbone.yaml"
-    layer.write_text(yaml.safe_dump({"model": {"backbone": {
-        "name": f"timm:{VIT}", "pretrained": True,
-        "timm_args": {**TINY_VIT, "pretrained_cfg_overlay": {"file": str(weights)}}}}}))
+    layer.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "backbone": {
+                        "name": f"timm:{VIT}",
+                        "pretrained": True,
+                        "timm_args": {**TINY_VIT, "pretrained_cfg_overlay": {"file": str(weights)}},
+                    }
+                }
+            }
+        )
+    )
     stdout, recorded = zero_shot_test(tmp_path, "--config", str(layer))
     line = printed_line(stdout)
-    assert line.startswith(f"test: test split | zero-shot: timm:{VIT}, pretrained=True, no "
-                           f"training, 48-d gap features | R@1 "), line
+    assert line.startswith(
+        f"test: test split | zero-shot: timm:{VIT}, pretrained=True, no "
+        f"training, 48-d gap features | R@1 "
+    ), line
     # by hand, from the file: timm's tokens after the last norm, the patch tokens averaged
     model = timm.create_model(VIT, pretrained=False, num_classes=0, **TINY_VIT).eval()
     model.load_state_dict(torch.load(weights, weights_only=True))
     images, labels = synthetic_test_split()
     with torch.no_grad():
         tokens = model.forward_features(images)
-    by_hand = F.normalize(tokens[:, model.num_prefix_tokens:].mean(dim=1), dim=-1)
+    by_hand = F.normalize(tokens[:, model.num_prefix_tokens :].mean(dim=1), dim=-1)
     assert recorded["embeddings"].shape == (len(images), model.num_features) == (64, 48)
     assert torch.allclose(recorded["embeddings"], by_hand, atol=1e-5)
     check_metrics_of(line, by_hand, labels)
@@ -131,12 +177,22 @@ def test_pretrained_weights_from_a_local_file_are_what_is_measured(tmp_path):
 def test_zero_shot_with_a_checkpoint_is_refused_in_one_line(tmp_path):
     ckpt = tmp_path / "last.ckpt"
     ckpt.write_bytes(b"not read")
-    out = dml("test", *SYNTHETIC, *SMALL, "--zero-shot", "--ckpt_path", str(ckpt),
-              "--trainer.default_root_dir", str(tmp_path / "runs"))
+    out = dml(
+        "test",
+        *SYNTHETIC,
+        *SMALL,
+        "--zero-shot",
+        "--ckpt_path",
+        str(ckpt),
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+    )
     assert out.returncode == 2
     errors = [x for x in out.stderr.splitlines() if x.startswith("error:")]
-    assert errors == [f"error: --zero-shot evaluates the backbone with no training; it takes "
-                      f"no --ckpt_path ({ckpt}): drop one of the two"]
+    assert errors == [
+        f"error: --zero-shot evaluates the backbone with no training; it takes "
+        f"no --ckpt_path ({ckpt}): drop one of the two"
+    ]
     assert "Traceback" not in out.stderr and "| R@1" not in out.stdout
     assert not os.path.isdir(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
 
@@ -149,8 +205,16 @@ def test_the_flag_stays_on_the_command_line_wherever_it_is(tmp_path):
 
 def parts(backbone: BackboneConfig, pooling: str = "gap", params=None):
     """The model's parts with no head (embedding_dim None)."""
-    return build_parts(backbone, PoolingConfig(pooling, params or {}), None, LossConfig(),
-                       ZeroShotConfig(), IBCConfig(), MemoryConfig(), 10)
+    return build_parts(
+        backbone,
+        PoolingConfig(pooling, params or {}),
+        None,
+        LossConfig(),
+        ZeroShotConfig(),
+        IBCConfig(),
+        MemoryConfig(),
+        10,
+    )
 
 
 @pytest.mark.parametrize("name,width", [("resnet50", 2048), ("timm:vit_small_patch16_224", 384)])
@@ -165,8 +229,12 @@ def test_no_head_is_the_backbones_width(name, width):
 
 def test_without_a_head_the_module_builds_trains_and_describes_itself():
     torch.manual_seed(0)
-    module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
-                       pooling=PoolingConfig("gem"), embedding_dim=None, num_classes=4)
+    module = DMLModule(
+        backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+        pooling=PoolingConfig("gem"),
+        embedding_dim=None,
+        num_classes=4,
+    )
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(4).repeat_interleave(2)
     embedded = module.embed(images)
     assert embedded["embeddings"].shape == (8, 32)
@@ -176,15 +244,22 @@ def test_without_a_head_the_module_builds_trains_and_describes_itself():
     assert torch.isfinite(loss) and module.backbone.net.body[0].weight.grad is not None
     assert module.hparams["embedding_dim"] is None
     # the pooling stays as configured: GeM, p = 3
-    assert zero_shot_description(module) == ("zero-shot: small_cnn, pretrained=False (random "
-                                             "init), no training, 32-d gem features")
+    assert zero_shot_description(module) == (
+        "zero-shot: small_cnn, pretrained=False (random init), no training, 32-d gem features"
+    )
 
 
 def test_a_pooling_that_needs_the_head_is_refused_naming_the_key():
-    with pytest.raises(ConfigError, match=r"model.pooling.name: gsp computes its costs through "
-                                          r"the embedding head's linear map"):
-        parts(BackboneConfig("small_cnn", pretrained=False, width=8), "gsp",
-              params={"num_prototypes": 4})
+    with pytest.raises(
+        ConfigError,
+        match=r"model.pooling.name: gsp computes its costs through "
+        r"the embedding head's linear map",
+    ):
+        parts(
+            BackboneConfig("small_cnn", pretrained=False, width=8),
+            "gsp",
+            params={"num_prototypes": 4},
+        )
 
 
 def test_the_test_line_is_followed_by_reranked_lines_and_a_per_class_file(tmp_path):
@@ -200,18 +275,25 @@ def test_the_test_line_is_followed_by_reranked_lines_and_a_per_class_file(tmp_pa
     from dml.reranking import rerank
 
     stdout, recorded = zero_shot_test(
-        tmp_path, "--model.evaluation.rerank", "[k_reciprocal, alpha_qe]",
-        "--model.evaluation.rerank_params", "{k_reciprocal: {k1: 6, k2: 3}}")
+        tmp_path,
+        "--model.evaluation.rerank",
+        "[k_reciprocal, alpha_qe]",
+        "--model.evaluation.rerank_params",
+        "{k_reciprocal: {k1: 6, k2: 3}}",
+    )
     emb, labels = recorded["embeddings"], recorded["labels"]
     lines = [x for x in stdout.splitlines() if "| R@1" in x]
     assert len(lines) == 3 and "re-ranked" not in lines[0]
     check_metrics_of(lines[0], emb, labels)
-    for line, name, params in ((lines[1], "k_reciprocal", {"k1": 6, "k2": 3}),
-                               (lines[2], "alpha_qe", {})):
+    for line, name, params in (
+        (lines[1], "k_reciprocal", {"k1": 6, "k2": 3}),
+        (lines[2], "alpha_qe", {}),
+    ):
         assert f"| re-ranked: {name} (" in line
         expected = results_from_distances(rerank(name, emb, **params), labels)
         assert printed_metrics(line) == pytest.approx(
-            {k: 100 * v for k, v in expected.metrics([1, 2, 4, 8]).items()}, abs=0.051)
+            {k: 100 * v for k, v in expected.metrics([1, 2, 4, 8]).items()}, abs=0.051
+        )
     assert "k1 6, k2 3, lam 0.3" in lines[1]
     (path,) = [x.split("per class: ")[1] for x in stdout.splitlines() if "per class: " in x]
     with open(path) as f:

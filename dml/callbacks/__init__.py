@@ -2,6 +2,7 @@
 cross-batch memory (both act on the objective through its public methods); observers: the
 dashboard figures; run keeping: checkpoints that hold the last state, early stopping, the
 learning-rate log."""
+
 from dml.callbacks.ccp import ChanceConstraintProjection
 from dml.callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint
 from dml.callbacks.dashboard import DashboardFigures
@@ -10,6 +11,13 @@ from dml.callbacks.learning_rates import LearningRateMonitor
 from dml.callbacks.progress import ProgressBar
 from dml.callbacks.xbn import CrossBatchNormalization
 
-__all__ = ["AtomicCheckpointIO", "ChanceConstraintProjection", "CrossBatchNormalization",
-           "DashboardFigures", "EarlyStopping", "LearningRateMonitor", "ProgressBar",
-           "RunCheckpoint"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "ChanceConstraintProjection",
+    "CrossBatchNormalization",
+    "DashboardFigures",
+    "EarlyStopping",
+    "LearningRateMonitor",
+    "ProgressBar",
+    "RunCheckpoint",
+]

@@ -27,6 +27,7 @@ builds the pool and picks, the new proxies are broadcast. The round counter, bes
 best snapshot are saved in checkpoints (callback state); theta_prev, lambda and the proxies are
 the model's.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,23 +43,33 @@ from dml.errors import ConfigError
 
 class ChanceConstraintProjection(pl.Callback):
     """Args:
-        enabled: run the rounds (needs model.loss.proxies_per_class >= 1).
-        monitor: the validation metric whose plateau ends a round (val/MAP@R).
-        patience: validations without improvement that end a round (3).
-        min_epochs: the shortest round, in validations (1).
-        min_delta: improvement below this does not count (1e-5).
-        lam: lambda0 of the proximal term, which is 0 during round 0 (2e-4).
-        lam_decay: lambda = lam * lam_decay ** r after r rounds.
-        pool_passes: b, candidate images per class (12 on CUB/Cars, 7 on SOP/In-Shop).
-        init_from_samples: pick the first proxies from sample embeddings (true).
-        batch_size: batch size of the pool's forward passes.
-        seed: seed of the pool's image draws (the draw of round r uses seed + r).
+    enabled: run the rounds (needs model.loss.proxies_per_class >= 1).
+    monitor: the validation metric whose plateau ends a round (val/MAP@R).
+    patience: validations without improvement that end a round (3).
+    min_epochs: the shortest round, in validations (1).
+    min_delta: improvement below this does not count (1e-5).
+    lam: lambda0 of the proximal term, which is 0 during round 0 (2e-4).
+    lam_decay: lambda = lam * lam_decay ** r after r rounds.
+    pool_passes: b, candidate images per class (12 on CUB/Cars, 7 on SOP/In-Shop).
+    init_from_samples: pick the first proxies from sample embeddings (true).
+    batch_size: batch size of the pool's forward passes.
+    seed: seed of the pool's image draws (the draw of round r uses seed + r).
     """
 
-    def __init__(self, enabled: bool = False, monitor: str = "val/MAP@R", patience: int = 3,
-                 min_epochs: int = 1, min_delta: float = 1e-5, lam: float = 2e-4,
-                 lam_decay: float = 1.0, pool_passes: int = 12, init_from_samples: bool = True,
-                 batch_size: int = 128, seed: int = 0):
+    def __init__(
+        self,
+        enabled: bool = False,
+        monitor: str = "val/MAP@R",
+        patience: int = 3,
+        min_epochs: int = 1,
+        min_delta: float = 1e-5,
+        lam: float = 2e-4,
+        lam_decay: float = 1.0,
+        pool_passes: int = 12,
+        init_from_samples: bool = True,
+        batch_size: int = 128,
+        seed: int = 0,
+    ):
         if patience < 1 or min_epochs < 1 or pool_passes < 1:
             raise ConfigError("ccp.patience, ccp.min_epochs and ccp.pool_passes must be >= 1")
         if lam < 0:
@@ -85,21 +96,36 @@ class ChanceConstraintProjection(pl.Callback):
     # --- wiring ----------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.enabled and not pl_module.objective.has_multi_proxy():
-            raise ConfigError("ccp.enabled needs proxies: set model.loss.proxies_per_class >= 1 "
-                              "(8 on CUB/Cars, 4 on SOP/In-Shop)")
+            raise ConfigError(
+                "ccp.enabled needs proxies: set model.loss.proxies_per_class >= 1 "
+                "(8 on CUB/Cars, 4 on SOP/In-Shop)"
+            )
 
     def state_dict(self) -> Dict[str, Any]:
         if not self.enabled:
             return {}
-        return {"round": self.round, "lam": self.lam, "best_score": self.best_score,
-                "checks_in_round": self.checks_in_round,
-                "checks_without_gain": self.checks_without_gain,
-                "best_weights": self.best_weights, "best_proxies": self.best_proxies,
-                "history": self.history}
+        return {
+            "round": self.round,
+            "lam": self.lam,
+            "best_score": self.best_score,
+            "checks_in_round": self.checks_in_round,
+            "checks_without_gain": self.checks_without_gain,
+            "best_weights": self.best_weights,
+            "best_proxies": self.best_proxies,
+            "history": self.history,
+        }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        for key in ("round", "lam", "best_score", "checks_in_round", "checks_without_gain",
-                    "best_weights", "best_proxies", "history"):
+        for key in (
+            "round",
+            "lam",
+            "best_score",
+            "checks_in_round",
+            "checks_without_gain",
+            "best_weights",
+            "best_proxies",
+            "history",
+        ):
             if key in state_dict:
                 setattr(self, key, state_dict[key])
 
@@ -118,8 +144,10 @@ class ChanceConstraintProjection(pl.Callback):
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
-            raise ConfigError(f"ccp.monitor: {self.monitor!r} was not logged; logged metrics: "
-                              f"{sorted(trainer.callback_metrics)}")
+            raise ConfigError(
+                f"ccp.monitor: {self.monitor!r} was not logged; logged metrics: "
+                f"{sorted(trainer.callback_metrics)}"
+            )
         score = float(value)
         self.checks_in_round += 1
         if score > self.best_score + self.min_delta:
@@ -134,27 +162,45 @@ class ChanceConstraintProjection(pl.Callback):
     @torch.no_grad()
     def snapshot(self, pl_module) -> None:
         """The round's best so far: network weights and proxies (on the CPU)."""
-        self.best_weights = {k: p.detach().to("cpu", copy=True)
-                             for k, p in pl_module.network_parameters()}
+        self.best_weights = {
+            k: p.detach().to("cpu", copy=True) for k, p in pl_module.network_parameters()
+        }
         self.best_proxies = pl_module.objective.proxies().detach().to("cpu", copy=True)
 
     def end_round(self, trainer, pl_module) -> None:
         self.round += 1
-        self.lam = self.lam0 * self.lam_decay ** self.round
+        self.lam = self.lam0 * self.lam_decay**self.round
         pl_module.objective.anchor_proximal(self.best_weights, self.lam)
-        seeds = (self.best_proxies if self.best_proxies is not None
-                 else pl_module.objective.proxies().detach().cpu())
+        seeds = (
+            self.best_proxies
+            if self.best_proxies is not None
+            else pl_module.objective.proxies().detach().cpu()
+        )
         seconds = self.reinitialize(trainer, pl_module, seeds=seeds)
-        self.history.append({"round": self.round, "epoch": trainer.current_epoch,
-                             "step": trainer.global_step, "best": self.best_score,
-                             "seconds": seconds})
-        rank_zero_info(f"ccp: round {self.round - 1} ended at epoch {trainer.current_epoch} "
-                       f"(best {self.monitor} {self.best_score:.4f}); proxies re-picked in "
-                       f"{seconds:.1f} s; lambda {self.lam:g}")
+        self.history.append(
+            {
+                "round": self.round,
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "best": self.best_score,
+                "seconds": seconds,
+            }
+        )
+        rank_zero_info(
+            f"ccp: round {self.round - 1} ended at epoch {trainer.current_epoch} "
+            f"(best {self.monitor} {self.best_score:.4f}); proxies re-picked in "
+            f"{seconds:.1f} s; lambda {self.lam:g}"
+        )
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({"ccp/round": self.round, "ccp/lambda": self.lam,
-                                    "ccp/reinit_seconds": seconds}, step=trainer.global_step)
+                logger.log_metrics(
+                    {
+                        "ccp/round": self.round,
+                        "ccp/lambda": self.lam,
+                        "ccp/reinit_seconds": seconds,
+                    },
+                    step=trainer.global_step,
+                )
         self.best_score = -float("inf")
         self.checks_in_round = 0
         self.checks_without_gain = 0
@@ -183,8 +229,10 @@ class ChanceConstraintProjection(pl.Callback):
         by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
         missing = [c for c, idx in enumerate(by_class) if len(idx) == 0]
         if missing:
-            raise ConfigError(f"ccp: training classes {missing[:10]} have no image; labels must "
-                              f"be 0..{num_classes - 1}")
+            raise ConfigError(
+                f"ccp: training classes {missing[:10]} have no image; labels must "
+                f"be 0..{num_classes - 1}"
+            )
         columns = []
         for idx in by_class:
             order = []
@@ -199,8 +247,7 @@ class ChanceConstraintProjection(pl.Callback):
         network in eval mode."""
         num_classes, per_class = pl_module.objective.proxy_layout()
         dm = trainer.datamodule
-        passes = self.pool_passes if self.pool_passes >= per_class \
-            else self.pool_passes * per_class
+        passes = self.pool_passes if self.pool_passes >= per_class else self.pool_passes * per_class
         draws = self.candidate_draws(np.asarray(dm.train_labels()), num_classes, passes)
         loader = dm.candidate_loader(draws.reshape(-1).tolist(), self.batch_size)
         was_training = pl_module.training

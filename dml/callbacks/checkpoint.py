@@ -17,6 +17,7 @@ guarantees a run needs to be resumable exactly:
 
 On resume it prints one line: where training resumes and which state the checkpoint restores.
 """
+
 from __future__ import annotations
 
 import errno
@@ -52,9 +53,11 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         if disk_full(error):
-            raise DiskFullError(f"no space left on the device writing {path}; the earlier "
-                                f"file of that name is kept. Free space, then resume the "
-                                f"run") from None
+            raise DiskFullError(
+                f"no space left on the device writing {path}; the earlier "
+                f"file of that name is kept. Free space, then resume the "
+                f"run"
+            ) from None
         raise
 
 
@@ -83,7 +86,7 @@ def remove_stale_partials(folder: str) -> List[str]:
         if not (name.startswith(".") and name.endswith(PARTIAL)):
             continue
         try:
-            pid = int(name[:-len(PARTIAL)].rsplit(".", 1)[1])
+            pid = int(name[: -len(PARTIAL)].rsplit(".", 1)[1])
         except (IndexError, ValueError):
             continue
         if pid == os.getpid() or _alive(pid):
@@ -115,10 +118,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in path and not path.startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options for "
-                            "local files")
-        atomic_torch_save(checkpoint, path[len("file://"):] if path.startswith("file://")
-                          else path)
+            raise TypeError(
+                "AtomicCheckpointIO.save_checkpoint takes no storage_options for local files"
+            )
+        atomic_torch_save(
+            checkpoint, path[len("file://") :] if path.startswith("file://") else path
+        )
 
 
 def collect_rng_states() -> Dict[str, Any]:
@@ -126,11 +131,18 @@ def collect_rng_states() -> Dict[str, Any]:
     ``torch.load(weights_only=True)``, as Lightning loads checkpoints)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                      "has_gauss": has_gauss, "cached_gaussian": cached},
-            "python": {"version": version, "internal": list(internal), "gauss": gauss}}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached,
+        },
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
 
 
 def set_rng_states(states: Dict[str, Any]) -> None:
@@ -139,16 +151,26 @@ def set_rng_states(states: Dict[str, Any]) -> None:
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     n = states["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     p = states["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
 def _gather_objects(trainer, obj) -> List[Any]:
     """``obj`` of every process, in rank order (a collective: every rank must call it)."""
-    if trainer.world_size == 1 or not torch.distributed.is_available() or \
-            not torch.distributed.is_initialized():
+    if (
+        trainer.world_size == 1
+        or not torch.distributed.is_available()
+        or not torch.distributed.is_initialized()
+    ):
         return [obj]
     out: List[Any] = [None] * trainer.world_size
     torch.distributed.all_gather_object(out, obj)
@@ -194,8 +216,11 @@ class RunCheckpoint(ModelCheckpoint):
     def _refresh_last(self, trainer) -> None:
         if not self.save_last or self._last_saved_at == trainer.global_step:
             return
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or \
-                bool(trainer.fast_dev_run):
+        if (
+            trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+            or bool(trainer.fast_dev_run)
+        ):
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
@@ -226,9 +251,11 @@ class RunCheckpoint(ModelCheckpoint):
         if not states:
             return
         if len(states) != trainer.world_size:
-            rank_zero_warn(f"resume: the checkpoint holds the RNG states of {len(states)} "
-                           f"process(es), this run has {trainer.world_size}; random draws will "
-                           f"differ from a run that never stopped")
+            rank_zero_warn(
+                f"resume: the checkpoint holds the RNG states of {len(states)} "
+                f"process(es), this run has {trainer.world_size}; random draws will "
+                f"differ from a run that never stopped"
+            )
             return
         set_rng_states(states[trainer.global_rank])
 
@@ -236,6 +263,7 @@ class RunCheckpoint(ModelCheckpoint):
 def moved_paths(state: Dict[str, Any], old: str, new: str) -> Dict[str, Any]:
     """ModelCheckpoint's state with every file under folder ``old`` moved to folder ``new``;
     files elsewhere are forgotten."""
+
     def move(path):
         if not path:
             return path
@@ -247,8 +275,7 @@ def moved_paths(state: Dict[str, Any], old: str, new: str) -> Dict[str, Any]:
         if key in state:
             state[key] = move(state[key])
     if "best_k_models" in state:
-        state["best_k_models"] = {move(p): v for p, v in state["best_k_models"].items()
-                                  if move(p)}
+        state["best_k_models"] = {move(p): v for p, v in state["best_k_models"].items() if move(p)}
     return state
 
 
@@ -264,12 +291,12 @@ def resume_summary(checkpoint: Dict[str, Any], path) -> str:
         parts.append(f"optimizer ({groups} parameter groups)")
     if checkpoint.get("lr_schedulers"):
         parts.append("lr scheduler")
-    names = sorted({key.split("{")[0] for key, state in checkpoint.get("callbacks", {}).items()
-                    if state})
+    names = sorted(
+        {key.split("{")[0] for key, state in checkpoint.get("callbacks", {}).items() if state}
+    )
     names = [n for n in names if not n.endswith("Checkpoint")]
     if names:
         parts.append("callback state of " + ", ".join(names))
     if checkpoint.get(RunCheckpoint.RNG_KEY):
         parts.append("RNG states")
-    return (f"resumed at epoch {done}, step {step} from {path}: restores "
-            + ", ".join(parts))
+    return f"resumed at epoch {done}, step {step} from {path}: restores " + ", ".join(parts)

@@ -18,6 +18,7 @@ written atomically) and, when a W&B logger is attached, an image under ``figures
 current step. A figure that fails to draw is a warning naming it; training goes on. Only rank 0
 draws, and nothing it calls is a collective (the folder is resolved in ``setup`` on every rank).
 """
+
 from __future__ import annotations
 
 import os
@@ -35,17 +36,25 @@ from dml.visualization.figures import save_png
 
 class DashboardFigures(pl.Callback):
     """Args:
-        enabled: draw figures.
-        every_n_epochs: draw after every n-th validation (and after the last epoch's).
-        num_queries, top_k: rows and neighbours of the retrieval grid.
-        num_heatmaps: images with pooling weights.
-        projection: pca | tsne; max_points: subsample for the projection.
-        seed: which queries and points are drawn.
+    enabled: draw figures.
+    every_n_epochs: draw after every n-th validation (and after the last epoch's).
+    num_queries, top_k: rows and neighbours of the retrieval grid.
+    num_heatmaps: images with pooling weights.
+    projection: pca | tsne; max_points: subsample for the projection.
+    seed: which queries and points are drawn.
     """
 
-    def __init__(self, enabled: bool = True, every_n_epochs: int = 5, num_queries: int = 6,
-                 top_k: int = 5, num_heatmaps: int = 6, projection: str = "pca",
-                 max_points: int = 2000, seed: int = 0):
+    def __init__(
+        self,
+        enabled: bool = True,
+        every_n_epochs: int = 5,
+        num_queries: int = 6,
+        top_k: int = 5,
+        num_heatmaps: int = 6,
+        projection: str = "pca",
+        max_points: int = 2000,
+        seed: int = 0,
+    ):
         if projection not in ("pca", "tsne"):
             raise ConfigError(f"dashboard.projection: expected pca or tsne, got {projection!r}")
         if every_n_epochs < 1:
@@ -73,8 +82,7 @@ class DashboardFigures(pl.Callback):
         return {"history": {k: [list(p) for p in v] for k, v in self.history.items()}}
 
     def load_state_dict(self, state_dict) -> None:
-        self.history = {k: [tuple(p) for p in v]
-                        for k, v in state_dict.get("history", {}).items()}
+        self.history = {k: [tuple(p) for p in v] for k, v in state_dict.get("history", {}).items()}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # every rank calls setup: trainer.log_dir (a broadcast under DDP) is safe only here
@@ -96,27 +104,34 @@ class DashboardFigures(pl.Callback):
         if sets is None:
             return {}
         paths: Dict[str, str] = {}
-        for name, build in (("retrieval", self.retrieval_figure),
-                            ("pooling", self.pooling_figure_of_queries),
-                            ("projection", self.projection_figure),
-                            ("worst", self.worst_queries_figure),
-                            ("training", self.training_figure)):
+        for name, build in (
+            ("retrieval", self.retrieval_figure),
+            ("pooling", self.pooling_figure_of_queries),
+            ("projection", self.projection_figure),
+            ("worst", self.worst_queries_figure),
+            ("training", self.training_figure),
+        ):
             try:
                 fig = build(trainer, pl_module, sets, tag)
                 if fig is not None:
                     paths[name] = save_png(fig, os.path.join(self.out_dir, f"{name}_{tag}.png"))
             except Exception as error:  # noqa: BLE001 - a figure must never stop training
-                rank_zero_warn(f"dashboard: the {name} figure of {tag} failed "
-                               f"({type(error).__name__}: {error}); training goes on")
+                rank_zero_warn(
+                    f"dashboard: the {name} figure of {tag} failed "
+                    f"({type(error).__name__}: {error}); training goes on"
+                )
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 for name, path in paths.items():
                     try:
-                        logger.log_image(key=f"figures/{name}", images=[path],
-                                         step=trainer.global_step)
+                        logger.log_image(
+                            key=f"figures/{name}", images=[path], step=trainer.global_step
+                        )
                     except Exception as error:  # noqa: BLE001
-                        rank_zero_warn(f"dashboard: sending the {name} figure to W&B failed "
-                                       f"({type(error).__name__}: {error})")
+                        rank_zero_warn(
+                            f"dashboard: sending the {name} figure to W&B failed "
+                            f"({type(error).__name__}: {error})"
+                        )
         self.log_worst_classes(trainer, pl_module, tag)
         self.last_paths = paths
         return paths
@@ -135,12 +150,17 @@ class DashboardFigures(pl.Callback):
             columns = ["class", "queries", "R@1", "MAP@R", "R-Precision"]
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.log_table(key="tables/worst_classes", columns=columns,
-                                     data=[[r[c] for c in columns] for r in rows],
-                                     step=trainer.global_step)
+                    logger.log_table(
+                        key="tables/worst_classes",
+                        columns=columns,
+                        data=[[r[c] for c in columns] for r in rows],
+                        step=trainer.global_step,
+                    )
         except Exception as error:  # noqa: BLE001 - a table must never stop training
-            rank_zero_warn(f"dashboard: the worst classes of {tag} failed "
-                           f"({type(error).__name__}: {error}); training goes on")
+            rank_zero_warn(
+                f"dashboard: the worst classes of {tag} failed "
+                f"({type(error).__name__}: {error}); training goes on"
+            )
 
     def training_figure(self, trainer, pl_module, sets, tag):
         from dml.visualization.figures import training_diagnostics
@@ -154,16 +174,16 @@ class DashboardFigures(pl.Callback):
         return rng.choice(n, size=min(self.num_queries, n), replace=False)
 
     def retrieval_figure(self, trainer, pl_module, sets, tag):
-        return self.neighbours_grid(trainer, sets, self._rows(sets),
-                                    "top-{k} neighbours, " + tag)
+        return self.neighbours_grid(trainer, sets, self._rows(sets), "top-{k} neighbours, " + tag)
 
     def worst_queries_figure(self, trainer, pl_module, sets, tag):
         results = pl_module.last_query_results()
         if results is None or len(results) == 0:
             return None
         rows = results.query_index[results.worst(self.num_queries)]
-        return self.neighbours_grid(trainer, sets, rows,
-                                    "worst queries and their top-{k} neighbours, " + tag)
+        return self.neighbours_grid(
+            trainer, sets, rows, "worst queries and their top-{k} neighbours, " + tag
+        )
 
     def neighbours_grid(self, trainer, sets, rows, title: str):
         """Query rows ``rows`` with their top-k neighbours, framed by class."""
@@ -179,24 +199,32 @@ class DashboardFigures(pl.Callback):
         q_data, r_data = datasets[q.name], datasets[r.name]
         queries = [q_data[int(q.indices[i])][0] for i in rows]
         shown = [[r_data[int(r.indices[j])][0] for j in row] for row in neighbours.tolist()]
-        correct = [[bool(r.labels[j] == q.labels[i]) for j in row]
-                   for i, row in zip(rows, neighbours.tolist())]
+        correct = [
+            [bool(r.labels[j] == q.labels[i]) for j in row]
+            for i, row in zip(rows, neighbours.tolist())
+        ]
         return retrieval_grid(queries, shown, correct, title=title.format(k=k))
 
     def pooling_figure_of_queries(self, trainer, pl_module, sets, tag):
         datasets = trainer.datamodule.eval_sets("val")
         q = sets.query
-        images = [datasets[q.name][int(q.indices[i])][0]
-                  for i in self._rows(sets)[: self.num_heatmaps]]
+        images = [
+            datasets[q.name][int(q.indices[i])][0] for i in self._rows(sets)[: self.num_heatmaps]
+        ]
         return self.pooling_figure(pl_module, images, tag)
 
     def projection_figure(self, trainer, pl_module, sets, tag):
         from dml.visualization import embedding_projection
 
         r = sets.reference
-        return embedding_projection(r.embeddings, r.labels, self.projection, self.max_points,
-                                    self.seed, title=f"{self.projection.upper()} of the "
-                                                     f"{r.name} embeddings, {tag}")
+        return embedding_projection(
+            r.embeddings,
+            r.labels,
+            self.projection,
+            self.max_points,
+            self.seed,
+            title=f"{self.projection.upper()} of the {r.name} embeddings, {tag}",
+        )
 
     @staticmethod
     @torch.no_grad()
@@ -209,5 +237,9 @@ class DashboardFigures(pl.Callback):
         weights = pl_module.pooling_weights(batch)
         if weights is None:
             return None
-        return pooling_heatmaps(batch.cpu(), weights.flatten(1).cpu(), weights.shape[-2:],
-                                title=f"pooling weights, {tag}")
+        return pooling_heatmaps(
+            batch.cpu(),
+            weights.flatten(1).cpu(),
+            weights.shape[-2:],
+            title=f"pooling weights, {tag}",
+        )

@@ -1,5 +1,6 @@
 """Lightning's LearningRateMonitor that stays quiet when a run has no logger
 (``--trainer.logger false``) instead of stopping it."""
+
 from __future__ import annotations
 
 from pytorch_lightning.callbacks import LearningRateMonitor as _LearningRateMonitor

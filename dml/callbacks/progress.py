@@ -1,4 +1,5 @@
 """The terminal progress bar, redrawn by time instead of every step."""
+
 from __future__ import annotations
 
 import time

@@ -22,6 +22,7 @@ variance. Options:
 Each memory has its own filter; their state is in the checkpoint (callback state: ``kalman``
 for the first memory, ``kalman_<i>`` for others); the memory is in the model's.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List
@@ -36,16 +37,22 @@ from dml.memory.moments import MomentKalmanFilter, batch_moments, moment_match
 
 class CrossBatchNormalization(pl.Callback):
     """Args:
-        enabled: match the memory to every batch (needs ``model.memory.enabled``).
-        adaptive: match to Kalman-filtered moments (adaptive XBN) instead of the batch's.
-        renormalize, per_batch, recount_every: see the module docstring.
-        process_noise_mean, process_noise_var: the filter's random-walk variances.
+    enabled: match the memory to every batch (needs ``model.memory.enabled``).
+    adaptive: match to Kalman-filtered moments (adaptive XBN) instead of the batch's.
+    renormalize, per_batch, recount_every: see the module docstring.
+    process_noise_mean, process_noise_var: the filter's random-walk variances.
     """
 
-    def __init__(self, enabled: bool = False, adaptive: bool = False,
-                 renormalize: bool = False, per_batch: bool = False,
-                 process_noise_mean: float = 1e-5, process_noise_var: float = 1e-6,
-                 recount_every: int = 100):
+    def __init__(
+        self,
+        enabled: bool = False,
+        adaptive: bool = False,
+        renormalize: bool = False,
+        per_batch: bool = False,
+        process_noise_mean: float = 1e-5,
+        process_noise_var: float = 1e-6,
+        recount_every: int = 100,
+    ):
         if recount_every < 1:
             raise ConfigError("xbn.recount_every must be >= 1")
         self.enabled, self.adaptive = enabled, adaptive
@@ -70,8 +77,9 @@ class CrossBatchNormalization(pl.Callback):
             return
         memories = pl_module.objective.memories()
         if not memories:
-            raise ConfigError("xbn.enabled matches a cross-batch memory: set "
-                              "model.memory.enabled: true")
+            raise ConfigError(
+                "xbn.enabled matches a cross-batch memory: set model.memory.enabled: true"
+            )
         for memory in memories:
             self.attach(memory)
 
@@ -82,8 +90,9 @@ class CrossBatchNormalization(pl.Callback):
             return
         self.memories.append(memory)
         if self.adaptive:
-            self.filters.append(MomentKalmanFilter(memory.dim, self.q_mean, self.q_var)
-                                .to(memory.sum.device))
+            self.filters.append(
+                MomentKalmanFilter(memory.dim, self.q_mean, self.q_var).to(memory.sum.device)
+            )
         memory.add_transform(self.match)
         if self.renormalize:
             memory.add_transform(renormalized)

@@ -5,6 +5,7 @@ tie rule and query exclusion of ``retrieval_metrics``), then tests each metric's
 with the paired bootstrap (over queries or over classes) and Recall@1's with McNemar's test
 (``dml.metrics.significance``; docs/evaluation.md, "Comparing two models").
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,14 +43,24 @@ class Comparison:
 def results_of(model: ModelSets, ks: Sequence[int]) -> QueryResults:
     """Per-query results of one model (``query_results``)."""
     gallery = model.gallery
-    return query_results(model.query.float32(), model.query.labels, ks,
-                         None if gallery is None else gallery.float32(),
-                         None if gallery is None else gallery.labels)
+    return query_results(
+        model.query.float32(),
+        model.query.labels,
+        ks,
+        None if gallery is None else gallery.float32(),
+        None if gallery is None else gallery.labels,
+    )
 
 
-def compare_models(a: ModelSets, b: ModelSets, ks: Optional[Sequence[int]] = None,
-                   unit: str = "query", resamples: int = 10000, level: float = 0.95,
-                   seed: int = 0) -> Comparison:
+def compare_models(
+    a: ModelSets,
+    b: ModelSets,
+    ks: Optional[Sequence[int]] = None,
+    unit: str = "query",
+    resamples: int = 10000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Comparison:
     """Both models' per-query results on the same split and every metric's B - A."""
     if unit not in ("query", "class"):
         raise ValueError(f"unit {unit!r}: expected query or class")
@@ -58,8 +69,9 @@ def compare_models(a: ModelSets, b: ModelSets, ks: Optional[Sequence[int]] = Non
     ra, rb = results_of(a, ks), results_of(b, ks)
     groups = ra.labels if unit == "class" else None
     differences = paired_bootstrap(ra.values(ks), rb.values(ks), groups, resamples, level, seed)
-    return Comparison(a, b, ra, rb, ks, unit, resamples, level, seed, differences,
-                      mcnemar(ra.hit(1), rb.hit(1)))
+    return Comparison(
+        a, b, ra, rb, ks, unit, resamples, level, seed, differences, mcnemar(ra.hit(1), rb.hit(1))
+    )
 
 
 def nearest(model: ModelSets, query_rows: Sequence[int], k: int) -> np.ndarray:
@@ -72,8 +84,7 @@ def nearest(model: ModelSets, query_rows: Sequence[int], k: int) -> np.ndarray:
     k = min(k, len(reference) - int(model.gallery is None))
     if len(query) == 0 or k < 1:
         return np.zeros((len(query), 0), dtype=np.int64)
-    d = squared_distances(query, reference, (query * query).sum(1),
-                          (reference * reference).sum(1))
+    d = squared_distances(query, reference, (query * query).sum(1), (reference * reference).sum(1))
     if model.gallery is None:
         d[torch.arange(len(query)), torch.as_tensor(np.asarray(query_rows))] = float("inf")
     return key_index(stable_smallest(d, k, torch.arange(len(reference)))).numpy()

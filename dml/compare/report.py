@@ -1,5 +1,6 @@
 """A comparison written down: the printed table, its JSON, per-class and per-query CSVs, and an
 HTML page of the classes and queries where each model is worst and where the two disagree."""
+
 from __future__ import annotations
 
 import json
@@ -21,24 +22,35 @@ def summary(c: Comparison) -> str:
     """The printed table: each metric of A and B, B - A with its interval and p-value, the
     class means, and McNemar's test of R@1."""
     ra = c.results_a
-    how = (f"paired bootstrap over {'queries' if c.unit == 'query' else 'classes'}, "
-           f"{c.resamples} resamples, seed {c.seed}")
-    lines = [f"A: {c.a.source}", f"B: {c.b.source}",
-             f"{len(ra)} queries of {c.classes} classes, each scored under both models "
-             f"(the split's own queries: {c.a.query.meta.get('split', 'as embedded')}); in %",
-             f"{'metric':<16} {'A':>6} {'B':>6} {'B - A':>7}  "
-             f"{f'{100 * c.level:g} % interval':>17}  p ({how})"]
+    how = (
+        f"paired bootstrap over {'queries' if c.unit == 'query' else 'classes'}, "
+        f"{c.resamples} resamples, seed {c.seed}"
+    )
+    lines = [
+        f"A: {c.a.source}",
+        f"B: {c.b.source}",
+        f"{len(ra)} queries of {c.classes} classes, each scored under both models "
+        f"(the split's own queries: {c.a.query.meta.get('split', 'as embedded')}); in %",
+        f"{'metric':<16} {'A':>6} {'B':>6} {'B - A':>7}  "
+        f"{f'{100 * c.level:g} % interval':>17}  p ({how})",
+    ]
     for name, d in c.differences.items():
-        lines.append(f"{name:<16} {100 * d.a:6.1f} {100 * d.b:6.1f} {100 * d.difference:+7.2f}"
-                     f"  [{100 * d.low:+6.2f}, {100 * d.high:+6.2f}]  "
-                     f"{p_text(d.p_value, c.resamples)}")
+        lines.append(
+            f"{name:<16} {100 * d.a:6.1f} {100 * d.b:6.1f} {100 * d.difference:+7.2f}"
+            f"  [{100 * d.low:+6.2f}, {100 * d.high:+6.2f}]  "
+            f"{p_text(d.p_value, c.resamples)}"
+        )
     ma, mb = ra.class_mean(c.ks), c.results_b.class_mean(c.ks)
     for name in ("R@1 class-mean", "MAP@R class-mean"):
-        lines.append(f"{name:<16} {100 * ma[name]:6.1f} {100 * mb[name]:6.1f} "
-                     f"{100 * (mb[name] - ma[name]):+7.2f}  (mean over classes; no interval)")
+        lines.append(
+            f"{name:<16} {100 * ma[name]:6.1f} {100 * mb[name]:6.1f} "
+            f"{100 * (mb[name] - ma[name]):+7.2f}  (mean over classes; no interval)"
+        )
     m = c.mcnemar
-    lines.append(f"McNemar (R@1): right under A only {m.only_a}, under B only {m.only_b}; "
-                 f"chi2 (continuity-corrected) {m.statistic:.3g}, exact p {m.p_value:.2g}")
+    lines.append(
+        f"McNemar (R@1): right under A only {m.only_a}, under B only {m.only_b}; "
+        f"chi2 (continuity-corrected) {m.statistic:.3g}, exact p {m.p_value:.2g}"
+    )
     return "\n".join(lines)
 
 
@@ -49,13 +61,20 @@ def p_text(p: float, resamples: int) -> str:
 
 
 def as_json(c: Comparison) -> Dict:
-    return {"a": c.a.source, "b": c.b.source, "queries": len(c.results_a),
-            "classes": c.classes, "ks": c.ks, "unit": c.unit, "resamples": c.resamples,
-            "level": c.level, "seed": c.seed,
-            "differences": {n: vars(d) for n, d in c.differences.items()},
-            "class_mean": {"a": c.results_a.class_mean(c.ks),
-                           "b": c.results_b.class_mean(c.ks)},
-            "mcnemar": vars(c.mcnemar)}
+    return {
+        "a": c.a.source,
+        "b": c.b.source,
+        "queries": len(c.results_a),
+        "classes": c.classes,
+        "ks": c.ks,
+        "unit": c.unit,
+        "resamples": c.resamples,
+        "level": c.level,
+        "seed": c.seed,
+        "differences": {n: vars(d) for n, d in c.differences.items()},
+        "class_mean": {"a": c.results_a.class_mean(c.ks), "b": c.results_b.class_mean(c.ks)},
+        "mcnemar": vars(c.mcnemar),
+    }
 
 
 def per_class_rows(c: Comparison) -> List[Dict]:
@@ -75,18 +94,30 @@ def per_query_rows(c: Comparison) -> List[Dict]:
     of its first relevant reference and its MAP@R."""
     ra, rb = c.results_a, c.results_b
     paths = c.a.query.paths
-    return [{"row": int(q), "path": paths[q], "class": int(label), "relevant": int(r),
-             "A first relevant rank": int(fa) + 1, "B first relevant rank": int(fb) + 1,
-             "A MAP@R": round(float(aa), 6), "B MAP@R": round(float(ab), 6)}
-            for q, label, r, fa, fb, aa, ab in zip(ra.query_index, ra.labels, ra.num_relevant,
-                                                   ra.first_rank, rb.first_rank, ra.ap, rb.ap)]
+    return [
+        {
+            "row": int(q),
+            "path": paths[q],
+            "class": int(label),
+            "relevant": int(r),
+            "A first relevant rank": int(fa) + 1,
+            "B first relevant rank": int(fb) + 1,
+            "A MAP@R": round(float(aa), 6),
+            "B MAP@R": round(float(ab), 6),
+        }
+        for q, label, r, fa, fb, aa, ab in zip(
+            ra.query_index, ra.labels, ra.num_relevant, ra.first_rank, rb.first_rank, ra.ap, rb.ap
+        )
+    ]
 
 
 def write_outputs(c: Comparison, folder: str) -> List[str]:
     """compare.json, per_class.csv, queries.csv and report.html in ``folder``."""
     os.makedirs(folder, exist_ok=True)
-    paths = [os.path.join(folder, n) for n in ("compare.json", "per_class.csv", "queries.csv",
-                                               "report.html")]
+    paths = [
+        os.path.join(folder, n)
+        for n in ("compare.json", "per_class.csv", "queries.csv", "report.html")
+    ]
     write_text_atomic(paths[0], json.dumps(as_json(c), indent=1, allow_nan=False))
     write_rows(per_class_rows(c), paths[1])
     write_rows(per_query_rows(c), paths[2])
@@ -102,8 +133,9 @@ def page_body(c: Comparison) -> str:
     for who, key in (("A", "A MAP@R"), ("B", "B MAP@R")):
         worst = sorted(classes, key=lambda r: (r[key], r["class"]))[:SHOWN]
         parts.append(f"<h4>Classes where {who} is worst (lowest MAP@R)</h4>")
-        parts.append(html_table(worst, ["class", "queries", "A R@1", "B R@1", "A MAP@R",
-                                        "B MAP@R"]))
+        parts.append(
+            html_table(worst, ["class", "queries", "A R@1", "B R@1", "A MAP@R", "B MAP@R"])
+        )
     for who, results, model in (("A", ra, c.a), ("B", rb, c.b)):
         picks = results.worst(SHOWN)
         parts.append(f"<h4>Queries where {who} is worst: {who}'s neighbours</h4>")
@@ -111,8 +143,9 @@ def page_body(c: Comparison) -> str:
     gap = rb.ap - ra.ap
     for who, sign, model, results in (("A", -1, c.a, ra), ("B", 1, c.b, rb)):
         picks = [i for i in np.lexsort((ra.query_index, -sign * gap)) if sign * gap[i] > 0]
-        parts.append(f"<h4>Where they disagree most: {who} better (MAP@R); A's then B's "
-                     f"neighbours</h4>")
+        parts.append(
+            f"<h4>Where they disagree most: {who} better (MAP@R); A's then B's neighbours</h4>"
+        )
         for i in picks[:SHOWN]:
             parts += _rows(c.a, ra, [i], cache) + _rows(c.b, rb, [i], cache)
         if not picks:
@@ -127,11 +160,18 @@ def _rows(model, results: QueryResults, picks, cache) -> List[str]:
     out = []
     for i, q, neighbours in zip(picks, rows, found):
         label = int(model.query.labels[q])
-        hits = [{"path": searched.paths[j], "caption": f"{r + 1}: class {searched.labels[j]}",
-                 "match": bool(searched.labels[j] == label)}
-                for r, j in enumerate(neighbours.tolist())]
-        caption = (f"class {label}, first relevant at {int(results.first_rank[i]) + 1}, "
-                   f"MAP@R {100 * float(results.ap[i]):.0f}")
+        hits = [
+            {
+                "path": searched.paths[j],
+                "caption": f"{r + 1}: class {searched.labels[j]}",
+                "match": bool(searched.labels[j] == label),
+            }
+            for r, j in enumerate(neighbours.tolist())
+        ]
+        caption = (
+            f"class {label}, first relevant at {int(results.first_rank[i]) + 1}, "
+            f"MAP@R {100 * float(results.ap[i]):.0f}"
+        )
         archives = (model.query.meta.get("archive"), searched.meta.get("archive"))
         out.append(query_row(model.query.paths[q], caption, hits, cache, archives))
     return out

@@ -6,6 +6,7 @@ trained on (``eval_transform``: Resize + CenterCrop + ImageNet normalisation for
 sets, the synthetic data's own normalisation for it). Embeddings are L2-normalised and computed
 in float32, in eval mode, on the GPU when there is one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,11 +52,14 @@ def named_classes(checkpoint: Dict[str, Any]) -> Dict[str, str]:
     for name, term in terms_by_name(hparams.get("terms")).items():
         if term is not None:
             found[f"model.terms.{name}.class_path"] = str(
-                term.get("class_path") if isinstance(term, dict) else term)
+                term.get("class_path") if isinstance(term, dict) else term
+            )
     memory, pooling = hparams.get("memory") or {}, hparams.get("pooling") or {}
-    for key, value in (("model.memory.implementation", memory.get("implementation")),
-                       ("model.memory.miner", memory.get("miner")),
-                       ("model.pooling.name", pooling.get("name"))):
+    for key, value in (
+        ("model.memory.implementation", memory.get("implementation")),
+        ("model.memory.miner", memory.get("miner")),
+        ("model.pooling.name", pooling.get("name")),
+    ):
         if isinstance(value, str) and "." in value:
             found[key] = value
     data = (checkpoint.get("dml_config") or {}).get("data") or {}
@@ -63,17 +67,18 @@ def named_classes(checkpoint: Dict[str, Any]) -> Dict[str, str]:
     return found
 
 
-def check_named_classes(checkpoint: Dict[str, Any], path: str,
-                        trusted: Sequence[str] = ()) -> None:
+def check_named_classes(checkpoint: Dict[str, Any], path: str, trusted: Sequence[str] = ()) -> None:
     """A ConfigError for a class path outside the trusted modules (``dml.`` and ``trusted``):
     loading a checkpoint never imports or calls code it names."""
     prefixes = TRUSTED_MODULES + tuple(p if p.endswith(".") else p + "." for p in trusted)
     for key, class_path in named_classes(checkpoint).items():
         if not class_path.startswith(prefixes):
-            raise ConfigError(f"{path}: refused, not loaded: its {key} names {class_path!r}, "
-                              f"code outside the dml package that loading would import and "
-                              f"call; if you trust it, pass --trust-module "
-                              f"{class_path.split('.')[0]}")
+            raise ConfigError(
+                f"{path}: refused, not loaded: its {key} names {class_path!r}, "
+                f"code outside the dml package that loading would import and "
+                f"call; if you trust it, pass --trust-module "
+                f"{class_path.split('.')[0]}"
+            )
 
 
 def data_class_and_args(checkpoint: Dict[str, Any]) -> Tuple[type, Dict[str, Any]]:
@@ -90,8 +95,11 @@ def data_class_and_args(checkpoint: Dict[str, Any]) -> Tuple[type, Dict[str, Any
         raise ConfigError(f"data.class_path: cannot import {class_path!r} ({error})") from None
     if not (isinstance(cls, type) and issubclass(cls, DMLDataModule)):
         raise ConfigError(f"data.class_path: {class_path!r} is not a DMLDataModule")
-    args = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    args = {
+        k: p.default
+        for k, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     args.update({k: v for k, v in (data.get("init_args") or {}).items() if v is not None})
     return cls, args
 
@@ -108,8 +116,15 @@ def eval_transform_for(cls: type, args: Dict[str, Any]) -> Callable:
         return eval_transform(int(args["crop"]), int(args["resize"]))
     if issubclass(cls, SyntheticDataModule):  # rendered at image_size, (x - 0.5) / 0.25
         size = int(args["image_size"])
-        return T.Compose([T.Lambda(to_rgb), T.Resize(size), T.CenterCrop(size), T.ToTensor(),
-                          T.Normalize((0.5,) * 3, (0.25,) * 3)])
+        return T.Compose(
+            [
+                T.Lambda(to_rgb),
+                T.Resize(size),
+                T.CenterCrop(size),
+                T.ToTensor(),
+                T.Normalize((0.5,) * 3, (0.25,) * 3),
+            ]
+        )
     raise ConfigError(f"no evaluation transform known for images of {cls.__name__}")
 
 
@@ -117,8 +132,12 @@ def image_files(folder: str) -> List[str]:
     """Every image file under ``folder`` (by extension), sorted."""
     if not os.path.isdir(folder):
         raise ConfigError(f"--images {folder}: no such folder")
-    found = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    found = sorted(
+        os.path.join(d, f)
+        for d, _, files in os.walk(folder)
+        for f in files
+        if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if not found:
         raise ConfigError(f"--images {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return found
@@ -151,8 +170,15 @@ def collate_readable(batch):
 class Embedder:
     """A trained network and its evaluation preprocessing."""
 
-    def __init__(self, module, transform: Callable, data_class: type, data_args: Dict[str, Any],
-                 checkpoint_path: str, device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        module,
+        transform: Callable,
+        data_class: type,
+        data_args: Dict[str, Any],
+        checkpoint_path: str,
+        device: Optional[torch.device] = None,
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.module = module.to(self.device).eval()
         self.transform = transform
@@ -160,8 +186,9 @@ class Embedder:
         self.checkpoint_path = checkpoint_path
 
     @classmethod
-    def from_checkpoint(cls, path: str, device=None,
-                        trust_modules: Sequence[str] = ()) -> "Embedder":
+    def from_checkpoint(
+        cls, path: str, device=None, trust_modules: Sequence[str] = ()
+    ) -> "Embedder":
         """The checkpoint's network, read as data; a class path it names outside ``dml`` (a
         term, a memory, a pooling, a data module) is refused unless its module is in
         ``trust_modules``."""
@@ -178,11 +205,13 @@ class Embedder:
                 fill_fresh_state(checkpoint, module.state_dict())  # no memory then: none used
             module.load_state_dict(checkpoint["state_dict"])
         except (RuntimeError, TypeError) as error:
-            raise ConfigError(f"{path}: its weights do not fit the model its hyper-parameters "
-                              f"describe ({error})") from error
+            raise ConfigError(
+                f"{path}: its weights do not fit the model its hyper-parameters describe ({error})"
+            ) from error
         data_class, data_args = data_class_and_args(checkpoint)
-        return cls(module, eval_transform_for(data_class, data_args), data_class, data_args,
-                   path, device)
+        return cls(
+            module, eval_transform_for(data_class, data_args), data_class, data_args, path, device
+        )
 
     @property
     def dim(self) -> int:
@@ -197,16 +226,25 @@ class Embedder:
         with torch.autocast(self.device.type, enabled=False):
             return self.module(images.to(self.device).float()).float()
 
-    def embed_files(self, paths: Sequence[str], batch_size: int = 128,
-                    num_workers: Optional[int] = None, progress: bool = True) -> EmbeddingSet:
+    def embed_files(
+        self,
+        paths: Sequence[str],
+        batch_size: int = 128,
+        num_workers: Optional[int] = None,
+        progress: bool = True,
+    ) -> EmbeddingSet:
         """Embeddings of image files; unreadable files are skipped and listed in
         ``meta["unreadable"]``."""
         from dml.data.datamodule import default_num_workers
 
         workers = default_num_workers() if num_workers is None else num_workers
-        loader = DataLoader(ImageFiles(paths, self.transform), batch_size=batch_size,
-                            num_workers=workers, collate_fn=collate_readable,
-                            pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            ImageFiles(paths, self.transform),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate_readable,
+            pin_memory=self.device.type == "cuda",
+        )
         rows, kept, unreadable = [], [], []
         for images, indices, bad in progress_bar(loader, "embed", progress):
             unreadable.extend(paths[i] for i in bad)
@@ -214,14 +252,26 @@ class Embedder:
                 rows.append(self.embed_tensors(images).cpu())
                 kept.extend(indices.tolist())
         if not rows:
-            raise ConfigError(f"none of the {len(paths)} image files could be read "
-                              f"(first: {paths[0] if len(paths) else None})")
+            raise ConfigError(
+                f"none of the {len(paths)} image files could be read "
+                f"(first: {paths[0] if len(paths) else None})"
+            )
         embeddings = torch.cat(rows).numpy()
-        return EmbeddingSet(embeddings, [paths[i] for i in kept], np.full(len(kept), -1),
-                            self.meta(unreadable=unreadable))
+        return EmbeddingSet(
+            embeddings,
+            [paths[i] for i in kept],
+            np.full(len(kept), -1),
+            self.meta(unreadable=unreadable),
+        )
 
-    def embed_split(self, split: str, root: Optional[str] = None, batch_size: int = 128,
-                    progress: bool = True, dataset: Optional[str] = None) -> EmbeddingSet:
+    def embed_split(
+        self,
+        split: str,
+        root: Optional[str] = None,
+        batch_size: int = 128,
+        progress: bool = True,
+        dataset: Optional[str] = None,
+    ) -> EmbeddingSet:
         """Embeddings of a split (train, test, query or gallery) of the data set the model was
         trained on, or of ``dataset`` (a name of ``experiments/data``), read with the
         evaluation transform; labels are the data set's."""
@@ -232,19 +282,26 @@ class Embedder:
                 data_class, args = named_class, named_args
         if root:
             if "root" not in inspect.signature(data_class).parameters:
-                raise ConfigError(f"--root {root}: {data_class.__name__} takes no data folder "
-                                  f"(its images are generated)")
+                raise ConfigError(
+                    f"--root {root}: {data_class.__name__} takes no data folder "
+                    f"(its images are generated)"
+                )
             args["root"] = root
         if "decode" in args:  # embedding reads with PIL, whatever the training decoded with
             args["decode"] = "cpu"
         data = data_class(**args)
         datasets = eval_datasets_of(data)
         if split not in datasets:
-            raise ConfigError(f"--split {split}: {data_class.__name__} has the splits "
-                              f"{sorted(datasets)}")
+            raise ConfigError(
+                f"--split {split}: {data_class.__name__} has the splits {sorted(datasets)}"
+            )
         dataset = datasets[split]
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=data.workers(),
-                            collate_fn=getattr(data, "collate_fn", None))
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=data.workers(),
+            collate_fn=getattr(data, "collate_fn", None),
+        )
         rows, labels, indices = [], [], []
         for batch in progress_bar(loader, f"embed {split}", progress):
             images, y, idx = batch[:3]
@@ -266,17 +323,22 @@ class Embedder:
             meta["archive"] = os.path.abspath(archive)
         return EmbeddingSet(torch.cat(rows).numpy(), paths, labels, meta)
 
-
-    def embed_evaluation_sets(self, root: Optional[str] = None,
-                              progress: bool = False) -> Dict[str, EmbeddingSet]:
+    def embed_evaluation_sets(
+        self, root: Optional[str] = None, progress: bool = False
+    ) -> Dict[str, EmbeddingSet]:
         """The test split as the evaluation searches it: {"test": set}, or {"query": set,
         "gallery": set} for a data set with a gallery (In-Shop)."""
         if root and "root" not in inspect.signature(self.data_class).parameters:
-            raise ConfigError(f"--root {root}: {self.data_class.__name__} takes no data folder "
-                              f"(its images are generated)")
+            raise ConfigError(
+                f"--root {root}: {self.data_class.__name__} takes no data folder "
+                f"(its images are generated)"
+            )
         args = dict(self.data_args, **({"root": root} if root else {}))
-        names = ["query", "gallery"] if "query" in eval_datasets_of(self.data_class(**args)) \
+        names = (
+            ["query", "gallery"]
+            if "query" in eval_datasets_of(self.data_class(**args))
             else ["test"]
+        )
         return {name: self.embed_split(name, root, progress=progress) for name in names}
 
     @property
@@ -290,8 +352,12 @@ def named_data_set(name: str) -> Tuple[type, Dict[str, Any]]:
     """The data module class and arguments of ``experiments/data/<name>.yaml``."""
     import yaml
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "experiments", "data", f"{name}.yaml")
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "experiments",
+        "data",
+        f"{name}.yaml",
+    )
     if not os.path.isfile(path):
         raise ConfigError(f"--dataset {name}: no config {path}")
     with open(path) as f:

@@ -5,6 +5,7 @@ rows; ``paths`` (n,) the image files (or ``<data set>:<split>/<index>`` for in-m
 ``labels`` (n,) int64 class ids where known, -1 where not; ``meta`` one JSON string (the
 checkpoint, the embedding size, the data set and split, the unreadable files skipped).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,13 @@ class EmbeddingSet:
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        if self.embeddings.ndim != 2 or not (len(self.embeddings) == len(self.paths)
-                                             == len(self.labels)):
-            raise ValueError(f"EmbeddingSet: {self.embeddings.shape} embeddings, "
-                             f"{len(self.paths)} paths and {len(self.labels)} labels")
+        if self.embeddings.ndim != 2 or not (
+            len(self.embeddings) == len(self.paths) == len(self.labels)
+        ):
+            raise ValueError(
+                f"EmbeddingSet: {self.embeddings.shape} embeddings, "
+                f"{len(self.paths)} paths and {len(self.labels)} labels"
+            )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -51,8 +55,13 @@ class EmbeddingSet:
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         tmp = f"{path}.{os.getpid()}.partial.npz"
         try:
-            np.savez(tmp, embeddings=self.embeddings, paths=np.asarray(self.paths, dtype=str),
-                     labels=self.labels, meta=np.asarray(json.dumps(self.meta)))
+            np.savez(
+                tmp,
+                embeddings=self.embeddings,
+                paths=np.asarray(self.paths, dtype=str),
+                labels=self.labels,
+                meta=np.asarray(json.dumps(self.meta)),
+            )
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -63,19 +72,28 @@ class EmbeddingSet:
     def load(cls, path: str) -> "EmbeddingSet":
         """Read as data (``np.load(allow_pickle=False)``); every bad file is one ConfigError
         naming it."""
-        f = load_npz(path, ("embeddings", "paths", "labels", "meta"),
-                     "embeddings file (python -m dml embed)")
+        f = load_npz(
+            path, ("embeddings", "paths", "labels", "meta"), "embeddings file (python -m dml embed)"
+        )
         embeddings, paths, labels = f["embeddings"], f["paths"], f["labels"]
         if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
-            raise ConfigError(f"{path}: embeddings of shape {embeddings.shape} and type "
-                              f"{embeddings.dtype}, expected (rows, dim) floats")
+            raise ConfigError(
+                f"{path}: embeddings of shape {embeddings.shape} and type "
+                f"{embeddings.dtype}, expected (rows, dim) floats"
+            )
         if embeddings.shape[1] == 0:
             raise ConfigError(f"{path}: the embeddings have 0 dimensions")
-        if paths.ndim != 1 or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) \
-                or not (len(embeddings) == len(paths) == len(labels)):
-            raise ConfigError(f"{path}: {len(embeddings)} embeddings, {paths.size} paths and "
-                              f"{labels.size} labels ({labels.dtype}); expected one path and one "
-                              f"integer label per row")
+        if (
+            paths.ndim != 1
+            or labels.ndim != 1
+            or not np.issubdtype(labels.dtype, np.integer)
+            or not (len(embeddings) == len(paths) == len(labels))
+        ):
+            raise ConfigError(
+                f"{path}: {len(embeddings)} embeddings, {paths.size} paths and "
+                f"{labels.size} labels ({labels.dtype}); expected one path and one "
+                f"integer label per row"
+            )
         return cls(embeddings, [str(p) for p in paths], labels, f["meta"])
 
     def non_finite_rows(self) -> int:
@@ -87,6 +105,9 @@ class EmbeddingSet:
 
 
 def concatenate(sets: List[EmbeddingSet], meta: Optional[Dict[str, Any]] = None) -> EmbeddingSet:
-    return EmbeddingSet(np.concatenate([s.embeddings for s in sets]),
-                        [p for s in sets for p in s.paths],
-                        np.concatenate([s.labels for s in sets]), meta or {})
+    return EmbeddingSet(
+        np.concatenate([s.embeddings for s in sets]),
+        [p for s in sets for p in s.paths],
+        np.concatenate([s.labels for s in sets]),
+        meta or {},
+    )

@@ -10,6 +10,7 @@ with and compared with the PyTorch model; the largest absolute difference is pri
 and an export that differs by more than ``tolerance`` is not written. ``OUT.json`` beside it
 gives the preprocessing (resize, crop, mean, std), the embedding size and that difference.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,16 +42,26 @@ class EmbeddingNetwork(nn.Module):
 def preprocessing(embedder) -> Dict[str, Any]:
     args = embedder.data_args
     if "crop" in args:
-        return {"image": "RGB, float32 in [0, 1], then normalised", "resize_shorter_side":
-                int(args["resize"]), "center_crop": int(args["crop"]),
-                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+        return {
+            "image": "RGB, float32 in [0, 1], then normalised",
+            "resize_shorter_side": int(args["resize"]),
+            "center_crop": int(args["crop"]),
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        }
     size = int(args["image_size"])
-    return {"image": "RGB, float32 in [0, 1], then normalised", "resize_shorter_side": size,
-            "center_crop": size, "mean": [0.5] * 3, "std": [0.25] * 3}
+    return {
+        "image": "RGB, float32 in [0, 1], then normalised",
+        "resize_shorter_side": size,
+        "center_crop": size,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+    }
 
 
-def export(embedder, fmt: str, out: str, batch: int = 4, tolerance: float = 1e-4,
-           seed: int = 0) -> Dict[str, Any]:
+def export(
+    embedder, fmt: str, out: str, batch: int = 4, tolerance: float = 1e-4, seed: int = 0
+) -> Dict[str, Any]:
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: expected one of {list(FORMATS)}")
     net = EmbeddingNetwork(embedder.module).cpu().eval()
@@ -73,12 +84,19 @@ def export(embedder, fmt: str, out: str, batch: int = 4, tolerance: float = 1e-4
             got = export_onnx(net, example, check, tmp)
         diff = float(np.abs(got - expected).max())
         if not diff <= tolerance:
-            raise ConfigError(f"--format {fmt}: the export differs from the PyTorch model by "
-                              f"{diff:.2e} (> {tolerance:g}) on a check batch; nothing written")
-        info = {"format": fmt, "checkpoint": os.path.abspath(embedder.checkpoint_path),
-                "input": "images (B, 3, H, W) float32", "output": "embeddings (B, D), L2 "
-                "normalised", "dim": embedder.dim, "preprocessing": prep,
-                "max_abs_diff_vs_pytorch": diff}
+            raise ConfigError(
+                f"--format {fmt}: the export differs from the PyTorch model by "
+                f"{diff:.2e} (> {tolerance:g}) on a check batch; nothing written"
+            )
+        info = {
+            "format": fmt,
+            "checkpoint": os.path.abspath(embedder.checkpoint_path),
+            "input": "images (B, 3, H, W) float32",
+            "output": "embeddings (B, D), L2 normalised",
+            "dim": embedder.dim,
+            "preprocessing": prep,
+            "max_abs_diff_vs_pytorch": diff,
+        }
         with open(tmp + ".json", "w") as f:
             json.dump(info, f, indent=1)
         os.replace(tmp + ".json", out + ".json")
@@ -94,11 +112,18 @@ def export_onnx(net: nn.Module, example: torch.Tensor, check: torch.Tensor, path
     try:
         import onnxruntime
     except ImportError as error:
-        raise ConfigError("--format onnx needs onnx and onnxruntime: pip install -e .[onnx]") \
-            from error
+        raise ConfigError(
+            "--format onnx needs onnx and onnxruntime: pip install -e .[onnx]"
+        ) from error
     with torch.no_grad():
-        torch.onnx.export(net, (example,), path, input_names=["images"],
-                          output_names=["embeddings"], dynamo=False,
-                          dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
+        torch.onnx.export(
+            net,
+            (example,),
+            path,
+            input_names=["images"],
+            output_names=["embeddings"],
+            dynamo=False,
+            dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+        )
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     return session.run(["embeddings"], {"images": check.numpy()})[0]

@@ -25,6 +25,7 @@ Files: ``INDEX`` is a faiss index (``faiss.write_index``; flat: IndexFlatL2), ``
 its rows' paths and labels and the build's facts (kind, dim, recall), read as data
 (``dml.safe_load``).
 """
+
 from __future__ import annotations
 
 import json
@@ -77,16 +78,20 @@ def unit_rows(x: np.ndarray, what: str) -> np.ndarray:
     x = x.astype(np.float64) if x.dtype.itemsize <= 8 else x.astype(np.longdouble)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
-        raise ConfigError(f"{what}: {int(bad.sum())} of {len(x)} rows hold NaN or inf "
-                          f"(first: row {int(np.flatnonzero(bad)[0])}); nothing was searched")
+        raise ConfigError(
+            f"{what}: {int(bad.sum())} of {len(x)} rows hold NaN or inf "
+            f"(first: row {int(np.flatnonzero(bad)[0])}); nothing was searched"
+        )
     scale = np.abs(x).max(axis=1, keepdims=True)
     scale[scale == 0] = 1
     x = (x / scale).astype(np.float64)  # the largest entry 1: no overflow or underflow
     norms = np.linalg.norm(x, axis=1)
     zero = norms == 0
     if zero.any():
-        raise ConfigError(f"{what}: {int(zero.sum())} of {len(x)} rows have length 0 (first: row "
-                          f"{int(np.flatnonzero(zero)[0])}), so they have no cosine similarity")
+        raise ConfigError(
+            f"{what}: {int(zero.sum())} of {len(x)} rows have length 0 (first: row "
+            f"{int(np.flatnonzero(zero)[0])}), so they have no cosine similarity"
+        )
     return np.ascontiguousarray(x / norms[:, None], dtype=np.float32)
 
 
@@ -95,6 +100,7 @@ class Hits:
     """What a search found: per query, the rows of its neighbours and their cosine similarities,
     nearest first. A query has ``k`` hits, or fewer where the index found fewer (``short``);
     every row is a real row of the index and every similarity a finite cosine."""
+
     rows: List[np.ndarray]
     similarities: List[np.ndarray]
     k: int
@@ -113,9 +119,11 @@ class Hits:
         """(similarities, rows), each (queries, k): for searches where every query got k hits
         (flat indexes always do)."""
         if len(self.short):
-            raise ConfigError(f"{len(self.short)} of {len(self)} queries got fewer than "
-                              f"{self.k} hits; read them per query (Hits.rows) or search with "
-                              f"exact_fallback")
+            raise ConfigError(
+                f"{len(self.short)} of {len(self)} queries got fewer than "
+                f"{self.k} hits; read them per query (Hits.rows) or search with "
+                f"exact_fallback"
+            )
         if not len(self):
             return np.zeros((0, self.k), np.float32), np.zeros((0, self.k), np.int64)
         return np.stack(self.similarities), np.stack(self.rows)
@@ -136,8 +144,9 @@ class Hits:
 
 def cosine_of(squared_distances: np.ndarray) -> np.ndarray:
     """The cosine of unit vectors at squared distance d^2: 1 - d^2 / 2, clipped to [-1, 1]."""
-    return np.clip(1.0 - np.asarray(squared_distances, np.float64) / 2.0, -1.0, 1.0) \
-        .astype(np.float32)
+    return np.clip(1.0 - np.asarray(squared_distances, np.float64) / 2.0, -1.0, 1.0).astype(
+        np.float32
+    )
 
 
 @dataclass
@@ -156,8 +165,14 @@ class SearchIndex:
         return int(self.index.ntotal)
 
     @classmethod
-    def build(cls, rows: EmbeddingSet, kind: str = "flat", nprobe: Optional[int] = None,
-              recall_sample: int = 1000, seed: int = 0) -> "SearchIndex":
+    def build(
+        cls,
+        rows: EmbeddingSet,
+        kind: str = "flat",
+        nprobe: Optional[int] = None,
+        recall_sample: int = 1000,
+        seed: int = 0,
+    ) -> "SearchIndex":
         """The index of ``rows`` (L2-normalised first). Approximate kinds' parameters are
         clamped to the rows there are; ``meta["notes"]`` says where."""
         if kind not in KINDS:
@@ -176,14 +191,20 @@ class SearchIndex:
         else:
             nlist = ivf_cells(n)
             if kind == "ivfpq" and n < 39 * 16:
-                raise ConfigError(f"--kind ivfpq needs at least {39 * 16} rows to train its "
-                                  f"codebooks, the embeddings have {n}; use flat")
+                raise ConfigError(
+                    f"--kind ivfpq needs at least {39 * 16} rows to train its "
+                    f"codebooks, the embeddings have {n}; use flat"
+                )
             if nprobe is not None and nprobe < 1:
                 raise ConfigError(f"--nprobe {nprobe}: expected a number of cells >= 1")
             quantizer = faiss.IndexFlatL2(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist) if kind == "ivf" else \
-                faiss.IndexIVFPQ(quantizer, d, nlist, pq_subquantizers(d),
-                                 8 if n >= 39 * 256 else 4)
+            index = (
+                faiss.IndexIVFFlat(quantizer, d, nlist)
+                if kind == "ivf"
+                else faiss.IndexIVFPQ(
+                    quantizer, d, nlist, pq_subquantizers(d), 8 if n >= 39 * 256 else 4
+                )
+            )
             index.cp.seed = seed
             index.cp.min_points_per_centroid = 1  # nlist is already sized to the rows
             index.train(x)
@@ -193,11 +214,23 @@ class SearchIndex:
         index.add(x)
         unit = np.abs(np.linalg.norm(rows.embeddings.astype(np.float64), axis=1) - 1) <= 1e-3
         if not unit.all():
-            notes.append(f"{int((~unit).sum())} of {n} rows were not of unit length and were "
-                         f"L2-normalised")
-        built = cls(kind, index, list(rows.paths), rows.labels,
-                    {"kind": kind, "rows": n, "dim": d, "normalised": True, "notes": notes,
-                     "source": rows.meta})
+            notes.append(
+                f"{int((~unit).sum())} of {n} rows were not of unit length and were L2-normalised"
+            )
+        built = cls(
+            kind,
+            index,
+            list(rows.paths),
+            rows.labels,
+            {
+                "kind": kind,
+                "rows": n,
+                "dim": d,
+                "normalised": True,
+                "notes": notes,
+                "source": rows.meta,
+            },
+        )
         if kind != "flat":
             if n < 2:
                 notes.append("no recall check: one row has no neighbour")
@@ -208,33 +241,47 @@ class SearchIndex:
         return built
 
     # --- search ---------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int = 10, exclude_self: bool = False,
-               exact_fallback: bool = False, nprobe: Optional[int] = None) -> Hits:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        exclude_self: bool = False,
+        exact_fallback: bool = False,
+        nprobe: Optional[int] = None,
+    ) -> Hits:
         """The k nearest rows of each query (L2-normalised first). ``exclude_self``: the
         queries are this index's rows in order, each left out of its own results.
         ``exact_fallback``: queries an approximate index finds fewer than k hits for are
         searched exhaustively. ``nprobe``: ivf kinds, cells searched (clamped to the cells)."""
         queries = np.asarray(queries)
         if queries.ndim != 2:
-            raise ConfigError(f"the queries are an array of shape {queries.shape}, expected "
-                              f"(queries, {self.dim})")
+            raise ConfigError(
+                f"the queries are an array of shape {queries.shape}, expected (queries, {self.dim})"
+            )
         if queries.shape[1] != self.dim:
-            raise ConfigError(f"the queries are {queries.shape[1]}-d embeddings, the index "
-                              f"holds {self.dim}-d ones: embed them with the checkpoint the "
-                              f"index was built from")
+            raise ConfigError(
+                f"the queries are {queries.shape[1]}-d embeddings, the index "
+                f"holds {self.dim}-d ones: embed them with the checkpoint the "
+                f"index was built from"
+            )
         if exclude_self and len(queries) != len(self):
-            raise ConfigError(f"exclude_self: the queries must be the index's own {len(self)} "
-                              f"rows, in order; there are {len(queries)} queries")
+            raise ConfigError(
+                f"exclude_self: the queries must be the index's own {len(self)} "
+                f"rows, in order; there are {len(queries)} queries"
+            )
         if k < 1:
             raise ConfigError(f"k {k}: expected a number of neighbours >= 1")
         available = len(self) - int(exclude_self)
         if available < 1:
-            raise ConfigError("the index has no row to return (one row, searched with "
-                              "exclude_self)")
+            raise ConfigError(
+                "the index has no row to return (one row, searched with exclude_self)"
+            )
         notes = []
         if k > available:
-            notes.append(f"k {k} clamped to {available}, the rows "
-                         f"{'other than the query ' if exclude_self else ''}in the index")
+            notes.append(
+                f"k {k} clamped to {available}, the rows "
+                f"{'other than the query ' if exclude_self else ''}in the index"
+            )
             k = available
         if len(queries) == 0:
             return Hits([], [], k, notes)
@@ -243,9 +290,11 @@ class SearchIndex:
         if exclude_self and self.kind != "ivfpq":  # ivfpq keeps codes, not the rows
             differ = np.flatnonzero(np.abs(queries - self.stored_rows()).max(axis=1) > 1e-4)
             if len(differ):
-                raise ConfigError(f"exclude_self: the queries must be the index's own rows, in "
-                                  f"order; {len(differ)} of {len(queries)} are not (first: "
-                                  f"query {int(differ[0])})")
+                raise ConfigError(
+                    f"exclude_self: the queries must be the index's own rows, in "
+                    f"order; {len(differ)} of {len(queries)} are not (first: "
+                    f"query {int(differ[0])})"
+                )
         if nprobe is not None:
             notes += self.set_nprobe(nprobe)
         if self.kind == "flat":
@@ -258,20 +307,24 @@ class SearchIndex:
                 exact = self.exact_search(queries[short], k, None if own is None else own[short])
                 for j, q in enumerate(short):
                     hits.rows[q], hits.similarities[q] = exact.rows[j], exact.similarities[j]
-                notes.append(f"{len(short)} queries with fewer than {k} hits were searched "
-                             f"exhaustively")
+                notes.append(
+                    f"{len(short)} queries with fewer than {k} hits were searched exhaustively"
+                )
         hits.notes = notes + hits.notes
         return hits
 
     def stored_rows(self) -> np.ndarray:
         """The index's rows as it stores them (ivfpq: decoded from its codes), float32."""
         if hasattr(self.index, "invlists"):
-            rows = self.index.reconstruct_n(0, len(self)) if self.index.direct_map.type \
+            rows = (
+                self.index.reconstruct_n(0, len(self))
+                if self.index.direct_map.type
                 else self.rows_of_inverted_lists()
+            )
         else:
             rows = self.index.reconstruct_n(0, len(self))
         if isinstance(rows, torch.Tensor):  # faiss.contrib.torch_utils, once imported, patches
-            rows = rows.cpu().numpy()       # faiss to hand back torch tensors
+            rows = rows.cpu().numpy()  # faiss to hand back torch tensors
         return np.ascontiguousarray(rows, dtype=np.float32)
 
     def rows_of_inverted_lists(self) -> np.ndarray:
@@ -296,16 +349,16 @@ class SearchIndex:
 
     def set_nprobe(self, nprobe: int) -> List[str]:
         if not hasattr(self.index, "nprobe"):
-            raise ConfigError(f"--nprobe: a {self.kind} index has no cells to probe (ivf and "
-                              f"ivfpq do)")
+            raise ConfigError(
+                f"--nprobe: a {self.kind} index has no cells to probe (ivf and ivfpq do)"
+            )
         if nprobe < 1:
             raise ConfigError(f"--nprobe {nprobe}: expected a number of cells >= 1")
         nlist = int(self.index.nlist)
         self.index.nprobe = min(nprobe, nlist)
         return [f"nprobe {nprobe} clamped to the index's {nlist} cells"] if nprobe > nlist else []
 
-    def recall_against_exact(self, x: np.ndarray, sample: int, seed: int = 0,
-                             k: int = 10) -> float:
+    def recall_against_exact(self, x: np.ndarray, sample: int, seed: int = 0, k: int = 10) -> float:
         """Recall@k against exact search, counted by distance: the mean share of the index's k
         answers for each sampled row (itself excluded) that lie at or inside the row's exact
         k-th squared distance (+ ``RECALL_DISTANCE_SLACK``), distances recomputed from ``x``."""
@@ -314,11 +367,16 @@ class SearchIndex:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(len(x), size=min(sample, len(x)), replace=False))
         k = min(k, len(x) - 1)
-        exact_d, exact_i = knn(torch.from_numpy(x[rows]), torch.from_numpy(x), k + 1,
-                               backend="torch")
+        exact_d, exact_i = knn(
+            torch.from_numpy(x[rows]), torch.from_numpy(x), k + 1, backend="torch"
+        )
         # the exact k-th distance among the other rows: the row itself dropped from its k + 1
-        kth = np.array([d[i != r][k - 1] for d, i, r in
-                        zip(exact_d.numpy().astype(np.float64), exact_i.numpy(), rows)])
+        kth = np.array(
+            [
+                d[i != r][k - 1]
+                for d, i, r in zip(exact_d.numpy().astype(np.float64), exact_i.numpy(), rows)
+            ]
+        )
         _, found = self.index.search(x[rows], k + 1)
         hits = 0
         for q, (r, ids) in enumerate(zip(rows, found)):
@@ -332,12 +390,18 @@ class SearchIndex:
         """The faiss file and its rows file, each written whole or not at all."""
         faiss = _faiss()
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        tmp_index, tmp_rows = f"{path}.{os.getpid()}.partial", \
-            f"{path}.{os.getpid()}.partial{ROWS_SUFFIX}"
+        tmp_index, tmp_rows = (
+            f"{path}.{os.getpid()}.partial",
+            f"{path}.{os.getpid()}.partial{ROWS_SUFFIX}",
+        )
         try:
             faiss.write_index(self.index, tmp_index)
-            np.savez(tmp_rows, paths=np.asarray(self.paths, dtype=str), labels=self.labels,
-                     meta=np.asarray(json.dumps(self.meta)))
+            np.savez(
+                tmp_rows,
+                paths=np.asarray(self.paths, dtype=str),
+                labels=self.labels,
+                meta=np.asarray(json.dumps(self.meta)),
+            )
             os.replace(tmp_rows, path + ROWS_SUFFIX)
             os.replace(tmp_index, path)
         finally:
@@ -352,27 +416,35 @@ class SearchIndex:
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: no such index")
         if not os.path.isfile(path + ROWS_SUFFIX):
-            raise ConfigError(f"{path}: its rows file {path + ROWS_SUFFIX} (paths and labels) "
-                              f"is missing; rebuild the index with `python -m dml index`")
+            raise ConfigError(
+                f"{path}: its rows file {path + ROWS_SUFFIX} (paths and labels) "
+                f"is missing; rebuild the index with `python -m dml index`"
+            )
         try:
             index = faiss.read_index(path)
         except RuntimeError as error:
             raise ConfigError(f"{path}: not a faiss index ({one_line(error)})") from None
-        f = load_npz(path + ROWS_SUFFIX, ("paths", "labels", "meta"),
-                     "index rows file (python -m dml index)")
+        f = load_npz(
+            path + ROWS_SUFFIX, ("paths", "labels", "meta"), "index rows file (python -m dml index)"
+        )
         paths, labels, meta = [str(p) for p in f["paths"]], f["labels"], f["meta"]
         if len(paths) != index.ntotal or labels.shape != (len(paths),):
-            raise ConfigError(f"{path}: the index holds {index.ntotal} rows, its rows file "
-                              f"{len(paths)} paths and {labels.size} labels")
+            raise ConfigError(
+                f"{path}: the index holds {index.ntotal} rows, its rows file "
+                f"{len(paths)} paths and {labels.size} labels"
+            )
         kind = meta.get("kind", "flat")
         if kind not in KINDS:
-            raise ConfigError(f"{path}: its rows file names kind {kind!r}, expected one of "
-                              f"{list(KINDS)}")
+            raise ConfigError(
+                f"{path}: its rows file names kind {kind!r}, expected one of {list(KINDS)}"
+            )
         built = cls(kind, index, paths, labels, meta)
         if not meta.get("normalised") and kind != "ivfpq" and len(built):
             norms = np.linalg.norm(built.stored_rows()[:1000], axis=1)
             if np.abs(norms - 1).max() > 1e-3:
-                raise ConfigError(f"{path}: an index of rows that are not of unit length (built "
-                                  f"before rows were L2-normalised); rebuild it with "
-                                  f"`python -m dml index`")
+                raise ConfigError(
+                    f"{path}: an index of rows that are not of unit length (built "
+                    f"before rows were L2-normalised); rebuild it with "
+                    f"`python -m dml index`"
+                )
         return built

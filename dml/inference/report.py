@@ -5,6 +5,7 @@ both are known, a neighbour of the query's class is framed green and any other r
 embedded as small JPEG thumbnails (data URIs), so the page can be mailed or opened anywhere;
 a path that is not an image file (in-memory data sets) is shown as its name.
 """
+
 from __future__ import annotations
 
 import base64
@@ -23,16 +24,25 @@ if TYPE_CHECKING:
     from dml.inference.index import Hits
 
 
-def result_rows(query_paths: List[str], query_labels: Optional[np.ndarray], hits: "Hits",
-                paths: List[str], labels: Optional[np.ndarray]) -> List[Dict]:
+def result_rows(
+    query_paths: List[str],
+    query_labels: Optional[np.ndarray],
+    hits: "Hits",
+    paths: List[str],
+    labels: Optional[np.ndarray],
+) -> List[Dict]:
     """One dict per (query, neighbour): the rows of ``dml.inference.index.Hits``, which holds
     real rows and finite cosines only (a query with fewer hits has fewer dicts)."""
     rows = []
     for q, path in enumerate(query_paths):
-        for rank, (j, s) in enumerate(zip(hits.rows[q].tolist(),
-                                          hits.similarities[q].tolist())):
-            row = {"query": path, "rank": rank + 1, "path": paths[j], "row": int(j),
-                   "similarity": round(float(s), 6)}
+        for rank, (j, s) in enumerate(zip(hits.rows[q].tolist(), hits.similarities[q].tolist())):
+            row = {
+                "query": path,
+                "rank": rank + 1,
+                "path": paths[j],
+                "row": int(j),
+                "similarity": round(float(s), 6),
+            }
             if hits.rerank_distances is not None:
                 row["rerank_distance"] = round(float(hits.rerank_distances[q][rank]), 6)
             if query_labels is not None and labels is not None and query_labels[q] >= 0:
@@ -86,15 +96,22 @@ def thumbnail(path: str, size: int = 112, archive: Optional[str] = None) -> Opti
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
-def tile(path: str, caption: str, frame: str, cache: Dict[str, Optional[str]],
-         archive: Optional[str] = None) -> str:
+def tile(
+    path: str,
+    caption: str,
+    frame: str,
+    cache: Dict[str, Optional[str]],
+    archive: Optional[str] = None,
+) -> str:
     if path not in cache:
         cache[path] = thumbnail(path, archive=archive)
     uri = cache[path]
     name = html.escape(os.path.basename(path) or path)
     body = f'<img src="{uri}" alt="{name}">' if uri else f'<div class="name">{name}</div>'
-    return (f'<figure style="border-color:{frame}" title="{html.escape(path)}">{body}'
-            f'<figcaption>{html.escape(caption)}</figcaption></figure>')
+    return (
+        f'<figure style="border-color:{frame}" title="{html.escape(path)}">{body}'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def write_html(rows: List[Dict], path: str, title: str = "dml search") -> None:
@@ -106,18 +123,23 @@ def write_html(rows: List[Dict], path: str, title: str = "dml search") -> None:
     write_page(path, title, f"<p>{len(by_query)} queries; {FRAMES}</p>\n" + "\n".join(lines))
 
 
-FRAMES = ("frames: green = same class as the query, red = another class, grey = unknown.")
+FRAMES = "frames: green = same class as the query, red = another class, grey = unknown."
 
 
-def query_row(query: str, caption: str, hits: List[Dict], cache: Dict[str, Optional[str]],
-              archives: tuple = (None, None)) -> str:
+def query_row(
+    query: str,
+    caption: str,
+    hits: List[Dict],
+    cache: Dict[str, Optional[str]],
+    archives: tuple = (None, None),
+) -> str:
     """One query's tile and its neighbours' (dicts with "path", "rank", "similarity" or
     "caption", and "match" where the labels are known); ``archives``: the zip files the query
     and the neighbours are members of, if they are."""
     cells = [tile(query, caption, "#444", cache, archives[0])]
     for hit in hits:
         frame = "#888" if "match" not in hit else ("#2a2" if hit["match"] else "#d22")
-        label = hit.get("caption") or f'{hit["rank"]}: {hit["similarity"]:.3f}'
+        label = hit.get("caption") or f"{hit['rank']}: {hit['similarity']:.3f}"
         cells.append(tile(hit["path"], label, frame, cache, archives[1]))
     return f'<div class="row">{"".join(cells)}</div>'
 
@@ -145,10 +167,12 @@ td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
 
 def html_table(rows: List[Dict], columns: List[str]) -> str:
     """A plain HTML table of ``rows`` (floats in [0, 1] shown in %)."""
+
     def cell(v):
         return f"{100 * v:.1f}" if isinstance(v, float) else html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns)
-                   + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"

@@ -26,6 +26,7 @@ The base losses, by name (``BASE_LOSSES``):
 ``ProximalTerm.anchor`` and replace the proxies through ``MultiProxyLoss.pick`` / ``set_proxies``.
 ``greedy_k_center`` (the proxy selection) is re-exported here.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,9 +40,17 @@ from dml.errors import ConfigError
 from dml.functional import lipschitz_normalize
 from dml.selection import greedy_k_center, greedy_k_center_batched
 
-__all__ = ["MultiProxyLoss", "PerAnchorSumReducer", "ProximalTerm", "c1_contrastive",
-           "c2_contrastive", "greedy_k_center", "greedy_k_center_batched", "lipschitz_normalize",
-           "unnormalized"]
+__all__ = [
+    "MultiProxyLoss",
+    "PerAnchorSumReducer",
+    "ProximalTerm",
+    "c1_contrastive",
+    "c2_contrastive",
+    "greedy_k_center",
+    "greedy_k_center_batched",
+    "lipschitz_normalize",
+    "unnormalized",
+]
 
 
 class PerAnchorSumReducer(reducers.BaseReducer):
@@ -56,17 +65,22 @@ class PerAnchorSumReducer(reducers.BaseReducer):
 def c1_contrastive(margin: float = 0.5, distance=None) -> losses.ContrastiveLoss:
     """C1: sum_pos (1 - s) + sum_neg [s - margin]_+, over the number of anchors."""
     return losses.ContrastiveLoss(
-        pos_margin=1.0, neg_margin=margin,
+        pos_margin=1.0,
+        neg_margin=margin,
         distance=distance if distance is not None else distances.CosineSimilarity(),
-        reducer=PerAnchorSumReducer())
+        reducer=PerAnchorSumReducer(),
+    )
 
 
-def c2_contrastive(pos_margin: float = 0.0, neg_margin: float = 0.5,
-                   distance=None) -> losses.ContrastiveLoss:
+def c2_contrastive(
+    pos_margin: float = 0.0, neg_margin: float = 0.5, distance=None
+) -> losses.ContrastiveLoss:
     """C2: [d - m+]_+ and [m- - d]_+ on L2 distance, each averaged over its non-zero terms."""
     return losses.ContrastiveLoss(
-        pos_margin=pos_margin, neg_margin=neg_margin,
-        distance=distance if distance is not None else distances.LpDistance())
+        pos_margin=pos_margin,
+        neg_margin=neg_margin,
+        distance=distance if distance is not None else distances.LpDistance(),
+    )
 
 
 def unnormalized(distance):
@@ -74,10 +88,11 @@ def unnormalized(distance):
     if isinstance(distance, distances.DotProductSimilarity):  # CosineSimilarity included
         return distances.DotProductSimilarity(normalize_embeddings=False)
     if isinstance(distance, distances.LpDistance):
-        return distances.LpDistance(p=distance.p, power=distance.power,
-                                    normalize_embeddings=False)
-    raise ConfigError(f"model.loss: the Lipschitz normalisation needs a dot-product or Lp "
-                      f"distance, got {type(distance).__name__}")
+        return distances.LpDistance(p=distance.p, power=distance.power, normalize_embeddings=False)
+    raise ConfigError(
+        f"model.loss: the Lipschitz normalisation needs a dot-product or Lp "
+        f"distance, got {type(distance).__name__}"
+    )
 
 
 class MultiProxyLoss(nn.Module):
@@ -91,15 +106,23 @@ class MultiProxyLoss(nn.Module):
 
     takes_raw_embeddings = True
 
-    def __init__(self, base: nn.Module, num_classes: int, per_class: int, embedding_dim: int,
-                 proxy_weight: float = 1.0, pair_weight: float = 0.1,
-                 normalize: str = "lipschitz"):
+    def __init__(
+        self,
+        base: nn.Module,
+        num_classes: int,
+        per_class: int,
+        embedding_dim: int,
+        proxy_weight: float = 1.0,
+        pair_weight: float = 0.1,
+        normalize: str = "lipschitz",
+    ):
         super().__init__()
         if per_class < 1:
             raise ConfigError(f"model.loss.proxies_per_class must be >= 1, got {per_class}")
         if num_classes is None or num_classes < 2:
-            raise ConfigError(f"model.loss: proxies need the number of training classes "
-                              f"(got {num_classes})")
+            raise ConfigError(
+                f"model.loss: proxies need the number of training classes (got {num_classes})"
+            )
         if normalize not in ("lipschitz", "l2"):
             raise ConfigError(f"model.loss.normalize: expected lipschitz or l2, got {normalize!r}")
         self.base = base
@@ -111,9 +134,9 @@ class MultiProxyLoss(nn.Module):
         # He-normal start, as in the released code; replaced by sample embeddings before
         # training when the CCP callback is on.
         self.proxies = nn.Parameter(
-            torch.randn(num_classes * per_class, embedding_dim) * math.sqrt(2.0 / embedding_dim))
-        self.register_buffer("proxy_labels",
-                             torch.arange(num_classes).repeat_interleave(per_class))
+            torch.randn(num_classes * per_class, embedding_dim) * math.sqrt(2.0 / embedding_dim)
+        )
+        self.register_buffer("proxy_labels", torch.arange(num_classes).repeat_interleave(per_class))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
@@ -143,24 +166,33 @@ class MultiProxyLoss(nn.Module):
         self.proxies.copy_(rows.to(self.proxies))
         self.initialized.fill_(True)
 
-    def named_values(self, embeddings: torch.Tensor, labels: torch.Tensor,
-              indices_tuple=None) -> Dict[str, torch.Tensor]:
+    def named_values(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None
+    ) -> Dict[str, torch.Tensor]:
         """{"proxy": w_P * l(z, P), "pair": w_B * l(z, z)} (the pair term only if w_B > 0)."""
         z = self.project(embeddings)
-        out = {"proxy": self.proxy_weight * self.base(
-            z, labels, ref_emb=self.project(self.proxies), ref_labels=self.proxy_labels)}
+        out = {
+            "proxy": self.proxy_weight
+            * self.base(z, labels, ref_emb=self.project(self.proxies), ref_labels=self.proxy_labels)
+        }
         if self.pair_weight:
             out["pair"] = self.pair_weight * self.base(z, labels, indices_tuple)
         return out
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None,
-                ref_emb: Optional[torch.Tensor] = None,
-                ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple=None,
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """With ``ref_emb`` (e.g. a cross-batch memory): the base loss against it; otherwise
         the sum of ``named_values``."""
         if ref_emb is not None:
-            return self.base(self.project(embeddings), labels, indices_tuple,
-                             self.project(ref_emb), ref_labels)
+            return self.base(
+                self.project(embeddings), labels, indices_tuple, self.project(ref_emb), ref_labels
+            )
         return sum(self.named_values(embeddings, labels, indices_tuple).values())
 
 
@@ -194,8 +226,10 @@ class ProximalTerm(nn.Module):
         params = self._params()
         missing = [name for name, _ in params if name not in theta]
         if missing:
-            raise ConfigError(f"ccp: theta_prev has no weights for {missing[:5]}; the network "
-                              f"changed since it was taken")
+            raise ConfigError(
+                f"ccp: theta_prev has no weights for {missing[:5]}; the network "
+                f"changed since it was taken"
+            )
         flat = torch.cat([theta[name].reshape(-1).to(p) for name, p in params])
         self.theta_prev = flat.to(self.lam.device)
         self.lam.fill_(float(lam))
@@ -212,10 +246,13 @@ class ProximalTerm(nn.Module):
         params = self._params()
         sizes = [p.numel() for _, p in params]
         if sum(sizes) != self.theta_prev.numel():
-            raise ConfigError(f"ccp: theta_prev holds {self.theta_prev.numel()} values, the "
-                              f"network's trainable weights {sum(sizes)}; resume CCP with the "
-                              f"model configuration it was trained with")
+            raise ConfigError(
+                f"ccp: theta_prev holds {self.theta_prev.numel()} values, the "
+                f"network's trainable weights {sum(sizes)}; resume CCP with the "
+                f"model configuration it was trained with"
+            )
         anchors = torch.split(self.theta_prev, sizes)
-        total = sum(((p - a.view_as(p).to(p.dtype)) ** 2).sum()
-                    for (_, p), a in zip(params, anchors))
+        total = sum(
+            ((p - a.view_as(p).to(p.dtype)) ** 2).sum() for (_, p), a in zip(params, anchors)
+        )
         return 0.5 * float(self.lam) * total

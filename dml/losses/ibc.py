@@ -8,6 +8,7 @@ branch's neck a BatchNorm1d with its bias frozen at 0 followed by a bias-free cl
 initialised N(0, 0.001^2). The MPN is a training device: evaluation embeds with the backbone
 only, unless the pseudo-test mode refines each sample over its k-reciprocal neighbours.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -24,8 +25,15 @@ class IntraBatchConnections(nn.Module):
 
     param_group = "head"
 
-    def __init__(self, mpn: nn.Module, embedding_dim: int, num_classes: int, tau: float = 0.2,
-                 label_smoothing: float = 0.1, mpn_weight: float = 1.0):
+    def __init__(
+        self,
+        mpn: nn.Module,
+        embedding_dim: int,
+        num_classes: int,
+        tau: float = 0.2,
+        label_smoothing: float = 0.1,
+        mpn_weight: float = 1.0,
+    ):
         super().__init__()
         self.mpn = mpn
         self.backbone_classifier = nn.Linear(embedding_dim, num_classes)
@@ -38,8 +46,13 @@ class IntraBatchConnections(nn.Module):
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits / self.tau, labels, label_smoothing=self.label_smoothing)
 
-    def forward(self, raw: torch.Tensor, normalized: torch.Tensor, labels: torch.Tensor,
-                raw_labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        raw: torch.Tensor,
+        normalized: torch.Tensor,
+        labels: torch.Tensor,
+        raw_labels: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
         """{"ibc_backbone": CE on W_b x, "ibc_mpn": mpn_weight * CE on the MPN branch}.
 
         Under DDP with a gathered batch, ``normalized`` and ``labels`` are the global batch
@@ -53,8 +66,14 @@ class IntraBatchConnections(nn.Module):
         return parts
 
     @torch.no_grad()
-    def refine(self, embeddings: torch.Tensor, neighbours: torch.Tensor, mask: torch.Tensor,
-               reference: Optional[torch.Tensor] = None, chunk: int = 4096) -> torch.Tensor:
+    def refine(
+        self,
+        embeddings: torch.Tensor,
+        neighbours: torch.Tensor,
+        mask: torch.Tensor,
+        reference: Optional[torch.Tensor] = None,
+        chunk: int = 4096,
+    ) -> torch.Tensor:
         """Pseudo-test: each row i of ``embeddings`` passed through the MPN together with its
         neighbours ``reference[neighbours[i]]`` where ``mask[i]`` (k-reciprocal ones); returns
         row i's MPN output, L2-normalised (n, out_dim)."""

@@ -25,6 +25,7 @@ on the logger's steps; it changes nothing): the stored rows, the stored positive
 per anchor, and the share of stored negatives that are active, i.e. inside the loss's negative
 margin (``active_negatives``), which is what makes a summed memory term grow with the memory.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
@@ -40,20 +41,28 @@ from dml.memory.cross_batch import CrossBatchMemory
 
 class CrossBatchMemoryLoss(CrossBatchMemory):
     """Args:
-        dim: embedding dimension.
-        size: rows kept (55,000 in the XBM sample config).
-        start_iteration: warm-up steps without the memory (1,000).
-        weight: w of the memory term.
-        enqueue: before | after the memory term.
-        store: normalized (the L2-normalised embeddings, what the losses compare) or raw (the
-            head's output, normalised after any transform).
-        loss: the term's own pair loss (default: the objective's metric loss).
-        miner: the term's own pair selection (default: the objective's miner, else all pairs).
+    dim: embedding dimension.
+    size: rows kept (55,000 in the XBM sample config).
+    start_iteration: warm-up steps without the memory (1,000).
+    weight: w of the memory term.
+    enqueue: before | after the memory term.
+    store: normalized (the L2-normalised embeddings, what the losses compare) or raw (the
+        head's output, normalised after any transform).
+    loss: the term's own pair loss (default: the objective's metric loss).
+    miner: the term's own pair selection (default: the objective's miner, else all pairs).
     """
 
-    def __init__(self, dim: int, size: int = 55000, start_iteration: int = 1000,
-                 weight: float = 1.0, enqueue: str = "before", store: str = "normalized",
-                 loss: Optional[nn.Module] = None, miner: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        dim: int,
+        size: int = 55000,
+        start_iteration: int = 1000,
+        weight: float = 1.0,
+        enqueue: str = "before",
+        store: str = "normalized",
+        loss: Optional[nn.Module] = None,
+        miner: Optional[nn.Module] = None,
+    ):
         if size < 1 or start_iteration < 0:
             raise ConfigError("model.memory.size must be >= 1 and start_iteration >= 0")
         if enqueue not in ("before", "after"):
@@ -67,22 +76,29 @@ class CrossBatchMemoryLoss(CrossBatchMemory):
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
     # --- what a variant overrides ----------------------------------------------------------
-    def select_pairs(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                     reference: torch.Tensor, reference_labels: torch.Tensor,
-                     objective: Any):
+    def select_pairs(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        reference: torch.Tensor,
+        reference_labels: torch.Tensor,
+        objective: Any,
+    ):
         """The (batch, stored) pairs the loss sums over, in pytorch-metric-learning's
         indices-tuple form; None: every pair."""
         miner = self.miner if self.miner is not None else getattr(objective, "miner", None)
-        return None if miner is None else miner(embeddings, labels, reference,
-                                                reference_labels)
+        return None if miner is None else miner(embeddings, labels, reference, reference_labels)
 
-    def loss_value(self, embeddings, labels, pairs, reference, reference_labels,
-                   objective: Any) -> torch.Tensor:
+    def loss_value(
+        self, embeddings, labels, pairs, reference, reference_labels, objective: Any
+    ) -> torch.Tensor:
         """L(batch, memory) over ``pairs``."""
         loss = self.term_loss(objective)
         if loss is None:
-            raise ConfigError("model.memory: no pair loss to compare the batch with the memory "
-                              "(set model.memory.loss or model.loss.name)")
+            raise ConfigError(
+                "model.memory: no pair loss to compare the batch with the memory "
+                "(set model.memory.loss or model.loss.name)"
+            )
         return loss(embeddings, labels, pairs, reference, reference_labels)
 
     def term_loss(self, objective: Any) -> Optional[nn.Module]:
@@ -90,8 +106,9 @@ class CrossBatchMemoryLoss(CrossBatchMemory):
         return self.loss if self.loss is not None else getattr(objective, "metric_loss", None)
 
     @torch.no_grad()
-    def diagnostics(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                    objective: Any = None) -> Dict[str, torch.Tensor]:
+    def diagnostics(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, objective: Any = None
+    ) -> Dict[str, torch.Tensor]:
         """For the batch rows against the stored rows (empty before the memory starts):
         memory/stored, memory/positives_per_anchor, memory/negatives_per_anchor and, for a
         loss with a negative margin (``active_negatives``), memory/active_negatives: the
@@ -103,19 +120,22 @@ class CrossBatchMemoryLoss(CrossBatchMemory):
             reference = F.normalize(reference, dim=1)
         same = labels[:, None] == self.stored_labels[None, :]
         negatives = ~same
-        out = {"memory/stored": torch.tensor(float(len(self)), device=reference.device),
-               "memory/positives_per_anchor": same.sum(1).float().mean(),
-               "memory/negatives_per_anchor": negatives.sum(1).float().mean()}
-        active = active_negatives(self.term_loss(objective), embeddings.float(),
-                                  reference.float())
+        out = {
+            "memory/stored": torch.tensor(float(len(self)), device=reference.device),
+            "memory/positives_per_anchor": same.sum(1).float().mean(),
+            "memory/negatives_per_anchor": negatives.sum(1).float().mean(),
+        }
+        active = active_negatives(self.term_loss(objective), embeddings.float(), reference.float())
         if active is not None:
-            out["memory/active_negatives"] = ((active & negatives).sum().float()
-                                              / negatives.sum().clamp_min(1))
+            out["memory/active_negatives"] = (
+                active & negatives
+            ).sum().float() / negatives.sum().clamp_min(1)
         return out
 
     # --- the term --------------------------------------------------------------------------
-    def forward(self, embedded: Dict[str, Any], labels: torch.Tensor,
-                objective: Any = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, embedded: Dict[str, Any], labels: torch.Tensor, objective: Any = None
+    ) -> Dict[str, torch.Tensor]:
         """{"memory": weight * L(batch, memory)} after the warm-up, {} before."""
         self.iteration.add_(1)
         if int(self.iteration) <= self.start_iteration:
@@ -137,15 +157,17 @@ class CrossBatchMemoryLoss(CrossBatchMemory):
                 reference = F.normalize(reference, dim=1)
             ref_labels = self.stored_labels
             pairs = self.select_pairs(embeddings, labels, reference, ref_labels, objective)
-            parts["memory"] = self.weight * self.loss_value(embeddings, labels, pairs, reference,
-                                                            ref_labels, objective)
+            parts["memory"] = self.weight * self.loss_value(
+                embeddings, labels, pairs, reference, ref_labels, objective
+            )
         if not self.enqueue_first:
             self.enqueue(batch, batch_labels, step)
         return parts
 
 
-def active_negatives(loss: Optional[nn.Module], embeddings: torch.Tensor,
-                     reference: torch.Tensor) -> Optional[torch.Tensor]:
+def active_negatives(
+    loss: Optional[nn.Module], embeddings: torch.Tensor, reference: torch.Tensor
+) -> Optional[torch.Tensor]:
     """(batch, reference) flags of the pairs that a negative pair of ``loss`` would penalise:
     XBM's contrastive loss: cosine similarity > margin; pytorch-metric-learning's contrastive
     loss: inside ``neg_margin`` in its distance (a similarity above it, a distance below it);

@@ -12,6 +12,7 @@ the memory comes to dominate the gradient (pytorch-metric-learning's Contrastive
 over the non-zero terms and is not this loss). Self-pairs, and exact duplicates of the anchor,
 drop out through the s < 1 - eps filter. A negative contributes s, not s - m.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -38,12 +39,19 @@ class XBMContrastiveLoss(nn.Module):
         super().__init__()
         self.margin, self.epsilon, self.normalize = margin, epsilon, normalize
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                indices_tuple=None, ref_emb: Optional[torch.Tensor] = None,
-                ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple=None,
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         if indices_tuple is not None:
-            raise ConfigError("model.loss.miner: xbm_contrastive sums over all pairs; it "
-                              "takes no miner (set model.loss.miner: null)")
+            raise ConfigError(
+                "model.loss.miner: xbm_contrastive sums over all pairs; it "
+                "takes no miner (set model.loss.miner: null)"
+            )
         z = F.normalize(embeddings, dim=1) if self.normalize else embeddings
         if ref_emb is None:
             ref, ref_labels = z, labels

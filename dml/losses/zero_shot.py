@@ -8,6 +8,7 @@ and predicts the other half's class embeddings Y^ = A' w. Logits s * <E_c, Y^> o
 classes (s = 9.5, margin 0, both vectors unnormalised as in the released code) and the
 negative log-probability of the true class; both directions, averaged.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -32,11 +33,11 @@ def ridge_weights(a: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 class ZeroShotPrototypeLoss(nn.Module):
-    def __init__(self, num_classes: int, embedding_dim: int, lam: float = 0.05,
-                 scale: float = 9.5):
+    def __init__(self, num_classes: int, embedding_dim: int, lam: float = 0.05, scale: float = 9.5):
         super().__init__()
-        self.class_embeddings = nn.Parameter(torch.randn(num_classes, embedding_dim)
-                                             / embedding_dim ** 0.5)
+        self.class_embeddings = nn.Parameter(
+            torch.randn(num_classes, embedding_dim) / embedding_dim**0.5
+        )
         self.lam, self.scale = lam, scale
 
     def _one_way(self, a_fit, y_fit, a_eval, labels_eval):
@@ -50,8 +51,10 @@ class ZeroShotPrototypeLoss(nn.Module):
         if not first.any() or not second.any():
             return attributes.sum() * 0.0  # one class in the batch: nothing to predict
         e = self.class_embeddings
-        loss_12 = self._one_way(attributes[first], e[labels[first]], attributes[second],
-                                labels[second])
-        loss_21 = self._one_way(attributes[second], e[labels[second]], attributes[first],
-                                labels[first])
+        loss_12 = self._one_way(
+            attributes[first], e[labels[first]], attributes[second], labels[second]
+        )
+        loss_21 = self._one_way(
+            attributes[second], e[labels[second]], attributes[first], labels[first]
+        )
         return 0.5 * (loss_12 + loss_21)

@@ -18,6 +18,7 @@ applies:
 
 Buffers, so the memory is in the model's checkpoint.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from dml.memory.ring_buffer import EmbeddingRingBuffer
 @dataclass
 class Affine:
     """z <- scale * z + shift per dimension, on every stored row."""
+
     scale: torch.Tensor
     shift: torch.Tensor
     recount: bool = False
@@ -40,6 +42,7 @@ class Affine:
 @dataclass
 class NewRows:
     """Every stored row replaced by ``rows`` (slot order, as ``CrossBatchMemory.stored``)."""
+
     rows: torch.Tensor
 
 
@@ -49,8 +52,8 @@ Transform = Callable[["CrossBatchMemory", torch.Tensor], Update]
 
 class CrossBatchMemory(nn.Module):
     """Args:
-        dim: embedding dimension.
-        size: rows kept; the oldest are overwritten first.
+    dim: embedding dimension.
+    size: rows kept; the oldest are overwritten first.
     """
 
     def __init__(self, dim: int, size: int):
@@ -72,16 +75,16 @@ class CrossBatchMemory(nn.Module):
     @property
     def stored(self) -> torch.Tensor:
         """The stored rows, slot order (read them; changes go through a transform)."""
-        return self.buffer.embeddings[:len(self.buffer)]
+        return self.buffer.embeddings[: len(self.buffer)]
 
     @property
     def stored_labels(self) -> torch.Tensor:
-        return self.buffer.labels[:len(self.buffer)]
+        return self.buffer.labels[: len(self.buffer)]
 
     @property
     def stored_batch_ids(self) -> torch.Tensor:
         """The step that enqueued each stored row."""
-        return self.batch_ids[:len(self.buffer)]
+        return self.batch_ids[: len(self.buffer)]
 
     @torch.no_grad()
     def moments(self):
@@ -136,7 +139,7 @@ class CrossBatchMemory(nn.Module):
         sums lose the overwritten rows and gain the new ones."""
         buffer = self.buffer
         if len(labels) > buffer.size:
-            embeddings, labels = embeddings[-buffer.size:], labels[-buffer.size:]
+            embeddings, labels = embeddings[-buffer.size :], labels[-buffer.size :]
         slots = buffer.next_slots(len(labels))
         old = buffer.embeddings[slots[slots < int(buffer.count)]].double()
         new = embeddings.detach().double()

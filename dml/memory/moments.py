@@ -14,6 +14,7 @@ variance (the sampling variances of the mean and of the population variance of B
 samples), var being the filter's prior estimate. The variance is the population one, as in the
 plain match to a batch, so both modes target the same moments.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -36,8 +37,12 @@ def _affine(memory: torch.Tensor, target, eps: float):
     return scale, mu_b - mu_m * scale
 
 
-def moment_match(memory: torch.Tensor, batch: torch.Tensor = None, eps: float = 1e-12,
-                 target: Tuple[torch.Tensor, torch.Tensor] = None) -> torch.Tensor:
+def moment_match(
+    memory: torch.Tensor,
+    batch: torch.Tensor = None,
+    eps: float = 1e-12,
+    target: Tuple[torch.Tensor, torch.Tensor] = None,
+) -> torch.Tensor:
     """memory (M, D) transformed so that its per-dimension mean and standard deviation equal
     those of ``batch`` (N, D), or the given ``target`` (mean, variance)."""
     scale, shift = _affine(memory, batch_moments(batch) if target is None else target, eps)
@@ -78,8 +83,7 @@ class ScalarKalman(nn.Module):
 class MomentKalmanFilter(nn.Module):
     """Filtered per-dimension mean and variance of a stream of batches (adaptive XBN)."""
 
-    def __init__(self, dim: int, process_noise_mean: float = 1e-5,
-                 process_noise_var: float = 1e-6):
+    def __init__(self, dim: int, process_noise_mean: float = 1e-5, process_noise_var: float = 1e-6):
         super().__init__()
         self.mean = ScalarKalman(dim, process_noise_mean)
         self.var = ScalarKalman(dim, process_noise_var)
@@ -95,5 +99,5 @@ class MomentKalmanFilter(nn.Module):
         # bias the estimate down.
         prior_var = var if int(self.var.steps) == 0 else self.var.x.clamp_min(1e-12)
         mean_f = self.mean.update(mean, prior_var / b)
-        var_f = self.var.update(var, 2 * prior_var.pow(2) * max(b - 1, 1) / b ** 2)
+        var_f = self.var.update(var, 2 * prior_var.pow(2) * max(b - 1, 1) / b**2)
         return mean_f, var_f.clamp_min(0)

@@ -5,6 +5,7 @@ embeddings must be transformed in place at every step (XBN's moment matching) an
 across processes, so the project keeps its own buffer. Its tensors are registered buffers:
 they move with the module and are saved in checkpoints.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,7 @@ class EmbeddingRingBuffer(nn.Module):
         the slots written."""
         embeddings, labels = embeddings.detach(), labels.detach()
         if len(embeddings) > self.size:  # only the newest `size` fit
-            embeddings, labels = embeddings[-self.size:], labels[-self.size:]
+            embeddings, labels = embeddings[-self.size :], labels[-self.size :]
         n = len(embeddings)
         slots = self.next_slots(n)
         self.embeddings[slots] = embeddings.to(self.embeddings.dtype)

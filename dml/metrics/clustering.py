@@ -4,6 +4,7 @@ k-means runs with k = number of distinct labels and a fixed seed (faiss when ins
 scikit-learn otherwise; the two give different clusterings, so compare NMI within one back end).
 NMI uses the arithmetic-mean normalisation, I(Y; C) / ((H(Y) + H(C)) / 2), scikit-learn's default.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,14 @@ def _as_numpy(x, dtype) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x), dtype=dtype)
 
 
-def kmeans_assign(embeddings, num_clusters: int, seed: int = 0, niter: int = 50,
-                  nredo: int = 1, backend: str = "auto") -> np.ndarray:
+def kmeans_assign(
+    embeddings,
+    num_clusters: int,
+    seed: int = 0,
+    niter: int = 50,
+    nredo: int = 1,
+    backend: str = "auto",
+) -> np.ndarray:
     """Cluster index of each embedding after k-means with ``num_clusters`` centroids.
 
     ``nredo`` restarts keep the clustering of lowest objective (faiss: random init; sklearn:
@@ -31,15 +38,24 @@ def kmeans_assign(embeddings, num_clusters: int, seed: int = 0, niter: int = 50,
         backend = "faiss" if faiss_available() else "sklearn"
     if backend == "faiss":
         # max_points_per_centroid=n: no subsampling, every embedding shapes the centroids.
-        km = faiss.Kmeans(x.shape[1], num_clusters, niter=niter, nredo=nredo, seed=seed,
-                          max_points_per_centroid=len(x), min_points_per_centroid=1,
-                          verbose=False)
+        km = faiss.Kmeans(
+            x.shape[1],
+            num_clusters,
+            niter=niter,
+            nredo=nredo,
+            seed=seed,
+            max_points_per_centroid=len(x),
+            min_points_per_centroid=1,
+            verbose=False,
+        )
         km.train(x)
         return km.index.search(x, 1)[1][:, 0]
     if backend == "sklearn":
         from sklearn.cluster import KMeans
-        return KMeans(n_clusters=num_clusters, n_init=nredo, max_iter=niter,
-                      random_state=seed).fit_predict(x)
+
+        return KMeans(
+            n_clusters=num_clusters, n_init=nredo, max_iter=niter, random_state=seed
+        ).fit_predict(x)
     raise ValueError(f"kmeans_assign: unknown backend {backend!r}; expected auto/faiss/sklearn")
 
 
@@ -70,8 +86,9 @@ def nmi(embeddings, labels, seed: int = 0, nredo: int = 1, backend: str = "auto"
     labels = as_labels(labels, "labels", "nmi").cpu().numpy().reshape(-1)
     x = torch.from_numpy(_as_numpy(embeddings, np.float32))  # k-means runs on the CPU
     if x.ndim != 2 or len(x) != len(labels):
-        raise ValueError(f"nmi: expected (n, d) embeddings and n labels, got {tuple(x.shape)} "
-                         f"and {len(labels)}")
+        raise ValueError(
+            f"nmi: expected (n, d) embeddings and n labels, got {tuple(x.shape)} and {len(labels)}"
+        )
     check_finite(x, "embeddings", "nmi")
     num_classes = len(np.unique(labels))
     if num_classes < 2:

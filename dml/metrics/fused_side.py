@@ -21,6 +21,7 @@ the counts are one vectorised loop per query (LLVM, through numba), the few entr
 are inserted as they are found, and the queries are split over torch's number of threads. The
 CUDA path keeps the torch operations.
 """
+
 from __future__ import annotations
 
 import threading
@@ -63,8 +64,9 @@ def _settle(top_v, top_i, f, tau, q, r, tq):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _rows(block, a, c, f, tau, num_relevant, ref_index, first_index, s_lt, s_before, top_v,
-          top_i):  # pragma: no cover - compiled
+def _rows(
+    block, a, c, f, tau, num_relevant, ref_index, first_index, s_lt, s_before, top_v, top_i
+):  # pragma: no cover - compiled
     n, width = block.shape
     for local in numba.prange(n):
         q = a + local
@@ -94,14 +96,15 @@ def _rows(block, a, c, f, tau, num_relevant, ref_index, first_index, s_lt, s_bef
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _columns(block, a, c, f, tau, num_relevant, ref_index, first_index, s_lt, s_before, top_v,
-             top_i):  # pragma: no cover - compiled
+def _columns(
+    block, a, c, f, tau, num_relevant, ref_index, first_index, s_lt, s_before, top_v, top_i
+):  # pragma: no cover - compiled
     width, n = block.shape
     groups = (width + _GROUP - 1) // _GROUP
     for k in numba.prange((n + _CHUNK - 1) // _CHUNK):
         s = k * _CHUNK
         e = min(n, s + _CHUNK)
-        fl, tl = f[a + s:a + e].copy(), tau[a + s:a + e].copy()
+        fl, tl = f[a + s : a + e].copy(), tau[a + s : a + e].copy()
         lt = np.zeros(e - s, np.int32)
         le = np.zeros(e - s, np.int32)
         under = np.zeros(e - s, np.int32)
@@ -120,8 +123,8 @@ def _columns(block, a, c, f, tau, num_relevant, ref_index, first_index, s_lt, s_
         # entries at exactly f (ties) and entries <= tau, row by row over the queries that
         # have any: the rows stay contiguous in memory (a column walk per query would not)
         ties = np.nonzero(le > lt)[0]
-        listing = np.nonzero((under > 0) & (num_relevant[a + s:a + e] > 0))[0]
-        first = first_index[a + s:a + e]
+        listing = np.nonzero((under > 0) & (num_relevant[a + s : a + e] > 0))[0]
+        first = first_index[a + s : a + e]
         before = np.zeros(e - s, np.int64)
         for g in range(groups):
             rows_g = range(g * _GROUP, min(width, (g + 1) * _GROUP))
@@ -156,8 +159,15 @@ class FusedSides:
     among its relevant ones at distance f). ``rank()`` = #{d < f} + #{d = f, index <
     first_index}: the exact 0-based rank of that reference under the tie rule, ties included."""
 
-    def __init__(self, f: torch.Tensor, tau: torch.Tensor, num_relevant: torch.Tensor,
-                 ref_index: torch.Tensor, first_index: torch.Tensor, length: int):
+    def __init__(
+        self,
+        f: torch.Tensor,
+        tau: torch.Tensor,
+        num_relevant: torch.Tensor,
+        ref_index: torch.Tensor,
+        first_index: torch.Tensor,
+        length: int,
+    ):
         self.f, self.tau = f.numpy(), tau.numpy()
         self.r = num_relevant.numpy()
         self.ref_index = ref_index.numpy()
@@ -172,10 +182,23 @@ class FusedSides:
         contiguous CPU block ``block`` whose references are c, c+1, ..."""
         kernel = _columns if transposed else _rows
         with _LOCK:
-            numba.set_num_threads(max(1, min(torch.get_num_threads(),
-                                             numba.config.NUMBA_NUM_THREADS)))
-            kernel(block.numpy(), a, c, self.f, self.tau, self.r, self.ref_index,
-                   self.first_index, self.s_lt, self.s_before, self.top_v, self.top_i)
+            numba.set_num_threads(
+                max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+            )
+            kernel(
+                block.numpy(),
+                a,
+                c,
+                self.f,
+                self.tau,
+                self.r,
+                self.ref_index,
+                self.first_index,
+                self.s_lt,
+                self.s_before,
+                self.top_v,
+                self.top_i,
+            )
 
     def rank(self) -> torch.Tensor:
         """Per query, the exact rank of its first relevant reference (class docstring)."""

@@ -12,6 +12,7 @@ gives (``dml.metrics.ordering``). Two back ends return the same lists:
 Self-exclusion (query set = reference set) is by index, never by dropping the first column:
 with duplicate embeddings the query itself need not come first.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,10 +51,12 @@ def faiss_gpu_works() -> bool:
         index.search(np.eye(4, dtype=np.float32), 2)
         return True
     except Exception as error:  # noqa: BLE001 - any failure means: search on the CPU
-        warnings.warn(f"faiss sees {faiss.get_num_gpus()} GPU(s) but cannot search on them "
-                      f"({error}); k-NN searches run on the CPU. The faiss-gpu-cu12 wheels cover "
-                      f"compute capability 7.0-8.9; on newer GPUs install faiss-gpu from "
-                      f"conda-forge (environment.yml)")
+        warnings.warn(
+            f"faiss sees {faiss.get_num_gpus()} GPU(s) but cannot search on them "
+            f"({error}); k-NN searches run on the CPU. The faiss-gpu-cu12 wheels cover "
+            f"compute capability 7.0-8.9; on newer GPUs install faiss-gpu from "
+            f"conda-forge (environment.yml)"
+        )
         return False
 
 
@@ -69,8 +72,9 @@ def _as_float32_tensor(x) -> torch.Tensor:
     return x.detach().float()
 
 
-def _torch_search(query: torch.Tensor, reference: torch.Tensor, k: int, chunk_size: int,
-                  self_index=None):
+def _torch_search(
+    query: torch.Tensor, reference: torch.Tensor, k: int, chunk_size: int, self_index=None
+):
     """The k nearest under the tie rule; ``self_index[i]``: a reference to exclude for query
     i (its own index when query = reference)."""
     reference = reference.to(query.device)
@@ -79,11 +83,12 @@ def _torch_search(query: torch.Tensor, reference: torch.Tensor, k: int, chunk_si
     ref_index = torch.arange(len(reference), device=query.device)
     all_d, all_i = [], []
     for start in range(0, query.shape[0], chunk_size):
-        d = squared_distances(query[start:start + chunk_size], reference,
-                              q_sq[start:start + chunk_size], ref_sq)
+        d = squared_distances(
+            query[start : start + chunk_size], reference, q_sq[start : start + chunk_size], ref_sq
+        )
         if self_index is not None:
             rows = torch.arange(len(d), device=d.device)
-            d[rows, self_index[start:start + chunk_size].to(d.device)] = float("inf")
+            d[rows, self_index[start : start + chunk_size].to(d.device)] = float("inf")
         keys = torch.topk(order_keys(d, ref_index), k, dim=1, largest=False, sorted=True).values
         all_d.append(key_value(keys).clamp_min_(0).cpu())
         all_i.append(key_index(keys).cpu())
@@ -106,8 +111,11 @@ def _faiss_search(query: np.ndarray, reference: np.ndarray, k: int, same_source:
     if same_source:
         distances, indices = _drop_self(distances, indices)
     # the k-th distance equal to the last returned: the tie may continue past the list
-    unsettled = (distances[:, k - 1] == distances[:, -1]) if search_k - int(same_source) > k \
+    unsettled = (
+        (distances[:, k - 1] == distances[:, -1])
+        if search_k - int(same_source) > k
         else torch.zeros(len(query), dtype=torch.bool, device=distances.device)
+    )
     if search_k == n_ref:  # every reference was returned: nothing lies past the list
         unsettled[:] = False
     return distances[:, :k].clamp_min(0), indices[:, :k], unsettled
@@ -137,16 +145,22 @@ def knn(query, reference=None, k: int = 1, backend: str = "auto", chunk_size: in
     if backend == "torch":
         return _torch_search(q, r, k, chunk_size, self_index)
     if not faiss_available():
-        raise RuntimeError("knn: backend='faiss' but faiss is not installed "
-                           "(pip install faiss-cpu, or dml[cpu])")
+        raise RuntimeError(
+            "knn: backend='faiss' but faiss is not installed (pip install faiss-cpu, or dml[cpu])"
+        )
     qn = _as_float32_numpy(q)
-    distances, indices, unsettled = _faiss_search(qn, qn if same_source else _as_float32_numpy(r),
-                                                  k, same_source)
+    distances, indices, unsettled = _faiss_search(
+        qn, qn if same_source else _as_float32_numpy(r), k, same_source
+    )
     if bool(unsettled.any()):
         rows = unsettled.nonzero()[:, 0]
         distances[rows], indices[rows] = _torch_search(
-            q[rows.to(q.device)], r, k, chunk_size,
-            self_index[rows.to(q.device)] if same_source else None)
+            q[rows.to(q.device)],
+            r,
+            k,
+            chunk_size,
+            self_index[rows.to(q.device)] if same_source else None,
+        )
     return distances, indices
 
 
@@ -159,8 +173,9 @@ def _drop_self(distances: torch.Tensor, indices: torch.Tensor):
     rows = torch.arange(n, device=indices.device)
     drop = indices == rows[:, None]
     # Keep exactly one dropped entry per row: the first self hit, or the last column.
-    first = torch.where(drop.any(1), drop.float().argmax(1),
-                        torch.full((n,), k1 - 1, device=indices.device))
+    first = torch.where(
+        drop.any(1), drop.float().argmax(1), torch.full((n,), k1 - 1, device=indices.device)
+    )
     keep = torch.ones_like(drop)
     keep[rows, first] = False
     return distances[keep].view(n, k1 - 1), indices[keep].view(n, k1 - 1)

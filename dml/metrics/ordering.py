@@ -11,6 +11,7 @@ lexicographic order: the float32's bits made monotone in the high 32 bits, the i
 ``squared_distances`` forms ||q||^2 + ||r||^2 - 2 q.r with the two norms added first, so that
 d(i, j) and d(j, i) are the same float (the symmetric block pass relies on it).
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,9 @@ def key_value(keys: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32).masked_fill(keys == INT64_MAX, float("inf"))
 
 
-def squared_distances(query: torch.Tensor, reference: torch.Tensor, query_sq: torch.Tensor,
-                      reference_sq: torch.Tensor) -> torch.Tensor:
+def squared_distances(
+    query: torch.Tensor, reference: torch.Tensor, query_sq: torch.Tensor, reference_sq: torch.Tensor
+) -> torch.Tensor:
     """(n_q, n_r) squared Euclidean distances ||q||^2 + ||r||^2 - 2 q.r, float32.
 
     The norms are summed before the product is added, so swapping query and reference gives

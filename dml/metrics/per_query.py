@@ -12,6 +12,7 @@ evaluation gives the metrics, their per-class means (the mean over the queries o
 and the "average of averages" over classes), the worst queries, and the paired comparison of two
 models on the same queries (``dml.metrics.significance``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ class QueryResults:
     its class, its number of relevant references R, the 0-based rank of its first relevant
     reference, its MAP@R and R-Precision terms. ``max_k``: the most neighbours a query has (a
     Recall@K with K beyond it is Recall@max_k)."""
+
     query_index: np.ndarray
     labels: np.ndarray
     num_relevant: np.ndarray
@@ -55,8 +57,7 @@ class QueryResults:
     def per_class(self, ks: Sequence[int]) -> List[Dict]:
         """One row per class, ascending label: {"class", "queries", <metric>: the mean over
         the class's queries}."""
-        classes, inverse, counts = np.unique(self.labels, return_inverse=True,
-                                             return_counts=True)
+        classes, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
         rows = [{"class": int(c), "queries": int(n)} for c, n in zip(classes, counts)]
         for name, v in self.values(ks).items():
             means = np.bincount(inverse, weights=v, minlength=len(classes)) / counts

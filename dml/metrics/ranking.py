@@ -29,14 +29,21 @@ Two computations give them:
   a Recall@K, or a band block whose distances differ between the two passes) are recomputed by
   ``exact_query_stats``.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
 
-from dml.metrics.ordering import (INT64_MAX, key_index, key_value, order_keys, squared_distances,
-                                  stable_smallest)
+from dml.metrics.ordering import (
+    INT64_MAX,
+    key_index,
+    key_value,
+    order_keys,
+    squared_distances,
+    stable_smallest,
+)
 
 Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # first_rank, ap, rp
 
@@ -52,10 +59,15 @@ def precision_from_hits(hits: torch.Tensor, num_relevant: torch.Tensor):
     return (precision_at_i * rel).sum(1) / r, rel.sum(1, dtype=torch.float64) / r
 
 
-def exact_query_stats(query: torch.Tensor, q_labels: torch.Tensor, reference: torch.Tensor,
-                      r_labels: torch.Tensor, num_relevant: torch.Tensor,
-                      self_index: Optional[torch.Tensor] = None,
-                      max_elements: int = 1 << 24) -> Stats:
+def exact_query_stats(
+    query: torch.Tensor,
+    q_labels: torch.Tensor,
+    reference: torch.Tensor,
+    r_labels: torch.Tensor,
+    num_relevant: torch.Tensor,
+    self_index: Optional[torch.Tensor] = None,
+    max_elements: int = 1 << 24,
+) -> Stats:
     """first_rank, ap, rp of each query (all with num_relevant >= 1) from its whole distance row.
 
     self_index: each query's own index in ``reference`` (excluded), or None."""
@@ -71,15 +83,25 @@ def exact_query_stats(query: torch.Tensor, q_labels: torch.Tensor, reference: to
     for s in range(0, n_q, step):
         sl = slice(s, s + step)
         d = squared_distances(query[sl], reference, q_sq[sl], ref_sq)
-        first[sl], ap[sl], rp[sl] = row_stats(d, q_labels[sl], r_labels, num_relevant[sl],
-                                              None if self_index is None else self_index[sl],
-                                              ref_index)
+        first[sl], ap[sl], rp[sl] = row_stats(
+            d,
+            q_labels[sl],
+            r_labels,
+            num_relevant[sl],
+            None if self_index is None else self_index[sl],
+            ref_index,
+        )
     return first, ap, rp
 
 
-def row_stats(d: torch.Tensor, q_labels: torch.Tensor, r_labels: torch.Tensor,
-              num_relevant: torch.Tensor, self_index: Optional[torch.Tensor] = None,
-              ref_index: Optional[torch.Tensor] = None) -> Stats:
+def row_stats(
+    d: torch.Tensor,
+    q_labels: torch.Tensor,
+    r_labels: torch.Tensor,
+    num_relevant: torch.Tensor,
+    self_index: Optional[torch.Tensor] = None,
+    ref_index: Optional[torch.Tensor] = None,
+) -> Stats:
     """first_rank, ap, rp from whole rows of distances (n, n_r), any non-negative dissimilarity
     (a re-ranked distance too), under the tie rule. ``d`` is changed in place where
     ``self_index`` excludes a query's own entry."""
@@ -107,8 +129,15 @@ class BlockRanks:
     dense_share = 0.25  # above this share of a side's queries: the whole side, no gather
     fused_on_cpu = True  # CPU blocks: the main pass in one read (dml.metrics.fused_side)
 
-    def __init__(self, query: torch.Tensor, q_labels: torch.Tensor, reference: torch.Tensor,
-                 r_labels: torch.Tensor, same_source: bool, block_size: int = 1024):
+    def __init__(
+        self,
+        query: torch.Tensor,
+        q_labels: torch.Tensor,
+        reference: torch.Tensor,
+        r_labels: torch.Tensor,
+        same_source: bool,
+        block_size: int = 1024,
+    ):
         self.device = query.device
         self.same, self.T = same_source, int(block_size)
         self.query, self.q_labels_orig = query, q_labels
@@ -214,7 +243,7 @@ class BlockRanks:
 
     def _count(self, B, transposed: bool, thresholds: torch.Tensor, op) -> torch.Tensor:
         """Per query of this side: entries ``op`` (le / lt) its threshold, as int32."""
-        mask = self._mask[:B.numel()].view(B.shape)
+        mask = self._mask[: B.numel()].view(B.shape)
         if transposed:  # queries are B's columns
             op(B, thresholds[None, :], out=mask)
             return mask.view(torch.uint8).sum(0, dtype=torch.int32)
@@ -231,8 +260,7 @@ class BlockRanks:
         if self.fused:  # minima of runs of 16 references: R of them are R distinct distances
             smallest = self._run_minima(B, transposed, 16)  # a looser bound, 10x cheaper
         else:
-            smallest = torch.topk(M, min(self.L, d - c), dim=1, largest=False,
-                                  sorted=False).values
+            smallest = torch.topk(M, min(self.L, d - c), dim=1, largest=False, sorted=False).values
         merged = torch.cat([self.near[a:b], smallest], 1)
         self.near[a:b] = merged.topk(self.L, dim=1, largest=False, sorted=True).values
 
@@ -242,14 +270,14 @@ class BlockRanks:
         consecutive references (the last run may be shorter)."""
         if transposed:  # B is (references, queries)
             h = B.shape[0] // g
-            mins = [B[:h * g].unflatten(0, (h, g)).amin(1)] if h else []
+            mins = [B[: h * g].unflatten(0, (h, g)).amin(1)] if h else []
             if B.shape[0] > h * g:
-                mins.append(B[h * g:].amin(0, keepdim=True))
+                mins.append(B[h * g :].amin(0, keepdim=True))
             return torch.cat(mins, 0).T
         h = B.shape[1] // g
-        mins = [B[:, :h * g].unflatten(1, (h, g)).amin(2)] if h else []
+        mins = [B[:, : h * g].unflatten(1, (h, g)).amin(2)] if h else []
         if B.shape[1] > h * g:
-            mins.append(B[:, h * g:].amin(1, keepdim=True))
+            mins.append(B[:, h * g :].amin(1, keepdim=True))
         return torch.cat(mins, 1)
 
     def _main_side(self, B, transposed, rows, cols, band: bool) -> None:
@@ -274,7 +302,7 @@ class BlockRanks:
             hit = (count > 0).nonzero()[:, 0]
             if len(hit) == 0:
                 return
-            mask = self._mask[:B.numel()].view(B.shape)  # still holds B <= tau
+            mask = self._mask[: B.numel()].view(B.shape)  # still holds B <= tau
             mask = mask.T if transposed else mask
             self._merge(a + hit, self._candidates(M, mask, hit, count[hit], self.r_orig[c:d]))
             self._update_tau(a + hit)
@@ -319,11 +347,13 @@ class BlockRanks:
         self.f = torch.where(self.active, f, torch.full_like(f, -float("inf")))
         e = (self.rel_vals == self.f[:, None]).sum(1)
         tau = self.near.gather(1, (self.R - 1).clamp_min(0)[:, None])[:, 0]
-        self.tau = torch.where(self.active & (self.f <= tau), tau,
-                               torch.full_like(tau, -float("inf")))
+        self.tau = torch.where(
+            self.active & (self.f <= tau), tau, torch.full_like(tau, -float("inf"))
+        )
         del self.near
         if self.fused:
             from dml.metrics.fused_side import FusedSides  # numba: imported when used
+
             at_f = self.rel_vals == self.f[:, None]
             ref = self.r_orig[(self.cs[:, None] + self.slots[None]).clamp_max(len(self.X) - 1)]
             first_index = torch.where(at_f, ref, torch.full_like(ref, INT64_MAX)).amin(1)
@@ -356,17 +386,27 @@ class BlockRanks:
             self.fallback_rows = len(rows)
             orig = self.q_order[rows]
             first[rows], ap[rows], rp[rows] = exact_query_stats(
-                self.query[orig], self.q_labels_orig[orig], self.reference, self.r_labels_orig,
-                self.R[rows], orig if self.same else None)
+                self.query[orig],
+                self.q_labels_orig[orig],
+                self.reference,
+                self.r_labels_orig,
+                self.R[rows],
+                orig if self.same else None,
+            )
         keep = self.active.nonzero()[:, 0]
         order = torch.argsort(self.q_order[keep])  # back to the original query order
         rows = keep[order]
         return first[rows], ap[rows], rp[rows]
 
 
-def query_stats(query: torch.Tensor, q_labels: torch.Tensor, reference: torch.Tensor,
-                r_labels: torch.Tensor, same_source: bool, max_k: int,
-                block_size: int = 1024) -> Stats:
+def query_stats(
+    query: torch.Tensor,
+    q_labels: torch.Tensor,
+    reference: torch.Tensor,
+    r_labels: torch.Tensor,
+    same_source: bool,
+    max_k: int,
+    block_size: int = 1024,
+) -> Stats:
     """(first_rank, ap, rp) of the queries with R >= 1, in query order, by the block pass."""
     return BlockRanks(query, q_labels, reference, r_labels, same_source, block_size).run(max_k)
-

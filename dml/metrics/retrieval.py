@@ -18,6 +18,7 @@ Queries are excluded from their own search by index. Queries with no relevant re
 class seen once) are left out of every metric, as pytorch-metric-learning's AccuracyCalculator
 does; the standard benchmarks have none. Non-finite embeddings are an error, never a score.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -49,8 +50,10 @@ def as_labels(x, what: str, caller: str) -> torch.Tensor:
         whole = torch.isfinite(x) & (x == torch.round(x))
         if not bool(whole.all()):
             bad = x[~whole].reshape(-1)[:3].tolist()
-            raise ValueError(f"{caller}: {what} must be integer class ids; got "
-                             f"{int((~whole).sum())} that are not (e.g. {bad})")
+            raise ValueError(
+                f"{caller}: {what} must be integer class ids; got "
+                f"{int((~whole).sum())} that are not (e.g. {bad})"
+            )
     return x.to(torch.long)
 
 
@@ -62,15 +65,19 @@ def check_finite(embeddings: torch.Tensor, what: str, caller: str) -> None:
         raise ValueError(
             f"{caller}: {len(rows)} of {len(embeddings)} {what} are not finite (NaN or inf; first "
             f"rows {rows[:5].tolist()}). The model diverged or the checkpoint is broken; a "
-            f"metric of these would mean nothing.")
+            f"metric of these would mean nothing."
+        )
     norms = (embeddings.double() ** 2).sum(1)
     if bool((norms > 1e37).any()):
-        raise ValueError(f"{caller}: {what} have squared norms up to {float(norms.max()):.3g}, "
-                         f"beyond float32 distances; normalise them first")
+        raise ValueError(
+            f"{caller}: {what} have squared norms up to {float(norms.max()):.3g}, "
+            f"beyond float32 distances; normalise them first"
+        )
 
 
-def relevant_counts(query_labels: torch.Tensor, reference_labels: torch.Tensor,
-                    same_source: bool) -> torch.Tensor:
+def relevant_counts(
+    query_labels: torch.Tensor, reference_labels: torch.Tensor, same_source: bool
+) -> torch.Tensor:
     """R for each query: references sharing its label (itself excluded when same_source)."""
     classes, ref_counts = torch.unique(reference_labels, return_counts=True)
     pos = torch.searchsorted(classes, query_labels).clamp_max(len(classes) - 1)
@@ -90,10 +97,17 @@ def default_block_size(device: torch.device) -> int:
     return max(1024, min(8192, 1 << (max(side, 1).bit_length() - 1)))
 
 
-def retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=None,
-                      gallery_labels=None, backend: str = "auto",
-                      chunk_size: Optional[int] = None,
-                      device: Optional[torch.device] = None, per_class: bool = False):
+def retrieval_metrics(
+    embeddings,
+    labels,
+    ks=(1, 2, 4, 8),
+    gallery_embeddings=None,
+    gallery_labels=None,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    per_class: bool = False,
+):
     """Recall@K for each K in ``ks``, MAP@R and R-Precision, exact, in float32.
 
     Without a gallery the queries are the references and each query is excluded by index; with
@@ -111,8 +125,9 @@ def retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=No
     (``<metric> class-mean``, every class weighing the same), and ``rows`` holds one dict per
     class (``QueryResults.per_class``).
     """
-    results = query_results(embeddings, labels, ks, gallery_embeddings, gallery_labels,
-                            backend, chunk_size, device)
+    results = query_results(
+        embeddings, labels, ks, gallery_embeddings, gallery_labels, backend, chunk_size, device
+    )
     metrics = results.metrics(ks)
     if not per_class:
         return metrics
@@ -122,8 +137,7 @@ def retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=No
 def _inputs(embeddings, labels, ks, gallery_embeddings, gallery_labels, caller: str):
     """Validated (ks, query, q_labels, reference, r_labels, same_source)."""
     if (gallery_embeddings is None) != (gallery_labels is None):
-        raise ValueError(f"{caller}: give both gallery_embeddings and gallery_labels, or "
-                         "neither")
+        raise ValueError(f"{caller}: give both gallery_embeddings and gallery_labels, or neither")
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"{caller}: ks must be positive integers, got {ks}")
@@ -131,11 +145,14 @@ def _inputs(embeddings, labels, ks, gallery_embeddings, gallery_labels, caller: 
     same_source = gallery_embeddings is None
     reference = query if same_source else _as_tensor(gallery_embeddings, torch.float32)
     q_labels = as_labels(labels, "labels", caller).reshape(-1)
-    r_labels = q_labels if same_source else \
-        as_labels(gallery_labels, "gallery_labels", caller).reshape(-1)
+    r_labels = (
+        q_labels if same_source else as_labels(gallery_labels, "gallery_labels", caller).reshape(-1)
+    )
     if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
-        raise ValueError(f"{caller}: embeddings must be 2-D with equal widths, got "
-                         f"{tuple(query.shape)} and {tuple(reference.shape)}")
+        raise ValueError(
+            f"{caller}: embeddings must be 2-D with equal widths, got "
+            f"{tuple(query.shape)} and {tuple(reference.shape)}"
+        )
     if len(q_labels) != len(query) or len(r_labels) != len(reference):
         raise ValueError(f"{caller}: one label per embedding is required")
     check_finite(query, "embeddings", caller)
@@ -151,18 +168,26 @@ def _scored(num_relevant: torch.Tensor, caller: str) -> torch.Tensor:
     return keep
 
 
-def query_results(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=None,
-                  gallery_labels=None, backend: str = "auto",
-                  chunk_size: Optional[int] = None,
-                  device: Optional[torch.device] = None) -> QueryResults:
+def query_results(
+    embeddings,
+    labels,
+    ks=(1, 2, 4, 8),
+    gallery_embeddings=None,
+    gallery_labels=None,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    device: Optional[torch.device] = None,
+) -> QueryResults:
     """The per-query values behind ``retrieval_metrics`` (same arguments, same tie rule):
     ``QueryResults`` of the queries with a relevant reference."""
     caller = "retrieval_metrics"
     if backend not in ("auto", "rank", "faiss", "torch"):
-        raise ValueError(f"{caller}: unknown backend {backend!r}; expected auto, rank, "
-                         "faiss or torch")
+        raise ValueError(
+            f"{caller}: unknown backend {backend!r}; expected auto, rank, faiss or torch"
+        )
     ks, query, q_labels, reference, r_labels, same_source = _inputs(
-        embeddings, labels, ks, gallery_embeddings, gallery_labels, caller)
+        embeddings, labels, ks, gallery_embeddings, gallery_labels, caller
+    )
     device = torch.device(device) if device is not None else query.device
     num_relevant = relevant_counts(q_labels.cpu(), r_labels.cpu(), same_source)
     keep = _scored(num_relevant, caller)
@@ -171,20 +196,33 @@ def query_results(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=None,
         query, q_labels = query.to(device), q_labels.to(device)
         reference = query if same_source else reference.to(device)
         r_labels = q_labels if same_source else r_labels.to(device)
-        first, ap, rp = query_stats(query, q_labels, reference, r_labels, same_source,
-                                    min(ks[-1], max_k), chunk_size or default_block_size(device))
+        first, ap, rp = query_stats(
+            query,
+            q_labels,
+            reference,
+            r_labels,
+            same_source,
+            min(ks[-1], max_k),
+            chunk_size or default_block_size(device),
+        )
     else:
         k = min(max(ks[-1], int(num_relevant.max())), max_k)
-        _, indices = knn(query, None if same_source else reference, k=k, backend=backend,
-                         chunk_size=chunk_size or 4096)
+        _, indices = knn(
+            query,
+            None if same_source else reference,
+            k=k,
+            backend=backend,
+            chunk_size=chunk_size or 4096,
+        )
         hits = (r_labels.cpu()[indices] == q_labels.cpu()[:, None])[keep]
         first = torch.where(hits.any(1), hits.int().argmax(1), torch.full_like(keep, k))
         ap, rp = precision_from_hits(hits, num_relevant[keep])
     return _results(keep, q_labels, num_relevant, first, ap, rp, max_k)
 
 
-def results_from_distances(distances, labels, gallery_labels=None,
-                           max_elements: int = 1 << 24) -> QueryResults:
+def results_from_distances(
+    distances, labels, gallery_labels=None, max_elements: int = 1 << 24
+) -> QueryResults:
     """``QueryResults`` of a given (n_q, n_r) dissimilarity matrix, or of a re-ranking's
     distances (``dml.reranking.Reranked``, made a block of rows at a time), under the same tie
     rule: (value, reference index). Without ``gallery_labels`` the rows and columns are one set
@@ -197,11 +235,16 @@ def results_from_distances(distances, labels, gallery_labels=None,
         rows_of, shape = (lambda a, b: d[a:b]), tuple(d.shape)
     q_labels = as_labels(labels, "labels", caller).reshape(-1).cpu()
     same_source = gallery_labels is None
-    r_labels = q_labels if same_source else as_labels(gallery_labels, "gallery_labels",
-                                                      caller).reshape(-1).cpu()
+    r_labels = (
+        q_labels
+        if same_source
+        else as_labels(gallery_labels, "gallery_labels", caller).reshape(-1).cpu()
+    )
     if len(shape) != 2 or shape != (len(q_labels), len(r_labels)):
-        raise ValueError(f"{caller}: distances of shape {shape} for {len(q_labels)} queries "
-                         f"and {len(r_labels)} references")
+        raise ValueError(
+            f"{caller}: distances of shape {shape} for {len(q_labels)} queries "
+            f"and {len(r_labels)} references"
+        )
     num_relevant = relevant_counts(q_labels, r_labels, same_source)
     keep = _scored(num_relevant, caller)
     scored = torch.zeros(len(q_labels), dtype=torch.bool)
@@ -209,20 +252,36 @@ def results_from_distances(distances, labels, gallery_labels=None,
     step = max(1, max_elements // max(shape[1], 1))
     parts = []
     for s in range(0, len(q_labels), step):
-        rows = torch.arange(s, min(s + step, len(q_labels)))[scored[s:s + step]]
+        rows = torch.arange(s, min(s + step, len(q_labels)))[scored[s : s + step]]
         if len(rows) == 0:
             continue
         block = rows_of(s, s + step).float().cpu()[rows - s]
         if not bool(torch.isfinite(block).all()) or bool((block < 0).any()):
             raise ValueError(f"{caller}: distances must be finite and non-negative")
-        parts.append(row_stats(block, q_labels[rows], r_labels, num_relevant[rows],
-                               rows if same_source else None))
+        parts.append(
+            row_stats(
+                block, q_labels[rows], r_labels, num_relevant[rows], rows if same_source else None
+            )
+        )
     first, ap, rp = (torch.cat(p) for p in zip(*parts))
-    return QueryResults(keep.numpy(), q_labels[keep].numpy(), num_relevant[keep].numpy(),
-                        first.numpy(), ap.numpy(), rp.numpy(), len(r_labels) - int(same_source))
+    return QueryResults(
+        keep.numpy(),
+        q_labels[keep].numpy(),
+        num_relevant[keep].numpy(),
+        first.numpy(),
+        ap.numpy(),
+        rp.numpy(),
+        len(r_labels) - int(same_source),
+    )
 
 
 def _results(keep, q_labels, num_relevant, first, ap, rp, max_k) -> QueryResults:
-    return QueryResults(keep.cpu().numpy(), q_labels.cpu()[keep].numpy(),
-                        num_relevant[keep].cpu().numpy(), first.cpu().numpy(),
-                        ap.cpu().numpy(), rp.cpu().numpy(), max_k)
+    return QueryResults(
+        keep.cpu().numpy(),
+        q_labels.cpu()[keep].numpy(),
+        num_relevant[keep].cpu().numpy(),
+        first.cpu().numpy(),
+        ap.cpu().numpy(),
+        rp.cpu().numpy(),
+        max_k,
+    )

@@ -16,6 +16,7 @@ models"):
   X ~ Binomial(n_10 + n_01, 1/2); also the continuity-corrected statistic
   (|n_10 - n_01| - 1)^2 / (n_10 + n_01).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import numpy as np
 @dataclass
 class Difference:
     """B - A for one metric: the observed difference, its bootstrap interval and p-value."""
+
     a: float
     b: float
     difference: float
@@ -35,9 +37,14 @@ class Difference:
     p_value: float
 
 
-def paired_bootstrap(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray],
-                     groups: Optional[np.ndarray] = None, resamples: int = 10000,
-                     level: float = 0.95, seed: int = 0) -> Dict[str, Difference]:
+def paired_bootstrap(
+    a: Dict[str, np.ndarray],
+    b: Dict[str, np.ndarray],
+    groups: Optional[np.ndarray] = None,
+    resamples: int = 10000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Dict[str, Difference]:
     """Per metric (the keys of ``a``), B's mean minus A's with a percentile interval at
     ``level`` and a two-sided p-value, from ``resamples`` paired resamples of the queries
     (``groups=None``) or of the groups (one id per query, e.g. its class)."""
@@ -45,14 +52,18 @@ def paired_bootstrap(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray],
     if set(b) != set(names):
         raise ValueError(f"paired_bootstrap: metrics {sorted(a)} and {sorted(b)} differ")
     if not 0 < level < 1 or resamples < minimum_resamples(level):
-        raise ValueError(f"paired_bootstrap: level {level} must be in (0, 1), and its interval "
-                         f"needs at least {minimum_resamples(level) if 0 < level < 1 else 1} "
-                         f"resamples (got {resamples})")
+        raise ValueError(
+            f"paired_bootstrap: level {level} must be in (0, 1), and its interval "
+            f"needs at least {minimum_resamples(level) if 0 < level < 1 else 1} "
+            f"resamples (got {resamples})"
+        )
     va = np.stack([np.asarray(a[n], dtype=np.float64) for n in names], 1)
     vb = np.stack([np.asarray(b[n], dtype=np.float64) for n in names], 1)
     if va.shape != vb.shape or len(va) == 0:
-        raise ValueError(f"paired_bootstrap: {len(va)} and {len(vb)} queries; the two models "
-                         "must be scored on the same, non-empty set of queries")
+        raise ValueError(
+            f"paired_bootstrap: {len(va)} and {len(vb)} queries; the two models "
+            "must be scored on the same, non-empty set of queries"
+        )
     if not (np.isfinite(va).all() and np.isfinite(vb).all()):
         raise ValueError("paired_bootstrap: per-query values hold NaN or inf")
     d = vb - va
@@ -71,9 +82,17 @@ def paired_bootstrap(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray],
     low, high = np.quantile(stats, [tail, 1 - tail], axis=0)
     extreme = (np.abs(stats - observed) >= np.abs(observed) - 1e-12).sum(0)
     p = (1 + extreme) / (resamples + 1)
-    return {n: Difference(float(va[:, j].mean()), float(vb[:, j].mean()), float(observed[j]),
-                          float(low[j]), float(high[j]), float(min(1.0, p[j])))
-            for j, n in enumerate(names)}
+    return {
+        n: Difference(
+            float(va[:, j].mean()),
+            float(vb[:, j].mean()),
+            float(observed[j]),
+            float(low[j]),
+            float(high[j]),
+            float(min(1.0, p[j])),
+        )
+        for j, n in enumerate(names)
+    }
 
 
 def minimum_resamples(level: float) -> int:
@@ -82,8 +101,7 @@ def minimum_resamples(level: float) -> int:
     return int(np.ceil(2.0 / (1.0 - level) - 1e-9))
 
 
-def _resampled_means(sums: np.ndarray, counts: np.ndarray, resamples: int,
-                     seed: int) -> np.ndarray:
+def _resampled_means(sums: np.ndarray, counts: np.ndarray, resamples: int, seed: int) -> np.ndarray:
     """(resamples, metrics): the mean over units drawn with replacement, sum(sums) /
     sum(counts) of each draw; in chunks of about 2**24 draws."""
     rng = np.random.default_rng(seed)
@@ -93,7 +111,7 @@ def _resampled_means(sums: np.ndarray, counts: np.ndarray, resamples: int,
     for s in range(0, resamples, step):
         idx = rng.integers(0, n, size=(min(step, resamples - s), n))
         weights = np.stack([np.bincount(row, minlength=n) for row in idx]).astype(np.float64)
-        out[s:s + len(idx)] = (weights @ sums) / (weights @ counts)[:, None]
+        out[s : s + len(idx)] = (weights @ sums) / (weights @ counts)[:, None]
     return out
 
 

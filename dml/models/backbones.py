@@ -10,6 +10,7 @@ Pooling is a separate module (``dml.models.pooling``) so that GAP, GeM or GSP ca
 - ``timm:<model name>``: any timm model (ViTs: the patch tokens on the patch grid, and the class
   token for the ``cls`` pooling; CNNs: the last stage), ``dml.models.timm_backbone``.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -32,7 +33,9 @@ def _load_weights(name: str, weights_enum):
     try:
         return weights_enum.get_state_dict(progress=True, check_hash=True)
     except Exception as error:  # URLError, HTTPError, hash mismatch, corrupt cache file...
-        raise PretrainedWeightsUnavailable(PRETRAINED_HELP.format(name=name, error=error)) from error
+        raise PretrainedWeightsUnavailable(
+            PRETRAINED_HELP.format(name=name, error=error)
+        ) from error
 
 
 class SmallCNN(nn.Module):
@@ -43,8 +46,11 @@ class SmallCNN(nn.Module):
         chans = [in_channels, width, width * 2, width * 4, width * 4]
         layers = []
         for i in range(4):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False),
-                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False),
+                nn.BatchNorm2d(chans[i + 1]),
+                nn.ReLU(inplace=True),
+            ]
             if i < 3:
                 layers.append(nn.MaxPool2d(2))
         self.body = nn.Sequential(*layers)
@@ -73,8 +79,11 @@ class TorchvisionTrunk(nn.Module):
 
 def _resnet(arch: str, pretrained: bool) -> nn.Module:
     import torchvision.models as tvm
-    weights_enum = {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
-                    "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1}[arch]
+
+    weights_enum = {
+        "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
+        "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
+    }[arch]
     network = getattr(tvm, arch)(weights=None)
     if pretrained:
         network.load_state_dict(_load_weights(arch, weights_enum))
@@ -83,6 +92,7 @@ def _resnet(arch: str, pretrained: bool) -> nn.Module:
 
 def _bn_inception(pretrained: bool) -> nn.Module:
     import torchvision.models as tvm
+
     network = tvm.googlenet(weights=None, aux_logits=False, init_weights=not pretrained)
     if pretrained:
         state = _load_weights("bn_inception", tvm.GoogLeNet_Weights.IMAGENET1K_V1)
@@ -126,23 +136,35 @@ class Backbone(nn.Module):
     ``forward(images)`` -> (B, C, H, W); ``forward(images, with_class_token=True)`` -> (map,
     class token (B, C)) for backbones that have one (timm ViTs)."""
 
-    def __init__(self, name: str = "resnet50", pretrained: bool = True, frozen_bn: bool = False,
-                 width: int = 32, timm_args: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        name: str = "resnet50",
+        pretrained: bool = True,
+        frozen_bn: bool = False,
+        width: int = 32,
+        timm_args: Optional[Dict[str, Any]] = None,
+    ):
         super().__init__()
         self.name = name
         if name.startswith("timm:"):
             from dml.models.timm_backbone import TimmTrunk
-            self.net = TimmTrunk(name[len("timm:"):], pretrained, timm_args)
+
+            self.net = TimmTrunk(name[len("timm:") :], pretrained, timm_args)
         else:
             if name not in BACKBONES:
-                raise ConfigError(f"model.backbone.name: unknown backbone {name!r}; expected one "
-                                  f"of {sorted(BACKBONES)} or timm:<timm model name>")
+                raise ConfigError(
+                    f"model.backbone.name: unknown backbone {name!r}; expected one "
+                    f"of {sorted(BACKBONES)} or timm:<timm model name>"
+                )
             if timm_args:
-                raise ConfigError(f"model.backbone.timm_args: only for timm:<name> backbones, "
-                                  f"not {name!r}")
+                raise ConfigError(
+                    f"model.backbone.timm_args: only for timm:<name> backbones, not {name!r}"
+                )
             if name == "small_cnn" and pretrained:
-                raise ConfigError("model.backbone.pretrained: small_cnn has no pretrained "
-                                  "weights; set pretrained: false")
+                raise ConfigError(
+                    "model.backbone.pretrained: small_cnn has no pretrained "
+                    "weights; set pretrained: false"
+                )
             kwargs = {"width": width} if name == "small_cnn" else {}
             self.net = BACKBONES[name](pretrained=pretrained, **kwargs)
         self.out_channels = self.net.out_channels
@@ -165,8 +187,9 @@ class Backbone(nn.Module):
     def layer_ids(self) -> Tuple[Dict[str, int], int]:
         """(parameter name within this module -> layer index, number of layers)."""
         if not hasattr(self.net, "layer_ids"):
-            raise ConfigError(f"model.optimizer.layer_decay: applies to timm backbones, not "
-                              f"{self.name!r}")
+            raise ConfigError(
+                f"model.optimizer.layer_decay: applies to timm backbones, not {self.name!r}"
+            )
         ids, count = self.net.layer_ids()
         return {f"net.{name}": layer for name, layer in ids.items()}, count
 
@@ -179,7 +202,9 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor, with_class_token: bool = False):
         if with_class_token:
             if not self.has_class_token:
-                raise ConfigError(f"model.pooling.name: cls needs a backbone with a class token "
-                                  f"(a timm ViT); {self.name!r} has none")
+                raise ConfigError(
+                    f"model.pooling.name: cls needs a backbone with a class token "
+                    f"(a timm ViT); {self.name!r} has none"
+                )
             return self.net(images, with_class_token=True)
         return self.net(images)

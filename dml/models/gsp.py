@@ -20,6 +20,7 @@ attributes a_k = (1/mu) sum_i pi_ki (a distribution over prototypes). mu = 1 is 
 The gradient of the plan with respect to the costs is the implicit (KKT) one, O(m n) and
 computed from the solution alone: backward never unrolls the solver iterations.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ from dml.models.pooling import Pooling, PoolingOutput
 from dml.selection import greedy_k_center
 
 
-def _solve_log_nu(log_s: torch.Tensor, mu: float, iters: int, tol: float,
-                  check_every: int = 8) -> torch.Tensor:
+def _solve_log_nu(
+    log_s: torch.Tensor, mu: float, iters: int, tol: float, check_every: int = 8
+) -> torch.Tensor:
     """t = log nu per image with mean_i sigmoid(t + log s_i) = mu (B,), from log s (B, n).
 
     The transported share of feature i is sigmoid(t + log s_i), increasing in t, so the root is
@@ -62,13 +64,17 @@ def _solve_log_nu(log_s: torch.Tensor, mu: float, iters: int, tol: float,
         slope = (share * (1 - share)).mean(1)
         step = t - f / slope.clamp_min(1e-30)
         inside = (step > lo) & (step < hi)
-        t = torch.where(done, torch.minimum(torch.maximum(step, lo), hi),
-                        torch.where(inside, step, 0.5 * (lo + hi)))
+        t = torch.where(
+            done,
+            torch.minimum(torch.maximum(step, lo), hi),
+            torch.where(inside, step, 0.5 * (lo + hi)),
+        )
     return t
 
 
-def transport_plan(costs: torch.Tensor, mu: float, gamma: float, iters: int,
-                   tol: float) -> torch.Tensor:
+def transport_plan(
+    costs: torch.Tensor, mu: float, gamma: float, iters: int, tol: float
+) -> torch.Tensor:
     """costs (B, m, n) -> plan (B, m + 1, n): row 0 the residual rho, rows 1..m the plan pi."""
     n = costs.shape[-1]
     logits = -gamma * costs  # log K
@@ -113,8 +119,9 @@ class PartialTransport(torch.autograd.Function):
         return grad_costs, None, None, None, None
 
 
-def partial_transport(costs: torch.Tensor, mu: float, gamma: float, iters: int = 50,
-                      tol: float = 1e-7) -> torch.Tensor:
+def partial_transport(
+    costs: torch.Tensor, mu: float, gamma: float, iters: int = 50, tol: float = 1e-7
+) -> torch.Tensor:
     """The entropic partial transport plan, differentiable with the analytical backward.
 
     costs (B, m, n): m prototypes, n locations. Returns (B, m + 1, n) whose row 0 is the
@@ -130,8 +137,9 @@ def partial_transport(costs: torch.Tensor, mu: float, gamma: float, iters: int =
     with torch.autocast(costs.device.type, enabled=False):
         if torch.jit.is_tracing():  # an export: plain ops, all ``iters`` solver steps
             return transport_plan(costs.to(dtype), float(mu), float(gamma), int(iters), 0.0)
-        return PartialTransport.apply(costs.to(dtype), float(mu), float(gamma), int(iters),
-                                      float(tol))
+        return PartialTransport.apply(
+            costs.to(dtype), float(mu), float(gamma), int(iters), float(tol)
+        )
 
 
 class GSP(Pooling):
@@ -154,20 +162,33 @@ class GSP(Pooling):
     The forward needs the head's linear map (``projection``) to compute the costs.
     """
 
-    def __init__(self, in_channels: int, num_prototypes: int = 64, mu: float = 0.3,
-                 gamma: float = 5.0, iters: int = 50, tol: float = 1e-6,
-                 reduction: str = "avg", gem_p: float = 3.0, init: str = "auto",
-                 init_batches: int = 8, embedding_dim: int = 512):
+    def __init__(
+        self,
+        in_channels: int,
+        num_prototypes: int = 64,
+        mu: float = 0.3,
+        gamma: float = 5.0,
+        iters: int = 50,
+        tol: float = 1e-6,
+        reduction: str = "avg",
+        gem_p: float = 3.0,
+        init: str = "auto",
+        init_batches: int = 8,
+        embedding_dim: int = 512,
+    ):
         super().__init__()
         if not 0.0 < mu <= 1.0:
-            raise ConfigError(f"model.pooling.params.mu: the transport ratio must be in (0, 1], "
-                              f"got {mu}")
+            raise ConfigError(
+                f"model.pooling.params.mu: the transport ratio must be in (0, 1], got {mu}"
+            )
         if reduction not in ("avg", "max", "gem"):
-            raise ConfigError(f"model.pooling.params.reduction: expected avg, max or gem, got "
-                              f"{reduction!r}")
+            raise ConfigError(
+                f"model.pooling.params.reduction: expected avg, max or gem, got {reduction!r}"
+            )
         if init not in ("auto", "proxies", "embeddings"):
-            raise ConfigError(f"model.pooling.params.init: expected auto, proxies or embeddings, "
-                              f"got {init!r}")
+            raise ConfigError(
+                f"model.pooling.params.init: expected auto, proxies or embeddings, got {init!r}"
+            )
         self.init, self.init_batches = init, init_batches
         if num_prototypes < 1:
             raise ConfigError("model.pooling.params.num_prototypes must be >= 1")
@@ -195,11 +216,16 @@ class GSP(Pooling):
     def candidate_source(self, num_class_rows: Optional[int]) -> str:
         """proxies: the loss's class rows; embeddings: GAP embeddings; auto: the class rows when
         there are at least m of them."""
-        if self.init == "proxies" or (self.init == "auto" and num_class_rows is not None
-                                       and num_class_rows >= len(self.prototypes)):
+        if self.init == "proxies" or (
+            self.init == "auto"
+            and num_class_rows is not None
+            and num_class_rows >= len(self.prototypes)
+        ):
             if num_class_rows is None:
-                raise ConfigError("model.pooling.params.init: proxies, but the loss has no "
-                                  "proxies or class weights")
+                raise ConfigError(
+                    "model.pooling.params.init: proxies, but the loss has no "
+                    "proxies or class weights"
+                )
             return "class_rows"
         return "embeddings"
 
@@ -219,8 +245,11 @@ class GSP(Pooling):
         """c_ki = ||n(w_k) - n(u_i)||, u (B, n, D) -> (B, m, n)."""
         w = lipschitz_normalize(self.prototypes).to(u.dtype)
         un = lipschitz_normalize(u)
-        sq = (w * w).sum(-1)[None, :, None] + (un * un).sum(-1)[:, None, :] \
+        sq = (
+            (w * w).sum(-1)[None, :, None]
+            + (un * un).sum(-1)[:, None, :]
             - 2.0 * torch.einsum("kd,bnd->bkn", w, un)
+        )
         return sq.clamp_min(1e-12).sqrt()
 
     def forward(self, x: torch.Tensor, projection: Optional[nn.Linear] = None) -> PoolingOutput:

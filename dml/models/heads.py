@@ -5,6 +5,7 @@ z = u / ||u||. Both are returned: retrieval uses z; XBN can match moments of u.
 feature itself (2048-d for a ResNet-50, 384 for a ViT-S), and z = f / ||f||. ``python -m dml
 test --zero-shot`` evaluates a backbone that way, untrained (docs/evaluation.md).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple

@@ -14,6 +14,7 @@ The extra zero logit lets a node take in less than a full unit of messages (sum_
 Inputs are (n, d) for one group (a training batch) or (G, n, d) with a key mask (G, n) for
 padded groups (the pseudo-test mode's k-reciprocal neighbourhoods).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,9 @@ class MessagePassingLayer(nn.Module):
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, ff_hidden), nn.ReLU(), nn.Dropout(dropout),
-                                nn.Linear(ff_hidden, dim))
+        self.ff = nn.Sequential(
+            nn.Linear(dim, ff_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff_hidden, dim)
+        )
         self.dropout = nn.Dropout(dropout)
         self.attention_dropout = nn.Dropout(dropout)
         self.last_attention: Optional[torch.Tensor] = None  # (G, H, n, n), for inspection
@@ -73,14 +75,22 @@ class MessagePassingNetwork(nn.Module):
     """h0 = W0 f + b0, then L message-passing layers. Returns the last layer's output, or with
     ``concat`` all layer outputs side by side (dim * L)."""
 
-    def __init__(self, dim: int, layers: int = 1, heads: int = 2, dropout: float = 0.1,
-                 ff_hidden: int = 2048, concat: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 1,
+        heads: int = 2,
+        dropout: float = 0.1,
+        ff_hidden: int = 2048,
+        concat: bool = False,
+    ):
         super().__init__()
         if layers < 1 or heads < 1:
             raise ValueError("message passing: layers and heads must be >= 1")
         self.input = nn.Linear(dim, dim)
-        self.layers = nn.ModuleList(MessagePassingLayer(dim, heads, dropout, ff_hidden)
-                                    for _ in range(layers))
+        self.layers = nn.ModuleList(
+            MessagePassingLayer(dim, heads, dropout, ff_hidden) for _ in range(layers)
+        )
         self.concat = concat
         self.out_dim = dim * layers if concat else dim
 

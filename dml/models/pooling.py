@@ -12,6 +12,7 @@ projection=head_linear)`` and returns a ``PoolingOutput``, so that learnable poo
 weights and per-image attributes to losses and dashboards without re-running. Poolings are
 chosen by name in ``dml.builder.POOLINGS``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ class ClassToken(Pooling):
 
     def forward(self, x: torch.Tensor, projection=None, class_token=None) -> PoolingOutput:
         if class_token is None:
-            raise ValueError("the cls pooling needs the backbone's class token "
-                             "(dml.models.pooling.pool_images passes it)")
+            raise ValueError(
+                "the cls pooling needs the backbone's class token "
+                "(dml.models.pooling.pool_images passes it)"
+            )
         return PoolingOutput(class_token)

@@ -19,6 +19,7 @@ Images reach every backbone normalised with ImageNet's mean and std (``dml.data.
 a model pretrained on other statistics (CLIP: its own mean and std, many ViTs: 0.5) gets its
 inputs re-normalised, x' = (x sigma_in + m_in - m) / sigma, as its first operation.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
@@ -53,8 +54,9 @@ class Renormalize(nn.Module):
         return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
 
 
-def create_timm_model(name: str, pretrained: bool, timm_args: Optional[Dict[str, Any]] = None
-                      ) -> nn.Module:
+def create_timm_model(
+    name: str, pretrained: bool, timm_args: Optional[Dict[str, Any]] = None
+) -> nn.Module:
     """``timm.create_model(name, pretrained, num_classes=0, **timm_args)`` with one-line errors:
     an unknown name or tag is a ConfigError, unavailable weights PretrainedWeightsUnavailable."""
     import timm
@@ -63,18 +65,21 @@ def create_timm_model(name: str, pretrained: bool, timm_args: Optional[Dict[str,
 
     architecture = name.split(".")[0]
     if not timm.is_model(architecture):
-        raise ConfigError(f"model.backbone.name: timm has no model {architecture!r} (timm "
-                          f"{timm.__version__}; `python -c \"import timm; "
-                          f"print(timm.list_models('*{architecture.split('_')[0]}*'))\"` lists "
-                          f"the names)")
+        raise ConfigError(
+            f"model.backbone.name: timm has no model {architecture!r} (timm "
+            f'{timm.__version__}; `python -c "import timm; '
+            f"print(timm.list_models('*{architecture.split('_')[0]}*'))\"` lists "
+            f"the names)"
+        )
     args = dict(timm_args or {})
     args.setdefault("num_classes", 0)
     try:
         if not pretrained:
             return timm.create_model(name, pretrained=False, **args)
     except (RuntimeError, TypeError) as error:  # an unknown pretrained tag, a wrong argument
-        raise ConfigError(f"model.backbone: timm cannot build {name!r} with "
-                          f"timm_args {timm_args or {}}: {error}") from error
+        raise ConfigError(
+            f"model.backbone: timm cannot build {name!r} with timm_args {timm_args or {}}: {error}"
+        ) from error
     try:
         return timm.create_model(name, pretrained=True, **args)
     except TypeError as error:
@@ -83,15 +88,19 @@ def create_timm_model(name: str, pretrained: bool, timm_args: Optional[Dict[str,
         if "pretrained tag" in str(error) or "Unknown model" in str(error):
             raise ConfigError(f"model.backbone.name: {error}") from error
         if "size mismatch" in str(error):
-            raise ConfigError(f"model.backbone.timm_args {timm_args}: the pretrained weights of "
-                              f"{name!r} do not fit the architecture they ask for ("
-                              f"{str(error).splitlines()[0][:300]}); keep the architecture "
-                              f"or set pretrained: false") from error
+            raise ConfigError(
+                f"model.backbone.timm_args {timm_args}: the pretrained weights of "
+                f"{name!r} do not fit the architecture they ask for ("
+                f"{str(error).splitlines()[0][:300]}); keep the architecture "
+                f"or set pretrained: false"
+            ) from error
         raise PretrainedWeightsUnavailable(
-            TIMM_PRETRAINED_HELP.format(name=name, error=error)) from error
+            TIMM_PRETRAINED_HELP.format(name=name, error=error)
+        ) from error
     except Exception as error:  # offline (LocalEntryNotFoundError, OSError), corrupt cache...
         raise PretrainedWeightsUnavailable(
-            TIMM_PRETRAINED_HELP.format(name=name, error=error)) from error
+            TIMM_PRETRAINED_HELP.format(name=name, error=error)
+        ) from error
 
 
 class TimmTrunk(nn.Module):
@@ -104,10 +113,12 @@ class TimmTrunk(nn.Module):
         self.model = create_timm_model(name, pretrained, timm_args)
         self.out_channels = int(self.model.num_features)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
-        self.has_class_token = bool(getattr(self.model, "has_class_token",
-                                            self.num_prefix_tokens > 0))
-        self.is_token_model = hasattr(self.model, "patch_embed") and \
-            hasattr(self.model, "num_prefix_tokens")
+        self.has_class_token = bool(
+            getattr(self.model, "has_class_token", self.num_prefix_tokens > 0)
+        )
+        self.is_token_model = hasattr(self.model, "patch_embed") and hasattr(
+            self.model, "num_prefix_tokens"
+        )
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
         mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
         same = all(abs(a - b) < 1e-6 for a, b in zip(mean + std, IMAGENET_MEAN + IMAGENET_STD))
@@ -122,24 +133,31 @@ class TimmTrunk(nn.Module):
     def forward(self, x: torch.Tensor, with_class_token: bool = False):
         height, width = x.shape[-2:]
         patch_embed = getattr(self.model, "patch_embed", None)
-        if getattr(patch_embed, "strict_img_size", False) and \
-                (height, width) != tuple(patch_embed.img_size):
+        if getattr(patch_embed, "strict_img_size", False) and (height, width) != tuple(
+            patch_embed.img_size
+        ):
             raise ConfigError(
                 f"timm model {self.name!r} takes {tuple(patch_embed.img_size)} images, got "
                 f"{height} x {width}: set the data set's image size to {patch_embed.img_size[0]} "
                 f"(data.init_args.crop; image_size for the synthetic data), or "
-                f"model.backbone.timm_args: {{img_size: {height}}} (or dynamic_img_size: true)")
+                f"model.backbone.timm_args: {{img_size: {height}}} (or dynamic_img_size: true)"
+            )
         out = self.model.forward_features(self.input_norm(x))
         token = None
         if out.dim() == 3:  # tokens (B, P + N, D)
             if with_class_token:
                 token = out[:, 0]
-            patches = out[:, self.num_prefix_tokens:]
-            h, w = self.patch_grid(height, width) if hasattr(self.model, "patch_embed") else \
-                (int(round(patches.shape[1] ** 0.5)),) * 2
+            patches = out[:, self.num_prefix_tokens :]
+            h, w = (
+                self.patch_grid(height, width)
+                if hasattr(self.model, "patch_embed")
+                else (int(round(patches.shape[1] ** 0.5)),) * 2
+            )
             if h * w != patches.shape[1]:
-                raise RuntimeError(f"timm model {self.name!r}: {patches.shape[1]} patch tokens do "
-                                   f"not form the {h} x {w} grid of a {height} x {width} image")
+                raise RuntimeError(
+                    f"timm model {self.name!r}: {patches.shape[1]} patch tokens do "
+                    f"not form the {h} x {w} grid of a {height} x {width} image"
+                )
             # (B, N, D) -> (B, D, h, w), the batch size left symbolic (exports trace it)
             feature_map = patches.transpose(1, 2).unflatten(2, (h, w))
         elif out.dim() == 4:
@@ -147,12 +165,15 @@ class TimmTrunk(nn.Module):
                 out = out.permute(0, 3, 1, 2)
             feature_map = out
         else:
-            raise RuntimeError(f"timm model {self.name!r}: forward_features gave a "
-                               f"{tuple(out.shape)} tensor, neither tokens nor a feature map")
+            raise RuntimeError(
+                f"timm model {self.name!r}: forward_features gave a "
+                f"{tuple(out.shape)} tensor, neither tokens nor a feature map"
+            )
         if with_class_token:
             if token is None:
-                raise ConfigError(f"model.pooling.name: cls needs a class token; {self.name!r} "
-                                  f"has none")
+                raise ConfigError(
+                    f"model.pooling.name: cls needs a class token; {self.name!r} has none"
+                )
             return feature_map, token
         return feature_map
 
@@ -163,10 +184,13 @@ class TimmTrunk(nn.Module):
         from timm.models import group_parameters
 
         if not hasattr(self.model, "group_matcher"):
-            raise ConfigError(f"model.optimizer.layer_decay: timm model {self.name!r} defines "
-                              f"no layer grouping (group_matcher)")
-        layers = group_parameters(self.model, self.model.group_matcher(coarse=False),
-                                  reverse=True)
+            raise ConfigError(
+                f"model.optimizer.layer_decay: timm model {self.name!r} defines "
+                f"no layer grouping (group_matcher)"
+            )
+        layers = group_parameters(self.model, self.model.group_matcher(coarse=False), reverse=True)
         count = max(layers.values()) + 1
-        return {f"model.{name}": layers.get(name, count - 1)
-                for name, _ in self.model.named_parameters()}, count
+        return {
+            f"model.{name}": layers.get(name, count - 1)
+            for name, _ in self.model.named_parameters()
+        }, count

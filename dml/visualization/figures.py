@@ -1,5 +1,6 @@
 """Figure builders. Inputs are tensors as the data sets return them (C, H, W), normalised or
 not: ``display_image`` rescales each image to [0, 1] for display."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,9 @@ def top_k_neighbours(query: torch.Tensor, reference: Optional[torch.Tensor], k: 
     return knn(query, reference, k, backend="torch")[1]
 
 
-def retrieval_grid(query_images: Sequence[torch.Tensor], neighbour_images, correct,
-                   title: str = "") -> plt.Figure:
+def retrieval_grid(
+    query_images: Sequence[torch.Tensor], neighbour_images, correct, title: str = ""
+) -> plt.Figure:
     """One row per query: the query, then its top-k neighbours framed green (same class) or
     red (other class). ``neighbour_images[i][j]``, ``correct[i][j]``."""
     rows, k = len(query_images), len(neighbour_images[0])
@@ -61,8 +63,9 @@ def grey(image: torch.Tensor) -> np.ndarray:
     return rgb @ np.array([0.299, 0.587, 0.114])
 
 
-def pooling_heatmaps(images: torch.Tensor, weights: torch.Tensor, grid: Sequence[int],
-                     title: str = "") -> plt.Figure:
+def pooling_heatmaps(
+    images: torch.Tensor, weights: torch.Tensor, grid: Sequence[int], title: str = ""
+) -> plt.Figure:
     """Each image, and below it its per-location pooling weights (B, h*w) upsampled over the
     image in grey, on one colour scale for all images: weight / mean weight (1 = what GAP gives
     every location), with a colour bar."""
@@ -76,8 +79,7 @@ def pooling_heatmaps(images: torch.Tensor, weights: torch.Tensor, grid: Sequence
     for i in range(n):
         axes[0, i].imshow(display_image(images[i]))
         axes[1, i].imshow(grey(images[i]), cmap="gray", vmin=0, vmax=1)
-        shown = axes[1, i].imshow(maps[i, 0].numpy(), cmap="magma", alpha=0.6, vmin=0,
-                                  vmax=top)
+        shown = axes[1, i].imshow(maps[i, 0].numpy(), cmap="magma", alpha=0.6, vmin=0, vmax=top)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_ylabel("image", fontsize=8)
@@ -90,9 +92,15 @@ def pooling_heatmaps(images: torch.Tensor, weights: torch.Tensor, grid: Sequence
     return fig
 
 
-def embedding_projection(embeddings: torch.Tensor, labels: torch.Tensor, method: str = "pca",
-                         max_points: int = 2000, seed: int = 0, title: str = "",
-                         colored: int = 10) -> plt.Figure:
+def embedding_projection(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    method: str = "pca",
+    max_points: int = 2000,
+    seed: int = 0,
+    title: str = "",
+    colored: int = 10,
+) -> plt.Figure:
     """A 2-D projection (PCA, or t-SNE from scikit-learn) of at most ``max_points`` embeddings
     (a seeded subsample): the ``colored`` most frequent classes in distinct colours with a
     legend, the others grey (20 colours cannot tell 100 classes apart)."""
@@ -106,8 +114,10 @@ def embedding_projection(embeddings: torch.Tensor, labels: torch.Tensor, method:
         points = (centred @ v[:2].T).numpy()
     elif method == "tsne":
         from sklearn.manifold import TSNE
-        points = TSNE(2, init="pca", random_state=seed,
-                      perplexity=min(30.0, max(2.0, (len(x) - 1) / 3))).fit_transform(x.numpy())
+
+        points = TSNE(
+            2, init="pca", random_state=seed, perplexity=min(30.0, max(2.0, (len(x) - 1) / 3))
+        ).fit_transform(x.numpy())
     else:
         raise ValueError(f"embedding_projection: method must be pca or tsne, got {method!r}")
     fig, ax = plt.subplots(figsize=(7.0, 5.5))
@@ -115,18 +125,35 @@ def embedding_projection(embeddings: torch.Tensor, labels: torch.Tensor, method:
     shown = np.argsort(-counts, kind="stable")[:colored]  # the most frequent classes
     rest = ~np.isin(codes, shown)
     if rest.any():
-        ax.scatter(points[rest, 0], points[rest, 1], c="#c8c8c8", s=5, alpha=0.6,
-                   label=f"{len(classes) - len(shown)} other classes")
+        ax.scatter(
+            points[rest, 0],
+            points[rest, 1],
+            c="#c8c8c8",
+            s=5,
+            alpha=0.6,
+            label=f"{len(classes) - len(shown)} other classes",
+        )
     palette = plt.get_cmap("tab20" if len(shown) > 10 else "tab10")
     for n, c in enumerate(shown):
         on = codes == c
-        ax.scatter(points[on, 0], points[on, 1], color=palette(n % palette.N), s=9,
-                   alpha=0.9, label=f"class {classes[c]}")
+        ax.scatter(
+            points[on, 0],
+            points[on, 1],
+            color=palette(n % palette.N),
+            s=9,
+            alpha=0.9,
+            label=f"class {classes[c]}",
+        )
     ax.set_xticks([]), ax.set_yticks([])
-    ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.01, 0.5),
-              frameon=False)
-    ax.set_title(title or f"{method.upper()} of {len(x)} embeddings, {len(classes)} classes "
-                          f"({len(shown)} coloured)", fontsize=10)
+    ax.legend(
+        fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False
+    )
+    ax.set_title(
+        title
+        or f"{method.upper()} of {len(x)} embeddings, {len(classes)} classes "
+        f"({len(shown)} coloured)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -141,8 +168,11 @@ def training_diagnostics(history: dict, title: str = "") -> Optional[plt.Figure]
     memory = {k: v for k, v in history.items() if k.startswith("memory/") and v}
     if not norms and not memory:
         return None
-    panels = [p for p in ("norms", "active", "counts")
-              if (p == "norms" and norms) or (p != "norms" and memory)]
+    panels = [
+        p
+        for p in ("norms", "active", "counts")
+        if (p == "norms" and norms) or (p != "norms" and memory)
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "norms":

@@ -14,6 +14,7 @@ in the repository, e.g. ``(docs/methods/gsp.md)``, ``docs/evaluation.md#definiti
 The warnings go through ``mkdocs.plugins.check_citations``, so ``mkdocs build --strict`` fails
 on them. ``find_problems`` is the scan itself, usable without MkDocs (tests/test_docs.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,15 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Set
 log = logging.getLogger("mkdocs.plugins.check_citations")
 
 # What is scanned, relative to the repository root: folders (recursively) and single files.
-SCAN: Sequence[str] = ("dml", "experiments", "benchmarks", "examples", "notebooks", "docs",
-                       "README.md")
+SCAN: Sequence[str] = (
+    "dml",
+    "experiments",
+    "benchmarks",
+    "examples",
+    "notebooks",
+    "docs",
+    "README.md",
+)
 EXTENSIONS = (".py", ".yaml", ".yml", ".md", ".ipynb")
 SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints", ".git", ".venv", "site"}
 # The notes file this documentation replaced: never to be cited. Spelled in two pieces so that
@@ -37,7 +45,8 @@ NOTES_FILE = "METHODS" + ".md"
 CITATION = re.compile(
     r"(?<![\w./-])docs/(?P<page>(?:[\w-]+/)*[\w-]+\.md)"
     r"(?:#(?P<anchor>[\w-]+))?"
-    r"(?:,\s*\\?\"(?P<section>[^\"\\\n]+)\\?\")?")
+    r"(?:,\s*\\?\"(?P<section>[^\"\\\n]+)\\?\")?"
+)
 HEADING = re.compile(r"^(#{1,6})\s+(?P<text>.+?)\s*#*\s*$")
 HEADING_ID = re.compile(r"\{\s*#(?P<id>[\w-]+)[^}]*\}\s*$")
 
@@ -55,9 +64,11 @@ def slugify(text: str) -> str:
     """The anchor MkDocs gives a heading (Python-Markdown's toc slugify)."""
     try:
         from markdown.extensions.toc import slugify as toc_slugify
+
         return toc_slugify(text, "-")
     except ImportError:  # the same rule, for a scan without Markdown installed
         import unicodedata
+
         text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
         text = re.sub(r"[^\w\s-]", "", text).strip().lower()
         return re.sub(r"[-\s]+", "-", text)
@@ -107,8 +118,9 @@ def scanned_files(root: str, scan: Sequence[str] = SCAN) -> Iterator[str]:
                 yield candidate
 
 
-def find_problems(root: str, docs_dir: Optional[str] = None,
-                  scan: Sequence[str] = SCAN) -> List[Problem]:
+def find_problems(
+    root: str, docs_dir: Optional[str] = None, scan: Sequence[str] = SCAN
+) -> List[Problem]:
     """Every citation of a missing page, anchor or section, and every mention of the notes
     file, in the files under ``root`` (``docs_dir``: where cited pages live, default
     ``root/docs``)."""
@@ -124,8 +136,14 @@ def find_problems(root: str, docs_dir: Optional[str] = None,
             continue
         for number, line in enumerate(lines, start=1):
             if NOTES_FILE in line:
-                problems.append(Problem(rel, number, f"mentions {NOTES_FILE}, which is not part "
-                                                     f"of the repository; cite a page of docs/"))
+                problems.append(
+                    Problem(
+                        rel,
+                        number,
+                        f"mentions {NOTES_FILE}, which is not part "
+                        f"of the repository; cite a page of docs/",
+                    )
+                )
             for match in CITATION.finditer(line):
                 page = match.group("page")
                 if page not in cache:
@@ -133,16 +151,25 @@ def find_problems(root: str, docs_dir: Optional[str] = None,
                     cache[page] = headings(full) if os.path.isfile(full) else None
                 found = cache[page]
                 if found is None:
-                    problems.append(Problem(rel, number, f"cites docs/{page}, which does not "
-                                                         f"exist"))
+                    problems.append(
+                        Problem(rel, number, f"cites docs/{page}, which does not exist")
+                    )
                     continue
                 anchor, section = match.group("anchor"), match.group("section")
                 if anchor and anchor not in found["anchors"]:
-                    problems.append(Problem(rel, number, f"cites docs/{page}#{anchor}: no "
-                                                         f"such heading on that page"))
+                    problems.append(
+                        Problem(
+                            rel, number, f"cites docs/{page}#{anchor}: no such heading on that page"
+                        )
+                    )
                 if section and plain(section).lower() not in found["texts"]:
-                    problems.append(Problem(rel, number, f'cites docs/{page}, "{section}": no '
-                                                         f"such heading on that page"))
+                    problems.append(
+                        Problem(
+                            rel,
+                            number,
+                            f'cites docs/{page}, "{section}": no such heading on that page',
+                        )
+                    )
     return problems
 
 

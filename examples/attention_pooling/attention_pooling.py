@@ -20,6 +20,7 @@ memory (XBM, XBN) and schedule (CCP). Use it with
 ``examples/attention_pooling/attention_pooling.yaml`` and this folder on ``PYTHONPATH``
 (docs/extending.md).
 """
+
 import torch
 from torch import nn
 
@@ -32,8 +33,10 @@ class AttentionPooling(Pooling):
     def __init__(self, in_channels: int, heads: int = 1):
         super().__init__()
         if heads < 1 or in_channels % heads:
-            raise ValueError(f"model.pooling.params.heads: expected a divisor of the "
-                             f"backbone's {in_channels} channels, got {heads}")
+            raise ValueError(
+                f"model.pooling.params.heads: expected a divisor of the "
+                f"backbone's {in_channels} channels, got {heads}"
+            )
         self.heads = heads
         # one row w_k per head, over its C / h channels; zero: GAP at step 0
         self.scorer = nn.Parameter(torch.zeros(heads, in_channels // heads))

@@ -14,6 +14,7 @@ warm-up, the enqueue order, XBN's transforms, the checkpointed buffers) is the m
 Use it with ``examples/memory_variant/xbm_hardest_negatives.yaml`` on top of a memory method and
 this folder on ``PYTHONPATH`` (docs/extending.md).
 """
+
 import torch
 
 from dml.losses import CrossBatchMemoryLoss

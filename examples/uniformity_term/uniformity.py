@@ -16,6 +16,7 @@ L_uniform}`` (logged as ``train/loss_uniformity``). Under DDP it sees each proce
 Use it with ``examples/uniformity_term/uniformity.yaml`` and this folder on ``PYTHONPATH``
 (docs/extending.md).
 """
+
 import math
 
 import torch

@@ -1,6 +1,7 @@
 """CCP's projection rounds: rounds end on validation plateaus, proxies are re-picked, lambda
 follows lambda0 * decay^r, the candidate pools draw without replacement, and the state survives
 a checkpoint."""
+
 import numpy as np
 import pytorch_lightning as pl
 import pytest
@@ -16,16 +17,21 @@ MARGINS = {"c2": {"pos_margin": 0.1, "neg_margin": 0.6}}
 
 
 def ccp_module(k=3):
-    return DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
-                     embedding_dim=32, num_classes=24, optimizer=OptimizerConfig(lr=3e-3),
-                     loss=LossConfig(name="c2", params=MARGINS["c2"], proxies_per_class=k))
+    return DMLModule(
+        backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
+        embedding_dim=32,
+        num_classes=24,
+        optimizer=OptimizerConfig(lr=3e-3),
+        loss=LossConfig(name="c2", params=MARGINS["c2"], proxies_per_class=k),
+    )
 
 
 def fit_ccp(tmp_path, epochs, lam_decay=1.0, **kw):
     pl.seed_everything(0)
     module, data = ccp_module(), small_data()
-    callback = ChanceConstraintProjection(enabled=True, patience=1, min_delta=10.0,
-                                          pool_passes=4, lam=1e-3, lam_decay=lam_decay)
+    callback = ChanceConstraintProjection(
+        enabled=True, patience=1, min_delta=10.0, pool_passes=4, lam=1e-3, lam_decay=lam_decay
+    )
     t = trainer(tmp_path, epochs, callbacks=[callback], **kw)
     t.fit(module, data)
     return module, data, callback, t
@@ -56,7 +62,7 @@ def test_rounds_end_on_plateau_and_replace_the_proxies(tmp_path, monkeypatch):
 def test_lambda_after_r_rounds_is_lambda0_times_decay_to_the_r(tmp_path):
     module, data, callback, t = fit_ccp(tmp_path, 4, lam_decay=0.5, enable_checkpointing=False)
     assert callback.round == 2
-    assert callback.lam == pytest.approx(1e-3 * 0.5 ** 2)  # the released schedule
+    assert callback.lam == pytest.approx(1e-3 * 0.5**2)  # the released schedule
     assert float(module.objective.proximal.lam) == pytest.approx(1e-3 * 0.25)
 
 
@@ -79,8 +85,9 @@ def test_candidate_pool_is_the_network_embedding_of_the_drawn_images(tmp_path):
     assert pool.shape == (24, 4, 32)  # pool_passes 4 >= K 3
     module.eval()
     with torch.no_grad():  # synthetic images are not augmented: the pool is reproducible
-        x = torch.stack([data.train_dataset[int(i)][0] for i in
-                         callback.candidate_draws(labels, 24, 4)[:, 7]])
+        x = torch.stack(
+            [data.train_dataset[int(i)][0] for i in callback.candidate_draws(labels, 24, 4)[:, 7]]
+        )
         torch.testing.assert_close(module.embed(x)["raw_embeddings"], pool[7])
 
 
@@ -90,8 +97,9 @@ def test_ccp_state_survives_a_checkpoint_round_trip(tmp_path):
     t.save_checkpoint(path)
     state = torch.load(path, weights_only=True)["callbacks"]["ChanceConstraintProjection"]
     assert state["round"] == 2 and state["lam"] == pytest.approx(1e-3)
-    restored_cb = ChanceConstraintProjection(enabled=True, patience=1, min_delta=10.0,
-                                             pool_passes=4, lam=1e-3)
+    restored_cb = ChanceConstraintProjection(
+        enabled=True, patience=1, min_delta=10.0, pool_passes=4, lam=1e-3
+    )
     restored = DMLModule.load_from_checkpoint(path)
     t2 = trainer(tmp_path, 4, callbacks=[restored_cb], enable_checkpointing=False)
     t2.fit(restored, small_data(), ckpt_path=path)  # max_epochs reached: restores only
@@ -105,8 +113,12 @@ def test_ccp_state_survives_a_checkpoint_round_trip(tmp_path):
 
 
 def test_ccp_without_proxies_is_a_config_error(tmp_path):
-    module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
-                       embedding_dim=8, num_classes=24, loss=LossConfig(name="c2"))
+    module = DMLModule(
+        backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+        embedding_dim=8,
+        num_classes=24,
+        loss=LossConfig(name="c2"),
+    )
     t = trainer(tmp_path, 1, callbacks=[ChanceConstraintProjection(enabled=True)])
     with pytest.raises(ConfigError, match="proxies_per_class"):
         t.fit(module, small_data())

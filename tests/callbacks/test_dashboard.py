@@ -1,4 +1,5 @@
 """Dashboard figures and W&B offline logging from a tiny CLI run; the figure builders."""
+
 import glob
 import os
 
@@ -23,13 +24,34 @@ def tiny_run(tmp_path_factory):
     # down; a run of another mode in the same process needs a fresh W&B
     wandb.teardown()
     try:
-        cli_main(["fit", *config_args("synthetic", "gsp_contrastive"),
-                  "--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
-                  "--data.init_args.images_per_class", "10", "--model.backbone.width", "8",
-                  "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
-                  "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
-                  "--dashboard.every_n_epochs", "1", "--dashboard.num_queries", "4",
-                  "--dashboard.top_k", "3"])
+        cli_main(
+            [
+                "fit",
+                *config_args("synthetic", "gsp_contrastive"),
+                "--data.init_args.train_classes",
+                "12",
+                "--data.init_args.test_classes",
+                "8",
+                "--data.init_args.images_per_class",
+                "10",
+                "--model.backbone.width",
+                "8",
+                "--trainer.max_epochs",
+                "1",
+                "--trainer.default_root_dir",
+                str(root),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.log_every_n_steps",
+                "1",
+                "--dashboard.every_n_epochs",
+                "1",
+                "--dashboard.num_queries",
+                "4",
+                "--dashboard.top_k",
+                "3",
+            ]
+        )
     finally:
         wandb.teardown()
         if old is None:
@@ -50,8 +72,13 @@ def png_size(path):
 def test_figures_are_saved_as_pngs_of_the_expected_size(tiny_run):
     figures = sorted(glob.glob(str(tiny_run / "figures" / "*.png")))
     names = {os.path.basename(p) for p in figures}
-    assert names == {"retrieval_epoch000.png", "pooling_epoch000.png", "projection_epoch000.png",
-                     "worst_epoch000.png", "training_epoch000.png"}
+    assert names == {
+        "retrieval_epoch000.png",
+        "pooling_epoch000.png",
+        "projection_epoch000.png",
+        "worst_epoch000.png",
+        "training_epoch000.png",
+    }
     by_name = {os.path.basename(p).split("_")[0]: p for p in figures}
     assert png_size(by_name["retrieval"]) == ("PNG", (160 * 4, 160 * 4))  # 4 queries, top-3
     assert png_size(by_name["projection"]) == ("PNG", (700, 550))
@@ -65,17 +92,31 @@ def test_wandb_offline_run_holds_config_git_metrics_and_figures(tiny_run):
     runs = glob.glob(str(tiny_run / "wandb" / "offline-run-*"))
     assert len(runs) == 1
     media = glob.glob(os.path.join(runs[0], "files", "media", "images", "figures", "*.png"))
-    assert {os.path.basename(m).split("_")[0] for m in media} == {"retrieval", "pooling",
-                                                                 "projection", "worst",
-                                                                 "training"}
+    assert {os.path.basename(m).split("_")[0] for m in media} == {
+        "retrieval",
+        "pooling",
+        "projection",
+        "worst",
+        "training",
+    }
     # The offline run's log (what `wandb sync` uploads) holds the records as JSON values.
     log = open(glob.glob(os.path.join(runs[0], "*.wandb"))[0], "rb").read()
     commit = git_state()["commit"].encode()
     assert b'"commit":"' + commit in log
     assert b'"pooling":{"name":"gsp"' in log  # the whole CLI config
-    for key in (b"val/MAP@R", b"val/R@1", b"val/NMI", b"train/loss_metric",
-                b"train/loss_zero_shot", b"lr-AdamW", b"figures/retrieval", b"figures/pooling",
-                b"figures/projection", b"figures/worst", b"tables/worst_classes"):
+    for key in (
+        b"val/MAP@R",
+        b"val/R@1",
+        b"val/NMI",
+        b"train/loss_metric",
+        b"train/loss_zero_shot",
+        b"lr-AdamW",
+        b"figures/retrieval",
+        b"figures/pooling",
+        b"figures/projection",
+        b"figures/worst",
+        b"tables/worst_classes",
+    ):
         assert key in log, key
 
 
@@ -93,8 +134,8 @@ def test_retrieval_grid_frames_right_and_wrong_neighbours(tmp_path):
     q = [torch.zeros(3, 8, 8)]
     fig = retrieval_grid(q, [[torch.ones(3, 8, 8), torch.ones(3, 8, 8)]], [[True, False]])
     colours = [ax.spines["top"].get_edgecolor() for ax in fig.axes[1:]]
-    assert colours[0][:3] == pytest.approx((0x1a / 255, 0x96 / 255, 0x41 / 255))
-    assert colours[1][:3] == pytest.approx((0xd7 / 255, 0x19 / 255, 0x1c / 255))
+    assert colours[0][:3] == pytest.approx((0x1A / 255, 0x96 / 255, 0x41 / 255))
+    assert colours[1][:3] == pytest.approx((0xD7 / 255, 0x19 / 255, 0x1C / 255))
     save_png(fig, str(tmp_path / "g.png"))
     assert png_size(tmp_path / "g.png")[0] == "PNG"
 

@@ -1,4 +1,5 @@
 """The progress bar redraws (and reads the logged loss on the host) by time, not every step."""
+
 import time
 
 from dml.callbacks import ProgressBar
@@ -21,11 +22,26 @@ def test_redraws_at_most_once_per_interval_and_at_the_end(monkeypatch):
 
 
 def test_the_command_line_uses_it_where_a_bar_is_shown(tmp_path):
-    base = ["--config", "experiments/trainer.yaml", "--config", "experiments/data/synthetic.yaml",
-            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    base = [
+        "--config",
+        "experiments/trainer.yaml",
+        "--config",
+        "experiments/data/synthetic.yaml",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+
     def build(args):
-        return DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, args=args, run=False,
-                      auto_configure_optimizers=False)
+        return DMLCLI(
+            DMLModule,
+            DMLDataModule,
+            subclass_mode_data=True,
+            args=args,
+            run=False,
+            auto_configure_optimizers=False,
+        )
 
     cli = build(base)
     assert isinstance(cli.trainer.progress_bar_callback, ProgressBar)

@@ -1,6 +1,7 @@
 """XBN's callback: through the memory's one hook, the stored rows take the batch's moments (or
 the filtered ones), per batch or whole; the filter sees every batch; its state survives a
 resume; XBN without a memory is an error."""
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -13,30 +14,48 @@ from dml.module import BackboneConfig, DMLModule, LossConfig, MemoryConfig, Opti
 
 
 def module(memory=True):
-    return DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
-                     embedding_dim=16, loss=LossConfig("xbm_contrastive"),
-                     optimizer=OptimizerConfig(lr=1e-3), num_classes=12,
-                     memory=MemoryConfig(enabled=memory, size=40, start_iteration=2))
+    return DMLModule(
+        backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+        embedding_dim=16,
+        loss=LossConfig("xbm_contrastive"),
+        optimizer=OptimizerConfig(lr=1e-3),
+        num_classes=12,
+        memory=MemoryConfig(enabled=memory, size=40, start_iteration=2),
+    )
 
 
 def data():
-    return SyntheticDataModule(train_classes=12, test_classes=12, images_per_class=8,
-                               classes_per_batch=4, samples_per_class=4)
+    return SyntheticDataModule(
+        train_classes=12,
+        test_classes=12,
+        images_per_class=8,
+        classes_per_batch=4,
+        samples_per_class=4,
+    )
 
 
 def trainer(tmp_path, epochs, callbacks):
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
-                      default_root_dir=tmp_path, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False,
-                      limit_val_batches=0, use_distributed_sampler=False, callbacks=callbacks)
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+    )
 
 
 def filled_memory(rows=30, dim=3, seed=0):
     memory = CrossBatchMemoryLoss(dim, size=40, start_iteration=0)
     g = torch.Generator().manual_seed(seed)
     for b in range(3):
-        memory.enqueue(torch.randn(rows // 3, dim, generator=g) * (b + 1) + b,
-                       torch.arange(rows // 3), step=b)
+        memory.enqueue(
+            torch.randn(rows // 3, dim, generator=g) * (b + 1) + b, torch.arange(rows // 3), step=b
+        )
     return memory
 
 
@@ -54,21 +73,18 @@ def test_the_stored_rows_take_the_batch_moments_in_place():
     stored = memory.stored
     assert stored.data_ptr() == pointer  # in place
     assert torch.allclose(stored.mean(0), batch.mean(0), atol=1e-5)
-    assert torch.allclose(stored.var(0, unbiased=False), batch.var(0, unbiased=False),
-                          atol=1e-5)
+    assert torch.allclose(stored.var(0, unbiased=False), batch.var(0, unbiased=False), atol=1e-5)
     assert torch.allclose(memory.sum, stored.double().sum(0), atol=1e-6)  # sums kept exact
 
 
 def test_per_batch_matching_matches_every_enqueued_batch():
     memory = filled_memory()
-    match(memory, torch.randn(16, 3, generator=torch.Generator().manual_seed(2)),
-          per_batch=True)
+    match(memory, torch.randn(16, 3, generator=torch.Generator().manual_seed(2)), per_batch=True)
     target = memory.stored[memory.stored_batch_ids == 0]
     for b in range(3):
         rows = memory.stored[memory.stored_batch_ids == b]
         assert torch.allclose(rows.mean(0), target.mean(0), atol=1e-5)
-        assert torch.allclose(rows.var(0, unbiased=False), target.var(0, unbiased=False),
-                              atol=1e-4)
+        assert torch.allclose(rows.var(0, unbiased=False), target.var(0, unbiased=False), atol=1e-4)
 
 
 def test_adaptive_filters_every_batch_after_the_warm_up(tmp_path):
@@ -99,8 +115,11 @@ def test_adaptive_state_survives_a_resume(tmp_path):
     resumed, m_resumed = run(2, ckpt=str(tmp_path / "one.ckpt"))
     assert torch.allclose(resumed.kalman.var.x, straight.kalman.var.x)
     assert int(resumed.kalman.mean.steps) == int(straight.kalman.mean.steps) == 10
-    assert torch.allclose(m_resumed.objective.memory.buffer.embeddings,
-                          m_straight.objective.memory.buffer.embeddings, atol=1e-6)
+    assert torch.allclose(
+        m_resumed.objective.memory.buffer.embeddings,
+        m_straight.objective.memory.buffer.embeddings,
+        atol=1e-6,
+    )
 
 
 def test_xbn_without_a_memory_is_a_config_error(tmp_path):

@@ -1,5 +1,6 @@
 """CCP's losses: greedy k-center against brute force, the multi-proxy losses against direct
 formulas, the proxies' re-pick, and the proximal term's gradient."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,15 +10,19 @@ from dml.losses import build_loss
 from dml.losses.ccp import MultiProxyLoss, greedy_k_center, greedy_k_center_batched
 from dml.module import BackboneConfig, DMLModule, LossConfig, OptimizerConfig
 
-MARGINS = {"c1": {"margin": 0.5}, "c2": {"pos_margin": 0.1, "neg_margin": 0.6},
-           "multi_similarity": {"alpha": 2.0, "beta": 40.0, "base": 0.5},
-           "triplet": {"margin": 0.1}}
+MARGINS = {
+    "c1": {"margin": 0.5},
+    "c2": {"pos_margin": 0.1, "neg_margin": 0.6},
+    "multi_similarity": {"alpha": 2.0, "beta": 40.0, "base": 0.5},
+    "triplet": {"margin": 0.1},
+}
 
 
 # --- greedy k-center -----------------------------------------------------------------------
 def brute_force_min_distances(points, chosen):
-    return torch.stack([min(float(((p - c) ** 2).sum()) for c in chosen) * torch.ones(())
-                        for p in points])
+    return torch.stack(
+        [min(float(((p - c) ** 2).sum()) for c in chosen) * torch.ones(()) for p in points]
+    )
 
 
 @pytest.mark.parametrize("with_seeds", [True, False])
@@ -58,7 +63,7 @@ def lipschitz(v):
 def direct_loss(name, z, y, ref, ref_y, same=False):
     """The base losses written out over all (anchor, reference) pairs; ``same``: the
     references are the anchors themselves (self-pairs excluded)."""
-    pos = (y[:, None] == ref_y[None, :])
+    pos = y[:, None] == ref_y[None, :]
     neg = ~pos
     if same:
         pos &= ~torch.eye(len(z), dtype=torch.bool)
@@ -67,18 +72,29 @@ def direct_loss(name, z, y, ref, ref_y, same=False):
     if name == "c1":
         return ((1 - s)[pos].sum() + F.relu(s - p["margin"])[neg].sum()) / len(z)
     if name == "c2":
+
         def avg_nonzero(t):
             return t[t > 0].mean() if (t > 0).any() else t.sum() * 0
-        return avg_nonzero(F.relu(d - p["pos_margin"])[pos]) + \
-            avg_nonzero(F.relu(p["neg_margin"] - d)[neg])
+
+        return avg_nonzero(F.relu(d - p["pos_margin"])[pos]) + avg_nonzero(
+            F.relu(p["neg_margin"] - d)[neg]
+        )
     if name == "multi_similarity":
         a, b, lam = p["alpha"], p["beta"], p["base"]
-        per_anchor = [torch.log1p(torch.exp(-a * (s[i][pos[i]] - lam)).sum()) / a +
-                      torch.log1p(torch.exp(b * (s[i][neg[i]] - lam)).sum()) / b
-                      for i in range(len(z))]
+        per_anchor = [
+            torch.log1p(torch.exp(-a * (s[i][pos[i]] - lam)).sum()) / a
+            + torch.log1p(torch.exp(b * (s[i][neg[i]] - lam)).sum()) / b
+            for i in range(len(z))
+        ]
         return torch.stack(per_anchor).mean()
-    terms = [F.relu(d[i, j] - d[i, k] + p["margin"]) for i in range(len(z))
-             for j in range(len(ref)) if pos[i, j] for k in range(len(ref)) if neg[i, k]]
+    terms = [
+        F.relu(d[i, j] - d[i, k] + p["margin"])
+        for i in range(len(z))
+        for j in range(len(ref))
+        if pos[i, j]
+        for k in range(len(ref))
+        if neg[i, k]
+    ]
     terms = torch.stack(terms)
     return terms[terms > 0].mean()
 
@@ -100,10 +116,12 @@ def test_multi_proxy_loss_matches_the_direct_formula(name):
     zn, pn = lipschitz(z), lipschitz(proxies)
     proxy_y = torch.tensor([0, 0, 1, 1, 2, 2])  # rows c*K .. c*K+K-1 belong to class c
     assert torch.equal(loss.proxy_labels, proxy_y)
-    assert float(parts["proxy"]) == pytest.approx(float(direct_loss(name, zn, y, pn, proxy_y)),
-                                                  rel=1e-5)
+    assert float(parts["proxy"]) == pytest.approx(
+        float(direct_loss(name, zn, y, pn, proxy_y)), rel=1e-5
+    )
     assert float(parts["pair"]) == pytest.approx(
-        0.1 * float(direct_loss(name, zn, y, zn, y, same=True)), rel=1e-5)
+        0.1 * float(direct_loss(name, zn, y, zn, y, same=True)), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", ["c2", "triplet"])
@@ -121,9 +139,12 @@ def test_one_proxy_at_the_class_mean_is_the_single_proxy_loss_and_copies_change_
 
 def test_proxies_on_a_proxy_loss_are_a_config_error():
     with pytest.raises(ConfigError, match="proxies_per_class"):
-        DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
-                  embedding_dim=8, num_classes=4,
-                  loss=LossConfig(name="proxy_anchor", proxies_per_class=2))
+        DMLModule(
+            backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+            embedding_dim=8,
+            num_classes=4,
+            loss=LossConfig(name="proxy_anchor", proxies_per_class=2),
+        )
 
 
 def test_pick_is_greedy_k_center_per_class_seeded_with_the_proxies():
@@ -134,8 +155,9 @@ def test_pick_is_greedy_k_center_per_class_seeded_with_the_proxies():
     expected = torch.stack([pool[c, picks[c]] for c in range(3)]).reshape(-1, 4)
     assert torch.equal(loss.pick(pool, seeds), expected)
     from_origin = greedy_k_center_batched(pool, 2, torch.zeros(3, 1, 4))
-    assert torch.equal(loss.pick(pool), torch.stack([pool[c, from_origin[c]]
-                                                      for c in range(3)]).reshape(-1, 4))
+    assert torch.equal(
+        loss.pick(pool), torch.stack([pool[c, from_origin[c]] for c in range(3)]).reshape(-1, 4)
+    )
     assert not bool(loss.initialized)
     loss.set_proxies(expected)
     assert torch.equal(loss.proxies.data, expected) and bool(loss.initialized)
@@ -143,9 +165,13 @@ def test_pick_is_greedy_k_center_per_class_seeded_with_the_proxies():
 
 # --- the proximal term -----------------------------------------------------------------------
 def ccp_module(k=3, name="c2"):
-    return DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
-                     embedding_dim=32, num_classes=24, optimizer=OptimizerConfig(lr=3e-3),
-                     loss=LossConfig(name=name, params=MARGINS[name], proxies_per_class=k))
+    return DMLModule(
+        backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
+        embedding_dim=32,
+        num_classes=24,
+        optimizer=OptimizerConfig(lr=3e-3),
+        loss=LossConfig(name=name, params=MARGINS[name], proxies_per_class=k),
+    )
 
 
 def test_proximal_gradient_is_lambda_times_the_distance_to_theta_prev():
@@ -171,9 +197,12 @@ def test_theta_prev_of_another_network_is_a_clear_error():
     other = ccp_module(k=2)
     other.objective.anchor_proximal(dict(other.network_parameters()), 1e-3)
     state = {k: v for k, v in other.state_dict().items() if k.startswith("objective.proximal")}
-    smaller = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
-                        embedding_dim=32, num_classes=24,
-                        loss=LossConfig(name="c2", params=MARGINS["c2"], proxies_per_class=3))
+    smaller = DMLModule(
+        backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+        embedding_dim=32,
+        num_classes=24,
+        loss=LossConfig(name="c2", params=MARGINS["c2"], proxies_per_class=3),
+    )
     smaller.load_state_dict(state, strict=False)
     with pytest.raises(ConfigError, match="theta_prev holds"):
         smaller.objective.proximal()

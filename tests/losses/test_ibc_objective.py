@@ -1,5 +1,6 @@
 """IBC's objective term: the two label-smoothed cross-entropies, evaluation without the MPN, the
 pseudo-test refinement, training alone and with GSP and a metric loss."""
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -28,22 +29,30 @@ def test_ibc_losses_are_label_smoothed_cross_entropies_at_temperature_tau():
     target = torch.full_like(logp, 0.1 / 5).scatter_(1, y[:, None], 0.9 + 0.1 / 5)
     torch.testing.assert_close(parts["ibc_backbone"], -(target * logp).sum(1).mean())
     mpn_logits = ibc.classifier(ibc.neck(ibc.mpn(z))) / 0.5
-    torch.testing.assert_close(parts["ibc_mpn"], F.cross_entropy(mpn_logits, y,
-                                                                 label_smoothing=0.1))
+    torch.testing.assert_close(
+        parts["ibc_mpn"], F.cross_entropy(mpn_logits, y, label_smoothing=0.1)
+    )
 
 
 def ibc_module(**ibc):
-    return DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
-                     embedding_dim=32, num_classes=24, optimizer=OptimizerConfig(lr=3e-3),
-                     loss=LossConfig(name="none"),
-                     ibc=IBCConfig(enabled=True, heads=2, ff_hidden=64, **ibc))
+    return DMLModule(
+        backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
+        embedding_dim=32,
+        num_classes=24,
+        optimizer=OptimizerConfig(lr=3e-3),
+        loss=LossConfig(name="none"),
+        ibc=IBCConfig(enabled=True, heads=2, ff_hidden=64, **ibc),
+    )
 
 
 def test_evaluation_embeddings_do_not_depend_on_the_mpn(tmp_path):
     torch.manual_seed(0)
     with_mpn = ibc_module()
-    without = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
-                        embedding_dim=32, num_classes=24)
+    without = DMLModule(
+        backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
+        embedding_dim=32,
+        num_classes=24,
+    )
     missing = without.load_state_dict(with_mpn.state_dict(), strict=False)
     assert not missing.missing_keys  # every non-IBC weight was copied
     data = small_data()
@@ -80,7 +89,7 @@ def test_pseudo_test_embedding_is_the_mpn_output_over_the_reciprocal_neighbourho
     idx, mask = k_reciprocal_neighbors(emb, 4, backend="torch")
     module.objective.ibc.eval()
     for i in (0, 7, 29):
-        group = torch.cat([emb[i:i + 1], emb[idx[i][mask[i]]]])
+        group = torch.cat([emb[i : i + 1], emb[idx[i][mask[i]]]])
         with torch.no_grad():
             direct = F.normalize(module.objective.ibc.mpn(group)[0], dim=0)
         torch.testing.assert_close(refined[i], direct, atol=1e-5, rtol=1e-5)
@@ -88,14 +97,18 @@ def test_pseudo_test_embedding_is_the_mpn_output_over_the_reciprocal_neighbourho
 
 def test_ibc_composes_with_gsp_and_a_metric_loss(tmp_path):
     pl.seed_everything(0)
-    module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
-                       pooling={"name": "gsp", "params": {"num_prototypes": 4}},
-                       embedding_dim=16, num_classes=24,
-                       loss=LossConfig(name="contrastive"),
-                       ibc=IBCConfig(enabled=True, heads=2, ff_hidden=32))
+    module = DMLModule(
+        backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+        pooling={"name": "gsp", "params": {"num_prototypes": 4}},
+        embedding_dim=16,
+        num_classes=24,
+        loss=LossConfig(name="contrastive"),
+        ibc=IBCConfig(enabled=True, heads=2, ff_hidden=32),
+    )
     data = small_data()
-    trainer(tmp_path, 1, enable_checkpointing=False, limit_train_batches=2,
-            limit_val_batches=0).fit(module, data)
+    trainer(
+        tmp_path, 1, enable_checkpointing=False, limit_train_batches=2, limit_val_batches=0
+    ).fit(module, data)
     images, labels, _ = next(iter(data.train_dataloader()))
     parts = module.objective(module.embed(images), labels)
     assert set(parts) == {"metric", "ibc_backbone", "ibc_mpn"}

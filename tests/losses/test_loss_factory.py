@@ -1,5 +1,6 @@
 """Losses and miners by name: each runs, backpropagates, and bad names or parameters are errors
 naming the key."""
+
 import pytest
 import torch
 
@@ -15,8 +16,9 @@ def test_every_named_loss_runs_and_backpropagates(name):
     value = loss(z, y)
     value.backward()
     assert torch.isfinite(value) and z.grad is not None
-    assert loss_has_parameters(loss) == (name in ("proxy_anchor", "proxy_nca", "soft_triple",
-                                                  "normalized_softmax"))
+    assert loss_has_parameters(loss) == (
+        name in ("proxy_anchor", "proxy_nca", "soft_triple", "normalized_softmax")
+    )
 
 
 def test_loss_errors_name_the_key():

@@ -2,6 +2,7 @@
 stored positives, negatives and active negatives against counts written out here, each term's
 gradient norm against finite differences, nothing changed in training, and the quantities in a
 whole run's metrics.csv through the CLI."""
+
 import csv
 import glob
 import os
@@ -25,15 +26,19 @@ def filled_memory(loss=None, dim=6, stored=30, seed=0):
     return memory, g
 
 
-@pytest.mark.parametrize("name", ["xbm", "pml_contrastive_lp", "pml_contrastive_cosine",
-                                  "multi_similarity"])
+@pytest.mark.parametrize(
+    "name", ["xbm", "pml_contrastive_lp", "pml_contrastive_cosine", "multi_similarity"]
+)
 def test_stored_positives_negatives_and_active_share_equal_counts_by_hand(name):
     loss, active_if = {
         "xbm": (XBMContrastiveLoss(margin=0.3), lambda s, d: s > 0.3),
         "pml_contrastive_lp": (losses.ContrastiveLoss(neg_margin=1.2), lambda s, d: d < 1.2),
-        "pml_contrastive_cosine": (losses.ContrastiveLoss(
-            pos_margin=1, neg_margin=0.2, distance=distances.CosineSimilarity()),
-            lambda s, d: s > 0.2),
+        "pml_contrastive_cosine": (
+            losses.ContrastiveLoss(
+                pos_margin=1, neg_margin=0.2, distance=distances.CosineSimilarity()
+            ),
+            lambda s, d: s > 0.2,
+        ),
         "multi_similarity": (losses.MultiSimilarityLoss(base=0.1), lambda s, d: s > 0.1),
     }[name]
     memory, g = filled_memory(loss)
@@ -104,8 +109,9 @@ def test_gradient_norms_equal_finite_differences_and_scale_with_the_weight():
     heavy, h2, labels2 = objective_and_batch(weight=3.0)
     embedded2 = embedded_of(h2)
     diag3 = heavy.diagnostics(embedded2, labels2, heavy(embedded2, labels2))
-    assert float(diag3["grad_norm/memory"]) == pytest.approx(3 * float(diag["grad_norm/memory"]),
-                                                             rel=1e-5)
+    assert float(diag3["grad_norm/memory"]) == pytest.approx(
+        3 * float(diag["grad_norm/memory"]), rel=1e-5
+    )
 
 
 def test_diagnostics_change_neither_the_gradient_nor_the_memory():
@@ -128,12 +134,35 @@ def xbm_run(folder, *extra):
     from dml.cli import main
     from dml.compose import config_args
 
-    main(["fit", *config_args("synthetic", "xbm"), "--trainer.max_epochs", "1",
-          "--data.init_args.train_classes", "12", "--data.init_args.test_classes", "8",
-          "--data.init_args.images_per_class", "8", "--data.init_args.batches_per_epoch", "6",
-          "--model.backbone.width", "8", "--model.evaluation.nmi", "false",
-          "--trainer.enable_progress_bar", "false", "--model.memory.start_iteration", "2",
-          "--model.memory.size", "64", "--trainer.default_root_dir", str(folder), *extra])
+    main(
+        [
+            "fit",
+            *config_args("synthetic", "xbm"),
+            "--trainer.max_epochs",
+            "1",
+            "--data.init_args.train_classes",
+            "12",
+            "--data.init_args.test_classes",
+            "8",
+            "--data.init_args.images_per_class",
+            "8",
+            "--data.init_args.batches_per_epoch",
+            "6",
+            "--model.backbone.width",
+            "8",
+            "--model.evaluation.nmi",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.memory.start_iteration",
+            "2",
+            "--model.memory.size",
+            "64",
+            "--trainer.default_root_dir",
+            str(folder),
+            *extra,
+        ]
+    )
 
 
 def test_a_memory_run_logs_the_diagnostics_through_the_cli(tmp_path):
@@ -148,8 +177,9 @@ def test_a_memory_run_logs_the_diagnostics_through_the_cli(tmp_path):
         assert 0 <= share <= 1
         assert float(r["train/memory/positives_per_anchor"]) > 0
         assert float(r["train/grad_norm/memory"]) > 0 and float(r["train/grad_norm/metric"]) > 0
-    before = [r for r in rows if r.get("train/grad_norm/metric") and not
-              r.get("train/memory/stored")]
+    before = [
+        r for r in rows if r.get("train/grad_norm/metric") and not r.get("train/memory/stored")
+    ]
     assert before  # the warm-up steps log the metric term's norm alone
 
 
@@ -157,16 +187,20 @@ def test_the_dashboard_draws_the_diagnostics_of_a_memory_run(tmp_path):
     """Trained in this process with the dashboard on: its history holds every logged step's
     diagnostics (the same values metrics.csv got) and the training figure is written."""
     xbm_run(tmp_path, "--dashboard.every_n_epochs", "1", "--trainer.log_every_n_steps", "2")
-    (figure,) = glob.glob(os.path.join(str(tmp_path), "**", "training_epoch000.png"),
-                          recursive=True)
+    (figure,) = glob.glob(
+        os.path.join(str(tmp_path), "**", "training_epoch000.png"), recursive=True
+    )
     assert os.path.getsize(figure) > 10_000
     (path,) = glob.glob(os.path.join(str(tmp_path), "**", "metrics.csv"), recursive=True)
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/memory/active_negatives")]
-    ckpt = torch.load(glob.glob(os.path.join(str(tmp_path), "**", "last.ckpt"),
-                                recursive=True)[0], weights_only=True)
+    ckpt = torch.load(
+        glob.glob(os.path.join(str(tmp_path), "**", "last.ckpt"), recursive=True)[0],
+        weights_only=True,
+    )
     (state,) = [v for k, v in ckpt["callbacks"].items() if "DashboardFigures" in k]
     history = state["history"]["memory/active_negatives"]
-    assert [round(v, 5) for _, v in history] == \
-        [round(float(r["train/memory/active_negatives"]), 5) for r in rows]
+    assert [round(v, 5) for _, v in history] == [
+        round(float(r["train/memory/active_negatives"]), 5) for r in rows
+    ]
     assert len(history) >= 2  # steps 3..6, logged every 2

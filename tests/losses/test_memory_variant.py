@@ -2,6 +2,7 @@
 ``examples/memory_variant/hardest_negatives.py`` (the class), its config layer
 ``xbm_hardest_negatives.yaml``, and this test. It selects the pairs a brute force selects, trains
 through the command line on top of XBN with GSP pooling, and its memory survives a resume."""
+
 import os
 import sys
 
@@ -37,12 +38,25 @@ def test_the_pairs_are_every_positive_and_the_hardest_tenth_of_the_negatives():
 
 def run(root, epochs, ckpt=None):
     return fit_recording_losses(
-        [*config_args("synthetic", "xbn"), "--config",
-         os.path.join(EXAMPLE, "xbm_hardest_negatives.yaml"),
-         "--model.pooling.name", "gsp", "--model.pooling.params", '{"num_prototypes": 4}',
-         "--data.init_args.batches_per_epoch", "4", "--model.memory.start_iteration", "2",
-         "--trainer.logger", "false"],
-        root, epochs, ckpt)
+        [
+            *config_args("synthetic", "xbn"),
+            "--config",
+            os.path.join(EXAMPLE, "xbm_hardest_negatives.yaml"),
+            "--model.pooling.name",
+            "gsp",
+            "--model.pooling.params",
+            '{"num_prototypes": 4}',
+            "--data.init_args.batches_per_epoch",
+            "4",
+            "--model.memory.start_iteration",
+            "2",
+            "--trainer.logger",
+            "false",
+        ],
+        root,
+        epochs,
+        ckpt,
+    )
 
 
 def test_it_trains_with_gsp_and_xbn_and_resumes_to_the_same_losses(tmp_path, monkeypatch):
@@ -63,9 +77,15 @@ def test_a_class_that_is_not_a_memory_term_is_refused():
     from dml.errors import ConfigError
     from dml.module import BackboneConfig, DMLModule, LossConfig, MemoryConfig
 
-    for class_path, says in (("torch.nn.Linear", "is not a subclass"),
-                             ("nope.Memory", "cannot import")):
+    for class_path, says in (
+        ("torch.nn.Linear", "is not a subclass"),
+        ("nope.Memory", "cannot import"),
+    ):
         with pytest.raises(ConfigError, match=f"model.memory.implementation: .*{says}"):
-            DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
-                      embedding_dim=16, num_classes=4, loss=LossConfig("contrastive"),
-                      memory=MemoryConfig(enabled=True, implementation=class_path))
+            DMLModule(
+                backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+                embedding_dim=16,
+                num_classes=4,
+                loss=LossConfig("contrastive"),
+                memory=MemoryConfig(enabled=True, implementation=class_path),
+            )

@@ -4,6 +4,7 @@ this test. Its value is a brute-force double loop's, its gradient finite differe
 without pairs gives a finite zero, and it trains through the command line beside GSP, CCP,
 XBM's memory and XBN, logged as ``train/loss_uniformity``, and resumes to the uninterrupted
 run's losses."""
+
 import csv
 import math
 import os
@@ -84,15 +85,40 @@ def run(root, epochs, ckpt=None):
     pooling and its zero-shot term, XBM's memory and XBN, and this term; returns the training
     loss of every step."""
     return fit_recording_losses(
-        [*config_args("synthetic", "ccp_c2"), "--config",
-         os.path.join(EXAMPLE, "uniformity.yaml"),
-         "--model.pooling.name", "gsp", "--model.pooling.params", '{"num_prototypes": 4}',
-         "--model.zero_shot.weight", "0.1", "--model.zero_shot.metric_weight", "0.9",
-         "--model.memory.enabled", "true", "--model.memory.size", "64",
-         "--model.memory.start_iteration", "2", "--xbn.enabled", "true",
-         "--ccp.patience", "1", "--ccp.min_delta", "1.0",  # CCP's rounds end from epoch 1 on
-         "--data.init_args.batches_per_epoch", "3", "--trainer.log_every_n_steps", "1"],
-        root, epochs, ckpt, mid_checkpoint=True)
+        [
+            *config_args("synthetic", "ccp_c2"),
+            "--config",
+            os.path.join(EXAMPLE, "uniformity.yaml"),
+            "--model.pooling.name",
+            "gsp",
+            "--model.pooling.params",
+            '{"num_prototypes": 4}',
+            "--model.zero_shot.weight",
+            "0.1",
+            "--model.zero_shot.metric_weight",
+            "0.9",
+            "--model.memory.enabled",
+            "true",
+            "--model.memory.size",
+            "64",
+            "--model.memory.start_iteration",
+            "2",
+            "--xbn.enabled",
+            "true",
+            "--ccp.patience",
+            "1",
+            "--ccp.min_delta",
+            "1.0",  # CCP's rounds end from epoch 1 on
+            "--data.init_args.batches_per_epoch",
+            "3",
+            "--trainer.log_every_n_steps",
+            "1",
+        ],
+        root,
+        epochs,
+        ckpt,
+        mid_checkpoint=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +137,13 @@ def runs(tmp_path_factory):
         mid = folder / "mid-epoch=1.ckpt"
         state = torch.load(mid, map_location="cpu", weights_only=True)
         resumed = run(root, 3, ckpt=str(mid))
-    return {"straight": straight, "logged": logged, "resumed": resumed, "state": state,
-            "checkpoint": str(mid)}
+    return {
+        "straight": straight,
+        "logged": logged,
+        "resumed": resumed,
+        "state": state,
+        "checkpoint": str(mid),
+    }
 
 
 def test_it_trains_through_the_cli_with_gsp_ccp_and_xbn_and_logs_its_value(runs):
@@ -151,8 +182,10 @@ def test_its_checkpoint_embeds_when_its_module_is_trusted(runs, tmp_path, capsys
     out = tmp_path / "e.npz"
     args = ["embed", runs["checkpoint"], "--split", "test", "--out", str(out)]
     assert use_checkpoint(args) == 2 and not out.exists()
-    assert "its model.terms.uniformity.class_path names 'uniformity.UniformityTerm'" in \
-        capsys.readouterr().err
+    assert (
+        "its model.terms.uniformity.class_path names 'uniformity.UniformityTerm'"
+        in capsys.readouterr().err
+    )
     assert use_checkpoint(args + ["--trust-module", "uniformity"]) == 0
     with np.load(out, allow_pickle=False) as rows:
         assert rows["embeddings"].shape == (64, 64) and np.isfinite(rows["embeddings"]).all()

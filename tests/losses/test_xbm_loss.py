@@ -1,5 +1,6 @@
 """XBM's contrastive loss against its formula written out as the released code loops over it,
 and the memory's enqueue order."""
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -45,8 +46,9 @@ def test_value_and_gradient_equal_the_written_out_formula(with_memory):
     y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
     if with_memory:  # earlier normalised embeddings, one an exact copy of an anchor (s = 1)
         ref = torch.cat([unit(30, 6, 1), F.normalize(raw.detach()[:1], dim=1)])
-        ref_y = torch.cat([torch.randint(0, 5, (30,), generator=torch.Generator().manual_seed(2)),
-                           y[:1]])
+        ref_y = torch.cat(
+            [torch.randint(0, 5, (30,), generator=torch.Generator().manual_seed(2)), y[:1]]
+        )
     loss = XBMContrastiveLoss()
     ours = loss(raw, y, None, ref, ref_y) if with_memory else loss(raw, y)
     (g_ours,) = torch.autograd.grad(ours, raw)
@@ -70,25 +72,36 @@ def test_the_memory_term_is_a_sum_over_the_memory_not_a_mean():
     (g_twice,) = torch.autograd.grad(twice, z)
     assert torch.allclose(g_twice, 2 * g_once, atol=1e-12)  # the gradient grows with it
     # pytorch-metric-learning's contrastive loss averages over non-zero terms: not this loss
-    pml = losses.ContrastiveLoss(pos_margin=1.0, neg_margin=0.5,
-                                 distance=distances.CosineSimilarity())
+    pml = losses.ContrastiveLoss(
+        pos_margin=1.0, neg_margin=0.5, distance=distances.CosineSimilarity()
+    )
     assert float(pml(z, y, None, memory.repeat(2, 1), memory_y.repeat(2))) == pytest.approx(
-        float(pml(z, y, None, memory, memory_y)), rel=1e-9)
+        float(pml(z, y, None, memory, memory_y)), rel=1e-9
+    )
 
 
 def test_a_miner_is_refused():
     with pytest.raises(ConfigError, match="takes no miner"):
-        DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
-                  embedding_dim=16, num_classes=4,
-                  loss=LossConfig("xbm_contrastive", miner="multi_similarity"))
+        DMLModule(
+            backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+            embedding_dim=16,
+            num_classes=4,
+            loss=LossConfig("xbm_contrastive", miner="multi_similarity"),
+        )
 
 
-@pytest.mark.parametrize("method", ["contrastive", "gsp_contrastive", "none_memory", "xbm",
-                                    "xbn", "adaptive_xbn"])
+@pytest.mark.parametrize(
+    "method", ["contrastive", "gsp_contrastive", "none_memory", "xbm", "xbn", "adaptive_xbn"]
+)
 def test_the_xbm_family_configs_use_this_loss(method):
-    cli = DMLCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False,
-                 save_config_callback=None,
-                 args=config_args("synthetic", method) + ["--trainer.logger", "false"])
+    cli = DMLCLI(
+        DMLModule,
+        DMLDataModule,
+        subclass_mode_data=True,
+        run=False,
+        save_config_callback=None,
+        args=config_args("synthetic", method) + ["--trainer.logger", "false"],
+    )
     assert isinstance(cli.model.objective.metric_loss, XBMContrastiveLoss)
     assert cli.model.objective.miner is None
 
@@ -98,8 +111,13 @@ class LossParts(pl.Callback):
         self.parts = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.parts.append({k: float(v) for k, v in trainer.callback_metrics.items()
-                           if k.startswith("train/loss_")})
+        self.parts.append(
+            {
+                k: float(v)
+                for k, v in trainer.callback_metrics.items()
+                if k.startswith("train/loss_")
+            }
+        )
 
 
 @pytest.mark.parametrize("enqueue", ["before", "after"])
@@ -107,22 +125,38 @@ def test_enqueue_order(tmp_path, enqueue):
     """Released order (before): at the first memory step the memory holds the batch alone, so
     the memory term equals the batch term. After: that step has no memory term yet."""
     pl.seed_everything(0)
-    module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
-                       embedding_dim=16, loss=LossConfig("xbm_contrastive", {"margin": 0.5}),
-                       optimizer=OptimizerConfig(lr=1e-3), num_classes=12,
-                       memory=MemoryConfig(enabled=True, size=64, start_iteration=2,
-                                           enqueue=enqueue))
-    data = SyntheticDataModule(train_classes=12, test_classes=12, images_per_class=8,
-                               classes_per_batch=4, samples_per_class=4)
+    module = DMLModule(
+        backbone=BackboneConfig("small_cnn", pretrained=False, width=8),
+        embedding_dim=16,
+        loss=LossConfig("xbm_contrastive", {"margin": 0.5}),
+        optimizer=OptimizerConfig(lr=1e-3),
+        num_classes=12,
+        memory=MemoryConfig(enabled=True, size=64, start_iteration=2, enqueue=enqueue),
+    )
+    data = SyntheticDataModule(
+        train_classes=12,
+        test_classes=12,
+        images_per_class=8,
+        classes_per_batch=4,
+        samples_per_class=4,
+    )
     parts = LossParts()
-    pl.Trainer(max_steps=4, accelerator="cpu", logger=False, default_root_dir=tmp_path,
-               enable_progress_bar=False, enable_model_summary=False,
-               enable_checkpointing=False, limit_val_batches=0, use_distributed_sampler=False,
-               log_every_n_steps=1, callbacks=[parts]).fit(module, data)  # terms every step
+    pl.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        log_every_n_steps=1,
+        callbacks=[parts],
+    ).fit(module, data)  # terms every step
     third = parts.parts[2]  # the first step past start_iteration
     if enqueue == "before":
-        assert third["train/loss_memory"] == pytest.approx(third["train/loss_metric"],
-                                                           rel=1e-6)
+        assert third["train/loss_memory"] == pytest.approx(third["train/loss_metric"], rel=1e-6)
     else:
         assert "train/loss_memory" not in third
         assert "train/loss_memory" in parts.parts[3]

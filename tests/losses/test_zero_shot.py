@@ -1,4 +1,5 @@
 """GSP's zero-shot prototype loss: the ridge solution, the split by label, and that it learns."""
+
 import torch
 
 from dml.losses.zero_shot import ZeroShotPrototypeLoss, ridge_weights, split_by_label
@@ -10,7 +11,7 @@ def test_ridge_solution_equals_least_squares():
     y = torch.randn(10, 4, generator=g, dtype=torch.float64)
     lam = 0.05
     # ridge as an augmented least-squares problem: [A; sqrt(lam) I] w = [Y; 0]
-    a_aug = torch.cat([a, lam ** 0.5 * torch.eye(6, dtype=a.dtype)])
+    a_aug = torch.cat([a, lam**0.5 * torch.eye(6, dtype=a.dtype)])
     y_aug = torch.cat([y, torch.zeros(6, 4, dtype=y.dtype)])
     expected = torch.linalg.lstsq(a_aug, y_aug).solution
     assert torch.allclose(ridge_weights(a, y, lam), expected, atol=1e-10)
@@ -38,5 +39,3 @@ def test_zero_shot_loss_decreases_on_separable_attributes():
         value.backward()
         opt.step()
     assert value.item() < 0.5 * first
-
-

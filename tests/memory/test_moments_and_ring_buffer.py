@@ -1,9 +1,15 @@
 """The memory's pieces: moment matching, the Kalman filters, the ring buffer."""
+
 import pytest
 import torch
 
-from dml.memory import (EmbeddingRingBuffer, MomentKalmanFilter, ScalarKalman, batch_moments,
-                        moment_match)
+from dml.memory import (
+    EmbeddingRingBuffer,
+    MomentKalmanFilter,
+    ScalarKalman,
+    batch_moments,
+    moment_match,
+)
 
 
 # --- moment matching ------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Per-class results, the paired bootstrap and McNemar's test against independent computations:
 pytorch-metric-learning's average of per-class averages, per-class means written out here,
 scipy's binomial test, and simulated data whose true difference is known."""
+
 import numpy as np
 import pytest
 import torch
@@ -21,19 +22,24 @@ def test_per_class_means_and_their_average_match_a_loop_and_pml():
     metrics, rows = retrieval_metrics(x, y, ks, per_class=True)
     results = query_results(x, y, ks)
     # the same numbers as without per_class
-    assert {k: v for k, v in metrics.items() if "class-mean" not in k} == \
-        retrieval_metrics(x, y, ks)
+    assert {k: v for k, v in metrics.items() if "class-mean" not in k} == retrieval_metrics(
+        x, y, ks
+    )
     for row in rows:  # each class's mean over its queries, from the per-query values
         mine = results.labels == row["class"]
         assert row["queries"] == int((y == row["class"]).sum()) == int(mine.sum())
         assert row["R@1"] == pytest.approx(results.hit(1)[mine].mean())
         assert row["MAP@R"] == pytest.approx(results.ap[mine].mean())
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r",
-                                       "r_precision"), k="max_bin_count", avg_of_avgs=True)
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+        avg_of_avgs=True,
+    )
     pml = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(y))
     assert metrics["R@1 class-mean"] == pytest.approx(pml["precision_at_1"], abs=1e-6)
-    assert metrics["MAP@R class-mean"] == pytest.approx(pml["mean_average_precision_at_r"],
-                                                        abs=1e-6)
+    assert metrics["MAP@R class-mean"] == pytest.approx(
+        pml["mean_average_precision_at_r"], abs=1e-6
+    )
     assert metrics["R-Precision class-mean"] == pytest.approx(pml["r_precision"], abs=1e-6)
     # classes of unequal size: the class mean is not the query mean
     assert metrics["MAP@R class-mean"] != pytest.approx(metrics["MAP@R"], abs=1e-4)
@@ -45,7 +51,7 @@ def test_per_class_hits_equal_brute_force_recall_per_class():
     d = ((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)
     order = np.argsort(d, 1, kind="stable")
-    hit = (y[order] == y[:, None])
+    hit = y[order] == y[:, None]
     for row in rows:
         q = np.flatnonzero(y == row["class"])
         assert row["R@1"] == pytest.approx(hit[q, :1].any(1).mean())
@@ -131,7 +137,8 @@ def test_class_bootstrap_with_one_query_per_class_is_the_query_bootstrap():
     by_query = paired_bootstrap(a, b, None, resamples=400, seed=5)["R@1"]
     by_class = paired_bootstrap(a, b, np.arange(300), resamples=400, seed=5)["R@1"]
     assert (by_class.low, by_class.high, by_class.p_value) == pytest.approx(
-        (by_query.low, by_query.high, by_query.p_value), abs=1e-12)
+        (by_query.low, by_query.high, by_query.p_value), abs=1e-12
+    )
 
 
 def test_class_bootstrap_is_wider_when_a_class_moves_together():

@@ -1,4 +1,5 @@
 """k-reciprocal neighbours against brute force (IBC's pseudo-test)."""
+
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ def brute_force_reciprocal(q, k, ref=None):
             if same:
                 ok = i in set(dr[j].argsort()[:k].tolist())
             else:  # j's k nearest among the other references plus the query i
-                cands = torch.cat([dr[j], dq[i, j:j + 1]])
+                cands = torch.cat([dr[j], dq[i, j : j + 1]])
                 ok = len(ref) in set(cands.argsort()[:k].tolist())
             if ok:
                 rec.add(j)

@@ -1,6 +1,7 @@
 """Re-ranking against brute-force implementations written out here, loop by loop, from the
 papers' definitions (k-reciprocal: Zhong et al. 2017 and their released re_ranking; alpha-QE
 and DBA: Radenovic et al. 2018), and the metrics after re-ranking against a stable sort."""
+
 import re
 
 import numpy as np
@@ -39,8 +40,8 @@ def k_reciprocal_brute_force(query, gallery, k1, k2, lam):
     half = int(np.around(k1 / 2.0))
 
     def reciprocal(i, k):
-        forward = rank[i, :k + 1]
-        return np.array([j for j in forward if i in rank[j, :k + 1]])
+        forward = rank[i, : k + 1]
+        return np.array([j for j in forward if i in rank[j, : k + 1]])
 
     for i in range(n):
         r = reciprocal(i, k1)
@@ -69,7 +70,7 @@ def alpha_qe_brute_force(query, gallery, k, alpha):
     aug = np.zeros_like(base, dtype=np.float64)
     order = ranking(squared(base, base))
     for j in range(len(base)):
-        for i in order[j, :k + 1]:
+        for i in order[j, : k + 1]:
             aug[j] += max(0.0, base[j] @ base[i]) ** alpha * base[i]
     aug = unit(aug)
     q = unit(query).astype(np.float64)
@@ -89,13 +90,23 @@ def test_k_reciprocal_distances_equal_the_released_algorithm_loop_by_loop(with_g
     x, y = clustered_data(7, n_classes=8, max_per_class=8, duplicates=3, spread=0.8)
     x = unit(x).astype(np.float32)
     q, g = (x, None) if not with_gallery else (x[::2], x[1::2])
-    ours = k_reciprocal(torch.from_numpy(q), None if g is None else torch.from_numpy(g),
-                        k1=k1, k2=k2, lam=0.3).dense().numpy()
+    ours = (
+        k_reciprocal(
+            torch.from_numpy(q), None if g is None else torch.from_numpy(g), k1=k1, k2=k2, lam=0.3
+        )
+        .dense()
+        .numpy()
+    )
     brute = k_reciprocal_brute_force(q, g, k1, k2, 0.3)
     assert ours.shape == brute.shape
     np.testing.assert_allclose(ours, brute, atol=2e-5)
-    assert not np.allclose(ours, 0.3 * squared(q, q if g is None else g) /
-                           squared(q, q if g is None else g).max(1, keepdims=True), atol=1e-3)
+    assert not np.allclose(
+        ours,
+        0.3
+        * squared(q, q if g is None else g)
+        / squared(q, q if g is None else g).max(1, keepdims=True),
+        atol=1e-3,
+    )
 
 
 def test_k_reciprocal_in_small_blocks_equals_one_block():
@@ -111,8 +122,11 @@ def test_k_reciprocal_in_small_blocks_equals_one_block():
 def test_alpha_qe_with_dba_equals_its_definition(with_gallery):
     x, _ = clustered_data(9, n_classes=10, max_per_class=7, duplicates=2)
     q, g = (x, None) if not with_gallery else (x[::2], x[1::2])
-    ours = alpha_qe(torch.from_numpy(q), None if g is None else torch.from_numpy(g),
-                    k=3, alpha=3.0).dense().numpy()
+    ours = (
+        alpha_qe(torch.from_numpy(q), None if g is None else torch.from_numpy(g), k=3, alpha=3.0)
+        .dense()
+        .numpy()
+    )
     np.testing.assert_allclose(ours, alpha_qe_brute_force(q, g, 3, 3.0), atol=2e-5)
 
 
@@ -129,8 +143,7 @@ def test_metrics_after_reranking_follow_a_stable_sort_of_the_reranked_distances(
         keep = relevant.any(1)
         hits = (y[order] == y[:, None])[keep][:, :-1]
         R = relevant.sum(1)[keep]
-        ap = [np.sum(np.cumsum(h[:r]) / np.arange(1, r + 1) * h[:r]) / r
-              for h, r in zip(hits, R)]
+        ap = [np.sum(np.cumsum(h[:r]) / np.arange(1, r + 1) * h[:r]) / r for h, r in zip(hits, R)]
         assert ours["R@1"] == pytest.approx(hits[:, 0].mean(), abs=1e-12)
         assert ours["R@4"] == pytest.approx(hits[:, :4].any(1).mean(), abs=1e-12)
         assert ours["MAP@R"] == pytest.approx(np.mean(ap), abs=1e-9)
@@ -152,11 +165,12 @@ def test_evaluation_settings_are_checked_when_the_config_is_read():
 
     assert EvalConfig(rerank=["k_reciprocal"], rerank_params={"k_reciprocal": {"k1": 5.0}})
     for names, params, message in (
-            (["bm25"], {}, "unknown re-ranking 'bm25'"),
-            (["k_reciprocal"], {"k_reciprocal": {"k1": 2.5}}, "k1 2.5 must be a whole number"),
-            (["k_reciprocal"], {"k_reciprocal": {"k1": 0}}, "k1 0 must be a whole number >= 1"),
-            (["k_reciprocal"], {"k_reciprocal": {"lam": 1.5}}, "lam 1.5 must be in [0, 1]"),
-            (["k_reciprocal"], {"k_reciprocal": {"k9": 1}}, "unknown parameters ['k9']"),
-            ([], {"alpha_qe": {"k": 3}}, "alpha_qe is not in model.evaluation.rerank")):
+        (["bm25"], {}, "unknown re-ranking 'bm25'"),
+        (["k_reciprocal"], {"k_reciprocal": {"k1": 2.5}}, "k1 2.5 must be a whole number"),
+        (["k_reciprocal"], {"k_reciprocal": {"k1": 0}}, "k1 0 must be a whole number >= 1"),
+        (["k_reciprocal"], {"k_reciprocal": {"lam": 1.5}}, "lam 1.5 must be in [0, 1]"),
+        (["k_reciprocal"], {"k_reciprocal": {"k9": 1}}, "unknown parameters ['k9']"),
+        ([], {"alpha_qe": {"k": 3}}, "alpha_qe is not in model.evaluation.rerank"),
+    ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             EvalConfig(rerank=names, rerank_params=params)

@@ -1,4 +1,5 @@
 """The evaluation metrics against independent references: brute force numpy, PML, scikit-learn."""
+
 import numpy as np
 import pytest
 import torch
@@ -23,8 +24,12 @@ def clustered_data(seed, n_classes=30, dim=16, max_per_class=9, duplicates=20, s
     x = centers[labels] + spread * rng.normal(size=(len(labels), dim))
     # Exact duplicates inside a class: ties that a first-column self-drop would get wrong.
     src = rng.choice(np.flatnonzero(sizes[labels] >= 2), size=duplicates, replace=False)
-    dst = np.array([rng.choice(np.flatnonzero((labels == labels[s]) & (np.arange(len(labels)) != s)))
-                    for s in src])
+    dst = np.array(
+        [
+            rng.choice(np.flatnonzero((labels == labels[s]) & (np.arange(len(labels)) != s)))
+            for s in src
+        ]
+    )
     x[dst] = x[src]
     return x.astype(np.float32), labels
 
@@ -43,14 +48,19 @@ def brute_force_recall(query, q_labels, ref, r_labels, ks, same_source):
 
 
 def pml_reference(query, q_labels, ref=None, r_labels=None):
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r",
-                                       "r_precision"), k="max_bin_count")
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"), k="max_bin_count"
+    )
     if ref is None:
         acc = calc.get_accuracy(torch.from_numpy(query), torch.from_numpy(q_labels))
     else:
-        acc = calc.get_accuracy(torch.from_numpy(query), torch.from_numpy(q_labels),
-                                torch.from_numpy(ref), torch.from_numpy(r_labels),
-                                ref_includes_query=False)
+        acc = calc.get_accuracy(
+            torch.from_numpy(query),
+            torch.from_numpy(q_labels),
+            torch.from_numpy(ref),
+            torch.from_numpy(r_labels),
+            ref_includes_query=False,
+        )
     return acc
 
 
@@ -150,7 +160,8 @@ def test_nmi_formula_against_sklearn(seed):
     labels = rng.integers(0, 7, size=200)
     clusters = np.where(rng.random(200) < 0.6, labels, rng.integers(0, 9, size=200))
     assert normalized_mutual_info(labels, clusters) == pytest.approx(
-        normalized_mutual_info_score(labels, clusters), abs=1e-10)
+        normalized_mutual_info_score(labels, clusters), abs=1e-10
+    )
 
 
 def test_nmi_is_one_on_separated_clusters_and_seeded():

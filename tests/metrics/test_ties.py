@@ -4,6 +4,7 @@ Data are small integers, so every squared distance is exact in float32 and float
 ties below are exact in every back end, and the reference (numpy, float64, ``kind="stable"``)
 sees the same ones. Non-finite embeddings are an error in every metric.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -51,11 +52,12 @@ CASES = {
     "tied": lambda: tied_data(0),
     "tied_sorted_labels": lambda: tied_data(1, shuffle=False),
     "tied_wide": lambda: tied_data(2, n=200, dim=8, classes=5, levels=2),
-    "one_repeated_vector": lambda: (np.ones((90, 3), np.float32),
-                                    np.arange(90) % 9),
+    "one_repeated_vector": lambda: (np.ones((90, 3), np.float32), np.arange(90) % 9),
     "one_class": lambda: (tied_data(3, n=60)[0], np.zeros(60, np.int64)),
-    "duplicated_rows": lambda: (np.repeat(tied_data(4, n=40, levels=4)[0], 3, axis=0),
-                                np.repeat(np.arange(40) % 7, 3)),
+    "duplicated_rows": lambda: (
+        np.repeat(tied_data(4, n=40, levels=4)[0], 3, axis=0),
+        np.repeat(np.arange(40) % 7, 3),
+    ),
 }
 
 
@@ -75,8 +77,12 @@ def test_same_source_ties_equal_a_stable_sort(backend, block, case):
 
 # The main pass on the CPU (fused, dml.metrics.fused_side) and the torch pass of CUDA (forced
 # here: every side whole, or only gathered rows)
-PATHS = {"fused": (True, 0.25), "torch_whole_sides": (False, 0.0),
-         "torch_some_rows": (False, 0.25), "torch_gathered_rows": (False, 1.0)}
+PATHS = {
+    "fused": (True, 0.25),
+    "torch_whole_sides": (False, 0.0),
+    "torch_some_rows": (False, 0.25),
+    "torch_gathered_rows": (False, 1.0),
+}
 
 
 @pytest.mark.parametrize("path", ["fused", "torch_whole_sides", "torch_gathered_rows"])
@@ -99,8 +105,9 @@ def test_query_gallery_ties_equal_a_stable_sort(backend, block, seed):
     is_query = rng.random(len(y)) < 0.4
     q, qy, g, gy = x[is_query], y[is_query], x[~is_query], y[~is_query]
     ks = [1, 10, 20, 30]
-    ours = retrieval_metrics(q, qy, ks, gallery_embeddings=g, gallery_labels=gy,
-                             backend=backend, chunk_size=block)
+    ours = retrieval_metrics(
+        q, qy, ks, gallery_embeddings=g, gallery_labels=gy, backend=backend, chunk_size=block
+    )
     assert ours == pytest.approx(reference_metrics(q, qy, g, gy, ks, False), abs=1e-12)
 
 
@@ -145,8 +152,9 @@ def test_non_finite_embeddings_are_an_error_naming_the_rows(backend, bad):
         retrieval_metrics(x, y, [1], backend=backend)
     g = x.copy()
     with pytest.raises(ValueError, match="gallery embeddings are not finite"):
-        retrieval_metrics(np.ones_like(x), y, [1], gallery_embeddings=g, gallery_labels=y,
-                          backend=backend)
+        retrieval_metrics(
+            np.ones_like(x), y, [1], gallery_embeddings=g, gallery_labels=y, backend=backend
+        )
 
 
 def test_all_nan_embeddings_are_an_error():
@@ -181,8 +189,7 @@ def test_block_pass_ranks_of_every_query_equal_a_stable_sort(regime, block, path
     spread = {"clustered": 60, "random": 1000}.get(regime)
     if spread is None:  # half the classes tight, half spread out
         spread = np.where(y % 2 == 0, 60, 1000)[:, None]
-    x = np.clip(centres[y] + (spread * rng.uniform(-1, 1, size=(n, 4))).astype(np.int64),
-                -999, 999)
+    x = np.clip(centres[y] + (spread * rng.uniform(-1, 1, size=(n, 4))).astype(np.int64), -999, 999)
     x = x.astype(np.float32)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     ranks = BlockRanks(xt, yt, xt, yt, same_source=True, block_size=block)
@@ -199,13 +206,15 @@ def test_block_pass_ranks_of_every_query_equal_a_stable_sort(regime, block, path
             expected_first.append(int(np.argmax(rel)))
             hits.append(rel)
             relevant.append(int(rel.sum()))
-    expected_ap, expected_rp = precision_from_hits(torch.tensor(np.array(hits)),
-                                                   torch.tensor(relevant))
+    expected_ap, expected_rp = precision_from_hits(
+        torch.tensor(np.array(hits)), torch.tensor(relevant)
+    )
     assert first.tolist() == expected_first
     assert torch.equal(ap, expected_ap) and torch.equal(rp, expected_rp)
     listed = sum(f < r for f, r in zip(expected_first, relevant)) / len(relevant)
-    assert {"clustered": listed > 0.9, "random": listed < 0.5,
-            "mixed": 0.5 < listed < 0.9}[regime], listed  # first relevant among the R nearest
+    assert {"clustered": listed > 0.9, "random": listed < 0.5, "mixed": 0.5 < listed < 0.9}[
+        regime
+    ], listed  # first relevant among the R nearest
 
 
 @pytest.mark.parametrize("case", ["tied", "one_repeated_vector"])

@@ -4,6 +4,7 @@
 GAP, has the gradients finite differences give, and trains through the command line with CCP,
 XBM's memory and XBN (GSP is itself a pooling: this one takes its place), checkpoints, and
 resumes to the uninterrupted run's losses."""
+
 import os
 import sys
 
@@ -82,13 +83,32 @@ def run(root, epochs, ckpt=None):
     """``python -m dml fit`` (in this process) of the synthetic data set's ccp_c2 method with XBM's
     memory and XBN, this pooling in GAP's place; returns the training loss of every step."""
     return fit_recording_losses(
-        [*config_args("synthetic", "ccp_c2"), "--config",
-         os.path.join(EXAMPLE, "attention_pooling.yaml"),
-         "--model.memory.enabled", "true", "--model.memory.size", "64",
-         "--model.memory.start_iteration", "2", "--xbn.enabled", "true",
-         "--ccp.patience", "1", "--ccp.min_delta", "1.0",  # CCP's rounds end from epoch 1 on
-         "--data.init_args.batches_per_epoch", "3", "--trainer.logger", "false"],
-        root, epochs, ckpt, mid_checkpoint=True)
+        [
+            *config_args("synthetic", "ccp_c2"),
+            "--config",
+            os.path.join(EXAMPLE, "attention_pooling.yaml"),
+            "--model.memory.enabled",
+            "true",
+            "--model.memory.size",
+            "64",
+            "--model.memory.start_iteration",
+            "2",
+            "--xbn.enabled",
+            "true",
+            "--ccp.patience",
+            "1",
+            "--ccp.min_delta",
+            "1.0",  # CCP's rounds end from epoch 1 on
+            "--data.init_args.batches_per_epoch",
+            "3",
+            "--trainer.logger",
+            "false",
+        ],
+        root,
+        epochs,
+        ckpt,
+        mid_checkpoint=True,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """Backbones, poolings (and the pooling contract), the embedding head."""
+
 import pytest
 import torch
 from torch import nn
@@ -69,8 +70,11 @@ def test_pretrained_weights_offline_is_a_clear_error(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(tvm.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
-                        lambda self, *a, **k: offline())
+    monkeypatch.setattr(
+        tvm.ResNet18_Weights.IMAGENET1K_V1.__class__,
+        "get_state_dict",
+        lambda self, *a, **k: offline(),
+    )
     with pytest.raises(PretrainedWeightsUnavailable, match="pretrained: false"):
         Backbone("resnet18", pretrained=True)
 
@@ -87,8 +91,11 @@ def test_every_pooling_follows_the_contract():
         pooling = build_pooling(name, 5, {"num_prototypes": 3} if name == "gsp" else {}, 6)
         assert isinstance(pooling, Pooling), name
         token = torch.rand(2, 5)  # a ViT's class token, for poolings that use it
-        out = pooling(x, projection=head, class_token=token) if pooling.uses_class_token \
+        out = (
+            pooling(x, projection=head, class_token=token)
+            if pooling.uses_class_token
             else pooling(x, projection=head)
+        )
         assert out.pooled.shape == (2, 5)
         if name == "cls":
             assert torch.equal(out.pooled, token)

@@ -1,4 +1,5 @@
 """GSP against independent references: GAP at mu = 1, POT's Sinkhorn, finite differences."""
+
 import math
 
 import numpy as np
@@ -21,8 +22,9 @@ def test_plan_marginals(mu, gamma):
     n = costs.shape[-1]
     assert (plan >= 0).all()
     assert torch.allclose(plan.sum(1), torch.full_like(plan[:, 0], 1 / n), atol=1e-12)
-    assert torch.allclose(plan[:, 1:].sum((1, 2)), torch.full((3,), mu, dtype=plan.dtype),
-                          atol=1e-9)
+    assert torch.allclose(
+        plan[:, 1:].sum((1, 2)), torch.full((3,), mu, dtype=plan.dtype), atol=1e-9
+    )
 
 
 def test_mu_one_is_gap_exactly():
@@ -35,8 +37,9 @@ def test_mu_one_is_gap_exactly():
         assert torch.allclose(out.pooled, x.mean(dim=(2, 3)), atol=1e-6)
         assert torch.allclose(out.weights, torch.ones(2, 35))
     costs = random_costs()
-    assert torch.equal(partial_transport(costs, 1.0, 5.0)[:, 0], torch.zeros(3, 12,
-                                                                              dtype=costs.dtype))
+    assert torch.equal(
+        partial_transport(costs, 1.0, 5.0)[:, 0], torch.zeros(3, 12, dtype=costs.dtype)
+    )
 
 
 @pytest.mark.parametrize("mu,gamma", [(0.3, 5.0), (0.6, 1.0), (0.2, 10.0)])
@@ -46,12 +49,19 @@ def test_plan_equals_pot_sinkhorn_on_the_balanced_problem(mu, gamma):
     m, n = costs.shape
     softmin = -np.log(np.exp(-gamma * costs).sum(0)) / gamma  # (n,)
     cost_matrix = np.stack([np.zeros(n), softmin], 1)  # sources x {residual, transported}
-    balanced = ot.sinkhorn(np.full(n, 1 / n), np.array([1 - mu, mu]), cost_matrix,
-                           reg=1 / gamma, numItermax=100000, stopThr=1e-14)
+    balanced = ot.sinkhorn(
+        np.full(n, 1 / n),
+        np.array([1 - mu, mu]),
+        cost_matrix,
+        reg=1 / gamma,
+        numItermax=100000,
+        stopThr=1e-14,
+    )
     split = np.exp(-gamma * costs) / np.exp(-gamma * costs).sum(0, keepdims=True)
     expected_pi = balanced[:, 1][None, :] * split
-    plan = partial_transport(torch.from_numpy(costs)[None], mu, gamma, iters=100,
-                             tol=1e-14)[0].numpy()
+    plan = partial_transport(torch.from_numpy(costs)[None], mu, gamma, iters=100, tol=1e-14)[
+        0
+    ].numpy()
     assert np.allclose(plan[0], balanced[:, 0], atol=1e-10)
     assert np.allclose(plan[1:], expected_pi, atol=1e-10)
 
@@ -60,22 +70,27 @@ def test_plan_equals_pot_sinkhorn_on_the_balanced_problem(mu, gamma):
 def test_gradcheck_on_costs(mu, gamma):
     costs = random_costs(b=2, m=3, n=6, seed=1).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda c: partial_transport(c, mu, gamma, iters=100, tol=1e-14), (costs,))
+        lambda c: partial_transport(c, mu, gamma, iters=100, tol=1e-14), (costs,)
+    )
 
 
 def test_gradcheck_end_to_end_to_prototypes_and_features():
     torch.manual_seed(0)
-    gsp = GSP(in_channels=4, num_prototypes=3, mu=0.4, gamma=3.0, iters=100, tol=1e-14,
-              embedding_dim=5).double()
+    gsp = GSP(
+        in_channels=4, num_prototypes=3, mu=0.4, gamma=3.0, iters=100, tol=1e-14, embedding_dim=5
+    ).double()
     proj = nn.Linear(4, 5).double()
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     protos = gsp.prototypes.detach().clone().requires_grad_()
     weight = proj.weight.detach().clone().requires_grad_()
 
     def f(x, protos, weight):
-        out = torch.func.functional_call(gsp, {"prototypes": protos}, (x,),
-                                         {"projection": lambda v: nn.functional.linear(
-                                             v, weight, proj.bias)})
+        out = torch.func.functional_call(
+            gsp,
+            {"prototypes": protos},
+            (x,),
+            {"projection": lambda v: nn.functional.linear(v, weight, proj.bias)},
+        )
         return out.pooled, out.attributes
 
     assert torch.autograd.gradcheck(f, (x, protos, weight))
@@ -117,8 +132,7 @@ def test_other_reductions_apply_to_the_reweighted_map(reduction):
     x = torch.rand(2, 6, 3, 3) + 0.1
     out = gsp(x, projection=nn.Linear(6, 8))
     reweighted = x.flatten(2) * out.weights[:, None, :]
-    expected = reweighted.amax(-1) if reduction == "max" else \
-        reweighted.pow(3).mean(-1).pow(1 / 3)
+    expected = reweighted.amax(-1) if reduction == "max" else reweighted.pow(3).mean(-1).pow(1 / 3)
     assert torch.allclose(out.pooled, expected, atol=1e-5)
 
 
@@ -179,7 +193,8 @@ def per_iteration_solver(log_s, mu, iters, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mu,gamma", [(0.3, 5.0), (0.1, 0.5), (0.8, 20.0)])
 def test_the_solver_reads_the_host_every_8_iterations_with_the_same_plan_and_gradient(
-        monkeypatch, dtype, mu, gamma):
+    monkeypatch, dtype, mu, gamma
+):
     from dml.models import gsp
 
     g = torch.Generator().manual_seed(3)

@@ -1,5 +1,6 @@
 """IBC: the extra-zero-logit attention, permutation equivariance, the residual path, the
 backbone-only evaluation, k-reciprocal neighbours against brute force, and training."""
+
 import torch
 import torch.nn.functional as F
 
@@ -20,8 +21,9 @@ def test_zero_logit_softmax_matches_the_direct_formula_and_rows_sum_below_one():
     masked = zero_logit_softmax(s, mask)
     assert (masked[:, [1, 4]] == 0).all()
     keep = s[:, [0, 2, 3]]
-    torch.testing.assert_close(masked[:, [0, 2, 3]],
-                               torch.exp(keep) / (1 + torch.exp(keep).sum(-1, keepdim=True)))
+    torch.testing.assert_close(
+        masked[:, [0, 2, 3]], torch.exp(keep) / (1 + torch.exp(keep).sum(-1, keepdim=True))
+    )
 
 
 def test_attention_weights_of_a_layer_follow_the_formula():

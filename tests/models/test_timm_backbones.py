@@ -1,5 +1,6 @@
 """timm backbones under the feature-map contract, with small random-init models (no download):
 a tiny ViT at 32 px (patch 8: a 4 x 4 grid) and ConvNeXt-atto."""
+
 import os
 import subprocess
 import sys
@@ -71,17 +72,21 @@ def test_a_convnet_gives_its_last_stage():
 
 
 def test_inputs_are_renormalised_to_the_statistics_the_model_was_trained_with():
-    backbone = Backbone("timm:vit_base_patch16_clip_224.openai", pretrained=False,
-                        timm_args={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1,
-                                   "num_heads": 3})
+    backbone = Backbone(
+        "timm:vit_base_patch16_clip_224.openai",
+        pretrained=False,
+        timm_args={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3},
+    )
     mean = torch.tensor(backbone.net.model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(backbone.net.model.pretrained_cfg["std"]).view(1, 3, 1, 1)
     pixels = torch.rand(2, 3, 8, 8)
-    imagenet = (pixels - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
-        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    imagenet = (pixels - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]
+    ).view(1, 3, 1, 1)
     assert torch.allclose(backbone.net.input_norm(imagenet), (pixels - mean) / std, atol=1e-6)
-    assert isinstance(Backbone("timm:convnext_atto", pretrained=False).net.input_norm,
-                      nn.Identity)  # trained on ImageNet's statistics: nothing to do
+    assert isinstance(
+        Backbone("timm:convnext_atto", pretrained=False).net.input_norm, nn.Identity
+    )  # trained on ImageNet's statistics: nothing to do
 
 
 def test_gsp_over_patch_tokens_at_full_mass_is_the_mean_patch_token():
@@ -96,7 +101,8 @@ def test_gsp_over_patch_tokens_at_full_mass_is_the_mean_patch_token():
     assert out.weights.shape == (4, 16) and torch.allclose(out.weights, torch.ones(4, 16))
     with torch.no_grad():  # a partial mass keeps a different share of the 16 tokens
         partial = GSP(in_channels=48, num_prototypes=8, mu=0.3, embedding_dim=16)(
-            backbone(x), projection=nn.Linear(48, 16))
+            backbone(x), projection=nn.Linear(48, 16)
+        )
     assert torch.allclose(partial.weights.mean(1), torch.ones(4), atol=1e-5)
     assert not torch.allclose(partial.pooled, tokens.mean(1), atol=1e-3)
 
@@ -105,42 +111,63 @@ def test_cls_pooling_embeds_the_class_token():
     from dml.config import BackboneConfig, PoolingConfig
     from dml.module import DMLModule
 
-    module = DMLModule(backbone=BackboneConfig(VIT, pretrained=False, timm_args=TINY_VIT),
-                       pooling=PoolingConfig("cls"), embedding_dim=16, num_classes=10).eval()
+    module = DMLModule(
+        backbone=BackboneConfig(VIT, pretrained=False, timm_args=TINY_VIT),
+        pooling=PoolingConfig("cls"),
+        embedding_dim=16,
+        num_classes=10,
+    ).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         _, class_token = module.backbone(x, with_class_token=True)
         raw, embeddings = module.head(class_token)
         assert torch.allclose(module(x), embeddings, atol=1e-6)
     with pytest.raises(ConfigError, match="cls pools the class token; backbone 'small_cnn'"):
-        DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False),
-                  pooling=PoolingConfig("cls"), embedding_dim=16, num_classes=10)
+        DMLModule(
+            backbone=BackboneConfig("small_cnn", pretrained=False),
+            pooling=PoolingConfig("cls"),
+            embedding_dim=16,
+            num_classes=10,
+        )
 
 
 def test_layer_decay_gives_each_block_its_rate_and_every_parameter_one_group():
     from dml.config import BackboneConfig, OptimizerConfig
     from dml.module import DMLModule
 
-    module = DMLModule(backbone=BackboneConfig(VIT, pretrained=False, timm_args=TINY_VIT),
-                       embedding_dim=16, num_classes=10,
-                       optimizer=OptimizerConfig(lr=1e-3, backbone_lr_mult=0.1, layer_decay=0.5))
+    module = DMLModule(
+        backbone=BackboneConfig(VIT, pretrained=False, timm_args=TINY_VIT),
+        embedding_dim=16,
+        num_classes=10,
+        optimizer=OptimizerConfig(lr=1e-3, backbone_lr_mult=0.1, layer_decay=0.5),
+    )
     groups = module.parameter_groups()
     rates = module.configured_learning_rates()
     # timm's grouping of a depth-2 ViT: embeddings 0, block 0 -> 1, block 1 and the norm -> 2
-    assert sorted(g for g in groups if g.startswith("backbone")) == \
-        ["backbone.0", "backbone.1", "backbone.2"]
+    assert sorted(g for g in groups if g.startswith("backbone")) == [
+        "backbone.0",
+        "backbone.1",
+        "backbone.2",
+    ]
     assert [rates[f"backbone.{i}"] for i in range(3)] == pytest.approx([2.5e-5, 5e-5, 1e-4])
     names = {id(p): n for n, p in module.named_parameters()}
     in_block0 = {names[id(p)] for p in groups["backbone.1"]}
     assert in_block0 and all(".blocks.0." in n for n in in_block0)
     assert {names[id(p)] for p in groups["backbone.0"]} >= {
-        "backbone.net.model.cls_token", "backbone.net.model.pos_embed"}
+        "backbone.net.model.cls_token",
+        "backbone.net.model.pos_embed",
+    }
     optimizer = module.configure_optimizers()
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == \
-        sum(p.requires_grad for p in module.parameters())
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(
+        p.requires_grad for p in module.parameters()
+    )
     with pytest.raises(ConfigError, match="layer_decay: applies to timm backbones"):
-        DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False), embedding_dim=16,
-                  num_classes=10, optimizer=OptimizerConfig(layer_decay=0.5)).parameter_groups()
+        DMLModule(
+            backbone=BackboneConfig("small_cnn", pretrained=False),
+            embedding_dim=16,
+            num_classes=10,
+            optimizer=OptimizerConfig(layer_decay=0.5),
+        ).parameter_groups()
 
 
 def test_unknown_names_and_unavailable_weights_are_one_line_errors(tmp_path):
@@ -151,31 +178,50 @@ def test_unknown_names_and_unavailable_weights_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="timm_args: only for timm"):
         Backbone("small_cnn", pretrained=False, timm_args={"img_size": 32})
     # no network and an empty cache: the weights cannot be had; never a silent random init
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-               TORCH_HOME=str(tmp_path / "torch"))
-    code = ("from dml.models import Backbone, PretrainedWeightsUnavailable\n"
-            "try:\n    Backbone('timm:vit_small_patch16_224.dino', pretrained=True)\n"
-            "except PretrainedWeightsUnavailable as e:\n    print('UNAVAILABLE', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=300)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        TORCH_HOME=str(tmp_path / "torch"),
+    )
+    code = (
+        "from dml.models import Backbone, PretrainedWeightsUnavailable\n"
+        "try:\n    Backbone('timm:vit_small_patch16_224.dino', pretrained=True)\n"
+        "except PretrainedWeightsUnavailable as e:\n    print('UNAVAILABLE', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("UNAVAILABLE Could not load the pretrained weights of timm "
-                                 "model 'vit_small_patch16_224.dino'")
+    assert out.stdout.startswith(
+        "UNAVAILABLE Could not load the pretrained weights of timm "
+        "model 'vit_small_patch16_224.dino'"
+    )
     assert "pretrained: false" in out.stdout and len(out.stdout.strip().splitlines()) == 1
     assert issubclass(PretrainedWeightsUnavailable, RuntimeError)
 
 
 def test_an_image_size_the_vit_does_not_take_names_the_settings():
-    with pytest.raises(ConfigError, match=r"takes \(32, 32\) images, got 48 x 48: set the "
-                                          r"data set's image size to 32 \(data.init_args.crop"):
+    with pytest.raises(
+        ConfigError,
+        match=r"takes \(32, 32\) images, got 48 x 48: set the "
+        r"data set's image size to 32 \(data.init_args.crop",
+    ):
         tiny_vit()(torch.randn(1, 3, 48, 48))
 
 
 def test_an_nhwc_model_is_permuted_to_the_map_contract():
     torch.manual_seed(0)
-    swin = Backbone("timm:swin_tiny_patch4_window7_224", pretrained=False,
-                    timm_args={"img_size": 56, "embed_dim": 24, "depths": (1, 1, 1, 1),
-                               "num_heads": (1, 1, 1, 1)}).eval()
+    swin = Backbone(
+        "timm:swin_tiny_patch4_window7_224",
+        pretrained=False,
+        timm_args={
+            "img_size": 56,
+            "embed_dim": 24,
+            "depths": (1, 1, 1, 1),
+            "num_heads": (1, 1, 1, 1),
+        },
+    ).eval()
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         nhwc = swin.net.model.forward_features(x)
@@ -203,9 +249,18 @@ def test_every_tensor_follows_the_inputs_device():
     # torch.device("meta") as the default device: a tensor made without device= lands on meta
     # and the first op mixing it with the (CPU) inputs fails; re-normalisation, a dynamic grid
     # and the class token included
-    backbone = Backbone("timm:vit_base_patch16_clip_224.openai", pretrained=False,
-                        timm_args={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1,
-                                   "num_heads": 3, "dynamic_img_size": True})
+    backbone = Backbone(
+        "timm:vit_base_patch16_clip_224.openai",
+        pretrained=False,
+        timm_args={
+            "img_size": 32,
+            "patch_size": 8,
+            "embed_dim": 48,
+            "depth": 1,
+            "num_heads": 3,
+            "dynamic_img_size": True,
+        },
+    )
     x = torch.randn(2, 3, 32, 48)
     with torch.device("meta"):
         feature_map, class_token = backbone(x, with_class_token=True)
