@@ -90,7 +90,7 @@ def load_embeddings(paths, relabel: bool = False):
                     )
                 x, y = f["embeddings"], f["labels"]
         except (OSError, ValueError) as error:  # missing, not an .npz, pickled objects
-            raise SystemExit(f"{path}: not readable as an embeddings file ({error})")
+            raise SystemExit(f"{path}: not readable as an embeddings file ({error})") from None
         if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating) or len(x) != len(y):
             raise SystemExit(
                 f"{path}: expected embeddings (n, d) of floats and n labels, got "

@@ -10,7 +10,8 @@
    and 100 iterations forced (tol 0): time of forward + backward, saved bytes, and the
    gradient difference; and the analytic solver at its default tolerance.
 
-    python benchmarks/gsp_speed.py [--backbone resnet50] [--batch 8] [--size 224] [--steps 5] [--device cpu]
+    python benchmarks/gsp_speed.py [--backbone resnet50] [--batch 8] [--size 224] [--steps 5]
+        [--device cpu]
         [--precision fp32|bf16]
 """
 

@@ -4,8 +4,9 @@
    batches of 128) against a bare loop that runs ``model.eval()`` under ``torch.no_grad`` over
    the same DataLoader of the same files: images/s of each, alternating rounds.
 2. Search: a gallery of SOP's test size (60,502 x 512: eval_speed.py's "hard" regime, classes
-   of SOP's sizes clustered in a 16-d latent space, R@1 about 0.53), 1,000 queries drawn from it (each left out of its own results): ms per query for the flat index and the
-   approximate ones, with their Recall@10 against the flat index's answers.
+   of SOP's sizes clustered in a 16-d latent space, R@1 about 0.53), 1,000 queries drawn from
+   it (each left out of its own results): ms per query for the flat index and the approximate
+   ones, with their Recall@10 against the flat index's answers.
 
     python benchmarks/inference_speed.py [--images 512] [--size 224] [--rows 60502]
 """

@@ -12,8 +12,9 @@ package the node lists ends the walk there: its own requirements are the node's 
 node's torch stack is never replaced: with torch on the node, torchvision, torchaudio, triton
 and the nvidia-* / cuda-* libraries are left out (a torchvision built for another torch does not
 load). The rest is downloaded at this machine's versions with ``--no-deps`` for the node's
-Python and manylinux x86-64; ``--list`` prints it without downloading. ``--skip faiss-cpu`` leaves faiss out (about 18 MB): the evaluation's exact rank pass does not
-use it, NMI's k-means then runs in scikit-learn, and the k-NN searches in torch.
+Python and manylinux x86-64; ``--list`` prints it without downloading. ``--skip faiss-cpu``
+leaves faiss out (about 18 MB): the evaluation's exact rank pass does not use it, NMI's
+k-means then runs in scikit-learn, and the k-NN searches in torch.
 """
 
 from __future__ import annotations

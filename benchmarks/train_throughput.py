@@ -22,8 +22,9 @@ and reported as median [range]. Cases (``--case``, repeatable; default: the devi
         [--deadline SECONDS] [--json results.json]
 
 ``--deadline``: seconds per case; no round of a case starts once the case's time so far plus
-its longest round so far would pass it (the first round always runs); ``--json``: the images/s of every side and round, rewritten
-after each round, so that a run stopped from outside keeps the rounds it finished.
+its longest round so far would pass it (the first round always runs); ``--json``: the images/s
+of every side and round, rewritten after each round, so that a run stopped from outside keeps
+the rounds it finished.
 """
 
 from __future__ import annotations

@@ -286,8 +286,8 @@ def build_objective(
             why = (
                 "already has its own proxies"
                 if has_proxies(loss.name)
-                else "is not a pytorch-metric-learning pair loss (CCP compares with proxies through "
-                "its distance and reference rows)"
+                else "is not a pytorch-metric-learning pair loss (CCP compares with proxies "
+                "through its distance and reference rows)"
                 if metric is not None
                 else "is no loss"
             )

@@ -30,8 +30,9 @@ class BackboneConfig:
 
 @dataclass
 class PoolingConfig:
-    """name: gap | gmp | gem | gsp | cls (a ViT's class token); params go to the pooling class ({p: 3.0} for GeM;
-    {num_prototypes, mu, gamma, iters, tol, reduction, init, init_batches} for GSP)."""
+    """name: gap | gmp | gem | gsp | cls (a ViT's class token); params go to the pooling class
+    ({p: 3.0} for GeM; {num_prototypes, mu, gamma, iters, tol, reduction, init, init_batches}
+    for GSP)."""
 
     name: str = "gap"
     params: Dict[str, Any] = field(default_factory=dict)

@@ -166,9 +166,14 @@ class Evaluator:
             sets = self.refine(sets)
         self.last_sets = sets.cpu()
         q, r = sets.query, sets.reference
-        gallery = (None, None) if sets.same else (r.embeddings, r.labels)
         results = query_results(
-            q.embeddings, q.labels, ks, *gallery, backend=self.backend, device=device
+            q.embeddings,
+            q.labels,
+            ks,
+            gallery_embeddings=None if sets.same else r.embeddings,
+            gallery_labels=None if sets.same else r.labels,
+            backend=self.backend,
+            device=device,
         )
         self.last_results = results
         out = results.metrics(ks)

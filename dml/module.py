@@ -25,11 +25,11 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from dml.builder import build_parts, check_batch_composition, terms_by_name
 from dml.checkpoint_migration import upgrade_checkpoint
-from dml.config import (
+from dml.config import (  # noqa: F401
     AT_LEAST_ONE,
     BackboneConfig,
     EvalConfig,
-    IBCConfig,  # noqa: F401
+    IBCConfig,
     LossConfig,
     MemoryConfig,
     OptimizerConfig,
@@ -39,11 +39,11 @@ from dml.config import (
     check_range,
     check_ranges,
 )
+from dml.device_settings import DeviceSettings
 from dml.evaluation import Evaluator
 from dml.evaluation_steps import EvaluationSteps, format_metrics
 from dml.losses.ibc import pseudo_test_refiner
 from dml.models import pool_images
-from dml.device_settings import DeviceSettings
 from dml.nonfinite_guard import NonFiniteGuard, check_policy
 from dml.optimizer_setup import OptimizerSetup, check_optimizer
 from dml.pooling_init import PoolingInitialization

@@ -17,7 +17,6 @@ from pytorch_lightning.utilities import rank_zero_warn
 from dml.errors import ConfigError, NonFiniteLossError, NonFiniteStateError
 from dml.loss_watch import LossWatch
 
-
 POLICIES = ("stop", "skip")
 
 

@@ -192,7 +192,7 @@ class Objective(nn.Module):
                 groups.setdefault(getattr(term, "param_group", "loss"), []).extend(params)
         return groups
 
-    # --- what callbacks and poolings use -----------------------------------------------------------
+    # --- what callbacks and poolings use ---------------------------------------------------
     def memories(self) -> List[nn.Module]:
         """Every cross-batch memory among the terms (``dml.memory.CrossBatchMemory``), the
         memory term's and any a term of ``model.terms`` holds."""

@@ -158,7 +158,7 @@ def lock_run_dir(path: str) -> None:
         raise ConfigError(
             f"run folder {path} is in use: {holder} trains in it. Wait for it to "
             f"end or stop it; one process at a time trains in a run folder"
-        )
+        ) from None
     os.ftruncate(fd, 0)
     os.write(
         fd,

@@ -11,11 +11,11 @@ import sys
 
 import numpy as np
 import pytest
+from run_helpers import train_tiny_checkpoint
 
 from dml.compare.cli import main as compare_main
 from dml.inference import EmbeddingSet
 from dml.metrics import retrieval_metrics
-from run_helpers import train_tiny_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,11 +7,11 @@ import socket
 import subprocess
 import sys
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
-
 from ddp_scenarios import SCENARIOS, ddp_trainer, make_data, make_module
+
 from dml.callbacks import ChanceConstraintProjection
 from dml.module import DMLModule
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from test_configs import METHODS, TINY_RUN
 
 from dml.callbacks import CrossBatchNormalization
 from dml.cli import DMLCLI
@@ -21,7 +22,6 @@ from dml.data import DMLDataModule
 from dml.evaluation import EvalSet, EvalSets, Evaluator
 from dml.metrics import faiss_available, k_reciprocal_neighbors, retrieval_metrics
 from dml.module import DMLModule
-from test_configs import METHODS, TINY_RUN
 
 DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 BACKENDS = ["rank", "torch"] + (["faiss"] if faiss_available() else [])

@@ -11,9 +11,9 @@ def test_gather_by_index_drops_padding_and_restores_order():
     emb = torch.arange(6, dtype=torch.float32)[:, None].repeat(1, 2)
     idx = torch.tensor([0, 2, 4, 1, 3, 0])
     lab = idx * 10
-    e, l, i = gather_by_index(emb, lab, idx)
+    e, labels, i = gather_by_index(emb, lab, idx)
     assert i.tolist() == [0, 1, 2, 3, 4]
-    assert l.tolist() == [0, 10, 20, 30, 40]
+    assert labels.tolist() == [0, 10, 20, 30, 40]
     assert e[:, 0].tolist() == [0, 3, 1, 4, 2]
 
 

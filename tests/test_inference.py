@@ -2,8 +2,8 @@
 results against dml.metrics, approximate recall against a recount, the HTML page, exports
 against PyTorch, and one clear line for each bad input."""
 
-import html.parser
 import base64
+import html.parser
 import io
 import json
 import os
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from run_helpers import train_tiny_checkpoint
 
 from dml.inference import Embedder, EmbeddingSet, SearchIndex
 from dml.metrics import retrieval_metrics
-from run_helpers import train_tiny_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,13 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_runs import BASE, TINY, method, run_folders
 
 from dml.callbacks import checkpoint as checkpoint_module
 from dml.cli import main as cli_main
 from dml.data import CUBDataModule, MetadataError, SOPDataModule
 from dml.errors import DiskFullError
 from dml.metrics import nmi, retrieval_metrics
-from test_runs import BASE, TINY, method, run_folders
 
 TRAIN = [
     *BASE,
@@ -69,7 +69,8 @@ def one_line_error(capsys, tmp_path, *args):
                 "--model.loss.proxies_per_class",
                 "2",
             ],
-            "model.loss.proxies_per_class: xbm_contrastive is not a pytorch-metric-learning pair loss",
+            "model.loss.proxies_per_class: xbm_contrastive is not a pytorch-metric-learning "
+            "pair loss",
         ),
         (
             [
@@ -181,7 +182,7 @@ def test_cub_metadata_out_of_range_or_duplicated_is_named_with_verify_off(
 ):
     write_cub(tmp_path, images, labels)
     with pytest.raises(MetadataError, match=says):
-        CUBDataModule(root=str(tmp_path), verify=False).splits
+        _ = CUBDataModule(root=str(tmp_path), verify=False).splits
 
 
 def test_sop_class_ids_outside_their_split_are_named(tmp_path):
@@ -193,7 +194,7 @@ def test_sop_class_ids_outside_their_split_are_named(tmp_path):
     with pytest.raises(
         MetadataError, match="Ebay_train.txt, line 3: class_id must be in 1..11318, got 11319"
     ):
-        SOPDataModule(root=str(tmp_path), verify=False).splits
+        _ = SOPDataModule(root=str(tmp_path), verify=False).splits
 
 
 # --- a full disk, and the leftovers of a killed write ----------------------------------------
@@ -237,8 +238,8 @@ def test_torch_saves_full_disk_error_chain_is_recognised(tmp_path, monkeypatch):
     def full(obj, f):
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
-        except OSError:
-            raise RuntimeError(
+        except OSError:  # torch's own chaining, as torch raises it
+            raise RuntimeError(  # noqa: B904
                 "[enforce fail at inline_container.cc:672] . unexpected pos 109760 vs 109652"
             )
 

@@ -8,6 +8,8 @@ import os
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import small_data, small_module, trainer
+from test_configs import METHODS, TINY_RUN
 
 import dml.models.gsp as gsp
 from dml.cli import DMLCLI, default_precision
@@ -16,8 +18,6 @@ from dml.config import BackboneConfig
 from dml.data import DMLDataModule
 from dml.data.datamodule import default_num_workers
 from dml.module import DMLModule
-from helpers import small_data, small_module, trainer
-from test_configs import METHODS, TINY_RUN
 
 
 class Record(pl.Callback):

@@ -2,10 +2,11 @@
 one place, optimizer groups come from the parts, poolings initialise through their contract,
 checkpoints of the earlier layout still load."""
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
+from helpers import small_data, small_module, trainer
 from torch import nn
 
 from dml.errors import ConfigError
@@ -21,7 +22,6 @@ from dml.module import (
 )
 from dml.objective import Objective
 from dml.selection import greedy_k_center
-from helpers import small_data, small_module, trainer
 
 
 def test_terms_are_named_and_weighted():
@@ -343,9 +343,10 @@ def test_a_run_from_before_terms_had_names_resumes(tmp_path, monkeypatch):
     written or with the list turned into the mapping by name."""
     import sys
 
+    from run_helpers import SMALL_RUN
+
     from dml.cli import main
     from dml.compose import config_args
-    from run_helpers import SMALL_RUN
 
     monkeypatch.setattr(sys, "argv", ["python -m dml"])
     monkeypatch.setenv("WANDB_MODE", "disabled")

@@ -4,11 +4,11 @@ grid's arguments parsing on the shipped configs."""
 import json
 
 import pytest
+from test_configs import ParseOnlyCLI
 
 from dml import reproduce
 from dml.data import DMLDataModule
 from dml.module import DMLModule
-from test_configs import ParseOnlyCLI
 
 
 def write_runs(path, rows):

@@ -165,7 +165,8 @@ def test_rerank_param_without_rerank_and_rerank_on_ivfpq_are_one_line(indexed, t
 
 
 def test_the_rerank_table_keeps_models_of_the_same_file_name_apart(tmp_path):
-    from dml.rerank_table import labels_of, main as table_main
+    from dml.rerank_table import labels_of
+    from dml.rerank_table import main as table_main
 
     assert labels_of(["a/x.npz", "b/x.npz", "c/y.npz"]) == ["a/x.npz", "b/x.npz", "y.npz"]
     for name, seed in (("a", 3), ("b", 4)):

@@ -1,14 +1,14 @@
 """The training loop end to end on the embedded data, the CLI's config checking, checkpoints."""
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
+from helpers import small_data, small_module, trainer
 
 from dml.cli import DMLCLI
 from dml.cli import main as cli_main
 from dml.data import DMLDataModule
 from dml.module import DMLModule, LossConfig, OptimizerConfig
-from helpers import small_data, small_module, trainer
 
 CONFIGS = [
     "--config",

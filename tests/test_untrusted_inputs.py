@@ -582,8 +582,9 @@ def test_a_checkpoint_of_plain_data_naming_outside_code_is_refused(tmp_path, cap
     """Weights-only loading keeps pickles out; the class paths a checkpoint's settings name
     (model.terms, the memory, the data module) would still be imported and called: outside
     the dml package they are refused unless the user trusts the module."""
-    from dml.module import DMLModule
     from helpers import small_module
+
+    from dml.module import DMLModule
 
     marker = tmp_path / "MARKER"
     module = small_module()

@@ -8,7 +8,6 @@ import os
 from collections import defaultdict
 
 import numpy as np
-
 from test_runs import BASE, TINY, dml, method, run_folders
 
 
@@ -84,6 +83,7 @@ def test_image_data_sets_crop_each_draw_anew_and_a_resume_draws_the_same(tmp_pat
     finished epoch: it once replayed epoch 0 there)."""
     import subprocess
     import sys
+
     from dml.gpu_check import make_cub_layout
 
     root = make_cub_layout(

@@ -26,7 +26,6 @@ import random
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint

@@ -141,7 +141,7 @@ def page_body(c: Comparison) -> str:
         parts.append(f"<h4>Queries where {who} is worst: {who}'s neighbours</h4>")
         parts += _rows(model, results, picks, cache)
     gap = rb.ap - ra.ap
-    for who, sign, model, results in (("A", -1, c.a, ra), ("B", 1, c.b, rb)):
+    for who, sign in (("A", -1), ("B", 1)):
         picks = [i for i in np.lexsort((ra.query_index, -sign * gap)) if sign * gap[i] > 0]
         parts.append(
             f"<h4>Where they disagree most: {who} better (MAP@R); A's then B's neighbours</h4>"

@@ -9,6 +9,7 @@ the check a copied or re-encoded data set needs before a long run.
 Exit status 0 and the JSON line, or 1 and the error (what is missing, malformed, incomplete or
 unreadable).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,17 +43,25 @@ def unreadable_images(splits, workers: Optional[int] = None) -> List[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dml.data.check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dml.data.check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("dataset", choices=sorted(DATAMODULES))
     parser.add_argument("root", help="the folder the official archive unpacked into")
     parser.add_argument("--subset", default=None, help="omniglot only: full (default) or small")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="do not check the published split sizes and the image files")
-    parser.add_argument("--decode", action="store_true",
-                        help="decode every image and list the unreadable ones")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes for --decode (default: the CPU count)")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not check the published split sizes and the image files",
+    )
+    parser.add_argument(
+        "--decode", action="store_true", help="decode every image and list the unreadable ones"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="processes for --decode (default: the CPU count)"
+    )
     args = parser.parse_args(argv)
     kwargs = {"root": args.root, "verify": not args.no_verify}
     if args.subset is not None:
@@ -68,8 +77,10 @@ def main(argv=None) -> int:
             sizes["unreadable"] = len(bad)
             if bad:
                 more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
-                print(f"error: {len(bad)} unreadable image(s): {', '.join(bad[:20])}{more}",
-                      file=sys.stderr)
+                print(
+                    f"error: {len(bad)} unreadable image(s): {', '.join(bad[:20])}{more}",
+                    file=sys.stderr,
+                )
                 print(json.dumps(sizes))
                 return 1
     except (OSError, ValueError, RuntimeError) as error:

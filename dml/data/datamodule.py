@@ -8,13 +8,14 @@ training loader and fixed-order evaluation loaders.
 Data set items are ``(image, label, index)``: the index lets distributed evaluation gather
 embeddings with their data-set positions and drop the padding duplicates.
 
-``build_eval()`` and ``build_val()`` return either ``{"test": ds}`` (query set = reference set, each query excluded
-from its own search) or ``{"query": q, "gallery": g}`` (In-Shop: queries search the gallery only).
+``build_eval()`` and ``build_val()`` return either ``{"test": ds}`` (query set = reference set,
+each query excluded from its own search) or ``{"query": q, "gallery": g}`` (In-Shop: queries
+search the gallery only).
 """
+
 from __future__ import annotations
 
 import os
-
 from typing import Dict, List, Optional, Sequence
 
 import pytorch_lightning as pl
@@ -28,23 +29,29 @@ from dml.data.seeding import SeededBatches, SeededSamples
 
 class DMLDataModule(pl.LightningDataModule):
     """Base class. Args:
-        classes_per_batch, samples_per_class: the P x M batch composition.
-        eval_batch_size: batch size of the evaluation loaders.
-        num_workers: DataLoader worker processes (persistent when > 0); None: from the machine
-            (``default_num_workers``). Memory is pinned when CUDA is present.
-        recall_ks: the Ks reported as R@K; None takes the data set's standard ones.
-        batches_per_epoch: fixed number of training batches per epoch (default: data / batch).
-        seed: seed of the sampler's schedule.
+    classes_per_batch, samples_per_class: the P x M batch composition.
+    eval_batch_size: batch size of the evaluation loaders.
+    num_workers: DataLoader worker processes (persistent when > 0); None: from the machine
+        (``default_num_workers``). Memory is pinned when CUDA is present.
+    recall_ks: the Ks reported as R@K; None takes the data set's standard ones.
+    batches_per_epoch: fixed number of training batches per epoch (default: data / batch).
+    seed: seed of the sampler's schedule.
     """
 
     standard_recall_ks: Sequence[int] = (1, 2, 4, 8)
     collate_fn = None  # DataLoader's default
     mlrc_fold: Optional[int] = None  # the validation fold of the MLRC protocol, if any
 
-    def __init__(self, classes_per_batch: int = 8, samples_per_class: int = 4,
-                 eval_batch_size: int = 256, num_workers: Optional[int] = 0,
-                 recall_ks: Optional[List[int]] = None, batches_per_epoch: Optional[int] = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        classes_per_batch: int = 8,
+        samples_per_class: int = 4,
+        eval_batch_size: int = 256,
+        num_workers: Optional[int] = 0,
+        recall_ks: Optional[List[int]] = None,
+        batches_per_epoch: Optional[int] = None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.classes_per_batch = classes_per_batch
         self.samples_per_class = samples_per_class
@@ -85,8 +92,9 @@ class DMLDataModule(pl.LightningDataModule):
     @staticmethod
     def _checked(sets: Dict[str, Dataset], where: str) -> Dict[str, Dataset]:
         if set(sets) not in ({"test"}, {"query", "gallery"}):
-            raise ValueError(f"{where} must return keys {{'test'}} or {{'query', 'gallery'}}, "
-                             f"got {sorted(sets)}")
+            raise ValueError(
+                f"{where} must return keys {{'test'}} or {{'query', 'gallery'}}, got {sorted(sets)}"
+            )
         return sets
 
     @property
@@ -133,10 +141,13 @@ class DMLDataModule(pl.LightningDataModule):
         config parser would fold an error raised while building the class into its own)."""
         from dml.config import AT_LEAST_ONE, NON_NEGATIVE, check_range
 
-        for key, bounds in (("classes_per_batch", AT_LEAST_ONE),
-                            ("samples_per_class", AT_LEAST_ONE),
-                            ("eval_batch_size", AT_LEAST_ONE),
-                            ("batches_per_epoch", AT_LEAST_ONE), ("num_workers", NON_NEGATIVE)):
+        for key, bounds in (
+            ("classes_per_batch", AT_LEAST_ONE),
+            ("samples_per_class", AT_LEAST_ONE),
+            ("eval_batch_size", AT_LEAST_ONE),
+            ("batches_per_epoch", AT_LEAST_ONE),
+            ("num_workers", NON_NEGATIVE),
+        ):
             check_range(f"data.init_args.{key}", getattr(self, key), bounds)
         for k in self.recall_ks:
             check_range("data.init_args.recall_ks", k, AT_LEAST_ONE)
@@ -177,8 +188,11 @@ class DMLDataModule(pl.LightningDataModule):
 
     def _loader_kwargs(self):
         workers = self.workers()
-        return dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
-                    persistent_workers=workers > 0)
+        return dict(
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
 
     def device_batch(self, batch, device):
         """A loader's batch as (images, labels, indices) on ``device``; what Lightning's
@@ -191,31 +205,50 @@ class DMLDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
         sampler = ClassBalancedBatchSampler(
-            self.train_labels(), self.classes_per_batch, self.samples_per_class, seed=self.seed,
-            num_replicas=world, rank=rank, batches_per_epoch=self.batches_per_epoch)
+            self.train_labels(),
+            self.classes_per_batch,
+            self.samples_per_class,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+            batches_per_epoch=self.batches_per_epoch,
+        )
         # each sample's augmentation seeded by (seed, epoch, step, rank, position): a resume,
         # another num_workers or restarted workers see the same crops (dml.data.seeding); the
         # epoch is the trainer's, read when each epoch's batches are drawn
-        return DataLoader(SeededSamples(self.train_dataset),
-                          batch_sampler=SeededBatches(sampler, self.seed, rank,
-                                                      epoch=self.current_epoch),
-                          collate_fn=self.collate_fn, **self._loader_kwargs())
+        return DataLoader(
+            SeededSamples(self.train_dataset),
+            batch_sampler=SeededBatches(sampler, self.seed, rank, epoch=self.current_epoch),
+            collate_fn=self.collate_fn,
+            **self._loader_kwargs(),
+        )
 
     def candidate_loader(self, indices: Sequence[int], batch_size: int) -> DataLoader:
         """The training images at ``indices``, in that order, with the training augmentation
         (e.g. CCP's per-class candidates for its proxies); batches as the training loader's."""
         from torch.utils.data import Subset
 
-        return DataLoader(Subset(self.train_dataset, list(indices)), batch_size=batch_size,
-                          shuffle=False, collate_fn=self.collate_fn, num_workers=self.workers())
+        return DataLoader(
+            Subset(self.train_dataset, list(indices)),
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=self.collate_fn,
+            num_workers=self.workers(),
+        )
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         world, rank = self._world()
         sampler = None
         if world > 1:  # pads to equal shards; evaluation drops the duplicates by index
             sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
-                          sampler=sampler, collate_fn=self.collate_fn, **self._loader_kwargs())
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            sampler=sampler,
+            collate_fn=self.collate_fn,
+            **self._loader_kwargs(),
+        )
 
     def val_dataloader(self) -> List[DataLoader]:
         sets = self.val_datasets

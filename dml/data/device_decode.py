@@ -15,6 +15,7 @@ turned by their EXIF orientation, and transformed as ``dml.data.transforms`` doe
 
 On a CPU the same code runs on CPU tensors (tested against the PIL path there).
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence
@@ -58,12 +59,15 @@ def decode(data: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]
     shows them (as ``dml.data.image_list.open_image``); ``UndecodableImages`` lists every item
     that no decoder reads (truncated, not an image)."""
     out: List[torch.Tensor] = [None] * len(data)  # type: ignore[list-item]
-    jpeg = [i for i, d in enumerate(data) if len(d) > 2 and int(d[0]) == 0xFF
-            and int(d[1]) == 0xD8]
+    jpeg = [i for i, d in enumerate(data) if len(d) > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8]
     if jpeg:
         try:
-            decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB,
-                                  device=device, apply_exif_orientation=True)
+            decoded = decode_jpeg(
+                [data[i] for i in jpeg],
+                mode=ImageReadMode.RGB,
+                device=device,
+                apply_exif_orientation=True,
+            )
             for i, img in zip(jpeg, decoded):
                 out[i] = img
         except RuntimeError:  # a truncated JPEG, or a CMYK one nvJPEG refuses: one by one
@@ -72,8 +76,9 @@ def decode(data: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]
     for i, img in enumerate(out):
         if img is None:
             try:
-                out[i] = decode_image(data[i], mode=ImageReadMode.RGB,
-                                      apply_exif_orientation=True).to(device)
+                out[i] = decode_image(
+                    data[i], mode=ImageReadMode.RGB, apply_exif_orientation=True
+                ).to(device)
             except RuntimeError as error:
                 bad.append(i)
                 errors.append(f"item {i} of the batch: {error}")
@@ -82,14 +87,23 @@ def decode(data: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]
     return out
 
 
-def train_view(img: torch.Tensor, seed: int, crop: int, scale: Sequence[float],
-               hflip: bool) -> torch.Tensor:
+def train_view(
+    img: torch.Tensor, seed: int, crop: int, scale: Sequence[float], hflip: bool
+) -> torch.Tensor:
     """RandomResizedCrop + flip of one uint8 image, parameters drawn under ``seed``."""
     with seeded(seed):
         top, left, height, width = T.RandomResizedCrop.get_params(img, list(scale), list(RATIO))
         flip = hflip and bool(torch.rand(1) < 0.5)
-    view = F.resized_crop(img, top, left, height, width, [crop, crop],
-                          interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+    view = F.resized_crop(
+        img,
+        top,
+        left,
+        height,
+        width,
+        [crop, crop],
+        interpolation=T.InterpolationMode.BILINEAR,
+        antialias=True,
+    )
     return F.hflip(view) if flip else view
 
 
@@ -105,11 +119,19 @@ def normalize(views: List[torch.Tensor]) -> torch.Tensor:
     return (x - mean) / std
 
 
-def images_on_device(data: List[torch.Tensor], seeds: torch.Tensor, device: torch.device,
-                     crop: int, resize: int, scale: Sequence[float],
-                     hflip: bool) -> torch.Tensor:
+def images_on_device(
+    data: List[torch.Tensor],
+    seeds: torch.Tensor,
+    device: torch.device,
+    crop: int,
+    resize: int,
+    scale: Sequence[float],
+    hflip: bool,
+) -> torch.Tensor:
     """The batch's images, decoded and transformed on ``device``: (B, 3, crop, crop)."""
     decoded = decode(data, device)
-    views = [train_view(img, int(s), crop, scale, hflip) if int(s) >= 0 else
-             eval_view(img, crop, resize) for img, s in zip(decoded, seeds.tolist())]
+    views = [
+        train_view(img, int(s), crop, scale, hflip) if int(s) >= 0 else eval_view(img, crop, resize)
+        for img, s in zip(decoded, seeds.tolist())
+    ]
     return normalize(views)

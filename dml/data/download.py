@@ -3,6 +3,7 @@ others.
 
     python -m dml.data.download DATASET [ROOT]      (make data DATASET=cub)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,23 +15,47 @@ from dml.data.image_datamodules import DATAMODULES
 
 # dataset -> [(url, archive file name, md5)]
 DOWNLOADS: Dict[str, List[Tuple[str, str, str]]] = {
-    "cub": [("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
-             "CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78")],
-    "sop": [("ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
-             "Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e")],
+    "cub": [
+        (
+            "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
+            "CUB_200_2011.tgz",
+            "97eceeb196236b17998738112f37df78",
+        )
+    ],
+    "sop": [
+        (
+            "ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
+            "Stanford_Online_Products.zip",
+            "7f73d41a2f44250d4779881525aea32e",
+        )
+    ],
     "omniglot": [
-        ("https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
-         "images_background.zip", "images_background.zip", "68d2efa1b9178cc56df9314c21c6e718"),
-        ("https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
-         "images_evaluation.zip", "images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811"),
+        (
+            "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+            "images_background.zip",
+            "images_background.zip",
+            "68d2efa1b9178cc56df9314c21c6e718",
+        ),
+        (
+            "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+            "images_evaluation.zip",
+            "images_evaluation.zip",
+            "6b91aef0f799c5bb55b94e3f2daec811",
+        ),
         # The two small background subsets (data.init_args.subset: small); MD5 of the
         # published files.
-        ("https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
-         "images_background_small1.zip", "images_background_small1.zip",
-         "e704a628b5459e08445c13499850abc4"),
-        ("https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
-         "images_background_small2.zip", "images_background_small2.zip",
-         "b75a71a51d3b13f821f212756fe481fd"),
+        (
+            "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+            "images_background_small1.zip",
+            "images_background_small1.zip",
+            "e704a628b5459e08445c13499850abc4",
+        ),
+        (
+            "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+            "images_background_small2.zip",
+            "images_background_small2.zip",
+            "b75a71a51d3b13f821f212756fe481fd",
+        ),
     ],
 }
 
@@ -56,8 +81,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     root = args.root or os.path.join("data", args.dataset)
     if args.dataset not in DOWNLOADS:
-        print(f"{args.dataset} has no public download. {DATAMODULES[args.dataset].guidance} "
-              f"Put it in {root} (or pass --data.init_args.root).")
+        print(
+            f"{args.dataset} has no public download. {DATAMODULES[args.dataset].guidance} "
+            f"Put it in {root} (or pass --data.init_args.root)."
+        )
         return 2
     try:
         download(args.dataset, root)

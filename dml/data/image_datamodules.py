@@ -5,6 +5,7 @@ published split sizes, build the standard transforms, and optionally follow the 
 (``mlrc_fold``: validate on one of 4 class-disjoint folds of the training classes, train on the
 other 3, never look at the test split during training).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,13 +14,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from dml.data.benchmarks import (DatasetNotFound, IncompleteDataset, parse_cars, parse_cub,
-                                 parse_inshop, parse_omniglot, parse_sop)
+from dml.data.benchmarks import (
+    DatasetNotFound,
+    IncompleteDataset,
+    parse_cars,
+    parse_cub,
+    parse_inshop,
+    parse_omniglot,
+    parse_sop,
+)
 from dml.data.datamodule import DMLDataModule
-from dml.data.device_decode import (UndecodableImages, collate_encoded, images_on_device,
-                                   is_encoded_batch)
-from dml.data.image_list import (ImageList, ImageListDataset, UnreadableImageError,
-                                 collate_skipping)
+from dml.data.device_decode import (
+    UndecodableImages,
+    collate_encoded,
+    images_on_device,
+    is_encoded_batch,
+)
+from dml.data.image_list import ImageList, ImageListDataset, UnreadableImageError, collate_skipping
 from dml.data.transforms import eval_transform, train_transform
 from dml.errors import ConfigError
 
@@ -33,8 +44,9 @@ def mlrc_fold_mask(labels: np.ndarray, fold: int, num_folds: int = MLRC_FOLDS) -
     fold f is chunk f. Deterministic and class-disjoint.
     """
     if not 0 <= fold < num_folds:
-        raise ConfigError(f"data.init_args.mlrc_fold: expected 0..{num_folds - 1} or null, "
-                         f"got {fold}")
+        raise ConfigError(
+            f"data.init_args.mlrc_fold: expected 0..{num_folds - 1} or null, got {fold}"
+        )
     classes = np.unique(labels)
     chunks = np.array_split(classes, num_folds)
     return np.isin(labels, chunks[fold])
@@ -42,16 +54,16 @@ def mlrc_fold_mask(labels: np.ndarray, fold: int, num_folds: int = MLRC_FOLDS) -
 
 class ImageDataModule(DMLDataModule):
     """Base of the image benchmarks. Args beyond ``DMLDataModule``'s:
-        root: folder holding the data set as its official archive unpacks.
-        crop, resize: training crop / evaluation resize then centre crop (224/256; 227 for
-            the BN-Inception settings).
-        hflip, crop_scale: training augmentation.
-        mlrc_fold: None (validate on the test split) or 0..3 (MLRC protocol).
-        verify: check the published split sizes and that every image file exists.
-        skip_unreadable: skip (and count) unreadable images instead of stopping.
-        decode: "cpu" (PIL in the loader workers) or "device": the workers read the files and
-            the JPEGs are decoded and augmented on the training device, nvJPEG on a GPU
-            (``dml.data.device_decode``; frees the CPU cores a 224 px pipeline needs).
+    root: folder holding the data set as its official archive unpacks.
+    crop, resize: training crop / evaluation resize then centre crop (224/256; 227 for
+        the BN-Inception settings).
+    hflip, crop_scale: training augmentation.
+    mlrc_fold: None (validate on the test split) or 0..3 (MLRC protocol).
+    verify: check the published split sizes and that every image file exists.
+    skip_unreadable: skip (and count) unreadable images instead of stopping.
+    decode: "cpu" (PIL in the loader workers) or "device": the workers read the files and
+        the JPEGs are decoded and augmented on the training device, nvJPEG on a GPU
+        (``dml.data.device_decode``; frees the CPU cores a 224 px pipeline needs).
     """
 
     name = "?"
@@ -59,16 +71,34 @@ class ImageDataModule(DMLDataModule):
     expected: Dict[str, Tuple[int, int]] = {}
     guidance = ""
 
-    def __init__(self, root: str = "data", crop: int = 224, resize: int = 256,
-                 hflip: bool = True, crop_scale: Sequence[float] = (0.08, 1.0),
-                 mlrc_fold: Optional[int] = None, verify: bool = True,
-                 skip_unreadable: bool = False, classes_per_batch: int = 8,
-                 samples_per_class: int = 4, eval_batch_size: int = 128,
-                 num_workers: Optional[int] = None,
-                 recall_ks: Optional[List[int]] = None, batches_per_epoch: Optional[int] = None,
-                 seed: int = 0, decode: str = "cpu"):
-        super().__init__(classes_per_batch, samples_per_class, eval_batch_size, num_workers,
-                         recall_ks, batches_per_epoch, seed)
+    def __init__(
+        self,
+        root: str = "data",
+        crop: int = 224,
+        resize: int = 256,
+        hflip: bool = True,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        mlrc_fold: Optional[int] = None,
+        verify: bool = True,
+        skip_unreadable: bool = False,
+        classes_per_batch: int = 8,
+        samples_per_class: int = 4,
+        eval_batch_size: int = 128,
+        num_workers: Optional[int] = None,
+        recall_ks: Optional[List[int]] = None,
+        batches_per_epoch: Optional[int] = None,
+        seed: int = 0,
+        decode: str = "cpu",
+    ):
+        super().__init__(
+            classes_per_batch,
+            samples_per_class,
+            eval_batch_size,
+            num_workers,
+            recall_ks,
+            batches_per_epoch,
+            seed,
+        )
         if decode not in ("cpu", "device"):
             raise ConfigError(f"data.init_args.decode: expected cpu or device, got {decode!r}")
         self.decode = decode
@@ -105,8 +135,10 @@ class ImageDataModule(DMLDataModule):
         return self._splits
 
     def not_found_message(self, what: str) -> str:
-        return (f"{self.name}: {what}. {self.guidance} Then pass its folder as "
-                f"data.init_args.root (now {self.root!r}).")
+        return (
+            f"{self.name}: {what}. {self.guidance} Then pass its folder as "
+            f"data.init_args.root (now {self.root!r})."
+        )
 
     def check_complete(self, splits: Dict[str, ImageList]) -> None:
         for split, (n_images, n_classes) in self.expected.items():
@@ -116,7 +148,8 @@ class ImageDataModule(DMLDataModule):
                     f"{self.name} at {self.root}: the {split} split should have {n_images} "
                     f"images in {n_classes} classes, found {got[0]} in {got[1]}. The archive "
                     f"looks incomplete or modified; unpack it again, or set "
-                    f"data.init_args.verify: false to use it as it is.")
+                    f"data.init_args.verify: false to use it as it is."
+                )
         for split, images in splits.items():
             if images.archive is not None:
                 continue
@@ -125,7 +158,8 @@ class ImageDataModule(DMLDataModule):
                 raise IncompleteDataset(
                     f"{self.name} at {self.root}: {len(missing)} image file(s) of the {split} "
                     f"split listed in the metadata are missing, e.g. {missing[:3]}. Unpack the "
-                    f"archive again, or set data.init_args.verify: false.")
+                    f"archive again, or set data.init_args.verify: false."
+                )
 
     # --- splits -> datasets -----------------------------------------------------------------
     def _train_list(self) -> ImageList:
@@ -143,10 +177,12 @@ class ImageDataModule(DMLDataModule):
 
     def _dataset(self, images: ImageList, train: bool) -> ImageListDataset:
         if self.decode == "device":
-            return ImageListDataset(images, None, self.skip_unreadable, encoded=True,
-                                    train=train)
-        transform = (train_transform(self.crop, self.hflip, self.crop_scale) if train
-                     else eval_transform(self.crop, self.resize))
+            return ImageListDataset(images, None, self.skip_unreadable, encoded=True, train=train)
+        transform = (
+            train_transform(self.crop, self.hflip, self.crop_scale)
+            if train
+            else eval_transform(self.crop, self.resize)
+        )
         return ImageListDataset(images, transform, self.skip_unreadable)
 
     def device_batch(self, batch, device):
@@ -156,8 +192,9 @@ class ImageDataModule(DMLDataModule):
             return super().device_batch(batch, device)
         data, labels, indices, seeds, names = batch
         try:
-            images = images_on_device(data, seeds, device, self.crop, self.resize,
-                                      self.crop_scale, self.hflip)
+            images = images_on_device(
+                data, seeds, device, self.crop, self.resize, self.crop_scale, self.hflip
+            )
         except UndecodableImages as error:
             files = [names[i] for i in error.positions]
             if not self.skip_unreadable:
@@ -165,16 +202,21 @@ class ImageDataModule(DMLDataModule):
                     f"cannot decode image {files[0]}"
                     f"{f' (and {len(files) - 1} more in its batch)' if len(files) > 1 else ''}"
                     f": {error.errors[0].split(': ', 1)[-1]}. Replace the file, or set "
-                    f"data.init_args.skip_unreadable: true to skip unreadable images") from None
+                    f"data.init_args.skip_unreadable: true to skip unreadable images"
+                ) from None
             self.skipped_on_device.update(files)  # named once, at the end (teardown)
             keep = [i for i in range(len(data)) if i not in set(error.positions)]
             if not keep:
-                return (torch.empty(0, 3, self.crop, self.crop, device=device),
-                        labels[:0].to(device), indices[:0].to(device))
+                return (
+                    torch.empty(0, 3, self.crop, self.crop, device=device),
+                    labels[:0].to(device),
+                    indices[:0].to(device),
+                )
             data = [data[i] for i in keep]
             labels, indices, seeds = labels[keep], indices[keep], seeds[keep]
-            images = images_on_device(data, seeds, device, self.crop, self.resize,
-                                      self.crop_scale, self.hflip)
+            images = images_on_device(
+                data, seeds, device, self.crop, self.resize, self.crop_scale, self.hflip
+            )
         return images, labels.to(device), indices.to(device)
 
     def build_train(self):
@@ -188,20 +230,28 @@ class ImageDataModule(DMLDataModule):
         if self.mlrc_fold is None:
             return self.eval_datasets
         train = self.splits["train"]
-        return {"test": self._dataset(train.subset(mlrc_fold_mask(train.labels, self.mlrc_fold)),
-                                      train=False)}
+        return {
+            "test": self._dataset(
+                train.subset(mlrc_fold_mask(train.labels, self.mlrc_fold)), train=False
+            )
+        }
 
     def split_sizes(self) -> Dict[str, object]:
         """The JSON line of ``python -m dml.data.check``."""
         s = self.splits
-        out: Dict[str, object] = {"dataset": self.name,
-                                  "train_images": len(s["train"]),
-                                  "train_classes": s["train"].num_classes}
+        out: Dict[str, object] = {
+            "dataset": self.name,
+            "train_images": len(s["train"]),
+            "train_classes": s["train"].num_classes,
+        }
         if "query" in s:
             test_labels = np.concatenate([s["query"].labels, s["gallery"].labels])
-            out.update(test_images=len(s["query"]) + len(s["gallery"]),
-                       test_classes=len(np.unique(test_labels)),
-                       query_images=len(s["query"]), gallery_images=len(s["gallery"]))
+            out.update(
+                test_images=len(s["query"]) + len(s["gallery"]),
+                test_classes=len(np.unique(test_labels)),
+                query_images=len(s["query"]),
+                gallery_images=len(s["gallery"]),
+            )
         else:
             out.update(test_images=len(s["test"]), test_classes=s["test"].num_classes)
         return out
@@ -209,8 +259,10 @@ class ImageDataModule(DMLDataModule):
     def unreadable_files(self) -> List[str]:
         """The files skipped as unreadable so far (``skip_unreadable``; read in the loader
         workers, or decoded on the device), each once."""
-        return sorted({f for ds in self._all_datasets() for f in ds.unreadable_files()}
-                      | self.skipped_on_device)
+        return sorted(
+            {f for ds in self._all_datasets() for f in ds.unreadable_files()}
+            | self.skipped_on_device
+        )
 
     def teardown(self, stage: Optional[str] = None) -> None:
         bad = self.unreadable_files()
@@ -220,8 +272,11 @@ class ImageDataModule(DMLDataModule):
             world, rank = self._world()
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             who = f" (process {rank} of {world})" if world > 1 else ""
-            warnings.warn(f"{self.name}{who}: skipped {len(bad)} unreadable image file(s): "
-                          f"{', '.join(bad[:5])}{more}")
+            warnings.warn(
+                f"{self.name}{who}: skipped {len(bad)} unreadable image file(s): "
+                f"{', '.join(bad[:5])}{more}",
+                stacklevel=2,
+            )
 
     def _all_datasets(self):
         sets = [self._train] + list((self._eval or {}).values()) + list((self._val or {}).values())
@@ -230,10 +285,13 @@ class ImageDataModule(DMLDataModule):
 
 class CUBDataModule(ImageDataModule):
     """CUB-200-2011: classes 1-100 train (5,864 images), 101-200 test (5,924)."""
+
     name = "cub"
     expected = {"train": (5864, 100), "test": (5924, 100)}
-    guidance = ("Download CUB_200_2011.tgz (`make data DATASET=cub`, or "
-                "https://data.caltech.edu/records/65de6-vp158) and unpack it.")
+    guidance = (
+        "Download CUB_200_2011.tgz (`make data DATASET=cub`, or "
+        "https://data.caltech.edu/records/65de6-vp158) and unpack it."
+    )
 
     def parse(self):
         return parse_cub(self.root)
@@ -241,11 +299,14 @@ class CUBDataModule(ImageDataModule):
 
 class CarsDataModule(ImageDataModule):
     """Cars196: classes 1-98 train (8,054 images), 99-196 test (8,131)."""
+
     name = "cars"
     expected = {"train": (8054, 98), "test": (8131, 98)}
-    guidance = ("Cars196 has no official download any more: get cars_annos.mat and car_ims.tgz "
-                "(from a mirror of the Stanford Cars data set) and unpack car_ims/ next to "
-                "cars_annos.mat.")
+    guidance = (
+        "Cars196 has no official download any more: get cars_annos.mat and car_ims.tgz "
+        "(from a mirror of the Stanford Cars data set) and unpack car_ims/ next to "
+        "cars_annos.mat."
+    )
 
     def parse(self):
         return parse_cars(self.root)
@@ -254,11 +315,14 @@ class CarsDataModule(ImageDataModule):
 class SOPDataModule(ImageDataModule):
     """Stanford Online Products: Ebay_train.txt (11,318 classes / 59,551 images) and
     Ebay_test.txt (11,316 / 60,502). Recall@1/10/100/1000."""
+
     name = "sop"
     expected = {"train": (59551, 11318), "test": (60502, 11316)}
     standard_recall_ks = (1, 10, 100, 1000)
-    guidance = ("Download Stanford_Online_Products.zip (`make data DATASET=sop`, or "
-                "https://cvgl.stanford.edu/projects/lifted_struct/) and unpack it.")
+    guidance = (
+        "Download Stanford_Online_Products.zip (`make data DATASET=sop`, or "
+        "https://cvgl.stanford.edu/projects/lifted_struct/) and unpack it."
+    )
 
     def parse(self):
         return parse_sop(self.root)
@@ -267,13 +331,16 @@ class SOPDataModule(ImageDataModule):
 class InShopDataModule(ImageDataModule):
     """In-Shop Clothes Retrieval: train 3,997 items / 25,882 images; test 3,985 items in
     14,218 query and 12,612 gallery images; queries search the gallery. Recall@1/10/20/30/40."""
+
     name = "inshop"
     expected = {"train": (25882, 3997), "query": (14218, 3985), "gallery": (12612, 3985)}
     standard_recall_ks = (1, 10, 20, 30, 40)
-    guidance = ("Download the In-shop Clothes Retrieval Benchmark of DeepFashion "
-                "(https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html: "
-                "img.zip and Eval/list_eval_partition.txt, from its Google Drive) and unpack "
-                "img/ next to Eval/.")
+    guidance = (
+        "Download the In-shop Clothes Retrieval Benchmark of DeepFashion "
+        "(https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html: "
+        "img.zip and Eval/list_eval_partition.txt, from its Google Drive) and unpack "
+        "img/ next to Eval/."
+    )
 
     def parse(self):
         return parse_inshop(self.root)
@@ -287,15 +354,27 @@ class OmniglotDataModule(ImageDataModule):
     test on the three alphabets only small2 has (106 classes, 2,120 images). Characters are
     not flipped (a mirrored character is another character).
     """
-    name = "omniglot"
-    guidance = ("Download the Omniglot archives (`make data DATASET=omniglot`, or "
-                "https://github.com/brendenlake/omniglot/tree/master/python).")
-    EXPECTED = {"full": {"train": (19280, 964), "test": (13180, 659)},
-                "small": {"train": (2720, 136), "test": (2120, 106)}}
 
-    def __init__(self, root: str = "data/omniglot", subset: str = "full", crop: int = 64,
-                 resize: int = 64, hflip: bool = False,
-                 crop_scale: Sequence[float] = (0.7, 1.0), **kwargs):
+    name = "omniglot"
+    guidance = (
+        "Download the Omniglot archives (`make data DATASET=omniglot`, or "
+        "https://github.com/brendenlake/omniglot/tree/master/python)."
+    )
+    EXPECTED = {
+        "full": {"train": (19280, 964), "test": (13180, 659)},
+        "small": {"train": (2720, 136), "test": (2120, 106)},
+    }
+
+    def __init__(
+        self,
+        root: str = "data/omniglot",
+        subset: str = "full",
+        crop: int = 64,
+        resize: int = 64,
+        hflip: bool = False,
+        crop_scale: Sequence[float] = (0.7, 1.0),
+        **kwargs,
+    ):
         if subset not in self.EXPECTED:
             raise ConfigError(f"data.init_args.subset: expected 'full' or 'small', got {subset!r}")
         self.subset = subset
@@ -312,5 +391,10 @@ class OmniglotDataModule(ImageDataModule):
         return out
 
 
-DATAMODULES = {"cub": CUBDataModule, "cars": CarsDataModule, "sop": SOPDataModule,
-               "inshop": InShopDataModule, "omniglot": OmniglotDataModule}
+DATAMODULES = {
+    "cub": CUBDataModule,
+    "cars": CarsDataModule,
+    "sop": SOPDataModule,
+    "inshop": InShopDataModule,
+    "omniglot": OmniglotDataModule,
+}

@@ -6,6 +6,7 @@ the item is dropped from its batch instead (``collate_skipping``) and flagged in
 one byte per image shared with the DataLoader workers, so that the run reports each bad file
 once, by name, however often it was read.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -59,8 +60,14 @@ class ImageList:
 class ImageListDataset(Dataset):
     """Images of an ``ImageList`` with labels remapped to 0..C-1 (sorted original ids)."""
 
-    def __init__(self, images: ImageList, transform: Optional[Callable] = None,
-                 skip_unreadable: bool = False, encoded: bool = False, train: bool = False):
+    def __init__(
+        self,
+        images: ImageList,
+        transform: Optional[Callable] = None,
+        skip_unreadable: bool = False,
+        encoded: bool = False,
+        train: bool = False,
+    ):
         """encoded: items are the file's bytes for ``dml.data.device_decode`` (decoded on the
         training device), with a training augmentation seed when ``train``."""
         self.images = images
@@ -108,16 +115,24 @@ class ImageListDataset(Dataset):
         except (OSError, KeyError) as error:  # a missing file, or a member missing in a zip
             return self._unreadable(index, error)
         # an empty file stays an item: no decoder reads it, and that is where it is named
-        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
-            torch.empty(0, dtype=torch.uint8)
-        return (encoded, int(self.labels[index]), index, seed if self.train else -1,
-                self.where(index))
+        encoded = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if data
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        return (
+            encoded,
+            int(self.labels[index]),
+            index,
+            seed if self.train else -1,
+            self.where(index),
+        )
 
     def __getitem__(self, index: int):
         if self.encoded:  # a training item outside the seeded loader draws its own seed
             import torch
 
-            return self.item(index, int(torch.randint(0, 2 ** 62, ())) if self.train else -1)
+            return self.item(index, int(torch.randint(0, 2**62, ())) if self.train else -1)
         try:
             img = self._open(self.paths[index])
         except Exception as error:  # truncated JPEG, not an image, missing file...
@@ -134,7 +149,8 @@ class ImageListDataset(Dataset):
             return None
         raise UnreadableImageError(
             f"cannot read image {self.where(index)}: {error}. Replace the file, or set "
-            f"data.init_args.skip_unreadable: true to skip unreadable images") from error
+            f"data.init_args.skip_unreadable: true to skip unreadable images"
+        ) from error
 
     def where(self, index: int) -> str:
         path = self.paths[index]
@@ -142,7 +158,7 @@ class ImageListDataset(Dataset):
 
     def unreadable_files(self) -> List[str]:
         """Every file found unreadable so far (each once), in data-set order."""
-        flags = np.frombuffer(self.unreadable, dtype=np.int8)[:len(self.paths)]
+        flags = np.frombuffer(self.unreadable, dtype=np.int8)[: len(self.paths)]
         return [self.where(i) for i in np.flatnonzero(flags)]
 
     def __getstate__(self):  # zip handles do not cross process boundaries

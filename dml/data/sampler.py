@@ -7,6 +7,7 @@ shuffled cycles (each class once before any class twice) and each class's images
 cycles too, so an epoch covers the data evenly. A class with fewer than M images is topped up
 from a fresh shuffle of itself (repeats within the batch).
 """
+
 from __future__ import annotations
 
 from typing import Iterator, List, Optional, Sequence
@@ -18,9 +19,16 @@ from dml.errors import ConfigError
 
 
 class ClassBalancedBatchSampler(Sampler[List[int]]):
-    def __init__(self, labels: Sequence[int], classes_per_batch: int, samples_per_class: int,
-                 seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 batches_per_epoch: Optional[int] = None):
+    def __init__(
+        self,
+        labels: Sequence[int],
+        classes_per_batch: int,
+        samples_per_class: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        batches_per_epoch: Optional[int] = None,
+    ):
         labels = np.asarray(labels).reshape(-1)
         if classes_per_batch < 1 or samples_per_class < 1:
             raise ConfigError("data.init_args.classes_per_batch and samples_per_class must be >= 1")
@@ -37,7 +45,8 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
             raise ConfigError(
                 f"class-balanced sampler: {classes_per_batch} classes per batch x {num_replicas} "
                 f"process(es) needs {needed} classes with >= {min_size} images; the data set has "
-                f"{len(self.pools)}")
+                f"{len(self.pools)}"
+            )
         self.P, self.M = classes_per_batch, samples_per_class
         self.seed, self.rank, self.num_replicas = seed, rank, num_replicas
         self.epoch = 0
@@ -69,7 +78,7 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
                 else:
                     step_classes.append(c)
             class_queue.extend(deferred)  # popped first at the next step
-            mine = step_classes[self.rank * self.P:(self.rank + 1) * self.P]
+            mine = step_classes[self.rank * self.P : (self.rank + 1) * self.P]
             batch: List[int] = []
             # Advance every drawn class (not only this rank's) so all ranks stay in lock-step.
             for c in step_classes:
@@ -79,7 +88,7 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
                         shuffled[c] = rng.permutation(self.pools[c])
                         positions[c] = 0
                     n = min(self.M - len(take), len(shuffled[c]) - positions[c])
-                    take.extend(shuffled[c][positions[c]:positions[c] + n].tolist())
+                    take.extend(shuffled[c][positions[c] : positions[c] + n].tolist())
                     positions[c] += n
                 if c in mine:
                     batch.extend(take)

@@ -6,10 +6,11 @@ the sample (the main process or a loader worker, seeded when the workers start),
 run, a run with another ``num_workers``, or one whose persistent workers were restarted sees
 other crops than the run it continues. ``SeededBatches`` wraps the batch sampler and hands each
 sample's index with its seed; ``SeededSamples`` wraps the data set and draws that sample's
-augmentation from the CPU generator seeded with it (``seeded``: its state is restored after), or hands the seed on to a
-data set that draws its augmentation later (``takes_seed``: ``dml.data.device_decode`` draws it
-on the device, under this same seed).
+augmentation from the CPU generator seeded with it (``seeded``: its state is restored after), or
+hands the seed on to a data set that draws its augmentation later (``takes_seed``:
+``dml.data.device_decode`` draws it on the device, under this same seed).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -51,8 +52,13 @@ class SeededBatches(Sampler[List[Tuple[int, int]]]):
     ``DistributedSampler``.
     """
 
-    def __init__(self, batches: Sampler[List[int]], seed: int, rank: int = 0,
-                 epoch: Optional[Callable[[], Optional[int]]] = None):
+    def __init__(
+        self,
+        batches: Sampler[List[int]],
+        seed: int,
+        rank: int = 0,
+        epoch: Optional[Callable[[], Optional[int]]] = None,
+    ):
         self.batches, self.seed, self.rank, self.epoch = batches, seed, rank, 0
         self.epoch_source = epoch
 
@@ -70,8 +76,10 @@ class SeededBatches(Sampler[List[Tuple[int, int]]]):
             self.set_epoch(epoch)
         epoch = self.epoch
         for step, batch in enumerate(self.batches):
-            yield [(int(i), sample_seed(self.seed, epoch, step, self.rank, p))
-                   for p, i in enumerate(batch)]
+            yield [
+                (int(i), sample_seed(self.seed, epoch, step, self.rank, p))
+                for p, i in enumerate(batch)
+            ]
 
 
 class SeededSamples(Dataset):

@@ -6,6 +6,7 @@ frequency +- 8 %, position, scale) and randomises nuisances that dominate the ra
 foreground and background colours, grating phase, contrast and Gaussian noise. An untrained
 network therefore groups images by colour, not class; a trained one must learn the geometry.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,19 +31,23 @@ def _shape_mask(shape_id: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tor
     inf = torch.maximum(x.abs(), y.abs())
     l1 = x.abs() + y.abs()
     sharp = 12.0
-    masks = torch.stack([
-        torch.sigmoid(sharp * (1.0 - r)),                                  # disk
-        torch.sigmoid(sharp * (0.85 - inf)),                               # square
-        torch.sigmoid(sharp * (1.15 - l1)),                                # diamond
-        torch.sigmoid(sharp * (1.0 - r)) * torch.sigmoid(sharp * (r - 0.55)),  # ring
-        torch.sigmoid(sharp * (1.0 - inf)) * torch.sigmoid(
-            sharp * (0.35 - torch.minimum(x.abs(), y.abs()))),             # cross
-    ], 1)
+    masks = torch.stack(
+        [
+            torch.sigmoid(sharp * (1.0 - r)),  # disk
+            torch.sigmoid(sharp * (0.85 - inf)),  # square
+            torch.sigmoid(sharp * (1.15 - l1)),  # diamond
+            torch.sigmoid(sharp * (1.0 - r)) * torch.sigmoid(sharp * (r - 0.55)),  # ring
+            torch.sigmoid(sharp * (1.0 - inf))
+            * torch.sigmoid(sharp * (0.35 - torch.minimum(x.abs(), y.abs()))),  # cross
+        ],
+        1,
+    )
     return masks[torch.arange(len(shape_id)), shape_id.long()]
 
 
-def render(class_params: torch.Tensor, labels: torch.Tensor, size: int,
-           generator: torch.Generator) -> torch.Tensor:
+def render(
+    class_params: torch.Tensor, labels: torch.Tensor, size: int, generator: torch.Generator
+) -> torch.Tensor:
     """Images (B, 3, size, size) in [0, 1] for ``labels`` indexing rows of ``class_params``."""
     b = len(labels)
     p = class_params[labels]
@@ -57,8 +62,11 @@ def render(class_params: torch.Tensor, labels: torch.Tensor, size: int,
     xx, yy = xx.expand(b, -1, -1), yy.expand(b, -1, -1)
     u = xx * torch.cos(theta)[:, None, None] + yy * torch.sin(theta)[:, None, None]
     grating = torch.sin(2 * math.pi * freq[:, None, None] * u + phase[:, None, None])
-    mask = _shape_mask(p[:, 0], (xx - shift[:, 0, None, None]) / scale[:, None, None],
-                       (yy - shift[:, 1, None, None]) / scale[:, None, None])
+    mask = _shape_mask(
+        p[:, 0],
+        (xx - shift[:, 0, None, None]) / scale[:, None, None],
+        (yy - shift[:, 1, None, None]) / scale[:, None, None],
+    )
     background = torch.rand(b, 3, 1, 1, generator=g)
     foreground = torch.rand(b, 3, 1, 1, generator=g)
     contrast = 0.35 + 0.35 * torch.rand(b, 1, 1, 1, generator=g)
@@ -75,8 +83,14 @@ class SyntheticShapes(Dataset):
     share no class. Images are normalised to zero mean, unit variance per channel (0.5, 0.25).
     """
 
-    def __init__(self, split: str = "train", num_classes: int = 48, images_per_class: int = 40,
-                 image_size: int = 32, seed: int = 0):
+    def __init__(
+        self,
+        split: str = "train",
+        num_classes: int = 48,
+        images_per_class: int = 40,
+        image_size: int = 32,
+        seed: int = 0,
+    ):
         if split not in ("train", "test"):
             raise ValueError(f"SyntheticShapes: split must be 'train' or 'test', got {split!r}")
         stream = {"train": 0, "test": 1}[split]

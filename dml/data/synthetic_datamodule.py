@@ -1,5 +1,6 @@
 """DataModule of the embedded synthetic data set (``dml.data.synthetic``): the default of
 ``make train``, no download, class-disjoint train/test classes."""
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -32,18 +33,36 @@ class ClassSubset(Dataset):
 
 
 class SyntheticDataModule(DMLDataModule):
-    def __init__(self, train_classes: int = 48, test_classes: int = 48,
-                 images_per_class: int = 40, image_size: int = 32, data_seed: int = 0,
-                 classes_per_batch: int = 8, samples_per_class: int = 4,
-                 eval_batch_size: int = 512, num_workers: int = 0,
-                 recall_ks: Optional[List[int]] = None, batches_per_epoch: Optional[int] = None,
-                 seed: int = 0, mlrc_fold: Optional[int] = None):
+    def __init__(
+        self,
+        train_classes: int = 48,
+        test_classes: int = 48,
+        images_per_class: int = 40,
+        image_size: int = 32,
+        data_seed: int = 0,
+        classes_per_batch: int = 8,
+        samples_per_class: int = 4,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        recall_ks: Optional[List[int]] = None,
+        batches_per_epoch: Optional[int] = None,
+        seed: int = 0,
+        mlrc_fold: Optional[int] = None,
+    ):
         """mlrc_fold: None, or 0..3: train on the training classes outside that fold of 4 and
         validate on the fold (the MLRC protocol, as the image data sets do)."""
-        super().__init__(classes_per_batch, samples_per_class, eval_batch_size, num_workers,
-                         recall_ks, batches_per_epoch, seed)
+        super().__init__(
+            classes_per_batch,
+            samples_per_class,
+            eval_batch_size,
+            num_workers,
+            recall_ks,
+            batches_per_epoch,
+            seed,
+        )
         if mlrc_fold is not None:
             from dml.data.image_datamodules import mlrc_fold_mask
+
             mlrc_fold_mask(np.arange(4), mlrc_fold)  # validates the index
         self.mlrc_fold = mlrc_fold
         self.train_classes, self.test_classes = train_classes, test_classes
@@ -54,16 +73,22 @@ class SyntheticDataModule(DMLDataModule):
         from dml.config import check_range
 
         super().check_settings()
-        for key, low in (("train_classes", 2), ("test_classes", 2), ("images_per_class", 2),
-                         ("image_size", 8)):  # the small CNN halves the image three times
+        for key, low in (
+            ("train_classes", 2),
+            ("test_classes", 2),
+            ("images_per_class", 2),
+            ("image_size", 8),
+        ):  # the small CNN halves the image three times
             check_range(f"data.init_args.{key}", getattr(self, key), (low, None, True))
 
     def _all_train(self):
-        return SyntheticShapes("train", self.train_classes, self.images_per_class,
-                               self.image_size, self.data_seed)
+        return SyntheticShapes(
+            "train", self.train_classes, self.images_per_class, self.image_size, self.data_seed
+        )
 
     def _fold_classes(self, held_out: bool) -> np.ndarray:
         from dml.data.image_datamodules import mlrc_fold_mask
+
         classes = np.arange(self.train_classes)
         in_fold = mlrc_fold_mask(classes, self.mlrc_fold)
         return classes[in_fold] if held_out else classes[~in_fold]
@@ -79,8 +104,11 @@ class SyntheticDataModule(DMLDataModule):
         return {"test": ClassSubset(self._all_train(), self._fold_classes(held_out=True))}
 
     def build_eval(self):
-        return {"test": SyntheticShapes("test", self.test_classes, self.images_per_class,
-                                        self.image_size, self.data_seed)}
+        return {
+            "test": SyntheticShapes(
+                "test", self.test_classes, self.images_per_class, self.image_size, self.data_seed
+            )
+        }
 
     def train_labels(self):
         return self.train_dataset.labels.tolist()

@@ -5,6 +5,7 @@ ImageNet normalisation, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).
 crop = 224 for ResNet settings, 227 for the BN-Inception (MLRC) settings; resize = 256.
 Grey and one-bit images (Omniglot, a few CUB and SOP files) are converted to RGB first.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -27,5 +28,12 @@ def train_transform(crop: int = 224, hflip: bool = True, scale: Sequence[float] 
 
 
 def eval_transform(crop: int = 224, resize: int = 256):
-    return T.Compose([T.Lambda(to_rgb), T.Resize(resize), T.CenterCrop(crop), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose(
+        [
+            T.Lambda(to_rgb),
+            T.Resize(resize),
+            T.CenterCrop(crop),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )

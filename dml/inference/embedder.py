@@ -21,7 +21,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dml.data.image_list import open_image
-
 from dml.errors import ConfigError
 from dml.inference.embeddings import EmbeddingSet
 from dml.safe_load import load_checkpoint
@@ -245,7 +244,9 @@ class Embedder:
             collate_fn=collate_readable,
             pin_memory=self.device.type == "cuda",
         )
-        rows, kept, unreadable = [], [], []
+        rows: List[torch.Tensor] = []
+        kept: List[int] = []
+        unreadable: List[str] = []
         for images, indices, bad in progress_bar(loader, "embed", progress):
             unreadable.extend(paths[i] for i in bad)
             if images is not None:
@@ -295,30 +296,30 @@ class Embedder:
             raise ConfigError(
                 f"--split {split}: {data_class.__name__} has the splits {sorted(datasets)}"
             )
-        dataset = datasets[split]
-        loader = DataLoader(
-            dataset,
+        split_set = datasets[split]
+        loader: DataLoader = DataLoader(
+            split_set,
             batch_size=batch_size,
             num_workers=data.workers(),
             collate_fn=getattr(data, "collate_fn", None),
         )
-        rows, labels, indices = [], [], []
+        rows, label_batches, index_batches = [], [], []
         for batch in progress_bar(loader, f"embed {split}", progress):
             images, y, idx = batch[:3]
             rows.append(self.embed_tensors(images).cpu())
-            labels.append(y)
-            indices.append(idx)
-        idx = torch.cat(indices).numpy()
-        paths = [item_path(dataset, int(i), split) for i in idx]
-        labels = torch.cat(labels).numpy()
-        original = getattr(dataset, "original_classes", None)
+            label_batches.append(y)
+            index_batches.append(idx)
+        order = torch.cat(index_batches).numpy()
+        paths = [item_path(split_set, int(i), split) for i in order]
+        labels = torch.cat(label_batches).numpy()
+        original = getattr(split_set, "original_classes", None)
         if original is not None:  # the data set's own class ids
             labels = np.asarray(original)[labels]
         meta = self.meta(dataset=data_class.__name__, split=split)
-        digest = content_digest(dataset)
+        digest = content_digest(split_set)
         if digest:  # images held in memory: their names say nothing of their content
             meta["content"] = digest
-        archive = getattr(getattr(dataset, "images", None), "archive", None)
+        archive = getattr(getattr(split_set, "images", None), "archive", None)
         if archive:  # the paths are members of this zip file (Omniglot)
             meta["archive"] = os.path.abspath(archive)
         return EmbeddingSet(torch.cat(rows).numpy(), paths, labels, meta)
@@ -345,7 +346,7 @@ class Embedder:
     def recall_ks(self) -> List[int]:
         """The Ks of the data set's Recall@K (its config's, else its standard ones)."""
         ks = self.data_args.get("recall_ks")
-        return list(ks or getattr(self.data_class, "standard_recall_ks", (1, 2, 4, 8)))
+        return list(ks or getattr(self.data_class, "standard_recall_ks", None) or (1, 2, 4, 8))
 
 
 def named_data_set(name: str) -> Tuple[type, Dict[str, Any]]:

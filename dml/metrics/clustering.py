@@ -66,8 +66,8 @@ def normalized_mutual_info(labels, clusters) -> float:
     n = len(y)
     if n != len(c):
         raise ValueError("normalized_mutual_info: labelings differ in length")
-    joint = np.bincount(y * (c.max() + 1) + c, minlength=(y.max() + 1) * (c.max() + 1))
-    joint = joint.reshape(y.max() + 1, c.max() + 1) / n
+    pairs = np.bincount(y * (c.max() + 1) + c, minlength=(y.max() + 1) * (c.max() + 1))
+    joint = pairs.reshape(y.max() + 1, c.max() + 1) / n
     py, pc = joint.sum(1), joint.sum(0)
     nz = joint > 0
     mi = float((joint[nz] * np.log(joint[nz] / np.outer(py, pc)[nz])).sum())

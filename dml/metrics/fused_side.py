@@ -128,26 +128,26 @@ def _columns(
         before = np.zeros(e - s, np.int64)
         for g in range(groups):
             rows_g = range(g * _GROUP, min(width, (g + 1) * _GROUP))
-            for t in ties:
-                if group_min[g, t] <= fl[t]:
+            for u in ties:
+                if group_min[g, u] <= fl[u]:
                     for i in rows_g:
-                        if block[i, s + t] == fl[t] and ref_index[c + i] < first[t]:
-                            before[t] += 1
-            for t in listing:  # entries <= tau lie only in groups whose min is
-                if group_min[g, t] > tl[t]:
+                        if block[i, s + u] == fl[u] and ref_index[c + i] < first[u]:
+                            before[u] += 1
+            for u in listing:  # entries <= tau lie only in groups whose min is
+                if group_min[g, u] > tl[u]:
                     continue
-                q = a + s + t
+                q = a + s + u
                 r = num_relevant[q]
                 for i in rows_g:
-                    v = block[i, s + t]
-                    if v <= tl[t]:
+                    v = block[i, s + u]
+                    if v <= tl[u]:
                         _insert(top_v, top_i, q, r, v, ref_index[c + i])
-                        tl[t] = min(tl[t], top_v[q, r - 1])
+                        tl[u] = min(tl[u], top_v[q, r - 1])
         for t in range(e - s):
             s_lt[a + s + t] += lt[t]
             s_before[a + s + t] += before[t]
-        for t in listing:
-            _settle(top_v, top_i, f, tau, a + s + t, num_relevant[a + s + t], tl[t])
+        for u in listing:
+            _settle(top_v, top_i, f, tau, a + s + u, num_relevant[a + s + u], tl[u])
 
 
 class FusedSides:
@@ -182,9 +182,8 @@ class FusedSides:
         contiguous CPU block ``block`` whose references are c, c+1, ..."""
         kernel = _columns if transposed else _rows
         with _LOCK:
-            numba.set_num_threads(
-                max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-            )
+            most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined] # set at import
+            numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
             kernel(
                 block.numpy(),
                 a,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from dml.metrics.ordering import key_index, key_value, order_keys, squared_dista
 try:  # faiss is an optional extra: `pip install "dml-lightning[cpu]"` or `[gpu]`
     import faiss
 except ImportError:  # pragma: no cover - exercised only where faiss is absent
-    faiss = None
+    faiss = None  # type: ignore[assignment]
 
 # faiss' GPU k-selection handles k up to this value; beyond it we search on the CPU.
 _FAISS_GPU_MAX_K = 2048
@@ -55,7 +56,8 @@ def faiss_gpu_works() -> bool:
             f"faiss sees {faiss.get_num_gpus()} GPU(s) but cannot search on them "
             f"({error}); k-NN searches run on the CPU. The faiss-gpu-cu12 wheels cover "
             f"compute capability 7.0-8.9; on newer GPUs install faiss-gpu from "
-            f"conda-forge (environment.yml)"
+            f"conda-forge (environment.yml)",
+            stacklevel=2,
         )
         return False
 
@@ -100,13 +102,13 @@ def _faiss_search(query: np.ndarray, reference: np.ndarray, k: int, same_source:
     rule; rows it cannot settle come back in ``unsettled``."""
     n_ref = len(reference)
     search_k = min(k + int(same_source) + _FAISS_PAD, n_ref)
-    index = faiss.IndexFlatL2(reference.shape[1])
+    index: Any = faiss.IndexFlatL2(reference.shape[1])
     if search_k <= _FAISS_GPU_MAX_K and faiss_gpu_works():
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(reference)
-    distances, indices = index.search(query, search_k)
-    distances, indices = torch.from_numpy(distances), torch.from_numpy(indices).long()
-    keys = torch.sort(order_keys(distances, indices), dim=1).values
+    found_d, found_i = index.search(query, search_k)
+    found = order_keys(torch.from_numpy(found_d), torch.from_numpy(found_i).long())
+    keys = torch.sort(found, dim=1).values
     distances, indices = key_value(keys), key_index(keys)
     if same_source:
         distances, indices = _drop_self(distances, indices)
@@ -159,7 +161,7 @@ def knn(query, reference=None, k: int = 1, backend: str = "auto", chunk_size: in
             r,
             k,
             chunk_size,
-            self_index[rows.to(q.device)] if same_source else None,
+            self_index[rows.to(q.device)] if self_index is not None else None,
         )
     return distances, indices
 

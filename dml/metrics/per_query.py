@@ -16,7 +16,7 @@ models on the same queries (``dml.metrics.significance``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
@@ -58,7 +58,9 @@ class QueryResults:
         """One row per class, ascending label: {"class", "queries", <metric>: the mean over
         the class's queries}."""
         classes, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
-        rows = [{"class": int(c), "queries": int(n)} for c, n in zip(classes, counts)]
+        rows: List[Dict[str, Any]] = [
+            {"class": int(c), "queries": int(n)} for c, n in zip(classes, counts)
+        ]
         for name, v in self.values(ks).items():
             means = np.bincount(inverse, weights=v, minlength=len(classes)) / counts
             for row, m in zip(rows, means):

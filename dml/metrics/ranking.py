@@ -360,8 +360,8 @@ class BlockRanks:
             self._fused = FusedSides(self.f, self.tau, self.R, self.r_orig, first_index, self.L)
         for i, j in self._blocks():
             B = self._block(i, j)
-            for side in self._sides(i, j, B):
-                self._main_side(*side, (i, j) in band)
+            for M, transposed, rows, cols in self._sides(i, j, B):
+                self._main_side(M, transposed, rows, cols, (i, j) in band)
         if self.fused:
             self.top = self._fused.keys()
             self.s_lt = self._fused.rank()  # exact, ties included

@@ -21,7 +21,7 @@ does; the standard benchmarks have none. Non-finite embeddings are an error, nev
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -228,6 +228,7 @@ def results_from_distances(
     rule: (value, reference index). Without ``gallery_labels`` the rows and columns are one set
     and each query's own column is excluded."""
     caller = "results_from_distances"
+    shape: Tuple[int, ...]
     if hasattr(distances, "rows"):
         rows_of, shape = distances.rows, (distances.num_queries, distances.num_references)
     else:

@@ -39,7 +39,8 @@ def _load_weights(name: str, weights_enum):
 
 
 class SmallCNN(nn.Module):
-    """Four conv-BN-ReLU blocks; the first three halve the resolution. 3 -> ``width`` * 4 channels."""
+    """Four conv-BN-ReLU blocks; the first three halve the resolution. 3 -> ``width`` * 4
+    channels."""
 
     def __init__(self, width: int = 32, in_channels: int = 3):
         super().__init__()

@@ -24,7 +24,8 @@ from torch import nn
 
 @dataclass
 class PoolingOutput:
-    """pooled: (B, C). weights: (B, H*W) per-location weights or None. attributes: (B, m) or None."""
+    """pooled: (B, C). weights: (B, H*W) per-location weights or None. attributes: (B, m) or
+    None."""
 
     pooled: torch.Tensor
     weights: Optional[torch.Tensor] = None

@@ -7,9 +7,9 @@ For anchor i of the batch and the stored rows j with labels y_j, the term sums o
     N_i = the max(1, floor(f n_i)) stored negatives with the largest s_ij
 
 where n_i = |{j : y_j != y_i}| and s_ij = <z_i, m_j> is the similarity of the anchor to the
-stored row: the negatives most similar to the anchor, the ones a margin loss acts on. Everything else (the
-warm-up, the enqueue order, XBN's transforms, the checkpointed buffers) is the memory term's
-(``dml.losses.CrossBatchMemoryLoss``); this class overrides only ``select_pairs``.
+stored row: the negatives most similar to the anchor, the ones a margin loss acts on. Everything
+else (the warm-up, the enqueue order, XBN's transforms, the checkpointed buffers) is the memory
+term's (``dml.losses.CrossBatchMemoryLoss``); this class overrides only ``select_pairs``.
 
 Use it with ``examples/memory_variant/xbm_hardest_negatives.yaml`` on top of a memory method and
 this folder on ``PYTHONPATH`` (docs/extending.md).

@@ -3,15 +3,15 @@ follows lambda0 * decay^r, the candidate pools draw without replacement, and the
 a checkpoint."""
 
 import numpy as np
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
+from helpers import small_data, trainer
 
 from dml.callbacks import ChanceConstraintProjection
 from dml.errors import ConfigError
 from dml.losses.ccp import greedy_k_center_batched
 from dml.module import BackboneConfig, DMLModule, LossConfig, OptimizerConfig
-from helpers import small_data, trainer
 
 MARGINS = {"c2": {"pos_margin": 0.1, "neg_margin": 0.6}}
 

@@ -1,4 +1,5 @@
 """DataModules on small trees written in the official formats, and on the real Omniglot subsets."""
+
 import json
 import os
 import zipfile
@@ -8,17 +9,26 @@ import pytest
 import torch
 from PIL import Image
 
-from dml.data import (CarsDataModule, CUBDataModule, DatasetNotFound, IncompleteDataset,
-                      InShopDataModule, MetadataError, OmniglotDataModule, SOPDataModule,
-                      UnreadableImageError, mlrc_fold_mask)
+from dml.data import (
+    CarsDataModule,
+    CUBDataModule,
+    DatasetNotFound,
+    IncompleteDataset,
+    InShopDataModule,
+    MetadataError,
+    OmniglotDataModule,
+    SOPDataModule,
+    UnreadableImageError,
+    mlrc_fold_mask,
+)
 from dml.data import check as data_check
-from dml.errors import ConfigError
 from dml.data import download as data_download
+from dml.errors import ConfigError
 
-OMNIGLOT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
-                        "omniglot")
-needs_omniglot = pytest.mark.skipif(not os.path.isdir(OMNIGLOT),
-                                    reason="../shared/data/omniglot is absent")
+OMNIGLOT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "omniglot")
+needs_omniglot = pytest.mark.skipif(
+    not os.path.isdir(OMNIGLOT), reason="../shared/data/omniglot is absent"
+)
 
 
 def jpeg(path, seed=0, size=(50, 40)):
@@ -55,8 +65,13 @@ def make_cub(root, classes=(1, 2, 3, 101, 102, 103), per_class=3):
 def test_cub_splits_labels_and_items(tmp_path):
     make_cub(tmp_path)
     dm = small(CUBDataModule, tmp_path)
-    assert dm.split_sizes() == {"dataset": "cub", "train_images": 9, "train_classes": 3,
-                                "test_images": 9, "test_classes": 3}
+    assert dm.split_sizes() == {
+        "dataset": "cub",
+        "train_images": 9,
+        "train_classes": 3,
+        "test_images": 9,
+        "test_classes": 3,
+    }
     assert set(dm.splits["train"].labels) == {1, 2, 3}
     assert set(dm.splits["test"].labels) == {101, 102, 103}
     train = dm.train_dataset
@@ -72,7 +87,7 @@ def test_cub_splits_labels_and_items(tmp_path):
 def test_cub_incomplete_archive_is_reported(tmp_path):
     make_cub(tmp_path)
     with pytest.raises(IncompleteDataset, match="5864 images in 100 classes, found 9 in 3"):
-        small(CUBDataModule, tmp_path, verify=True).splits
+        _ = small(CUBDataModule, tmp_path, verify=True).splits
 
 
 def test_missing_image_file_is_reported(tmp_path, monkeypatch):
@@ -80,7 +95,7 @@ def test_missing_image_file_is_reported(tmp_path, monkeypatch):
     os.remove(base / "images" / "002.Bird_2" / "Bird_2_0001.jpg")
     monkeypatch.setattr(CUBDataModule, "expected", {"train": (9, 3), "test": (9, 3)})
     with pytest.raises(IncompleteDataset, match="Bird_2_0001.jpg"):
-        small(CUBDataModule, tmp_path, verify=True).splits
+        _ = small(CUBDataModule, tmp_path, verify=True).splits
 
 
 def test_malformed_metadata_line_names_file_and_line(tmp_path):
@@ -89,18 +104,18 @@ def test_malformed_metadata_line_names_file_and_line(tmp_path):
     lines[4] = "5 two"
     (base / "image_class_labels.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(MetadataError, match=r"image_class_labels.txt, line 5: class_id"):
-        small(CUBDataModule, tmp_path).splits
+        _ = small(CUBDataModule, tmp_path).splits
     lines[4] = "5"
     (base / "image_class_labels.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(MetadataError, match=r"image_class_labels.txt, line 5: expected 2"):
-        small(CUBDataModule, tmp_path).splits
+        _ = small(CUBDataModule, tmp_path).splits
 
 
 def test_missing_folder_says_where_to_get_the_data(tmp_path):
     with pytest.raises(DatasetNotFound, match="make data DATASET=cub"):
-        small(CUBDataModule, tmp_path / "nowhere").splits
+        _ = small(CUBDataModule, tmp_path / "nowhere").splits
     with pytest.raises(DatasetNotFound, match="cars_annos.mat"):
-        small(CarsDataModule, tmp_path).splits
+        _ = small(CarsDataModule, tmp_path).splits
 
 
 def test_unreadable_image_names_the_file_or_is_skipped(tmp_path):
@@ -122,6 +137,7 @@ def test_unreadable_image_names_the_file_or_is_skipped(tmp_path):
 # --- Cars196 ------------------------------------------------------------------------------
 def make_cars(root, classes=(1, 2, 99, 100), per_class=3):
     from scipy.io import savemat
+
     fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
     records = np.zeros((1, len(classes) * per_class), dtype=[(f, "O") for f in fields])
     i = 0
@@ -130,9 +146,15 @@ def make_cars(root, classes=(1, 2, 99, 100), per_class=3):
             rel = f"car_ims/{i + 1:06d}.jpg"
             jpeg(str(root / rel), seed=i)
             # the .mat's own train/test flag disagrees with the DML class split on purpose
-            records[0, i] = (np.array([rel]), np.array([[1]]), np.array([[2]]),
-                             np.array([[30]]), np.array([[20]]), np.array([[c]], np.uint8),
-                             np.array([[j % 2]], np.uint8))
+            records[0, i] = (
+                np.array([rel]),
+                np.array([[1]]),
+                np.array([[2]]),
+                np.array([[30]]),
+                np.array([[20]]),
+                np.array([[c]], np.uint8),
+                np.array([[j % 2]], np.uint8),
+            )
             i += 1
     savemat(str(root / "cars_annos.mat"), {"annotations": records})
 
@@ -149,7 +171,7 @@ def test_cars_reads_the_mat_file_and_splits_by_class(tmp_path):
 def test_cars_unreadable_mat_is_a_clear_error(tmp_path):
     (tmp_path / "cars_annos.mat").write_bytes(b"garbage")
     with pytest.raises(MetadataError, match="cars_annos.mat"):
-        small(CarsDataModule, tmp_path).splits
+        _ = small(CarsDataModule, tmp_path).splits
 
 
 # --- SOP ----------------------------------------------------------------------------------
@@ -182,14 +204,20 @@ def test_sop_bad_header_is_reported(tmp_path):
     text = (base / "Ebay_test.txt").read_text().replace("super_class_id", "superclass")
     (base / "Ebay_test.txt").write_text(text)
     with pytest.raises(MetadataError, match="Ebay_test.txt, line 1"):
-        small(SOPDataModule, tmp_path).splits
+        _ = small(SOPDataModule, tmp_path).splits
 
 
 # --- In-Shop ------------------------------------------------------------------------------
 def make_inshop(root):
     rows = []
-    for item, status, n in ((1, "train", 3), (2, "train", 2), (7, "query", 2), (7, "gallery", 2),
-                            (8, "query", 1), (8, "gallery", 3)):
+    for item, status, n in (
+        (1, "train", 3),
+        (2, "train", 2),
+        (7, "query", 2),
+        (7, "gallery", 2),
+        (8, "query", 1),
+        (8, "gallery", 3),
+    ):
         for j in range(n):
             rel = f"img/WOMEN/Dresses/id_{item:08d}/{status}_{j}_front.jpg"
             jpeg(str(root / rel), seed=len(rows))
@@ -202,9 +230,15 @@ def make_inshop(root):
 def test_inshop_query_gallery_membership(tmp_path):
     make_inshop(tmp_path)
     dm = small(InShopDataModule, tmp_path)
-    assert dm.split_sizes() == {"dataset": "inshop", "train_images": 5, "train_classes": 2,
-                                "test_images": 8, "test_classes": 2, "query_images": 3,
-                                "gallery_images": 5}
+    assert dm.split_sizes() == {
+        "dataset": "inshop",
+        "train_images": 5,
+        "train_classes": 2,
+        "test_images": 8,
+        "test_classes": 2,
+        "query_images": 3,
+        "gallery_images": 5,
+    }
     sets = dm.eval_datasets
     assert set(sets) == {"query", "gallery"} and dm.protocol(sets) == "query_gallery"
     assert all("query" in p for p in sets["query"].paths)
@@ -222,7 +256,7 @@ def test_inshop_count_line_must_match(tmp_path):
     path = tmp_path / "Eval" / "list_eval_partition.txt"
     path.write_text("99\n" + path.read_text().split("\n", 1)[1])
     with pytest.raises(MetadataError, match="line 1: announces 99 images"):
-        small(InShopDataModule, tmp_path).splits
+        _ = small(InShopDataModule, tmp_path).splits
 
 
 # --- MLRC folds ---------------------------------------------------------------------------
@@ -249,12 +283,22 @@ def test_mlrc_fold_trains_on_three_folds_validates_on_one_tests_untouched(tmp_pa
 
 def test_unreadable_files_are_named_once_across_loader_workers(tmp_path):
     base = make_cub(tmp_path, per_class=6)
-    bad = [base / "images" / "001.Bird_1" / "Bird_1_0002.jpg",
-           base / "images" / "102.Bird_102" / "Bird_102_0004.jpg"]
+    bad = [
+        base / "images" / "001.Bird_1" / "Bird_1_0002.jpg",
+        base / "images" / "102.Bird_102" / "Bird_102_0004.jpg",
+    ]
     for path in bad:
         path.write_bytes(b"\xff\xd8 truncated")
-    dm = CUBDataModule(root=str(tmp_path), verify=False, num_workers=2, crop=32, resize=36,
-                       skip_unreadable=True, classes_per_batch=3, samples_per_class=2)
+    dm = CUBDataModule(
+        root=str(tmp_path),
+        verify=False,
+        num_workers=2,
+        crop=32,
+        resize=36,
+        skip_unreadable=True,
+        classes_per_batch=3,
+        samples_per_class=2,
+    )
     dm.setup("fit")
     for _ in range(2):  # two epochs: each file fails twice, in worker processes
         for loader in [dm.train_dataloader(), *dm.val_dataloader()]:
@@ -268,15 +312,13 @@ def test_unreadable_files_are_named_once_across_loader_workers(tmp_path):
 # --- the check and download commands -------------------------------------------------------
 def test_data_check_decode_lists_the_unreadable_images(tmp_path, capsys):
     base = make_cub(tmp_path)
-    assert data_check.main(["cub", str(tmp_path), "--no-verify", "--decode",
-                            "--workers", "2"]) == 0
+    assert data_check.main(["cub", str(tmp_path), "--no-verify", "--decode", "--workers", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["unreadable"] == 0
     bad = base / "images" / "101.Bird_101" / "Bird_101_0001.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG: the parse alone passes it
     assert data_check.main(["cub", str(tmp_path), "--no-verify"]) == 0
     capsys.readouterr()
-    assert data_check.main(["cub", str(tmp_path), "--no-verify", "--decode",
-                            "--workers", "2"]) == 1
+    assert data_check.main(["cub", str(tmp_path), "--no-verify", "--decode", "--workers", "2"]) == 1
     captured = capsys.readouterr()
     assert f"1 unreadable image(s): {bad}" in captured.err
     assert json.loads(captured.out)["unreadable"] == 1
@@ -318,6 +360,7 @@ def test_download_verifies_the_checksum_and_unpacks(tmp_path, monkeypatch):
         (tmp_path / "out" / filename).write_bytes(data)
 
     import torchvision.datasets.utils as tvu
+
     monkeypatch.setattr(tvu, "download_url", fake_download)
     monkeypatch.setitem(data_download.DOWNLOADS, "cub", [("https://x/CUB.tgz", "CUB.tgz", md5)])
     assert data_download.main(["cub", str(tmp_path / "out")]) == 0
@@ -335,8 +378,13 @@ def test_datasets_without_public_download_print_guidance(capsys):
 @needs_omniglot
 def test_omniglot_small_subsets_published_split():
     dm = OmniglotDataModule(root=OMNIGLOT, subset="small", verify=True)
-    assert dm.split_sizes() == {"dataset": "omniglot-small", "train_images": 2720,
-                                "train_classes": 136, "test_images": 2120, "test_classes": 106}
+    assert dm.split_sizes() == {
+        "dataset": "omniglot-small",
+        "train_images": 2720,
+        "train_classes": 136,
+        "test_images": 2120,
+        "test_classes": 106,
+    }
     test_alphabets = {p.split("/")[1] for p in dm.splits["test"].paths}
     assert test_alphabets == {"Japanese_(katakana)", "Sanskrit", "Tagalog"}
     image, label, index = dm.train_dataset[0]
@@ -352,7 +400,7 @@ def test_omniglot_zip_with_bad_layout(tmp_path):
     with zipfile.ZipFile(tmp_path / "images_evaluation.zip", "w") as z:
         z.writestr("images_evaluation/x/character01/1_01.png", b"")
     with pytest.raises(MetadataError, match="Latin/a.png"):
-        OmniglotDataModule(root=str(tmp_path), verify=False).splits
+        _ = OmniglotDataModule(root=str(tmp_path), verify=False).splits
 
 
 @needs_omniglot
@@ -362,19 +410,39 @@ def test_short_training_on_omniglot_small1_generalises_to_unseen_alphabets(tmp_p
     from dml.module import BackboneConfig, DMLModule, OptimizerConfig
 
     pl.seed_everything(0)
-    dm = OmniglotDataModule(root=OMNIGLOT, subset="small", crop=32, resize=32,
-                            classes_per_batch=16, samples_per_class=4, eval_batch_size=512)
-    module = DMLModule(backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
-                       embedding_dim=64, optimizer=OptimizerConfig(lr=2e-3),
-                       num_classes=dm.num_train_classes)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False,
-                         default_root_dir=tmp_path, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False,
-                         num_sanity_val_steps=-1, use_distributed_sampler=False)
+    dm = OmniglotDataModule(
+        root=OMNIGLOT,
+        subset="small",
+        crop=32,
+        resize=32,
+        classes_per_batch=16,
+        samples_per_class=4,
+        eval_batch_size=512,
+    )
+    module = DMLModule(
+        backbone=BackboneConfig("small_cnn", pretrained=False, width=16),
+        embedding_dim=64,
+        optimizer=OptimizerConfig(lr=2e-3),
+        num_classes=dm.num_train_classes,
+    )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=-1,
+        use_distributed_sampler=False,
+    )
     trainer.fit(module, dm)
     before, after = module.initial_metrics, module.last_metrics
-    print(f"omniglot small1 -> unseen alphabets: R@1 {before['R@1']:.3f} -> {after['R@1']:.3f}, "
-          f"MAP@R {before['MAP@R']:.3f} -> {after['MAP@R']:.3f}")
+    print(
+        f"omniglot small1 -> unseen alphabets: R@1 {before['R@1']:.3f} -> {after['R@1']:.3f}, "
+        f"MAP@R {before['MAP@R']:.3f} -> {after['MAP@R']:.3f}"
+    )
     assert after["R@1"] > before["R@1"] + 0.2
     assert after["MAP@R"] > 2 * before["MAP@R"]
 
@@ -390,8 +458,9 @@ def test_training_crops_depend_on_seed_epoch_and_position_not_on_workers_or_rng(
     """A resumed run (fresh loader, other global RNG state) and a run with loader workers see
     the same random crops and flips as the run they continue."""
     make_cub(tmp_path, per_class=6)
-    dm = small(CUBDataModule, tmp_path, classes_per_batch=2, samples_per_class=3,
-               crop_scale=(0.2, 1.0))
+    dm = small(
+        CUBDataModule, tmp_path, classes_per_batch=2, samples_per_class=3, crop_scale=(0.2, 1.0)
+    )
     dm.setup("fit")
     torch.manual_seed(0)
     first = training_batches(dm, epoch=1)
@@ -407,8 +476,9 @@ def test_training_crops_depend_on_seed_epoch_and_position_not_on_workers_or_rng(
     other = training_batches(dm, epoch=2)
     assert not any(torch.equal(a[0], b[0]) for a, b in zip(first, other))
     images = first[0][0]
-    same_file = [(i, j) for i in range(len(images)) for j in range(i)
-                 if first[0][2][i] == first[0][2][j]]
+    same_file = [
+        (i, j) for i in range(len(images)) for j in range(i) if first[0][2][i] == first[0][2][j]
+    ]
     assert all(not torch.equal(images[i], images[j]) for i, j in same_file)
 
 
@@ -416,7 +486,7 @@ def test_training_crops_depend_on_seed_epoch_and_position_not_on_workers_or_rng(
 def photo_like(path, seed, size=(96, 72)):
     """A smooth image (JPEG artefacts and interpolation stay small on it)."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]] / max(size)
     a, b, c = rng.uniform(1, 4, 3)
     pixels = np.stack([np.sin(a * x + b * y), np.cos(b * x - c * y), np.sin(c * x * y + a)], -1)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -433,6 +503,7 @@ def test_decoding_on_the_device_matches_the_pil_path(tmp_path):
     photo_like(path, 0)
     data = torch.frombuffer(bytearray(open(path, "rb").read()), dtype=torch.uint8)
     from torchvision.io import ImageReadMode, decode_jpeg
+
     img = decode_jpeg(data, mode=ImageReadMode.RGB)
     pil = Image.open(path).convert("RGB")
     pil_train = train_transform(48, True, (0.2, 1.0))
@@ -441,14 +512,16 @@ def test_decoding_on_the_device_matches_the_pil_path(tmp_path):
         expected = pil_train(pil)
         got = normalize([train_view(img, seed, 48, (0.2, 1.0), True)])[0]
         assert got.shape == expected.shape
-        assert (got - expected).abs().mean() < 0.02, seed  # normalised units; another seed's crop: 0.26-0.62
+        assert (got - expected).abs().mean() < 0.02, (
+            seed
+        )  # normalised units; another seed's crop: 0.26-0.62
     expected = eval_transform(48, 56)(pil)
     got = normalize([eval_view(img, 48, 56)])[0]
     assert (got - expected).abs().mean() < 0.02
 
     make_cub(tmp_path / "cub", per_class=4)
     for folder in (tmp_path / "cub" / "CUB_200_2011" / "images").iterdir():
-        for i, f in enumerate(sorted(folder.iterdir())):
+        for f in sorted(folder.iterdir()):
             photo_like(str(f), hash(f.name) % 1000)
     kwargs = dict(classes_per_batch=2, samples_per_class=2, crop_scale=(0.3, 1.0))
     pil_dm = small(CUBDataModule, tmp_path / "cub", **kwargs)
@@ -472,7 +545,7 @@ def rotated_photo(path, size=(96, 48)):
     """A landscape photo stored with EXIF orientation 6 ("rotate 90 degrees clockwise to
     view"): a viewer shows it as the portrait ``stored.transpose(ROTATE_270)``. Returns the
     upright image as a viewer shows it."""
-    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]] / max(size)
     pixels = np.stack([np.sin(3 * x + y), x * np.ones_like(y), y * np.ones_like(x)], -1)
     stored = Image.fromarray((255 * (pixels - pixels.min()) / np.ptp(pixels)).astype(np.uint8))
     exif = Image.Exif()

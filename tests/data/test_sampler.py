@@ -1,4 +1,5 @@
 """The class-balanced P x M batch sampler: composition, determinism, DDP sharding."""
+
 import numpy as np
 import pytest
 
@@ -20,8 +21,9 @@ def test_batches_have_p_classes_of_m_samples():
 
 def test_small_class_is_topped_up_and_singletons_are_dropped():
     labels = labels_with_sizes([2, 1, 10, 10])
-    s = ClassBalancedBatchSampler(labels, classes_per_batch=3, samples_per_class=4, seed=0,
-                                  batches_per_epoch=20)
+    s = ClassBalancedBatchSampler(
+        labels, classes_per_batch=3, samples_per_class=4, seed=0, batches_per_epoch=20
+    )
     seen = set()
     for batch in s:
         seen |= set(labels[batch].tolist())
@@ -51,8 +53,10 @@ def test_epoch_covers_classes_evenly():
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_get_distinct_classes_and_equal_lengths(world):
     labels = labels_with_sizes([6] * 30 + [3] * 7)
-    samplers = [ClassBalancedBatchSampler(labels, 3, 2, seed=5, num_replicas=world, rank=r)
-                for r in range(world)]
+    samplers = [
+        ClassBalancedBatchSampler(labels, 3, 2, seed=5, num_replicas=world, rank=r)
+        for r in range(world)
+    ]
     lengths = {len(list(s)) for s in samplers}
     assert len(lengths) == 1
     for step in zip(*samplers):

@@ -4,6 +4,7 @@ pseudo-test refinement, training alone and with GSP and a metric loss."""
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from helpers import small_data, trainer
 
 from dml.evaluation import EvalSet, EvalSets
 from dml.losses import IntraBatchConnections
@@ -11,7 +12,6 @@ from dml.losses.ibc import pseudo_test_refiner
 from dml.metrics import k_reciprocal_neighbors
 from dml.models import MessagePassingNetwork
 from dml.module import BackboneConfig, DMLModule, IBCConfig, LossConfig, OptimizerConfig
-from helpers import small_data, trainer
 
 
 def test_ibc_losses_are_label_smoothed_cross_entropies_at_temperature_tau():

@@ -7,12 +7,11 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from scipy.stats import binomtest
+from test_retrieval_metrics import brute_force_recall, clustered_data
 
 from dml.metrics import retrieval_metrics
 from dml.metrics.retrieval import query_results
 from dml.metrics.significance import mcnemar, paired_bootstrap
-
-from test_retrieval_metrics import brute_force_recall, clustered_data
 
 
 def test_per_class_means_and_their_average_match_a_loop_and_pml():

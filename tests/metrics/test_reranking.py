@@ -7,11 +7,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from test_retrieval_metrics import clustered_data
 
 from dml.metrics.retrieval import results_from_distances
 from dml.reranking import alpha_qe, k_reciprocal, rerank
-
-from test_retrieval_metrics import clustered_data
 
 
 def unit(x):

@@ -6,8 +6,14 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from sklearn.metrics import normalized_mutual_info_score
 
-from dml.metrics import faiss_available, kmeans_assign, knn, nmi, normalized_mutual_info
-from dml.metrics import retrieval_metrics
+from dml.metrics import (
+    faiss_available,
+    kmeans_assign,
+    knn,
+    nmi,
+    normalized_mutual_info,
+    retrieval_metrics,
+)
 
 KNN_BACKENDS = ["torch"] + (["faiss"] if faiss_available() else [])
 BACKENDS = ["rank"] + KNN_BACKENDS

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
+from run_helpers import fit_recording_losses
 
 from dml.compose import config_args
-from run_helpers import fit_recording_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(REPO, "examples", "attention_pooling")

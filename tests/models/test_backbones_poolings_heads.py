@@ -87,7 +87,7 @@ def test_small_cnn_refuses_pretrained():
 def test_every_pooling_follows_the_contract():
     x = torch.rand(2, 5, 4, 4)
     head = nn.Linear(5, 6)
-    for name, cls in POOLINGS.items():
+    for name in POOLINGS:
         pooling = build_pooling(name, 5, {"num_prototypes": 3} if name == "gsp" else {}, 6)
         assert isinstance(pooling, Pooling), name
         token = torch.rand(2, 5)  # a ViT's class token, for poolings that use it
