@@ -4,6 +4,13 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 FAISS ?= cpu
+# the tested environment's pins (constraints.txt, `make lock`); the GPU route resolves its own
+# CUDA stack, unpinned. LOCK= (empty) installs unpinned on any route.
+ifeq ($(FAISS),cpu)
+LOCK ?= constraints.txt
+else
+LOCK ?=
+endif
 # SYSTEM_PYTHON=1: run with $(PYTHON) as it is, no .venv (an image that already holds the
 # requirements, e.g. an offline GPU node with the wheels of benchmarks/README.md installed)
 ifeq ($(SYSTEM_PYTHON),1)
@@ -24,13 +31,15 @@ ARGS ?=
 
 DATA_ROOT ?= data/$(DATASET)
 
-.PHONY: train zero-shot resume test table data data-check bench-eval gpu-check gpu-bench notebook embed index search export mlrc docs docs-serve venv clean help
+.PHONY: train zero-shot resume lint lock test table data data-check bench-eval gpu-check gpu-bench notebook embed index search export mlrc docs docs-serve venv clean help
 
 help:
 	@echo "make train [DATASET=synthetic] [METHOD=baseline] [BACKBONE=vit_s16_dino] [DEVICES=1] [ARGS='--trainer.max_epochs 5']"
 	@echo "make zero-shot [DATASET=synthetic] [BACKBONE=vit_s16_dino] [METHOD=baseline] [ARGS=...]   the untrained backbone's pooled features on the test split (no training, no head)"
 	@echo "make resume RUN=runs/<run folder> [ARGS='--trainer.max_epochs 60']   continue from its last.ckpt"
 	@echo "make test [TEST_WORKERS=2]   the test suite (TEST_WORKERS=0: in one process)"
+	@echo "make lock       refresh constraints.txt (the pinned, tested environment make venv installs)"
+	@echo "make lint       ruff check + ruff format --check + mypy (dml.metrics, dml.inference, dml.evaluation)"
 	@echo "make table [DATASET=omniglot_small] [SEEDS='0 1 2'] [DEVICES=1]   methods-vs-baselines grid -> experiments/results/"
 	@echo "make embed|index|search|export ARGS='...'   python -m dml <command> ARGS (docs/usage.md)"
 	@echo "make notebook   JupyterLab on notebooks/ (installs the notebook extra)"
@@ -44,11 +53,22 @@ help:
 	@echo "methods:   $$(ls experiments/method/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"
 	@echo "backbones: $$(ls experiments/backbone/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev,$(FAISS)]"
+	$(PY) -m pip install $(if $(LOCK),-c $(LOCK)) -e ".[dev,$(FAISS)]"
 	touch $@
+
+# constraints.txt from a fresh resolution of setup.cfg's requirements (dev + cpu extras)
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q -e ".[dev,cpu]"
+	{ echo "# The tested environment (CPU route): make train / make test install with these pins"; \
+	  echo "# (pip install -c constraints.txt -e \".[dev,cpu]\"). Refresh with \`make lock\`; \`make venv LOCK=\`"; \
+	  echo "# installs unpinned. Generated $$(date +%F) on Python $$(.lock-venv/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -sm)."; \
+	  .lock-venv/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 venv: $(VENV)/.installed
 
@@ -78,6 +98,12 @@ resume: $(INSTALLED)
 # The suite in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (its
 # module fixtures are built once); TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
+# ruff (lint + format check, pyproject.toml) and mypy on the public API; CI runs it first
+lint: $(INSTALLED)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
 test: $(INSTALLED)
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 

@@ -30,7 +30,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.plugins.io import CheckpointIO
 
 from dml import runs
-from dml.compose import merge_config_args
+from dml.builder import terms_by_name
 from dml.callbacks import (
     AtomicCheckpointIO,
     ChanceConstraintProjection,
@@ -39,6 +39,7 @@ from dml.callbacks import (
     EarlyStopping,
     ProgressBar,
 )
+from dml.compose import merge_config_args
 from dml.console import say
 from dml.data import (
     DatasetNotFound,
@@ -55,8 +56,8 @@ from dml.errors import (
     NonFiniteStateError,
 )
 from dml.models import PretrainedWeightsUnavailable
-from dml.builder import terms_by_name
 from dml.module import DMLModule
+from dml.quiet import quiet_known_noise
 from dml.safe_load import load_checkpoint
 
 CONFIG_KEY = "dml_config"  # the composed configuration, saved in every checkpoint
@@ -173,7 +174,7 @@ class DMLCLI(LightningCLI):
         if launching_process():
             runs.write_run_file(run_dir, git_state(), ckpt_path if resuming else None)
             if not resuming:  # a resume names its checkpoint, in the folder, first
-                say(f"run folder: {run_dir}")
+                say(f"run folder: {run_dir} (seed {config.get('seed_everything')})")
 
     # --- what the printed numbers measure ----------------------------------------------------
     def before_fit(self) -> None:
@@ -190,6 +191,9 @@ class DMLCLI(LightningCLI):
                 f"validation: {dm.split_name('val')} (held-out training classes); the test "
                 f"split is not used while training"
             )
+        trainer = self.trainer
+        kind = type(trainer.accelerator).__name__.replace("Accelerator", "").lower()
+        say(f"devices: {trainer.num_devices} x {kind}")
 
     def before_test(self) -> None:
         if self.config["test"].get("zero_shot"):  # the printed line says what was measured
@@ -456,6 +460,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(args=None) -> DMLCLI:
+    quiet_known_noise()
     argv = list(sys.argv[1:] if args is None else args)
     cli = None
     try:

@@ -84,3 +84,5 @@ class WandbLogger(_LightningWandbLogger):
                 offline = not wandb_logged_in()
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # unset: wandb warns on any value given
+            self._wandb_init.pop("anonymous", None)

@@ -75,7 +75,6 @@ def run(args) -> str:
     from dml.compare.inputs import load_model
     from dml.compare.paired import compare_models
     from dml.compare.report import summary, write_outputs
-
     from dml.metrics.significance import minimum_resamples
 
     if not 0 < args.level < 1:
@@ -113,5 +112,7 @@ def run(args) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from dml.errors import one_line_errors
+    from dml.quiet import quiet_known_noise
 
+    quiet_known_noise()
     return one_line_errors(run, parser().parse_args(argv))

@@ -372,7 +372,9 @@ def export_command(args) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from dml.errors import one_line_errors
+    from dml.quiet import quiet_known_noise
 
+    quiet_known_noise()
     args = parser().parse_args(argv)
     run = {"embed": embed, "index": index, "search": search, "export": export_command}
     return one_line_errors(run[args.command], args)

@@ -1,0 +1,71 @@
+"""The console of a run: its first lines say where it writes and what it measures, known
+third-party notices that do not concern the user are gone, every other warning still shows."""
+
+import logging
+import os
+import subprocess
+import sys
+import warnings
+
+from dml.quiet import quiet_known_noise
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOISE = (
+    "args parameter is intended",
+    "💡 Tip",
+    "anonymous setting has no effect",
+    "LeafSpec",
+    "Seed set to",
+    "GPU available:",
+)
+
+
+def test_a_short_run_starts_with_its_folder_and_split_and_shows_no_known_noise(tmp_path):
+    configs = [
+        f"experiments/{name}.yaml" for name in ("trainer", "data/synthetic", "method/baseline")
+    ]
+    argv = [sys.executable, "-m", "dml", "fit"] + [a for c in configs for a in ("--config", c)]
+    argv += [
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONWARNINGS="default")
+    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    assert lines[0].startswith(f"run folder: {tmp_path}") and lines[0].endswith("(seed 0)"), lines
+    assert lines[1].startswith("validation: the test split"), lines
+    assert lines[2] == "devices: 1 x cpu", lines
+    for noise in NOISE:
+        assert noise not in text, noise
+    # a warning nobody silenced still reaches the user (3 batches < the logging interval)
+    assert "smaller than the logging interval" in text
+
+
+def test_only_the_listed_messages_are_silenced(caplog):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_known_noise()
+        warnings.warn(
+            "LightningCLI's args parameter is intended to run from within Python",
+            UserWarning,
+            stacklevel=2,
+        )
+        warnings.warn("`torch.jit.trace` is deprecated. Please switch", FutureWarning, stacklevel=2)
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=2)
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]
+    log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        log.info("💡 Tip: install something")
+        log.info("Seed set to 3")
+        log.info("Trainer already configured with model summary callbacks")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Trainer already configured with model summary callbacks"
+    ]
