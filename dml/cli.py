@@ -151,9 +151,10 @@ class DMLCLI(LightningCLI):
         elif resuming and runs.run_folder_of_checkpoint(ckpt_path):
             run_dir = runs.run_folder_of_checkpoint(ckpt_path)
         else:
-            run_dir = runs.create_run_dir(
-                runs.runs_root(config.trainer.default_root_dir), config.get("run_name")
-            )
+            name = config.get("run_name")
+            if self.subcommand != "fit":  # an evaluation, not a training run: its name says so
+                name = f"{self.subcommand}-{name}" if name else self.subcommand
+            run_dir = runs.create_run_dir(runs.runs_root(config.trainer.default_root_dir), name)
         self.run_dir = run_dir
         if launching_process() and self.subcommand == "fit":
             runs.lock_run_dir(run_dir)
@@ -173,8 +174,11 @@ class DMLCLI(LightningCLI):
             )
         if launching_process():
             runs.write_run_file(run_dir, git_state(), ckpt_path if resuming else None)
-            if not resuming:  # a resume names its checkpoint, in the folder, first
-                say(f"run folder: {run_dir} (seed {config.get('seed_everything')})")
+            seed = config.get("seed_everything")
+            if self.subcommand != "fit":
+                say(f"evaluation folder ({self.subcommand}, no training): {run_dir} (seed {seed})")
+            elif not resuming:  # a resume names its checkpoint, in the folder, first
+                say(f"run folder: {run_dir} (seed {seed})")
 
     # --- what the printed numbers measure ----------------------------------------------------
     def before_fit(self) -> None:

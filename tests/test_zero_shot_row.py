@@ -115,6 +115,12 @@ def check_metrics_of(line, embeddings, labels):
 
 def test_a_random_init_backbone_is_its_pooled_features_and_says_so(tmp_path):
     stdout, recorded = zero_shot_test(tmp_path)
+    # an evaluation, not a training run: its folder is named and announced as one
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert "-test-" in folder.name and not (folder / "checkpoints").exists()
+    assert stdout.splitlines()[0] == (
+        f"evaluation folder (test, no training): {tmp_path / 'runs' / folder.name} (seed 0)"
+    )
     line = printed_line(stdout)
     assert line.startswith(
         "test: test split | zero-shot: small_cnn, pretrained=False "
