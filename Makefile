@@ -134,7 +134,7 @@ embed index search export: $(INSTALLED)
 # JupyterLab on the notebooks (the notebook extra: jupyterlab, ipykernel).
 notebook: $(INSTALLED)
 	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -e ".[dev,$(FAISS),notebook]"
-	$(PY) -m jupyterlab notebooks/
+	$(PY) -m jupyterlab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)  # root: a container
 
 # The documentation (mkdocs.yml, docs/): a strict build fails on any warning, a citation of a
 # missing docs/ page included (docs/hooks/check_citations.py).

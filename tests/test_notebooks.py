@@ -44,3 +44,22 @@ def test_notebook_executes(path, tmp_path):
         if "image/png" in o.get("data", {})
     ]
     assert len(images) >= FIGURES[os.path.basename(path)]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS)
+def test_a_notebook_finds_its_repository_from_anywhere_and_never_climbs_to_the_root(
+    path, tmp_path, monkeypatch
+):
+    """The notebook's ``repository_root()``: from its own folder, the clone it is in; from a
+    copy outside any clone (a folder with no dml/ and experiments/ above it), the clone the
+    installed dml comes from (this one); never ``/``, where it used to write ``/runs``."""
+    nb = nbformat.read(path, as_version=4)
+    (source,) = [c.source for c in nb.cells if "def repository_root" in c.source]
+    definition = source[source.index("def repository_root") : source.index("\nroot = ")]
+    namespace = {"os": os}
+    exec(definition, namespace)
+    root = os.path.abspath(".")
+    monkeypatch.chdir(os.path.dirname(os.path.abspath(path)))
+    assert namespace["repository_root"]() == root
+    monkeypatch.chdir(tmp_path)  # a copy of the notebook folder elsewhere
+    assert namespace["repository_root"]() == root
