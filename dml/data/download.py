@@ -74,6 +74,19 @@ def download(dataset: str, root: str) -> None:
             print(f"unpacked into {root}")
 
 
+def manual_route(dataset: str, root: str) -> str:
+    """What to fetch by hand, where to put it and its checksum; `make data` then verifies and
+    unpacks a file already in place instead of downloading it."""
+    lines = [f"To get {dataset} by hand (another machine, a browser, a mirror):"]
+    for url, filename, md5 in DOWNLOADS[dataset]:
+        lines.append(f"  {url}\n    -> {os.path.join(root, filename)} (MD5 {md5})")
+    lines.append(
+        f"then run `make data DATASET={dataset} DATA_ROOT={root}` again: it checks the "
+        f"MD5 and unpacks (docs/data.md)."
+    )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dml.data.download", description=__doc__)
     parser.add_argument("dataset", choices=sorted(DATAMODULES))
@@ -90,6 +103,7 @@ def main(argv=None) -> int:
         download(args.dataset, root)
     except Exception as error:  # network down, checksum mismatch, bad archive
         print(f"error: downloading {args.dataset} failed: {error}", file=sys.stderr)
+        print(manual_route(args.dataset, root), file=sys.stderr)
         return 1
     print(f"done: make train DATASET={args.dataset} ARGS='--data.init_args.root {root}'")
     return 0

@@ -369,6 +369,26 @@ def test_download_verifies_the_checksum_and_unpacks(tmp_path, monkeypatch):
     assert data_download.main(["cub", str(tmp_path / "out")]) == 1
 
 
+def test_a_failed_download_names_the_url_file_checksum_and_the_manual_route(
+    tmp_path, monkeypatch, capsys
+):
+    import urllib.error
+
+    import torchvision.datasets.utils as tvu
+
+    def offline(url, root, filename, md5):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tvu, "download_url", offline)
+    root = tmp_path / "cub"
+    assert data_download.main(["cub", str(root)]) == 1
+    err = capsys.readouterr().err
+    url, filename, md5 = data_download.DOWNLOADS["cub"][0]
+    assert "downloading cub failed" in err and "name resolution" in err
+    assert url in err and str(root / filename) in err and md5 in err
+    assert f"make data DATASET=cub DATA_ROOT={root}" in err
+
+
 def test_datasets_without_public_download_print_guidance(capsys):
     assert data_download.main(["cars"]) == 2
     assert "cars_annos.mat" in capsys.readouterr().out
