@@ -9,6 +9,16 @@ if len(sys.argv) > 1 and sys.argv[1] == "compare":
 
     sys.exit(compare(sys.argv[2:]))
 
+if (
+    sys.argv[1:2]
+    and sys.argv[1] in ("fit", "validate", "test")
+    and {"-h", "--help"} & set(sys.argv)
+):
+    from dml.short_help import short_help  # without loading Lightning
+
+    print(short_help(sys.argv[1]))
+    sys.exit(0)
+
 from dml.cli import main  # noqa: E402 - training: LightningCLI's subcommands
 
 main()

@@ -466,6 +466,14 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 def main(args=None) -> DMLCLI:
     quiet_known_noise()
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] and argv[0] in SUBCOMMANDS and {"-h", "--help"} & set(argv):
+        from dml.short_help import short_help
+
+        print(short_help(argv[0]))
+        raise SystemExit(0)
+    if "--help-all" in argv:  # LightningCLI's own, every key with its default
+        argv = ["--help" if a == "--help-all" else a for a in argv]
+        args = argv
     cli = None
     try:
         cli = DMLCLI(
@@ -498,7 +506,7 @@ def main(args=None) -> DMLCLI:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         message = with_config_file(message, config_sources(argv), argv)
         if isinstance(error, argparse.ArgumentError):
-            message += ". `python -m dml fit --help` lists every key"
+            message += ". `python -m dml fit --help-all` lists every key"
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:

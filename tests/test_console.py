@@ -69,3 +69,36 @@ def test_only_the_listed_messages_are_silenced(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "Trainer already configured with model summary callbacks"
     ]
+
+
+def test_help_is_short_and_names_every_valid_choice_and_help_all_lists_every_key(capsys):
+
+    from dml.builder import POOLINGS
+    from dml.cli import main
+    from dml.losses.factory import LOSSES
+
+    out = subprocess.run(
+        [sys.executable, "-m", "dml", "fit", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("usage: python -m dml fit") and len(lines) < 40, len(lines)
+    text = " ".join(out.stdout.split())
+    for folder in ("data", "method", "backbone"):
+        for path in os.listdir(os.path.join(ROOT, "experiments", folder)):
+            if path.endswith(".yaml"):
+                assert f" {path[: -len('.yaml')]} " in text, path
+    for name in [*POOLINGS, *LOSSES]:
+        assert f" {name} " in text, name
+    assert "--help-all" in text
+    try:  # the long list: LightningCLI's, every key
+        main(["fit", "--help-all"])
+    except SystemExit as exit_:
+        assert exit_.code in (0, None)
+    full = capsys.readouterr().out
+    assert "--trainer.max_epochs" in full and "--model.pooling.name" in full
+    assert len(full.splitlines()) > 300

@@ -1,0 +1,59 @@
+"""The short ``python -m dml fit|validate|test --help``: how a run is composed and every valid
+name (data sets, methods, backbones, poolings, losses). ``--help-all`` prints LightningCLI's
+full list of keys with their defaults."""
+
+from __future__ import annotations
+
+import glob
+import os
+import textwrap
+from typing import List
+
+EXPERIMENTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"
+)
+
+
+def _names(folder: str) -> List[str]:
+    paths = glob.glob(os.path.join(EXPERIMENTS, folder, "*.yaml"))
+    return sorted(os.path.splitext(os.path.basename(p))[0] for p in paths)
+
+
+def _line(label: str, names: List[str], where: str) -> str:
+    body = " ".join(names) + f"  ({where})"
+    return textwrap.fill(
+        body, width=100, initial_indent=f"  {label:<11}", subsequent_indent=" " * 13
+    )
+
+
+def short_help(subcommand: str) -> str:
+    from dml.builder import POOLINGS
+    from dml.losses.factory import LOSSES
+    from dml.models.backbones import BACKBONES
+
+    return "\n".join(
+        [
+            f"usage: python -m dml {subcommand} --config FILE [--config FILE ...] "
+            "[--KEY VALUE ...]",
+            "       make train DATASET=NAME METHOD=NAME [BACKBONE=NAME] [ARGS='--KEY VALUE ...']",
+            "",
+            "Config files layer in order, dicts merged key by key; `python -m dml.compose DATASET",
+            "METHOD [BACKBONE]` prints the files of a data set and method (trainer, data, method).",
+            "",
+            "valid names:",
+            _line("data sets", _names("data"), "experiments/data, DATASET="),
+            _line("methods", _names("method"), "experiments/method, METHOD="),
+            _line("backbones", _names("backbone"), "experiments/backbone, BACKBONE="),
+            _line("networks", sorted(BACKBONES) + ["timm:<any timm model>"], "model.backbone.name"),
+            _line("poolings", sorted(POOLINGS), "model.pooling.name"),
+            _line("losses", sorted(LOSSES), "model.loss.name"),
+            "",
+            "common keys:",
+            "  --trainer.max_epochs N   --trainer.devices N   --model.optimizer.lr X",
+            "  --data.init_args.root DIR   --run_name NAME   --seed_everything N",
+            "  --ckpt_path FILE   (fit: resume in its run folder; test/validate: the model scored)",
+            "  --zero-shot        (test: the backbone's pooled features, no training, no head)",
+            "",
+            "--help-all: every key with its default (long). docs/usage.md explains them.",
+        ]
+    )
