@@ -81,17 +81,22 @@ def _rows(
             under += np.int32(v <= tq)
         s_lt[q] += lt
         if le > lt:  # entries at exactly f: those with a smaller index rank before
+            fi = first_index[q]
+            tied = np.int32(0)
             for j in range(width):
-                if block[local, j] == fq and ref_index[c + j] < first_index[q]:
-                    s_before[q] += 1
+                tied += np.int32((block[local, j] == fq) & (ref_index[c + j] < fi))
+            s_before[q] += tied
         r = num_relevant[q]
         if under == 0 or r <= 0:
             continue
+        last_v, last_i = top_v[q, r - 1], top_i[q, r - 1]
         for j in range(width):  # the row is still in cache
             v = block[local, j]
-            if v <= tq:
+            # only an entry before the list's last can enter (a bound that only tightens)
+            if v <= tq and (v < last_v or (v == last_v and ref_index[c + j] < last_i)):
                 _insert(top_v, top_i, q, r, v, ref_index[c + j])
-                tq = min(tq, top_v[q, r - 1])
+                last_v, last_i = top_v[q, r - 1], top_i[q, r - 1]
+                tq = min(tq, last_v)
         _settle(top_v, top_i, f, tau, q, r, tq)
 
 
@@ -121,28 +126,37 @@ def _columns(
                     low[t] = min(low[t], v)
             group_min[g] = low
         # entries at exactly f (ties) and entries <= tau, row by row over the queries that
-        # have any: the rows stay contiguous in memory (a column walk per query would not)
+        # have any in the group: rows stay contiguous in memory (a column walk would not)
         ties = np.nonzero(le > lt)[0]
         listing = np.nonzero((under > 0) & (num_relevant[a + s : a + e] > 0))[0]
         first = first_index[a + s : a + e]
         before = np.zeros(e - s, np.int64)
+        last_v = np.empty(e - s, top_v.dtype)
+        last_i = np.empty(e - s, np.int64)
+        for u in listing:
+            last_v[u], last_i[u] = (
+                top_v[a + s + u, num_relevant[a + s + u] - 1],
+                top_i[a + s + u, num_relevant[a + s + u] - 1],
+            )
         for g in range(groups):
-            rows_g = range(g * _GROUP, min(width, (g + 1) * _GROUP))
-            for u in ties:
-                if group_min[g, u] <= fl[u]:
-                    for i in rows_g:
-                        if block[i, s + u] == fl[u] and ref_index[c + i] < first[u]:
-                            before[u] += 1
-            for u in listing:  # entries <= tau lie only in groups whose min is
-                if group_min[g, u] > tl[u]:
-                    continue
-                q = a + s + u
-                r = num_relevant[q]
-                for i in rows_g:
-                    v = block[i, s + u]
-                    if v <= tl[u]:
-                        _insert(top_v, top_i, q, r, v, ref_index[c + i])
-                        tl[u] = min(tl[u], top_v[q, r - 1])
+            tied_here = np.array([u for u in ties if group_min[g, u] <= fl[u]], np.int64)
+            listed_here = np.array([u for u in listing if group_min[g, u] <= tl[u]], np.int64)
+            if len(tied_here) == 0 and len(listed_here) == 0:
+                continue
+            for i in range(g * _GROUP, min(width, (g + 1) * _GROUP)):
+                row = block[i, s:e]
+                idx = ref_index[c + i]
+                for u in tied_here:
+                    before[u] += (row[u] == fl[u]) & (idx < first[u])
+                for u in listed_here:
+                    v = row[u]
+                    # only an entry before the list's last can enter (a bound that tightens)
+                    if v <= tl[u] and (v < last_v[u] or (v == last_v[u] and idx < last_i[u])):
+                        q = a + s + u
+                        r = num_relevant[q]
+                        _insert(top_v, top_i, q, r, v, idx)
+                        last_v[u], last_i[u] = top_v[q, r - 1], top_i[q, r - 1]
+                        tl[u] = min(tl[u], last_v[u])
         for t in range(e - s):
             s_lt[a + s + t] += lt[t]
             s_before[a + s + t] += before[t]
