@@ -9,6 +9,11 @@ if len(sys.argv) > 1 and sys.argv[1] == "compare":
 
     sys.exit(compare(sys.argv[2:]))
 
+if sys.argv[1:] in ([], ["-h"], ["--help"]):
+    from dml.short_help import top_help
+
+    print(top_help())
+    sys.exit(0 if sys.argv[1:] else 2)
 if (
     sys.argv[1:2]
     and sys.argv[1] in ("fit", "validate", "test")

@@ -26,6 +26,35 @@ def _line(label: str, names: List[str], where: str) -> str:
     )
 
 
+MAKE_LINE = {
+    "fit": "       make train DATASET=NAME METHOD=NAME [BACKBONE=NAME] [ARGS='--KEY VALUE ...']",
+    "test": "       python -m dml test --config runs/RUN/config.yaml --ckpt_path CHECKPOINT\n"
+    "       make zero-shot DATASET=NAME [BACKBONE=NAME]   (the untrained backbone)",
+    "validate": "       python -m dml validate --config runs/RUN/config.yaml "
+    "--ckpt_path CHECKPOINT",
+}
+SUBCOMMANDS = (
+    "  fit | validate | test    train, or score a checkpoint (LightningCLI; --help for each)",
+    "  embed | index | search | export    use a trained checkpoint (docs/usage.md)",
+    "  compare                  two models on the same queries, with intervals and p-values",
+)
+
+
+def top_help() -> str:
+    """``python -m dml --help``: every subcommand."""
+    return "\n".join(
+        [
+            "usage: python -m dml SUBCOMMAND ...   (python -m dml SUBCOMMAND --help for each)",
+            "",
+            "subcommands:",
+            *SUBCOMMANDS,
+            "",
+            "also: python -m dml.tune (Optuna search), python -m dml.mlrc, python -m dml.compose,",
+            "python -m dml.data.download; `make help` lists the make targets.",
+        ]
+    )
+
+
 def short_help(subcommand: str) -> str:
     from dml.builder import POOLINGS
     from dml.losses.factory import LOSSES
@@ -35,10 +64,11 @@ def short_help(subcommand: str) -> str:
         [
             f"usage: python -m dml {subcommand} --config FILE [--config FILE ...] "
             "[--KEY VALUE ...]",
-            "       make train DATASET=NAME METHOD=NAME [BACKBONE=NAME] [ARGS='--KEY VALUE ...']",
+            MAKE_LINE.get(subcommand, ""),
             "",
             "Config files layer in order, dicts merged key by key; `python -m dml.compose DATASET",
-            "METHOD [BACKBONE]` prints the files of a data set and method (trainer, data, method).",
+            "METHOD [BACKBONE]` prints the files of a data set and method: trainer, data,",
+            "[protocol], method, [family], [method on data], [backbone].",
             "",
             "valid names:",
             _line("data sets", _names("data"), "experiments/data, DATASET="),

@@ -102,3 +102,10 @@ def test_help_is_short_and_names_every_valid_choice_and_help_all_lists_every_key
     full = capsys.readouterr().out
     assert "--trainer.max_epochs" in full and "--model.pooling.name" in full
     assert len(full.splitlines()) > 300
+    # python -m dml --help: every subcommand, not only LightningCLI's
+    top = subprocess.run(
+        [sys.executable, "-m", "dml", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert top.returncode == 0 and top.stdout.startswith("usage: python -m dml SUBCOMMAND")
+    for sub in ("fit", "test", "embed", "index", "search", "export", "compare"):
+        assert sub in top.stdout, sub

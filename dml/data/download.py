@@ -60,12 +60,26 @@ DOWNLOADS: Dict[str, List[Tuple[str, str, str]]] = {
 }
 
 
+def _md5(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def download(dataset: str, root: str) -> None:
     from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
     os.makedirs(root, exist_ok=True)
     for url, filename, md5 in DOWNLOADS[dataset]:
         path = os.path.join(root, filename)
+        if os.path.isfile(path) and not check_integrity(path, md5):
+            print(
+                f"{path}: its MD5 is {_md5(path)}, not {md5}: downloading it again", file=sys.stderr
+            )
         if not check_integrity(path, md5):
             download_url(url, root, filename, md5)  # raises if the checksum differs
         print(f"{path}: MD5 {md5} verified")

@@ -387,6 +387,11 @@ def test_a_failed_download_names_the_url_file_checksum_and_the_manual_route(
     assert "downloading cub failed" in err and "name resolution" in err
     assert url in err and str(root / filename) in err and md5 in err
     assert f"make data DATASET=cub DATA_ROOT={root}" in err
+    # a file put in place by hand with the wrong content: named, with both checksums
+    (root / filename).write_bytes(b"not the archive")
+    assert data_download.main(["cub", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert f"{root / filename}: its MD5 is " in err and f"not {md5}" in err
 
 
 def test_datasets_without_public_download_print_guidance(capsys):
