@@ -128,6 +128,9 @@ class BlockRanks:
 
     dense_share = 0.25  # above this share of a side's queries: the whole side, no gather
     fused_on_cpu = True  # CPU blocks: the main pass in one read (dml.metrics.fused_side)
+    # ... from this many (query, reference) pairs: below, loading the compiled loop (about 1 s
+    # per process) costs more than it saves
+    fused_min_pairs = 1 << 22
 
     def __init__(
         self,
@@ -168,7 +171,11 @@ class BlockRanks:
         self.tau = torch.full((n_q,), -float("inf"), device=self.device)
         self.near = torch.full((n_q, self.L), float("inf"), device=self.device)
         self.fallback_rows = 0
-        self.fused = self.fused_on_cpu and self.device.type == "cpu"
+        self.fused = (
+            self.fused_on_cpu
+            and self.device.type == "cpu"
+            and len(query) * len(reference) >= self.fused_min_pairs
+        )
         self._mask = torch.empty(self.T * self.T, dtype=torch.bool, device=self.device)
 
     # --- blocks ---------------------------------------------------------------------------

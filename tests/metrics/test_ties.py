@@ -89,6 +89,7 @@ PATHS = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_path_of_the_block_pass_follows_the_tie_rule(case, path, monkeypatch):
     monkeypatch.setattr(BlockRanks, "fused_on_cpu", PATHS[path][0])
+    monkeypatch.setattr(BlockRanks, "fused_min_pairs", 0)  # these data are small
     monkeypatch.setattr(BlockRanks, "dense_share", PATHS[path][1])
     x, y = CASES[case]()
     ks = [1, 2, 4, 8, 16]
@@ -218,7 +219,7 @@ def test_block_pass_ranks_of_every_query_equal_a_stable_sort(regime, block, path
 
 
 @pytest.mark.parametrize("case", ["tied", "one_repeated_vector"])
-def test_the_fused_pass_ranks_ties_exactly_without_recomputing_rows(case):
+def test_the_fused_pass_ranks_ties_exactly_without_recomputing_rows(case, monkeypatch):
     """The CPU pass counts the references at exactly f whose index precedes the first relevant
     one, so a data set of duplicates needs no row recomputed (the torch pass recomputes every
     such row). 600-700 rows in blocks of 300: both fused kernels, two chunks of queries."""
@@ -228,6 +229,7 @@ def test_the_fused_pass_ranks_ties_exactly_without_recomputing_rows(case):
         x, y = np.ones((600, 3), np.float32), np.arange(600) % 20
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     ks = [1, 2, 4, 8, 16, 100]
+    monkeypatch.setattr(BlockRanks, "fused_min_pairs", 0)  # small data: forced
     ranks = BlockRanks(xt, yt, xt, yt, same_source=True, block_size=300)
     assert ranks.fused
     first, ap, rp = ranks.run(max_k=max(ks))
@@ -242,3 +244,14 @@ def test_the_fused_pass_ranks_ties_exactly_without_recomputing_rows(case):
     # the torch pass settles a rank exactly only below max_k (all a Recall@K needs)
     assert torch.equal(t_first.clamp_max(max(ks)), first.clamp_max(max(ks)))
     assert torch.equal(t_ap, ap) and torch.equal(t_rp, rp)
+
+
+def test_small_evaluations_skip_loading_the_compiled_loop():
+    """Below ``fused_min_pairs`` the torch pass runs (the loop's load, about 1 s per process,
+    would cost more than it saves); from it on, the fused one."""
+    x = torch.zeros(100, 4)
+    y = torch.arange(100) % 10
+    assert not BlockRanks(x, y, x, y, same_source=True).fused
+    n = int(BlockRanks.fused_min_pairs**0.5) + 1
+    big = torch.zeros(n, 4)
+    assert BlockRanks(big, torch.arange(n) % 10, big, torch.arange(n) % 10, True).fused
