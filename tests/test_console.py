@@ -30,6 +30,8 @@ def test_a_short_run_starts_with_its_folder_and_split_and_shows_no_known_noise(t
         "1",
         "--trainer.limit_train_batches",
         "3",
+        "--trainer.limit_val_batches",
+        "1",
         "--trainer.default_root_dir",
         str(tmp_path),
         "--trainer.enable_progress_bar",
