@@ -18,6 +18,7 @@ longer passes the setting.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 KNOWN_WARNINGS = (
@@ -37,7 +38,8 @@ class _DropTips(logging.Filter):
     """Drops the Lightning info lines that start with ``DROPPED_LINES``, passes the rest."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(DROPPED_LINES)
+        message = re.sub(r"^\[rank: \d+\] ", "", str(record.getMessage()))  # DDP's prefix
+        return not message.startswith(DROPPED_LINES)
 
 
 def quiet_known_noise() -> None:

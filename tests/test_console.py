@@ -67,6 +67,7 @@ def test_only_the_listed_messages_are_silenced(caplog):
     with caplog.at_level(logging.INFO, logger=log.name):
         log.info("💡 Tip: install something")
         log.info("Seed set to 3")
+        log.info("[rank: 1] Seed set to 0")  # a DDP process's
         log.info("Trainer already configured with model summary callbacks")
     assert [r.getMessage() for r in caplog.records] == [
         "Trainer already configured with model summary callbacks"
