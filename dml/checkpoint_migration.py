@@ -7,6 +7,9 @@
 - The objective's metric loss was ``objective.metric`` and its terms by class path
   ``objective.extra``: renamed to ``objective.metric_loss`` and ``objective.terms`` (nothing
   lost); ``model.terms`` was a list, now a mapping by name (``dml.builder.terms_by_name``).
+- The cross-batch memory gained ``sample_ids`` (each stored row's image index, for
+  ``dml.callbacks.MemoryDrift``): a checkpoint without them gets -1 (unknown) for every row,
+  which only leaves those rows out of the drift measure.
 - Learning-rate schedulers stepped per epoch (cosine, step) are replaced by the per-step
   schedule's state; the schedule itself is rebuilt from the config (``dml.lr_schedule``).
 """
@@ -71,11 +74,27 @@ def fill_fresh_state(checkpoint: Dict[str, Any], current: Dict[str, Any]) -> Lis
     return fresh
 
 
+# Buffers added to a module after checkpoints were written: filled from the fresh module.
+ADDED_BUFFERS = (".sample_ids",)
+
+
+def fill_added_buffers(checkpoint: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """Buffers of ``ADDED_BUFFERS`` that ``checkpoint`` lacks, taken from ``current`` (the
+    module's fresh state: "unknown"); the keys filled."""
+    state = checkpoint.get("state_dict", {})
+    added = [k for k in current if k.endswith(ADDED_BUFFERS) and k not in state]
+    for key in added:
+        state[key] = current[key]
+    return added
+
+
 def upgrade_checkpoint(checkpoint: Dict[str, Any], current: Dict[str, Any]) -> Optional[str]:
     """A checkpoint of any earlier layout brought to today's, in place (``current``: the
     module's fresh state dict); a warning to show when something could not be carried over."""
     migrate_schedulers(checkpoint)
-    if not migrate_checkpoint(checkpoint):
+    legacy = migrate_checkpoint(checkpoint)
+    fill_added_buffers(checkpoint, current)
+    if not legacy:
         return None
     fresh = fill_fresh_state(checkpoint, current)
     return (

@@ -37,6 +37,7 @@ from dml.callbacks import (
     CrossBatchNormalization,
     DashboardFigures,
     EarlyStopping,
+    MemoryDrift,
     ProgressBar,
 )
 from dml.compose import merge_config_args
@@ -88,6 +89,7 @@ class DMLCLI(LightningCLI):
         # trainer's callbacks (so that a method's settings never replace the callback list).
         parser.add_lightning_class_args(CrossBatchNormalization, "xbn")
         parser.add_lightning_class_args(ChanceConstraintProjection, "ccp")
+        parser.add_lightning_class_args(MemoryDrift, "memory_drift")  # before the dashboard
         parser.add_lightning_class_args(DashboardFigures, "dashboard")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_argument(

@@ -238,8 +238,9 @@ class DMLModule(
 
     # --- training ---------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        images, labels, _ = batch
+        images, labels, indices = batch
         embedded = self.embed(images)
+        embedded["indices"] = indices  # the memory keeps each stored row's image index
         values = self.objective(embedded, labels)
         total = sum(values.values())
         if self.nonfinite_loss == "skip":  # must know before this step's update: reads now
@@ -260,6 +261,21 @@ class DMLModule(
                     self.log(f"train/{name}", value, batch_size=batch_size)
                 self._last_diagnostics = (int(self.global_step), found)
         return total
+
+    def record_diagnostics(self, values: Dict[str, torch.Tensor]) -> None:
+        """Log more diagnostics for this step (an observer's, e.g. ``MemoryDrift``) as
+        ``train/<name>``, and add them to ``last_diagnostics`` for the dashboard."""
+        step = int(self.global_step)
+        if self._trainer is not None and self.trainer.is_global_zero:
+            # straight to the loggers: Lightning's self.log from a callback hook would
+            # repeat the value at every later logging step
+            metrics = {f"train/{name}": float(value) for name, value in values.items()}
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        last = self.last_diagnostics()
+        merged = dict(last[1]) if last is not None and last[0] == step else {}
+        merged.update(values)
+        self._last_diagnostics = (step, merged)
 
     def last_diagnostics(self):
         """(step, {name: value}) of the last step that logged the training diagnostics

@@ -1,7 +1,8 @@
 """Hyper-parameter search on the MLRC validation folds only (Optuna, TPE).
 
     python -m dml.tune --dataset cub --method ccp_c2 --space space.yaml --trials 50
-        [--folds 0 1 2 3] [--epochs N] [--prune] [--storage sqlite:///tune.db] [-- extra args]
+        [--name ROW] [--folds 0 1 2 3] [--epochs N] [--size PX] [--prune]
+        [--storage sqlite:///tune.db] [-- extra args]
 
 ``space.yaml`` maps config keys to distributions:
 
@@ -9,17 +10,21 @@
     model.loss.params.neg_margin: {type: float, low: 0.2, high: 0.8}
     model.embedding_dim: {type: categorical, choices: [64, 128]}
     data.init_args.samples_per_class: {type: int, low: 2, high: 8}
+    model.memory.loss: {type: categorical, choices: [null, contrastive]}
+
+(a categorical ``null`` is passed as ``null``, i.e. the config's None).
 
 A trial trains one model per fold in ``--folds`` (``data.init_args.mlrc_fold``: validation on
 that fold of the training classes) and scores the best validation MAP@R of each; the objective
 is their mean (trial runs under ``runs/tune``, ``--runs``; their weights are deleted once
 scored). The test split is never built. Trials go to an SQLite storage (default
-``<out>/<dataset>/tune/<method>.db``, study ``<dataset>-<method>``), so a crashed search goes on
-where it stopped and several processes can share one study. ``--prune`` stops a trial after a
-fold whose running mean is below the median of the earlier trials at that fold (Optuna's
-MedianPruner). The best parameters are written as a config file (``--best``, default
-``<out>/<dataset>/tune/<method>.best.yaml``) that ``make mlrc ARGS='--config FILE'`` and
-``python -m dml fit --config FILE`` accept, and every trial to ``<method>.trials.csv``.
+``<out>/<dataset>/tune/<name>.db``, study ``<dataset>-<name>``; ``--name`` defaults to the
+method, and names a variant made with extra arguments, e.g. C2 without CCP), so a crashed
+search goes on where it stopped and several processes can share one study. ``--prune`` stops a
+trial after a fold whose running mean is below the median of the earlier trials at that fold
+(Optuna's MedianPruner). The best parameters are written as a config file (``--best``, default
+``<out>/<dataset>/tune/<name>.best.yaml``) that ``make mlrc ARGS='--config FILE'`` and
+``python -m dml fit --config FILE`` accept, and every trial to ``<name>.trials.csv``.
 
 A study is joined only with the settings it was made with (the space, the folds, the seed and the
 fingerprint of the fit settings, ``dml.jobs``): other settings are a one-line error, never a
@@ -96,6 +101,15 @@ def as_config(params: Dict[str, Any]) -> Dict[str, Any]:
     return config
 
 
+def cli_value(value: Any) -> str:
+    """A sampled value as the command line spells it: None -> null, True -> true."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def fold_score(
     dataset: str,
     method: str,
@@ -108,13 +122,14 @@ def fold_score(
     root: Optional[str],
     backbone: Optional[str] = None,
     label: str = "trial",
+    size: Optional[int] = None,
 ) -> float:
     """The best validation MAP@R of one fold model; a RuntimeError with the run's last error
     line if it fails (the trial is then recorded as failed and the search goes on)."""
     args = fold_args(
-        dataset, method, fold, seed, folder, extra, epochs, root=root, backbone=backbone
+        dataset, method, fold, seed, folder, extra, epochs, size=size, root=root, backbone=backbone
     )
-    args += [a for key, value in params.items() for a in (f"--{key}", str(value))]
+    args += [a for key, value in params.items() for a in (f"--{key}", cli_value(value))]
     launched = launch(args, label, log=os.path.join(folder, "unit.log"))
     if not launched.ok:
         raise RuntimeError(f"{folder}: {launched.reason}")
@@ -136,6 +151,7 @@ def study_settings(opts, space: Dict[str, Any], extra: Sequence[str]) -> Dict[st
         "-",
         extra,
         opts.epochs,
+        size=opts.size,
         root=opts.root,
         backbone=opts.backbone,
     )
@@ -177,27 +193,65 @@ def check_study_settings(study, settings: Dict[str, Any], storage: str) -> None:
 def main(argv: Optional[Sequence[str]] = None):
     import optuna
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--method", required=True)
-    parser.add_argument("--space", required=True)
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--root", default=None)
-    parser.add_argument("--prune", action="store_true")
-    parser.add_argument("--out", default="experiments/results")
-    parser.add_argument("--storage", default=None)
+    parser = argparse.ArgumentParser(
+        prog="python -m dml.tune",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--dataset", required=True, help="a data config: experiments/data/<dataset>.yaml"
+    )
+    parser.add_argument(
+        "--method", required=True, help="a method config: experiments/method/<method>.yaml"
+    )
+    parser.add_argument("--space", required=True, help="the search space (YAML, see above)")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="the study's name and files (default: the method); name a variant made with "
+        "extra arguments, e.g. --name c2_no_ccp -- --ccp.enabled false",
+    )
+    parser.add_argument("--trials", type=int, default=20, help="trials to run (default 20)")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3],
+        help="validation folds each trial trains on; the objective is their mean",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the runs' and the sampler's seed")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the configs'")
+    parser.add_argument("--size", type=int, default=None, help="crop size; default: configs'")
+    parser.add_argument(
+        "--root", default=None, help="the data set's folder (default: the data config's)"
+    )
+    parser.add_argument(
+        "--prune", action="store_true", help="stop trials below the median (Optuna)"
+    )
+    parser.add_argument(
+        "--out",
+        default="experiments/results",
+        help="the study, best config and trials go to OUT/<dataset>/tune/",
+    )
+    parser.add_argument(
+        "--storage", default=None, help="an Optuna storage URL (default: SQLite under --out)"
+    )
     parser.add_argument("--runs", default="runs/tune", help="the trials' run folders")
-    parser.add_argument("--best", default=None)
+    parser.add_argument(
+        "--best", default=None, help="where the best config goes (default: <name>.best.yaml)"
+    )
     parser.add_argument(
         "--backbone", default=None, help="a backbone layer (experiments/backbone/<name>.yaml)"
     )
-    parser.add_argument("extra", nargs=argparse.REMAINDER)
+    parser.add_argument(
+        "extra", nargs=argparse.REMAINDER, help="after --: more python -m dml fit arguments"
+    )
     opts = parser.parse_args(argv)
     check_names(opts.dataset, opts.method, opts.backbone)
-    label = f"{opts.method}-{opts.backbone}" if opts.backbone else opts.method
+    label = opts.name or (f"{opts.method}-{opts.backbone}" if opts.backbone else opts.method)
+    if os.sep in label or label.startswith("."):
+        raise ConfigError(f"--name {label!r}: expected a plain name (no {os.sep}, no leading .)")
     extra = [a for a in opts.extra if a != "--"]
     space = read_space(opts.space)
     base = os.path.join(opts.out, opts.dataset, "tune")
@@ -249,6 +303,7 @@ def main(argv: Optional[Sequence[str]] = None):
                         opts.root,
                         opts.backbone,
                         f"trial {trial.number} fold {fold}",
+                        size=opts.size,
                     )
                 )
             except RuntimeError as error:

@@ -65,18 +65,22 @@ class DashboardFigures(pl.Callback):
         self.last_paths: Dict[str, str] = {}
         self.out_dir = "figures"  # set to <run folder>/figures in setup
         self.history: Dict[str, list] = {}  # diagnostics key -> [(step, value), ...]
-        self._recorded_step = None
+        self._recorded_step, self._recorded_keys = None, set()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Keep the diagnostics of each step that logged them (read once per such step)."""
         if not self.enabled or not trainer.is_global_zero:
             return
         last = pl_module.last_diagnostics() if hasattr(pl_module, "last_diagnostics") else None
-        if last is None or last[0] == self._recorded_step:
+        if last is None:
             return
-        self._recorded_step, (step, values) = last[0], last
-        for key, value in values.items():
-            self.history.setdefault(key, []).append((step, float(value)))
+        step, values = last
+        if step != self._recorded_step:
+            self._recorded_step, self._recorded_keys = step, set()
+        for key, value in values.items():  # keys added later in the step come on a later call
+            if key not in self._recorded_keys:
+                self._recorded_keys.add(key)
+                self.history.setdefault(key, []).append((step, float(value)))
 
     def state_dict(self) -> Dict[str, list]:
         return {"history": {k: [list(p) for p in v] for k, v in self.history.items()}}

@@ -191,7 +191,11 @@ class Embedder:
         """The checkpoint's network, read as data; a class path it names outside ``dml`` (a
         term, a memory, a pooling, a data module) is refused unless its module is in
         ``trust_modules``."""
-        from dml.checkpoint_migration import fill_fresh_state, migrate_checkpoint
+        from dml.checkpoint_migration import (
+            fill_added_buffers,
+            fill_fresh_state,
+            migrate_checkpoint,
+        )
         from dml.module import DMLModule
 
         checkpoint = read_checkpoint(path)
@@ -202,6 +206,7 @@ class Embedder:
             module = DMLModule(**{**hparams, "backbone": backbone})
             if migrate_checkpoint(checkpoint):  # weights of earlier layouts: today's names
                 fill_fresh_state(checkpoint, module.state_dict())  # no memory then: none used
+            fill_added_buffers(checkpoint, module.state_dict())
             module.load_state_dict(checkpoint["state_dict"])
         except (RuntimeError, TypeError) as error:
             raise ConfigError(

@@ -4,7 +4,8 @@
 transforms, one writer) that is also an objective term, called like every term as
 ``term(embedded, labels, objective)``. From ``start_iteration`` on, each step:
 
-1. the global batch (the embeddings of every process, in rank order) is gathered;
+1. the global batch (the embeddings of every process, in rank order, with their labels and, where
+   the module passes them as ``embedded["indices"]``, their training-set indices) is gathered;
 2. the memory's transforms run (XBN's moment matching registers one), their updates written by
    the memory;
 3. with ``enqueue: before`` (the released XBM trainer) the batch is enqueued, then the term
@@ -144,12 +145,14 @@ class CrossBatchMemoryLoss(CrossBatchMemory):
         space = embedded["raw_embeddings"] if self.store == "raw" else embeddings
         batch = gather_rows(space.detach().float())
         batch_labels = gather_rows(labels)
+        ids = embedded.get("indices")
+        batch_ids = None if ids is None else gather_rows(torch.as_tensor(ids, device=labels.device))
         if not bool(torch.isfinite(batch).all()):
             return {}
         self.transform(batch)
         step = int(self.iteration)
         if self.enqueue_first:
-            self.enqueue(batch, batch_labels, step)
+            self.enqueue(batch, batch_labels, step, batch_ids)
         parts = {}
         if len(self) > 0:
             reference = self.stored
@@ -161,7 +164,7 @@ class CrossBatchMemoryLoss(CrossBatchMemory):
                 embeddings, labels, pairs, reference, ref_labels, objective
             )
         if not self.enqueue_first:
-            self.enqueue(batch, batch_labels, step)
+            self.enqueue(batch, batch_labels, step, batch_ids)
         return parts
 
 

@@ -16,6 +16,11 @@ applies:
 - ``NewRows(rows)``: every stored row replaced (the sums recounted);
 - ``None``: nothing to change.
 
+Each stored row also keeps the step that enqueued it (``stored_batch_ids``) and the index of its
+image in the training set (``stored_sample_ids``, -1 where unknown), so that an observer can
+embed the same images again and measure how far the stored rows drifted
+(``dml.callbacks.MemoryDrift``).
+
 Buffers, so the memory is in the model's checkpoint.
 """
 
@@ -60,6 +65,7 @@ class CrossBatchMemory(nn.Module):
         super().__init__()
         self.buffer = EmbeddingRingBuffer(size, dim)
         self.register_buffer("batch_ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("sample_ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("sum", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("sumsq", torch.zeros(dim, dtype=torch.float64))
         self.transforms: List[Transform] = []
@@ -85,6 +91,11 @@ class CrossBatchMemory(nn.Module):
     def stored_batch_ids(self) -> torch.Tensor:
         """The step that enqueued each stored row."""
         return self.batch_ids[: len(self.buffer)]
+
+    @property
+    def stored_sample_ids(self) -> torch.Tensor:
+        """The training-set index of each stored row's image (-1: not known)."""
+        return self.sample_ids[: len(self.buffer)]
 
     @torch.no_grad()
     def moments(self):
@@ -134,12 +145,22 @@ class CrossBatchMemory(nn.Module):
         self.sumsq.copy_((stored * stored).sum(0))
 
     @torch.no_grad()
-    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int = -1) -> None:
+    def enqueue(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        step: int = -1,
+        sample_ids: Optional[torch.Tensor] = None,
+    ) -> None:
         """Store a batch (the newest ``size`` rows of it), overwriting the oldest rows; the
-        sums lose the overwritten rows and gain the new ones."""
+        sums lose the overwritten rows and gain the new ones. ``sample_ids``: the rows'
+        training-set indices (None: unknown, stored as -1)."""
         buffer = self.buffer
+        if sample_ids is None:
+            sample_ids = torch.full_like(labels, -1)
         if len(labels) > buffer.size:
             embeddings, labels = embeddings[-buffer.size :], labels[-buffer.size :]
+            sample_ids = sample_ids[-buffer.size :]
         slots = buffer.next_slots(len(labels))
         old = buffer.embeddings[slots[slots < int(buffer.count)]].double()
         new = embeddings.detach().double()
@@ -147,3 +168,4 @@ class CrossBatchMemory(nn.Module):
         self.sumsq.add_((new * new).sum(0) - (old * old).sum(0))
         buffer.enqueue(embeddings, labels)
         self.batch_ids[slots] = step
+        self.sample_ids[slots] = sample_ids.to(self.sample_ids.device, torch.long)

@@ -161,17 +161,21 @@ def embedding_projection(
 def training_diagnostics(history: dict, title: str = "") -> Optional[plt.Figure]:
     """The logged training diagnostics over the steps (``Objective.diagnostics``): each loss
     term's gradient norm at the head's output (log scale), the share of stored negatives the
-    memory's loss acts on, and the stored positives and negatives per anchor. ``history``:
+    memory's loss acts on, the stored positives and negatives per anchor, and the cosine between
+    stored rows and their images embedded again (``dml.callbacks.MemoryDrift``). ``history``:
     {key: [(step, value), ...]} with keys ``grad_norm/<term>`` and ``memory/<quantity>``.
     None when nothing was logged."""
     norms = {k: v for k, v in history.items() if k.startswith("grad_norm/") and v}
     memory = {k: v for k, v in history.items() if k.startswith("memory/") and v}
     if not norms and not memory:
         return None
+    drift = {k: v for k, v in memory.items() if k.startswith("memory/drift_cosine")}
     panels = [
         p
-        for p in ("norms", "active", "counts")
-        if (p == "norms" and norms) or (p != "norms" and memory)
+        for p in ("norms", "active", "counts", "drift")
+        if (p == "norms" and norms)
+        or (p == "drift" and drift)
+        or (p in ("active", "counts") and memory)
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -188,6 +192,16 @@ def training_diagnostics(history: dict, title: str = "") -> Optional[plt.Figure]
                 ax.plot(steps, values)
             ax.set_ylim(0, 1)
             ax.set_title("stored negatives inside the margin (share)")
+        elif panel == "drift":
+            names = {
+                "memory/drift_cosine": "stored rows",
+                "memory/drift_cosine_newest": "newest batch (reference)",
+            }
+            for key, name in names.items():
+                if drift.get(key):
+                    steps, values = zip(*drift[key])
+                    ax.plot(steps, values, marker=".", label=name)
+            ax.set_title("cos(stored row, same image embedded now)")
         else:
             for key in ("memory/positives_per_anchor", "memory/negatives_per_anchor"):
                 if memory.get(key):
