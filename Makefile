@@ -11,6 +11,9 @@ LOCK ?= constraints.txt
 else
 LOCK ?=
 endif
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu: torch and torchvision from that index first
+# (PyTorch's CPU-only wheels: no CUDA libraries, about 3 GB less in .venv); empty: PyPI's.
+TORCH_INDEX ?=
 # SYSTEM_PYTHON=1: run with $(PYTHON) as it is, no .venv (an image that already holds the
 # requirements, e.g. an offline GPU node with the wheels of benchmarks/README.md installed)
 ifeq ($(SYSTEM_PYTHON),1)
@@ -56,6 +59,7 @@ help:
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install $(if $(LOCK),-c $(LOCK)) --index-url $(TORCH_INDEX) torch torchvision)
 	$(PY) -m pip install $(if $(LOCK),-c $(LOCK)) -e ".[dev,$(FAISS)]"
 	touch $@
 

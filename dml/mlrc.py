@@ -46,6 +46,7 @@ from dml.child_runs import fit_args, launch
 from dml.compose import config_files
 from dml.errors import ConfigError
 from dml.latex_table import MISSING, Cell, git_commit, plain, tabular, write_atomic
+from dml.short_help import config_names
 
 FOLDS = 4
 REPORTED = ("P@1", "R-Precision", "MAP@R")
@@ -289,9 +290,19 @@ def latex(lines: List[Dict], dataset: str, command: str, commit: Optional[str] =
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--method", required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m dml.mlrc",
+        description=__doc__,
+        epilog=config_names(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--dataset", required=True, help="a data config: experiments/data/<dataset>.yaml"
+    )
+    parser.add_argument(
+        "--method", required=True, help="a method config: experiments/method/<method>.yaml"
+    )
     parser.add_argument(
         "--name",
         default=None,

@@ -40,6 +40,18 @@ SUBCOMMANDS = (
 )
 
 
+def config_names() -> str:
+    """The valid data set, method and backbone names (the epilog of dml.tune and dml.mlrc)."""
+    return "\n".join(
+        [
+            "valid names:",
+            _line("data sets", _names("data"), "experiments/data, --dataset"),
+            _line("methods", _names("method"), "experiments/method, --method"),
+            _line("backbones", _names("backbone"), "experiments/backbone, --backbone"),
+        ]
+    )
+
+
 def top_help() -> str:
     """``python -m dml --help``: every subcommand."""
     return "\n".join(
@@ -84,6 +96,8 @@ def short_help(subcommand: str) -> str:
             "  --ckpt_path FILE   (fit: resume in its run folder; test/validate: the model scored)",
             "  --zero-shot        (test: the backbone's pooled features, no training, no head)",
             "",
-            "--help-all: every key with its default (long). docs/usage.md explains them.",
+            "--print_config: the composed config, every key with the value this run would use",
+            "  (make train DATASET=cub METHOD=xbm ARGS=--print_config); --help-all: every key",
+            "  with its class's default (long). docs/usage.md explains them.",
         ]
     )

@@ -49,6 +49,7 @@ from dml import jobs
 from dml.child_runs import best_metric, launch
 from dml.errors import ConfigError
 from dml.mlrc import check_names, fold_args
+from dml.short_help import config_names
 
 TYPES = ("float", "int", "categorical")
 
@@ -196,6 +197,7 @@ def main(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(
         prog="python -m dml.tune",
         description=__doc__,
+        epilog=config_names(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )

@@ -45,7 +45,20 @@ def test_search_results_give_the_evaluations_recall_exactly(ckpt, tmp_path):
     assert rows.embeddings.shape == (144, 64) and rows.has_labels
     assert np.allclose(np.linalg.norm(rows.embeddings, axis=1), 1, atol=1e-5)
     assert dml("index", emb, "--out", idx).returncode == 0
-    out = dml("search", idx, "--embeddings", emb, "--exclude-self", "--k", "4", "--out", res)
+    page_path = tmp_path / "r.html"
+    out = dml(
+        "search",
+        idx,
+        "--embeddings",
+        emb,
+        "--exclude-self",
+        "--k",
+        "4",
+        "--out",
+        res,
+        "--html",
+        page_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.load(open(res))
     assert len(results) == 144 * 4
@@ -61,6 +74,51 @@ def test_search_results_give_the_evaluations_recall_exactly(ckpt, tmp_path):
     # the embeddings are the ones the validation scores: same split, same transform
     embedder = Embedder.from_checkpoint(ckpt, device="cpu")
     assert embedder.dim == 64
+    # the page shows the generated images themselves: the query test/5 is image 5 of the split
+    page = Images()
+    page.feed(page_path.read_text())
+    assert len(page.sources) == 144 * (1 + 4)
+    assert all(src.startswith("data:image/jpeg;base64,") for src in page.sources)
+    shown = [decoded(page.sources[i * 5]) for i in range(3)]  # the first 3 queries' tiles
+    from dml.data.synthetic import SyntheticShapes
+    from dml.inference.generated_images import to_pil
+
+    data = SyntheticShapes(
+        "test", **{k: v for k, v in rows.meta["generated"].items() if k not in ("dataset", "split")}
+    )
+    queries = [int(r["query"].split("/")[1]) for r in firsts[:3]]
+    for got, q in zip(shown, queries):  # the image closest to the tile is the query's own
+        size = got.shape[:2][::-1]
+        gaps = [
+            np.abs(got - np.asarray(to_pil(x).resize(size, 0), np.float32)).mean()
+            for x in data.images
+        ]
+        assert int(np.argmin(gaps)) == q and gaps[q] < 15
+
+
+def decoded(src):
+    return np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"),
+        np.float32,
+    )
+
+
+def test_generated_images_are_made_again_only_when_their_checksum_matches():
+    import hashlib
+
+    from dml.data.synthetic import SyntheticShapes
+    from dml.inference.generated_images import generated_meta, resolver
+
+    data = SyntheticShapes("test", num_classes=3, images_per_class=2, image_size=16, seed=4)
+    digest = hashlib.sha1(data.images.contiguous().numpy().tobytes()).hexdigest()
+    meta = {"generated": generated_meta(data), "content": digest}
+    image = resolver(meta)
+    assert image("test/5").size == (16, 16)
+    assert image("test/6") is None and image("train/0") is None and image("test/x") is None
+    assert resolver(dict(meta, content="0" * 40)) is None  # other pixels under these names
+    for key, bad in [("num_classes", 10**9), ("image_size", True), ("seed", "4"), ("split", "x")]:
+        assert resolver(dict(meta, generated=dict(meta["generated"], **{key: bad}))) is None
+    assert resolver({}) is None and resolver({"generated": "SyntheticShapes"}) is None
 
 
 def clustered_rows(n=2000, dim=32, classes=100, seed=0):

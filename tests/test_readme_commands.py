@@ -81,3 +81,15 @@ def test_every_path_the_readme_names_exists():
     assert named, "the README names no path"
     missing = sorted(n for n in named if not os.path.exists(os.path.join(ROOT, n)))
     assert not missing, missing
+
+
+@pytest.mark.parametrize("module", ["dml.tune", "dml.mlrc"])
+def test_the_job_entry_points_name_themselves_and_list_the_valid_names(module, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m {module} ")
+    names = out.split("valid names:")[1]
+    for name in ("omniglot_small", "xbm", "ccp_c2", "vit_s16_dino"):
+        assert name in names

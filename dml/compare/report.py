@@ -153,6 +153,16 @@ def page_body(c: Comparison) -> str:
     return "\n".join(parts)
 
 
+def generated(embeddings, cache: Dict):
+    """The generated-images resolver of an embedding set (made once per set and page)."""
+    from dml.inference.generated_images import resolver
+
+    key = ("resolver", id(embeddings))
+    if key not in cache:
+        cache[key] = resolver(embeddings.meta)
+    return cache[key]
+
+
 def _rows(model, results: QueryResults, picks, cache) -> List[str]:
     rows = [int(results.query_index[i]) for i in picks]
     found = nearest(model, rows, NEIGHBOURS)
@@ -173,5 +183,6 @@ def _rows(model, results: QueryResults, picks, cache) -> List[str]:
             f"MAP@R {100 * float(results.ap[i]):.0f}"
         )
         archives = (model.query.meta.get("archive"), searched.meta.get("archive"))
-        out.append(query_row(model.query.paths[q], caption, hits, cache, archives))
+        images = (generated(model.query, cache), generated(searched, cache))
+        out.append(query_row(model.query.paths[q], caption, hits, cache, archives, images))
     return out

@@ -93,6 +93,14 @@ class SyntheticShapes(Dataset):
     ):
         if split not in ("train", "test"):
             raise ValueError(f"SyntheticShapes: split must be 'train' or 'test', got {split!r}")
+        # how to make these images again (dml.inference.generated_images)
+        self.arguments = {
+            "split": split,
+            "num_classes": int(num_classes),
+            "images_per_class": int(images_per_class),
+            "image_size": int(image_size),
+            "seed": int(seed),
+        }
         stream = {"train": 0, "test": 1}[split]
         g = torch.Generator().manual_seed(seed * 1000 + stream)
         self.class_params = sample_classes(num_classes, g)

@@ -327,7 +327,10 @@ def search(args) -> None:
     )
     write_rows(results, args.out)
     if args.html:
-        write_html(results, args.html, f"{len(queries)} queries against {args.index}")
+        from dml.inference.generated_images import resolver
+
+        images = (resolver(queries.meta), resolver(built.meta.get("source") or {}))
+        write_html(results, args.html, f"{len(queries)} queries against {args.index}", images)
     for note in notes + hits.notes:
         print(f"note: {note}", file=sys.stderr)
     short = len(hits.short)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from dml.data.image_list import open_image
 from dml.errors import ConfigError
 from dml.inference.embeddings import EmbeddingSet
+from dml.inference.generated_images import generated_meta
 from dml.safe_load import load_checkpoint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -324,6 +325,9 @@ class Embedder:
         digest = content_digest(split_set)
         if digest:  # images held in memory: their names say nothing of their content
             meta["content"] = digest
+            generated = generated_meta(split_set)
+            if generated:  # how to make them again, for the pages that show them
+                meta["generated"] = generated
         archive = getattr(getattr(split_set, "images", None), "archive", None)
         if archive:  # the paths are members of this zip file (Omniglot)
             meta["archive"] = os.path.abspath(archive)

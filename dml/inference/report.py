@@ -3,7 +3,9 @@
 The page shows each query with its k neighbours and their similarities; where the labels of
 both are known, a neighbour of the query's class is framed green and any other red. Images are
 embedded as small JPEG thumbnails (data URIs), so the page can be mailed or opened anywhere;
-a path that is not an image file (in-memory data sets) is shown as its name.
+generated images (the synthetic data, whose items have no file) are made again where the
+embedding file says how (``dml.inference.generated_images``); any other path that is not an
+image file is shown as its name.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import html
 import io
 import json
 import os
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -87,12 +89,21 @@ def thumbnail(path: str, size: int = 112, archive: Optional[str] = None) -> Opti
                 img = open_image(f)
         else:
             return None
-        img = img.convert("RGB")  # upright, as a viewer shows it (EXIF)
-        img.thumbnail((size, size))
-        out = io.BytesIO()
-        img.save(out, format="JPEG", quality=85)
+        return image_uri(img, size)
     except Exception:  # noqa: BLE001 - shown as its name instead
         return None
+
+
+def image_uri(img, size: int = 112) -> str:
+    """A data URI of ``img`` (PIL) as a JPEG thumbnail; a small image is enlarged (nearest
+    neighbour, so its pixels stay visible) to fit ``size``."""
+    img = img.convert("RGB")  # upright, as a viewer shows it (EXIF)
+    scale = size // max(img.size)
+    if scale > 1:
+        img = img.resize((img.size[0] * scale, img.size[1] * scale), resample=0)
+    img.thumbnail((size, size))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
@@ -100,12 +111,19 @@ def tile(
     path: str,
     caption: str,
     frame: str,
-    cache: Dict[str, Optional[str]],
+    cache: Dict[Any, Optional[str]],
     archive: Optional[str] = None,
+    images: Optional[Callable[[str], Any]] = None,
 ) -> str:
-    if path not in cache:
-        cache[path] = thumbnail(path, archive=archive)
-    uri = cache[path]
+    """One framed thumbnail: the image file ``path``, a member of the zip ``archive``, or the
+    image ``images(path)`` gives (generated data, ``dml.inference.generated_images``)."""
+    key = (path, archive, id(images))  # the same name in two sources: two images
+    if key not in cache:
+        cache[key] = thumbnail(path, archive=archive)
+        if cache[key] is None and images is not None:
+            img = images(path)
+            cache[key] = None if img is None else image_uri(img)
+    uri = cache[key]
     name = html.escape(os.path.basename(path) or path)
     body = f'<img src="{uri}" alt="{name}">' if uri else f'<div class="name">{name}</div>'
     return (
@@ -114,12 +132,19 @@ def tile(
     )
 
 
-def write_html(rows: List[Dict], path: str, title: str = "dml search") -> None:
+def write_html(
+    rows: List[Dict], path: str, title: str = "dml search", images: tuple = (None, None)
+) -> None:
+    """The page of ``rows`` (``result_rows``); ``images``: for the queries and the
+    neighbours, a function from a path to its image where the paths are not files
+    (``dml.inference.generated_images.resolver``), or None."""
     by_query: Dict[str, List[Dict]] = {}
     for row in rows:
         by_query.setdefault(row["query"], []).append(row)
-    cache: Dict[str, Optional[str]] = {}
-    lines = [query_row(query, "query", hits, cache) for query, hits in by_query.items()]
+    cache: Dict[Any, Optional[str]] = {}
+    lines = [
+        query_row(query, "query", hits, cache, images=images) for query, hits in by_query.items()
+    ]
     write_page(path, title, f"<p>{len(by_query)} queries; {FRAMES}</p>\n" + "\n".join(lines))
 
 
@@ -130,17 +155,19 @@ def query_row(
     query: str,
     caption: str,
     hits: List[Dict],
-    cache: Dict[str, Optional[str]],
+    cache: Dict[Any, Optional[str]],
     archives: tuple = (None, None),
+    images: tuple = (None, None),
 ) -> str:
     """One query's tile and its neighbours' (dicts with "path", "rank", "similarity" or
     "caption", and "match" where the labels are known); ``archives``: the zip files the query
-    and the neighbours are members of, if they are."""
-    cells = [tile(query, caption, "#444", cache, archives[0])]
+    and the neighbours are members of, if they are; ``images``: their generated images'
+    resolvers, if any."""
+    cells = [tile(query, caption, "#444", cache, archives[0], images[0])]
     for hit in hits:
         frame = "#888" if "match" not in hit else ("#2a2" if hit["match"] else "#d22")
         label = hit.get("caption") or f"{hit['rank']}: {hit['similarity']:.3f}"
-        cells.append(tile(hit["path"], label, frame, cache, archives[1]))
+        cells.append(tile(hit["path"], label, frame, cache, archives[1], images[1]))
     return f'<div class="row">{"".join(cells)}</div>'
 
 
