@@ -181,3 +181,31 @@ def test_a_memory_run_logs_the_drift_and_trains_the_same_weights_as_without(tmp_
     assert measured.keys() == plain.keys()
     for key in plain:
         assert torch.equal(measured[key], plain[key]), key
+
+
+def test_the_dashboard_keeps_the_drift_the_run_logged(tmp_path):
+    """The drift is recorded after the step's other diagnostics: the dashboard's history (and
+    so its training figure) holds the same values as metrics.csv."""
+    from tests.losses.test_memory_diagnostics import xbm_run
+
+    xbm_run(
+        tmp_path,
+        "--dashboard.every_n_epochs",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--memory_drift.every",
+        "2",
+    )
+    (path,) = glob.glob(os.path.join(str(tmp_path), "**", "metrics.csv"), recursive=True)
+    with open(path) as f:
+        logged = [r for r in csv.DictReader(f) if r.get("train/memory/drift_cosine")]
+    (ckpt,) = glob.glob(os.path.join(str(tmp_path), "**", "last.ckpt"), recursive=True)
+    callbacks = torch.load(ckpt, weights_only=True)["callbacks"]
+    (state,) = [v for k, v in callbacks.items() if "DashboardFigures" in k]
+    history = state["history"]["memory/drift_cosine"]
+    assert [s for s, _ in history] == [int(r["step"]) for r in logged] == [4, 6]
+    assert [round(v, 5) for _, v in history] == [
+        round(float(r["train/memory/drift_cosine"]), 5) for r in logged
+    ]
+    assert glob.glob(os.path.join(str(tmp_path), "**", "training_epoch000.png"), recursive=True)
