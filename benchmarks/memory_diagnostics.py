@@ -9,11 +9,14 @@ positives per anchor, drift cosine, validation MAP@R) and summed up in a Markdow
     python benchmarks/memory_diagnostics.py --root ROOT --out DIR [--epochs 4] [--size 32]
         [--variant "LABEL=METHOD[:CONFIG][:EXTRA ARGS]" ...]
 
-Without ``--variant``: no memory, XBM and XBN with the configs' settings (the paper's summed
-loss, weight 1, memory from step 50), and XBM and XBN with the tuned settings of the
-equal-budget search (``experiments/results/omniglot_small/tune/<row>.best.yaml``) where those
-files exist. Writes DIR/memory_diagnostics.png, DIR/memory_diagnostics.md and
-DIR/series.json (every logged value).
+Without ``--variant``: no memory; XBM, XBN and adaptive XBN with the configs' settings (the
+paper's summed loss, weight 1, memory from step 50); XBM with one change each (weight 0.1; 128
+stored rows; pytorch-metric-learning's averaging contrastive loss for the memory term); XBM and
+XBN with the tuned settings of the equal-budget search
+(``experiments/results/omniglot_small/tune/<row>.best.yaml``) where those files exist.
+Writes DIR/memory_diagnostics.png, DIR/memory_diagnostics.md and DIR/series.json (every
+logged value). A variant trained before with the same arguments
+(``<runs>/<label>/args.json``) is read again, not trained again.
 """
 
 from __future__ import annotations
@@ -49,11 +52,16 @@ def default_variants() -> List[Tuple[str, str, str, List[str]]]:
         ("no memory", "none_memory", "", []),
         ("XBM, paper settings", "xbm", "", []),
         ("XBN, paper settings", "xbn", "", []),
+        ("adaptive XBN, paper settings", "adaptive_xbn", "", []),
+        # what rescues XBM: a smaller weight, fresh rows only, the averaging loss
+        ("XBM, summed loss, weight 0.1", "xbm", "", ["--model.memory.weight", "0.1"]),
+        ("XBM, 128 stored rows (8 batches)", "xbm", "", ["--model.memory.size", "128"]),
+        ("XBM, averaged loss", "xbm", "", ["--model.memory.loss", "contrastive"]),
     ]
-    for row, method in (("xbm", "xbm"), ("xbn", "xbn")):
+    for row, method, label in (("xbm", "xbm", "XBM"), ("xbn", "xbn", "XBN")):
         path = os.path.join(TUNED, f"{row}.best.yaml")
         if os.path.isfile(path):
-            variants.append((f"{method.upper()}, tuned", method, path, []))
+            variants.append((f"{label}, tuned", method, path, []))
     return variants
 
 
@@ -164,9 +172,15 @@ def main(argv=None) -> None:
                 *extra,
             ],
         )
-        launched = launch(args, label, log=os.path.join(folder, "unit.log"))
-        if not launched.ok:
-            raise SystemExit(f"{label}: {launched.reason}")
+        record = os.path.join(folder, "args.json")
+        if os.path.isfile(record) and json.load(open(record)) == args:
+            print(f"{label}: trained before with these arguments ({folder})", flush=True)
+        else:
+            launched = launch(args, label, log=os.path.join(folder, "unit.log"))
+            if not launched.ok:
+                raise SystemExit(f"{label}: {launched.reason}")
+            with open(record, "w") as f:
+                json.dump(args, f)
         s = series(folder)
         results[label] = s
         last = 130  # about the last epoch (127 steps of 4 x 4 at 2,040 training images)

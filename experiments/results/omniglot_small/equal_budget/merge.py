@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(HERE))))
 sys.path.insert(0, REPO)
 
-from dml.mlrc import load_lines, table, write_lines  # noqa: E402
+from dml.mlrc import confidence_interval, load_lines, table, write_lines  # noqa: E402
 
 ROWS = [
     ("gap", "GAP (contrastive)"),
@@ -28,6 +28,56 @@ ROWS = [
     ("xbn", "XBN"),
     ("adaptive_xbn", "adaptive XBN"),
 ]
+
+
+# (baseline, method): does the method beat its baseline?
+PAIRS = [
+    ("gap", "gsp_zero_shot"),
+    ("c2", "c2_ccp"),
+    ("ibc_no_mpn", "ibc"),
+    ("no_memory", "xbm"),
+    ("no_memory", "xbn"),
+    ("no_memory", "adaptive_xbn"),
+    ("xbm", "xbn"),
+]
+
+
+def fold_values(lines: list, label: str, metric: str) -> dict:
+    """{(seed, fold): value} of one row's fold models (separated)."""
+    out = {}
+    for line in lines:
+        if line["method"] == label and not line.get("failed"):
+            for fold, values in enumerate(line["separated"]):
+                out[(line["seed"], fold)] = values[metric]
+    return out
+
+
+def paired_lines(lines: list) -> list:
+    """Method - baseline over the fold models both trained on the same (seed, fold) (the same
+    training classes, validation fold and data order): mean and 95 % t interval, in %."""
+    labels = dict(ROWS)
+    out = [
+        "| method - baseline | pairs | P@1 | MAP@R | R-Precision | beyond the interval |",
+        "|---|---|---|---|---|---|",
+    ]
+    for base, method in PAIRS:
+        cells, beyond = [], []
+        for metric in ("P@1", "MAP@R", "R-Precision"):
+            a = fold_values(lines, labels[base], metric)
+            b = fold_values(lines, labels[method], metric)
+            keys = sorted(set(a) & set(b))
+            if len(keys) < 2:
+                cells.append("n/a")
+                continue
+            mean, half = confidence_interval([100 * (b[k] - a[k]) for k in keys])
+            cells.append(f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]")
+            if abs(mean) > half:
+                beyond.append(f"{metric} {'better' if mean > 0 else 'worse'}")
+        out.append(
+            f"| {labels[method]} - {labels[base]} | {len(keys)} | {' | '.join(cells)} | "
+            f"{', '.join(beyond) or 'no'} |"
+        )
+    return out
 
 
 def tuning_lines() -> list:
@@ -84,6 +134,11 @@ def main() -> None:
     write_lines(os.path.join(HERE, "runs.jsonl"), lines)
     with open(os.path.join(HERE, "table.md"), "w") as f:
         f.write(table(lines, "omniglot_small (equal tuning budget)"))
+        f.write(
+            "\n## Each method against its baseline\n\nPaired over the fold models trained on "
+            "the same seed and fold (same training classes and data order): mean difference "
+            "and its 95 % t interval, in points of %.\n\n" + "\n".join(paired_lines(lines)) + "\n"
+        )
     with open(os.path.join(HERE, "tuning.md"), "w") as f:
         f.write(
             "# The searches behind table.md\n\n12 trials per row (python -m dml.tune, TPE, "
