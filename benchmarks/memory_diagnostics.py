@@ -47,16 +47,20 @@ KEYS = {
 }
 
 
+# The XBM paper's memory term (summed loss, weight 1), not the Omniglot family's defaults
+PAPER = ["--model.memory.loss", "null", "--model.memory.weight", "1.0"]
+
+
 def default_variants() -> List[Tuple[str, str, str, List[str]]]:
     variants = [
         ("no memory", "none_memory", "", []),
-        ("XBM, paper settings", "xbm", "", []),
-        ("XBN, paper settings", "xbn", "", []),
-        ("adaptive XBN, paper settings", "adaptive_xbn", "", []),
+        ("XBM, paper settings", "xbm", "", PAPER),
+        ("XBN, paper settings", "xbn", "", PAPER),
+        ("adaptive XBN, paper settings", "adaptive_xbn", "", PAPER),
         # what rescues XBM: a smaller weight, fresh rows only, the averaging loss
-        ("XBM, summed loss, weight 0.1", "xbm", "", ["--model.memory.weight", "0.1"]),
-        ("XBM, 128 stored rows (8 batches)", "xbm", "", ["--model.memory.size", "128"]),
-        ("XBM, averaged loss", "xbm", "", ["--model.memory.loss", "contrastive"]),
+        ("XBM, summed loss, weight 0.1", "xbm", "", [*PAPER, "--model.memory.weight", "0.1"]),
+        ("XBM, 128 stored rows (8 batches)", "xbm", "", [*PAPER, "--model.memory.size", "128"]),
+        ("XBM, averaged loss", "xbm", "", [*PAPER, "--model.memory.loss", "contrastive"]),
     ]
     for row, method, label in (("xbm", "xbm", "XBM"), ("xbn", "xbn", "XBN")):
         path = os.path.join(TUNED, f"{row}.best.yaml")
@@ -93,6 +97,11 @@ def late_mean(points: List[Tuple[int, float]], last_steps: int) -> float:
     end = max(s for s, _ in points)
     values = [v for s, v in points if s > end - last_steps]
     return statistics.fmean(values) if values else float("nan")
+
+
+def cell(value: float, spec: str) -> str:
+    """A table cell; "-" where nothing was logged (no memory)."""
+    return "-" if value != value else format(value, spec)
 
 
 def ratio_series(s: Dict[str, list]) -> List[Tuple[int, float]]:
@@ -185,12 +194,15 @@ def main(argv=None) -> None:
         results[label] = s
         last = 130  # about the last epoch (127 steps of 4 x 4 at 2,040 training images)
         ratio = ratio_series(s)
-        lines.append(
-            f"| {label} | {late_mean(s['active'], last):.3f} | "
-            f"{late_mean(ratio, last):.2f} | {late_mean(s['positives'], last):.1f} | "
-            f"{late_mean(s['drift'], last):.3f} | {late_mean(s['drift_newest'], last):.3f} | "
-            f"{100 * max((v for _, v in s['map_r']), default=float('nan')):.1f} |"
-        )
+        cells = [
+            cell(late_mean(s["active"], last), ".3f"),
+            cell(late_mean(ratio, last), ".2f"),
+            cell(late_mean(s["positives"], last), ".1f"),
+            cell(late_mean(s["drift"], last), ".3f"),
+            cell(late_mean(s["drift_newest"], last), ".3f"),
+            cell(100 * max((v for _, v in s["map_r"]), default=float("nan")), ".1f"),
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     draw(results, os.path.join(opts.out, "memory_diagnostics.png"))
     with open(os.path.join(opts.out, "series.json"), "w") as f:

@@ -94,6 +94,17 @@ def test_grid_arguments_parse(variant, dataset):
     args = reproduce.run_args(dataset, method, extra, seed=1, epochs=2, size=32)
     cli = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False, args=args[1:])
     assert cli.config.trainer.max_epochs == 2 and cli.config.seed_everything == 1
+    if method in ("xbm", "xbn"):  # the paper's memory term, whatever the family's defaults
+        memory = cli.config.model.memory
+        assert memory["loss"] is None and memory["weight"] == 1.0
+
+
+def test_the_omniglot_memory_family_defaults_to_the_averaged_tuned_term():
+    args = reproduce.run_args("omniglot_small", "xbn", [], seed=0, epochs=2, size=32)
+    cli = ParseOnlyCLI(DMLModule, DMLDataModule, subclass_mode_data=True, run=False, args=args[1:])
+    memory = cli.config.model.memory
+    assert memory["loss"] == "contrastive" and memory["weight"] == 0.13
+    assert memory["size"] == 1024 and memory["start_iteration"] == 50
 
 
 def test_a_run_with_other_settings_is_not_reused_and_a_failed_run_is_marked(tmp_path, monkeypatch):

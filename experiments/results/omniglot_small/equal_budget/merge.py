@@ -27,6 +27,8 @@ ROWS = [
     ("xbm", "XBM"),
     ("xbn", "XBN"),
     ("adaptive_xbn", "adaptive XBN"),
+    # not searched: the no-memory row at the learning rate the memory rows' search chose
+    ("no_memory_at_xbm_lr", "no memory, at XBM's tuned lr"),
 ]
 
 
@@ -39,6 +41,8 @@ PAIRS = [
     ("no_memory", "xbn"),
     ("no_memory", "adaptive_xbn"),
     ("xbm", "xbn"),
+    ("no_memory_at_xbm_lr", "xbm"),
+    ("no_memory_at_xbm_lr", "xbn"),
 ]
 
 
@@ -89,7 +93,7 @@ def tuning_lines() -> list:
     for row, label in ROWS:
         path = os.path.join(HERE, "..", "tune", f"{row}.trials.csv")
         if not os.path.isfile(path):
-            out.append(f"| {label} | not run | | | |")
+            out.append(f"| {label} | not searched | | | |")
             continue
         with open(path) as f:
             trials = list(csv.DictReader(f))

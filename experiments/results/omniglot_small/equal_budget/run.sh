@@ -29,3 +29,8 @@ for row in "${ROWS[@]}"; do
   python -m dml.mlrc "${B[@]}" --method "$method" --name "$row" --seeds 0 1 2 \
     --config "$HERE/tune/$row.best.yaml" --out "runs/equal_budget/$row" -- "${extra[@]}"
 done
+# Added after the searches: the no-memory row at the learning rate the XBM and XBN searches
+# chose (not searched), to tell the rate from the memory:
+#   python -m dml.mlrc "${B[@]}" --method none_memory --name no_memory_at_xbm_lr --seeds 0 1 2 \
+#     --config experiments/results/omniglot_small/equal_budget/no_memory_at_xbm_lr.yaml \
+#     --out runs/equal_budget/no_memory_at_xbm_lr
