@@ -265,7 +265,9 @@ class DMLModule(
     def record_diagnostics(self, values: Dict[str, torch.Tensor]) -> None:
         """Log more diagnostics for this step (an observer's, e.g. ``MemoryDrift``) as
         ``train/<name>``, and add them to ``last_diagnostics`` for the dashboard."""
-        step = int(self.global_step)
+        # the step Lightning logs this batch's values at (the optimiser step before the one
+        # on_train_batch_end sees), so a resume keeps them (CSVLogger.forget_from)
+        step = max(int(self.global_step) - 1, 0)
         if self._trainer is not None and self.trainer.is_global_zero:
             # straight to the loggers: Lightning's self.log from a callback hook would
             # repeat the value at every later logging step

@@ -41,6 +41,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
@@ -177,16 +178,16 @@ def check_study_settings(study, settings: Dict[str, Any], storage: str) -> None:
     differ = [k for k in settings if saved.get(k) != settings[k]]
     if differ:
         what = {
-            "space": "the search space",
+            "space": "search space",
             "folds": "--folds",
             "seed": "--seed",
-            "fit": "the fit settings (--epochs, --root, --backbone, extra arguments, "
+            "fit": "fit settings (--epochs, --size, --root, --backbone, extra arguments, "
             "config files or data)",
         }
         raise ConfigError(
-            f"study {study.study_name} in {storage} was made with other "
+            f"study {study.study_name} in {storage} was made with a different "
             f"{', '.join(what[k] for k in differ)}; its trials would be mixed "
-            f"with these. Give another --storage for a new search, or the "
+            f"with these. Give another --name (or --storage) for a new search, or the "
             f"study's own settings to continue it"
         )
 
@@ -252,8 +253,11 @@ def main(argv: Optional[Sequence[str]] = None):
     opts = parser.parse_args(argv)
     check_names(opts.dataset, opts.method, opts.backbone)
     label = opts.name or (f"{opts.method}-{opts.backbone}" if opts.backbone else opts.method)
-    if os.sep in label or label.startswith("."):
-        raise ConfigError(f"--name {label!r}: expected a plain name (no {os.sep}, no leading .)")
+    if not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", label):
+        raise ConfigError(
+            f"--name {label!r}: expected letters, digits, _ + - and . (not first): it names "
+            f"the study's files"
+        )
     extra = [a for a in opts.extra if a != "--"]
     space = read_space(opts.space)
     base = os.path.join(opts.out, opts.dataset, "tune")

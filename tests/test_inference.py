@@ -115,6 +115,7 @@ def test_generated_images_are_made_again_only_when_their_checksum_matches():
     image = resolver(meta)
     assert image("test/5").size == (16, 16)
     assert image("test/6") is None and image("train/0") is None and image("test/x") is None
+    assert image("test/\u00b2") is None and image("test/\uff10") is None  # not ASCII digits
     assert resolver(dict(meta, content="0" * 40)) is None  # other pixels under these names
     for key, bad in [("num_classes", 10**9), ("image_size", True), ("seed", "4"), ("split", "x")]:
         assert resolver(dict(meta, generated=dict(meta["generated"], **{key: bad}))) is None

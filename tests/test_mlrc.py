@@ -278,7 +278,7 @@ def test_a_search_and_the_protocol_survive_a_failing_run_and_resume(tmp_path):
         *TINY,
     )
     lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1 and "other the search space" in lines[0]
+    assert out.returncode == 2 and len(lines) == 1 and "a different search space" in lines[0]
 
 
 def test_an_unknown_data_set_method_or_space_is_one_line_naming_it(tmp_path, capsys):
@@ -308,3 +308,14 @@ def test_an_unknown_data_set_method_or_space_is_one_line_naming_it(tmp_path, cap
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(lines) == 1 and says in lines[0], lines
     assert not (tmp_path / "synthetic" / "tune").exists()  # nothing created for a bad search
+
+
+@pytest.mark.parametrize("name", ["../evil", "a?b", ".hidden", "a/b"])
+def test_a_tune_name_that_is_not_a_plain_file_name_is_refused(name):
+    from dml.errors import ConfigError
+    from dml.tune import main
+
+    with pytest.raises(ConfigError, match="--name"):
+        main(
+            ["--dataset", "synthetic", "--method", "baseline", "--space", "x.yaml", "--name", name]
+        )

@@ -1,12 +1,12 @@
 """How far the cross-batch memory's stored rows are from what the network makes of the same
 images now: the drift that XBN's moment matching is meant to correct (``memory_drift:``).
 
-Every ``every`` training steps, once the memory holds rows of known images
-(``CrossBatchMemory.stored_sample_ids``), ``rows`` stored rows are drawn (a generator seeded
-with ``seed`` and the step; the training's random state is saved and restored around the
-measure), their images embedded again as a training step embeds them (train mode, the
-training augmentation, ``candidate_loader``; batch-norm's running statistics restored
-afterwards), and the module records (``DMLModule.record_diagnostics``, logged as
+Every ``every`` steps of the memory (one per training batch), once the memory holds rows of
+known images (``CrossBatchMemory.stored_sample_ids``), ``rows`` stored rows are drawn (a
+generator seeded with ``seed`` and the step; the training's random state is saved and
+restored around the measure), their images embedded again as a training step embeds them
+(train mode, the training augmentation, ``candidate_loader``; batch-norm's running statistics
+restored afterwards), and the module records (``DMLModule.record_diagnostics``, logged as
 ``train/memory/...``):
 
 - ``memory/drift_cosine``: mean_i cos(m_i, f_now(x_i)) over the drawn rows, m_i the stored row
@@ -30,6 +30,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 
 from dml.errors import ConfigError
 
@@ -52,20 +53,24 @@ class MemoryDrift(pl.Callback):
         batch_size: Optional[int] = None,
         seed: int = 0,
     ):
-        if every < 1 or rows < 1 or (batch_size is not None and batch_size < 1):
-            raise ConfigError("memory_drift.every, .rows and .batch_size must be >= 1")
+        for key, value in (("every", every), ("rows", rows), ("batch_size", batch_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"memory_drift.{key}: expected a value >= 1, got {value}")
         self.enabled, self.every, self.rows = enabled, every, rows
         self.batch_size, self.seed = batch_size, seed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.enabled or not getattr(pl_module, "diagnostics", False):
             return
-        step = int(trainer.global_step)
-        if step == 0 or step % self.every:
-            return
         memory = getattr(getattr(pl_module, "objective", None), "memory", None)
         if memory is None or not hasattr(memory, "stored_sample_ids"):
             return
+        # the memory's own step (one per batch, as the rows' batch_ids), not the optimiser's:
+        # with gradient accumulation several batches share an optimiser step
+        step = int(getattr(memory, "iteration", trainer.global_step))
+        if step == 0 or step % self.every or step == getattr(self, "_measured", None):
+            return
+        self._measured = step
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "candidate_loader"):
             return
@@ -75,8 +80,8 @@ class MemoryDrift(pl.Callback):
 
     @torch.no_grad()
     def measure(self, memory, dm, pl_module, step: int) -> Optional[Dict[str, torch.Tensor]]:
-        """The drift quantities of the module docstring, or None when no stored row's image
-        is known."""
+        """The drift quantities of the module docstring at the memory's step ``step``, or None
+        when no stored row's image is known (or the stored indices no longer fit the data)."""
         if len(memory) == 0:
             return None
         ids, batch_ids = memory.stored_sample_ids, memory.stored_batch_ids
@@ -89,11 +94,16 @@ class MemoryDrift(pl.Callback):
         older = older[torch.randperm(len(older), generator=g)[: self.rows].to(older.device)]
         labels = torch.as_tensor(dm.train_labels(), device=ids.device)
         picked = torch.cat([older, newest])
-        if not bool((labels[ids[picked]] == memory.stored_labels[picked]).all()):
-            raise RuntimeError(
-                "memory_drift: the stored rows' image indices do not match the training "
-                "set's labels (the memory was filled from another data set?)"
-            )
+        inside = bool((ids[picked] < len(labels)).all())
+        if not inside or not bool((labels[ids[picked]] == memory.stored_labels[picked]).all()):
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                rank_zero_warn(
+                    "memory_drift: the stored rows' image indices do not fit the training "
+                    "set (its images or labels changed since they were stored, e.g. a resume "
+                    "with other data); the drift is not measured until they are overwritten"
+                )
+            return None
         chunk = self.batch_size or max(len(newest), 1)
         cosines = []
         for rows in (older, newest):  # the newest batch embedded as one batch, as it was

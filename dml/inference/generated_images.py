@@ -61,7 +61,7 @@ def resolver(meta: Dict[str, Any]) -> Optional[Resolver]:
 
     def image(path: str):
         head, _, tail = str(path).partition("/")
-        if head != split or not tail.isdigit() or int(tail) >= len(data):
+        if head != split or not (tail.isascii() and tail.isdigit()) or int(tail) >= len(data):
             return None
         return to_pil(data.images[int(tail)])
 
