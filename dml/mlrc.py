@@ -289,10 +289,12 @@ def latex(lines: List[Dict], dataset: str, command: str, commit: Optional[str] =
     return tabular(header, rows, caption, command, commit, extra)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
+def job_parser(prog: str, doc: Optional[str]) -> argparse.ArgumentParser:
+    """The parser of a multi-run job (``dml.mlrc``, ``dml.tune``): its docstring as the help,
+    the valid names as the epilog, and the --dataset and --method every job takes."""
     parser = argparse.ArgumentParser(
-        prog="python -m dml.mlrc",
-        description=__doc__,
+        prog=prog,
+        description=doc,
         epilog=config_names(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -303,6 +305,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument(
         "--method", required=True, help="a method config: experiments/method/<method>.yaml"
     )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    parser = job_parser("python -m dml.mlrc", __doc__)
     parser.add_argument(
         "--name",
         default=None,

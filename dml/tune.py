@@ -49,8 +49,7 @@ import yaml
 from dml import jobs
 from dml.child_runs import best_metric, launch
 from dml.errors import ConfigError
-from dml.mlrc import check_names, fold_args
-from dml.short_help import config_names
+from dml.mlrc import check_names, fold_args, job_parser
 
 TYPES = ("float", "int", "categorical")
 
@@ -195,19 +194,7 @@ def check_study_settings(study, settings: Dict[str, Any], storage: str) -> None:
 def main(argv: Optional[Sequence[str]] = None):
     import optuna
 
-    parser = argparse.ArgumentParser(
-        prog="python -m dml.tune",
-        description=__doc__,
-        epilog=config_names(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument(
-        "--dataset", required=True, help="a data config: experiments/data/<dataset>.yaml"
-    )
-    parser.add_argument(
-        "--method", required=True, help="a method config: experiments/method/<method>.yaml"
-    )
+    parser = job_parser("python -m dml.tune", __doc__)
     parser.add_argument("--space", required=True, help="the search space (YAML, see above)")
     parser.add_argument(
         "--name",
