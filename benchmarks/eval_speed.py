@@ -14,6 +14,9 @@ isometrically into 512-d plus small isotropic noise; ``--regime`` sets how far a
 - ``latent+noise``: the ``separable`` latent classes plus isotropic noise of 0.04 per
   dimension in all 512 (about the norm of the latent part);
 - ``mixture``: half the classes as ``separable``, half as ``isotropic-2``;
+- ``collapsed``, ``two-points``: every row the same vector (a collapsed model), or one of two
+  vectors, labels shuffled: every distance ties; ``collapsed-descending``: labels falling with
+  the row index, the order that makes each new block of references precede the ones seen;
 - ``--embeddings FILE.npz`` instead of a regime: real embeddings, the ``embeddings`` and
   ``labels`` arrays of ``python -m dml embed``, read with ``allow_pickle=False``; several files
   are stacked, their labels must not overlap unless ``--relabel`` says that each file's labels
@@ -55,12 +58,17 @@ REGIMES = {
     "isotropic-3": 3.0,
     "latent+noise": 0.3,
     "mixture": 0.3,
+    "collapsed": None,
+    "collapsed-descending": None,
+    "two-points": None,
 }
 
 
 def make_data(regime: str, n: int, classes: int, dim: int, seed: int = 0):
     """The embeddings and labels of a regime (module docstring), L2-normalised."""
     x, y = sop_like(n, classes, dim, seed, spread=REGIMES[regime])
+    if regime in ("collapsed", "collapsed-descending", "two-points"):
+        return tied_rows(regime, x, y, seed)
     if not regime.startswith(("isotropic", "latent+noise", "mixture")):
         return x, y
     rng = np.random.default_rng(seed + 1)
@@ -73,6 +81,19 @@ def make_data(regime: str, n: int, classes: int, dim: int, seed: int = 0):
         x = iso if regime != "mixture" else np.where((y % 2 == 0)[:, None], x, iso)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32), y
+
+
+def tied_rows(regime: str, x: np.ndarray, y: np.ndarray, seed: int):
+    """Every distance tied: all rows one vector, or two vectors alternating with the index;
+    labels shuffled, or (``collapsed-descending``) falling with the index, so that each block
+    of references comes before the blocks already seen in the tie order."""
+    rng = np.random.default_rng(seed + 2)
+    if regime == "two-points":
+        x = np.where((np.arange(len(x)) % 2 == 0)[:, None], x[0], x[1])
+    else:
+        x = np.repeat(x[:1], len(x), axis=0)
+    y = y[::-1].copy() if regime == "collapsed-descending" else rng.permutation(y)
+    return np.ascontiguousarray(x, np.float32), y
 
 
 def load_embeddings(paths, relabel: bool = False):

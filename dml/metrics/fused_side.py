@@ -1,25 +1,29 @@
 """The CPU main pass of one block side, fused: one read of the block per query.
 
 ``dml.metrics.ranking.BlockRanks`` visits each block of distances B once and serves, per
-query q of a side (B's rows, or its columns when the side is the transposed one), three
-updates. With f[q] the distance of q's nearest relevant reference and tau[q] an upper bound on
-its R-th nearest distance:
+query q of a side (B's rows, or its columns when the side is the transposed one), two
+updates. With f[q] the distance of q's nearest relevant reference, first[q] the index of that
+reference (the smallest such index) and tau[q] an upper bound on its R-th nearest distance:
 
-    s_lt[q] += #{j : B[q, j] < f[q]},   s_before[q] += #{j : B[q, j] = f[q], index j < first[q]},
+    rank[q] += #{j : (B[q, j], j) < (f[q], first[q])}   (lexicographic: the tie rule)
 
-where first[q] is the index of q's first relevant reference (so the two sum to its exact rank,
-ties included: no row needs recomputing), and every (B[q, j], index j) with B[q, j] <= tau[q]
-enters q's list of its R[q] nearest, kept
-sorted under the tie rule (distance, then reference index); once the list holds R[q] entries,
-tau[q] shrinks to its last distance, and when tau[q] falls below f[q] the first relevant
-reference cannot be among the R nearest: the list is emptied and tau[q] = -inf.
+so rank[q] ends as the exact rank of the first relevant reference, ties included (no row is
+recomputed); and every (B[q, j], j) below (tau[q], b[q]) enters q's list of its R[q] nearest,
+kept sorted under the tie rule, where b[q] is the list's last index when the list is full at
+tau[q] and +inf otherwise (a tie at tau enters only before the list's last entry). Once the
+list holds R[q] entries, tau[q] shrinks to its last distance; when tau[q] falls below f[q] the
+first relevant reference cannot be among the R nearest: the list is emptied and tau[q] = -inf.
 
-Eager torch needs a compare that writes a mask and a sum that reads it for each count (about
-ten times the cost of reading the block once), and a dozen small operations per side for the
-list; on the CPU these, not the GEMM, were the evaluation's cost on low-dimensional data. Here
-the counts are one vectorised loop per query (LLVM, through numba), the few entries under tau
-are inserted as they are found, and the queries are split over torch's number of threads. The
-CUDA path keeps the torch operations.
+Cost. Each count is a vectorised pass (LLVM, through numba) that compares distances only; the
+reference indices are read in a second pass only where the block holds an entry at exactly f
+(ties), so untied data pay one read. The list is filled by a scalar scan of the few queries
+with entries <= tau. Where many entries tie at tau (a collapsed model: every distance equal),
+the scan visits the references in ascending index and stops as soon as no entry below tau is
+left unvisited and the next index is past b[q]: at most R[q] ties enter per block, instead of a
+scalar pass over the whole block (3-4x the GEMM before). On the transposed side (queries along
+B's columns) the references are walked in ascending index in groups of 32 rows, and a query
+takes part in a group's scan only if the group holds an entry below its tau or a tie at tau
+with an index below b[q]. The CUDA path keeps the torch operations.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 
 _LOCK = threading.Lock()  # numba's default thread pool runs one parallel call at a time
 _CHUNK = 256  # queries per task of the transposed pass (their accumulators stay in cache)
-_GROUP = 32  # rows per group of the transposed pass: group minima locate entries <= tau
+_GROUP = 32  # rows per group of the transposed pass (in ascending reference index)
 EMPTY_INDEX = np.iinfo(np.int64).max  # index of an empty list slot (its distance is +inf)
 
 
@@ -63,115 +67,186 @@ def _settle(top_v, top_i, f, tau, q, r, tq):  # pragma: no cover - compiled
         tau[q] = tq
 
 
+@numba.njit(inline="always")
+def _bound_index(top_v, top_i, q, r, tq):  # pragma: no cover - compiled
+    """The index that goes with the bound tq: a reference at exactly tq enters q's list only
+    below it (the list's last index when the list is full at tq, else any index)."""
+    if r > 0 and top_v[q, r - 1] <= tq:
+        return top_i[q, r - 1]
+    return EMPTY_INDEX
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _rows(
-    block, a, c, f, tau, num_relevant, ref_index, first_index, s_lt, s_before, top_v, top_i
+    block, a, c, order, f, tau, num_relevant, ref_index, first_index, rank, top_v, top_i
 ):  # pragma: no cover - compiled
     n, width = block.shape
+    index = ref_index[c : c + width]
     for local in numba.prange(n):
         q = a + local
-        fq, tq = f[q], tau[q]
+        row = block[local]
+        fq, fi, t0 = f[q], first_index[q], tau[q]
         lt = np.int32(0)
         le = np.int32(0)
         under = np.int32(0)
         for j in range(width):
-            v = block[local, j]
+            v = row[j]
             lt += np.int32(v < fq)
             le += np.int32(v <= fq)
-            under += np.int32(v <= tq)
-        s_lt[q] += lt
+            under += np.int32(v <= t0)
         if le > lt:  # entries at exactly f: those with a smaller index rank before
-            fi = first_index[q]
-            tied = np.int32(0)
             for j in range(width):
-                tied += np.int32((block[local, j] == fq) & (ref_index[c + j] < fi))
-            s_before[q] += tied
+                lt += np.int32((row[j] == fq) & (index[j] < fi))
+        rank[q] += lt
         r = num_relevant[q]
         if under == 0 or r <= 0:
             continue
-        last_v, last_i = top_v[q, r - 1], top_i[q, r - 1]
-        for j in range(width):  # the row is still in cache
-            v = block[local, j]
-            # only an entry before the list's last can enter (a bound that only tightens)
-            if v <= tq and (v < last_v or (v == last_v and ref_index[c + j] < last_i)):
-                _insert(top_v, top_i, q, r, v, ref_index[c + j])
-                last_v, last_i = top_v[q, r - 1], top_i[q, r - 1]
-                tq = min(tq, last_v)
+        # the entries <= tau in ascending reference index: once no entry below tau is left
+        # unvisited, a later one can only be a tie at tau with a larger index: stop there
+        strict = np.int32(0)
+        for j in range(width):
+            strict += np.int32(row[j] < t0)
+        tq = t0
+        bound = _bound_index(top_v, top_i, q, r, tq)
+        if under == strict:  # no entry at exactly tau: one pass in the block's order
+            for j in range(width):
+                v = row[j]
+                if v <= tq and (v < tq or index[j] < bound):
+                    _insert(top_v, top_i, q, r, v, index[j])
+                    tq = min(tq, top_v[q, r - 1])
+                    bound = _bound_index(top_v, top_i, q, r, tq)
+        else:
+            # ties at tau: visit in ascending reference index; once no entry below tau is
+            # left, a later entry can only be a tie at tau with a larger index: stop there
+            for k in range(width):
+                j = order[k]
+                v, idx = row[j], index[j]
+                if v < t0:
+                    strict -= 1
+                if v < tq or (v == tq and idx < bound):
+                    _insert(top_v, top_i, q, r, v, idx)
+                    tq = min(tq, top_v[q, r - 1])
+                    bound = _bound_index(top_v, top_i, q, r, tq)
+                elif strict == 0 and (tq < t0 or idx >= bound):
+                    break
         _settle(top_v, top_i, f, tau, q, r, tq)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _columns(
-    block, a, c, f, tau, num_relevant, ref_index, first_index, s_lt, s_before, top_v, top_i
+    block, a, c, order, f, tau, num_relevant, ref_index, first_index, rank, top_v, top_i
 ):  # pragma: no cover - compiled
     width, n = block.shape
     groups = (width + _GROUP - 1) // _GROUP
+    index = ref_index[c : c + width]
     for k in numba.prange((n + _CHUNK - 1) // _CHUNK):
         s = k * _CHUNK
         e = min(n, s + _CHUNK)
-        fl, tl = f[a + s : a + e].copy(), tau[a + s : a + e].copy()
-        lt = np.zeros(e - s, np.int32)
-        le = np.zeros(e - s, np.int32)
-        under = np.zeros(e - s, np.int32)
-        group_min = np.empty((groups, e - s), block.dtype)
+        m = e - s
+        fl, fil, t0 = (
+            f[a + s : a + e].copy(),
+            first_index[a + s : a + e].copy(),
+            tau[a + s : a + e].copy(),
+        )
+        lt = np.zeros(m, np.int32)
+        le = np.zeros(m, np.int32)
+        strict = np.zeros((groups, m), np.int32)
+        low = np.full((groups, m), np.inf, block.dtype)
+        # the block's rows (references) in ascending index, in groups of _GROUP
         for g in range(groups):
-            low = np.full(e - s, np.inf, block.dtype)
-            for i in range(g * _GROUP, min(width, (g + 1) * _GROUP)):
-                row = block[i, s:e]
-                for t in range(e - s):
+            sg, lg = strict[g], low[g]
+            for p in range(g * _GROUP, min(width, (g + 1) * _GROUP)):
+                row = block[order[p], s:e]
+                for t in range(m):
                     v = row[t]
                     lt[t] += np.int32(v < fl[t])
                     le[t] += np.int32(v <= fl[t])
-                    under[t] += np.int32(v <= tl[t])
-                    low[t] = min(low[t], v)
-            group_min[g] = low
-        # entries at exactly f (ties) and entries <= tau, row by row over the queries that
-        # have any in the group: rows stay contiguous in memory (a column walk would not)
-        ties = np.nonzero(le > lt)[0]
-        listing = np.nonzero((under > 0) & (num_relevant[a + s : a + e] > 0))[0]
-        first = first_index[a + s : a + e]
-        before = np.zeros(e - s, np.int64)
-        last_v = np.empty(e - s, top_v.dtype)
-        last_i = np.empty(e - s, np.int64)
-        for u in listing:
-            last_v[u], last_i[u] = (
-                top_v[a + s + u, num_relevant[a + s + u] - 1],
-                top_i[a + s + u, num_relevant[a + s + u] - 1],
-            )
+                    sg[t] += np.int32(v < t0[t])
+                    lg[t] = min(lg[t], v)
+        # entries at exactly f: those with a smaller index rank before (all the chunk's
+        # queries at once where most have ties, else only those)
+        tied = np.nonzero(le > lt)[0]
+        if 4 * len(tied) > m:
+            for p in range(width):
+                row = block[order[p], s:e]
+                idx = index[order[p]]
+                for t in range(m):
+                    lt[t] += np.int32((row[t] == fl[t]) & (idx < fil[t]))
+        elif len(tied) > 0:
+            for p in range(width):
+                row = block[order[p], s:e]
+                idx = index[order[p]]
+                for t in tied:
+                    lt[t] += np.int32((row[t] == fl[t]) & (idx < fil[t]))
+        for t in range(m):
+            rank[a + s + t] += lt[t]
+        # the list: group by group, the queries that can still take an entry of the group
+        tl = t0.copy()
+        bound = np.empty(m, np.int64)
+        left = np.zeros(m, np.int32)  # entries below tau not yet visited
+        live = np.empty(m, np.int64)
+        n_live = 0
+        for t in range(m):
+            q = a + s + t
+            r = num_relevant[q]
+            bound[t] = _bound_index(top_v, top_i, q, r, tl[t])
+            smallest = np.inf
+            for g in range(groups):
+                left[t] += strict[g, t]
+                smallest = min(smallest, low[g, t])
+            if r > 0 and smallest <= t0[t]:
+                live[n_live] = t
+                n_live += 1
+        listed = live[:n_live].copy()
+        here = np.empty(m, np.int64)
         for g in range(groups):
-            tied_here = np.array([u for u in ties if group_min[g, u] <= fl[u]], np.int64)
-            listed_here = np.array([u for u in listing if group_min[g, u] <= tl[u]], np.int64)
-            if len(tied_here) == 0 and len(listed_here) == 0:
-                continue
-            for i in range(g * _GROUP, min(width, (g + 1) * _GROUP)):
+            if n_live == 0:
+                break
+            first_row = g * _GROUP
+            n_here = 0
+            for u in range(n_live):
+                t = live[u]
+                if strict[g, t] > 0 or (
+                    tl[t] == t0[t] and low[g, t] == t0[t] and index[order[first_row]] < bound[t]
+                ):
+                    here[n_here] = t
+                    n_here += 1
+            for p in range(first_row, min(width, first_row + _GROUP)):
+                i = order[p]
                 row = block[i, s:e]
-                idx = ref_index[c + i]
-                for u in tied_here:
-                    before[u] += (row[u] == fl[u]) & (idx < first[u])
-                for u in listed_here:
-                    v = row[u]
-                    # only an entry before the list's last can enter (a bound that tightens)
-                    if v <= tl[u] and (v < last_v[u] or (v == last_v[u] and idx < last_i[u])):
-                        q = a + s + u
+                idx = index[i]
+                for u in range(n_here):
+                    t = here[u]
+                    v = row[t]
+                    if v < tl[t] or (v == tl[t] and idx < bound[t]):
+                        q = a + s + t
                         r = num_relevant[q]
                         _insert(top_v, top_i, q, r, v, idx)
-                        last_v[u], last_i[u] = top_v[q, r - 1], top_i[q, r - 1]
-                        tl[u] = min(tl[u], last_v[u])
-        for t in range(e - s):
-            s_lt[a + s + t] += lt[t]
-            s_before[a + s + t] += before[t]
-        for u in listing:
-            _settle(top_v, top_i, f, tau, a + s + u, num_relevant[a + s + u], tl[u])
+                        tl[t] = min(tl[t], top_v[q, r - 1])
+                        bound[t] = _bound_index(top_v, top_i, q, r, tl[t])
+            # keep the queries that a later group (larger indices) can still feed
+            next_row = min(width - 1, first_row + _GROUP)
+            kept = 0
+            for u in range(n_live):
+                t = live[u]
+                left[t] -= strict[g, t]
+                if left[t] > 0 or (tl[t] == t0[t] and index[order[next_row]] < bound[t]):
+                    live[kept] = t
+                    kept += 1
+            n_live = kept
+        for t in listed:
+            q = a + s + t
+            _settle(top_v, top_i, f, tau, q, num_relevant[q], tl[t])
 
 
 class FusedSides:
     """The per-query state of the CPU main pass: numpy views of BlockRanks' f, tau (updated in
-    place), R and reference indices, the counts, and each query's list as (distance, index)
+    place), R and reference indices, each query's count, and its list as (distance, index)
     arrays (``keys()`` gives it as order keys).
 
     ``first_index[q]``: the reference index of q's first relevant reference (the smallest index
-    among its relevant ones at distance f). ``rank()`` = #{d < f} + #{d = f, index <
-    first_index}: the exact 0-based rank of that reference under the tie rule, ties included."""
+    among its relevant ones at distance f). ``rank()`` = #{(d, index) < (f, first_index)}: the
+    exact 0-based rank of that reference under the tie rule, ties included."""
 
     def __init__(
         self,
@@ -186,15 +261,23 @@ class FusedSides:
         self.r = num_relevant.numpy()
         self.ref_index = ref_index.numpy()
         self.first_index = first_index.numpy()
-        self.s_lt = np.zeros(len(self.f), np.int64)
-        self.s_before = np.zeros(len(self.f), np.int64)
+        self.count = np.zeros(len(self.f), np.int64)
         self.top_v = np.full((len(self.f), length), np.inf, dtype=self.f.dtype)
         self.top_i = np.full((len(self.f), length), EMPTY_INDEX, dtype=np.int64)
+        self._orders: dict = {}
+
+    def _order(self, c: int, width: int) -> np.ndarray:
+        """Positions of references c .. c + width - 1 in ascending reference index."""
+        key = (c, width)
+        if key not in self._orders:
+            self._orders[key] = np.argsort(self.ref_index[c : c + width], kind="stable")
+        return self._orders[key]
 
     def side(self, block: torch.Tensor, transposed: bool, a: int, c: int) -> None:
         """Serve queries a, a+1, ... (B's rows, or columns when ``transposed``) from the
         contiguous CPU block ``block`` whose references are c, c+1, ..."""
         kernel = _columns if transposed else _rows
+        width = block.shape[0] if transposed else block.shape[1]
         with _LOCK:
             most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined] # set at import
             numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
@@ -202,20 +285,20 @@ class FusedSides:
                 block.numpy(),
                 a,
                 c,
+                self._order(c, width),
                 self.f,
                 self.tau,
                 self.r,
                 self.ref_index,
                 self.first_index,
-                self.s_lt,
-                self.s_before,
+                self.count,
                 self.top_v,
                 self.top_i,
             )
 
     def rank(self) -> torch.Tensor:
         """Per query, the exact rank of its first relevant reference (class docstring)."""
-        return torch.from_numpy(self.s_lt + self.s_before)
+        return torch.from_numpy(self.count)
 
     def keys(self) -> torch.Tensor:
         """Each query's list as int64 order keys, INT64_MAX where empty."""

@@ -131,6 +131,7 @@ class BlockRanks:
     # ... from this many (query, reference) pairs: below, loading the compiled loop (about 1 s
     # per process) costs more than it saves
     fused_min_pairs = 1 << 22
+    kept_bytes = 128 << 20  # band blocks kept from the first pass for the main one (no GEMM)
 
     def __init__(
         self,
@@ -346,10 +347,15 @@ class BlockRanks:
     # --- the passes -------------------------------------------------------------------------
     def run(self, max_k: int) -> Stats:
         band = self._band()
+        kept = {}  # band blocks the main pass reads again, while they fit kept_bytes
+        room = self.kept_bytes
         for i, j in sorted(band):
             B = self._block(i, j)
             for side in self._sides(i, j, B):
                 self._first_side(*side)
+            if B.numel() * B.element_size() <= room:
+                kept[i, j] = B
+                room -= B.numel() * B.element_size()
         f = self.rel_vals.min(1).values
         self.f = torch.where(self.active, f, torch.full_like(f, -float("inf")))
         e = (self.rel_vals == self.f[:, None]).sum(1)
@@ -366,7 +372,7 @@ class BlockRanks:
             first_index = torch.where(at_f, ref, torch.full_like(ref, INT64_MAX)).amin(1)
             self._fused = FusedSides(self.f, self.tau, self.R, self.r_orig, first_index, self.L)
         for i, j in self._blocks():
-            B = self._block(i, j)
+            B = kept.pop((i, j)) if (i, j) in kept else self._block(i, j)
             for M, transposed, rows, cols in self._sides(i, j, B):
                 self._main_side(M, transposed, rows, cols, (i, j) in band)
         if self.fused:

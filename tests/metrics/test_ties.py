@@ -255,3 +255,94 @@ def test_small_evaluations_skip_loading_the_compiled_loop():
     n = int(BlockRanks.fused_min_pairs**0.5) + 1
     big = torch.zeros(n, 4)
     assert BlockRanks(big, torch.arange(n) % 10, big, torch.arange(n) % 10, True).fused
+
+
+def stable_sort_stats(query, q_labels, ref, r_labels, same_source):
+    """Per query with R >= 1: (rank of the first relevant reference, AP, RP) from numpy's
+    stable sort of its float64 distance row."""
+    from dml.metrics.ranking import precision_from_hits
+
+    d = ((query.astype(np.float64)[:, None] - ref.astype(np.float64)[None]) ** 2).sum(-1)
+    first, hits, relevant = [], [], []
+    for i in range(len(query)):
+        cols = np.arange(len(ref))
+        if same_source:
+            cols = cols[cols != i]
+        rel = r_labels[cols[np.argsort(d[i, cols], kind="stable")]] == q_labels[i]
+        if rel.any():
+            first.append(int(np.argmax(rel)))
+            hits.append(rel)
+            relevant.append(int(rel.sum()))
+    ap, rp = precision_from_hits(torch.tensor(np.array(hits)), torch.tensor(relevant))
+    return first, ap, rp
+
+
+def heavily_tied(seed, n, order):
+    """Rows drawn from 1-3 points of a small integer grid (so most distances tie, at a few
+    values), classes of 1-12 rows; ``order`` sets how labels follow the row index: random,
+    ascending, or descending (then every block's references precede the earlier blocks' in
+    index: each query's list is refilled by ties in every block)."""
+    rng = np.random.default_rng(seed)
+    points = rng.integers(0, 3, size=(int(rng.integers(1, 4)), 2)).astype(np.float32)
+    x = points[rng.integers(0, len(points), size=n)]
+    y = np.repeat(np.arange(n), rng.integers(1, 13, size=n))[:n]
+    if order == "random":
+        y = rng.permutation(y)
+    elif order == "descending":
+        y = y[::-1].copy()
+    return x, y
+
+
+@pytest.mark.parametrize("order", ["random", "ascending", "descending"])
+@pytest.mark.parametrize("block", [16, 40, 300])  # 40: groups of 32 and a short one
+def test_the_fused_pass_follows_the_tie_rule_on_collapsed_data(order, block, monkeypatch):
+    """Data with a handful of distinct rows, in every label order: each query's list fills
+    through ties at tau (visited in ascending reference index and cut short), queries keep
+    or drop out of the transposed side's groups, and every per-query number equals the
+    stable sort, same source and query / gallery."""
+    monkeypatch.setattr(BlockRanks, "fused_min_pairs", 0)
+    for seed in range(4):
+        x, y = heavily_tied(seed, 620 if block == 300 else 330, order)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        ranks = BlockRanks(xt, yt, xt, yt, same_source=True, block_size=block)
+        assert ranks.fused
+        first, ap, rp = ranks.run(max_k=len(x))
+        e_first, e_ap, e_rp = stable_sort_stats(x, y, x, y, True)
+        assert first.tolist() == e_first, (seed, order)
+        assert torch.equal(ap, e_ap) and torch.equal(rp, e_rp), (seed, order)
+        assert ranks.fallback_rows == 0
+        q = np.arange(len(x)) % 3 == 0
+        ranks = BlockRanks(xt[q], yt[q], xt[~q], yt[~q], same_source=False, block_size=block)
+        first, ap, rp = ranks.run(max_k=len(x))
+        e_first, e_ap, e_rp = stable_sort_stats(x[q], y[q], x[~q], y[~q], False)
+        assert first.tolist() == e_first, (seed, order, "query/gallery")
+        assert torch.equal(ap, e_ap) and torch.equal(rp, e_rp), (seed, order, "query/gallery")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_band_blocks_kept_from_the_first_pass_are_not_computed_again(fused, monkeypatch):
+    """The main pass reads the band blocks the first pass computed (within ``kept_bytes``):
+    one GEMM per visited block instead of two for each band block, and the same numbers as
+    recomputing them."""
+    monkeypatch.setattr(BlockRanks, "fused_min_pairs", 0)
+    x, y = heavily_tied(5, 500, "random")
+    rng = np.random.default_rng(5)
+    x = x + rng.integers(0, 4, size=x.shape).astype(np.float32)  # ties and non-ties
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    results, computed = {}, {}
+    for kept in (0, BlockRanks.kept_bytes):
+        monkeypatch.setattr(BlockRanks, "kept_bytes", kept)
+        ranks = BlockRanks(xt, yt, xt, yt, same_source=True, block_size=64)
+        ranks.fused = fused
+        calls = []
+        block = ranks._block
+        monkeypatch.setattr(ranks, "_block", lambda i, j: calls.append((i, j)) or block(i, j))
+        results[kept] = ranks.run(max_k=len(x))
+        computed[kept] = calls
+    n_blocks = len(list(ranks._blocks()))
+    band = ranks._band()
+    assert len(computed[0]) == n_blocks + len(band)
+    assert sorted(computed[BlockRanks.kept_bytes]) == sorted(ranks._blocks())
+    for a, b in zip(results[0], results[BlockRanks.kept_bytes]):
+        assert torch.equal(a, b)
+    assert results[0][0].tolist() == stable_sort_stats(x, y, x, y, True)[0]
