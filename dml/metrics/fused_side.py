@@ -176,8 +176,8 @@ def _columns(
             for p in range(width):
                 row = block[order[p], s:e]
                 idx = index[order[p]]
-                for u in tied:
-                    lt[u] += np.int32((row[u] == fl[u]) & (idx < fil[u]))
+                for w in tied:
+                    lt[w] += np.int32((row[w] == fl[w]) & (idx < fil[w]))
         for t in range(m):
             rank[a + s + t] += lt[t]
         # the list: group by group, the queries that can still take an entry of the group
