@@ -1,4 +1,9 @@
-"""The CPU main pass of one block side, fused: one read of the block per query.
+"""The CPU passes of one block side, fused: one read of the block per query.
+
+``band_side`` serves the first pass over the band blocks: each query's relevant distances, and
+the minima of disjoint runs of its references merged into its sorted list ``near`` (R such
+minima are R references' distances: the R-th bounds its R-th nearest from above). The rest of
+this module is the main pass.
 
 ``dml.metrics.ranking.BlockRanks`` visits each block of distances B once and serves, per
 query q of a side (B's rows, or its columns when the side is the transposed one), two
@@ -237,6 +242,102 @@ def _columns(
         for t in listed:
             q = a + s + t
             _settle(top_v, top_i, f, tau, q, num_relevant[q], tl[t])
+
+
+# --- the first (band) pass ----------------------------------------------------------------------
+_LANES = 64  # a row's references j with the same j mod _LANES form one run (one minimum each)
+_RUN_ROWS = 16  # transposed side: runs of 16 consecutive references (rows)
+
+
+@numba.njit(inline="always")
+def _insert_value(near, q, v):  # pragma: no cover - compiled
+    """Insert v into q's sorted list of run minima (its last entry drops)."""
+    p = near.shape[1] - 1
+    while p > 0 and near[q, p - 1] > v:
+        near[q, p] = near[q, p - 1]
+        p -= 1
+    near[q, p] = v
+
+
+@numba.njit(inline="always")
+def _relevant_values(
+    block, transposed, local, a, c, width, same, cs, ce, rel_vals
+):  # pragma: no cover - compiled
+    """Query a + local's relevant references that fall in this side: their distances."""
+    q = a + local
+    for col in range(max(cs[q], c), min(ce[q], c + width)):
+        if not (same and col == q):
+            v = block[col - c, local] if transposed else block[local, col - c]
+            rel_vals[q, col - cs[q]] = v
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _band_rows(block, a, c, same, cs, ce, rel_vals, near):  # pragma: no cover - compiled
+    n, width = block.shape
+    last_slot = near.shape[1] - 1
+    for local in numba.prange(n):
+        _relevant_values(block, False, local, a, c, width, same, cs, ce, rel_vals)
+        q = a + local
+        row = block[local]
+        low = np.full(_LANES, np.inf, block.dtype)
+        full = width - width % _LANES
+        for s in range(0, full, _LANES):
+            for lane in range(_LANES):
+                low[lane] = min(low[lane], row[s + lane])
+        for j in range(full, width):
+            low[j - full] = min(low[j - full], row[j])
+        last = near[q, last_slot]
+        for lane in range(_LANES):
+            if low[lane] < last:
+                _insert_value(near, q, low[lane])
+                last = near[q, last_slot]
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _band_columns(block, a, c, same, cs, ce, rel_vals, near):  # pragma: no cover - compiled
+    width, n = block.shape
+    last_slot = near.shape[1] - 1
+    for k in numba.prange((n + _CHUNK - 1) // _CHUNK):
+        s = k * _CHUNK
+        e = min(n, s + _CHUNK)
+        m = e - s
+        last = np.empty(m, near.dtype)
+        for t in range(m):
+            _relevant_values(block, True, s + t, a, c, width, same, cs, ce, rel_vals)
+            last[t] = near[a + s + t, last_slot]
+        low = np.empty(m, block.dtype)
+        for r0 in range(0, width, _RUN_ROWS):
+            low[:] = np.inf
+            for i in range(r0, min(width, r0 + _RUN_ROWS)):
+                row = block[i, s:e]
+                for t in range(m):
+                    low[t] = min(low[t], row[t])
+            for t in range(m):
+                if low[t] < last[t]:
+                    _insert_value(near, a + s + t, low[t])
+                    last[t] = near[a + s + t, last_slot]
+
+
+def band_side(block, transposed, a, c, same, cs, ce, rel_vals, near) -> None:
+    """The first pass over one side of a band block on the CPU, one read: each query's
+    relevant distances into ``rel_vals`` (slot = reference - cs) and the minima of disjoint runs
+    of its references merged into ``near`` (sorted; R minima of disjoint runs are R distinct
+    references' distances, so the R-th bounds the R-th nearest from above). Arguments as
+    ``FusedSides.side``; ``cs``, ``ce``, ``rel_vals`` and ``near`` are BlockRanks' tensors."""
+    kernel = _band_columns if transposed else _band_rows
+    with _LOCK:
+        most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined] # set at import
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
+        kernel(
+            block.numpy(),
+            a,
+            c,
+            same,
+            cs.numpy(),
+            ce.numpy(),
+            rel_vals.numpy(),
+            near.numpy(),
+        )
 
 
 class FusedSides:

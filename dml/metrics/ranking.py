@@ -14,7 +14,9 @@ Two computations give them:
 - ``BlockRanks``: the fast pass. Queries and references are sorted by label so that each query's
   relevant references sit in a few "band" blocks near the diagonal. A first pass over the band
   blocks gives each query the distance f of its nearest relevant reference and tau, the R-th
-  smallest distance it saw there (any R distances bound the R-th nearest from above). The main
+  smallest distance it saw there (any R distances bound the R-th nearest from above; on the
+  CPU the R-th smallest of the minima of disjoint runs of references, a looser bound read in
+  one pass); the band blocks are kept for the main pass while they fit ``kept_bytes``. The main
   pass then visits every block once (with query = reference only the blocks on and above the
   diagonal: each serves its rows and, transposed, its columns) and per query adds two counts,
   of distances < f and <= f, and merges the few references with distance <= tau into its list
@@ -262,36 +264,22 @@ class BlockRanks:
         """Band block: the relevant distances, and the block's smallest distances of each row
         into ``near`` (any R of them bound the R-th nearest from above)."""
         (a, b), (c, d) = rows, cols
+        if self.fused:  # one compiled read: relevant distances, minima of runs of 16
+            from dml.metrics.fused_side import band_side
+
+            band_side(B, transposed, a, c, self.same, self.cs, self.ce, self.rel_vals, self.near)
+            return
         M = B.T if transposed else B
         valid, vals = self._relevant(M, rows, cols)
         self.rel_vals[a:b] = torch.where(valid, vals, self.rel_vals[a:b])
-        if self.fused:  # minima of runs of 16 references: R of them are R distinct distances
-            smallest = self._run_minima(B, transposed, 16)  # a looser bound, 10x cheaper
-        else:
-            smallest = torch.topk(M, min(self.L, d - c), dim=1, largest=False, sorted=False).values
+        smallest = torch.topk(M, min(self.L, d - c), dim=1, largest=False, sorted=False).values
         merged = torch.cat([self.near[a:b], smallest], 1)
         self.near[a:b] = merged.topk(self.L, dim=1, largest=False, sorted=True).values
 
-    @staticmethod
-    def _run_minima(B: torch.Tensor, transposed: bool, g: int) -> torch.Tensor:
-        """(queries of the side, runs): each query's smallest distance in every run of ``g``
-        consecutive references (the last run may be shorter)."""
-        if transposed:  # B is (references, queries)
-            h = B.shape[0] // g
-            mins = [B[: h * g].unflatten(0, (h, g)).amin(1)] if h else []
-            if B.shape[0] > h * g:
-                mins.append(B[h * g :].amin(0, keepdim=True))
-            return torch.cat(mins, 0).T
-        h = B.shape[1] // g
-        mins = [B[:, : h * g].unflatten(1, (h, g)).amin(2)] if h else []
-        if B.shape[1] > h * g:
-            mins.append(B[:, h * g :].amin(1, keepdim=True))
-        return torch.cat(mins, 1)
-
-    def _main_side(self, B, transposed, rows, cols, band: bool) -> None:
+    def _main_side(self, B, transposed, rows, cols, check: bool) -> None:
         (a, b), (c, d) = rows, cols
         M = B.T if transposed else B
-        if band:  # the same distances as in the first pass, or the row is recomputed
+        if check:  # a band block computed again: the same distances, or the row is redone
             valid, vals = self._relevant(M, rows, cols)
             self.flag[a:b] |= (valid & (vals != self.rel_vals[a:b])).any(1)
         if self.fused:
@@ -372,9 +360,10 @@ class BlockRanks:
             first_index = torch.where(at_f, ref, torch.full_like(ref, INT64_MAX)).amin(1)
             self._fused = FusedSides(self.f, self.tau, self.R, self.r_orig, first_index, self.L)
         for i, j in self._blocks():
-            B = kept.pop((i, j)) if (i, j) in kept else self._block(i, j)
+            reread = (i, j) in kept  # the first pass's own floats: nothing to compare
+            B = kept.pop((i, j)) if reread else self._block(i, j)
             for M, transposed, rows, cols in self._sides(i, j, B):
-                self._main_side(M, transposed, rows, cols, (i, j) in band)
+                self._main_side(M, transposed, rows, cols, (i, j) in band and not reread)
         if self.fused:
             self.top = self._fused.keys()
             self.s_lt = self._fused.rank()  # exact, ties included
