@@ -191,6 +191,23 @@ def check_study_settings(study, settings: Dict[str, Any], storage: str) -> None:
         )
 
 
+def trials_file(best_path: str) -> str:
+    """The trials table beside a best config: ``<name>.best.yaml`` -> ``<name>.trials.csv``
+    (any other ``--best`` path: its extension replaced; folder names are kept as they are)."""
+    root = os.path.splitext(best_path)[0]
+    if root.endswith(".best"):
+        root = root[: -len(".best")]
+    return root + ".trials.csv"
+
+
+def csv_value(params: dict, key: str):
+    """A trial's value of one searched key in the trials table: empty where the trial did not
+    draw it (pruned before, or a failed start), ``null`` where it drew None."""
+    if key not in params:
+        return ""
+    return "null" if params[key] is None else params[key]
+
+
 def main(argv: Optional[Sequence[str]] = None):
     import optuna
 
@@ -202,7 +219,13 @@ def main(argv: Optional[Sequence[str]] = None):
         help="the study's name and files (default: the method); name a variant made with "
         "extra arguments, e.g. --name c2_no_ccp -- --ccp.enabled false",
     )
-    parser.add_argument("--trials", type=int, default=20, help="trials to run (default 20)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=20,
+        help="trials to run in this call; a study resumed from its database keeps its earlier "
+        "trials and adds these (default 20)",
+    )
     parser.add_argument(
         "--folds",
         type=int,
@@ -337,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None):
     with open(tmp, "w") as f:
         f.write(header + yaml.safe_dump(as_config(best.params), sort_keys=False))
     os.replace(tmp, path)
-    trials_path = os.path.splitext(path)[0].replace(".best", "") + ".trials.csv"
+    trials_path = trials_file(path)
     keys = list(space)
     with open(trials_path + ".partial", "w", newline="") as f:
         writer = csv.writer(f)
@@ -348,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None):
                     t.number,
                     t.state.name,
                     "" if t.value is None else f"{t.value:.6f}",
-                    *[t.params.get(k, "") for k in keys],
+                    *[csv_value(t.params, k) for k in keys],
                     t.user_attrs.get("failed", ""),
                 ]
             )

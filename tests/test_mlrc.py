@@ -319,3 +319,16 @@ def test_a_tune_name_that_is_not_a_plain_file_name_is_refused(name):
         main(
             ["--dataset", "synthetic", "--method", "baseline", "--space", "x.yaml", "--name", name]
         )
+
+
+def test_the_trials_table_sits_beside_its_best_config_whatever_the_folder_is_called():
+    from dml.tune import csv_value, trials_file
+
+    assert trials_file("out/cub/tune/ccp.best.yaml") == "out/cub/tune/ccp.trials.csv"
+    # a folder named *.best* is not touched (it once lost its ".best")
+    assert trials_file("/r/x.best.d/ccp.best.yaml") == "/r/x.best.d/ccp.trials.csv"
+    assert trials_file("/r/x.best/mine.yaml") == "/r/x.best/mine.trials.csv"
+    # a drawn None is written as null, a key the trial never drew stays empty
+    assert csv_value({"model.memory.loss": None}, "model.memory.loss") == "null"
+    assert csv_value({}, "model.memory.loss") == ""
+    assert csv_value({"model.optimizer.lr": 0.001}, "model.optimizer.lr") == 0.001
