@@ -200,6 +200,21 @@ def trials_file(best_path: str) -> str:
     return root + ".trials.csv"
 
 
+def storage_shown(storage: str, best_path: str) -> str:
+    """The study's database as a best config's header names it: a SQLite file relative to the
+    config's folder ("c2.db beside this file"), so a results folder names no machine's path."""
+    prefix = "sqlite:///"
+    if not storage.startswith(prefix):
+        return storage
+    folder = os.path.dirname(os.path.abspath(best_path))
+    relative = os.path.relpath(storage[len(prefix) :], folder)
+    return (
+        f"{relative} beside this file"
+        if os.sep not in relative
+        else f"{relative} from this file's folder"
+    )
+
+
 def csv_value(params: dict, key: str):
     """A trial's value of one searched key in the trials table: empty where the trial did not
     draw it (pruned before, or a failed start), ``null`` where it drew None."""
@@ -353,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None):
     path = opts.best or os.path.join(base, f"{label}.best.yaml")
     header = (
         f"# python -m dml.tune: best of {len(study.trials)} trials (study "
-        f"{study.study_name} in {storage}); mean validation MAP@R over folds "
+        f"{study.study_name} in {storage_shown(storage, path)}); mean validation MAP@R over folds "
         f"{opts.folds}: {100 * best.value:.1f} %\n"
     )
     tmp = path + ".partial"

@@ -332,3 +332,14 @@ def test_the_trials_table_sits_beside_its_best_config_whatever_the_folder_is_cal
     assert csv_value({"model.memory.loss": None}, "model.memory.loss") == "null"
     assert csv_value({}, "model.memory.loss") == ""
     assert csv_value({"model.optimizer.lr": 0.001}, "model.optimizer.lr") == 0.001
+
+
+def test_a_best_config_names_its_study_database_without_the_machines_path(tmp_path):
+    from dml.tune import storage_shown
+
+    best = tmp_path / "tune" / "c2.best.yaml"
+    db = f"sqlite:///{tmp_path / 'tune' / 'c2.db'}"
+    assert storage_shown(db, str(best)) == "c2.db beside this file"
+    other = f"sqlite:///{tmp_path / 'db' / 'c2.db'}"
+    assert storage_shown(other, str(best)) == "../db/c2.db from this file's folder"
+    assert storage_shown("postgresql://host/optuna", str(best)) == "postgresql://host/optuna"
