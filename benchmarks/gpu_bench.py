@@ -1,5 +1,6 @@
-"""``make gpu-bench``: every GPU measurement of benchmarks/README.md in one call of at most 8
-minutes, for a machine lent for a few minutes.
+"""``make gpu-bench``: every GPU figure of benchmarks/README.md in one call of <= 8 minutes.
+
+For a machine lent for a few minutes.
 
     python benchmarks/gpu_bench.py --out DIR [--accelerator cuda|cpu] [--small]
                                    [--parts check syncs eval loader throughput compile]

@@ -1,5 +1,6 @@
-"""Training throughput: a ``make train``-equivalent Lightning run against a bare PyTorch loop
-with the same model, batch, optimizer and data, in one process.
+"""Training throughput: a ``make train``-equivalent Lightning run against a bare loop.
+
+The bare PyTorch loop has the same model, batch, optimizer and data, in one process.
 
 Both sides train the same ``DMLModule`` (backbone -> pooling -> head -> objective) with the
 optimizer its ``configure_optimizers`` returns, on the same in-memory synthetic images through

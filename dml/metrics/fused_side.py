@@ -1,34 +1,39 @@
-"""The CPU passes of one block side, fused: one read of the block per query.
+"""The CPU passes over one side of a distance block, compiled (numba).
 
 ``band_side`` serves the first pass over the band blocks: each query's relevant distances, and
-the minima of disjoint runs of its references merged into its sorted list ``near`` (R such
-minima are R references' distances: the R-th bounds its R-th nearest from above). The rest of
-this module is the main pass.
+the minima of disjoint runs of its references (along a row: the references whose column j has
+the same j mod 64; down a column: 16 consecutive references) merged into its sorted list
+``near`` (R such minima are R references' distances: the R-th bounds its R-th nearest from
+above). The rest of this module is the main pass.
 
 ``dml.metrics.ranking.BlockRanks`` visits each block of distances B once and serves, per
 query q of a side (B's rows, or its columns when the side is the transposed one), two
-updates. With f[q] the distance of q's nearest relevant reference, first[q] the index of that
-reference (the smallest such index) and tau[q] an upper bound on its R-th nearest distance:
+updates. Write ref(j) for the reference index of B's column j (its row, transposed), f[q] for
+the distance of q's nearest relevant reference, first[q] for that reference's index (the
+smallest such index) and tau[q] for an upper bound on its R-th nearest distance:
 
-    rank[q] += #{j : (B[q, j], j) < (f[q], first[q])}   (lexicographic: the tie rule)
+    rank[q] += #{j : (B[q, j], ref(j)) < (f[q], first[q])}   (lexicographic: the tie rule)
 
 so rank[q] ends as the exact rank of the first relevant reference, ties included (no row is
-recomputed); and every (B[q, j], j) below (tau[q], b[q]) enters q's list of its R[q] nearest,
-kept sorted under the tie rule, where b[q] is the list's last index when the list is full at
-tau[q] and +inf otherwise (a tie at tau enters only before the list's last entry). Once the
-list holds R[q] entries, tau[q] shrinks to its last distance; when tau[q] falls below f[q] the
-first relevant reference cannot be among the R nearest: the list is emptied and tau[q] = -inf.
+recomputed); and every (B[q, j], ref(j)) below (tau[q], b[q]) enters q's list of its R[q]
+nearest, kept sorted under the tie rule, where b[q] is the list's last index when the list is
+full at tau[q] and +inf otherwise (a tie at tau enters only before the list's last entry).
+Once the list holds R[q] entries, tau[q] shrinks to its last distance; when tau[q] falls below
+f[q] the first relevant reference cannot be among the R nearest: the list is emptied and
+tau[q] = -inf.
 
-Cost. Each count is a vectorised pass (LLVM, through numba) that compares distances only; the
-reference indices are read in a second pass only where the block holds an entry at exactly f
-(ties), so untied data pay one read. The list is filled by a scalar scan of the few queries
-with entries <= tau. Where many entries tie at tau (a collapsed model: every distance equal),
-the scan visits the references in ascending index and stops as soon as no entry below tau is
-left unvisited and the next index is past b[q]: at most R[q] ties enter per block, instead of a
-scalar pass over the whole block (3-4x the GEMM before). On the transposed side (queries along
-B's columns) the references are walked in ascending index in groups of 32 rows, and a query
-takes part in a group's scan only if the group holds an entry below its tau or a tie at tau
-with an index below b[q]. The CUDA path keeps the torch operations.
+Cost. The counts are one vectorised pass (LLVM, through numba) that compares distances only;
+the reference indices are read in a second pass only where the block holds an entry at exactly
+f. A query with an entry <= tau in the block pays two more reads of its row: one counting the
+entries below tau, one scanning for those that enter its list (in the transposed side, a group
+of 32 references is scanned only for the queries that can take one of its entries). Where many
+entries tie at tau (a collapsed model: every distance equal) the scan visits the references in
+ascending index and stops as soon as no entry below tau is left unvisited and the next index
+is past b[q]: at most R[q] ties enter per block, instead of a scalar pass over the whole block
+(3-4x the GEMM before). On the transposed side the references are walked in ascending index in
+groups of 32 rows, and a query takes part in a group's scan only if the group holds an entry
+below its tau or a tie at tau with an index below b[q]. The list work grows with R: a class of
+a thousand identical rows costs about R^2 per query. The CUDA path keeps the torch operations.
 """
 
 from __future__ import annotations

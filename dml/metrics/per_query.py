@@ -26,7 +26,10 @@ class QueryResults:
     """Per scored query (R >= 1), in query order: its row in the query set (``query_index``),
     its class, its number of relevant references R, the 0-based rank of its first relevant
     reference, its MAP@R and R-Precision terms. ``max_k``: the most neighbours a query has (a
-    Recall@K with K beyond it is Recall@max_k)."""
+    Recall@K with K beyond it is Recall@max_k). ``first_rank`` is exact below the largest K
+    asked for; beyond it the torch pass (GPU, small CPU inputs) may give the count of the
+    references strictly closer, not those tied with it at a smaller index (every Recall@K is
+    exact either way); the compiled CPU pass gives it exactly."""
 
     query_index: np.ndarray
     labels: np.ndarray

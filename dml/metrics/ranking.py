@@ -14,22 +14,21 @@ Two computations give them:
 - ``BlockRanks``: the fast pass. Queries and references are sorted by label so that each query's
   relevant references sit in a few "band" blocks near the diagonal. A first pass over the band
   blocks gives each query the distance f of its nearest relevant reference and tau, the R-th
-  smallest distance it saw there (any R distances bound the R-th nearest from above; on the
-  CPU the R-th smallest of the minima of disjoint runs of references, a looser bound read in
-  one pass); the band blocks are kept for the main pass while they fit ``kept_bytes``. The main
-  pass then visits every block once (with query = reference only the blocks on and above the
-  diagonal: each serves its rows and, transposed, its columns) and per query adds two counts,
-  of distances < f and <= f, and merges the few references with distance <= tau into its list
-  of the R nearest under the tie rule (tau only shrinks: the smaller of itself and the list's
-  R-th distance once the list holds R). A min-reduction of each block first finds the queries
-  whose smallest distance there is at most max(f, tau): only they can have anything to count
-  or list, and when they are few only their rows are compared. On the CPU a side is instead
-  served by ``dml.metrics.fused_side`` in one read of the block (the same counts and list,
-  compiled). The first relevant reference is
-  then read from the list when it is among the R nearest, else its rank is the count below f.
-  Rows the pass cannot settle exactly (a non-relevant reference at exactly f whose order decides
-  a Recall@K, or a band block whose distances differ between the two passes) are recomputed by
-  ``exact_query_stats``.
+  smallest distance it saw there (any R distances bound the R-th nearest from above; on the CPU's
+  compiled path, from ``fused_min_pairs`` pairs, the R-th smallest of the minima of disjoint runs of
+  references, a looser bound read in one pass); the band blocks are kept for the main pass while
+  they fit ``kept_bytes``. The main pass then visits every block once (with query = reference only
+  the blocks on and above the diagonal: each serves its rows and, transposed, its columns) and per
+  query adds two counts, of distances < f and <= f, and merges the few references with distance <=
+  tau into its list of the R nearest under the tie rule (tau only shrinks: the smaller of itself and
+  the list's R-th distance once the list holds R). A min-reduction of each block first finds the
+  queries whose smallest distance there is at most max(f, tau): only they can have anything to count
+  or list, and when they are few only their rows are compared. On the CPU a side is instead served
+  by ``dml.metrics.fused_side`` (the same list, compiled, and the rank counted exactly under ties).
+  The first relevant reference is then read from the list when it is among the R nearest, else its
+  rank is the count below f. Rows the torch pass cannot settle exactly (a non-relevant reference at
+  exactly f whose order decides a Recall@K, or a band block whose distances differ between the two
+  passes) are recomputed by ``exact_query_stats``.
 """
 
 from __future__ import annotations
@@ -264,7 +263,7 @@ class BlockRanks:
         """Band block: the relevant distances, and the block's smallest distances of each row
         into ``near`` (any R of them bound the R-th nearest from above)."""
         (a, b), (c, d) = rows, cols
-        if self.fused:  # one compiled read: relevant distances, minima of runs of 16
+        if self.fused:  # one compiled read: relevant distances and run minima (band_side)
             from dml.metrics.fused_side import band_side
 
             band_side(B, transposed, a, c, self.same, self.cs, self.ce, self.rel_vals, self.near)

@@ -80,6 +80,8 @@ def relevant_counts(
 ) -> torch.Tensor:
     """R for each query: references sharing its label (itself excluded when same_source)."""
     classes, ref_counts = torch.unique(reference_labels, return_counts=True)
+    if len(classes) == 0:  # no reference at all: no query has a relevant one
+        return torch.zeros_like(query_labels)
     pos = torch.searchsorted(classes, query_labels).clamp_max(len(classes) - 1)
     counts = torch.where(classes[pos] == query_labels, ref_counts[pos], torch.zeros_like(pos))
     return counts - 1 if same_source else counts

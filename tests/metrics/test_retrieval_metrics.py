@@ -158,6 +158,16 @@ def test_bad_inputs_are_clear_errors():
         retrieval_metrics(x, y, [1], gallery_embeddings=x)
     with pytest.raises(ValueError, match="ks must be positive"):
         retrieval_metrics(x, y, [0])
+    # no rows on either side: nothing to score, said in one line (not an IndexError)
+    for queries, gallery in [(x[:1], x[:0]), (x[:0], x[:2]), (x[:0], x[:0])]:
+        with pytest.raises(ValueError, match="no query has a relevant reference"):
+            retrieval_metrics(
+                queries,
+                y[: len(queries)],
+                [1],
+                gallery_embeddings=gallery,
+                gallery_labels=y[: len(gallery)],
+            )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
