@@ -88,7 +88,7 @@ def _bound_index(top_v, top_i, q, r, tq):  # pragma: no cover - compiled
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _rows(
-    block, a, c, order, f, tau, num_relevant, ref_index, first_index, rank, top_v, top_i
+    block, a, c, order, f, tau, num_relevant, ref_index, first_index, rank, top_v, top_i, visits
 ):  # pragma: no cover - compiled
     n, width = block.shape
     index = ref_index[c : c + width]
@@ -119,6 +119,7 @@ def _rows(
         tq = t0
         bound = _bound_index(top_v, top_i, q, r, tq)
         if under == strict:  # no entry at exactly tau: one pass in the block's order
+            visits[q] += width
             for j in range(width):
                 v = row[j]
                 if v <= tq and (v < tq or index[j] < bound):
@@ -129,6 +130,7 @@ def _rows(
             # ties at tau: visit in ascending reference index; once no entry below tau is
             # left, a later entry can only be a tie at tau with a larger index: stop there
             for k in range(width):
+                visits[q] += 1
                 j = order[k]
                 v, idx = row[j], index[j]
                 if v < t0:
@@ -144,7 +146,7 @@ def _rows(
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _columns(
-    block, a, c, order, f, tau, num_relevant, ref_index, first_index, rank, top_v, top_i
+    block, a, c, order, f, tau, num_relevant, ref_index, first_index, rank, top_v, top_i, visits
 ):  # pragma: no cover - compiled
     width, n = block.shape
     groups = (width + _GROUP - 1) // _GROUP
@@ -221,6 +223,8 @@ def _columns(
                 ):
                     here[n_here] = t
                     n_here += 1
+            for u in range(n_here):
+                visits[a + s + here[u]] += min(width, first_row + _GROUP) - first_row
             for p in range(first_row, min(width, first_row + _GROUP)):
                 i = order[p]
                 row = block[i, s:e]
@@ -368,6 +372,7 @@ class FusedSides:
         self.ref_index = ref_index.numpy()
         self.first_index = first_index.numpy()
         self.count = np.zeros(len(self.f), np.int64)
+        self.visits = np.zeros(len(self.f), np.int64)  # entries each query's list scans read
         self.top_v = np.full((len(self.f), length), np.inf, dtype=self.f.dtype)
         self.top_i = np.full((len(self.f), length), EMPTY_INDEX, dtype=np.int64)
         self._orders: dict = {}
@@ -400,6 +405,7 @@ class FusedSides:
                 self.count,
                 self.top_v,
                 self.top_i,
+                self.visits,
             )
 
     def rank(self) -> torch.Tensor:

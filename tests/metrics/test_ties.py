@@ -385,3 +385,26 @@ def test_the_band_loop_keeps_relevant_distances_and_the_smallest_run_minima(tran
         expected = np.sort(np.concatenate([previous, minima]))[:length]
         assert np.array_equal(near[q].numpy(), expected), q
     assert torch.isinf(rel[:a]).all() and torch.isinf(near[:a]).all()
+
+
+@pytest.mark.parametrize("order", ["random", "descending"])
+def test_the_list_scans_of_collapsed_data_stop_after_r_ties_per_block(order, monkeypatch):
+    """Every distance ties (one repeated row): in each block a query's list takes at most R
+    ties, visited in ascending index, and its scan stops right after them (the row side reads
+    at most R + 1 entries, the transposed side the first one or two groups of 32), where a
+    scan without the early stop would read the whole block (256 entries) every time."""
+    monkeypatch.setattr(BlockRanks, "fused_min_pairs", 0)
+    n, block = 1500, 256
+    x = np.ones((n, 3), np.float32)
+    y = np.arange(n) // 5
+    y = y[::-1].copy() if order == "descending" else np.random.default_rng(0).permutation(y)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    ranks = BlockRanks(xt, yt, xt, yt, same_source=True, block_size=block)
+    first, ap, rp = ranks.run(max_k=n)
+    e_first, e_ap, e_rp = stable_sort_stats(x, y, x, y, True)
+    assert first.tolist() == e_first
+    assert torch.equal(ap, e_ap) and torch.equal(rp, e_rp)
+    visits = ranks._fused.visits
+    blocks = -(-n // block)  # each query meets every block of references once
+    r = int(ranks.R.max())  # 4
+    assert 0 < visits.max() <= blocks * max(r + 1, 2 * 32), visits.max()
