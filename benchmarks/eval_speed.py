@@ -249,6 +249,12 @@ def main():
         regime = "embeddings: " + ", ".join(args.embeddings)
     else:
         classes = args.classes or round(args.n / 5.35)
+        if not 2 * classes <= args.n <= 12 * classes:  # SOP's class sizes, 2-12 images
+            parser.error(
+                f"--n {args.n} rows in --classes {classes}: the generated classes hold 2-12 "
+                f"images each (SOP's sizes), so --classes must be between {-(-args.n // 12)} "
+                f"and {args.n // 2}"
+            )
         x, y = make_data(args.regime, args.n, classes, args.dim)
         regime = args.regime
     sizes = np.unique(y, return_counts=True)[1]

@@ -212,3 +212,12 @@ def test_the_offline_wheels_are_the_run_time_requirements_only():
         for k in on_node
     )
     assert offline_wheels.torch_bound("nvidia-cublas") and offline_wheels.torch_bound("triton")
+
+
+def test_eval_speed_refuses_class_counts_its_generator_cannot_make(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["eval_speed.py", "--n", "5924", "--classes", "100"])
+    with pytest.raises(SystemExit) as stop:
+        eval_speed.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--classes must be between 494 and 2962" in err and "Traceback" not in err
