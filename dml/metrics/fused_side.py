@@ -1,16 +1,14 @@
 """The CPU passes over one side of a distance block, compiled (numba).
 
-``band_side`` serves the first pass over the band blocks: each query's relevant distances, and
-the minima of disjoint runs of its references (along a row: the references whose column j has
-the same j mod 64; down a column: 16 consecutive references) merged into its sorted list
-``near`` (R such minima are R references' distances: the R-th bounds its R-th nearest from
-above). The rest of this module is the main pass.
+``band_values`` serves the first pass over the band blocks: each query's relevant distances,
+nothing else. The rest of this module is the main pass.
 
 ``dml.metrics.ranking.BlockRanks`` visits each block of distances B once and serves, per
 query q of a side (B's rows, or its columns when the side is the transposed one), two
 updates. Write ref(j) for the reference index of B's column j (its row, transposed), f[q] for
 the distance of q's nearest relevant reference, first[q] for that reference's index (the
-smallest such index) and tau[q] for an upper bound on its R-th nearest distance:
+smallest such index) and tau[q] for an upper bound on its R-th nearest distance (at the start,
+its farthest relevant distance: R distances bound the R-th smallest from above):
 
     rank[q] += #{j : (B[q, j], ref(j)) < (f[q], first[q])}   (lexicographic: the tie rule)
 
@@ -20,20 +18,23 @@ nearest, kept sorted under the tie rule, where b[q] is the list's last index whe
 full at tau[q] and +inf otherwise (a tie at tau enters only before the list's last entry).
 Once the list holds R[q] entries, tau[q] shrinks to its last distance; when tau[q] falls below
 f[q] the first relevant reference cannot be among the R nearest: the list is emptied and
-tau[q] = -inf.
+tau[q] = -inf. The list is exact whatever order its entries arrive in; the order only decides
+how many enter and leave again.
 
 Cost. The counts are one vectorised pass (LLVM, through numba) that compares distances only;
 the reference indices are read in a second pass only where the block holds an entry at exactly
-f. A query with an entry <= tau in the block pays two more reads of its row: one counting the
-entries below tau, one scanning for those that enter its list (in the transposed side, a group
-of 32 references is scanned only for the queries that can take one of its entries). Where many
-entries tie at tau (a collapsed model: every distance equal) the scan visits the references in
-ascending index and stops as soon as no entry below tau is left unvisited and the next index
-is past b[q]: at most R[q] ties enter per block, instead of a scalar pass over the whole block
-(3-4x the GEMM before). On the transposed side the references are walked in ascending index in
-groups of 32 rows, and a query takes part in a group's scan only if the group holds an entry
-below its tau or a tie at tau with an index below b[q]. The list work grows with R: a class of
-a thousand identical rows costs about R^2 per query. The CUDA path keeps the torch operations.
+f. A query with an entry <= tau in the block reads its row again. Along a row, that read counts
+the entries below tau and takes the minimum of each of 64 lanes (the references j with the same
+j mod 64); the scan then visits only the lanes whose minimum can still enter the list. In the
+transposed side, a group of 32 references is scanned only for the queries that can take one of
+its entries. Where more than a few entries tie at tau (a collapsed model: every distance equal)
+the row scan instead visits the references in ascending index and stops as soon as no entry
+below tau is left unvisited and the next index is past b[q]: at most R[q] ties enter per block,
+instead of a scalar pass over the whole block; the transposed side walks its references in
+ascending index in groups of 32 rows, and a query takes part in a group's scan only if the
+group holds an entry below its tau or a tie at tau with an index below b[q]. The list work grows
+with R: a class of a thousand identical rows costs about R^2 per query. The CUDA path keeps the
+torch operations.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ import torch
 _LOCK = threading.Lock()  # numba's default thread pool runs one parallel call at a time
 _CHUNK = 256  # queries per task of the transposed pass (their accumulators stay in cache)
 _GROUP = 32  # rows per group of the transposed pass (in ascending reference index)
+_LANES = 64  # row side: the references j with the same j mod _LANES form one lane
+_FEW_TIES = 4  # row side: up to this many entries at exactly tau, the lanes in any order
 EMPTY_INDEX = np.iinfo(np.int64).max  # index of an empty list slot (its distance is +inf)
 
 
@@ -111,21 +114,32 @@ def _rows(
         r = num_relevant[q]
         if under == 0 or r <= 0:
             continue
-        # the entries <= tau in ascending reference index: once no entry below tau is left
-        # unvisited, a later one can only be a tie at tau with a larger index: stop there
+        # a second read: the entries below tau and the minimum of each lane (element-wise
+        # minima over lanes vectorise; a float min-reduction does not)
         strict = np.int32(0)
-        for j in range(width):
+        low = np.full(_LANES, np.inf, block.dtype)
+        full = width - width % _LANES
+        for s in range(0, full, _LANES):
+            for lane in range(_LANES):
+                v = row[s + lane]
+                strict += np.int32(v < t0)
+                low[lane] = min(low[lane], v)
+        for j in range(full, width):
             strict += np.int32(row[j] < t0)
+            low[j - full] = min(low[j - full], row[j])
         tq = t0
         bound = _bound_index(top_v, top_i, q, r, tq)
-        if under == strict:  # no entry at exactly tau: one pass in the block's order
-            visits[q] += width
-            for j in range(width):
-                v = row[j]
-                if v <= tq and (v < tq or index[j] < bound):
-                    _insert(top_v, top_i, q, r, v, index[j])
-                    tq = min(tq, top_v[q, r - 1])
-                    bound = _bound_index(top_v, top_i, q, r, tq)
+        if under - strict <= _FEW_TIES:  # the lanes whose minimum can enter, in any order
+            for lane in range(_LANES):
+                if low[lane] > tq:
+                    continue
+                for j in range(lane, width, _LANES):
+                    visits[q] += 1
+                    v = row[j]
+                    if v <= tq and (v < tq or index[j] < bound):
+                        _insert(top_v, top_i, q, r, v, index[j])
+                        tq = min(tq, top_v[q, r - 1])
+                        bound = _bound_index(top_v, top_i, q, r, tq)
         else:
             # ties at tau: visit in ascending reference index; once no entry below tau is
             # left, a later entry can only be a tie at tau with a larger index: stop there
@@ -254,20 +268,6 @@ def _columns(
 
 
 # --- the first (band) pass ----------------------------------------------------------------------
-_LANES = 64  # a row's references j with the same j mod _LANES form one run (one minimum each)
-_RUN_ROWS = 16  # transposed side: runs of 16 consecutive references (rows)
-
-
-@numba.njit(inline="always")
-def _insert_value(near, q, v):  # pragma: no cover - compiled
-    """Insert v into q's sorted list of run minima (its last entry drops)."""
-    p = near.shape[1] - 1
-    while p > 0 and near[q, p - 1] > v:
-        near[q, p] = near[q, p - 1]
-        p -= 1
-    near[q, p] = v
-
-
 @numba.njit(inline="always")
 def _relevant_values(
     block, transposed, local, a, c, width, same, cs, ce, rel_vals
@@ -281,72 +281,27 @@ def _relevant_values(
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _band_rows(block, a, c, same, cs, ce, rel_vals, near):  # pragma: no cover - compiled
-    n, width = block.shape
-    last_slot = near.shape[1] - 1
+def _band_values(block, transposed, a, c, same, cs, ce, rel_vals):  # pragma: no cover - compiled
+    n = block.shape[1] if transposed else block.shape[0]
+    width = block.shape[0] if transposed else block.shape[1]
     for local in numba.prange(n):
-        _relevant_values(block, False, local, a, c, width, same, cs, ce, rel_vals)
-        q = a + local
-        row = block[local]
-        low = np.full(_LANES, np.inf, block.dtype)
-        full = width - width % _LANES
-        for s in range(0, full, _LANES):
-            for lane in range(_LANES):
-                low[lane] = min(low[lane], row[s + lane])
-        for j in range(full, width):
-            low[j - full] = min(low[j - full], row[j])
-        last = near[q, last_slot]
-        for lane in range(_LANES):
-            if low[lane] < last:
-                _insert_value(near, q, low[lane])
-                last = near[q, last_slot]
+        _relevant_values(block, transposed, local, a, c, width, same, cs, ce, rel_vals)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _band_columns(block, a, c, same, cs, ce, rel_vals, near):  # pragma: no cover - compiled
-    width, n = block.shape
-    last_slot = near.shape[1] - 1
-    for k in numba.prange((n + _CHUNK - 1) // _CHUNK):
-        s = k * _CHUNK
-        e = min(n, s + _CHUNK)
-        m = e - s
-        last = np.empty(m, near.dtype)
-        for t in range(m):
-            _relevant_values(block, True, s + t, a, c, width, same, cs, ce, rel_vals)
-            last[t] = near[a + s + t, last_slot]
-        low = np.empty(m, block.dtype)
-        for r0 in range(0, width, _RUN_ROWS):
-            low[:] = np.inf
-            for i in range(r0, min(width, r0 + _RUN_ROWS)):
-                row = block[i, s:e]
-                for t in range(m):
-                    low[t] = min(low[t], row[t])
-            for t in range(m):
-                if low[t] < last[t]:
-                    _insert_value(near, a + s + t, low[t])
-                    last[t] = near[a + s + t, last_slot]
-
-
-def band_side(block, transposed, a, c, same, cs, ce, rel_vals, near) -> None:
-    """The first pass over one side of a band block on the CPU, one read: each query's
-    relevant distances into ``rel_vals`` (slot = reference - cs) and the minima of disjoint runs
-    of its references merged into ``near`` (sorted; R minima of disjoint runs are R distinct
-    references' distances, so the R-th bounds the R-th nearest from above). Arguments as
-    ``FusedSides.side``; ``cs``, ``ce``, ``rel_vals`` and ``near`` are BlockRanks' tensors."""
-    kernel = _band_columns if transposed else _band_rows
+def _launch(kernel, *args) -> None:
+    """Run a parallel kernel on torch's thread count (at most numba's), one call at a time."""
     with _LOCK:
         most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined] # set at import
         numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
-        kernel(
-            block.numpy(),
-            a,
-            c,
-            same,
-            cs.numpy(),
-            ce.numpy(),
-            rel_vals.numpy(),
-            near.numpy(),
-        )
+        kernel(*args)
+
+
+def band_values(block, transposed, a, c, same, cs, ce, rel_vals) -> None:
+    """The first pass over one side of a band block on the CPU: each query's relevant distances
+    into ``rel_vals`` (slot = reference - cs; its own slot never written). Arguments as
+    ``FusedSides.side``; ``cs``, ``ce`` and ``rel_vals`` are BlockRanks' tensors."""
+    args = (block.numpy(), transposed, a, c, same, cs.numpy(), ce.numpy(), rel_vals.numpy())
+    _launch(_band_values, *args)
 
 
 class FusedSides:
@@ -389,24 +344,22 @@ class FusedSides:
         contiguous CPU block ``block`` whose references are c, c+1, ..."""
         kernel = _columns if transposed else _rows
         width = block.shape[0] if transposed else block.shape[1]
-        with _LOCK:
-            most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined] # set at import
-            numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
-            kernel(
-                block.numpy(),
-                a,
-                c,
-                self._order(c, width),
-                self.f,
-                self.tau,
-                self.r,
-                self.ref_index,
-                self.first_index,
-                self.count,
-                self.top_v,
-                self.top_i,
-                self.visits,
-            )
+        _launch(
+            kernel,
+            block.numpy(),
+            a,
+            c,
+            self._order(c, width),
+            self.f,
+            self.tau,
+            self.r,
+            self.ref_index,
+            self.first_index,
+            self.count,
+            self.top_v,
+            self.top_i,
+            self.visits,
+        )
 
     def rank(self) -> torch.Tensor:
         """Per query, the exact rank of its first relevant reference (class docstring)."""

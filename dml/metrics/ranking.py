@@ -15,15 +15,17 @@ Two computations give them:
   relevant references sit in a few "band" blocks near the diagonal. A first pass over the band
   blocks gives each query the distance f of its nearest relevant reference and tau, the R-th
   smallest distance it saw there (any R distances bound the R-th nearest from above; on the CPU's
-  compiled path, from ``fused_min_pairs`` pairs, the R-th smallest of the minima of disjoint runs of
-  references, a looser bound read in one pass); the band blocks are kept for the main pass while
-  they fit ``kept_bytes``. The main pass then visits every block once (with query = reference only
-  the blocks on and above the diagonal: each serves its rows and, transposed, its columns) and per
-  query adds two counts, of distances < f and <= f, and merges the few references with distance <=
-  tau into its list of the R nearest under the tie rule (tau only shrinks: the smaller of itself and
-  the list's R-th distance once the list holds R). A min-reduction of each block first finds the
-  queries whose smallest distance there is at most max(f, tau): only they can have anything to count
-  or list, and when they are few only their rows are compared. On the CPU a side is instead served
+  compiled path, from ``fused_min_pairs`` pairs, the farthest relevant distance, which costs no
+  read beyond the relevant entries: the main pass there visits the band blocks first, so each
+  list fills from its own class's block and tau shrinks early); the band blocks are kept for the
+  main pass while they fit ``kept_bytes``. The main pass then visits every block once (with
+  query = reference only the blocks on and above the diagonal: each serves its rows and,
+  transposed, its columns) and per query adds two counts, of distances < f and <= f, and merges
+  the few references with distance <= tau into its list of the R nearest under the tie rule (tau
+  only shrinks: the smaller of itself and the list's R-th distance once the list holds R). A
+  min-reduction of each block first finds the queries whose smallest distance there is at most
+  max(f, tau): only they can have anything to count or list, and when they are few only their
+  rows are compared. On the CPU a side is instead served
   by ``dml.metrics.fused_side`` (the same list, compiled, and the rank counted exactly under ties).
   The first relevant reference is then read from the list when it is among the R nearest, else its
   rank is the count below f. Rows the torch pass cannot settle exactly (a non-relevant reference at
@@ -260,13 +262,13 @@ class BlockRanks:
         return mask.view(torch.uint8).sum(1, dtype=torch.int32)
 
     def _first_side(self, B, transposed, rows, cols) -> None:
-        """Band block: the relevant distances, and the block's smallest distances of each row
-        into ``near`` (any R of them bound the R-th nearest from above)."""
+        """Band block: the relevant distances, and (torch pass) the block's smallest distances
+        of each row into ``near`` (any R of them bound the R-th nearest from above)."""
         (a, b), (c, d) = rows, cols
-        if self.fused:  # one compiled read: relevant distances and run minima (band_side)
-            from dml.metrics.fused_side import band_side
+        if self.fused:  # the relevant distances only: tau starts at the farthest of them
+            from dml.metrics.fused_side import band_values
 
-            band_side(B, transposed, a, c, self.same, self.cs, self.ce, self.rel_vals, self.near)
+            band_values(B, transposed, a, c, self.same, self.cs, self.ce, self.rel_vals)
             return
         M = B.T if transposed else B
         valid, vals = self._relevant(M, rows, cols)
@@ -346,7 +348,10 @@ class BlockRanks:
         f = self.rel_vals.min(1).values
         self.f = torch.where(self.active, f, torch.full_like(f, -float("inf")))
         e = (self.rel_vals == self.f[:, None]).sum(1)
-        tau = self.near.gather(1, (self.R - 1).clamp_min(0)[:, None])[:, 0]
+        if self.fused:  # the R relevant distances: the largest bounds the R-th nearest
+            tau = self.rel_vals.masked_fill(torch.isinf(self.rel_vals), -float("inf")).amax(1)
+        else:
+            tau = self.near.gather(1, (self.R - 1).clamp_min(0)[:, None])[:, 0]
         self.tau = torch.where(
             self.active & (self.f <= tau), tau, torch.full_like(tau, -float("inf"))
         )
@@ -358,7 +363,11 @@ class BlockRanks:
             ref = self.r_orig[(self.cs[:, None] + self.slots[None]).clamp_max(len(self.X) - 1)]
             first_index = torch.where(at_f, ref, torch.full_like(ref, INT64_MAX)).amin(1)
             self._fused = FusedSides(self.f, self.tau, self.R, self.r_orig, first_index, self.L)
-        for i, j in self._blocks():
+        blocks = list(self._blocks())
+        if self.fused:  # the band first, diagonal blocks first: a list fills from its own
+            # class's block, and tau shrinks from the farthest relevant distance early
+            blocks.sort(key=lambda ij: (ij not in band, ij[0] != ij[1]))
+        for i, j in blocks:
             reread = (i, j) in kept  # the first pass's own floats: nothing to compare
             B = kept.pop((i, j)) if reread else self._block(i, j)
             for M, transposed, rows, cols in self._sides(i, j, B):
