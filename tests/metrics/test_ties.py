@@ -5,6 +5,8 @@ ties below are exact in every back end, and the reference (numpy, float64, ``kin
 sees the same ones. Non-finite embeddings are an error in every metric.
 """
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -164,6 +166,20 @@ def test_all_nan_embeddings_are_an_error():
         retrieval_metrics(x, np.arange(600) % 20, [1])
     with pytest.raises(ValueError, match="600 of 600"):
         nmi(x, np.arange(600) % 20)
+
+
+@pytest.mark.parametrize("value,accepted", [(1e18, True), (4e18, False), (1e19, False)])
+def test_embeddings_too_large_for_float32_distances_are_an_error(value, accepted):
+    """Squared norms above 1e37 (4 x 1.6e37; one coordinate whose square overflows float32)
+    are refused with the largest norm named; 4 x 1e36 is accepted and scored."""
+    x, y = tied_data(8, n=60)
+    x[5] = value
+    if accepted:
+        assert retrieval_metrics(x, y, [1])["R@1"] >= 0
+        return
+    message = f"squared norms up to {4 * value**2:.3g}, beyond float32"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        retrieval_metrics(x, y, [1])
 
 
 def test_nmi_of_a_single_class_is_an_error():
