@@ -307,7 +307,7 @@ def band_values(block, transposed, a, c, same, cs, ce, rel_vals) -> None:
 class FusedSides:
     """The per-query state of the CPU main pass: numpy views of BlockRanks' f, tau (updated in
     place), R and reference indices, each query's count, and its list as (distance, index)
-    arrays (``keys()`` gives it as order keys).
+    arrays (``indices()`` gives its reference indices).
 
     ``first_index[q]``: the reference index of q's first relevant reference (the smallest index
     among its relevant ones at distance f). ``rank()`` = #{(d, index) < (f, first_index)}: the
@@ -365,10 +365,7 @@ class FusedSides:
         """Per query, the exact rank of its first relevant reference (class docstring)."""
         return torch.from_numpy(self.count)
 
-    def keys(self) -> torch.Tensor:
-        """Each query's list as int64 order keys, INT64_MAX where empty."""
-        from dml.metrics.ordering import INT64_MAX, order_keys
-
-        v, i = torch.from_numpy(self.top_v), torch.from_numpy(self.top_i)
-        empty = i == EMPTY_INDEX
-        return order_keys(v, i.masked_fill(empty, 0)).masked_fill(empty, INT64_MAX)
+    def indices(self) -> torch.Tensor:
+        """Each query's list as reference indices in order, INT64_MAX (``EMPTY_INDEX``) where
+        empty."""
+        return torch.from_numpy(self.top_i)

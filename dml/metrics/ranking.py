@@ -361,7 +361,7 @@ class BlockRanks:
 
             at_f = self.rel_vals == self.f[:, None]
             ref = self.r_orig[(self.cs[:, None] + self.slots[None]).clamp_max(len(self.X) - 1)]
-            first_index = torch.where(at_f, ref, torch.full_like(ref, INT64_MAX)).amin(1)
+            first_index = torch.where(at_f, ref, torch.full_like(ref, INT64_MAX)).min(1).values
             self._fused = FusedSides(self.f, self.tau, self.R, self.r_orig, first_index, self.L)
         blocks = list(self._blocks())
         if self.fused:  # the band first, diagonal blocks first: a list fills from its own
@@ -373,14 +373,16 @@ class BlockRanks:
             for M, transposed, rows, cols in self._sides(i, j, B):
                 self._main_side(M, transposed, rows, cols, (i, j) in band and not reread)
         if self.fused:
-            self.top = self._fused.keys()
             self.s_lt = self._fused.rank()  # exact, ties included
-        return self._finish(e, max_k)
+            return self._finish(e, max_k, self._fused.indices())
+        listed = torch.where(self.top == INT64_MAX, self.top, key_index(self.top))
+        return self._finish(e, max_k, listed)
 
-    def _finish(self, e: torch.Tensor, max_k: int) -> Stats:
+    def _finish(self, e: torch.Tensor, max_k: int, listed: torch.Tensor) -> Stats:
+        """listed: (n_q, L) the reference indices of each query's list, INT64_MAX where empty."""
         pos = torch.arange(self.L, device=self.device)
-        in_list = (pos[None] < self.R[:, None]) & (self.top != INT64_MAX)
-        idx = torch.where(in_list, key_index(self.top), torch.zeros_like(self.top))
+        in_list = (pos[None] < self.R[:, None]) & (listed != INT64_MAX)
+        idx = torch.where(in_list, listed, torch.zeros_like(listed))
         hits = (self.r_labels_orig[idx] == self.ql[:, None]) & in_list
         any_hit = hits.any(1)
         first = torch.where(any_hit, hits.int().argmax(1), self.s_lt)
