@@ -79,7 +79,7 @@ venv: $(VENV)/.installed
 train: $(INSTALLED)
 	@configs=$$($(PY) -m dml.compose $(DATASET) $(METHOD) $(BACKBONE)) || exit 2; \
 	name=$(DATASET)-$(METHOD)$(if $(BACKBONE),-$(BACKBONE)); \
-	echo "$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $$name $(ARGS)"; \
+	echo "$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $$name $(ARGS)" >&2; \
 	$(PY) -m dml fit $$configs --trainer.devices $(DEVICES) --run_name $$name $(ARGS)
 
 # The zero-shot reference row (python -m dml test --zero-shot, docs/evaluation.md): the data

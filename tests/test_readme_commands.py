@@ -93,3 +93,25 @@ def test_the_job_entry_points_name_themselves_and_list_the_valid_names(module, m
     names = out.split("valid names:")[1]
     for name in ("omniglot_small", "xbm", "ccp_c2", "vit_s16_dino"):
         assert name in names
+
+
+def test_make_train_prints_its_command_to_stderr_so_a_printed_config_is_plain_yaml():
+    """``make train ARGS=--print_config > run.yaml`` gives the config Lightning would run and
+    nothing else: the command line the recipe shows goes to stderr."""
+    import yaml
+
+    out = check(
+        [
+            "make",
+            "-s",
+            "train",
+            "SYSTEM_PYTHON=1",
+            f"PYTHON={sys.executable}",
+            "ARGS=--print_config",
+        ],
+        env=dict(os.environ, WANDB_MODE="disabled"),
+    )
+    config = yaml.safe_load(out.stdout)
+    assert {"trainer", "model", "data"} <= set(config), out.stdout[:300]
+    assert str(config["trainer"]["devices"]) == "1"
+    assert "-m dml fit" in out.stderr and "--print_config" in out.stderr
