@@ -90,7 +90,7 @@ zero-shot: METHOD = baseline
 zero-shot: $(INSTALLED)
 	@configs=$$($(PY) -m dml.compose $(DATASET) $(METHOD) $(BACKBONE)) || exit 2; \
 	name=$(DATASET)-zero-shot$(if $(BACKBONE),-$(BACKBONE)); \
-	echo "$(PY) -m dml test $$configs --zero-shot --trainer.devices $(DEVICES) --run_name $$name $(ARGS)"; \
+	echo "$(PY) -m dml test $$configs --zero-shot --trainer.devices $(DEVICES) --run_name $$name $(ARGS)" >&2; \
 	$(PY) -m dml test $$configs --zero-shot --trainer.devices $(DEVICES) --run_name $$name $(ARGS)
 
 # Continue a run in its own folder from its last.ckpt (the config is checked against it).

@@ -168,16 +168,21 @@ def test_all_nan_embeddings_are_an_error():
         nmi(x, np.arange(600) % 20)
 
 
-@pytest.mark.parametrize("value,accepted", [(1e18, True), (4e18, False), (1e19, False)])
+@pytest.mark.parametrize(
+    "value,accepted",
+    [(1e18, True), (1.58113e18, True), (1.58115e18, False), (4e18, False), (1e19, False)],
+)
 def test_embeddings_too_large_for_float32_distances_are_an_error(value, accepted):
-    """Squared norms above 1e37 (4 x 1.6e37; one coordinate whose square overflows float32)
-    are refused with the largest norm named; 4 x 1e36 is accepted and scored."""
+    """Squared norms above 1e37, in float64, are refused with the largest norm named: 4 x 1.6e37,
+    and 4 x 1e38, a row sum that overflows float32; up to 1e37 is accepted and scored, also
+    next to the limit (4 x 1.58113e18^2 = 0.99999e37 against 1.00001e37), where the float32
+    sum's rounding must not decide."""
     x, y = tied_data(8, n=60)
     x[5] = value
     if accepted:
         assert retrieval_metrics(x, y, [1])["R@1"] >= 0
         return
-    message = f"squared norms up to {4 * value**2:.3g}, beyond float32"
+    message = f"squared norms up to {4 * float(np.float32(value)) ** 2:.3g}, beyond float32"
     with pytest.raises(ValueError, match=re.escape(message)):
         retrieval_metrics(x, y, [1])
 
@@ -418,3 +423,25 @@ def test_the_list_scans_of_collapsed_data_stop_after_r_ties_per_block(order, mon
     blocks = -(-n // block)  # each query meets every block of references once
     r = int(ranks.R.max())  # 4
     assert 0 < visits.max() <= blocks * max(r + 1, 2 * 32), visits.max()
+
+
+def test_the_row_scans_of_separated_classes_visit_only_their_classes_lanes(monkeypatch):
+    """Tight classes of 16 far apart on the unit sphere (no two distances tie): tau starts at
+    each query's farthest relevant distance, so only its class's 15 other members lie under it,
+    in 15 of the 64 lanes of its diagonal block (256 columns: 4 per lane); the scan visits those
+    lanes only (at most 60 entries per query in all), where scanning every lane, starting from
+    tau = +inf, or sending the single entry at exactly tau to the index-ordered tie scan reads
+    the whole row (256)."""
+    monkeypatch.setattr(BlockRanks, "fused_min_pairs", 0)
+    rng = np.random.default_rng(3)
+    n, size, block = 1024, 16, 256
+    y = rng.permutation(np.arange(n) // size)
+    centres = rng.normal(size=(n // size, 8))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = (centres[y] + 0.01 * rng.normal(size=(n, 8))).astype(np.float32)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    ranks = BlockRanks(xt, yt, xt, yt, same_source=True, block_size=block)
+    first, ap, rp = ranks.run(max_k=n)
+    assert first.tolist() == [0] * n and bool((ap == 1).all()) and bool((rp == 1).all())
+    visits = ranks._fused.visits
+    assert 0 < visits.max() <= (size - 1) * (block // 64), visits.max()
