@@ -25,12 +25,12 @@ Two computations give them:
   only shrinks: the smaller of itself and the list's R-th distance once the list holds R). A
   min-reduction of each block first finds the queries whose smallest distance there is at most
   max(f, tau): only they can have anything to count or list, and when they are few only their
-  rows are compared. On the CPU a side is instead served
-  by ``dml.metrics.fused_side`` (the same list, compiled, and the rank counted exactly under ties).
-  The first relevant reference is then read from the list when it is among the R nearest, else its
-  rank is the count below f. Rows the torch pass cannot settle exactly (a non-relevant reference at
-  exactly f whose order decides a Recall@K, or a band block whose distances differ between the two
-  passes) are recomputed by ``exact_query_stats``.
+  rows are compared. On the CPU a side is instead served by ``dml.metrics.fused_side`` (the same
+  list, compiled, and the rank counted exactly under ties). The first relevant reference is then
+  read from the list when it is among the R nearest, else its rank is the count below f. Rows the
+  torch pass cannot settle exactly (a non-relevant reference at exactly f whose order decides a
+  Recall@K, or a band block whose distances differ between the two passes) are recomputed by
+  ``exact_query_stats``.
 """
 
 from __future__ import annotations
