@@ -56,11 +56,14 @@ help:
 	@echo "methods:   $$(ls experiments/method/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"
 	@echo "backbones: $$(ls experiments/backbone/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"
 
+# Its commands and their output go to stderr, so that on a first run `make train
+# ARGS=--print_config > run.yaml` still writes plain YAML.
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(if $(TORCH_INDEX),$(PY) -m pip install $(if $(LOCK),-c $(LOCK)) --index-url $(TORCH_INDEX) torch torchvision)
-	$(PY) -m pip install $(if $(LOCK),-c $(LOCK)) -e ".[dev,$(FAISS)]"
+	@set -ex; exec 1>&2; \
+	test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	$(PY) -m pip install --upgrade pip; \
+	$(if $(TORCH_INDEX),$(PY) -m pip install $(if $(LOCK),-c $(LOCK)) --index-url $(TORCH_INDEX) torch torchvision;) \
+	$(PY) -m pip install $(if $(LOCK),-c $(LOCK)) -e ".[dev,$(FAISS)]"; \
 	touch $@
 
 # constraints.txt from a fresh resolution of setup.cfg's requirements (dev + cpu extras)

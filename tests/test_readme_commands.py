@@ -115,3 +115,20 @@ def test_make_train_prints_its_command_to_stderr_so_a_printed_config_is_plain_ya
     assert {"trainer", "model", "data"} <= set(config), out.stdout[:300]
     assert str(config["trainer"]["devices"]) == "1"
     assert "-m dml fit" in out.stderr and "--print_config" in out.stderr
+
+
+def test_the_first_run_install_writes_nothing_to_stdout(tmp_path):
+    """On a new machine ``make train`` first installs the environment: that rule's commands
+    and pip's output go to stderr, so ``make train ARGS=--print_config > run.yaml`` is plain
+    YAML on a first run too. A stand-in interpreter plays pip and records its calls."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\necho "pip output $*"\necho "$*" >> {tmp_path}/calls\n')
+    python.chmod(0o755)
+    out = check(["make", "-s", "venv", f"VENV={venv}"])
+    assert out.stdout == ""
+    assert "pip output -m pip install" in out.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[-1].startswith("-m pip install") and "-e .[dev,cpu]" in calls[-1], calls
+    assert (venv / ".installed").exists()
