@@ -115,6 +115,15 @@ def best_checkpoint(folder: str) -> Optional[str]:
     return found[-1] if found else None
 
 
+def recorded_path(path: str) -> str:
+    """``path`` as the records write it: relative to the working directory when it lies below
+    it (as the recorded commands' ``--trainer.default_root_dir`` is), so that runs.jsonl
+    names no user's folders; absolute otherwise."""
+    full = os.path.abspath(path)
+    relative = os.path.relpath(full)
+    return full if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
 def fold_folder(base: str, args: Sequence[str]) -> str:
     """``base/<fingerprint>``: a fold trained with other settings (arguments, config files,
     data) never shares a folder with this one (``dml.jobs.fingerprint``)."""
@@ -143,7 +152,7 @@ def train_fold(args: List[str], folder: str, label: str = "fold") -> Dict:
         if checkpoint is None:
             result.update(status="failed", reason="the run wrote no best checkpoint")
         else:
-            result["checkpoint"] = os.path.abspath(checkpoint)
+            result["checkpoint"] = recorded_path(checkpoint)
     tmp = record + ".partial"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)

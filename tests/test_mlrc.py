@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -343,3 +344,36 @@ def test_a_best_config_names_its_study_database_without_the_machines_path(tmp_pa
     other = f"sqlite:///{tmp_path / 'db' / 'c2.db'}"
     assert storage_shown(other, str(best)) == "../db/c2.db from this file's folder"
     assert storage_shown("postgresql://host/optuna", str(best)) == "postgresql://host/optuna"
+
+
+def test_a_fold_records_its_checkpoint_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """runs.jsonl is committed beside the tables: a fold trained below the working directory
+    records its checkpoint as the recorded command names its folder (relative), and the next
+    run of the job finds it there; a folder outside the working directory stays absolute."""
+    from dml import mlrc
+    from dml.child_runs import Launched
+
+    calls = []
+
+    def fake_launch(args, label, log):
+        folder = args[args.index("--trainer.default_root_dir") + 1]
+        (Path(folder) / "20261202-run" / "checkpoints").mkdir(parents=True)
+        (Path(folder) / "20261202-run" / "checkpoints" / "best-epoch=001.ckpt").write_text("")
+        calls.append(folder)
+        return Launched(0, 1.0, "", "", log)
+
+    monkeypatch.setattr(mlrc, "launch", fake_launch)
+    work = tmp_path / "repo"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    folder = os.path.join("runs", "fold0")
+    args = ["fit", "--trainer.default_root_dir", folder]
+    done = mlrc.train_fold(args, folder)
+    expected = os.path.join(folder, "20261202-run", "checkpoints", "best-epoch=001.ckpt")
+    assert done["status"] == "done" and done["checkpoint"] == expected
+    assert mlrc.train_fold(args, folder)["resumed"] and len(calls) == 1
+    outside = str(tmp_path / "elsewhere")
+    done = mlrc.train_fold(["fit", "--trainer.default_root_dir", outside], outside)
+    assert done["checkpoint"] == os.path.join(
+        outside, "20261202-run", "checkpoints", "best-epoch=001.ckpt"
+    )
