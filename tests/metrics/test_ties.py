@@ -449,3 +449,24 @@ def test_the_row_scans_of_separated_classes_visit_only_their_classes_lanes(monke
     assert first.tolist() == [0] * n and bool((ap == 1).all()) and bool((rp == 1).all())
     visits = ranks._fused.visits
     assert 0 < visits.max() <= (size - 1) * (block // 64), visits.max()
+
+
+@pytest.mark.parametrize("gallery_rows", [0, 1, 3])
+def test_the_block_pass_takes_a_gallery_with_no_relevant_reference(gallery_rows):
+    """Queries none of whose labels the gallery holds (an empty gallery included): no query
+    has R >= 1, so no statistics come back, and nothing is indexed out of range."""
+    g = torch.Generator().manual_seed(0)
+    query, q_labels = torch.randn(6, 8, generator=g), torch.tensor([0, 0, 1, 1, 2, 2])
+    gallery = torch.randn(gallery_rows, 8, generator=g)
+    g_labels = torch.full((gallery_rows,), 7)
+    first, ap, rp = BlockRanks(query, q_labels, gallery, g_labels, False, 4).run(10)
+    assert first.shape == ap.shape == rp.shape == (0,)
+    assert first.dtype == torch.long and ap.dtype == rp.dtype == torch.float64
+    # one shared label: that query's statistics, against a brute-force ranking
+    if gallery_rows:
+        g_labels[-1] = 2
+        first, ap, rp = BlockRanks(query, q_labels, gallery, g_labels, False, 4).run(10)
+        d = torch.cdist(query[4:].double(), gallery.double()) ** 2
+        rank = (d < d[:, -1:]).sum(1)
+        assert first.tolist() == rank.tolist()
+        assert ap.tolist() == rp.tolist() == [float(r == 0) for r in rank.tolist()]
