@@ -233,6 +233,44 @@ def test_folders_embed_index_search_and_the_html_page(ckpt, tmp_path):
     )
 
 
+def test_the_page_shows_each_query_row_once_and_at_most_the_first_n(tmp_path):
+    """Two queries with the same file name stay two rows of the page; the page shows the first
+    ``max_queries`` and says where all of them are (a test split's page would weigh hundreds
+    of MB)."""
+    from types import SimpleNamespace
+
+    from dml.inference.report import result_rows, write_html
+
+    for i in range(3):
+        Image.new("RGB", (20, 20), (40 * i, 90, 10)).save(tmp_path / f"g{i}.png")
+    gallery = [str(tmp_path / f"g{i}.png") for i in range(3)]
+    hits = SimpleNamespace(
+        rows=np.array([[0, 1], [1, 2], [2, 0]]),
+        similarities=np.array([[0.9, 0.5], [0.8, 0.4], [0.7, 0.3]]),
+        rerank_distances=None,
+    )
+    queries = [gallery[0], gallery[0], gallery[1]]  # the same path twice
+    rows = result_rows(queries, None, hits, gallery, None)
+    assert [r["query_row"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    for limit, shown in [(0, 3), (2, 2), (5, 3)]:
+        write_html(rows, str(tmp_path / "p.html"), "t", max_queries=limit, listed_in="r.csv")
+        text = (tmp_path / "p.html").read_text()
+        page = Images()
+        page.feed(text)
+        assert len(page.sources) == shown * (1 + 2)
+        assert text.count('<div class="row">') == shown
+        note = "3 queries, the first 2 shown (all in r.csv)"
+        assert (note in text) == (shown < 3)
+
+
+def test_a_negative_page_size_is_one_line(tmp_path):
+    out = dml("search", tmp_path / "x.index", "--out", tmp_path / "r.csv", "--html-queries", "-1")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: --html-queries -1: expected 0 (all) or more"
+    ], out.stderr
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_exports_equal_pytorch(ckpt, tmp_path, fmt):
     pytest.importorskip("onnxruntime") if fmt == "onnx" else None

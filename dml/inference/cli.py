@@ -116,6 +116,12 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", required=True, help="results .json or .csv")
     s.add_argument("--html", help="also write a self-contained HTML page of the results")
+    s.add_argument(
+        "--html-queries",
+        type=int,
+        default=200,
+        help="the page shows the first N queries (default 200; 0: all); --out holds them all",
+    )
 
     x = sub.add_parser("export", help="export the embedding network")
     x.add_argument("ckpt")
@@ -256,6 +262,8 @@ def search(args) -> None:
 
     if not args.out.endswith((".json", ".csv")):
         raise ConfigError(f"--out {args.out}: expected a .json or .csv file")
+    if args.html_queries < 0:
+        raise ConfigError(f"--html-queries {args.html_queries}: expected 0 (all) or more")
     check_outputs(
         [args.out, args.html],
         [
@@ -330,7 +338,8 @@ def search(args) -> None:
         from dml.inference.generated_images import resolver
 
         images = (resolver(queries.meta), resolver(built.meta.get("source") or {}))
-        write_html(results, args.html, f"{len(queries)} queries against {args.index}", images)
+        title = f"{len(queries)} queries against {args.index}"
+        write_html(results, args.html, title, images, args.html_queries, args.out)
     for note in notes + hits.notes:
         print(f"note: {note}", file=sys.stderr)
     short = len(hits.short)

@@ -40,6 +40,7 @@ def result_rows(
         for rank, (j, s) in enumerate(zip(hits.rows[q].tolist(), hits.similarities[q].tolist())):
             row = {
                 "query": path,
+                "query_row": q,
                 "rank": rank + 1,
                 "path": paths[j],
                 "row": int(j),
@@ -133,19 +134,28 @@ def tile(
 
 
 def write_html(
-    rows: List[Dict], path: str, title: str = "dml search", images: tuple = (None, None)
+    rows: List[Dict],
+    path: str,
+    title: str = "dml search",
+    images: tuple = (None, None),
+    max_queries: int = 0,
+    listed_in: str = "",
 ) -> None:
-    """The page of ``rows`` (``result_rows``); ``images``: for the queries and the
-    neighbours, a function from a path to its image where the paths are not files
-    (``dml.inference.generated_images.resolver``), or None."""
-    by_query: Dict[str, List[Dict]] = {}
+    """The page of ``rows`` (``result_rows``): each query (by ``query_row``) with its hits, the
+    first ``max_queries`` of them (0: all; a page of every query of a test split would weigh
+    hundreds of MB); ``listed_in`` names the file that holds them all. ``images``: for the
+    queries and the neighbours, a function from a path to its image where the paths are not
+    files (``dml.inference.generated_images.resolver``), or None."""
+    by_query: Dict[int, List[Dict]] = {}
     for row in rows:
-        by_query.setdefault(row["query"], []).append(row)
+        by_query.setdefault(row["query_row"], []).append(row)
+    shown = list(by_query.items())[: max_queries or None]
     cache: Dict[Any, Optional[str]] = {}
-    lines = [
-        query_row(query, "query", hits, cache, images=images) for query, hits in by_query.items()
-    ]
-    write_page(path, title, f"<p>{len(by_query)} queries; {FRAMES}</p>\n" + "\n".join(lines))
+    lines = [query_row(hits[0]["query"], "query", hits, cache, images=images) for _, hits in shown]
+    count = f"{len(by_query)} queries"
+    if len(shown) < len(by_query):
+        count += f", the first {len(shown)} shown" + (f" (all in {listed_in})" if listed_in else "")
+    write_page(path, title, f"<p>{html.escape(count)}; {FRAMES}</p>\n" + "\n".join(lines))
 
 
 FRAMES = "frames: green = same class as the query, red = another class, grey = unknown."
