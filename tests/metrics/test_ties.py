@@ -470,3 +470,55 @@ def test_the_block_pass_takes_a_gallery_with_no_relevant_reference(gallery_rows)
         rank = (d < d[:, -1:]).sum(1)
         assert first.tolist() == rank.tolist()
         assert ap.tolist() == rp.tolist() == [float(r == 0) for r in rank.tolist()]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_block_pass_equals_a_stable_sort_on_random_mixes_of_ties(seed):
+    """Random cases (a differential test; 700 such cases passed when it was written): query =
+    reference or a separate gallery, 1-300 rows of 1-4 integer coordinates in a range of 0 to
+    1000 (span 0: every row the same vector), classes of one to many rows, a gallery with labels
+    no query has, blocks of 8-300, the compiled or the torch pass, band blocks kept or not.
+    Per query: the rank of the first relevant reference (up to max_k, beyond which the torch
+    pass need not settle ties), AP and RP equal numpy's stable sort."""
+    from dml.metrics.ranking import precision_from_hits
+
+    rng = np.random.default_rng(100 + seed)
+    same = seed % 4 != 3
+    n = int(rng.integers(1, 300))
+    m = n if same else int(rng.integers(1, 300))
+    dim, span = int(rng.integers(1, 5)), [0, 1, 2, 1000][seed % 4]
+    classes = int(rng.integers(1, max(2, n // int(rng.choice([1, 5, 20])) + 1)))
+    q = rng.integers(-span, span + 1, size=(n, dim)).astype(np.float32)
+    yq = rng.integers(0, classes, n)
+    g, yg = (q, yq) if same else (q[: m // 2], yq[: m // 2])
+    if not same:  # half the gallery from the queries (duplicates), half new, two extra labels
+        extra = rng.integers(-span, span + 1, size=(m - m // 2, dim)).astype(np.float32)
+        g, yg = (
+            np.concatenate([g, extra]),
+            np.concatenate([yg, rng.integers(0, classes + 2, m - m // 2)]),
+        )
+    ranks = BlockRanks(*map(torch.from_numpy, (q, yq, g, yg)), same, [8, 33, 64, 300][seed % 4])
+    ranks.fused = seed % 2 == 0
+    ranks.kept_bytes = 0 if seed in (2, 5) else ranks.kept_bytes
+    max_k = [1, 4, 1000][seed % 3]
+    first, ap, rp = ranks.run(max_k)
+    d = ((q.astype(np.float64)[:, None] - g[None]) ** 2).sum(-1)
+    expected_first, hits, relevant = [], [], []
+    for i in range(n):
+        cols = np.delete(np.arange(len(g)), i) if same else np.arange(len(g))
+        order = cols[np.argsort(d[i, cols], kind="stable")]
+        rel = yg[order] == yq[i]
+        if rel.any():
+            expected_first.append(int(np.argmax(rel)))
+            hits.append(rel)
+            relevant.append(int(rel.sum()))
+    assert [min(f, max_k) for f in first.tolist()] == [min(f, max_k) for f in expected_first]
+    if relevant:
+        width = max(relevant)
+        flags = np.zeros((len(hits), width), bool)
+        for k, h in enumerate(hits):
+            flags[k, : min(len(h), width)] = h[:width]
+        expected_ap, expected_rp = precision_from_hits(torch.tensor(flags), torch.tensor(relevant))
+        assert torch.equal(ap, expected_ap) and torch.equal(rp, expected_rp)
+    else:
+        assert len(ap) == len(rp) == 0
