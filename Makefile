@@ -100,7 +100,8 @@ zero-shot: $(INSTALLED)
 resume: $(INSTALLED)
 	@test -n "$(RUN)" || { echo "usage: make resume RUN=runs/<run folder> [ARGS=...]" >&2; exit 2; }
 	@test -f "$(RUN)/checkpoints/last.ckpt" || { echo "no $(RUN)/checkpoints/last.ckpt" >&2; exit 2; }
-	$(PY) -m dml fit --config "$(RUN)/config.yaml" --ckpt_path "$(RUN)/checkpoints/last.ckpt" $(ARGS)
+	@echo '$(PY) -m dml fit --config "$(RUN)/config.yaml" --ckpt_path "$(RUN)/checkpoints/last.ckpt" $(ARGS)' >&2
+	@$(PY) -m dml fit --config "$(RUN)/config.yaml" --ckpt_path "$(RUN)/checkpoints/last.ckpt" $(ARGS)
 
 # The suite in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (its
 # module fixtures are built once); TEST_WORKERS=0 runs it in this process.

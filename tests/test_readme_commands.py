@@ -117,6 +117,22 @@ def test_make_train_prints_its_command_to_stderr_so_a_printed_config_is_plain_ya
     assert "-m dml fit" in out.stderr and "--print_config" in out.stderr
 
 
+def test_make_resume_prints_its_command_to_stderr_too(tmp_path):
+    """``make resume RUN=... ARGS=--print_config > run.yaml`` is plain YAML as well."""
+    import yaml
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")  # --print_config reads no weights
+    env = dict(os.environ, WANDB_MODE="disabled")
+    made = ["make", "-s", "SYSTEM_PYTHON=1", f"PYTHON={sys.executable}", "ARGS=--print_config"]
+    (run / "config.yaml").write_text(check([*made, "train"], env=env).stdout)
+    out = check([*made, "resume", f"RUN={run}"], env=env)
+    config = yaml.safe_load(out.stdout)
+    assert {"trainer", "model", "data"} <= set(config), out.stdout[:300]
+    assert "--ckpt_path" in out.stderr and str(run / "config.yaml") in out.stderr
+
+
 def test_the_first_run_install_writes_nothing_to_stdout(tmp_path):
     """On a new machine ``make train`` first installs the environment: that rule's commands
     and pip's output go to stderr, so ``make train ARGS=--print_config > run.yaml`` is plain
