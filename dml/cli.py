@@ -142,7 +142,7 @@ class DMLCLI(LightningCLI):
         resuming = self.subcommand == "fit" and bool(ckpt_path)
         # read as data first: a file that would run code is refused before Lightning opens it
         trained_with = (
-            saved_config(ckpt_path)
+            saved_config(ckpt_path, resuming)
             if ckpt_path and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES
             else None
         )
@@ -388,11 +388,23 @@ def with_named_terms(config: Optional[dict]) -> Optional[dict]:
     return dict(config, model=dict(model, terms=terms_by_name(model["terms"])))
 
 
-def saved_config(ckpt_path: str) -> Optional[dict]:
+def saved_config(ckpt_path: str, resuming: bool = False) -> Optional[dict]:
     """The configuration a checkpoint was trained with (None for checkpoints without one),
-    read as data (``dml.safe_load``): a file that would run code is refused here, before
-    Lightning opens it."""
-    return load_checkpoint(ckpt_path, "checkpoint (ckpt_path)", mmap=True).get(CONFIG_KEY)
+    read as data (``dml.safe_load``): a file that would run code, or a dict that is not a
+    Lightning checkpoint (of a whole training state, to resume), is refused here, before
+    Lightning opens it and before a run folder is made."""
+    checkpoint = load_checkpoint(ckpt_path, "checkpoint (ckpt_path)", mmap=True)
+    needed = ["pytorch-lightning_version", "state_dict"]
+    needed += ["optimizer_states", "loops"] if resuming else []
+    missing = [key for key in needed if key not in checkpoint]
+    if missing:
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path}: not a Lightning checkpoint"
+            + (" to resume from" if resuming else "")
+            + f" (no {', '.join(missing)})"
+        )
+    config = checkpoint.get(CONFIG_KEY)
+    return config if isinstance(config, dict) else None
 
 
 def git_state() -> dict:

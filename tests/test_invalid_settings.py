@@ -281,3 +281,77 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
         with pytest.raises(ConfigError, match="refused, not loaded.*could run code"):
             load(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("subcommand", ["test", "fit"])
+def test_a_dict_that_is_not_a_lightning_checkpoint_is_one_line_and_makes_no_folder(
+    tmp_path, subcommand
+):
+    """``--ckpt_path`` naming a plain dict saved with torch.save (no Lightning version, no
+    training state) is refused before Lightning opens it, in one line, and no run folder is
+    made."""
+    from dml.compose import config_files
+
+    fake = tmp_path / "fake.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, fake)
+    configs = [a for f in config_files("synthetic", "baseline") for a in ("--config", f)]
+    runs = tmp_path / "runs"
+    out = subprocess.run(
+        [sys.executable, "-m", "dml", subcommand, *configs, "--ckpt_path", str(fake)]
+        + ["--trainer.default_root_dir", str(runs)],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, WANDB_MODE="disabled"),
+    )
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "not a Lightning checkpoint" in lines[0], out.stderr[-2000:]
+    assert str(fake) in lines[0] and "pytorch-lightning_version" in lines[0]
+    assert not runs.exists() or not os.listdir(runs)
+
+
+@pytest.mark.parametrize(
+    "checkpoint, message",
+    [
+        ({"state_dict": {}, "hyper_parameters": "hello"}, "hyper_parameters is a str"),
+        ({"state_dict": [], "hyper_parameters": {}}, "state_dict is a list"),
+        ({"state_dict": {}, "hyper_parameters": {}, "dml_config": 3}, "dml_config is a int"),
+        (
+            {"state_dict": {}, "hyper_parameters": {}, "dml_config": {"data": {"init_args": [1]}}},
+            "dml_config.data.init_args is a list",
+        ),
+    ],
+)
+def test_a_checkpoint_whose_parts_are_not_mappings_is_one_error(tmp_path, checkpoint, message):
+    from dml.errors import ConfigError
+    from dml.inference.embedder import read_checkpoint
+
+    path = tmp_path / "odd.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(ConfigError, match=f"{path}: not a dml checkpoint \\({message}"):
+        read_checkpoint(str(path))
+
+
+@pytest.mark.parametrize(
+    "init_args, message",
+    [
+        ({"num_classes": 10**7}, "SyntheticDataModule takes no num_classes"),
+        ({"image_size": 100000}, r"image_size: 100000, expected a whole number in \[8, 512\]"),
+        ({"image_size": "32"}, r"image_size: '32', expected a whole number"),
+        ({"train_classes": 5000, "image_size": 256}, "more than 5e\\+07 pixel values"),
+    ],
+)
+def test_generated_data_settings_from_a_checkpoint_are_checked_before_rendering(init_args, message):
+    """A stranger's checkpoint names the synthetic data its split is rendered from: an unknown
+    setting, a size out of range or a set past the rendering cap is one error, and nothing
+    is rendered (100000 px asked for 77 TB)."""
+    from dml.errors import ConfigError
+    from dml.inference.embedder import data_class_and_args
+
+    data = {"class_path": "dml.data.SyntheticDataModule", "init_args": init_args}
+    with pytest.raises(ConfigError, match=message):
+        data_class_and_args({"dml_config": {"data": data}})
+    cls, args = data_class_and_args({"dml_config": {"data": dict(data, init_args={})}})
+    assert cls.__name__ == "SyntheticDataModule" and args["image_size"] == 32

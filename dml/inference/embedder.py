@@ -35,6 +35,20 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     checkpoint = load_checkpoint(path)
     if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ConfigError(f"{path}: not a dml checkpoint (no state_dict / hyper_parameters)")
+    config = checkpoint.get("dml_config")
+    data = config.get("data") if isinstance(config, dict) else None
+    for key, value in (
+        ("state_dict", checkpoint["state_dict"]),
+        ("hyper_parameters", checkpoint["hyper_parameters"]),
+        ("dml_config", config),
+        ("dml_config.data", data),
+        ("dml_config.data.init_args", data.get("init_args") if isinstance(data, dict) else None),
+    ):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(
+                f"{path}: not a dml checkpoint ({key} is a {type(value).__name__}, "
+                f"expected a mapping)"
+            )
     return checkpoint
 
 
@@ -54,7 +68,9 @@ def named_classes(checkpoint: Dict[str, Any]) -> Dict[str, str]:
             found[f"model.terms.{name}.class_path"] = str(
                 term.get("class_path") if isinstance(term, dict) else term
             )
-    memory, pooling = hparams.get("memory") or {}, hparams.get("pooling") or {}
+    memory, pooling = hparams.get("memory"), hparams.get("pooling")
+    memory = memory if isinstance(memory, dict) else {}
+    pooling = pooling if isinstance(pooling, dict) else {}
     for key, value in (
         ("model.memory.implementation", memory.get("implementation")),
         ("model.memory.miner", memory.get("miner")),
@@ -100,8 +116,55 @@ def data_class_and_args(checkpoint: Dict[str, Any]) -> Tuple[type, Dict[str, Any
         for k, p in inspect.signature(cls.__init__).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
-    args.update({k: v for k, v in (data.get("init_args") or {}).items() if v is not None})
+    given = {k: v for k, v in (data.get("init_args") or {}).items() if v is not None}
+    unknown = sorted(set(given) - init_parameters(cls))
+    if unknown:
+        raise ConfigError(f"data.init_args: {cls.__name__} takes no {', '.join(unknown)}")
+    args.update(given)
+    check_generated_size(cls, args)
     return cls, args
+
+
+def init_parameters(cls: type) -> set:
+    """The keyword arguments ``cls(...)`` takes: its ``__init__``'s, and those of the classes
+    above it while each passes ``**kwargs`` on."""
+    names: set = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names - {"self"}
+
+
+def check_generated_size(cls: type, args: Dict[str, Any]) -> None:
+    """Generated data (the synthetic default) is rendered in memory: arguments from a file get
+    the ranges and the cap of ``dml.inference.generated_images`` before anything is made."""
+    from dml.data import SyntheticDataModule
+    from dml.inference.generated_images import MAX_VALUES, RANGES
+
+    if not issubclass(cls, SyntheticDataModule):
+        return
+    sizes = {
+        "train_classes": RANGES["num_classes"],
+        "test_classes": RANGES["num_classes"],
+        "images_per_class": RANGES["images_per_class"],
+        "image_size": RANGES["image_size"],
+    }
+    for key, (low, high) in sizes.items():
+        value = args.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(
+                f"data.init_args.{key}: {value!r}, expected a whole number in [{low}, {high}]"
+            )
+    classes = max(args["train_classes"], args["test_classes"])
+    if classes * args["images_per_class"] * 3 * args["image_size"] ** 2 > MAX_VALUES:
+        raise ConfigError(
+            f"data.init_args: {classes} classes x {args['images_per_class']} images of "
+            f"{args['image_size']} px are more than {MAX_VALUES:.0e} pixel values to render"
+        )
 
 
 def eval_transform_for(cls: type, args: Dict[str, Any]) -> Callable:
@@ -209,7 +272,7 @@ class Embedder:
                 fill_fresh_state(checkpoint, module.state_dict())  # no memory then: none used
             fill_added_buffers(checkpoint, module.state_dict())
             module.load_state_dict(checkpoint["state_dict"])
-        except (RuntimeError, TypeError) as error:
+        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as error:
             raise ConfigError(
                 f"{path}: its weights do not fit the model its hyper-parameters describe ({error})"
             ) from error
