@@ -233,6 +233,76 @@ def test_folders_embed_index_search_and_the_html_page(ckpt, tmp_path):
     )
 
 
+def test_unreadable_query_images_are_named_and_a_nan_model_writes_nothing(ckpt, tmp_path):
+    """search --images: an unreadable query image is named and counted, not dropped without a
+    word; a checkpoint whose weights are NaN embeds nothing (embed) and searches nothing."""
+    write_images(tmp_path / "gallery")
+    write_images(tmp_path / "queries", n=2)
+    (tmp_path / "queries" / "broken.png").write_bytes(b"not an image")
+    assert (
+        dml("embed", ckpt, "--images", tmp_path / "gallery", "--out", tmp_path / "g.npz").returncode
+        == 0
+    )
+    assert dml("index", tmp_path / "g.npz", "--out", tmp_path / "g.index").returncode == 0
+    search = ["search", tmp_path / "g.index", "--images", tmp_path / "queries", "--k", "2"]
+    out = dml(*search, "--ckpt", ckpt, "--out", tmp_path / "r.csv")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"unreadable, skipped: {tmp_path / 'queries' / 'broken.png'}" in out.stderr
+    assert "2 queries x top 2" in out.stdout and "1 unreadable query image(s) skipped" in out.stdout
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    for key, value in state["state_dict"].items():
+        if value.is_floating_point():
+            state["state_dict"][key] = torch.full_like(value, float("nan"))
+    broken = tmp_path / "nan.ckpt"
+    torch.save(state, broken)
+    for args in (
+        ["embed", broken, "--images", tmp_path / "gallery", "--out", tmp_path / "n.npz"],
+        [*search, "--ckpt", broken, "--out", tmp_path / "n.csv"],
+    ):
+        out = dml(*args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+        assert f"{broken}: the network's embeddings of " in lines[0] and "NaN or inf" in lines[0]
+    assert not (tmp_path / "n.npz").exists() and not (tmp_path / "n.csv").exists()
+
+
+def test_the_search_page_shows_images_stored_in_a_zip_archive(tmp_path):
+    """Omniglot's items are members of a zip file (the embeddings' meta names it): the search
+    page shows their thumbnails, as the compare report does, not their names."""
+    import zipfile
+
+    archive = tmp_path / "images_background.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(6):
+            buffer = io.BytesIO()
+            Image.new("L", (30, 30), 40 * i).save(buffer, format="PNG")
+            z.writestr(f"alphabet/char{i % 2}/{i}.png", buffer.getvalue())
+    paths = [f"alphabet/char{i % 2}/{i}.png" for i in range(6)]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    rows = EmbeddingSet(x, paths, np.arange(6) % 2, {"archive": str(archive)})
+    rows.save(str(tmp_path / "e.npz"))
+    assert dml("index", tmp_path / "e.npz", "--out", tmp_path / "e.index").returncode == 0
+    out = dml(
+        "search",
+        tmp_path / "e.index",
+        "--embeddings",
+        tmp_path / "e.npz",
+        "--k",
+        "2",
+        "--exclude-self",
+        "--out",
+        tmp_path / "r.csv",
+        "--html",
+        tmp_path / "r.html",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    page = Images()
+    page.feed((tmp_path / "r.html").read_text())
+    assert len(page.sources) == 6 * (1 + 2)
+    assert all(src.startswith("data:image/jpeg;base64,") for src in page.sources)
+
+
 def test_the_page_shows_each_query_row_once_and_at_most_the_first_n(tmp_path):
     """Two queries with the same file name stay two rows of the page; the page shows the first
     ``max_queries`` and says where all of them are (a test split's page would weigh hundreds

@@ -161,6 +161,25 @@ def check_outputs(outputs, inputs) -> None:
             raise ConfigError(f"{out}: its folder {folder} is not writable")
 
 
+def check_model_output(rows, ckpt: str) -> None:
+    """A ConfigError where the checkpoint's network gave NaN or inf: nothing is written or
+    searched with such rows."""
+    bad = rows.non_finite_rows()
+    if bad:
+        raise ConfigError(
+            f"{ckpt}: the network's embeddings of {bad} of {len(rows)} images hold NaN or inf "
+            f"(a diverged or broken checkpoint); nothing was written"
+        )
+
+
+def report_unreadable(rows) -> int:
+    """Print each image file that could not be read (skipped); how many there were."""
+    skipped = rows.meta.get("unreadable") or []
+    for path in skipped:
+        print(f"unreadable, skipped: {path}", file=sys.stderr)
+    return len(skipped)
+
+
 def embed(args) -> None:
     from dml.inference.embedder import Embedder, image_files
 
@@ -172,15 +191,14 @@ def embed(args) -> None:
         rows = embedder.embed_files(image_files(args.images), args.batch_size)
     else:
         rows = embedder.embed_split(args.split, args.root, args.batch_size, dataset=args.dataset)
+    check_model_output(rows, args.ckpt)
     if args.fp16:
         rows.embeddings = rows.embeddings.astype(np.float16)
     rows.save(args.out)
-    skipped = rows.meta.get("unreadable") or []
-    for path in skipped:
-        print(f"unreadable, skipped: {path}", file=sys.stderr)
+    skipped = report_unreadable(rows)
     print(
         f"{len(rows)} embeddings ({rows.dim}-d) -> {args.out}"
-        + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else "")
+        + (f"; {skipped} unreadable file(s) skipped" if skipped else "")
     )
     if args.split:
         split_metrics(rows, args.split, args.out, embedder.recall_ks)
@@ -282,6 +300,7 @@ def search(args) -> None:
             "search: give the queries as --embeddings FILE, --images DIR or "
             "image files, one of them"
         )
+    unreadable = 0
     if args.embeddings:
         queries = EmbeddingSet.load(args.embeddings)
     else:
@@ -298,6 +317,8 @@ def search(args) -> None:
         if missing:
             raise ConfigError(f"{missing[0]}: no such image file")
         queries = embedder.embed_files(paths)
+        check_model_output(queries, args.ckpt)
+        unreadable = report_unreadable(queries)
     if args.embeddings and queries.non_finite_rows():
         raise ConfigError(
             f"{args.embeddings}: {queries.non_finite_rows()} of {len(queries)} "
@@ -337,15 +358,18 @@ def search(args) -> None:
     if args.html:
         from dml.inference.generated_images import resolver
 
-        images = (resolver(queries.meta), resolver(built.meta.get("source") or {}))
+        source = built.meta.get("source") or {}
+        images = (resolver(queries.meta), resolver(source))
+        archives = (queries.meta.get("archive"), source.get("archive"))
         title = f"{len(queries)} queries against {args.index}"
-        write_html(results, args.html, title, images, args.html_queries, args.out)
+        write_html(results, args.html, title, images, args.html_queries, args.out, archives)
     for note in notes + hits.notes:
         print(f"note: {note}", file=sys.stderr)
     short = len(hits.short)
     print(
         f"{len(queries)} queries x top {hits.k} -> {args.out}"
         + (f", {args.html}" if args.html else "")
+        + (f"; {unreadable} unreadable query image(s) skipped" if unreadable else "")
         + (
             f"; {short} queries got fewer than {hits.k} hits (the {built.kind} index found no "
             f"more; --exact-fallback or a larger --nprobe searches further)"

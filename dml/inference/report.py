@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import json
@@ -75,18 +76,25 @@ def write_rows(rows: List[Dict], path: str) -> None:
             os.remove(tmp)
 
 
+@functools.lru_cache(maxsize=4)
+def open_archive(path: str, modified: float):
+    """The zip file ``path`` opened once per page, not once per thumbnail (reading the
+    directory of Omniglot's zip took 20 ms); ``modified`` (its mtime) keys a changed file anew."""
+    import zipfile
+
+    return zipfile.ZipFile(path)
+
+
 def thumbnail(path: str, size: int = 112, archive: Optional[str] = None) -> Optional[str]:
     """A data URI of a JPEG thumbnail of an image file, or of the member ``path`` of the zip
     ``archive`` (Omniglot's splits); None when there is no readable image."""
-    import zipfile
-
     from dml.data.image_list import open_image
 
     try:
         if os.path.isfile(path):
             img = open_image(path)
-        elif archive and os.path.isfile(archive):
-            with zipfile.ZipFile(archive) as z, z.open(path) as f:
+        elif isinstance(archive, str) and os.path.isfile(archive):
+            with open_archive(archive, os.path.getmtime(archive)).open(path) as f:
                 img = open_image(f)
         else:
             return None
@@ -140,18 +148,22 @@ def write_html(
     images: tuple = (None, None),
     max_queries: int = 0,
     listed_in: str = "",
+    archives: tuple = (None, None),
 ) -> None:
     """The page of ``rows`` (``result_rows``): each query (by ``query_row``) with its hits, the
     first ``max_queries`` of them (0: all; a page of every query of a test split would weigh
     hundreds of MB); ``listed_in`` names the file that holds them all. ``images``: for the
     queries and the neighbours, a function from a path to its image where the paths are not
-    files (``dml.inference.generated_images.resolver``), or None."""
+    files (``dml.inference.generated_images.resolver``), or None; ``archives``: the zip files
+    their paths are members of (Omniglot's splits), or None."""
     by_query: Dict[int, List[Dict]] = {}
     for row in rows:
         by_query.setdefault(row["query_row"], []).append(row)
     shown = list(by_query.items())[: max_queries or None]
     cache: Dict[Any, Optional[str]] = {}
-    lines = [query_row(hits[0]["query"], "query", hits, cache, images=images) for _, hits in shown]
+    lines = [
+        query_row(hits[0]["query"], "query", hits, cache, archives, images) for _, hits in shown
+    ]
     count = f"{len(by_query)} queries"
     if len(shown) < len(by_query):
         count += f", the first {len(shown)} shown" + (f" (all in {listed_in})" if listed_in else "")
