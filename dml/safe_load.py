@@ -14,7 +14,7 @@ import pickle
 import pickletools
 import warnings
 import zipfile
-from typing import Any, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import numpy as np
 import torch
@@ -93,9 +93,46 @@ def load_checkpoint(path: str, what: str = "checkpoint", mmap: bool = False) -> 
     return checkpoint
 
 
-def load_npz(path: str, keys: Iterable[str], what: str) -> Dict[str, Any]:
+def npz_shapes(path: str, what: str) -> Dict[str, tuple]:
+    """Each array's shape in an ``.npz``, from its header alone (nothing is allocated). A
+    header whose shape and type claim more or fewer bytes than its member holds is a
+    ConfigError: loading it would allocate what the header claims (a 1 KB file claiming
+    (10**7, 10**5) asked for 3.6 TiB)."""
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    shapes = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with z.open(info) as member:
+                reader = readers.get(np.lib.format.read_magic(member))
+                if reader is None:  # another format version: np.load judges it
+                    continue
+                shape, _, dtype = reader(member)
+                held = info.file_size - member.tell()
+            name = info.filename[: -len(".npy")]
+            claimed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if not dtype.hasobject and claimed != held:
+                raise ConfigError(
+                    f"{path}: not a readable {what}: its array {name!r} claims shape "
+                    f"{tuple(shape)} of {dtype} ({claimed:,} bytes), its file holds {held:,}"
+                )
+            shapes[name] = tuple(shape)
+    return shapes
+
+
+def load_npz(
+    path: str,
+    keys: Iterable[str],
+    what: str,
+    check_shapes: Optional[Callable[[Dict[str, tuple]], None]] = None,
+) -> Dict[str, Any]:
     """The named arrays of an ``.npz`` file (``allow_pickle=False``); a string array named
-    ``meta`` is parsed as JSON."""
+    ``meta`` is parsed as JSON. The headers are read first (``npz_shapes``), and
+    ``check_shapes`` may refuse their shapes before any array is inflated."""
     keys = list(keys)
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such {what}")
@@ -111,6 +148,9 @@ def load_npz(path: str, keys: Iterable[str], what: str) -> Dict[str, Any]:
             )
         )
     try:
+        shapes = npz_shapes(path, what)
+        if check_shapes is not None and all(k in shapes for k in keys):
+            check_shapes(shapes)
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in keys if k not in f.files]
             if missing:

@@ -279,6 +279,61 @@ def test_embedding_files_that_are_not_data_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "M").exists() and not (tmp_path / "r.json").exists()
 
 
+def npy_bytes(array=None, header=None, data=b""):
+    """An .npy member: ``array`` saved, or a hand-written ``header`` followed by ``data``."""
+    import io
+
+    out = io.BytesIO()
+    if array is not None:
+        np.save(out, array)
+    else:
+        np.lib.format.write_array_header_1_0(out, header)
+        out.write(data)
+    return out.getvalue()
+
+
+def test_embedding_files_whose_headers_claim_more_than_they_hold_allocate_nothing(tmp_path, capsys):
+    """A 1 KB file whose header claims (10**7, 10**5) floats (3.6 TiB, which np.load would
+    allocate), and a deflate bomb (200,000 x 64 zeros, 50 KB compressed, one path): each is one
+    line, decided from the headers before any array is inflated."""
+    import tracemalloc
+    import zipfile
+
+    rest = {
+        "paths.npy": npy_bytes(np.array(["a"])),
+        "labels.npy": npy_bytes(np.zeros(1, np.int64)),
+        "meta.npy": npy_bytes(np.asarray("{}")),
+    }
+    liar = tmp_path / "liar.npz"
+    claim = {"descr": "<f4", "fortran_order": False, "shape": (10**7, 10**5)}
+    with zipfile.ZipFile(liar, "w") as z:
+        z.writestr("embeddings.npy", npy_bytes(header=claim, data=b"\0" * 1024))
+        for name, data in rest.items():
+            z.writestr(name, data)
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("embeddings.npy", npy_bytes(np.zeros((200_000, 64), np.float32)))
+        for name, data in rest.items():
+            z.writestr(name, data)
+    assert os.path.getsize(bomb) < 200_000
+    expected = {
+        "liar.npz": "its array 'embeddings' claims shape (10000000, 100000) of float32",
+        "bomb.npz": "200000 embeddings, 1 paths and 1 labels",
+    }
+    for name, says in expected.items():
+        tracemalloc.start()
+        line = one_line_error(
+            capsys,
+            lambda: use_checkpoint(
+                ["index", str(tmp_path / name), "--out", str(tmp_path / "x.index")]
+            ),
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert name in line and says in line, line
+        assert peak < 20 * 2**20, peak  # the bomb inflates to 51 MB
+
+
 # --- a search returns real neighbours -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):

@@ -72,8 +72,20 @@ class EmbeddingSet:
     def load(cls, path: str) -> "EmbeddingSet":
         """Read as data (``np.load(allow_pickle=False)``); every bad file is one ConfigError
         naming it."""
+
+        def same_rows(shapes) -> None:  # before anything is inflated (a deflate bomb)
+            rows = [shapes[k][0] if shapes[k] else None for k in ("embeddings", "paths", "labels")]
+            if len(set(rows)) != 1:
+                raise ConfigError(
+                    f"{path}: {rows[0]} embeddings, {rows[1]} paths and {rows[2]} labels; "
+                    f"expected one path and one integer label per row"
+                )
+
         f = load_npz(
-            path, ("embeddings", "paths", "labels", "meta"), "embeddings file (python -m dml embed)"
+            path,
+            ("embeddings", "paths", "labels", "meta"),
+            "embeddings file (python -m dml embed)",
+            same_rows,
         )
         embeddings, paths, labels = f["embeddings"], f["paths"], f["labels"]
         if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
