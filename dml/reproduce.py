@@ -141,10 +141,20 @@ def aggregate(rows: List[dict], order: Sequence[str]) -> Dict[str, Dict[str, tup
             table[name]["failed"] = tuple(failed)
         for metric in METRICS:
             values = [100 * r["metrics"][metric] for r in runs if metric in r["metrics"]]
-            if values:
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            if values:  # one seed: no spread (not a spread of 0)
+                spread = statistics.stdev(values) if len(values) > 1 else None
                 table[name][metric] = (statistics.mean(values), spread, len(values))
     return table
+
+
+def measured_on(rows: List[dict]) -> str:
+    """What every number of the table is: the split its runs validated on, last epoch."""
+    splits = sorted({str(r["split"]) for r in rows if r.get("split")})
+    where = " and ".join(splits) if splits else "the data set's validation split"
+    return (
+        f"Each number: the metrics of the last epoch's validation, on {where}, in %; mean and "
+        f"standard deviation over seeds (the mean alone where one seed ran)."
+    )
 
 
 def cells(table: Dict[str, Dict[str, tuple]]) -> Tuple[List[str], List[list]]:
@@ -166,13 +176,16 @@ def cells(table: Dict[str, Dict[str, tuple]]) -> Tuple[List[str], List[list]]:
     return header, rows
 
 
-def markdown(table: Dict[str, Dict[str, tuple]], title: str, command: str) -> str:
+def markdown(
+    table: Dict[str, Dict[str, tuple]], title: str, command: str, measured: str = ""
+) -> str:
     header, rows = cells(table)
     lines = [
         f"# {title}",
         "",
         f"Made by: `{command}`",
         "",
+        *([measured, ""] if measured else []),
         "| " + " | ".join(header) + " |",
         "|---|" + "---|" * (len(header) - 1),
     ]
@@ -181,11 +194,15 @@ def markdown(table: Dict[str, Dict[str, tuple]], title: str, command: str) -> st
 
 
 def latex(
-    table: Dict[str, Dict[str, tuple]], title: str, command: str, commit: Optional[str] = None
+    table: Dict[str, Dict[str, tuple]],
+    title: str,
+    command: str,
+    commit: Optional[str] = None,
+    measured: str = "",
 ) -> str:
     """The table of ``markdown`` as LaTeX (``dml.latex_table``)."""
     header, rows = cells(table)
-    caption = f"{title}. Mean and standard deviation over seeds, in %."
+    caption = f"{title}. " + (measured or "Mean and standard deviation over seeds, in %.")
     return latex_table.tabular(header, rows, caption, command, commit)
 
 
@@ -244,8 +261,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             start = time.perf_counter()
             row = {"variant": name, "seed": seed, "fingerprint": key, "args": cli_args}
             try:
-                metrics, _ = run_once(cli_args)
+                metrics, trainer = run_once(cli_args)
                 row["metrics"] = metrics
+                if trainer is not None:  # what the numbers measure, e.g. "test split"
+                    row["split"] = trainer.lightning_module.split_name("val")
             except (Exception, SystemExit) as error:  # noqa: BLE001 - recorded; the grid goes on
                 row.update(metrics={}, failed=f"{type(error).__name__}: {error}"[:500])
                 failures.append(f"{name} seed {seed}")
@@ -274,10 +293,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         r for r in load_runs(runs_path) if (r["variant"], r["seed"], r.get("fingerprint")) in keys
     ]
     table = aggregate(rows, list(GRID))
-    text = markdown(table, title, command)
+    measured = measured_on(rows)
+    text = markdown(table, title, command, measured)
     latex_table.write_atomic(os.path.join(folder, "table.md"), text)
     tex = os.path.join(folder, "table.tex")
-    latex_table.write_atomic(tex, latex(table, title, command, commit))
+    latex_table.write_atomic(tex, latex(table, title, command, commit, measured))
     print(text)
     print(f"LaTeX table: {tex}", flush=True)
     if failures:

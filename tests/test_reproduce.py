@@ -2,6 +2,7 @@
 grid's arguments parsing on the shipped configs."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from test_configs import ParseOnlyCLI
@@ -35,9 +36,10 @@ def test_aggregate_gives_mean_and_sample_std_in_percent_last_repeat_wins(tmp_pat
     assert list(table) == ["A", "B"]
     mean, std, n = table["A"]["R@1"]
     assert (mean, n) == (pytest.approx(70.0), 3) and std == pytest.approx(10.0)
-    assert table["B"]["R@1"] == (pytest.approx(50.0), 0.0, 1)
+    assert table["B"]["R@1"] == (pytest.approx(50.0), None, 1)  # one seed: no spread
     text = reproduce.markdown(table, "t", "python -m dml.reproduce --seeds 0 1 2")
     assert "| A | 70.0 +- 10.0 | 20.0 +- 0.0 | 50.0 +- 0.0 | 3 |" in text
+    assert "| B | 50.0 | 20.0 | 50.0 | 1 |" in text
     assert "Made by: `python -m dml.reproduce --seeds 0 1 2`" in text
 
 
@@ -57,7 +59,9 @@ def test_main_writes_runs_and_table_and_resumes(tmp_path, monkeypatch):
     def fake_run(args):
         calls.append(args)
         seed = int(args[args.index("--seed_everything") + 1])
-        return {"R@1": 0.5 + 0.1 * seed, "MAP@R": 0.2, "NMI": 0.6}, None
+        module = SimpleNamespace(split_name=lambda stage: {"val": "test split"}[stage])
+        metrics = {"R@1": 0.5 + 0.1 * seed, "MAP@R": 0.2, "NMI": 0.6}
+        return metrics, SimpleNamespace(lightning_module=module)
 
     monkeypatch.setattr(reproduce, "run_once", fake_run)
     argv = [
@@ -75,6 +79,12 @@ def test_main_writes_runs_and_table_and_resumes(tmp_path, monkeypatch):
     ]
     text = reproduce.main(argv)
     assert len(calls) == 6
+    # every number says what it measures: the table's line, its LaTeX caption, each run
+    said = "the metrics of the last epoch's validation, on test split, in %"
+    assert said in text
+    assert said.replace("%", "\\%") in (tmp_path / "synthetic" / "table.tex").read_text()
+    runs = reproduce.load_runs(str(tmp_path / "synthetic" / "runs.jsonl"))
+    assert {r["split"] for r in runs} == {"test split"}
     assert "| GAP (contrastive) | 55.0 +- 7.1 |" in text and "| IBC | 55.0 +- 7.1 |" in text
     assert (tmp_path / "synthetic" / "table.md").read_text() == text
     assert "--variants" in text  # the command that made it
@@ -138,7 +148,7 @@ def test_a_run_with_other_settings_is_not_reused_and_a_failed_run_is_marked(tmp_
     assert len(calls) == 4  # the grid went on after the failure
     text = (tmp_path / "synthetic" / "table.md").read_text()
     assert "| GAP (contrastive) | 20.0 +- 0.0 |" in text
-    assert "| IBC | 20.0 +- 0.0 | 20.0 +- 0.0 | 60.0 +- 0.0 | 1 (seed 1 failed) |" in text
+    assert "| IBC | 20.0 | 20.0 | 60.0 | 1 (seed 1 failed) |" in text
     rows = reproduce.load_runs(str(tmp_path / "synthetic" / "runs.jsonl"))
     assert [r["failed"] for r in rows if r.get("failed")] == [
         "RuntimeError: non-finite loss at step 3"
@@ -149,7 +159,7 @@ def test_a_run_with_other_settings_is_not_reused_and_a_failed_run_is_marked(tmp_
     assert len(calls) == 8
     text = (tmp_path / "synthetic" / "table.md").read_text()
     assert "| GAP (contrastive) | 30.0 +- 0.0 | 20.0 +- 0.0 | 60.0 +- 0.0 | 2 |" in text
-    assert "| IBC | 30.0 +- 0.0 | 20.0 +- 0.0 | 60.0 +- 0.0 | 1 (seed 1 failed) |" in text
+    assert "| IBC | 30.0 | 20.0 | 60.0 | 1 (seed 1 failed) |" in text
     # the same settings again: only the failed run is tried again
     with pytest.raises(SystemExit):
         reproduce.main(argv + ["--epochs", "3"])
