@@ -150,7 +150,7 @@ def aggregate(rows: List[dict], order: Sequence[str]) -> Dict[str, Dict[str, tup
 def measured_on(rows: List[dict]) -> str:
     """What every number of the table is: the split its runs validated on, last epoch."""
     splits = sorted({str(r["split"]) for r in rows if r.get("split")})
-    where = " and ".join(splits) if splits else "the data set's validation split"
+    where = " and ".join(f"the {s}" for s in splits) or "the data set's validation split"
     return (
         f"Each number: the metrics of the last epoch's validation, on {where}, in %; mean and "
         f"standard deviation over seeds (the mean alone where one seed ran)."

@@ -80,7 +80,7 @@ def test_main_writes_runs_and_table_and_resumes(tmp_path, monkeypatch):
     text = reproduce.main(argv)
     assert len(calls) == 6
     # every number says what it measures: the table's line, its LaTeX caption, each run
-    said = "the metrics of the last epoch's validation, on test split, in %"
+    said = "the metrics of the last epoch's validation, on the test split, in %"
     assert said in text
     assert said.replace("%", "\\%") in (tmp_path / "synthetic" / "table.tex").read_text()
     runs = reproduce.load_runs(str(tmp_path / "synthetic" / "runs.jsonl"))
