@@ -179,7 +179,9 @@ class DMLCLI(LightningCLI):
             seed = config.get("seed_everything")
             if self.subcommand != "fit":
                 say(f"evaluation folder ({self.subcommand}, no training): {run_dir} (seed {seed})")
-            elif not resuming:  # a resume names its checkpoint, in the folder, first
+            elif resuming:  # the checkpoint's own line (what it restores) follows
+                say(f"run folder: {run_dir} (seed {seed}), resuming from {ckpt_path}")
+            else:
                 say(f"run folder: {run_dir} (seed {seed})")
 
     # --- what the printed numbers measure ----------------------------------------------------

@@ -49,6 +49,22 @@ def test_a_short_run_starts_with_its_folder_and_split_and_shows_no_known_noise(t
         assert noise not in text, noise
     # a warning nobody silenced still reaches the user (3 batches < the logging interval)
     assert "smaller than the logging interval" in text
+    # a resumed run starts with its folder too: the same one, and the checkpoint it goes on from
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir() and (p / "checkpoints").is_dir()]
+    last = run / "checkpoints" / "last.ckpt"
+    argv[argv.index("--trainer.max_epochs") + 1] = "2"
+    out = subprocess.run(
+        argv + ["--ckpt_path", str(last)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    assert lines[0] == f"run folder: {run} (seed 0), resuming from {last}", lines
+    assert lines[1].startswith("validation: the test split"), lines
 
 
 def test_only_the_listed_messages_are_silenced(caplog):
