@@ -336,12 +336,8 @@ class BlockRanks:
     # --- the passes -------------------------------------------------------------------------
     def run(self, max_k: int) -> Stats:
         if not bool(self.active.any()):  # no query has a relevant reference (or no reference)
-            long, double = dict(dtype=torch.long), dict(dtype=torch.float64)
-            return (
-                torch.empty(0, device=self.device, **long),
-                torch.empty(0, device=self.device, **double),
-                torch.empty(0, device=self.device, **double),
-            )
+            none = torch.empty(0, dtype=torch.float64, device=self.device)
+            return none.long(), none, none.clone()
         band = self._band()
         kept = {}  # band blocks the main pass reads again, while they fit kept_bytes
         room = self.kept_bytes
