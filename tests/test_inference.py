@@ -233,22 +233,34 @@ def test_folders_embed_index_search_and_the_html_page(ckpt, tmp_path):
     )
 
 
-def test_unreadable_query_images_are_named_and_a_nan_model_writes_nothing(ckpt, tmp_path):
+def cli(capsys, *args):
+    """``python -m dml`` in this process (no interpreter start): (status, stdout, stderr)."""
+    from dml.inference.cli import main
+
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as exit_:
+        status = exit_.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_unreadable_query_images_are_named_and_a_nan_model_writes_nothing(ckpt, tmp_path, capsys):
     """search --images: an unreadable query image is named and counted, not dropped without a
     word; a checkpoint whose weights are NaN embeds nothing (embed) and searches nothing."""
     write_images(tmp_path / "gallery")
     write_images(tmp_path / "queries", n=2)
     (tmp_path / "queries" / "broken.png").write_bytes(b"not an image")
     assert (
-        dml("embed", ckpt, "--images", tmp_path / "gallery", "--out", tmp_path / "g.npz").returncode
+        cli(capsys, "embed", ckpt, "--images", tmp_path / "gallery", "--out", tmp_path / "g.npz")[0]
         == 0
     )
-    assert dml("index", tmp_path / "g.npz", "--out", tmp_path / "g.index").returncode == 0
+    assert cli(capsys, "index", tmp_path / "g.npz", "--out", tmp_path / "g.index")[0] == 0
     search = ["search", tmp_path / "g.index", "--images", tmp_path / "queries", "--k", "2"]
-    out = dml(*search, "--ckpt", ckpt, "--out", tmp_path / "r.csv")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert f"unreadable, skipped: {tmp_path / 'queries' / 'broken.png'}" in out.stderr
-    assert "2 queries x top 2" in out.stdout and "1 unreadable query image(s) skipped" in out.stdout
+    status, out, err = cli(capsys, *search, "--ckpt", ckpt, "--out", tmp_path / "r.csv")
+    assert status == 0, err[-2000:]
+    assert f"unreadable, skipped: {tmp_path / 'queries' / 'broken.png'}" in err
+    assert "2 queries x top 2" in out and "1 unreadable query image(s) skipped" in out
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
     for key, value in state["state_dict"].items():
         if value.is_floating_point():
@@ -259,14 +271,14 @@ def test_unreadable_query_images_are_named_and_a_nan_model_writes_nothing(ckpt, 
         ["embed", broken, "--images", tmp_path / "gallery", "--out", tmp_path / "n.npz"],
         [*search, "--ckpt", broken, "--out", tmp_path / "n.csv"],
     ):
-        out = dml(*args)
-        lines = out.stderr.strip().splitlines()
-        assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+        status, _, err = cli(capsys, *args)
+        lines = err.strip().splitlines()
+        assert status == 2 and len(lines) == 1, err[-2000:]
         assert f"{broken}: the network's embeddings of " in lines[0] and "NaN or inf" in lines[0]
     assert not (tmp_path / "n.npz").exists() and not (tmp_path / "n.csv").exists()
 
 
-def test_the_search_page_shows_images_stored_in_a_zip_archive(tmp_path):
+def test_the_search_page_shows_images_stored_in_a_zip_archive(tmp_path, capsys):
     """Omniglot's items are members of a zip file (the embeddings' meta names it): the search
     page shows their thumbnails, as the compare report does, not their names."""
     import zipfile
@@ -282,8 +294,9 @@ def test_the_search_page_shows_images_stored_in_a_zip_archive(tmp_path):
     x = rng.standard_normal((6, 8)).astype(np.float32)
     rows = EmbeddingSet(x, paths, np.arange(6) % 2, {"archive": str(archive)})
     rows.save(str(tmp_path / "e.npz"))
-    assert dml("index", tmp_path / "e.npz", "--out", tmp_path / "e.index").returncode == 0
-    out = dml(
+    assert cli(capsys, "index", tmp_path / "e.npz", "--out", tmp_path / "e.index")[0] == 0
+    status, _, err = cli(
+        capsys,
         "search",
         tmp_path / "e.index",
         "--embeddings",
@@ -296,7 +309,7 @@ def test_the_search_page_shows_images_stored_in_a_zip_archive(tmp_path):
         "--html",
         tmp_path / "r.html",
     )
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert status == 0, err[-2000:]
     page = Images()
     page.feed((tmp_path / "r.html").read_text())
     assert len(page.sources) == 6 * (1 + 2)
@@ -333,12 +346,12 @@ def test_the_page_shows_each_query_row_once_and_at_most_the_first_n(tmp_path):
         assert (note in text) == (shown < 3)
 
 
-def test_a_negative_page_size_is_one_line(tmp_path):
-    out = dml("search", tmp_path / "x.index", "--out", tmp_path / "r.csv", "--html-queries", "-1")
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
-        "error: --html-queries -1: expected 0 (all) or more"
-    ], out.stderr
+def test_a_negative_page_size_is_one_line(tmp_path, capsys):
+    status, _, err = cli(
+        capsys, "search", tmp_path / "x.index", "--out", tmp_path / "r.csv", "--html-queries", "-1"
+    )
+    assert status == 2
+    assert err.strip().splitlines() == ["error: --html-queries -1: expected 0 (all) or more"], err
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])

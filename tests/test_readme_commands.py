@@ -95,9 +95,9 @@ def test_the_job_entry_points_name_themselves_and_list_the_valid_names(module, m
         assert name in names
 
 
-def test_make_train_prints_its_command_to_stderr_so_a_printed_config_is_plain_yaml():
+def test_make_train_prints_its_command_to_stderr_so_a_printed_config_is_plain_yaml(tmp_path):
     """``make train ARGS=--print_config > run.yaml`` gives the config Lightning would run and
-    nothing else: the command line the recipe shows goes to stderr."""
+    nothing else: the command line the recipe shows goes to stderr; ``make resume`` too."""
     import yaml
 
     out = check(
@@ -115,21 +115,13 @@ def test_make_train_prints_its_command_to_stderr_so_a_printed_config_is_plain_ya
     assert {"trainer", "model", "data"} <= set(config), out.stdout[:300]
     assert str(config["trainer"]["devices"]) == "1"
     assert "-m dml fit" in out.stderr and "--print_config" in out.stderr
-
-
-def test_make_resume_prints_its_command_to_stderr_too(tmp_path):
-    """``make resume RUN=... ARGS=--print_config > run.yaml`` is plain YAML as well."""
-    import yaml
-
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"")  # --print_config reads no weights
-    env = dict(os.environ, WANDB_MODE="disabled")
+    (run / "config.yaml").write_text(out.stdout)
     made = ["make", "-s", "SYSTEM_PYTHON=1", f"PYTHON={sys.executable}", "ARGS=--print_config"]
-    (run / "config.yaml").write_text(check([*made, "train"], env=env).stdout)
-    out = check([*made, "resume", f"RUN={run}"], env=env)
-    config = yaml.safe_load(out.stdout)
-    assert {"trainer", "model", "data"} <= set(config), out.stdout[:300]
+    out = check([*made, "resume", f"RUN={run}"], env=dict(os.environ, WANDB_MODE="disabled"))
+    assert {"trainer", "model", "data"} <= set(yaml.safe_load(out.stdout)), out.stdout[:300]
     assert "--ckpt_path" in out.stderr and str(run / "config.yaml") in out.stderr
 
 
