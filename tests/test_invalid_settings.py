@@ -346,12 +346,14 @@ def test_a_checkpoint_whose_parts_are_not_mappings_is_one_error(tmp_path, checkp
 def test_generated_data_settings_from_a_checkpoint_are_checked_before_rendering(init_args, message):
     """A stranger's checkpoint names the synthetic data its split is rendered from: an unknown
     setting, a size out of range or a set past the rendering cap is one error, and nothing
-    is rendered (100000 px asked for 77 TB)."""
+    is rendered (100000 px asked for 77 TB). The settings alone (the transform that embeds
+    image files) are still read."""
     from dml.errors import ConfigError
-    from dml.inference.embedder import data_class_and_args
+    from dml.inference.embedder import build_data, data_class_and_args
 
     data = {"class_path": "dml.data.SyntheticDataModule", "init_args": init_args}
+    cls, args = data_class_and_args({"dml_config": {"data": data}})
     with pytest.raises(ConfigError, match=message):
-        data_class_and_args({"dml_config": {"data": data}})
+        build_data(cls, args)
     cls, args = data_class_and_args({"dml_config": {"data": dict(data, init_args={})}})
-    assert cls.__name__ == "SyntheticDataModule" and args["image_size"] == 32
+    assert type(build_data(cls, args)).__name__ == "SyntheticDataModule"

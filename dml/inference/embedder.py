@@ -116,13 +116,19 @@ def data_class_and_args(checkpoint: Dict[str, Any]) -> Tuple[type, Dict[str, Any
         for k, p in inspect.signature(cls.__init__).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
-    given = {k: v for k, v in (data.get("init_args") or {}).items() if v is not None}
-    unknown = sorted(set(given) - init_parameters(cls))
+    args.update({k: v for k, v in (data.get("init_args") or {}).items() if v is not None})
+    return cls, args
+
+
+def build_data(cls: type, args: Dict[str, Any]):
+    """``cls(**args)`` with settings read from a file: an unknown setting, or generated data
+    past the ranges or the rendering cap, is a ConfigError before anything is made (only the
+    splits need this; embedding image files uses the settings' transform alone)."""
+    unknown = sorted(set(args) - init_parameters(cls))
     if unknown:
         raise ConfigError(f"data.init_args: {cls.__name__} takes no {', '.join(unknown)}")
-    args.update(given)
     check_generated_size(cls, args)
-    return cls, args
+    return cls(**args)
 
 
 def init_parameters(cls: type) -> set:
@@ -359,7 +365,7 @@ class Embedder:
             args["root"] = root
         if "decode" in args:  # embedding reads with PIL, whatever the training decoded with
             args["decode"] = "cpu"
-        data = data_class(**args)
+        data = build_data(data_class, args)
         datasets = eval_datasets_of(data)
         if split not in datasets:
             raise ConfigError(
@@ -409,7 +415,7 @@ class Embedder:
         args = dict(self.data_args, **({"root": root} if root else {}))
         names = (
             ["query", "gallery"]
-            if "query" in eval_datasets_of(self.data_class(**args))
+            if "query" in eval_datasets_of(build_data(self.data_class, args))
             else ["test"]
         )
         return {name: self.embed_split(name, root, progress=progress) for name in names}

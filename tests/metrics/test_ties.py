@@ -196,6 +196,23 @@ def test_nmi_of_a_single_class_is_an_error():
         nmi(np.random.default_rng(0).normal(size=(20, 4)), np.zeros(20))
 
 
+def stable_sort_ranks(q, yq, g, yg, same):
+    """The reference: per query with a relevant reference, numpy's stable sort of its float64
+    distance row (itself left out when ``same``): the rank of the first relevant reference,
+    the relevance flags in order, and R."""
+    d = ((q.astype(np.float64)[:, None] - g[None]) ** 2).sum(-1)
+    first, hits, relevant = [], [], []
+    for i in range(len(q)):
+        cols = np.delete(np.arange(len(g)), i) if same else np.arange(len(g))
+        order = cols[np.argsort(d[i, cols], kind="stable")]
+        rel = yg[order] == yq[i]
+        if rel.any():
+            first.append(int(np.argmax(rel)))
+            hits.append(rel)
+            relevant.append(int(rel.sum()))
+    return first, hits, relevant
+
+
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("regime", ["clustered", "random", "mixed"])
 @pytest.mark.parametrize("block", [16, 64, 300])  # 300: two chunks of the fused transposed side
@@ -222,16 +239,7 @@ def test_block_pass_ranks_of_every_query_equal_a_stable_sort(regime, block, path
     ranks.fused, ranks.dense_share = PATHS[path]
     first, ap, rp = ranks.run(max_k=n)
     assert ranks.fallback_rows <= n // 50  # exact ties at f are rare: the pass settles the rest
-    d = ((x.astype(np.float64)[:, None] - x[None]) ** 2).sum(-1)
-    expected_first, hits, relevant = [], [], []
-    for i in range(n):
-        cols = np.delete(np.arange(n), i)
-        order = cols[np.argsort(d[i, cols], kind="stable")]
-        rel = y[order] == y[i]
-        if rel.any():
-            expected_first.append(int(np.argmax(rel)))
-            hits.append(rel)
-            relevant.append(int(rel.sum()))
+    expected_first, hits, relevant = stable_sort_ranks(x, y, x, y, same=True)
     expected_ap, expected_rp = precision_from_hits(
         torch.tensor(np.array(hits)), torch.tensor(relevant)
     )
@@ -502,16 +510,7 @@ def test_the_block_pass_equals_a_stable_sort_on_random_mixes_of_ties(seed):
     ranks.kept_bytes = 0 if seed in (2, 5) else ranks.kept_bytes
     max_k = [1, 4, 1000][seed % 3]
     first, ap, rp = ranks.run(max_k)
-    d = ((q.astype(np.float64)[:, None] - g[None]) ** 2).sum(-1)
-    expected_first, hits, relevant = [], [], []
-    for i in range(n):
-        cols = np.delete(np.arange(len(g)), i) if same else np.arange(len(g))
-        order = cols[np.argsort(d[i, cols], kind="stable")]
-        rel = yg[order] == yq[i]
-        if rel.any():
-            expected_first.append(int(np.argmax(rel)))
-            hits.append(rel)
-            relevant.append(int(rel.sum()))
+    expected_first, hits, relevant = stable_sort_ranks(q, yq, g, yg, same)
     assert [min(f, max_k) for f in first.tolist()] == [min(f, max_k) for f in expected_first]
     if relevant:
         width = max(relevant)
